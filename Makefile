@@ -1,0 +1,40 @@
+# promptbatch: `make demo` runs the main job, `make test` runs the tests.
+# Both create .venv and install what they need; nothing else is required.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint typecheck bench clean flower
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/promptbatch run examples/prompts.jsonl --provider simulated --out var/demo-results.jsonl
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n auto --dist loadgroup
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/embedder.py
+
+flower: $(STAMP)
+	$(BIN)/celery -A workers.app flower
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

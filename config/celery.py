@@ -1,0 +1,84 @@
+"""The Celery configuration, built from :class:`~config.settings.Settings`.
+
+Only JSON crosses the broker; tasks are acknowledged after they run and re-queued when a
+worker dies; each worker reserves one task per pool process; the class queues are
+consumed strictly in priority order (kombu's ``queue_order_strategy='priority'``: the
+default is round robin).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from config import keys
+from config.settings import Settings
+
+#: Name of the batch task, used by the scheduler's ``send_task``.
+PROCESS_BATCH = "promptbatch.process_batch"
+
+
+def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str, Any]:
+    """The Celery settings for ``settings`` (``redis_url`` overrides ``settings.redis_url``)."""
+    url = redis_url or settings.redis_url
+    if not url:
+        raise ValueError(
+            "redis_url is empty: set PROMPTBATCH_REDIS_URL (for example redis://127.0.0.1:6379/0) "
+            "or use `promptbatch run`, which starts an embedded server."
+        )
+    exchange = Exchange("promptbatch", type="direct")
+    redis_options: dict[str, Any] = {
+        "socket_timeout": 30.0,
+        "socket_connect_timeout": 5.0,
+        "health_check_interval": 10,
+        "retry_on_timeout": True,
+    }
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_queues": [Queue(q, exchange, routing_key=q) for q in keys.QUEUES],
+        "task_default_queue": keys.queue(2),
+        "task_default_exchange": "promptbatch",
+        "task_default_routing_key": keys.queue(2),
+        "task_time_limit": settings.task_time_limit_s,
+        "task_soft_time_limit": max(1, settings.task_time_limit_s - 5),
+        "result_expires": settings.result_ttl_s,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            "queue_order_strategy": "priority",
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+            **redis_options,
+        },
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "redis_socket_timeout": redis_options["socket_timeout"],
+        "redis_socket_connect_timeout": redis_options["socket_connect_timeout"],
+        "redis_retry_on_timeout": True,
+        "redis_backend_health_check_interval": redis_options["health_check_interval"],
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "enable_utc": True,
+    }
+
+
+def build_celery(settings: Settings, main: str = "promptbatch",
+                 redis_url: str | None = None) -> Celery:
+    """A Celery app configured from ``settings`` (no tasks registered)."""
+    app = Celery(main, set_as_current=False)
+    app.config_from_object(celery_config(settings, redis_url))
+    return app

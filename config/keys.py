@@ -1,0 +1,69 @@
+"""Every Redis key name promptbatch uses, in one place (prefix ``pb:``).
+
+Celery's own keys (queues, ``unacked``, ``celery-task-meta-*``) are named by Celery and
+kombu; the ones we read or write are listed here too, so nothing else spells them out.
+"""
+
+from __future__ import annotations
+
+from config.settings import PRIORITY_NAMES
+
+PREFIX = "pb:"
+
+#: Stream of job ids waiting for the scheduler (one entry per accepted, unsent job).
+INTAKE = f"{PREFIX}intake"
+#: Stream of events for the scheduler (cancellations), capped.
+EVENTS = f"{PREFIX}events"
+#: Hash batch id -> JSON of a batch claimed by the scheduler and not yet confirmed sent.
+OUTBOX = f"{PREFIX}outbox"
+#: Sorted set batch id -> time sent, of batches sent and not yet finished by a worker.
+INFLIGHT = f"{PREFIX}inflight"
+#: Hash worker hostname -> JSON {concurrency, queues, ts}, refreshed by worker heartbeats.
+WORKERS = f"{PREFIX}workers"
+#: The scheduler lease (value: the holder's token) and its fencing counter.
+SCHEDULER_LEASE = f"{PREFIX}scheduler:lease"
+SCHEDULER_EPOCH = f"{PREFIX}scheduler:epoch"
+#: Hash provider/model -> JSON list of recent (batch size, seconds) observations.
+SERVICE_TIMES = f"{PREFIX}service_times"
+
+#: Celery's result backend key prefix (celery.backends.base.KeyValueStoreBackend).
+CELERY_RESULT_PREFIX = "celery-task-meta-"
+
+
+def job(job_id: str) -> str:
+    """Hash of one job: ``spec`` (JSON), ``state``, ``sid`` (intake entry), ``batch``."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def batch_run(batch_id: str) -> str:
+    """Which send of a batch a worker runs (guards against a batch sent twice)."""
+    return f"{PREFIX}batch:{batch_id}:run"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    """Job id of a tenant's idempotency key."""
+    return f"{PREFIX}idem:{tenant}:{key}"
+
+
+def tenant_pending(tenant: str) -> str:
+    """Set of a tenant's job ids waiting in intake (for the per-tenant quota)."""
+    return f"{PREFIX}tenant:{tenant}:pending"
+
+
+def rate_bucket(name: str) -> str:
+    """Token bucket of a shared rate limit."""
+    return f"{PREFIX}rate:{name}"
+
+
+def celery_result(task_id: str) -> str:
+    """Celery's result key of a task (and of a job: results are stored under job ids)."""
+    return f"{CELERY_RESULT_PREFIX}{task_id}"
+
+
+def queue(priority: int) -> str:
+    """Celery queue (and Redis list) of a priority class, 0 highest."""
+    return f"pb.{PRIORITY_NAMES[priority]}"
+
+
+#: All class queues, highest priority first.
+QUEUES: tuple[str, ...] = tuple(queue(p) for p in range(len(PRIORITY_NAMES)))

@@ -1,0 +1,220 @@
+"""All of promptbatch's settings, in one validated class.
+
+Values come, highest precedence first, from keyword arguments, environment variables
+prefixed ``PROMPTBATCH_`` (``PROMPTBATCH_REDIS_URL=redis://...``), a ``.env`` file in the
+working directory, and the defaults below. Secrets are ``SecretStr`` so that they never
+appear in a ``repr``, a log line or a stored record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: Priority class names, highest first. Their index is the numeric priority (0 highest).
+PRIORITY_NAMES: tuple[str, ...] = ("critical", "high", "normal", "low", "bulk")
+
+OpenAIPrefixStrategy = Literal["auto", "sequential", "warm_then_parallel", "parallel"]
+
+
+class Settings(BaseSettings):
+    """promptbatch's configuration. Every field can be set as ``PROMPTBATCH_<NAME>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PROMPTBATCH_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # --- Where things live -------------------------------------------------------------
+    redis_url: str = Field(
+        default="",
+        description="Redis/Valkey URL for broker, result backend and intake. Empty means: "
+        "`promptbatch run` starts an embedded Valkey server on a free loopback port.",
+    )
+    database_url: str = Field(
+        default="sqlite:///var/promptbatch.db",
+        description="SQLAlchemy URL of the durable job store. The default is a SQLite file "
+        "under ./var/ (created on first use); PostgreSQL works as well.",
+    )
+    data_dir: Path = Field(
+        default=Path("var"),
+        description="Folder for local state: the SQLite file, the embedded server's AOF data.",
+    )
+
+    # --- Limits on what is accepted ---------------------------------------------------
+    max_prompt_chars: int = Field(
+        default=400_000, ge=1, description="Longest prompt accepted, in characters."
+    )
+    max_pending_per_tenant: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Most jobs a tenant may have waiting in the scheduler; a submit beyond "
+        "this is refused with TenantQuotaExceeded (HTTP 429).",
+    )
+    default_tenant: str = Field(default="default", description="Tenant of jobs that name none.")
+
+    # --- Scheduling and batching ------------------------------------------------------
+    embedder: Literal["hashed", "minilm"] = Field(
+        default="hashed",
+        description="How prompts are embedded for similarity: 'hashed' (numpy character "
+        "n-grams, no model files) or 'minilm' (all-MiniLM-L6-v2 int8 on onnxruntime; needs "
+        "the 'semantic' extra).",
+    )
+    embedding_dim: int = Field(
+        default=256, ge=16, le=4096, description="Dimensions of the 'hashed' embedder."
+    )
+    similarity_threshold: float = Field(
+        default=0.55,
+        ge=-1.0,
+        le=1.0,
+        description="Cosine similarity above which a neighbour joins a seed's batch.",
+    )
+    max_batch_size: int = Field(default=32, ge=1, le=4096, description="Most jobs in one batch.")
+    max_batch_tokens: int = Field(
+        default=64_000,
+        ge=1,
+        description="Most estimated prompt tokens in one batch (a batch always takes its seed).",
+    )
+    max_wait_ms: tuple[float, float, float, float, float] = Field(
+        default=(0.0, 20.0, 200.0, 2_000.0, 30_000.0),
+        description="Longest a batch seed waits for companions, per class (critical, high, "
+        "normal, low, bulk), in milliseconds. Set as JSON: '[0,20,200,2000,30000]'.",
+    )
+    aging_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job pending this long is promoted one class, so no class starves.",
+    )
+    deadline_guard_ms: float = Field(
+        default=250.0,
+        ge=0,
+        description="A job whose slack (deadline - now - estimated service time) falls "
+        "under this is sent at once.",
+    )
+    scheduler_tick_ms: float = Field(
+        default=10.0, gt=0, le=1_000, description="Longest the scheduler blocks for new work."
+    )
+    scheduler_read_count: int = Field(
+        default=5_000, ge=1, description="Most new jobs the scheduler reads per tick."
+    )
+    lease_ttl_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Time-to-live of the scheduler lease; a standby takes over this long "
+        "after the active scheduler stops renewing.",
+    )
+    reconcile_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How often the active scheduler compares SQL with Redis and re-enqueues "
+        "jobs that Redis lost.",
+    )
+
+    # --- Workers ----------------------------------------------------------------------
+    worker_concurrency: int = Field(
+        default=2, ge=1, le=512, description="Pool processes per `promptbatch worker`."
+    )
+    task_time_limit_s: int = Field(
+        default=300,
+        ge=5,
+        description="Hard time limit of one batch task. Must stay below visibility_timeout_s.",
+    )
+    visibility_timeout_s: int = Field(
+        default=360,
+        ge=10,
+        description="Seconds before the broker re-delivers an unacknowledged batch task.",
+    )
+    result_ttl_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=60,
+        description="How long a result stays in the Celery result backend (result_expires).",
+    )
+    payload_ttl_s: int = Field(
+        default=14 * 24 * 3600,
+        ge=60,
+        description="Time-to-live of a job's payload in Redis; SQL keeps the durable record.",
+    )
+
+    # --- Providers --------------------------------------------------------------------
+    default_provider: str = Field(default="echo", description="Provider of jobs that name none.")
+    default_model: str = Field(default="", description="Model of jobs that name none "
+                               "(empty: the provider's own default).")
+    allowed_models: dict[str, list[str]] = Field(
+        default_factory=lambda: {"echo": ["echo-1"], "simulated": ["sim-1"]},
+        description="Models a job may name, per provider; a provider not listed (or with "
+        "an empty list) accepts any well-formed model name. JSON: '{\"openai\": [\"gpt-4o\"]}'.",
+    )
+    simulated_call_overhead_ms: float = Field(
+        default=40.0, ge=0, description="simulated: fixed cost of one call to the server."
+    )
+    simulated_prefill_us_per_token: float = Field(
+        default=120.0, ge=0, description="simulated: cost of one uncached prompt token."
+    )
+    simulated_decode_ms_per_step: float = Field(
+        default=4.0,
+        ge=0,
+        description="simulated: cost of one decode step; one step yields a token for every "
+        "request in a decode group.",
+    )
+    simulated_decode_group: int = Field(
+        default=8,
+        ge=1,
+        description="simulated: requests that decode together in one step (continuous batching).",
+    )
+    simulated_cache_tokens: int = Field(
+        default=200_000,
+        ge=0,
+        description="simulated: capacity of the LRU prefix cache, in tokens.",
+    )
+    simulated_concurrency: int = Field(
+        default=4, ge=1, description="simulated: calls the modelled server runs at once."
+    )
+    simulated_time_scale: float = Field(
+        default=1.0,
+        ge=0,
+        description="simulated: factor on every modelled duration (0 reports the usage "
+        "without sleeping).",
+    )
+    openai_base_url: str = Field(
+        default="https://api.openai.com/v1",
+        description="openai: base URL of any OpenAI-compatible server (include /v1).",
+    )
+    openai_api_key: SecretStr = Field(
+        default=SecretStr(""), description="openai: API key, never logged or stored."
+    )
+    openai_prefix_strategy: OpenAIPrefixStrategy = Field(
+        default="auto",
+        description="openai: how a batch's requests are sent so the server's prefix cache "
+        "works: 'sequential' (per-slot caches, llama.cpp), 'warm_then_parallel' (one shared "
+        "cache: vLLM, SGLang, OpenAI), 'parallel', or 'auto' (ask the server).",
+    )
+    anthropic_base_url: str = Field(
+        default="https://api.anthropic.com",
+        description="anthropic: base URL of the Messages API.",
+    )
+    anthropic_api_key: SecretStr = Field(
+        default=SecretStr(""), description="anthropic: API key, never logged or stored."
+    )
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Settings:
+        if self.task_time_limit_s >= self.visibility_timeout_s:
+            raise ValueError(
+                f"task_time_limit_s ({self.task_time_limit_s}) must be below "
+                f"visibility_timeout_s ({self.visibility_timeout_s}), or the broker "
+                "re-delivers a batch that is still running. Lower the time limit or raise "
+                "the visibility timeout."
+            )
+        if any(w < 0 for w in self.max_wait_ms):
+            raise ValueError(f"max_wait_ms must be >= 0 for every class, got {self.max_wait_ms}")
+        return self
+
+    def max_wait_s(self, priority: int) -> float:
+        """The longest wait of class ``priority`` (0 highest), in seconds."""
+        return self.max_wait_ms[priority] / 1000.0

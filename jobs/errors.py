@@ -1,0 +1,63 @@
+"""promptbatch's exceptions: one root, one class per thing a caller can act on."""
+
+from __future__ import annotations
+
+
+class PromptBatchError(Exception):
+    """Base class of every error promptbatch raises on purpose."""
+
+
+class InvalidJob(PromptBatchError):
+    """Raised when a job request is refused; ``errors`` lists ``(field, message)`` pairs."""
+
+    def __init__(self, errors: list[tuple[str, str]], *, line: int | None = None) -> None:
+        self.errors = errors
+        self.line = line
+        where = f"line {line}: " if line is not None else ""
+        detail = "; ".join(f"{field}: {msg}" for field, msg in errors)
+        super().__init__(f"{where}invalid job: {detail}")
+
+    @property
+    def fields(self) -> list[str]:
+        """The names of the fields at fault."""
+        return [field for field, _ in self.errors]
+
+
+class TenantQuotaExceeded(PromptBatchError):
+    """Raised when a tenant already has ``max_pending_per_tenant`` jobs waiting."""
+
+    def __init__(self, tenant: str, limit: int) -> None:
+        self.tenant = tenant
+        self.limit = limit
+        super().__init__(
+            f"tenant {tenant!r} already has {limit} pending jobs (max_pending_per_tenant); "
+            "wait for some to finish, or raise PROMPTBATCH_MAX_PENDING_PER_TENANT"
+        )
+
+
+class JobNotFound(PromptBatchError):
+    """Raised when a job id is unknown (or belongs to another tenant)."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id!r}")
+
+
+class ResultTimeout(PromptBatchError):
+    """Raised when a job has not finished within the time a caller was willing to wait."""
+
+
+class ServiceUnavailable(PromptBatchError):
+    """Raised when Redis or the SQL store cannot be reached or refuses writes."""
+
+
+class JobFailed(PromptBatchError):
+    """The outcome of a job that ended FAILED (raised by ``AsyncResult.get()``)."""
+
+
+class JobExpired(PromptBatchError):
+    """The outcome of a job whose deadline passed before it could run."""
+
+
+class JobCancelled(PromptBatchError):
+    """The outcome of a job cancelled before it ran."""

@@ -1,0 +1,120 @@
+"""The Lua scripts behind every multi-key Redis update. The caller passes the time in."""
+
+from __future__ import annotations
+
+#: KEYS: job, intake, tenant pending set. ARGV: id, spec JSON, ttl, max pending, priority.
+#: Returns {1, sid} when enqueued, {0, ''} when the job already exists, {-1, ''} over quota.
+ENQUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ''} end
+local limit = tonumber(ARGV[4])
+if limit > 0 and redis.call('SCARD', KEYS[3]) >= limit then return {-1, ''} end
+local sid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'p', ARGV[5])
+redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'state', 'QUEUED', 'sid', sid)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
+return {1, sid}
+"""
+
+#: KEYS: lease, outbox, then (job, tenant pending set) pairs.
+#: ARGV: lease token, batch id, batch meta JSON, then job ids.
+#: Claims the jobs still QUEUED for the batch and records it in the outbox, only while the
+#: caller holds the lease (fencing). Returns the claimed ids, or -1 without the lease.
+CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local claimed = {}
+for i = 4, #ARGV do
+  local jk = KEYS[3 + (i - 4) * 2]
+  local tk = KEYS[4 + (i - 4) * 2]
+  if redis.call('HGET', jk, 'state') == 'QUEUED' then
+    redis.call('HSET', jk, 'state', 'SCHEDULED', 'batch', ARGV[2])
+    redis.call('SREM', tk, ARGV[i])
+    claimed[#claimed + 1] = ARGV[i]
+  end
+end
+if #claimed > 0 then
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '\\n' .. table.concat(claimed, ','))
+end
+return claimed
+"""
+
+#: KEYS: outbox, intake, inflight, then job keys. ARGV: batch id, now.
+#: After a batch was sent: drop its jobs from intake, move it from outbox to inflight.
+ACK_SENT = """
+for i = 4, #KEYS do
+  local sid = redis.call('HGET', KEYS[i], 'sid')
+  if sid then
+    redis.call('XDEL', KEYS[2], sid)
+    redis.call('HDEL', KEYS[i], 'sid')
+  end
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return 1
+"""
+
+#: KEYS: job keys. ARGV: batch id. Marks SCHEDULED (or re-delivered RUNNING) jobs of this
+#: batch RUNNING; returns, per key, the state found (so the caller skips the others).
+MARK_RUNNING = """
+local out = {}
+for i = 1, #KEYS do
+  local st = redis.call('HGET', KEYS[i], 'state')
+  if st == 'SCHEDULED' or st == 'RUNNING' or st == 'QUEUED' then
+    redis.call('HSET', KEYS[i], 'state', 'RUNNING', 'batch', ARGV[1])
+    out[i] = 'RUNNING'
+  else
+    out[i] = st or ''
+  end
+end
+return out
+"""
+
+#: KEYS: job, celery result key, intake, tenant pending set.
+#: ARGV: id, Celery meta JSON, result ttl, final state, job key ttl.
+#: Stores the result unless one exists (first wins), publishes it for Celery's result
+#: consumer, records the final state and drops the job from intake. Returns 1 if stored.
+FINISH = """
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[3]) then return 0 end
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+local sid = redis.call('HGET', KEYS[1], 'sid')
+if sid then redis.call('XDEL', KEYS[3], sid) end
+redis.call('HSET', KEYS[1], 'state', ARGV[4])
+redis.call('HDEL', KEYS[1], 'sid')
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('SREM', KEYS[4], ARGV[1])
+return 1
+"""
+
+#: KEYS: job, events stream. ARGV: id.
+#: Marks a QUEUED or SCHEDULED job CANCELLED and tells the scheduler. Returns the state
+#: found ('' when the job is unknown to Redis).
+CANCEL = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if not st then return '' end
+if st == 'QUEUED' or st == 'SCHEDULED' then
+  redis.call('HSET', KEYS[1], 'state', 'CANCELLED')
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'cancel', ARGV[1])
+end
+return st
+"""
+
+#: KEYS: lease. ARGV: token, ttl ms. Takes the lease if free or already ours, and renews
+#: it. Returns 1 when held.
+LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+#: KEYS: lease. ARGV: token. Gives the lease up if held.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""

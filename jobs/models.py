@@ -1,0 +1,280 @@
+"""The job types every component shares: request, spec, states, results.
+
+``JobRequest`` is what a producer sends, validated at the edge. ``JobSpec`` is the
+resolved request (defaults filled in, deadline absolute, id and tenant assigned): it is
+what crosses Redis as JSON and what the scheduler and workers read. ``JobResult`` is the
+one final outcome of a job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from config.settings import PRIORITY_NAMES
+
+
+class Priority(IntEnum):
+    """Priority classes; a lower number is more urgent. Each class has its own queue."""
+
+    CRITICAL = 0  #: interactive and user-facing; never waits for companions
+    HIGH = 1  #: interactive, may wait a few milliseconds
+    NORMAL = 2  #: the default for backend services
+    LOW = 3  #: background work
+    BULK = 4  #: offline bulk jobs; waits longest for the best batches
+
+    @property
+    def label(self) -> str:
+        """The lower-case class name (``"critical"``...)."""
+        return PRIORITY_NAMES[self.value]
+
+
+class JobState(StrEnum):
+    """Where a job is in its life. The last four are final: a job reaches exactly one."""
+
+    QUEUED = "QUEUED"  #: accepted and waiting in the scheduler's pool
+    SCHEDULED = "SCHEDULED"  #: placed in a batch that was sent to the workers
+    RUNNING = "RUNNING"  #: a worker is calling the provider
+    SUCCEEDED = "SUCCEEDED"  #: the provider answered; the result holds the text
+    FAILED = "FAILED"  #: the provider refused or kept failing; the result holds the reason
+    EXPIRED = "EXPIRED"  #: the deadline passed before the job could run
+    CANCELLED = "CANCELLED"  #: cancelled before it ran
+
+    @property
+    def final(self) -> bool:
+        """Whether this state ends the job."""
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.EXPIRED,
+                          JobState.CANCELLED})
+
+
+def _parse_priority(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be a class name or an integer 0-4, not a boolean")
+    if isinstance(value, Priority):
+        return value
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in PRIORITY_NAMES:
+            return Priority(PRIORITY_NAMES.index(name))
+        raise ValueError(f"unknown priority {value!r}; use one of {', '.join(PRIORITY_NAMES)} "
+                         "or 0-4 (0 highest)")
+    if isinstance(value, int):
+        if 0 <= value < len(PRIORITY_NAMES):
+            return Priority(value)
+        raise ValueError(f"priority {value} is out of range; use 0 (critical) to 4 (bulk)")
+    raise ValueError("must be a class name (critical, high, normal, low, bulk) or an integer 0-4")
+
+
+PriorityField = Annotated[Priority, BeforeValidator(_parse_priority)]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class Message(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str = Field(max_length=400_000)
+
+
+class GenerationParams(BaseModel):
+    """Generation parameters passed to the provider. Jobs share a batch only if equal."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    stop: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, max_length=4
+    )
+    seed: int | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    def canonical(self) -> str:
+        """A stable JSON string of the set parameters (part of the compatibility key)."""
+        return json.dumps(self.model_dump(exclude_none=True), sort_keys=True,
+                          separators=(",", ":"))
+
+
+MetadataValue = str | int | float | bool | None
+
+
+class JobRequest(BaseModel):
+    """A prompt as a producer submits it. Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, str_max_length=400_000)
+
+    prompt: str | None = Field(default=None, description="The prompt text, or use messages.")
+    messages: list[Message] | None = Field(
+        default=None, min_length=1, max_length=1_000, description="Chat messages, or use prompt."
+    )
+    priority: PriorityField = Field(default=Priority.NORMAL)
+    deadline: AwareDatetime | None = Field(
+        default=None, description="Latest time the job may start; timezone required."
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=365 * 24 * 3600, description="Deadline relative to submission."
+    )
+    provider: str | None = Field(default=None, max_length=64)
+    model: str | None = Field(default=None, max_length=128)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    tenant: str | None = Field(default=None, max_length=64)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    metadata: dict[Annotated[str, Field(max_length=64)], MetadataValue] = Field(
+        default_factory=dict, max_length=64
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("prompt is empty or only whitespace")
+        return value
+
+    @field_validator("messages")
+    @classmethod
+    def _messages_not_blank(cls, value: list[Message] | None) -> list[Message] | None:
+        if value is not None and not any(m.content.strip() for m in value):
+            raise ValueError("every message is empty or only whitespace")
+        return value
+
+    @field_validator("provider", "model")
+    @classmethod
+    def _name_shape(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError("must be 1-128 letters, digits or ._:/@+- and start with a letter "
+                             "or digit")
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_shape(cls, value: str | None) -> str | None:
+        if value is not None and not _TENANT.match(value):
+            raise ValueError("must be 1-64 letters, digits or ._- and start with a letter or digit")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_finite(cls, value: dict[str, MetadataValue]) -> dict[str, MetadataValue]:
+        for key, item in value.items():
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"metadata[{key!r}] is not a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _one_prompt_one_deadline(self) -> JobRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        if self.deadline is not None and self.timeout_s is not None:
+            raise ValueError("give at most one of 'deadline' or 'timeout_s'")
+        return self
+
+
+class JobSpec(BaseModel):
+    """A resolved, accepted job: what crosses Redis and what workers run."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    tenant: str
+    priority: Priority
+    created_at: float = Field(description="Unix time of acceptance.")
+    deadline: float | None = Field(default=None, description="Unix time; None: no deadline.")
+    provider: str
+    model: str
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    idempotency_key: str | None = None
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+
+    @property
+    def compat_key(self) -> str:
+        """Jobs share a batch only when these are equal: provider, model and parameters."""
+        return f"{self.provider}|{self.model}|{self.params.canonical()}"
+
+    @property
+    def text(self) -> str:
+        """The prompt as one string (chat messages joined as ``role: content`` lines)."""
+        if self.prompt is not None:
+            return self.prompt
+        return "\n".join(f"{m.role}: {m.content}" for m in self.messages or ())
+
+
+class Usage(BaseModel):
+    """Token usage, reported as OpenAI does."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+class JobResult(BaseModel):
+    """The one final outcome of a job."""
+
+    id: str
+    state: JobState
+    text: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    batch_id: str | None = None
+    batch_size: int | None = None
+    batch_similarity: float | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float = Field(default_factory=lambda: datetime.now(UTC).timestamp())
+
+    @property
+    def queued_ms(self) -> float | None:
+        """Time from acceptance to the provider call, in milliseconds."""
+        if self.created_at is None or self.started_at is None:
+            return None
+        return (self.started_at - self.created_at) * 1000.0
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Time from acceptance to the final state, in milliseconds."""
+        if self.created_at is None:
+            return None
+        return (self.finished_at - self.created_at) * 1000.0
+
+    def public(self) -> dict[str, Any]:
+        """The result as callers see it (JSON-ready, with the derived timings)."""
+        data = self.model_dump(mode="json")
+        data["queued_ms"] = self.queued_ms
+        data["latency_ms"] = self.latency_ms
+        return data

@@ -1,0 +1,243 @@
+"""Redis operations on jobs: enqueue, claim, cancel, finish. Every multi-key step is Lua.
+
+Layout (names in ``config.keys``): a job is a hash ``pb:job:{id}`` (``spec`` JSON,
+``state``, ``sid`` of its intake entry, ``batch``); ``pb:intake`` is a stream holding one
+entry per job not yet sent; a job's result lives in Celery's own result key
+``celery-task-meta-{id}``, so ``AsyncResult(job_id)`` works for any Celery user.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from config import keys
+from jobs import lua
+from jobs.models import JobResult, JobSpec, JobState
+
+#: Celery state and exception type used for each final state.
+_CELERY_OUTCOME: dict[JobState, tuple[str, str | None]] = {
+    JobState.SUCCEEDED: ("SUCCESS", None),
+    JobState.FAILED: ("FAILURE", "JobFailed"),
+    JobState.EXPIRED: ("FAILURE", "JobExpired"),
+    JobState.CANCELLED: ("FAILURE", "JobCancelled"),
+}
+
+#: A final job's hash is kept this long after its result, for status reads.
+FINAL_JOB_TTL_S = 24 * 3600
+
+
+def connect(url: str, *, socket_timeout: float = 10.0) -> redis.Redis:
+    """A Redis client with timeouts and health checks, so nothing hangs on a stalled server."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=5.0,
+        socket_keepalive=True,
+        health_check_interval=10,
+        retry_on_timeout=False,
+    )
+
+
+def celery_meta(result: JobResult) -> str:
+    """The result as Celery's Redis backend stores it, plus our full record."""
+    status, exc_type = _CELERY_OUTCOME[result.state]
+    public = result.public()
+    payload: Any = public
+    if exc_type is not None:
+        payload = {"exc_type": exc_type, "exc_module": "jobs.errors",
+                   "exc_message": [result.error or result.state.value]}
+    meta = {
+        "status": status,
+        "result": payload,
+        "traceback": None,
+        "children": [],
+        "date_done": datetime.fromtimestamp(result.finished_at, UTC).isoformat(),
+        "task_id": result.id,
+        "promptbatch": public,
+    }
+    return json.dumps(meta, separators=(",", ":"))
+
+
+def result_from_meta(raw: str) -> JobResult:
+    """Our result record from a stored Celery meta."""
+    return JobResult.model_validate(json.loads(raw)["promptbatch"])
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeEntry:
+    """One job read from the intake stream."""
+
+    sid: str
+    job_id: str
+
+
+class RedisQueue:
+    """The Redis side of a job's life."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._enqueue = client.register_script(lua.ENQUEUE)
+        self._claim = client.register_script(lua.CLAIM)
+        self._ack = client.register_script(lua.ACK_SENT)
+        self._running = client.register_script(lua.MARK_RUNNING)
+        self._finish = client.register_script(lua.FINISH)
+        self._cancel = client.register_script(lua.CANCEL)
+        self._lease = client.register_script(lua.LEASE)
+        self._release = client.register_script(lua.RELEASE)
+
+    # --- producers ----------------------------------------------------------------------
+
+    def enqueue(self, specs: Sequence[JobSpec], *, ttl_s: int, max_pending: int) -> list[int]:
+        """Write each job's payload and intake entry in one atomic step (pipelined).
+
+        Returns per job: 1 enqueued, 0 already there, -1 refused (tenant over quota).
+        """
+        pipe = self.r.pipeline(transaction=False)
+        for spec in specs:
+            self._enqueue(
+                keys=[keys.job(spec.id), keys.INTAKE, keys.tenant_pending(spec.tenant)],
+                args=[spec.id, spec.model_dump_json(), ttl_s, max_pending, int(spec.priority)],
+                client=pipe,
+            )
+        return [int(code) for code, _sid in pipe.execute()]
+
+    def pending_count(self, tenant: str) -> int:
+        """Jobs of ``tenant`` waiting to be sent."""
+        return int(self.r.scard(keys.tenant_pending(tenant)))
+
+    def cancel(self, job_id: str) -> str:
+        """Mark a QUEUED or SCHEDULED job CANCELLED; return the state found ('' if unknown)."""
+        return str(self._cancel(keys=[keys.job(job_id), keys.EVENTS], args=[job_id]))
+
+    # --- scheduler ----------------------------------------------------------------------
+
+    def read_intake(self, after: str, count: int, block_ms: int | None, events_after: str,
+                    ) -> tuple[list[IntakeEntry], list[tuple[str, dict[str, str]]]]:
+        """Intake entries after ``after`` and events ``(sid, fields)`` after ``events_after``.
+
+        Blocks up to ``block_ms`` until either stream has something new.
+        """
+        streams = {keys.INTAKE: after, keys.EVENTS: events_after}
+        reply = self.r.xread(streams, count=count, block=block_ms)  # type: ignore[arg-type]
+        entries: list[IntakeEntry] = []
+        events: list[tuple[str, dict[str, str]]] = []
+        for stream, items in reply or []:
+            for sid, fields in items:
+                if stream == keys.INTAKE:
+                    entries.append(IntakeEntry(sid, fields["id"]))
+                else:
+                    events.append((sid, fields))
+        return entries, events
+
+    def scan_intake(self, after: str, count: int) -> list[IntakeEntry]:
+        """Intake entries after ``after`` (exclusive), oldest first, without blocking."""
+        start = "-" if after in ("", "0", "0-0") else f"({after}"
+        items = self.r.xrange(keys.INTAKE, min=start, count=count)
+        return [IntakeEntry(sid, fields["id"]) for sid, fields in items]
+
+    def post_event(self, **fields: str | int | float) -> None:
+        """Tell the scheduler something happened (a batch finished, with its timing)."""
+        self.r.xadd(keys.EVENTS, fields, maxlen=100_000, approximate=True)  # type: ignore[arg-type]
+
+    def last_event_id(self) -> str:
+        """Id of the newest event (so a starting scheduler skips older ones)."""
+        last = self.r.xrevrange(keys.EVENTS, count=1)
+        return str(last[0][0]) if last else "0-0"
+
+    def load(self, job_ids: Sequence[str]) -> list[tuple[JobSpec | None, str | None]]:
+        """``(spec, state)`` of each job; ``(None, None)`` for a job Redis does not hold."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(keys.job(job_id), "spec", "state")
+        out: list[tuple[JobSpec | None, str | None]] = []
+        for spec, state in pipe.execute():
+            out.append((JobSpec.model_validate_json(spec) if spec else None, state))
+        return out
+
+    def acquire_lease(self, token: str, ttl_s: float) -> bool:
+        """Take or renew the scheduler lease."""
+        return bool(self._lease(keys=[keys.SCHEDULER_LEASE], args=[token, int(ttl_s * 1000)]))
+
+    def release_lease(self, token: str) -> None:
+        """Give the scheduler lease up."""
+        self._release(keys=[keys.SCHEDULER_LEASE], args=[token])
+
+    def claim(self, token: str, batch_id: str, meta: str,
+              jobs: Sequence[tuple[str, str]]) -> list[str] | None:
+        """Claim ``(job id, tenant)`` pairs still QUEUED for a batch; None without the lease."""
+        job_keys: list[str] = []
+        for job_id, tenant in jobs:
+            job_keys += [keys.job(job_id), keys.tenant_pending(tenant)]
+        reply = self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, *job_keys],
+                            args=[token, batch_id, meta, *(j for j, _ in jobs)])
+        if reply == -1:
+            return None
+        return [str(x) for x in reply]
+
+    def ack_sent(self, batch_id: str, job_ids: Sequence[str], now: float) -> None:
+        """After the send: drop the jobs from intake and move the batch to in-flight."""
+        self._ack(keys=[keys.OUTBOX, keys.INTAKE, keys.INFLIGHT,
+                        *(keys.job(j) for j in job_ids)], args=[batch_id, now])
+
+    def outbox(self) -> dict[str, tuple[str, list[str]]]:
+        """Batches claimed but not confirmed sent: ``{batch id: (meta JSON, job ids)}``."""
+        out: dict[str, tuple[str, list[str]]] = {}
+        for batch_id, value in self.r.hgetall(keys.OUTBOX).items():
+            meta, _, ids = value.rpartition("\n")
+            out[batch_id] = (meta, ids.split(",") if ids else [])
+        return out
+
+    # --- workers ------------------------------------------------------------------------
+
+    def claim_run(self, batch_id: str, send_id: str, ttl_s: int) -> bool:
+        """Whether this send of a batch may run: the first send to arrive wins, and a
+        re-delivery of that same send (after a worker died) runs again."""
+        key = keys.batch_run(batch_id)
+        if self.r.set(key, send_id, nx=True, ex=ttl_s):
+            return True
+        return bool(self.r.get(key) == send_id)
+
+    def mark_running(self, batch_id: str, job_ids: Sequence[str]) -> list[str]:
+        """Mark a batch's jobs RUNNING; return the state found per job ('' if unknown)."""
+        reply = self._running(keys=[keys.job(j) for j in job_ids], args=[batch_id])
+        return [str(x) for x in reply]
+
+    def batch_done(self, batch_id: str) -> None:
+        """The batch is finished: it leaves the in-flight set."""
+        self.r.zrem(keys.INFLIGHT, batch_id)
+
+    # --- everyone -----------------------------------------------------------------------
+
+    def finish(self, results: Sequence[JobResult], tenants: Sequence[str], *,
+               result_ttl_s: int) -> list[bool]:
+        """Store final results (first wins); return, per result, whether it was stored."""
+        pipe = self.r.pipeline(transaction=False)
+        for res, tenant in zip(results, tenants, strict=True):
+            self._finish(
+                keys=[keys.job(res.id), keys.celery_result(res.id), keys.INTAKE,
+                      keys.tenant_pending(tenant)],
+                args=[res.id, celery_meta(res), result_ttl_s, res.state.value, FINAL_JOB_TTL_S],
+                client=pipe,
+            )
+        return [bool(x) for x in pipe.execute()]
+
+    def results(self, job_ids: Sequence[str]) -> list[JobResult | None]:
+        """Stored results of the jobs (None where there is none yet)."""
+        if not job_ids:
+            return []
+        raws = self.r.mget([keys.celery_result(j) for j in job_ids])
+        return [result_from_meta(raw) if raw else None for raw in raws]
+
+    def states(self, job_ids: Sequence[str]) -> list[str | None]:
+        """The Redis-side state of each job (None when Redis does not hold it)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "state")
+        return list(pipe.execute())

@@ -1,0 +1,282 @@
+"""The SQL job store: the durable record of every accepted job (SQLAlchemy 2.x).
+
+Redis holds what is in motion; this store holds what must survive: every job from the
+moment it is accepted, and its one final result. A final state is written with a
+conditional UPDATE, so the first result wins here as it does in Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Engine,
+    Float,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from jobs.models import FINAL_STATES, JobResult, JobSpec, JobState
+
+log = logging.getLogger(__name__)
+
+_FINAL = tuple(s.value for s in FINAL_STATES)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the store's tables."""
+
+
+class JobRow(Base):
+    """One accepted job."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idem"),
+        Index("ix_jobs_tenant_created", "tenant", "created_at"),
+        Index("ix_jobs_state", "state"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer)
+    provider: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+    deadline: Mapped[float | None] = mapped_column(Float, nullable=True)
+    batch_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredJob:
+    """A job as the store holds it."""
+
+    spec: JobSpec
+    state: JobState
+    result: JobResult | None
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def make_engine(database_url: str) -> Engine:
+    """An engine for ``database_url``; a SQLite file's folder is created, WAL is on."""
+    if database_url.startswith("sqlite:///") and database_url != "sqlite:///:memory:":
+        Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(database_url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+class JobStore:
+    """Reads and writes of the ``jobs`` table."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.engine = make_engine(database_url)
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (safe to call from many processes)."""
+        from jobs.migrate import upgrade
+
+        upgrade(self.engine)
+
+    def close(self) -> None:
+        """Release the connection pool."""
+        self.engine.dispose()
+
+    # --- writes -------------------------------------------------------------------------
+
+    def insert(self, specs: Sequence[JobSpec]) -> dict[str, str]:
+        """Insert new jobs as QUEUED; return ``{id: stored id}``.
+
+        A job whose (tenant, idempotency key) is already stored is not inserted again: its
+        entry maps to the id stored first.
+        """
+        existing = self._existing_idempotent(specs)
+        mapping = {s.id: existing.get((s.tenant, s.idempotency_key or ""), s.id) for s in specs}
+        fresh = [s for s in specs if mapping[s.id] == s.id]
+        if not fresh:
+            return mapping
+        rows = [_row(s) for s in fresh]
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(JobRow.__table__.insert(), rows)
+        except IntegrityError:
+            # A concurrent submit took one of the idempotency keys: insert one by one.
+            for spec, row in zip(fresh, rows, strict=True):
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(JobRow.__table__.insert(), [row])
+                except IntegrityError:
+                    again = self._existing_idempotent([spec])
+                    key = (spec.tenant, spec.idempotency_key or "")
+                    if key not in again:
+                        raise
+                    mapping[spec.id] = again[key]
+        return mapping
+
+    def _existing_idempotent(self, specs: Sequence[JobSpec]) -> dict[tuple[str, str], str]:
+        keyed = [(s.tenant, s.idempotency_key) for s in specs if s.idempotency_key]
+        if not keyed:
+            return {}
+        found: dict[tuple[str, str], str] = {}
+        by_tenant: dict[str, list[str]] = {}
+        for tenant, key in keyed:
+            by_tenant.setdefault(tenant, []).append(key)  # type: ignore[arg-type]
+        with self.engine.connect() as conn:
+            for tenant, idem_keys in by_tenant.items():
+                for chunk in _chunks(idem_keys, 500):
+                    stmt = select(JobRow.id, JobRow.idempotency_key).where(
+                        JobRow.tenant == tenant, JobRow.idempotency_key.in_(chunk))
+                    for job_id, key in conn.execute(stmt):
+                        found[(tenant, key)] = job_id
+        return found
+
+    def delete(self, job_ids: Iterable[str]) -> None:
+        """Remove jobs that were never enqueued (undo of a failed submit)."""
+        ids = list(job_ids)
+        with self.engine.begin() as conn:
+            for chunk in _chunks(ids, 500):
+                conn.execute(JobRow.__table__.delete().where(JobRow.id.in_(chunk)))
+
+    def finalize(self, results: Sequence[JobResult]) -> list[str]:
+        """Store final results; return the ids whose result was stored by this call.
+
+        A job that already has a final state keeps it (the first result wins).
+        """
+        won: list[str] = []
+        if not results:
+            return won
+        with self.engine.begin() as conn:
+            for res in results:
+                stmt = (
+                    update(JobRow)
+                    .where(JobRow.id == res.id, JobRow.state.not_in(_FINAL))
+                    .values(state=res.state.value, result=res.model_dump_json(),
+                            finished_at=res.finished_at, batch_id=res.batch_id)
+                )
+                if conn.execute(stmt).rowcount == 1:
+                    won.append(res.id)
+        return won
+
+    def set_state(self, job_ids: Sequence[str], state: JobState,
+                  batch_id: str | None = None) -> None:
+        """Record a non-final state (SCHEDULED, RUNNING) for jobs not yet final."""
+        with self.engine.begin() as conn:
+            for chunk in _chunks(list(job_ids), 500):
+                values: dict[str, Any] = {"state": state.value}
+                if batch_id is not None:
+                    values["batch_id"] = batch_id
+                conn.execute(update(JobRow).where(JobRow.id.in_(chunk),
+                                                  JobRow.state.not_in(_FINAL)).values(**values))
+
+    # --- reads --------------------------------------------------------------------------
+
+    def get(self, job_id: str, tenant: str | None = None) -> StoredJob | None:
+        """One job, or None when unknown (or, with ``tenant``, another tenant's)."""
+        stmt = select(JobRow).where(JobRow.id == job_id)
+        if tenant is not None:
+            stmt = stmt.where(JobRow.tenant == tenant)
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).mappings().first()
+        return _stored(row) if row is not None else None
+
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, StoredJob]:
+        """Jobs by id (unknown ids are left out)."""
+        out: dict[str, StoredJob] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(job_ids), 500):
+                for row in conn.execute(select(JobRow).where(JobRow.id.in_(chunk))).mappings():
+                    out[row["id"]] = _stored(row)
+        return out
+
+    def list(self, tenant: str, *, state: JobState | None = None, limit: int = 100,
+             after: tuple[float, str] | None = None) -> list[StoredJob]:
+        """A tenant's jobs, oldest first, after the cursor ``(created_at, id)``."""
+        stmt = select(JobRow).where(JobRow.tenant == tenant)
+        if state is not None:
+            stmt = stmt.where(JobRow.state == state.value)
+        if after is not None:
+            created, job_id = after
+            stmt = stmt.where((JobRow.created_at > created)
+                              | ((JobRow.created_at == created) & (JobRow.id > job_id)))
+        stmt = stmt.order_by(JobRow.created_at, JobRow.id).limit(limit)
+        with self.engine.connect() as conn:
+            return [_stored(r) for r in conn.execute(stmt).mappings()]
+
+    def unfinished(self, *, limit: int = 1000, after: str = "") -> list[StoredJob]:
+        """Jobs not in a final state, by id, after ``after`` (for the reconciler)."""
+        stmt = (select(JobRow).where(JobRow.state.not_in(_FINAL), JobRow.id > after)
+                .order_by(JobRow.id).limit(limit))
+        with self.engine.connect() as conn:
+            return [_stored(r) for r in conn.execute(stmt).mappings()]
+
+    def count_by_state(self) -> dict[str, int]:
+        """Number of jobs per state."""
+        from sqlalchemy import func
+
+        stmt = select(JobRow.state, func.count()).group_by(JobRow.state)
+        with self.engine.connect() as conn:
+            return {state: n for state, n in conn.execute(stmt)}
+
+    def ping(self) -> None:
+        """Raise ``OperationalError`` unless the database answers."""
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+
+def _row(spec: JobSpec) -> dict[str, Any]:
+    return {
+        "id": spec.id,
+        "tenant": spec.tenant,
+        "idempotency_key": spec.idempotency_key,
+        "state": JobState.QUEUED.value,
+        "priority": int(spec.priority),
+        "provider": spec.provider,
+        "model": spec.model,
+        "spec": spec.model_dump_json(),
+        "created_at": spec.created_at,
+        "deadline": spec.deadline,
+    }
+
+
+def _stored(row: Any) -> StoredJob:
+    result = JobResult.model_validate(json.loads(row["result"])) if row["result"] else None
+    return StoredJob(spec=JobSpec.model_validate_json(row["spec"]), state=JobState(row["state"]),
+                     result=result)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+__all__ = ["JobRow", "JobStore", "OperationalError", "StoredJob", "make_engine"]

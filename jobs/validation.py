@@ -1,0 +1,98 @@
+"""Turning untrusted input into a ``JobSpec``, or an ``InvalidJob`` that names the field.
+
+Pure: the clock (``now``) and the id are arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from config.settings import Settings
+from jobs.errors import InvalidJob
+from jobs.models import JobRequest, JobSpec
+
+#: Providers a job may name, with the model used when the job names none.
+PROVIDER_DEFAULT_MODELS: dict[str, str] = {
+    "echo": "echo-1",
+    "simulated": "sim-1",
+}
+
+
+def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """``(field, message)`` pairs of a pydantic error, the field as a dotted path."""
+    out: list[tuple[str, str]] = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "(body)"
+        msg = err["msg"].removeprefix("Value error, ")
+        out.append((loc, msg))
+    return out
+
+
+def parse_request(data: Any, *, line: int | None = None) -> JobRequest:
+    """Validate a JSON-like mapping as a ``JobRequest``."""
+    if isinstance(data, JobRequest):
+        return data
+    if not isinstance(data, Mapping):
+        raise InvalidJob([("(body)", "a job must be a JSON object")], line=line)
+    try:
+        return JobRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidJob(field_errors(exc), line=line) from exc
+
+
+def resolve(
+    request: JobRequest,
+    *,
+    job_id: str,
+    now: float,
+    settings: Settings,
+    tenant: str | None = None,
+    line: int | None = None,
+) -> JobSpec:
+    """Fill in defaults and check what needs settings or the clock.
+
+    ``tenant``, when given (an authenticated caller), overrides the request's own.
+    """
+    errors: list[tuple[str, str]] = []
+    provider = request.provider or settings.default_provider
+    if provider not in PROVIDER_DEFAULT_MODELS:
+        errors.append(("provider", f"unknown provider {provider!r}; known: "
+                       f"{', '.join(sorted(PROVIDER_DEFAULT_MODELS))}"))
+        model = request.model or ""
+    else:
+        model = request.model or settings.default_model or PROVIDER_DEFAULT_MODELS[provider]
+        allowed = settings.allowed_models.get(provider)
+        if allowed and model not in allowed:
+            errors.append(("model", f"unknown model {model!r} for provider {provider!r}; "
+                           f"allowed: {', '.join(allowed)}"))
+    text_len = len(request.prompt) if request.prompt is not None else sum(
+        len(m.content) for m in request.messages or ())
+    if text_len > settings.max_prompt_chars:
+        errors.append(("prompt" if request.prompt is not None else "messages",
+                       f"{text_len} characters is over the limit of {settings.max_prompt_chars}"))
+    deadline: float | None = None
+    if request.deadline is not None:
+        deadline = request.deadline.timestamp()
+        if deadline <= now:
+            errors.append(("deadline", "is in the past"))
+    elif request.timeout_s is not None:
+        deadline = now + request.timeout_s
+    if errors:
+        raise InvalidJob(errors, line=line)
+    return JobSpec(
+        id=job_id,
+        tenant=tenant or request.tenant or settings.default_tenant,
+        priority=request.priority,
+        created_at=now,
+        deadline=deadline,
+        provider=provider,
+        model=model,
+        params=request.params,
+        prompt=request.prompt,
+        messages=request.messages,
+        idempotency_key=request.idempotency_key,
+        metadata=request.metadata,
+    )

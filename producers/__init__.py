@@ -1,0 +1,1 @@
+"""How work comes in: the Python client, the HTTP API, bulk JSONL submission."""

@@ -1,0 +1,209 @@
+"""The Python client: submit prompts, wait for results, check status, cancel.
+
+Submitting validates every job first (an ``InvalidJob`` names the field, and nothing of
+the call is written), writes the jobs to the SQL store, then enqueues each in one atomic
+Redis step. Should Redis refuse, the SQL rows of the refused jobs are removed again, so a
+failed submit leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import redis
+
+from config.settings import Settings
+from jobs.errors import (
+    InvalidJob,
+    JobNotFound,
+    ResultTimeout,
+    ServiceUnavailable,
+    TenantQuotaExceeded,
+)
+from jobs.models import JobRequest, JobResult, JobSpec, JobState
+from jobs.outcomes import record_results
+from jobs.queue import RedisQueue, connect
+from jobs.store import JobStore
+from jobs.validation import parse_request, resolve
+
+#: Jobs written per SQL transaction and Redis pipeline.
+CHUNK = 1000
+_POLL_MIN_S = 0.002
+_POLL_MAX_S = 0.1
+
+
+class Client:
+    """A connection to promptbatch's Redis and SQL store."""
+
+    def __init__(self, settings: Settings | None = None, *, redis_url: str | None = None,
+                 store: JobStore | None = None) -> None:
+        self.settings = settings or Settings()
+        url = redis_url or self.settings.redis_url
+        if not url:
+            raise ValueError("redis_url is empty: set PROMPTBATCH_REDIS_URL or pass redis_url")
+        self.r = connect(url)
+        self.queue = RedisQueue(self.r)
+        self.store = store or JobStore(self.settings.database_url)
+        self.store.migrate()
+
+    def close(self) -> None:
+        """Close the connections."""
+        self.r.close()
+        self.store.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- submitting ---------------------------------------------------------------------
+
+    def submit(self, prompt: str | None = None, **fields: Any) -> str:
+        """Submit one job; return its id. Fields as in ``JobRequest``."""
+        if prompt is not None:
+            fields["prompt"] = prompt
+        return self.submit_many([fields])[0]
+
+    def submit_many(self, items: Iterable[JobRequest | Mapping[str, Any]], *,
+                    tenant: str | None = None) -> list[str]:
+        """Submit many jobs, pipelined; return their ids in input order.
+
+        Jobs are validated and written in chunks of ``CHUNK``; an invalid job raises
+        ``InvalidJob`` (its ``line`` is the 1-based position) before its chunk is written.
+        """
+        ids: list[str] = []
+        chunk: list[JobSpec] = []
+        now = time.time()
+        for pos, item in enumerate(items, start=1):
+            request = parse_request(item, line=pos)
+            chunk.append(resolve(request, job_id=str(uuid.uuid4()), now=now,
+                                 settings=self.settings, tenant=tenant, line=pos))
+            if len(chunk) >= CHUNK:
+                ids += self.submit_specs(chunk)
+                chunk = []
+                now = time.time()
+        if chunk:
+            ids += self.submit_specs(chunk)
+        return ids
+
+    def submit_specs(self, specs: Sequence[JobSpec]) -> list[str]:
+        """Store and enqueue resolved jobs; return their ids (an idempotent repeat maps to
+        the id stored first)."""
+        self._check_quota(specs)
+        try:
+            stored = self.store.insert(specs)
+        except Exception as exc:  # SQLAlchemy errors of any kind: the store is unusable
+            raise ServiceUnavailable(f"the job store refused the jobs: {exc}") from exc
+        fresh = [s for s in specs if stored[s.id] == s.id]
+        if fresh:
+            try:
+                codes = self.queue.enqueue(fresh, ttl_s=self.settings.payload_ttl_s,
+                                           max_pending=self.settings.max_pending_per_tenant)
+            except redis.RedisError as exc:
+                self.store.delete([s.id for s in fresh])
+                raise ServiceUnavailable(f"Redis refused the jobs ({exc}); nothing was "
+                                         "submitted, try again") from exc
+            refused = [s for s, code in zip(fresh, codes, strict=True) if code < 0]
+            if refused:
+                self.store.delete([s.id for s in refused])
+                raise TenantQuotaExceeded(refused[0].tenant, self.settings.max_pending_per_tenant)
+        return [stored[s.id] for s in specs]
+
+    def _check_quota(self, specs: Sequence[JobSpec]) -> None:
+        limit = self.settings.max_pending_per_tenant
+        for tenant, n in Counter(s.tenant for s in specs).items():
+            try:
+                pending = self.queue.pending_count(tenant)
+            except redis.RedisError as exc:
+                raise ServiceUnavailable(f"Redis is unavailable ({exc}); try again") from exc
+            if pending + n > limit:
+                raise TenantQuotaExceeded(tenant, limit)
+
+    # --- reading ------------------------------------------------------------------------
+
+    def result(self, job_id: str, timeout: float | None = None) -> JobResult:
+        """Wait for a job's final result; ``ResultTimeout`` after ``timeout`` seconds."""
+        for res in self.results([job_id], timeout=timeout):
+            return res
+        raise ResultTimeout(f"job {job_id} did not finish within {timeout} s")
+
+    def results(self, job_ids: Sequence[str], timeout: float | None = None,
+                ) -> Iterator[JobResult]:
+        """Yield the jobs' final results as they finish (any order).
+
+        Raises ``ResultTimeout`` if some are still unfinished after ``timeout`` seconds.
+        """
+        pending = list(dict.fromkeys(job_ids))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _POLL_MIN_S
+        checked_sql = False
+        while pending:
+            found: list[JobResult] = []
+            for start in range(0, len(pending), 2000):
+                part = pending[start:start + 2000]
+                found += [r for r in self.queue.results(part) if r is not None]
+            if not found and not checked_sql:
+                # Results that left Redis (expired, or Redis lost them) are in SQL.
+                checked_sql = True
+                stored = self.store.get_many(pending)
+                found = [s.result for s in stored.values() if s.result is not None]
+                missing = set(pending) - stored.keys()
+                if missing:
+                    raise JobNotFound(sorted(missing)[0])
+            if found:
+                done = {r.id for r in found}
+                pending = [j for j in pending if j not in done]
+                yield from found
+                delay = _POLL_MIN_S
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(f"{len(pending)} jobs did not finish within {timeout} s")
+            time.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX_S)
+
+    def status(self, job_id: str, tenant: str | None = None) -> JobState:
+        """The job's current state."""
+        stored = self.store.get(job_id, tenant)
+        if stored is None:
+            raise JobNotFound(job_id)
+        if stored.state.final:
+            return stored.state
+        state = self.queue.states([job_id])[0]
+        return JobState(state) if state else stored.state
+
+    def cancel(self, job_id: str, tenant: str | None = None) -> JobState:
+        """Cancel a job that has not started; return the state it ends up in.
+
+        A job already running or finished keeps its state (returned as it is).
+        """
+        stored = self.store.get(job_id, tenant)
+        if stored is None:
+            raise JobNotFound(job_id)
+        if stored.state.final:
+            return stored.state
+        found = self.queue.cancel(job_id)
+        if found in (JobState.QUEUED, JobState.SCHEDULED, JobState.CANCELLED, ""):
+            spec = stored.spec
+            won = record_results(self.store, self.queue, [JobResult(
+                id=job_id, state=JobState.CANCELLED, created_at=spec.created_at,
+                provider=spec.provider, model=spec.model, error="cancelled by the caller")],
+                [spec.tenant], result_ttl_s=self.settings.result_ttl_s)
+            if job_id in won:
+                return JobState.CANCELLED
+            return self.status(job_id)
+        return JobState(found)
+
+    def spec(self, job_id: str, tenant: str | None = None) -> JobSpec:
+        """The accepted job as stored."""
+        stored = self.store.get(job_id, tenant)
+        if stored is None:
+            raise JobNotFound(job_id)
+        return stored.spec
+
+
+__all__ = ["Client", "InvalidJob"]

@@ -1,0 +1,5 @@
+"""``python -m promptbatch``."""
+
+from promptbatch.cli import main
+
+main()

@@ -1,0 +1,294 @@
+"""The ``promptbatch`` command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from config import keys
+from config.logging import setup_logging
+from config.settings import PRIORITY_NAMES, Settings
+from jobs.errors import InvalidJob, PromptBatchError
+from jobs.models import JobResult
+from promptbatch.jsonl import InputLine, load_file
+from promptbatch.summary import Summary, summarize
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="promptbatch: a task queue for LLM prompts with similarity batching.")
+console = Console(stderr=True)
+
+Provider = Annotated[str | None, typer.Option(help="Provider of jobs that name none: echo or "
+                                              "simulated (default: PROMPTBATCH_DEFAULT_PROVIDER).")]
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        console.print(f"[red]invalid settings:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _report_invalid(errors: list[InvalidJob], limit: int = 20) -> None:
+    for err in errors[:limit]:
+        console.print(f"[red]line {err.line}[/red]: " + "; ".join(
+            f"[bold]{field}[/bold]: {msg}" for field, msg in err.errors))
+    if len(errors) > limit:
+        console.print(f"... and {len(errors) - limit} more invalid lines")
+
+
+def _load(file: Path, skip_invalid: bool) -> tuple[list[InputLine], list[InvalidJob]]:
+    if not file.is_file():
+        console.print(f"[red]{file} is not a file[/red]")
+        raise typer.Exit(2)
+    lines, errors = load_file(file)
+    if errors:
+        _report_invalid(errors)
+        if not skip_invalid:
+            console.print(f"[red]{len(errors)} invalid line(s): nothing was submitted.[/red] "
+                          "Fix them, or pass --skip-invalid to submit the valid lines.")
+            raise typer.Exit(2)
+    return lines, errors
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(help="JSONL file, one prompt per line.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write one result per line.")] = None,
+    provider: Provider = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker pool processes.")] = 2,
+    skip_invalid: Annotated[bool, typer.Option(help="Submit the valid lines of a file with "
+                                               "invalid ones.")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")]
+    = 3600.0,
+) -> None:
+    """Run FILE on a local stack (embedded server, SQLite, scheduler, workers) and report."""
+    from producers.client import Client
+    from promptbatch.stack import LocalStack
+
+    setup_logging("WARNING")
+    lines, errors = _load(file, skip_invalid)
+    base = _settings()
+    run_dir = base.data_dir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    env = {"PROMPTBATCH_DATABASE_URL": f"sqlite:///{(run_dir / 'promptbatch.db').resolve()}"}
+    if "PROMPTBATCH_DATABASE_URL" in _explicit_env():
+        env.pop("PROMPTBATCH_DATABASE_URL")
+    if provider:
+        env["PROMPTBATCH_DEFAULT_PROVIDER"] = provider
+    stack = LocalStack(run_dir, workers=workers, env=env, redis_url=base.redis_url or None)
+    _install_sigterm()
+    try:
+        with console.status("starting the local stack..."):
+            stack.start()
+        settings = _settings(redis_url=stack.redis_url,
+                             database_url=env.get("PROMPTBATCH_DATABASE_URL"),
+                             default_provider=provider)
+        with Client(settings) as client:
+            started = time.time()
+            ids = client.submit_many([line.request for line in lines])
+            results = _collect(client, ids, timeout)
+            wall = time.time() - started
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping the local stack[/yellow]")
+        raise typer.Exit(130) from None
+    except PromptBatchError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        stack.stop()
+    if out is not None:
+        _write_output(out, lines, errors, ids, results)
+        console.print(f"wrote {len(lines) + len(errors)} lines to {out}")
+    priorities = [int(line.request.priority) for line in lines]
+    _print_summary(summarize([results[i] for i in ids], priorities, wall))
+
+
+def _explicit_env() -> set[str]:
+    import os
+
+    return {k for k in os.environ if k.startswith("PROMPTBATCH_")}
+
+
+def _install_sigterm() -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _collect(client: Any, ids: list[str], timeout: float) -> dict[str, JobResult]:
+    results: dict[str, JobResult] = {}
+    with Progress(TextColumn("[bold]results"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("results", total=len(ids))
+        for res in client.results(ids, timeout=timeout):
+            results[res.id] = res
+            bar.advance(task)
+    return results
+
+
+def _write_output(out: Path, lines: list[InputLine], errors: list[InvalidJob], ids: list[str],
+                  results: dict[str, JobResult]) -> None:
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for line, job_id in zip(lines, ids, strict=True):
+        res = results[job_id]
+        rows.append((line.number, {
+            "id": line.custom_id or job_id, "job_id": job_id, "line": line.number,
+            "state": res.state.value, "text": res.text,
+            "usage": res.usage.model_dump() if res.usage else None,
+            "batch_id": res.batch_id, "batch_size": res.batch_size,
+            "queued_ms": _ms(res.queued_ms), "latency_ms": _ms(res.latency_ms),
+            "error": res.error}))
+    for err in errors:
+        rows.append((err.line or 0, {
+            "id": None, "job_id": None, "line": err.line, "state": "REJECTED", "text": None,
+            "usage": None, "batch_id": None, "batch_size": None, "queued_ms": None,
+            "latency_ms": None, "error": str(err)}))
+    rows.sort(key=lambda r: r[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for _, row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _print_summary(s: Summary) -> None:
+    table = Table(title="promptbatch run", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("jobs", str(s.jobs))
+    table.add_row("batches", str(s.batches))
+    table.add_row("mean batch size", f"{s.mean_batch_size:.1f}")
+    table.add_row("mean similarity inside batches",
+                  "-" if s.mean_similarity is None else f"{s.mean_similarity:.3f}")
+    table.add_row("jobs/s", f"{s.jobs_per_s:.1f}")
+    table.add_row("wall time", f"{s.wall_s:.2f} s")
+    table.add_row("succeeded / failed / expired / cancelled",
+                  f"{s.succeeded} / {s.failed} / {s.expired} / {s.cancelled}")
+    if s.prompt_tokens:
+        table.add_row("prompt tokens cached",
+                      f"{s.cached_tokens} of {s.prompt_tokens} "
+                      f"({100.0 * s.cached_tokens / s.prompt_tokens:.0f}%)")
+    for c in s.classes:
+        table.add_row(f"latency {c.name} ({c.jobs} jobs) p50 / p99",
+                      f"{c.p50_ms or 0:.0f} / {c.p99_ms or 0:.0f} ms")
+    Console().print(table)
+
+
+@app.command()
+def scheduler() -> None:
+    """Run the scheduler against PROMPTBATCH_REDIS_URL (one is active; others stand by)."""
+    from scheduler.service import Scheduler
+
+    setup_logging()
+    service = Scheduler(_settings())
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        service.stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    service.run()
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int | None, typer.Option(help="Pool processes (default: "
+                                                    "PROMPTBATCH_WORKER_CONCURRENCY).")] = None,
+    name: Annotated[str, typer.Option(help="Worker name (its host is appended).")] = "worker",
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    pool: Annotated[str, typer.Option(help="Celery pool: prefork, threads or solo.")] = "prefork",
+) -> None:
+    """Run a Celery worker on our queues, consumed in priority order."""
+    from workers.factory import create_app
+
+    settings = _settings()
+    if not settings.redis_url:
+        console.print("[red]PROMPTBATCH_REDIS_URL is not set[/red]: point it at the broker, "
+                      "for example redis://127.0.0.1:6379/0")
+        raise typer.Exit(2)
+    celery_app = create_app(settings)
+    celery_app.worker_main(argv=[
+        "worker", "-Q", ",".join(keys.QUEUES), "-c", str(concurrency or settings.worker_concurrency),
+        "-l", loglevel, "-n", f"{name}@%h", "-P", pool, "--without-mingle", "--without-gossip"])
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(help="JSONL file, one prompt per line.")],
+    wait: Annotated[bool, typer.Option(help="Wait for the results.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Where to write results (with --wait).")]
+    = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Submit only the valid lines.")] = False,
+) -> None:
+    """Submit FILE to the stack at PROMPTBATCH_REDIS_URL; print the job ids."""
+    from producers.client import Client
+
+    setup_logging("WARNING")
+    lines, errors = _load(file, skip_invalid)
+    settings = _settings()
+    if not settings.redis_url:
+        console.print("[red]PROMPTBATCH_REDIS_URL is not set[/red]")
+        raise typer.Exit(2)
+    try:
+        with Client(settings) as client:
+            ids = client.submit_many([line.request for line in lines])
+            if not wait:
+                for job_id in ids:
+                    print(job_id)
+                return
+            results = _collect(client, ids, 24 * 3600.0)
+    except PromptBatchError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    if out is not None:
+        _write_output(out, lines, errors, ids, results)
+    else:
+        for job_id in ids:
+            print(json.dumps(results[job_id].public()))
+
+
+@app.command()
+def status(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
+    """Print a job's state (and its result once final)."""
+    from producers.client import Client
+
+    settings = _settings()
+    try:
+        with Client(settings) as client:
+            state = client.status(job_id)
+            if state.final:
+                print(json.dumps(client.result(job_id, timeout=1).public()))
+            else:
+                print(json.dumps({"id": job_id, "state": state.value}))
+    except PromptBatchError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+
+
+def main() -> None:
+    """Entry point of the ``promptbatch`` command."""
+    app()
+
+
+__all__ = ["PRIORITY_NAMES", "app", "main"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

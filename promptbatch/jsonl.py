@@ -1,0 +1,71 @@
+"""Reading prompt files (JSONL) with errors that name the line and the field."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import InvalidJob
+from jobs.models import JobRequest
+from jobs.validation import parse_request
+
+#: Keys of an input line besides the JobRequest fields.
+LINE_ID = "id"
+
+
+@dataclass(frozen=True, slots=True)
+class InputLine:
+    """One valid line: its number, the caller's own id (if any) and the request."""
+
+    number: int
+    custom_id: str | None
+    request: JobRequest
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Non-blank lines of a file with their 1-based numbers."""
+    with path.open("rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidJob([("(line)", f"not UTF-8: {exc.reason}")], line=number) from exc
+            if text.strip():
+                yield number, text
+
+
+def parse_line(number: int, text: str) -> InputLine:
+    """Validate one JSONL line."""
+    try:
+        data = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise InvalidJob([("(line)", f"not valid JSON: {exc}")], line=number) from exc
+    if not isinstance(data, dict):
+        raise InvalidJob([("(line)", "must be a JSON object")], line=number)
+    custom = data.pop(LINE_ID, None)
+    if custom is not None and (isinstance(custom, bool) or not isinstance(custom, str | int)):
+        raise InvalidJob([(LINE_ID, "must be a string or an integer")], line=number)
+    return InputLine(number, None if custom is None else str(custom),
+                     parse_request(data, line=number))
+
+
+def load_file(path: Path) -> tuple[list[InputLine], list[InvalidJob]]:
+    """Every line of the file, validated. Errors are collected, not raised."""
+    good: list[InputLine] = []
+    bad: list[InvalidJob] = []
+    try:
+        for number, text in read_lines(path):
+            try:
+                good.append(parse_line(number, text))
+            except InvalidJob as exc:
+                bad.append(exc)
+    except InvalidJob as exc:
+        bad.append(exc)
+    return good, bad

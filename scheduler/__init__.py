@@ -1,0 +1,1 @@
+"""The scheduler: embedders, the pending pool, the batching policy, the service loop."""

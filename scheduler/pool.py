@@ -1,0 +1,252 @@
+"""The pending pool: jobs waiting in the scheduler, grouped and indexed for the policy.
+
+Jobs are grouped by (compatibility key, class). Each group keeps:
+
+* a FAISS index of the jobs' unit vectors (inner product = cosine), behind an ID map so
+  that removing sent, cancelled and expired jobs is cheap;
+* per tenant, the jobs in urgency order (earliest deadline first; a job without a
+  deadline counts as due ``horizon`` seconds after it arrived);
+* the jobs with a deadline in deadline order (for expiry and deadline pressure).
+
+The policy (``scheduler.policy.plan``) only reads the pool; the service loop applies the
+outcome (``remove``, ``promote``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+from sortedcontainers import SortedList
+
+from scheduler.embedders import Vectors
+
+#: Prompt lengths, in characters, at which prefix hashes are taken.
+PREFIX_LEVELS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+#: Above this many jobs a group's index becomes an inverted file (approximate search).
+APPROX_THRESHOLD = 20_000
+
+
+def prefix_signature(text: str) -> tuple[int, ...]:
+    """Hashes of the text's prefixes at ``PREFIX_LEVELS`` (the whole text at the last)."""
+    sig: list[int] = []
+    for level in PREFIX_LEVELS:
+        sig.append(hash(text[:level]))
+        if level >= len(text):
+            break
+    return tuple(sig)
+
+
+def shared_prefix_chars(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """A lower bound of the characters two prompts share at the start (0, 32, 64, ...)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return PREFIX_LEVELS[n - 1] if n else 0
+
+
+def estimate_tokens(text: str) -> int:
+    """A quick estimate of a prompt's tokens (about four characters each)."""
+    return len(text) // 4 + 1
+
+
+@dataclass(slots=True, eq=False)
+class PendingJob:
+    """A job waiting in the pool (what the policy needs, not the prompt itself)."""
+
+    id: str
+    key: str
+    priority: int
+    tenant: str
+    created_at: float
+    deadline: float | None
+    tokens: int
+    prefix: tuple[int, ...]
+    seq: int = -1
+    cls: int = -1
+
+    def urgency(self, horizon: float) -> float:
+        """Sort key inside a class: the deadline, or arrival + ``horizon`` without one."""
+        return self.deadline if self.deadline is not None else self.created_at + horizon
+
+
+class Group:
+    """Pending jobs of one compatibility key and one class."""
+
+    def __init__(self, key: str, cls: int, dim: int, horizon: float) -> None:
+        self.key = key
+        self.cls = cls
+        self.dim = dim
+        self.horizon = horizon
+        self.jobs: dict[int, PendingJob] = {}
+        self.by_tenant: dict[str, SortedList] = {}
+        self.by_deadline: SortedList = SortedList()
+        self.index: faiss.Index = _flat_index(dim)
+        self.approximate = False
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def add(self, jobs: Sequence[PendingJob], vectors: Vectors) -> None:
+        """Add jobs with their vectors (rows of ``vectors``)."""
+        ids = np.fromiter((j.seq for j in jobs), dtype=np.int64, count=len(jobs))
+        for job in jobs:
+            job.cls = self.cls
+            self.jobs[job.seq] = job
+            self.by_tenant.setdefault(job.tenant, SortedList()).add(
+                (job.urgency(self.horizon), job.seq))
+            if job.deadline is not None:
+                self.by_deadline.add((job.deadline, job.seq))
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        if not self.approximate and len(self.jobs) > APPROX_THRESHOLD:
+            self._to_approximate()
+
+    def remove(self, seqs: Sequence[int]) -> list[PendingJob]:
+        """Remove jobs by seq; return those that were here."""
+        gone: list[PendingJob] = []
+        for seq in seqs:
+            job = self.jobs.pop(seq, None)
+            if job is None:
+                continue
+            gone.append(job)
+            tenant_jobs = self.by_tenant[job.tenant]
+            tenant_jobs.remove((job.urgency(self.horizon), seq))
+            if not tenant_jobs:
+                del self.by_tenant[job.tenant]
+            if job.deadline is not None:
+                self.by_deadline.remove((job.deadline, seq))
+        if gone:
+            self.index.remove_ids(np.fromiter((j.seq for j in gone), dtype=np.int64,
+                                              count=len(gone)))
+        return gone
+
+    def vectors(self, seqs: Sequence[int]) -> Vectors:
+        """The stored vectors of jobs (rows in the order of ``seqs``)."""
+        ids = np.asarray(seqs, dtype=np.int64)
+        return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
+
+    def search(self, queries: Vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``k`` nearest jobs per query: (similarities, seqs; -1 where none)."""
+        k = max(1, min(k, len(self.jobs)))
+        sims, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return sims, ids
+
+    def oldest(self) -> float:
+        """Arrival time of the longest-waiting job (first in insertion order)."""
+        return next(iter(self.jobs.values())).created_at
+
+    def _to_approximate(self) -> None:
+        """Rebuild the index as an inverted file once the group is large."""
+        seqs = np.fromiter(self.jobs.keys(), dtype=np.int64, count=len(self.jobs))
+        vecs = self.vectors(seqs)
+        nlist = int(min(4096, max(64, math.sqrt(len(seqs)) * 2)))
+        quantizer = faiss.IndexFlatIP(self.dim)
+        ivf = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = vecs[np.random.default_rng(0).choice(len(vecs), min(len(vecs), nlist * 40),
+                                                      replace=False)]
+        ivf.train(sample)
+        ivf.nprobe = 16
+        ivf.make_direct_map()
+        ivf.add_with_ids(vecs, seqs)
+        ivf.quantizer_keeps = quantizer  # keep the quantizer alive with the index
+        self.index = ivf
+        self.approximate = True
+
+
+def _flat_index(dim: int) -> faiss.Index:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+@dataclass
+class Pool:
+    """All pending jobs, by (key, class), with the per-tenant service counters."""
+
+    dim: int
+    horizons: tuple[float, ...]
+    groups: dict[tuple[str, int], Group] = field(default_factory=dict)
+    by_id: dict[str, PendingJob] = field(default_factory=dict)
+    #: Jobs served per (key, class, tenant), for weighted fair sharing.
+    served: dict[tuple[str, int, str], float] = field(default_factory=dict)
+    _seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self.by_id
+
+    def group(self, key: str, cls: int) -> Group:
+        """The group of (key, class), created empty if new."""
+        g = self.groups.get((key, cls))
+        if g is None:
+            g = self.groups[(key, cls)] = Group(key, cls, self.dim, self.horizons[cls])
+        return g
+
+    def add(self, jobs: Sequence[PendingJob], vectors: Vectors, *,
+            cls: Sequence[int] | None = None) -> None:
+        """Add new jobs (rows of ``vectors``) to their groups; known ids are ignored."""
+        buckets: dict[tuple[str, int], list[int]] = {}
+        for i, job in enumerate(jobs):
+            if job.id in self.by_id:
+                continue
+            job.seq = next(self._seq)
+            self.by_id[job.id] = job
+            target = cls[i] if cls is not None else job.priority
+            buckets.setdefault((job.key, target), []).append(i)
+        for (key, c), rows in buckets.items():
+            self.group(key, c).add([jobs[i] for i in rows], vectors[rows])
+
+    def remove(self, job_ids: Sequence[str]) -> list[PendingJob]:
+        """Remove jobs by id (sent, expired, cancelled); return those that were pending."""
+        per_group: dict[tuple[str, int], list[int]] = {}
+        for job_id in job_ids:
+            job = self.by_id.pop(job_id, None)
+            if job is not None:
+                per_group.setdefault((job.key, job.cls), []).append(job.seq)
+        gone: list[PendingJob] = []
+        for gk, seqs in per_group.items():
+            g = self.groups[gk]
+            removed = g.remove(seqs)
+            gone += removed
+            for tenant in {j.tenant for j in removed} - g.by_tenant.keys():
+                self.served.pop((gk[0], gk[1], tenant), None)
+            if not g.jobs:
+                del self.groups[gk]
+        return gone
+
+    def promote(self, now: float, aging_s: float) -> int:
+        """Move jobs that waited ``aging_s`` per class step up one class; return how many."""
+        moved = 0
+        for (key, c), g in list(self.groups.items()):
+            if c == 0:
+                continue
+            aged: list[PendingJob] = []
+            for job in g.jobs.values():  # insertion order: oldest first
+                if now - job.created_at < aging_s * (job.priority - c + 1):
+                    break
+                aged.append(job)
+            if not aged:
+                continue
+            vecs = g.vectors([j.seq for j in aged])
+            g.remove([j.seq for j in aged])
+            if not g.jobs:
+                del self.groups[(key, c)]
+            self.group(key, c - 1).add(aged, vecs)
+            moved += len(aged)
+        return moved
+
+    def charge(self, charges: dict[tuple[str, int, str], float]) -> None:
+        """Add served work to tenants' counters (the policy returns the charges)."""
+        for k, v in charges.items():
+            self.served[k] = self.served.get(k, 0.0) + v
+
+    def classes(self) -> list[int]:
+        """Classes with pending jobs, highest first."""
+        return sorted({c for _, c in self.groups})

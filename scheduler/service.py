@@ -1,0 +1,266 @@
+"""The scheduler service: the thin loop around the pure policy.
+
+One scheduler is active at a time: it holds a lease in Redis (renewed every tick, with a
+short TTL) and every claim is fenced by it, so a scheduler that lost its lease cannot
+send anything. Standbys poll until the lease is free.
+
+Each tick: read new intake entries and events (blocking briefly, so a new job or a
+finished batch wakes the loop at once), embed the new prompts in one vectorised call,
+add them to the pool, promote aged jobs, ask ``plan`` what to send, expire what must be
+expired, and send each batch as one Celery task. A batch is claimed in Redis (jobs marked
+SCHEDULED, the batch written to the outbox) before it is sent and dropped from intake
+only after; a scheduler killed in between leaves the batch in the outbox, and the next
+active scheduler sends it again. Workers run a batch once per claim, whichever send
+arrives first (``pb:batch:{id}:run``), so a batch sent twice still runs once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+import redis
+from celery import Celery
+
+from config import keys
+from config.celery import PROCESS_BATCH, build_celery
+from config.settings import Settings
+from jobs.models import JobResult, JobSpec, JobState
+from jobs.outcomes import record_results
+from jobs.queue import IntakeEntry, RedisQueue, connect
+from jobs.store import JobStore
+from scheduler.embedders import Embedder, create_embedder
+from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
+from scheduler.policy import Capacity, PlannedBatch, plan
+from scheduler.service_time import ServiceModel
+
+log = logging.getLogger(__name__)
+
+#: How long a worker heartbeat counts, in seconds.
+WORKER_STALE_S = 15.0
+#: How often aged jobs are promoted, in seconds.
+PROMOTE_EVERY_S = 0.5
+
+
+class Scheduler:
+    """The scheduler loop. ``run()`` blocks until ``stop()``."""
+
+    def __init__(self, settings: Settings, *, redis_url: str | None = None,
+                 embedder: Embedder | None = None, celery_app: Celery | None = None) -> None:
+        self.settings = settings
+        self.url = redis_url or settings.redis_url
+        if not self.url:
+            raise ValueError("redis_url is empty: set PROMPTBATCH_REDIS_URL")
+        self.r = connect(self.url)
+        self.queue = RedisQueue(self.r)
+        self.store = JobStore(settings.database_url)
+        self.embedder = embedder or create_embedder(settings.embedder, dim=settings.embedding_dim)
+        self.celery = celery_app or build_celery(settings, "promptbatch-scheduler", self.url)
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.pool = self._new_pool()
+        self.service = ServiceModel()
+        self.active = False
+        self.last_sid = "0-0"
+        self.last_event = "$"
+        self._stop = threading.Event()
+        self._last_promote = 0.0
+        self.sent_batches = 0
+        self.sent_jobs = 0
+
+    def _new_pool(self) -> Pool:
+        horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
+                         for c in range(5))
+        return Pool(dim=self.embedder.dim, horizons=horizons)
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish its tick and return."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Wait for Redis and SQL, then schedule until stopped; release the lease on exit."""
+        self._wait_for_services()
+        log.info("scheduler %s started (embedder %s, dim %d)", self.token,
+                 self.settings.embedder, self.embedder.dim)
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not self._hold_lease():
+                        self._stop.wait(min(1.0, self.settings.lease_ttl_s / 3))
+                        continue
+                    self.tick()
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("Redis unavailable (%s); retrying in 1 s", exc)
+                    self._step_down()
+                    self._stop.wait(1.0)
+        finally:
+            if self.active:
+                try:
+                    self.queue.release_lease(self.token)
+                except redis.RedisError:
+                    pass
+            self.store.close()
+
+    def _wait_for_services(self) -> None:
+        delay = 0.2
+        while not self._stop.is_set():
+            try:
+                self.r.ping()
+                self.store.migrate()
+                return
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("waiting for Redis at %s: %s", _safe_url(self.url), exc)
+            self._stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _hold_lease(self) -> bool:
+        held = self.queue.acquire_lease(self.token, self.settings.lease_ttl_s)
+        if held and not self.active:
+            log.info("scheduler %s is active", self.token)
+            self.active = True
+            self._recover()
+        elif not held and self.active:
+            log.warning("scheduler %s lost its lease; standing by", self.token)
+            self._step_down()
+        return held
+
+    def _step_down(self) -> None:
+        self.active = False
+        self.pool = self._new_pool()
+        self.last_sid = "0-0"
+
+    def _recover(self) -> None:
+        """On becoming active: resend the outbox and rebuild the pool from intake."""
+        self.last_event = self.queue.last_event_id()
+        for batch_id, (meta, job_ids) in self.queue.outbox().items():
+            info = json.loads(meta)
+            log.info("re-sending batch %s (%d jobs) left in the outbox", batch_id, len(job_ids))
+            self._send(batch_id, job_ids, int(info["cls"]), info.get("similarity"))
+        self.pool = self._new_pool()
+        self.last_sid = "0-0"
+        while True:
+            entries = self.queue.scan_intake(self.last_sid, 10_000)
+            if not entries:
+                break
+            self._admit(entries)
+            self.last_sid = entries[-1].sid
+        log.info("pool rebuilt from intake: %d pending jobs", len(self.pool))
+
+    # --- one tick -----------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Read, plan, send. Blocks at most ``scheduler_tick_ms`` waiting for news."""
+        block = int(self.settings.scheduler_tick_ms)
+        entries, events = self.queue.read_intake(self.last_sid, self.settings.scheduler_read_count,
+                                                 block, self.last_event)
+        if entries:
+            self._admit(entries)
+            self.last_sid = entries[-1].sid
+        if events:
+            self._on_events(events)
+            self.last_event = events[-1][0]
+        now = time.time()
+        if now - self._last_promote >= PROMOTE_EVERY_S:
+            self.pool.promote(now, self.settings.aging_s)
+            self._last_promote = now
+        if not len(self.pool):
+            return
+        decided = plan(self.pool, now, self.settings, self._capacity(now), self.service)
+        if decided.expired:
+            self._expire(decided.expired, now)
+        for batch in decided.batches:
+            if not self.active:
+                break
+            self._dispatch(batch)
+        self.pool.charge(decided.charges)
+
+    def _admit(self, entries: Sequence[IntakeEntry]) -> None:
+        fresh = [e for e in entries if e.job_id not in self.pool]
+        if not fresh:
+            return
+        loaded = self.queue.load([e.job_id for e in fresh])
+        specs: list[JobSpec] = [spec for spec, state in loaded
+                                if spec is not None and state == JobState.QUEUED]
+        if not specs:
+            return
+        texts = [s.text for s in specs]
+        vectors = self.embedder.embed(texts)
+        jobs = [PendingJob(id=s.id, key=s.compat_key, priority=int(s.priority), tenant=s.tenant,
+                           created_at=s.created_at, deadline=s.deadline,
+                           tokens=estimate_tokens(t), prefix=prefix_signature(t))
+                for s, t in zip(specs, texts, strict=True)]
+        self.pool.add(jobs, vectors)
+
+    def _on_events(self, events: Sequence[tuple[str, dict[str, str]]]) -> None:
+        cancelled = [f["cancel"] for _, f in events if "cancel" in f]
+        if cancelled:
+            self.pool.remove(cancelled)
+        for _, f in events:
+            if "done" in f and "deployment" in f:
+                self.service.observe(f["deployment"], int(f["size"]), float(f["seconds"]))
+
+    def _capacity(self, now: float) -> Capacity:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(keys.WORKERS)
+        pipe.zremrangebyscore(keys.INFLIGHT, "-inf",
+                              now - self.settings.visibility_timeout_s - self.settings.task_time_limit_s)
+        pipe.zcard(keys.INFLIGHT)
+        workers, _, inflight = pipe.execute()
+        slots = 0
+        for raw in workers.values():
+            info = json.loads(raw)
+            if now - float(info["ts"]) <= WORKER_STALE_S:
+                slots += int(info["concurrency"])
+        return Capacity(slots=slots, inflight=int(inflight))
+
+    def _expire(self, jobs: Sequence[PendingJob], now: float) -> None:
+        results = [JobResult(id=j.id, state=JobState.EXPIRED, created_at=j.created_at,
+                             finished_at=now,
+                             error="deadline passed (or too close to meet) before the job "
+                                   "could run") for j in jobs]
+        record_results(self.store, self.queue, results, [j.tenant for j in jobs],
+                       result_ttl_s=self.settings.result_ttl_s)
+        self.pool.remove([j.id for j in jobs])
+
+    def _dispatch(self, batch: PlannedBatch) -> None:
+        batch_id = str(uuid.uuid4())
+        meta = json.dumps({"cls": batch.cls, "similarity": batch.similarity,
+                           "reason": batch.reason})
+        claimed = self.queue.claim(self.token, batch_id, meta,
+                                   [(j.id, j.tenant) for j in batch.jobs])
+        if claimed is None:
+            log.warning("lease lost while claiming batch %s; standing by", batch_id)
+            self._step_down()
+            return
+        self.pool.remove([j.id for j in batch.jobs])
+        if claimed:
+            self._send(batch_id, claimed, batch.cls, batch.similarity)
+
+    def _send(self, batch_id: str, job_ids: list[str], cls: int,
+              similarity: float | None) -> None:
+        self.celery.send_task(
+            PROCESS_BATCH,
+            kwargs={"batch_id": batch_id, "send_id": uuid.uuid4().hex, "job_ids": job_ids,
+                    "similarity": similarity},
+            task_id=batch_id,
+            queue=keys.queue(cls),
+            routing_key=keys.queue(cls),
+        )
+        self.queue.ack_sent(batch_id, job_ids, time.time())
+        self.sent_batches += 1
+        self.sent_jobs += len(job_ids)
+
+
+def _safe_url(url: str) -> str:
+    """A Redis URL without its password, for logs."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"

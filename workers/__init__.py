@@ -1,0 +1,1 @@
+"""Celery workers: the app factory, the batch task, providers and result writing."""

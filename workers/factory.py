@@ -1,0 +1,108 @@
+"""The Celery app of the workers, built from settings, with the batch task registered."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Celery, Task
+from celery.signals import worker_ready, worker_shutdown
+
+from config import keys
+from config.celery import PROCESS_BATCH, build_celery
+from config.settings import Settings
+from jobs.queue import RedisQueue, connect
+from jobs.store import JobStore
+from workers.batch import BatchRunner
+from workers.providers import Provider, create_provider
+
+log = logging.getLogger(__name__)
+
+#: Seconds between worker heartbeats in ``pb:workers`` (the scheduler's capacity view).
+HEARTBEAT_S = 2.0
+
+
+class _ProcessResources:
+    """Connections and providers of one worker process, created after the fork."""
+
+    def __init__(self, settings: Settings, url: str) -> None:
+        self.settings = settings
+        self.url = url
+        self.pid = -1
+        self._runner: BatchRunner | None = None
+        self._providers: dict[str, Provider] = {}
+
+    def runner(self) -> BatchRunner:
+        if self._runner is None or self.pid != os.getpid():
+            self.pid = os.getpid()
+            self._providers = {}
+            self._runner = BatchRunner(self.settings, RedisQueue(connect(self.url)),
+                                       JobStore(self.settings.database_url), self.provider)
+        return self._runner
+
+    def provider(self, name: str) -> Provider:
+        if name not in self._providers:
+            self._providers[name] = create_provider(name, self.settings)
+        return self._providers[name]
+
+
+class _Heartbeat:
+    """Writes this worker's pool size to ``pb:workers`` every few seconds."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.stop = threading.Event()
+        self.hostname = ""
+
+    def start(self, hostname: str, concurrency: int) -> None:
+        self.hostname = hostname
+        r = connect(self.url)
+
+        def beat() -> None:
+            while not self.stop.is_set():
+                try:
+                    r.hset(keys.WORKERS, hostname, json.dumps(
+                        {"concurrency": concurrency, "ts": time.time(), "pid": os.getpid()}))
+                except redis.RedisError as exc:
+                    log.warning("heartbeat to Redis failed: %s", exc)
+                self.stop.wait(HEARTBEAT_S)
+            try:
+                r.hdel(keys.WORKERS, hostname)
+            except redis.RedisError:
+                pass
+
+        threading.Thread(target=beat, name="promptbatch-heartbeat", daemon=True).start()
+
+
+def create_app(settings: Settings | None = None, redis_url: str | None = None) -> Celery:
+    """The workers' Celery app: configuration from ``settings``, task ``process_batch``."""
+    settings = settings or Settings()
+    url = redis_url or settings.redis_url
+    app = build_celery(settings, "promptbatch", url)
+    resources = _ProcessResources(settings, url)
+    heartbeat = _Heartbeat(url)
+
+    @app.task(name=PROCESS_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def process_batch(self: Task, batch_id: str, send_id: str, job_ids: list[str],
+                      similarity: float | None = None) -> dict[str, Any]:
+        """Run one batch of jobs: one provider call, one stored result per job."""
+        return resources.runner().run(batch_id, send_id, job_ids, similarity)
+
+    def on_ready(sender: Any, **_: Any) -> None:
+        if sender.app is not app:
+            return
+        controller = sender.controller
+        heartbeat.start(controller.hostname, int(controller.concurrency))
+
+    def on_shutdown(sender: Any, **_: Any) -> None:
+        heartbeat.stop.set()
+
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
+    app.promptbatch_settings = settings  # type: ignore[attr-defined]
+    return app

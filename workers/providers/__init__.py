@@ -1,0 +1,34 @@
+"""Providers by name, built by ``create_provider``."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from config.settings import Settings
+from workers.providers.base import Provider, ProviderReply, ProviderRequest
+
+
+class ProviderName(StrEnum):
+    """Providers a job may name."""
+
+    ECHO = "echo"  #: deterministic and instant, for tests
+    SIMULATED = "simulated"  #: a cost model of a prefix-caching server, for benchmarks
+
+
+def create_provider(name: str, settings: Settings) -> Provider:
+    """Build the provider called ``name``."""
+    try:
+        chosen = ProviderName(name)
+    except ValueError:
+        raise ValueError(f"Unknown provider: {name!r}; choose one of "
+                         f"{', '.join(p.value for p in ProviderName)}") from None
+    if chosen is ProviderName.ECHO:
+        from workers.providers.echo import EchoProvider
+
+        return EchoProvider()
+    from workers.providers.simulated import CostModel, SimulatedProvider
+
+    return SimulatedProvider(CostModel.from_settings(settings))
+
+
+__all__ = ["Provider", "ProviderName", "ProviderReply", "ProviderRequest", "create_provider"]
