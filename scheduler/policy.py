@@ -14,7 +14,9 @@ Rules, in the order they are applied each tick:
    Aging (``Pool.promote``, applied by the loop) moves a job up one class per
    ``aging_s`` waited, so no class starves.
 4. **Deadline pressure.** A job whose slack (``deadline - now - estimated time of a full
-   batch``) is under ``deadline_guard_ms`` seeds a batch now, whatever the capacity.
+   batch``) is under ``deadline_guard_ms`` seeds a batch now, whatever the capacity, as
+   long as some worker is alive (with none, it would only wait in the broker; here it
+   can at least be expired on time).
 5. **Work-conserving waiting.** Let ``idle = slots - inflight`` (worker processes with
    nothing to run) and ``room = 2 * slots - inflight`` (one more batch may wait in the
    broker per worker process, so a worker that finishes never waits for a tick).
@@ -99,6 +101,7 @@ class Plan:
 class _Budget:
     idle: int
     room: int
+    alive: bool
 
     def spend(self) -> None:
         self.idle = max(0, self.idle - 1)
@@ -120,7 +123,7 @@ def plan(pool: Pool, now: float, settings: Settings, capacity: Capacity,
                 break
             out.expired.append(g.jobs[seq])
             taken.add(seq)
-    budget = _Budget(capacity.idle, capacity.room)
+    budget = _Budget(capacity.idle, capacity.room, capacity.slots > 0)
     held: set[str] = set()
     for cls in pool.classes():
         groups = [g for (_, c), g in pool.groups.items() if c == cls]
@@ -151,7 +154,7 @@ def _plan_group(g: Group, now: float, settings: Settings, service: ServiceModel,
     fair = _FairShare(g, served, weights, taken)
     remaining = len(g.jobs) - sum(1 for seq in g.jobs if seq in taken)
     while remaining > 0:
-        forced = _forced_seeds(g, now, full_time, guard, taken)
+        forced = _forced_seeds(g, now, full_time, guard, taken) if budget.alive else []
         if forced:
             seeds, reason = forced, "deadline"
         elif blocked:

@@ -64,7 +64,8 @@ class BatchRunner:
                                   seconds=round(finished - started, 6))
         failed = sum(1 for r in results if r.state is JobState.FAILED)
         return {**base, "jobs": len(runnable), "failed": failed, "expired": len(expired),
-                "skipped": skipped, "seconds": round(finished - started, 4)}
+                "skipped": skipped, "seconds": round(finished - started, 4),
+                "ran": [s.id for s in runnable]}
 
     def _call(self, specs: list[JobSpec]) -> list[ProviderReply]:
         """One provider call for the batch, in an order where shared prefixes travel together."""
