@@ -16,6 +16,7 @@ from enum import IntEnum, StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -126,6 +127,21 @@ class GenerationParams(BaseModel):
 MetadataValue = str | int | float | bool | None
 
 
+def _scalar(value: Any) -> MetadataValue:
+    if value is None or isinstance(value, str | bool | int):
+        if isinstance(value, str) and len(value) > 4096:
+            raise ValueError("a metadata string may have at most 4096 characters")
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+    raise ValueError("must be a string, a number, a boolean or null")
+
+
+MetadataScalar = Annotated[Any, AfterValidator(_scalar)]
+
+
 class JobRequest(BaseModel):
     """A prompt as a producer submits it. Unknown fields are refused."""
 
@@ -147,7 +163,7 @@ class JobRequest(BaseModel):
     params: GenerationParams = Field(default_factory=GenerationParams)
     tenant: str | None = Field(default=None, max_length=64)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
-    metadata: dict[Annotated[str, Field(max_length=64)], MetadataValue] = Field(
+    metadata: dict[Annotated[str, Field(max_length=64)], MetadataScalar] = Field(
         default_factory=dict, max_length=64
     )
 
@@ -178,14 +194,6 @@ class JobRequest(BaseModel):
     def _tenant_shape(cls, value: str | None) -> str | None:
         if value is not None and not _TENANT.match(value):
             raise ValueError("must be 1-64 letters, digits or ._- and start with a letter or digit")
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_finite(cls, value: dict[str, MetadataValue]) -> dict[str, MetadataValue]:
-        for key, item in value.items():
-            if isinstance(item, float) and not math.isfinite(item):
-                raise ValueError(f"metadata[{key!r}] is not a finite number")
         return value
 
     @model_validator(mode="after")

@@ -63,15 +63,15 @@ class HashedEmbedder:
         head = self.head_bytes
         chunks = [t.encode("utf-8", "replace")[:head] for t in texts]
         lens = np.fromiter(map(len, chunks), dtype=np.int64, count=n)
-        total = int(lens.sum())
-        m = total - 4
-        if n == 0 or m <= 0:
+        m = int(lens.sum())
+        if m == 0:
             return out
-        b = np.frombuffer(b"".join(chunks), dtype=np.uint8).astype(np.uint32)
+        # Four bytes of padding: every position has a full 5-gram window to read.
+        b = np.frombuffer(b"".join(chunks) + b"\0\0\0\0", dtype=np.uint8).astype(np.uint32)
         starts = np.cumsum(lens) - lens
-        doc = np.repeat(np.arange(n, dtype=np.int64), lens)[:m]
-        pos = (np.arange(m, dtype=np.int64) - np.repeat(starts, lens)[:m])
-        left = np.repeat(lens, lens)[:m] - pos  # bytes from here to the end of the text
+        doc = np.repeat(np.arange(n, dtype=np.int64), lens)
+        pos = np.arange(m, dtype=np.int64) - np.repeat(starts, lens)
+        left = np.repeat(lens, lens) - pos  # bytes from here to the end of the text
         gram3 = (b[:m] << 16) | (b[1:m + 1] << 8) | b[2:m + 2]
         h3 = gram3 * _M1
         h5 = (h3 ^ (((b[3:m + 3] << 8) | b[4:m + 4]) * _M2)) * _M3

@@ -10,7 +10,8 @@ Rules, in the order they are applied each tick:
 2. **Expiry.** A job whose deadline comes before ``now + estimated service time of a
    batch of one`` can no longer make it: it is expired, never sent.
 3. **Classes in order, no inversion.** Classes are visited critical first. Once a class
-   of a key keeps jobs waiting this tick, no lower class of that key is sent this tick.
+   of a key keeps jobs waiting this tick, no lower class of that key is sent this tick,
+   not even under deadline pressure (under overload the lower classes absorb the misses).
    Aging (``Pool.promote``, applied by the loop) moves a job up one class per
    ``aging_s`` waited, so no class starves.
 4. **Deadline pressure.** A job whose slack (``deadline - now - estimated time of a full
@@ -154,11 +155,11 @@ def _plan_group(g: Group, now: float, settings: Settings, service: ServiceModel,
     fair = _FairShare(g, served, weights, taken)
     remaining = len(g.jobs) - sum(1 for seq in g.jobs if seq in taken)
     while remaining > 0:
+        if blocked:
+            break
         forced = _forced_seeds(g, now, full_time, guard, taken) if budget.alive else []
         if forced:
             seeds, reason = forced, "deadline"
-        elif blocked:
-            break
         else:
             count, reason = _allowance(g, now, settings, budget, remaining, taken)
             if count == 0:

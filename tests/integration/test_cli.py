@@ -1,0 +1,64 @@
+"""The command line: `promptbatch run` on a local stack, and refusing bad files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 180, **env: str,
+            ) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "promptbatch", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_a_bad_line_is_reported_by_number_and_field_and_nothing_runs(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "fine"}\n\n{"prompt": "x", "priority": "urgent"}\n'
+                   '{"messages": []}\nnot json\n', encoding="utf-8")
+    done = run_cli("run", str(src), "--out", str(tmp_path / "out.jsonl"), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    err = " ".join(done.stderr.split())
+    assert "line 3" in err and "priority" in err
+    assert "line 4" in err and "messages" in err
+    assert "line 5" in err and "not valid JSON" in err
+    assert "nothing was submitted" in err
+    assert not (tmp_path / "out.jsonl").exists()
+    assert not (tmp_path / "var").exists(), "a stack was started for an invalid file"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_run_writes_one_result_per_line_in_input_order_and_a_summary(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    lines = [{"id": f"q{i}", "prompt": f"Name a colour for item {i}",
+              "priority": ["critical", "normal", "bulk"][i % 3]} for i in range(40)]
+    lines.insert(5, {"prompt": "   "})  # skipped with --skip-invalid, reported in place
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    done = run_cli("run", str(src), "--out", str(out), "--workers", "2", "--skip-invalid",
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr + done.stdout
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 41
+    assert [r["line"] for r in rows] == list(range(1, 42))
+    assert rows[5]["state"] == "REJECTED" and "prompt" in rows[5]["error"]
+    good = [r for r in rows if r["state"] != "REJECTED"]
+    assert [r["id"] for r in good] == [f"q{i}" for i in range(40)]
+    assert all(r["state"] == "SUCCEEDED" for r in good)
+    assert good[3]["text"] == "echo: Name a colour for item 3"
+    for field in ("usage", "batch_id", "batch_size", "queued_ms", "latency_ms", "error"):
+        assert field in good[0]
+    summary = done.stdout
+    for label in ("jobs", "batches", "mean batch size", "mean similarity", "jobs/s",
+                  "latency critical", "latency bulk", "failed"):
+        assert label in summary

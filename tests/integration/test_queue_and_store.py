@@ -1,0 +1,106 @@
+"""The Redis queue (Lua steps) and the SQL store, on a real server and a real SQLite file."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+import redis
+
+from config import keys
+from config.settings import Settings
+from jobs.errors import TenantQuotaExceeded
+from jobs.models import JobResult, JobSpec, JobState, Priority
+from jobs.outcomes import record_results
+from jobs.queue import RedisQueue
+from jobs.store import JobStore
+from producers.client import Client
+
+pytestmark = pytest.mark.integration
+
+
+def spec(tenant: str = "t", idem: str | None = None) -> JobSpec:
+    return JobSpec(id=str(uuid.uuid4()), tenant=tenant, priority=Priority.NORMAL,
+                   created_at=time.time(), provider="echo", model="echo-1", prompt="hi",
+                   idempotency_key=idem)
+
+
+def test_enqueue_writes_payload_and_intake_entry_together(r: redis.Redis) -> None:
+    q = RedisQueue(r)
+    s = spec()
+    assert q.enqueue([s], ttl_s=60, max_pending=10) == [1]
+    assert q.enqueue([s], ttl_s=60, max_pending=10) == [0]  # already there: nothing new
+    job = r.hgetall(keys.job(s.id))
+    assert job["state"] == "QUEUED" and JobSpec.model_validate_json(job["spec"]) == s
+    assert r.xlen(keys.INTAKE) == 1
+    assert 0 < r.ttl(keys.job(s.id)) <= 60
+
+
+def test_claim_is_fenced_by_the_scheduler_lease(r: redis.Redis) -> None:
+    q = RedisQueue(r)
+    s = spec()
+    q.enqueue([s], ttl_s=60, max_pending=10)
+    assert q.acquire_lease("me", 5)
+    assert not q.acquire_lease("someone-else", 5)
+    assert q.claim("someone-else", "b0", "{}", [(s.id, s.tenant)]) is None
+    assert q.claim("me", "b1", '{"cls": 2}', [(s.id, s.tenant)]) == [s.id]
+    assert q.claim("me", "b2", '{"cls": 2}', [(s.id, s.tenant)]) == []  # claimed once only
+    assert q.outbox() == {"b1": ('{"cls": 2}', [s.id])}
+    q.ack_sent("b1", [s.id], time.time())
+    assert q.outbox() == {} and r.xlen(keys.INTAKE) == 0
+
+
+def test_first_result_wins_in_sql_and_redis(settings: Settings, r: redis.Redis) -> None:
+    store = JobStore(settings.database_url)
+    store.migrate()
+    q = RedisQueue(r)
+    s = spec()
+    store.insert([s])
+    q.enqueue([s], ttl_s=60, max_pending=10)
+    first = JobResult(id=s.id, state=JobState.SUCCEEDED, text="first")
+    second = JobResult(id=s.id, state=JobState.FAILED, error="second")
+    assert record_results(store, q, [first], [s.tenant], result_ttl_s=60) == {s.id}
+    assert record_results(store, q, [second], [s.tenant], result_ttl_s=60) == set()
+    stored = store.get(s.id)
+    assert stored is not None and stored.state is JobState.SUCCEEDED
+    assert stored.result is not None and stored.result.text == "first"
+    assert q.results([s.id])[0].text == "first"  # type: ignore[union-attr]
+    assert r.xlen(keys.INTAKE) == 0
+    assert 0 < r.ttl(keys.celery_result(s.id)) <= 60
+
+
+def test_idempotency_key_returns_the_same_job_and_writes_nothing_new(settings: Settings,
+                                                                     r: redis.Redis) -> None:
+    with Client(settings) as client:
+        a = client.submit("Send the weekly report", idempotency_key="report-2026-48")
+        b = client.submit("Send the weekly report", idempotency_key="report-2026-48")
+        c = client.submit("Send the weekly report", idempotency_key="report-2026-48",
+                          tenant="other")
+    assert a == b != c
+    assert r.xlen(keys.INTAKE) == 2
+
+
+def test_tenant_over_its_pending_quota_is_refused_and_nothing_is_written(
+        settings: Settings, r: redis.Redis) -> None:
+    small = settings.model_copy(update={"max_pending_per_tenant": 3})
+    with Client(small) as client:
+        client.submit_many([{"prompt": f"p{i}", "tenant": "busy"} for i in range(3)])
+        with pytest.raises(TenantQuotaExceeded, match="busy"):
+            client.submit("one too many", tenant="busy")
+        with pytest.raises(TenantQuotaExceeded):
+            client.submit_many([{"prompt": "x", "tenant": "new"}] * 4)
+        assert client.submit("another tenant is fine", tenant="calm")
+        assert client.store.count_by_state() == {"QUEUED": 4}
+    assert r.xlen(keys.INTAKE) == 4
+
+
+def test_a_failed_redis_write_leaves_no_sql_row(settings: Settings, r: redis.Redis) -> None:
+    with Client(settings) as client:
+        r.config_set("maxmemory", "1")  # Redis refuses writes now (noeviction)
+        try:
+            with pytest.raises(Exception, match="try again"):
+                client.submit("this must not be half written")
+        finally:
+            r.config_set("maxmemory", "0")
+        assert client.store.count_by_state() == {}

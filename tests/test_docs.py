@@ -1,0 +1,46 @@
+"""The README's quick start: its two commands exist and the demo they run works."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_quick_start_is_make_demo_and_make_test() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^make \w+", quick, flags=re.M) == ["make demo", "make test"]
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "\ndemo:" in makefile and "\ntest:" in makefile
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert "make test" in ci
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_demo_command_writes_one_result_per_example_prompt(tmp_path: Path) -> None:
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    demo = re.search(r"^demo:.*\n\t\$\(BIN\)/(promptbatch .*)$", makefile, flags=re.M)
+    assert demo, "the demo target does not run promptbatch"
+    args = demo.group(1).split()[1:]
+    args[args.index("--out") + 1] = str(tmp_path / "demo.jsonl")
+    args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
+    env["PROMPTBATCH_SIMULATED_TIME_SCALE"] = "0.05"  # the same run, modelled time shortened
+    done = subprocess.run([sys.executable, "-m", "promptbatch", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    inputs = (ROOT / "examples" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(x) for x in (tmp_path / "demo.jsonl").read_text().splitlines()]
+    assert len(rows) == len(inputs) >= 200
+    assert {r["state"] for r in rows} <= {"SUCCEEDED", "EXPIRED"}
+    assert sum(r["state"] == "SUCCEEDED" for r in rows) >= 0.95 * len(rows)
+    assert "mean batch size" in done.stdout

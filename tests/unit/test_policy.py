@@ -1,0 +1,216 @@
+"""The batching policy, as a pure function: tables of cases and generated pools."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from config.settings import Settings
+from scheduler.embedders import HashedEmbedder
+from scheduler.policy import Capacity, Plan, plan
+from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
+from scheduler.service_time import ServiceModel
+
+NOW = 1_000_000.0
+EMB = HashedEmbedder(dim=64)
+KEY_A = "echo|echo-1|{}"
+KEY_B = "echo|echo-1|{\"temperature\":0.0}"
+TEMPLATES = [
+    "You are a helpful support agent for a bank. Answer briefly. Question: ",
+    "Translate the following sentence into Spanish, keeping the tone: ",
+    "Write SQL for this question about the orders table: ",
+]
+
+
+def base_settings(**kw: object) -> Settings:
+    return Settings(_env_file=None, **kw)  # type: ignore[arg-type, call-arg]
+
+
+@dataclass
+class J:
+    """A job for a test pool."""
+
+    id: str
+    text: str = "hello"
+    priority: int = 2
+    key: str = KEY_A
+    tenant: str = "t"
+    age: float = 0.0
+    deadline_in: float | None = None
+
+
+def make_pool(specs: list[J]) -> Pool:
+    pool = Pool(dim=EMB.dim, horizons=(1.0, 2.0, 5.0, 30.0, 300.0))
+    jobs = [PendingJob(id=s.id, key=s.key, priority=s.priority, tenant=s.tenant,
+                       created_at=NOW - s.age,
+                       deadline=None if s.deadline_in is None else NOW + s.deadline_in,
+                       tokens=estimate_tokens(s.text), prefix=prefix_signature(s.text))
+            for s in specs]
+    pool.add(jobs, EMB.embed([s.text for s in specs]))
+    return pool
+
+
+def sent_ids(p: Plan) -> list[str]:
+    return [j.id for b in p.batches for j in b.jobs]
+
+
+# --- tables of cases -------------------------------------------------------------------
+
+def test_an_empty_pool_sends_nothing() -> None:
+    assert plan(make_pool([]), NOW, base_settings(), Capacity(slots=2)).batches == []
+
+
+def test_idle_workers_get_work_at_once_even_a_single_job() -> None:
+    p = plan(make_pool([J("a", priority=4)]), NOW, base_settings(), Capacity(slots=2))
+    assert sent_ids(p) == ["a"]
+    assert p.batches[0].reason == "idle"
+
+
+def test_busy_workers_with_room_hold_a_young_partial_batch() -> None:
+    pool = make_pool([J("a", priority=2, age=0.05)])
+    s = base_settings()  # normal waits 200 ms
+    assert plan(pool, NOW, s, Capacity(slots=2, inflight=2)).batches == []
+
+
+def test_busy_workers_with_room_take_a_batch_once_its_seed_waited_the_class_wait() -> None:
+    pool = make_pool([J("a", priority=2, age=0.25)])
+    p = plan(pool, NOW, base_settings(), Capacity(slots=2, inflight=2))
+    assert sent_ids(p) == ["a"] and p.batches[0].reason == "wait"
+
+
+def test_busy_workers_with_room_take_a_full_batch() -> None:
+    pool = make_pool([J(f"j{i}", text=TEMPLATES[0] + str(i)) for i in range(8)])
+    p = plan(pool, NOW, base_settings(max_batch_size=4), Capacity(slots=2, inflight=2))
+    assert [b.reason for b in p.batches] == ["full", "full"]
+    assert sorted(sent_ids(p)) == sorted(f"j{i}" for i in range(8))
+
+
+def test_without_room_only_deadline_pressure_sends() -> None:
+    pool = make_pool([J("relaxed", age=100, key=KEY_B), J("urgent", deadline_in=0.3)])
+    p = plan(pool, NOW, base_settings(), Capacity(slots=2, inflight=4))
+    assert sent_ids(p) == ["urgent"] and p.batches[0].reason == "deadline"
+
+
+def test_a_job_that_cannot_make_its_deadline_is_expired_not_sent() -> None:
+    pool = make_pool([J("late", deadline_in=0.01), J("gone", deadline_in=-5), J("fine")])
+    p = plan(pool, NOW, base_settings(), Capacity(slots=4))
+    assert sorted(j.id for j in p.expired) == ["gone", "late"]
+    assert sent_ids(p) == ["fine"]
+
+
+def test_deadline_jobs_are_not_forced_when_no_worker_is_alive() -> None:
+    pool = make_pool([J("urgent", deadline_in=0.3)])
+    p = plan(pool, NOW, base_settings(), Capacity(slots=0))
+    assert p.batches == [] and p.expired == []
+
+
+def test_keys_never_share_a_batch() -> None:
+    pool = make_pool([J(f"a{i}", key=KEY_A) for i in range(5)]
+                     + [J(f"b{i}", key=KEY_B) for i in range(5)])
+    p = plan(pool, NOW, base_settings(), Capacity(slots=8))
+    for b in p.batches:
+        assert {j.key for j in b.jobs} == {b.key}
+    assert len(sent_ids(p)) == 10
+
+
+def test_higher_classes_go_first_and_a_held_class_blocks_lower_ones_of_its_key() -> None:
+    pool = make_pool([J("crit", priority=0), J("bulk-old", priority=4, age=100),
+                      J("high-young", priority=1, age=0.001, key=KEY_A),
+                      J("bulk-b", priority=4, key=KEY_B, age=100)])
+    # One batch of room beyond the running ones: critical takes it; high is then held,
+    # so bulk of the same key waits; bulk of another key is also out of room.
+    p = plan(pool, NOW, base_settings(), Capacity(slots=2, inflight=3))
+    assert sent_ids(p) == ["crit"]
+
+
+def test_similar_prompts_are_grouped_by_template() -> None:
+    specs = [J(f"{t}-{i}", text=TEMPLATES[t] + f"case {i} about item {i * 7}")
+             for i in range(12) for t in range(3)]
+    pool = make_pool(specs)
+    p = plan(pool, NOW, base_settings(max_batch_size=12), Capacity(slots=3))
+    assert len(p.batches) == 3
+    for b in p.batches:
+        assert len({j.id.split("-")[0] for j in b.jobs}) == 1, "a batch mixed templates"
+        assert b.shared_prefix_chars >= 32
+
+
+def test_the_token_limit_holds_and_the_seed_always_goes() -> None:
+    long = "x" * 4000  # about 1000 tokens each
+    pool = make_pool([J(f"j{i}", text=long + str(i)) for i in range(5)])
+    p = plan(pool, NOW, base_settings(max_batch_tokens=2500), Capacity(slots=1))
+    assert all(b.tokens <= 2500 for b in p.batches)
+    assert len(p.batches[0].jobs) == 2
+
+
+def test_a_small_tenant_is_not_stuck_behind_a_large_backlog() -> None:
+    specs = [J(f"big{i}", tenant="big", age=10 - i * 0.001, text=f"task {i}") for i in range(500)]
+    specs.append(J("small", tenant="small", age=0.0, text="something else entirely"))
+    pool = make_pool(specs)
+    s = base_settings(max_batch_size=10, similarity_threshold=0.99)
+    p = plan(pool, NOW, s, Capacity(slots=2))
+    assert "small" in sent_ids(p), "the small tenant waited behind the big one"
+
+
+def test_learned_service_time_expires_jobs_that_cannot_finish() -> None:
+    service = ServiceModel()
+    for size in (1, 2, 4, 8):
+        service.observe("echo|echo-1", size, 1.0 + size * 0.5)  # a slow deployment
+    pool = make_pool([J("tight", deadline_in=1.0), J("roomy", deadline_in=30.0)])
+    p = plan(pool, NOW, base_settings(), Capacity(slots=2), service)
+    assert [j.id for j in p.expired] == ["tight"]
+
+
+# --- properties over generated pools ---------------------------------------------------
+
+job_strategy = st.builds(
+    J,
+    id=st.uuids().map(str),
+    text=st.sampled_from(TEMPLATES).flatmap(
+        lambda t: st.text(alphabet="abcdefgh ", max_size=40).map(lambda s: t + s)),
+    priority=st.integers(0, 4),
+    key=st.sampled_from([KEY_A, KEY_B]),
+    tenant=st.sampled_from(["t1", "t2", "t3"]),
+    age=st.floats(0, 120),
+    deadline_in=st.one_of(st.none(), st.floats(-5, 60)),
+)
+
+
+@hsettings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs=st.lists(job_strategy, max_size=80, unique_by=lambda j: j.id),
+       slots=st.integers(0, 6), inflight=st.integers(0, 12),
+       size=st.integers(1, 16), max_tokens=st.integers(20, 400))
+def test_plan_keeps_its_invariants(specs: list[J], slots: int, inflight: int, size: int,
+                                   max_tokens: int) -> None:
+    pool = make_pool(specs)
+    s = base_settings(max_batch_size=size, max_batch_tokens=max_tokens)
+    service = ServiceModel()
+    p = plan(pool, NOW, s, Capacity(slots=slots, inflight=inflight), service)
+    by_id = {sp.id: sp for sp in specs}
+
+    # Every job is sent or expired at most once.
+    counts = Counter(sent_ids(p) + [j.id for j in p.expired])
+    assert not counts or max(counts.values()) == 1
+    for b in p.batches:
+        # No batch mixes keys or classes; size and token limits hold (the seed always goes).
+        assert {j.key for j in b.jobs} == {b.key}
+        assert {j.cls for j in b.jobs} == {b.cls}
+        assert 1 <= len(b.jobs) <= size
+        assert len(b.jobs) == 1 or b.tokens <= max_tokens
+        # Nothing is sent that cannot make its deadline.
+        for j in b.jobs:
+            assert j.deadline is None or j.deadline - NOW >= service.estimate(j.key, 1)
+    # Expired jobs really could not make it.
+    for j in p.expired:
+        assert j.deadline is not None and j.deadline - NOW < service.estimate(j.key, 1)
+    # No inversion: while a class of a key keeps jobs pending, no lower class of it is sent.
+    done = set(counts)
+    for b in p.batches:
+        for sp in specs:
+            if sp.key == b.key and sp.priority < b.cls:
+                assert sp.id in done, f"class {sp.priority} left pending while {b.cls} sent"
+    # Work conservation: with an idle worker, some job is sent if any is pending.
+    if slots > inflight and len(done) < len(specs):
+        assert p.batches, "a worker was idle while jobs waited"
+    assert set(by_id) >= done

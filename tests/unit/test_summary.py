@@ -1,0 +1,32 @@
+"""The run summary."""
+
+from __future__ import annotations
+
+from jobs.models import JobResult, JobState, Usage
+from promptbatch.summary import percentile, summarize
+
+
+def test_percentile_by_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([], 50) is None
+
+
+def test_summary_counts_batches_states_and_latency_per_class() -> None:
+    results = [
+        JobResult(id="a", state=JobState.SUCCEEDED, batch_id="b1", batch_size=2,
+                  batch_similarity=0.9, created_at=0.0, finished_at=1.0,
+                  usage=Usage(prompt_tokens=10, cached_tokens=5)),
+        JobResult(id="b", state=JobState.SUCCEEDED, batch_id="b1", batch_size=2,
+                  batch_similarity=0.9, created_at=0.0, finished_at=2.0,
+                  usage=Usage(prompt_tokens=10, cached_tokens=5)),
+        JobResult(id="c", state=JobState.EXPIRED, created_at=0.0, finished_at=3.0),
+    ]
+    s = summarize(results, [0, 0, 4], wall_s=3.0)
+    assert (s.jobs, s.batches, s.mean_batch_size) == (3, 1, 2.0)
+    assert s.mean_similarity == 0.9
+    assert (s.succeeded, s.expired, s.failed) == (2, 1, 0)
+    assert (s.prompt_tokens, s.cached_tokens) == (20, 10)
+    assert [(c.name, c.jobs, c.p50_ms) for c in s.classes] == [("critical", 2, 1000.0),
+                                                              ("bulk", 1, 3000.0)]
