@@ -61,7 +61,8 @@ SQL_QUESTIONS = [
     "daily revenue for the last 30 days, including days without orders",
 ]
 
-REVIEW_PREFIX = "Summarize the following product review in one sentence, keeping the reviewer's verdict:\n\n"
+REVIEW_PREFIX = ("Summarize the following product review in one sentence, keeping the "
+                 "reviewer's verdict:\n\n")
 PRODUCTS = ["wireless earbuds", "standing desk", "espresso machine", "trail running shoes",
             "4K monitor", "robot vacuum", "mechanical keyboard", "air purifier",
             "electric kettle", "camping tent"]
@@ -71,6 +72,8 @@ PROS = ["battery lasts all week", "setup took five minutes", "it is very quiet",
 CONS = ["the manual is useless", "it scratches easily", "shipping took three weeks",
         "the cable is far too short", "it gets hot after an hour", "the lid rattles",
         "firmware updates broke a feature", "the colour differs from the photos"]
+
+VERDICTS = ["I would buy it again", "I am returning it", "it is fine for the price"]
 
 SENTIMENT_PREFIX = ("Classify the sentiment of this message as positive, negative or neutral. "
                     "Answer with one word.\n\nMessage: ")
@@ -114,7 +117,7 @@ def build(rng: random.Random) -> list[dict[str, object]]:
         product = rng.choice(PRODUCTS)
         review = (f"I bought the {product} a month ago. {rng.choice(PROS).capitalize()}, and "
                   f"{rng.choice(PROS)}. On the other hand, {rng.choice(CONS)}. "
-                  f"Overall {rng.choice(['I would buy it again', 'I am returning it', 'it is fine for the price'])}.")
+                  f"Overall {rng.choice(VERDICTS)}.")
         rows.append({"id": f"review-{i}", "prompt": REVIEW_PREFIX + review, "priority": "low",
                      "params": {"max_tokens": 48}, "tenant": "catalog"})
     for i in range(100):

@@ -131,7 +131,7 @@ def _scalar(value: Any) -> MetadataValue:
     if value is None or isinstance(value, str | bool | int):
         if isinstance(value, str) and len(value) > 4096:
             raise ValueError("a metadata string may have at most 4096 characters")
-        return value  # type: ignore[no-any-return]
+        return value
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError("must be a finite number")

@@ -125,7 +125,7 @@ class RedisQueue:
         Blocks up to ``block_ms`` until either stream has something new.
         """
         streams = {keys.INTAKE: after, keys.EVENTS: events_after}
-        reply = self.r.xread(streams, count=count, block=block_ms)  # type: ignore[arg-type]
+        reply: Any = self.r.xread(streams, count=count, block=block_ms)  # type: ignore[arg-type]
         entries: list[IntakeEntry] = []
         events: list[tuple[str, dict[str, str]]] = []
         for stream, items in reply or []:
@@ -139,7 +139,7 @@ class RedisQueue:
     def scan_intake(self, after: str, count: int) -> list[IntakeEntry]:
         """Intake entries after ``after`` (exclusive), oldest first, without blocking."""
         start = "-" if after in ("", "0", "0-0") else f"({after}"
-        items = self.r.xrange(keys.INTAKE, min=start, count=count)
+        items: Any = self.r.xrange(keys.INTAKE, min=start, count=count)
         return [IntakeEntry(sid, fields["id"]) for sid, fields in items]
 
     def post_event(self, **fields: str | int | float) -> None:
@@ -148,7 +148,7 @@ class RedisQueue:
 
     def last_event_id(self) -> str:
         """Id of the newest event (so a starting scheduler skips older ones)."""
-        last = self.r.xrevrange(keys.EVENTS, count=1)
+        last: Any = self.r.xrevrange(keys.EVENTS, count=1)
         return str(last[0][0]) if last else "0-0"
 
     def load(self, job_ids: Sequence[str]) -> list[tuple[JobSpec | None, str | None]]:
@@ -189,7 +189,8 @@ class RedisQueue:
     def outbox(self) -> dict[str, tuple[str, list[str]]]:
         """Batches claimed but not confirmed sent: ``{batch id: (meta JSON, job ids)}``."""
         out: dict[str, tuple[str, list[str]]] = {}
-        for batch_id, value in self.r.hgetall(keys.OUTBOX).items():
+        raw: Any = self.r.hgetall(keys.OUTBOX)
+        for batch_id, value in raw.items():
             meta, _, ids = value.rpartition("\n")
             out[batch_id] = (meta, ids.split(",") if ids else [])
         return out
@@ -232,7 +233,7 @@ class RedisQueue:
         """Stored results of the jobs (None where there is none yet)."""
         if not job_ids:
             return []
-        raws = self.r.mget([keys.celery_result(j) for j in job_ids])
+        raws: Any = self.r.mget([keys.celery_result(j) for j in job_ids])
         return [result_from_meta(raw) if raw else None for raw in raws]
 
     def states(self, job_ids: Sequence[str]) -> list[str | None]:

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     create_engine,
@@ -64,6 +65,9 @@ class JobRow(Base):
     batch_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+_JOBS: Table = JobRow.__table__  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,20 +123,21 @@ class JobStore:
         entry maps to the id stored first.
         """
         existing = self._existing_idempotent(specs)
-        mapping = {s.id: existing.get((s.tenant, s.idempotency_key or ""), s.id) for s in specs}
+        mapping = {s.id: existing.get((s.tenant, s.idempotency_key or ""), s.id)
+                   for s in specs}
         fresh = [s for s in specs if mapping[s.id] == s.id]
         if not fresh:
             return mapping
         rows = [_row(s) for s in fresh]
         try:
             with self.engine.begin() as conn:
-                conn.execute(JobRow.__table__.insert(), rows)
+                conn.execute(_JOBS.insert(), rows)
         except IntegrityError:
             # A concurrent submit took one of the idempotency keys: insert one by one.
             for spec, row in zip(fresh, rows, strict=True):
                 try:
                     with self.engine.begin() as conn:
-                        conn.execute(JobRow.__table__.insert(), [row])
+                        conn.execute(_JOBS.insert(), [row])
                 except IntegrityError:
                     again = self._existing_idempotent([spec])
                     key = (spec.tenant, spec.idempotency_key or "")
@@ -142,20 +147,20 @@ class JobStore:
         return mapping
 
     def _existing_idempotent(self, specs: Sequence[JobSpec]) -> dict[tuple[str, str], str]:
-        keyed = [(s.tenant, s.idempotency_key) for s in specs if s.idempotency_key]
-        if not keyed:
+        by_tenant: dict[str, list[str]] = {}
+        for s in specs:
+            if s.idempotency_key:
+                by_tenant.setdefault(s.tenant, []).append(s.idempotency_key)
+        if not by_tenant:
             return {}
         found: dict[tuple[str, str], str] = {}
-        by_tenant: dict[str, list[str]] = {}
-        for tenant, key in keyed:
-            by_tenant.setdefault(tenant, []).append(key)  # type: ignore[arg-type]
         with self.engine.connect() as conn:
             for tenant, idem_keys in by_tenant.items():
                 for chunk in _chunks(idem_keys, 500):
                     stmt = select(JobRow.id, JobRow.idempotency_key).where(
                         JobRow.tenant == tenant, JobRow.idempotency_key.in_(chunk))
                     for job_id, key in conn.execute(stmt):
-                        found[(tenant, key)] = job_id
+                        found[(tenant, str(key))] = job_id
         return found
 
     def delete(self, job_ids: Iterable[str]) -> None:
@@ -163,7 +168,7 @@ class JobStore:
         ids = list(job_ids)
         with self.engine.begin() as conn:
             for chunk in _chunks(ids, 500):
-                conn.execute(JobRow.__table__.delete().where(JobRow.id.in_(chunk)))
+                conn.execute(_JOBS.delete().where(JobRow.id.in_(chunk)))
 
     def finalize(self, results: Sequence[JobResult]) -> list[str]:
         """Store final results; return the ids whose result was stored by this call.
@@ -216,8 +221,8 @@ class JobStore:
                     out[row["id"]] = _stored(row)
         return out
 
-    def list(self, tenant: str, *, state: JobState | None = None, limit: int = 100,
-             after: tuple[float, str] | None = None) -> list[StoredJob]:
+    def list_jobs(self, tenant: str, *, state: JobState | None = None, limit: int = 100,
+                  after: tuple[float, str] | None = None) -> list[StoredJob]:
         """A tenant's jobs, oldest first, after the cursor ``(created_at, id)``."""
         stmt = select(JobRow).where(JobRow.tenant == tenant)
         if state is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -225,8 +224,9 @@ def worker(
                       "for example redis://127.0.0.1:6379/0")
         raise typer.Exit(2)
     celery_app = create_app(settings)
+    pool_size = concurrency or settings.worker_concurrency
     celery_app.worker_main(argv=[
-        "worker", "-Q", ",".join(keys.QUEUES), "-c", str(concurrency or settings.worker_concurrency),
+        "worker", "-Q", ",".join(keys.QUEUES), "-c", str(pool_size),
         "-l", loglevel, "-n", f"{name}@%h", "-P", pool, "--without-mingle", "--without-gossip"])
 
 
@@ -291,4 +291,4 @@ def main() -> None:
 __all__ = ["PRIORITY_NAMES", "app", "main"]
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

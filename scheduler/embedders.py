@@ -102,4 +102,5 @@ def create_embedder(name: str, *, dim: int = 256) -> Embedder:
         return HashedEmbedder(dim=dim)
     from scheduler.minilm import MiniLMEmbedder
 
-    return MiniLMEmbedder()
+    embedder: Embedder = MiniLMEmbedder()
+    return embedder

@@ -90,6 +90,7 @@ class Group:
         self.by_deadline: SortedList = SortedList()
         self.index: faiss.Index = _flat_index(dim)
         self.approximate = False
+        self._quantizer: faiss.Index | None = None
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -123,11 +124,11 @@ class Group:
             if job.deadline is not None:
                 self.by_deadline.remove((job.deadline, seq))
         if gone:
-            self.index.remove_ids(np.fromiter((j.seq for j in gone), dtype=np.int64,
-                                              count=len(gone)))
+            self.index.remove_ids(np.fromiter(  # type: ignore[arg-type]
+                (j.seq for j in gone), dtype=np.int64, count=len(gone)))
         return gone
 
-    def vectors(self, seqs: Sequence[int]) -> Vectors:
+    def vectors(self, seqs: Sequence[int] | np.ndarray) -> Vectors:
         """The stored vectors of jobs (rows in the order of ``seqs``)."""
         ids = np.asarray(seqs, dtype=np.int64)
         return np.asarray(self.index.reconstruct_batch(ids), dtype=np.float32)
@@ -155,7 +156,7 @@ class Group:
         ivf.nprobe = 16
         ivf.make_direct_map()
         ivf.add_with_ids(vecs, seqs)
-        ivf.quantizer_keeps = quantizer  # keep the quantizer alive with the index
+        self._quantizer = quantizer  # the index does not own its quantizer: keep it alive
         self.index = ivf
         self.approximate = True
 

@@ -16,6 +16,7 @@ arrives first (``pb:batch:{id}:run``), so a batch sent twice still runs once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -36,8 +37,8 @@ from jobs.outcomes import record_results
 from jobs.queue import IntakeEntry, RedisQueue, connect
 from jobs.store import JobStore
 from scheduler.embedders import Embedder, create_embedder
-from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
 from scheduler.policy import Capacity, PlannedBatch, plan
+from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
 from scheduler.service_time import ServiceModel
 
 log = logging.getLogger(__name__)
@@ -102,10 +103,8 @@ class Scheduler:
                     self._stop.wait(1.0)
         finally:
             if self.active:
-                try:
+                with contextlib.suppress(redis.RedisError):
                     self.queue.release_lease(self.token)
-                except redis.RedisError:
-                    pass
             self.store.close()
 
     def _wait_for_services(self) -> None:
@@ -209,8 +208,8 @@ class Scheduler:
     def _capacity(self, now: float) -> Capacity:
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(keys.WORKERS)
-        pipe.zremrangebyscore(keys.INFLIGHT, "-inf",
-                              now - self.settings.visibility_timeout_s - self.settings.task_time_limit_s)
+        stale = now - self.settings.visibility_timeout_s - self.settings.task_time_limit_s
+        pipe.zremrangebyscore(keys.INFLIGHT, "-inf", stale)
         pipe.zcard(keys.INFLIGHT)
         workers, _, inflight = pipe.execute()
         slots = 0

@@ -46,7 +46,8 @@ class BatchRunner:
                 expired.append(spec)
             else:
                 runnable.append(spec)
-        base = {"batch_id": batch_id, "batch_size": len(job_ids), "batch_similarity": similarity}
+        base: dict[str, Any] = {"batch_id": batch_id, "batch_size": len(job_ids),
+                                "batch_similarity": similarity}
         if expired:
             self._record([JobResult(id=s.id, state=JobState.EXPIRED, created_at=s.created_at,
                                     provider=s.provider, model=s.model, finished_at=started,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -71,10 +72,8 @@ class _Heartbeat:
                 except redis.RedisError as exc:
                     log.warning("heartbeat to Redis failed: %s", exc)
                 self.stop.wait(HEARTBEAT_S)
-            try:
+            with contextlib.suppress(redis.RedisError):
                 r.hdel(keys.WORKERS, hostname)
-            except redis.RedisError:
-                pass
 
         threading.Thread(target=beat, name="promptbatch-heartbeat", daemon=True).start()
 
@@ -88,7 +87,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     heartbeat = _Heartbeat(url)
 
     @app.task(name=PROCESS_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True)
-    def process_batch(self: Task, batch_id: str, send_id: str, job_ids: list[str],
+    def process_batch(self: Task[Any, Any], batch_id: str, send_id: str, job_ids: list[str],
                       similarity: float | None = None) -> dict[str, Any]:
         """Run one batch of jobs: one provider call, one stored result per job."""
         return resources.runner().run(batch_id, send_id, job_ids, similarity)
