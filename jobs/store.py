@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     select,
@@ -68,6 +69,14 @@ class JobRow(Base):
 
 
 _JOBS: Table = JobRow.__table__  # type: ignore[assignment]
+
+#: Record a final state unless the job already has one (the first result wins).
+_FINALIZE = (
+    update(_JOBS)
+    .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.state.not_in(_FINAL))
+    .values(state=bindparam("b_state"), result=bindparam("b_result"),
+            finished_at=bindparam("b_finished"), batch_id=bindparam("b_batch"))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,13 +189,10 @@ class JobStore:
             return won
         with self.engine.begin() as conn:
             for res in results:
-                stmt = (
-                    update(JobRow)
-                    .where(JobRow.id == res.id, JobRow.state.not_in(_FINAL))
-                    .values(state=res.state.value, result=res.model_dump_json(),
-                            finished_at=res.finished_at, batch_id=res.batch_id)
-                )
-                if conn.execute(stmt).rowcount == 1:
+                params = {"b_id": res.id, "b_state": res.state.value,
+                          "b_result": res.model_dump_json(), "b_finished": res.finished_at,
+                          "b_batch": res.batch_id}
+                if conn.execute(_FINALIZE, params).rowcount == 1:
                     won.append(res.id)
         return won
 

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 WORKER_STALE_S = 15.0
 #: How often aged jobs are promoted, in seconds.
 PROMOTE_EVERY_S = 0.5
+#: How often the active scheduler logs its state, in seconds.
+REPORT_EVERY_S = 10.0
 
 
 class Scheduler:
@@ -73,6 +75,8 @@ class Scheduler:
         self._last_promote = 0.0
         self.sent_batches = 0
         self.sent_jobs = 0
+        self._last_report = 0.0
+        self._last_capacity = Capacity(slots=0)
 
     def _new_pool(self) -> Pool:
         horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
@@ -97,8 +101,15 @@ class Scheduler:
                         self._stop.wait(min(1.0, self.settings.lease_ttl_s / 3))
                         continue
                     self.tick()
+                    self._report()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Redis unavailable (%s); retrying in 1 s", exc)
+                    self._step_down()
+                    self._stop.wait(1.0)
+                except Exception:
+                    # Never die with jobs pending: drop the in-memory state and rebuild it
+                    # from Redis (intake and outbox are the truth), after a pause.
+                    log.exception("scheduler tick failed; rebuilding from Redis in 1 s")
                     self._step_down()
                     self._stop.wait(1.0)
         finally:
@@ -106,6 +117,16 @@ class Scheduler:
                 with contextlib.suppress(redis.RedisError):
                     self.queue.release_lease(self.token)
             self.store.close()
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now - self._last_report < REPORT_EVERY_S:
+            return
+        self._last_report = now
+        cap = self._last_capacity
+        log.info("pool %d pending in %d groups; sent %d jobs in %d batches; workers %d slots, "
+                 "%d batches in flight", len(self.pool), len(self.pool.groups), self.sent_jobs,
+                 self.sent_batches, cap.slots, cap.inflight)
 
     def _wait_for_services(self) -> None:
         delay = 0.2
@@ -171,7 +192,8 @@ class Scheduler:
             self._last_promote = now
         if not len(self.pool):
             return
-        decided = plan(self.pool, now, self.settings, self._capacity(now), self.service)
+        self._last_capacity = self._capacity(now)
+        decided = plan(self.pool, now, self.settings, self._last_capacity, self.service)
         if decided.expired:
             self._expire(decided.expired, now)
         for batch in decided.batches:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import redis
 
 from config.settings import Settings
 from jobs.models import JobResult, JobSpec, JobState
@@ -33,6 +36,14 @@ class BatchRunner:
         if not self.queue.claim_run(batch_id, send_id, self.settings.result_ttl_s):
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
             return {"batch_id": batch_id, "skipped": "duplicate send", "jobs": 0}
+        try:
+            return self._run(batch_id, job_ids, similarity)
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                self.queue.batch_done(batch_id)
+
+    def _run(self, batch_id: str, job_ids: Sequence[str],
+             similarity: float | None) -> dict[str, Any]:
         started = time.time()
         loaded = self.queue.load(job_ids)
         states = self.queue.mark_running(batch_id, job_ids)
@@ -58,7 +69,6 @@ class BatchRunner:
         results = [_result(spec, reply, started, finished, base)
                    for spec, reply in zip(runnable, replies, strict=True)]
         self._record(results, runnable)
-        self.queue.batch_done(batch_id)
         if runnable:
             self.queue.post_event(done=batch_id, deployment=f"{runnable[0].provider}|"
                                   f"{runnable[0].model}", size=len(runnable),

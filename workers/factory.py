@@ -13,6 +13,7 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.signals import worker_ready, worker_shutdown
+from sqlalchemy.exc import SQLAlchemyError
 
 from config import keys
 from config.celery import PROCESS_BATCH, build_celery
@@ -90,7 +91,14 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     def process_batch(self: Task[Any, Any], batch_id: str, send_id: str, job_ids: list[str],
                       similarity: float | None = None) -> dict[str, Any]:
         """Run one batch of jobs: one provider call, one stored result per job."""
-        return resources.runner().run(batch_id, send_id, job_ids, similarity)
+        try:
+            return resources.runner().run(batch_id, send_id, job_ids, similarity)
+        except (redis.RedisError, SQLAlchemyError) as exc:
+            # Redis or the SQL store failed us, not the jobs: run the batch again shortly
+            # (the same send, so it is allowed to; results already stored are kept).
+            delay = min(30, 2 ** self.request.retries)
+            log.warning("batch %s: %s; retrying in %d s", batch_id, exc, delay)
+            raise self.retry(exc=exc, countdown=delay, max_retries=20) from exc
 
     def on_ready(sender: Any, **_: Any) -> None:
         if sender.app is not app:

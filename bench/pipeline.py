@@ -1,0 +1,119 @@
+"""End-to-end throughput: promptbatch batches vs one Celery task per prompt.
+
+Both run on the same embedded server, with the same Celery settings and the same worker
+pool (prefork, ``--workers`` processes), in one command:
+
+    .venv/bin/python bench/pipeline.py [--jobs 10000] [--workers 2]
+
+Rows: submit only (``Client.submit_many`` into Redis and SQLite), promptbatch end to end
+(submit, schedule, batch, run with the echo provider, one result per job collected), and
+the baseline (``apply_async`` per prompt, results collected by MGET polling, which is
+faster than ``ResultSet.get``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Children, child_env, promptbatch_argv, table, wait_for_workers
+from config.settings import Settings
+from jobs.queue import connect
+from producers.client import Client
+from promptbatch.embedded import EmbeddedRedis
+
+
+def prompts(n: int) -> list[str]:
+    templates = ["Summarise this support ticket in one line: customer {i} cannot log in",
+                 "Translate to French: order {i} has shipped and arrives on Monday",
+                 "Classify the sentiment of review {i}: the kettle is great but loud"]
+    return [templates[i % 3].format(i=i) for i in range(n)]
+
+
+def run_promptbatch(settings: Settings, texts: list[str], workers: int, tmp: Path,
+                    ) -> tuple[float, float, int]:
+    kids = Children(tmp)
+    env = child_env(settings)
+    try:
+        kids.start("scheduler", promptbatch_argv("scheduler"), env)
+        kids.start("worker", promptbatch_argv("worker", "--concurrency", str(workers),
+                                              "--loglevel", "warning"), env)
+        wait_for_workers(settings.redis_url, workers)
+        with Client(settings) as client:
+            t0 = time.perf_counter()
+            ids = client.submit_many({"prompt": t} for t in texts)
+            t_submit = time.perf_counter() - t0
+            results = list(client.results(ids, timeout=600))
+            total = time.perf_counter() - t0
+        assert len({r.id for r in results}) == len(texts)
+        assert all(r.state.value == "SUCCEEDED" for r in results)
+        batches = len({r.batch_id for r in results})
+        return t_submit, total, batches
+    finally:
+        kids.stop()
+
+
+def run_baseline(settings: Settings, texts: list[str], workers: int, tmp: Path) -> float:
+    os.environ["PROMPTBATCH_REDIS_URL"] = settings.redis_url
+    from bench.baseline_app import app
+    kids = Children(tmp)
+    env = child_env(settings)
+    try:
+        kids.start("baseline-worker", [sys.executable, "-m", "celery", "-A", "bench.baseline_app",
+                                       "worker", "-Q", "baseline", "-c", str(workers), "-l",
+                                       "warning", "--without-mingle", "--without-gossip"], env)
+        r = connect(settings.redis_url)
+        # Wait for the worker with a first task.
+        app.send_task("baseline.echo_one", args=["warm-up"]).get(timeout=60, interval=0.05)
+        t0 = time.perf_counter()
+        ids = [app.send_task("baseline.echo_one", args=[t]).id for t in texts]
+        pending = [f"celery-task-meta-{i}" for i in ids]
+        while pending:
+            found = r.mget(pending)
+            pending = [k for k, v in zip(pending, found, strict=True)
+                       if v is None or json.loads(v)["status"] != "SUCCESS"]
+            if pending:
+                time.sleep(0.005)
+        return time.perf_counter() - t0
+    finally:
+        kids.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--keep", action="store_true", help="keep logs and data")
+    args = parser.parse_args()
+    texts = prompts(args.jobs)
+    with tempfile.TemporaryDirectory(prefix="pb-bench-") as d:
+        tmp = Path(tempfile.mkdtemp(prefix="pb-bench-")) if args.keep else Path(d)
+        if args.keep:
+            print(f"logs and data in {tmp}")
+        rows = []
+        with EmbeddedRedis(tmp / "a") as server:
+            s = Settings(redis_url=server.url, database_url=f"sqlite:///{tmp / 'a.db'}",
+                         _env_file=None)  # type: ignore[call-arg]
+            t_submit, total, batches = run_promptbatch(s, texts, args.workers, tmp)
+        with EmbeddedRedis(tmp / "b") as server:
+            s = Settings(redis_url=server.url, database_url=f"sqlite:///{tmp / 'b.db'}",
+                         _env_file=None)  # type: ignore[call-arg]
+            base = run_baseline(s, texts, args.workers, tmp)
+        n = args.jobs
+        rows.append(("submit only (Redis + SQLite)", n, t_submit, n / t_submit, "-"))
+        rows.append((f"promptbatch end to end ({batches} batches)", n, total, n / total,
+                     f"{base / total:.2f}x"))
+        rows.append(("one Celery task per prompt", n, base, n / base, "1.00x"))
+        table(f"pipeline: {n} echo jobs, {args.workers} worker processes",
+              ["run", "jobs", "seconds", "jobs/s", "vs baseline"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Flower, started against our broker, lists our worker and the process_batch tasks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from config.settings import Settings
+from producers.client import Client
+from promptbatch.embedded import free_port
+from tests.conftest import Procs, settings_env
+from tests.helpers import poll
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_flower_lists_the_worker_and_process_batch_tasks(settings: Settings, procs: Procs,
+                                                         tmp_path: Path) -> None:
+    procs.scheduler()
+    procs.worker(concurrency=1, name="flowerseen")
+    port = free_port()
+    env = settings_env(settings, FLOWER_UNAUTHENTICATED_API="true")
+    log = (tmp_path / "flower.log").open("wb")
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+                               f"--port={port}", "--address=127.0.0.1"], env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{base}/healthcheck", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        poll(up, timeout=60, what="Flower to answer", proc=flower)
+        with Client(settings) as client:
+            ids = client.submit_many({"prompt": f"Flower check {i}"} for i in range(10))
+            list(client.results(ids, timeout=60))
+
+        def seen() -> dict[str, object] | None:
+            workers = httpx.get(f"{base}/api/workers?refresh=1", timeout=10).json()
+            tasks = httpx.get(f"{base}/api/tasks", timeout=10).json()
+            names = {t.get("name") for t in tasks.values()}
+            ok = any(w.startswith("flowerseen@") for w in workers)
+            return tasks if ok and "promptbatch.process_batch" in names else None
+
+        tasks = poll(seen, timeout=60, interval=0.5, what="Flower to list worker and tasks")
+        assert any(t.get("state") == "SUCCESS" for t in tasks.values())  # type: ignore[attr-defined]
+    finally:
+        os.killpg(flower.pid, signal.SIGTERM)
+        flower.wait(15)
+        log.close()
