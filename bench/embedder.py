@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import table  # noqa: E402
-from jobs.models import JobRequest  # noqa: E402
-from scheduler.embedders import HashedEmbedder  # noqa: E402
+from bench.common import table
+from jobs.models import JobRequest
+from scheduler.embedders import HashedEmbedder
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 20_000.0
