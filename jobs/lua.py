@@ -16,16 +16,17 @@ redis.call('EXPIRE', KEYS[3], ARGV[3])
 return {1, sid}
 """
 
-#: KEYS: lease, outbox, then (job, tenant pending set) pairs.
-#: ARGV: lease token, batch id, batch meta JSON, then job ids.
-#: Claims the jobs still QUEUED for the batch and records it in the outbox, only while the
-#: caller holds the lease (fencing). Returns the claimed ids, or -1 without the lease.
+#: KEYS: lease, outbox, inflight, then (job, tenant pending set) pairs.
+#: ARGV: lease token, batch id, batch meta JSON, now, then job ids.
+#: Claims the jobs still QUEUED for the batch, records it in the outbox and counts it in
+#: flight (before it is sent, so a fast worker's "done" always comes after), only while
+#: the caller holds the lease (fencing). Returns the claimed ids, or -1 without the lease.
 CLAIM = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local claimed = {}
-for i = 4, #ARGV do
-  local jk = KEYS[3 + (i - 4) * 2]
-  local tk = KEYS[4 + (i - 4) * 2]
+for i = 5, #ARGV do
+  local jk = KEYS[4 + (i - 5) * 2]
+  local tk = KEYS[5 + (i - 5) * 2]
   if redis.call('HGET', jk, 'state') == 'QUEUED' then
     redis.call('HSET', jk, 'state', 'SCHEDULED', 'batch', ARGV[2])
     redis.call('SREM', tk, ARGV[i])
@@ -34,14 +35,15 @@ for i = 4, #ARGV do
 end
 if #claimed > 0 then
   redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '\\n' .. table.concat(claimed, ','))
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
 end
 return claimed
 """
 
-#: KEYS: outbox, intake, inflight, then job keys. ARGV: batch id, now.
-#: After a batch was sent: drop its jobs from intake, move it from outbox to inflight.
+#: KEYS: outbox, intake, then job keys. ARGV: batch id.
+#: After a batch was sent: drop its jobs from intake and the batch from the outbox.
 ACK_SENT = """
-for i = 4, #KEYS do
+for i = 3, #KEYS do
   local sid = redis.call('HGET', KEYS[i], 'sid')
   if sid then
     redis.call('XDEL', KEYS[2], sid)
@@ -49,7 +51,6 @@ for i = 4, #KEYS do
   end
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return 1
 """
 

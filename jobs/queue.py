@@ -169,22 +169,22 @@ class RedisQueue:
         """Give the scheduler lease up."""
         self._release(keys=[keys.SCHEDULER_LEASE], args=[token])
 
-    def claim(self, token: str, batch_id: str, meta: str,
-              jobs: Sequence[tuple[str, str]]) -> list[str] | None:
+    def claim(self, token: str, batch_id: str, meta: str, jobs: Sequence[tuple[str, str]],
+              now: float) -> list[str] | None:
         """Claim ``(job id, tenant)`` pairs still QUEUED for a batch; None without the lease."""
         job_keys: list[str] = []
         for job_id, tenant in jobs:
             job_keys += [keys.job(job_id), keys.tenant_pending(tenant)]
-        reply = self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, *job_keys],
-                            args=[token, batch_id, meta, *(j for j, _ in jobs)])
+        reply = self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, keys.INFLIGHT, *job_keys],
+                            args=[token, batch_id, meta, now, *(j for j, _ in jobs)])
         if reply == -1:
             return None
         return [str(x) for x in reply]
 
-    def ack_sent(self, batch_id: str, job_ids: Sequence[str], now: float) -> None:
-        """After the send: drop the jobs from intake and move the batch to in-flight."""
-        self._ack(keys=[keys.OUTBOX, keys.INTAKE, keys.INFLIGHT,
-                        *(keys.job(j) for j in job_ids)], args=[batch_id, now])
+    def ack_sent(self, batch_id: str, job_ids: Sequence[str]) -> None:
+        """After the send: drop the jobs from intake and the batch from the outbox."""
+        self._ack(keys=[keys.OUTBOX, keys.INTAKE, *(keys.job(j) for j in job_ids)],
+                  args=[batch_id])
 
     def outbox(self) -> dict[str, tuple[str, list[str]]]:
         """Batches claimed but not confirmed sent: ``{batch id: (meta JSON, job ids)}``."""

@@ -255,7 +255,7 @@ class Scheduler:
         meta = json.dumps({"cls": batch.cls, "similarity": batch.similarity,
                            "reason": batch.reason})
         claimed = self.queue.claim(self.token, batch_id, meta,
-                                   [(j.id, j.tenant) for j in batch.jobs])
+                                   [(j.id, j.tenant) for j in batch.jobs], time.time())
         if claimed is None:
             log.warning("lease lost while claiming batch %s; standing by", batch_id)
             self._step_down()
@@ -274,7 +274,7 @@ class Scheduler:
             queue=keys.queue(cls),
             routing_key=keys.queue(cls),
         )
-        self.queue.ack_sent(batch_id, job_ids, time.time())
+        self.queue.ack_sent(batch_id, job_ids)
         self.sent_batches += 1
         self.sent_jobs += len(job_ids)
 

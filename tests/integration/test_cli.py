@@ -62,3 +62,33 @@ def test_run_writes_one_result_per_line_in_input_order_and_a_summary(tmp_path: P
     for label in ("jobs", "batches", "mean batch size", "mean similarity", "jobs/s",
                   "latency critical", "latency bulk", "failed"):
         assert label in summary
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ctrl_c_stops_everything_the_run_started(tmp_path: Path) -> None:
+    import signal
+
+    import psutil
+
+    from tests.helpers import poll
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Long task {i} " * 50}) + "\n"
+                           for i in range(2000)), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
+    proc = subprocess.Popen([sys.executable, "-m", "promptbatch", "run", str(src), "--provider",
+                             "simulated", "--workers", "1"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    me = psutil.Process(proc.pid)
+    # Running: the server, the scheduler and a worker with its pool are all up.
+    children = poll(lambda: (c := me.children(recursive=True)) and len(c) >= 4 and c,
+                    timeout=60, what="the local stack to start", proc=proc)
+    poll(lambda: (tmp_path / "var" / "run" / "worker.log").exists()
+         and b"ready" in (tmp_path / "var" / "run" / "worker.log").read_bytes(),
+         timeout=60, what="the worker to be ready", proc=proc)
+    children = me.children(recursive=True)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 130
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], f"still running after Ctrl-C: {[p.cmdline()[:3] for p in alive]}"
