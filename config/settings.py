@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         description="A job whose slack (deadline - now - estimated service time) falls "
         "under this is sent at once.",
     )
+    faiss_threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="OpenMP threads FAISS may use in the scheduler. One is fastest for the "
+        "scheduler's small searches on a shared machine, and leaves cores to the workers.",
+    )
     scheduler_tick_ms: float = Field(
         default=10.0, gt=0, le=1_000, description="Longest the scheduler blocks for new work."
     )

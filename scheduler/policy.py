@@ -52,6 +52,8 @@ from scheduler.service_time import ServiceModel
 
 #: Neighbours fetched per seed, as a multiple of max_batch_size.
 SEARCH_FACTOR = 2
+#: Seeds searched together in one FAISS call.
+SEEDS_PER_SEARCH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,22 +119,26 @@ def plan(pool: Pool, now: float, settings: Settings, capacity: Capacity,
     weights = tenant_weights or {}
     out = Plan()
     taken: set[int] = set()
-    for g in pool.groups.values():
+    remaining: dict[tuple[str, int], int] = {}
+    for gk, g in pool.groups.items():
         one = service.estimate(g.key, 1)
+        expired = 0
         for deadline, seq in g.by_deadline:
             if deadline - now >= one:
                 break
             out.expired.append(g.jobs[seq])
             taken.add(seq)
+            expired += 1
+        remaining[gk] = len(g.jobs) - expired
     budget = _Budget(capacity.idle, capacity.room, capacity.slots > 0)
     held: set[str] = set()
     for cls in pool.classes():
         groups = [g for (_, c), g in pool.groups.items() if c == cls]
         groups.sort(key=lambda g: _head_urgency(g, taken))
         for g in groups:
-            _plan_group(g, now, settings, service, budget, g.key in held, taken, out,
-                        pool.served, weights)
-            if any(seq not in taken for seq in g.jobs):
+            left = _plan_group(g, remaining[(g.key, g.cls)], now, settings, service, budget,
+                               g.key in held, taken, out, pool.served, weights)
+            if left > 0:
                 held.add(g.key)
     return out
 
@@ -147,13 +153,14 @@ def _head_urgency(g: Group, taken: set[int]) -> float:
     return best
 
 
-def _plan_group(g: Group, now: float, settings: Settings, service: ServiceModel,
-                budget: _Budget, blocked: bool, taken: set[int], out: Plan,
-                served: dict[tuple[str, int, str], float], weights: dict[str, float]) -> None:
+def _plan_group(g: Group, remaining: int, now: float, settings: Settings,
+                service: ServiceModel, budget: _Budget, blocked: bool, taken: set[int],
+                out: Plan, served: dict[tuple[str, int, str], float],
+                weights: dict[str, float]) -> int:
+    """Plan one group's batches; return how many of its jobs stay pending."""
     guard = settings.deadline_guard_ms / 1000.0
     full_time = service.estimate(g.key, settings.max_batch_size)
     fair = _FairShare(g, served, weights, taken)
-    remaining = len(g.jobs) - sum(1 for seq in g.jobs if seq in taken)
     while remaining > 0:
         if blocked:
             break
@@ -174,6 +181,7 @@ def _plan_group(g: Group, now: float, settings: Settings, service: ServiceModel,
             remaining -= len(batch.jobs)
             fair.charge(batch)
     out.charges.update(fair.charges())
+    return remaining
 
 
 def _allowance(g: Group, now: float, settings: Settings, budget: _Budget, remaining: int,
@@ -252,12 +260,26 @@ class _FairShare:
 
 def _form(g: Group, seeds: list[PendingJob], settings: Settings, taken: set[int],
           remaining: int, reason: str) -> list[PlannedBatch]:
-    """Grow each seed into a batch with its nearest free neighbours."""
-    seeds = [s for s in seeds if s.seq not in taken]
-    if not seeds:
-        return []
+    """Grow each seed into a batch with its nearest free neighbours.
+
+    Seeds are searched a few at a time, so that later seeds see what earlier ones took.
+    """
+    batches: list[PlannedBatch] = []
+    for start in range(0, len(seeds), SEEDS_PER_SEARCH):
+        chunk = [s for s in seeds[start:start + SEEDS_PER_SEARCH] if s.seq not in taken]
+        if chunk:
+            formed = _form_chunk(g, chunk, settings, taken, remaining, reason)
+            remaining -= sum(len(b.jobs) for b in formed)
+            batches += formed
+    return batches
+
+
+def _form_chunk(g: Group, seeds: list[PendingJob], settings: Settings, taken: set[int],
+                remaining: int, reason: str) -> list[PlannedBatch]:
     size, max_tokens = settings.max_batch_size, settings.max_batch_tokens
-    k = min(len(g.jobs), size * SEARCH_FACTOR + len(taken & g.jobs.keys()) + len(seeds))
+    threshold = settings.similarity_threshold
+    # Later seeds of one search may find their nearest taken by earlier ones: look further.
+    k = min(len(g.jobs), size * SEARCH_FACTOR + len(seeds) * (size // 2 + 1))
     sims, ids = g.search(g.vectors([s.seq for s in seeds]), k)
     batches: list[PlannedBatch] = []
     for row, seed in enumerate(seeds):
@@ -265,16 +287,19 @@ def _form(g: Group, seeds: list[PendingJob], settings: Settings, taken: set[int]
             continue
         taken.add(seed.seq)
         members, tokens, seed_sims = [seed], seed.tokens, []
+        # Results come most similar first: the near ones, then the far ones.
         near: list[tuple[int, float, PendingJob]] = []
         far: list[tuple[float, PendingJob]] = []
         for sim, seq in zip(sims[row].tolist(), ids[row].tolist(), strict=True):
             if seq < 0 or seq in taken:
                 continue
             job = g.jobs[seq]
-            if sim >= settings.similarity_threshold:
+            if sim >= threshold:
                 near.append((shared_prefix_chars(seed.prefix, job.prefix), sim, job))
-            else:
+            elif len(far) < size:
                 far.append((sim, job))
+            else:
+                break
         near.sort(key=lambda t: (-t[0], -t[1]))
         candidates = [(sim, job) for _, sim, job in near]
         if remaining - len(near) - 1 >= size:

@@ -29,7 +29,7 @@ from scheduler.embedders import Vectors
 PREFIX_LEVELS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 #: Above this many jobs a group's index becomes an inverted file (approximate search).
-APPROX_THRESHOLD = 20_000
+APPROX_THRESHOLD = 8_192
 
 
 def prefix_signature(text: str) -> tuple[int, ...]:
@@ -154,7 +154,7 @@ class Group:
                                                       replace=False)]
         ivf.train(sample)
         ivf.nprobe = 16
-        ivf.make_direct_map()
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
         ivf.add_with_ids(vecs, seqs)
         self._quantizer = quantizer  # the index does not own its quantizer: keep it alive
         self.index = ivf

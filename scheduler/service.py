@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Sequence
 
+import faiss
 import redis
 from celery import Celery
 
@@ -57,6 +58,7 @@ class Scheduler:
     def __init__(self, settings: Settings, *, redis_url: str | None = None,
                  embedder: Embedder | None = None, celery_app: Celery | None = None) -> None:
         self.settings = settings
+        faiss.omp_set_num_threads(settings.faiss_threads)
         self.url = redis_url or settings.redis_url
         if not self.url:
             raise ValueError("redis_url is empty: set PROMPTBATCH_REDIS_URL")
