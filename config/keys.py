@@ -16,7 +16,8 @@ INTAKE = f"{PREFIX}intake"
 EVENTS = f"{PREFIX}events"
 #: Hash batch id -> JSON of a batch claimed by the scheduler and not yet confirmed sent.
 OUTBOX = f"{PREFIX}outbox"
-#: Sorted set batch id -> time sent, of batches sent and not yet finished by a worker.
+#: Sorted set ``{class}:{batch id}`` -> time claimed, of batches claimed and not yet
+#: finished by a worker (see ``inflight_member``).
 INFLIGHT = f"{PREFIX}inflight"
 #: Hash worker hostname -> JSON {concurrency, queues, ts}, refreshed by worker heartbeats.
 WORKERS = f"{PREFIX}workers"
@@ -53,6 +54,11 @@ def tenant_pending(tenant: str) -> str:
 def rate_bucket(name: str) -> str:
     """Token bucket of a shared rate limit."""
     return f"{PREFIX}rate:{name}"
+
+
+def inflight_member(cls: int, batch_id: str) -> str:
+    """A batch's member of ``INFLIGHT``: its class, so capacity can be counted per class."""
+    return f"{cls}:{batch_id}"
 
 
 def celery_result(task_id: str) -> str:

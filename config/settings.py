@@ -97,6 +97,13 @@ class Settings(BaseSettings):
         description="A job whose slack (deadline - now - estimated service time) falls "
         "under this is sent at once.",
     )
+    reserved_slots: int | None = Field(
+        default=None,
+        ge=0,
+        description="Worker processes that normal, low and bulk batches leave free for "
+        "critical and high work (a running batch cannot be preempted). Default: a quarter "
+        "of the worker processes, rounded down.",
+    )
     faiss_threads: int = Field(
         default=1,
         ge=1,

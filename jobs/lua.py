@@ -17,16 +17,16 @@ return {1, sid}
 """
 
 #: KEYS: lease, outbox, inflight, then (job, tenant pending set) pairs.
-#: ARGV: lease token, batch id, batch meta JSON, now, then job ids.
+#: ARGV: lease token, batch id, batch meta JSON, now, in-flight member, then job ids.
 #: Claims the jobs still QUEUED for the batch, records it in the outbox and counts it in
 #: flight (before it is sent, so a fast worker's "done" always comes after), only while
 #: the caller holds the lease (fencing). Returns the claimed ids, or -1 without the lease.
 CLAIM = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local claimed = {}
-for i = 5, #ARGV do
-  local jk = KEYS[4 + (i - 5) * 2]
-  local tk = KEYS[5 + (i - 5) * 2]
+for i = 6, #ARGV do
+  local jk = KEYS[4 + (i - 6) * 2]
+  local tk = KEYS[5 + (i - 6) * 2]
   if redis.call('HGET', jk, 'state') == 'QUEUED' then
     redis.call('HSET', jk, 'state', 'SCHEDULED', 'batch', ARGV[2])
     redis.call('SREM', tk, ARGV[i])
@@ -35,7 +35,7 @@ for i = 5, #ARGV do
 end
 if #claimed > 0 then
   redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '\\n' .. table.concat(claimed, ','))
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 end
 return claimed
 """

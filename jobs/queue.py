@@ -170,13 +170,14 @@ class RedisQueue:
         self._release(keys=[keys.SCHEDULER_LEASE], args=[token])
 
     def claim(self, token: str, batch_id: str, meta: str, jobs: Sequence[tuple[str, str]],
-              now: float) -> list[str] | None:
+              now: float, cls: int) -> list[str] | None:
         """Claim ``(job id, tenant)`` pairs still QUEUED for a batch; None without the lease."""
         job_keys: list[str] = []
         for job_id, tenant in jobs:
             job_keys += [keys.job(job_id), keys.tenant_pending(tenant)]
         reply = self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, keys.INFLIGHT, *job_keys],
-                            args=[token, batch_id, meta, now, *(j for j, _ in jobs)])
+                            args=[token, batch_id, meta, now,
+                                  keys.inflight_member(cls, batch_id), *(j for j, _ in jobs)])
         if reply == -1:
             return None
         return [str(x) for x in reply]
@@ -210,9 +211,9 @@ class RedisQueue:
         reply = self._running(keys=[keys.job(j) for j in job_ids], args=[batch_id])
         return [str(x) for x in reply]
 
-    def batch_done(self, batch_id: str) -> None:
+    def batch_done(self, batch_id: str, cls: int) -> None:
         """The batch is finished: it leaves the in-flight set."""
-        self.r.zrem(keys.INFLIGHT, batch_id)
+        self.r.zrem(keys.INFLIGHT, keys.inflight_member(cls, batch_id))
 
     # --- everyone -----------------------------------------------------------------------
 

@@ -19,11 +19,19 @@ Rules, in the order they are applied each tick:
    long as some worker is alive (with none, it would only wait in the broker; here it
    can at least be expired on time).
 5. **Work-conserving waiting.** Let ``idle = slots - inflight`` (worker processes with
-   nothing to run) and ``room = 2 * slots - inflight`` (one more batch may wait in the
-   broker per worker process, so a worker that finishes never waits for a tick).
+   nothing to run) and, for class ``c``, ``room(c) = 2 * slots - running - queued in
+   classes c and above`` (one more batch may wait in the broker per worker process, so a
+   worker that finishes never waits for a tick; batches of lower classes waiting in the
+   broker do not count, since workers take the queues in priority order).
+   Normal, low and bulk batches leave ``reserved_slots`` worker processes (default: a
+   quarter of them) to critical and high: a worker can never preempt a running batch, so
+   without a reserve an interactive job could wait a full batch time for a worker.
 
    * While a worker is idle, a group is sent at once, full or not: waiting cannot help
-     a worker that has nothing to do.
+     a worker that has nothing to do. The work is spread over the idle workers, but no
+     batch is made smaller than the break-even size ``fixed / per_job`` of the learned
+     service-time line (the size at which the fixed cost of a call is paid back), so
+     spreading never costs more capacity than it saves latency.
    * While all workers are busy but there is room, a group is sent only once waiting
      can no longer improve it: it holds a full batch (``max_batch_size`` jobs), or its
      oldest job has waited its class's ``max_wait_ms``.
@@ -35,18 +43,28 @@ Rules, in the order they are applied each tick:
    tenant's backlog therefore delays another tenant's job by about one batch.
 7. **Similarity.** The seed's nearest neighbours in its group (inner product of unit
    vectors) above ``similarity_threshold`` join it, those sharing the longest prefix
-   with the seed first, up to ``max_batch_size`` jobs and ``max_batch_tokens``. When
-   more than a full batch remains in the group, the batch is topped up with the next
-   nearest jobs below the threshold: a slot is then worth more than purity.
+   with the seed first, up to ``max_batch_size`` jobs and ``max_batch_tokens``. The batch
+   is topped up with the next nearest jobs below the threshold when a batch slot is
+   scarce: when the workers are busy (the batch leaves because it is full, waited long
+   enough or is under deadline pressure), or when more than a full batch would remain.
+   With idle workers and little work, dissimilar jobs rather go out in parallel.
+8. **Riders.** When capacity is scarce (the batch takes the last idle worker, or none is
+   idle) and a batch ends up smaller than the break-even size because its class has no
+   more jobs of its key, it is topped up to that size with the nearest jobs of the lower
+   classes of the same key. They ride along at little cost to the seed (at most the
+   call's fixed cost again), and need no call of their own. Deadline-pressed batches
+   take no riders. A rider is never sent ahead of a waiting job of a higher class, so
+   this is no inversion.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from config.settings import Settings
+from config.settings import PRIORITY_NAMES, Settings
 from scheduler.pool import Group, PendingJob, Pool, shared_prefix_chars
 from scheduler.service_time import ServiceModel
 
@@ -54,24 +72,50 @@ from scheduler.service_time import ServiceModel
 SEARCH_FACTOR = 2
 #: Seeds searched together in one FAISS call.
 SEEDS_PER_SEARCH = 8
+#: Classes from this one down (normal, low, bulk) leave the reserved worker processes to
+#: the classes above them.
+SHARED_FROM = 2
 
 
 @dataclass(frozen=True, slots=True)
 class Capacity:
-    """What the workers can take: pool processes, and batches sent but not finished."""
+    """What the workers can take.
+
+    ``slots``: worker pool processes; ``inflight``: batches sent and not finished (running
+    or waiting in the broker); ``queued``: of those, the ones still waiting in each class's
+    broker queue (critical first); ``shared``: of ``inflight``, the batches of the classes
+    from ``SHARED_FROM`` down (unknown, -1: all of them); ``reserved``: worker processes
+    those classes leave to the classes above them.
+    """
 
     slots: int
     inflight: int = 0
+    queued: tuple[int, ...] = ()
+    shared: int = -1
+    reserved: int = 0
 
-    @property
-    def idle(self) -> int:
-        """Worker processes with nothing to run."""
-        return max(0, self.slots - self.inflight)
+    def idle(self, cls: int = 0) -> int:
+        """Worker processes with nothing to run that class ``cls`` may use."""
+        free = max(0, self.slots - self.inflight)
+        if cls >= SHARED_FROM and self.reserved:
+            free = min(free, max(0, self.slots - self.reserved - self._shared()))
+        return free
 
-    @property
-    def room(self) -> int:
-        """Batches that may still be sent without piling up in the broker."""
-        return max(0, 2 * self.slots - self.inflight)
+    def room(self, cls: int) -> int:
+        """Batches of class ``cls`` that may still be sent without piling up in the broker.
+
+        Workers take the class queues in priority order, so batches of lower classes
+        waiting in the broker do not stand in the way of ``cls``.
+        """
+        queued = sum(self.queued)
+        running = max(0, self.inflight - queued)
+        room = max(0, 2 * self.slots - running - sum(self.queued[:cls + 1]))
+        if cls >= SHARED_FROM and self.reserved:
+            room = min(room, max(0, 2 * (self.slots - self.reserved) - self._shared()))
+        return room
+
+    def _shared(self) -> int:
+        return self.inflight if self.shared < 0 else self.shared
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,115 +146,270 @@ class Plan:
 
 @dataclass
 class _Budget:
-    idle: int
-    room: int
-    alive: bool
+    """The capacity left while a tick plans."""
 
-    def spend(self) -> None:
-        self.idle = max(0, self.idle - 1)
-        self.room = max(0, self.room - 1)
+    slots: int
+    inflight: int
+    queued: list[int]
+    shared: int
+    reserved: int
+
+    @property
+    def alive(self) -> bool:
+        return self.slots > 0
+
+    def _now(self) -> Capacity:
+        return Capacity(self.slots, self.inflight, tuple(self.queued), self.shared,
+                        self.reserved)
+
+    def idle(self, cls: int) -> int:
+        return self._now().idle(cls)
+
+    def room(self, cls: int) -> int:
+        return self._now().room(cls)
+
+    def spend(self, cls: int) -> None:
+        """A batch of ``cls`` was planned: it runs at once or waits in the broker."""
+        if self.idle(0) == 0:
+            self.queued[cls] += 1
+        self.inflight += 1
+        if cls >= SHARED_FROM:
+            self.shared += 1
 
 
 def plan(pool: Pool, now: float, settings: Settings, capacity: Capacity,
          service: ServiceModel | None = None,
          tenant_weights: dict[str, float] | None = None) -> Plan:
     """Decide the batches to send now. Reads ``pool``; changes nothing."""
-    service = service or ServiceModel()
-    weights = tenant_weights or {}
-    out = Plan()
-    taken: set[int] = set()
-    remaining: dict[tuple[str, int], int] = {}
-    for gk, g in pool.groups.items():
-        one = service.estimate(g.key, 1)
-        expired = 0
+    return _Tick(pool, now, settings, capacity, service or ServiceModel(),
+                 tenant_weights or {}).run()
+
+
+class _Tick:
+    """The working state of one call to ``plan``."""
+
+    def __init__(self, pool: Pool, now: float, settings: Settings, capacity: Capacity,
+                 service: ServiceModel, weights: dict[str, float]) -> None:
+        self.pool = pool
+        self.now = now
+        self.settings = settings
+        self.service = service
+        self.weights = weights
+        self.out = Plan()
+        self.taken: set[int] = set()
+        self.remaining: dict[tuple[str, int], int] = {}
+        queued = list(capacity.queued) + [0] * (len(PRIORITY_NAMES) - len(capacity.queued))
+        reserved = (settings.reserved_slots if settings.reserved_slots is not None
+                    else capacity.slots // 4)
+        shared = capacity.inflight if capacity.shared < 0 else capacity.shared
+        self.budget = _Budget(capacity.slots, capacity.inflight, queued, shared,
+                              min(reserved, max(0, capacity.slots - 1)))
+
+    def run(self) -> Plan:
+        self._expire()
+        held: set[str] = set()
+        for cls in self.pool.classes():
+            groups = [g for (_, c), g in self.pool.groups.items() if c == cls]
+            groups.sort(key=self._head_urgency)
+            for g in groups:
+                if g.key in held:
+                    continue  # a higher class of this key keeps jobs waiting: no inversion
+                if self._plan_group(g) > 0:
+                    held.add(g.key)
+        return self.out
+
+    def _expire(self) -> None:
+        for gk, g in self.pool.groups.items():
+            one = self.service.estimate(g.key, 1)
+            expired = 0
+            for deadline, seq in g.by_deadline:
+                if deadline - self.now >= one:
+                    break
+                self.out.expired.append(g.jobs[seq])
+                self.taken.add(seq)
+                expired += 1
+            self.remaining[gk] = len(g.jobs) - expired
+
+    def _head_urgency(self, g: Group) -> float:
+        best = float("inf")
+        for jobs in g.by_tenant.values():
+            for urgency, seq in jobs:
+                if seq not in self.taken:
+                    best = min(best, urgency)
+                    break
+        return best
+
+    def _plan_group(self, g: Group) -> int:
+        """Plan one group's batches; return how many of its jobs stay pending."""
+        gk = (g.key, g.cls)
+        guard = self.settings.deadline_guard_ms / 1000.0
+        full_time = self.service.estimate(g.key, self.settings.max_batch_size)
+        fair = _FairShare(g, self.pool.served, self.weights, self.taken)
+        while self.remaining[gk] > 0:
+            forced = self._forced_seeds(g, full_time, guard) if self.budget.alive else []
+            if forced:
+                seeds, reason, limit = forced, "deadline", self.settings.max_batch_size
+            else:
+                count, reason, limit = self._allowance(g)
+                if count == 0:
+                    break
+                seeds = fair.pick(count)
+            formed = self._form(g, seeds, reason, limit)
+            if not formed:
+                break
+            for batch in formed:
+                self.out.batches.append(batch)
+                self.budget.spend(g.cls)
+                fair.charge(batch)
+        self.out.charges.update(fair.charges())
+        return self.remaining[gk]
+
+    def _allowance(self, g: Group) -> tuple[int, str, int]:
+        """How many batches the group may send now, why, and their size limit."""
+        size = self.settings.max_batch_size
+        remaining = self.remaining[(g.key, g.cls)]
+        idle = self.budget.idle(g.cls)
+        if idle > 0:
+            # Spread the work over the idle workers, but no batch smaller than the
+            # break-even size of the deployment.
+            target = min(size, max(self._break_even(g.key), math.ceil(remaining / idle)))
+            return min(idle, math.ceil(remaining / target)), "idle", target
+        room = self.budget.room(g.cls)
+        if room == 0:
+            return 0, "", size
+        if remaining >= size:
+            return min(room, remaining // size), "full", size
+        oldest = next((j.created_at for seq, j in g.jobs.items() if seq not in self.taken),
+                      self.now)
+        if self.now - oldest >= self.settings.max_wait_s(g.cls):
+            return 1, "wait", size
+        return 0, "", size
+
+    def _break_even(self, key: str) -> int:
+        """The batch size at which a call's fixed cost is paid back (learned line)."""
+        line = self.service.line(key)
+        if line.per_job <= 0:
+            return self.settings.max_batch_size
+        return min(self.settings.max_batch_size, max(1, math.ceil(line.fixed / line.per_job)))
+
+    def _forced_seeds(self, g: Group, full_time: float, guard: float) -> list[PendingJob]:
+        """Jobs whose slack is under the guard, earliest deadline first."""
+        seeds: list[PendingJob] = []
         for deadline, seq in g.by_deadline:
-            if deadline - now >= one:
+            if deadline - self.now - full_time >= guard:
                 break
-            out.expired.append(g.jobs[seq])
-            taken.add(seq)
-            expired += 1
-        remaining[gk] = len(g.jobs) - expired
-    budget = _Budget(capacity.idle, capacity.room, capacity.slots > 0)
-    held: set[str] = set()
-    for cls in pool.classes():
-        groups = [g for (_, c), g in pool.groups.items() if c == cls]
-        groups.sort(key=lambda g: _head_urgency(g, taken))
-        for g in groups:
-            left = _plan_group(g, remaining[(g.key, g.cls)], now, settings, service, budget,
-                               g.key in held, taken, out, pool.served, weights)
-            if left > 0:
-                held.add(g.key)
-    return out
+            if seq not in self.taken:
+                seeds.append(g.jobs[seq])
+        return seeds
 
+    def _form(self, g: Group, seeds: list[PendingJob], reason: str,
+              limit: int) -> list[PlannedBatch]:
+        """Grow each seed into a batch with its nearest free neighbours.
 
-def _head_urgency(g: Group, taken: set[int]) -> float:
-    best = float("inf")
-    for jobs in g.by_tenant.values():
-        for urgency, seq in jobs:
-            if seq not in taken:
-                best = min(best, urgency)
+        Seeds are searched a few at a time, so that later seeds see what earlier ones took.
+        """
+        batches: list[PlannedBatch] = []
+        for start in range(0, len(seeds), SEEDS_PER_SEARCH):
+            chunk = [s for s in seeds[start:start + SEEDS_PER_SEARCH] if s.seq not in self.taken]
+            if chunk:
+                batches += self._form_chunk(g, chunk, reason, limit)
+        return batches
+
+    def _form_chunk(self, g: Group, seeds: list[PendingJob], reason: str,
+                    size: int) -> list[PlannedBatch]:
+        gk = (g.key, g.cls)
+        # Later seeds of one search may find their nearest taken by earlier ones: look further.
+        k = min(len(g.jobs), size * SEARCH_FACTOR + len(seeds) * (size // 2 + 1))
+        vectors = g.vectors([s.seq for s in seeds])
+        sims, ids = g.search(vectors, k)
+        batches: list[PlannedBatch] = []
+        for row, seed in enumerate(seeds):
+            if seed.seq in self.taken:
+                continue
+            self.taken.add(seed.seq)
+            members = _Members(seed, size, self.settings.max_batch_tokens)
+            near, far = self._candidates(g, seed, sims[row], ids[row], size)
+            fill = reason != "idle" or self.remaining[gk] - len(near) - 1 >= size
+            members.extend(near + (far if fill else []), self.taken)
+            self.remaining[gk] -= len(members.jobs)
+            if reason != "deadline" and self.budget.idle(g.cls) <= 1:
+                self._add_riders(g, members, vectors[row:row + 1])
+            batches.append(members.batch(g.key, g.cls, reason))
+        return batches
+
+    def _candidates(self, g: Group, seed: PendingJob, sims: np.ndarray, ids: np.ndarray,
+                    size: int) -> tuple[list[tuple[float, PendingJob]],
+                                        list[tuple[float, PendingJob]]]:
+        """Free neighbours of the seed: those above the threshold, longest shared prefix
+        first, and up to ``size`` below it, nearest first."""
+        threshold = self.settings.similarity_threshold
+        near: list[tuple[int, float, PendingJob]] = []
+        far: list[tuple[float, PendingJob]] = []
+        # Results come most similar first: the near ones, then the far ones.
+        for sim, seq in zip(sims.tolist(), ids.tolist(), strict=True):
+            if seq < 0 or seq in self.taken:
+                continue
+            job = g.jobs[seq]
+            if sim >= threshold:
+                near.append((shared_prefix_chars(seed.prefix, job.prefix), sim, job))
+            elif len(far) < size:
+                far.append((sim, job))
+            else:
                 break
-    return best
+        near.sort(key=lambda t: (-t[0], -t[1]))
+        return [(sim, job) for _, sim, job in near], far
+
+    def _add_riders(self, g: Group, members: _Members, seed_vector: np.ndarray) -> None:
+        """Top a small batch up to the break-even size with lower classes' nearest jobs.
+
+        Only when capacity is scarce (this batch takes the last idle worker, or none is
+        idle): the higher class has no more jobs waiting, the call's fixed cost is paid
+        anyway, and the lower classes' work would otherwise need a call of its own.
+        """
+        want = self._break_even(g.key)
+        for cls in range(g.cls + 1, len(PRIORITY_NAMES)):
+            if len(members.jobs) >= want:
+                return
+            donor = self.pool.groups.get((g.key, cls))
+            if donor is None or self.remaining.get((g.key, cls), 0) == 0:
+                continue
+            sims, ids = donor.search(seed_vector, want * SEARCH_FACTOR)
+            near, far = self._candidates(donor, members.jobs[0], sims[0], ids[0], want)
+            before = len(members.jobs)
+            members.extend(near + far, self.taken, limit=want)
+            self.remaining[(g.key, cls)] -= len(members.jobs) - before
 
 
-def _plan_group(g: Group, remaining: int, now: float, settings: Settings,
-                service: ServiceModel, budget: _Budget, blocked: bool, taken: set[int],
-                out: Plan, served: dict[tuple[str, int, str], float],
-                weights: dict[str, float]) -> int:
-    """Plan one group's batches; return how many of its jobs stay pending."""
-    guard = settings.deadline_guard_ms / 1000.0
-    full_time = service.estimate(g.key, settings.max_batch_size)
-    fair = _FairShare(g, served, weights, taken)
-    while remaining > 0:
-        if blocked:
-            break
-        forced = _forced_seeds(g, now, full_time, guard, taken) if budget.alive else []
-        if forced:
-            seeds, reason = forced, "deadline"
-        else:
-            count, reason = _allowance(g, now, settings, budget, remaining, taken)
-            if count == 0:
+class _Members:
+    """A batch being formed: the seed first, within the size and token limits."""
+
+    def __init__(self, seed: PendingJob, size: int, max_tokens: int) -> None:
+        self.jobs = [seed]
+        self.sims: list[float] = []
+        self.tokens = seed.tokens
+        self.size = size
+        self.max_tokens = max_tokens
+
+    def extend(self, candidates: list[tuple[float, PendingJob]], taken: set[int],
+               limit: int | None = None) -> None:
+        cap = self.size if limit is None else min(limit, self.size)
+        for sim, job in candidates:
+            if len(self.jobs) >= cap:
                 break
-            seeds = fair.pick(count)
-        formed = _form(g, seeds, settings, taken, remaining, reason)
-        if not formed:
-            break
-        for batch in formed:
-            out.batches.append(batch)
-            budget.spend()
-            remaining -= len(batch.jobs)
-            fair.charge(batch)
-    out.charges.update(fair.charges())
-    return remaining
+            if job.seq in taken or self.tokens + job.tokens > self.max_tokens:
+                continue
+            self.jobs.append(job)
+            self.sims.append(sim)
+            self.tokens += job.tokens
+            taken.add(job.seq)
 
-
-def _allowance(g: Group, now: float, settings: Settings, budget: _Budget, remaining: int,
-               taken: set[int]) -> tuple[int, str]:
-    """How many batches the group may send now, and why."""
-    size = settings.max_batch_size
-    full_batches = remaining // size
-    if budget.idle > 0:
-        return min(budget.idle, max(1, -(-remaining // size))), "idle"
-    if budget.room == 0:
-        return 0, ""
-    if full_batches > 0:
-        return min(budget.room, full_batches), "full"
-    oldest = next((j.created_at for seq, j in g.jobs.items() if seq not in taken), now)
-    if now - oldest >= settings.max_wait_s(g.cls):
-        return 1, "wait"
-    return 0, ""
-
-
-def _forced_seeds(g: Group, now: float, full_time: float, guard: float,
-                  taken: set[int]) -> list[PendingJob]:
-    """Jobs whose slack is under the guard, earliest deadline first."""
-    seeds: list[PendingJob] = []
-    for deadline, seq in g.by_deadline:
-        if deadline - now - full_time >= guard:
-            break
-        if seq not in taken:
-            seeds.append(g.jobs[seq])
-    return seeds
+    def batch(self, key: str, cls: int, reason: str) -> PlannedBatch:
+        seed = self.jobs[0]
+        prefix = (sum(shared_prefix_chars(seed.prefix, j.prefix) for j in self.jobs[1:])
+                  // max(1, len(self.jobs) - 1))
+        return PlannedBatch(key=key, cls=cls, jobs=tuple(self.jobs),
+                            similarity=float(np.mean(self.sims)) if self.sims else None,
+                            shared_prefix_chars=prefix, reason=reason)
 
 
 class _FairShare:
@@ -256,68 +455,3 @@ class _FairShare:
             if before is None or vt != before:
                 out[(self.g.key, self.g.cls, tenant)] = vt - (before or 0.0)
         return out
-
-
-def _form(g: Group, seeds: list[PendingJob], settings: Settings, taken: set[int],
-          remaining: int, reason: str) -> list[PlannedBatch]:
-    """Grow each seed into a batch with its nearest free neighbours.
-
-    Seeds are searched a few at a time, so that later seeds see what earlier ones took.
-    """
-    batches: list[PlannedBatch] = []
-    for start in range(0, len(seeds), SEEDS_PER_SEARCH):
-        chunk = [s for s in seeds[start:start + SEEDS_PER_SEARCH] if s.seq not in taken]
-        if chunk:
-            formed = _form_chunk(g, chunk, settings, taken, remaining, reason)
-            remaining -= sum(len(b.jobs) for b in formed)
-            batches += formed
-    return batches
-
-
-def _form_chunk(g: Group, seeds: list[PendingJob], settings: Settings, taken: set[int],
-                remaining: int, reason: str) -> list[PlannedBatch]:
-    size, max_tokens = settings.max_batch_size, settings.max_batch_tokens
-    threshold = settings.similarity_threshold
-    # Later seeds of one search may find their nearest taken by earlier ones: look further.
-    k = min(len(g.jobs), size * SEARCH_FACTOR + len(seeds) * (size // 2 + 1))
-    sims, ids = g.search(g.vectors([s.seq for s in seeds]), k)
-    batches: list[PlannedBatch] = []
-    for row, seed in enumerate(seeds):
-        if seed.seq in taken:
-            continue
-        taken.add(seed.seq)
-        members, tokens, seed_sims = [seed], seed.tokens, []
-        # Results come most similar first: the near ones, then the far ones.
-        near: list[tuple[int, float, PendingJob]] = []
-        far: list[tuple[float, PendingJob]] = []
-        for sim, seq in zip(sims[row].tolist(), ids[row].tolist(), strict=True):
-            if seq < 0 or seq in taken:
-                continue
-            job = g.jobs[seq]
-            if sim >= threshold:
-                near.append((shared_prefix_chars(seed.prefix, job.prefix), sim, job))
-            elif len(far) < size:
-                far.append((sim, job))
-            else:
-                break
-        near.sort(key=lambda t: (-t[0], -t[1]))
-        candidates = [(sim, job) for _, sim, job in near]
-        if remaining - len(near) - 1 >= size:
-            candidates += far
-        for sim, job in candidates:
-            if len(members) >= size:
-                break
-            if tokens + job.tokens > max_tokens:
-                continue
-            members.append(job)
-            seed_sims.append(sim)
-            tokens += job.tokens
-            taken.add(job.seq)
-        remaining -= len(members)
-        prefix = (sum(shared_prefix_chars(seed.prefix, j.prefix) for j in members[1:])
-                  // max(1, len(members) - 1))
-        batches.append(PlannedBatch(
-            key=g.key, cls=g.cls, jobs=tuple(members),
-            similarity=float(np.mean(seed_sims)) if seed_sims else None,
-            shared_prefix_chars=prefix, reason=reason))
-    return batches

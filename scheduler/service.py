@@ -38,7 +38,7 @@ from jobs.outcomes import record_results
 from jobs.queue import IntakeEntry, RedisQueue, connect
 from jobs.store import JobStore
 from scheduler.embedders import Embedder, create_embedder
-from scheduler.policy import Capacity, PlannedBatch, plan
+from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
 from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
 from scheduler.service_time import ServiceModel
 
@@ -234,14 +234,18 @@ class Scheduler:
         pipe.hgetall(keys.WORKERS)
         stale = now - self.settings.visibility_timeout_s - self.settings.task_time_limit_s
         pipe.zremrangebyscore(keys.INFLIGHT, "-inf", stale)
-        pipe.zcard(keys.INFLIGHT)
-        workers, _, inflight = pipe.execute()
+        pipe.zrange(keys.INFLIGHT, 0, -1)
+        for name in keys.QUEUES:
+            pipe.llen(name)
+        workers, _, inflight, *queued = pipe.execute()
+        shared = sum(1 for member in inflight if int(member.split(":", 1)[0]) >= SHARED_FROM)
         slots = 0
         for raw in workers.values():
             info = json.loads(raw)
             if now - float(info["ts"]) <= WORKER_STALE_S:
                 slots += int(info["concurrency"])
-        return Capacity(slots=slots, inflight=int(inflight))
+        return Capacity(slots=slots, inflight=len(inflight), queued=tuple(map(int, queued)),
+                        shared=shared)
 
     def _expire(self, jobs: Sequence[PendingJob], now: float) -> None:
         results = [JobResult(id=j.id, state=JobState.EXPIRED, created_at=j.created_at,
@@ -257,7 +261,8 @@ class Scheduler:
         meta = json.dumps({"cls": batch.cls, "similarity": batch.similarity,
                            "reason": batch.reason})
         claimed = self.queue.claim(self.token, batch_id, meta,
-                                   [(j.id, j.tenant) for j in batch.jobs], time.time())
+                                   [(j.id, j.tenant) for j in batch.jobs], time.time(),
+                                   batch.cls)
         if claimed is None:
             log.warning("lease lost while claiming batch %s; standing by", batch_id)
             self._step_down()
@@ -271,7 +276,7 @@ class Scheduler:
         self.celery.send_task(
             PROCESS_BATCH,
             kwargs={"batch_id": batch_id, "send_id": uuid.uuid4().hex, "job_ids": job_ids,
-                    "similarity": similarity},
+                    "similarity": similarity, "cls": cls},
             task_id=batch_id,
             queue=keys.queue(cls),
             routing_key=keys.queue(cls),

@@ -31,7 +31,7 @@ class BatchRunner:
     provider_for: Callable[[str], Provider]
 
     def run(self, batch_id: str, send_id: str, job_ids: Sequence[str],
-            similarity: float | None = None) -> dict[str, Any]:
+            similarity: float | None = None, cls: int = 2) -> dict[str, Any]:
         """Run the batch; return a summary (stored as the batch task's own result)."""
         if not self.queue.claim_run(batch_id, send_id, self.settings.result_ttl_s):
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
@@ -40,7 +40,7 @@ class BatchRunner:
             return self._run(batch_id, job_ids, similarity)
         finally:
             with contextlib.suppress(redis.RedisError):
-                self.queue.batch_done(batch_id)
+                self.queue.batch_done(batch_id, cls)
 
     def _run(self, batch_id: str, job_ids: Sequence[str],
              similarity: float | None) -> dict[str, Any]:

@@ -89,10 +89,10 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
 
     @app.task(name=PROCESS_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True)
     def process_batch(self: Task[Any, Any], batch_id: str, send_id: str, job_ids: list[str],
-                      similarity: float | None = None) -> dict[str, Any]:
+                      similarity: float | None = None, cls: int = 2) -> dict[str, Any]:
         """Run one batch of jobs: one provider call, one stored result per job."""
         try:
-            return resources.runner().run(batch_id, send_id, job_ids, similarity)
+            return resources.runner().run(batch_id, send_id, job_ids, similarity, cls)
         except (redis.RedisError, SQLAlchemyError) as exc:
             # Redis or the SQL store failed us, not the jobs: run the batch again shortly
             # (the same send, so it is allowed to; results already stored are kept).

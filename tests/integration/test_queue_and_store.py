@@ -44,14 +44,14 @@ def test_claim_is_fenced_by_the_scheduler_lease(r: redis.Redis) -> None:
     assert q.acquire_lease("me", 5)
     assert not q.acquire_lease("someone-else", 5)
     now = time.time()
-    assert q.claim("someone-else", "b0", "{}", [(s.id, s.tenant)], now) is None
-    assert q.claim("me", "b1", '{"cls": 2}', [(s.id, s.tenant)], now) == [s.id]
-    assert q.claim("me", "b2", '{"cls": 2}', [(s.id, s.tenant)], now) == []  # once only
+    assert q.claim("someone-else", "b0", "{}", [(s.id, s.tenant)], now, 2) is None
+    assert q.claim("me", "b1", '{"cls": 2}', [(s.id, s.tenant)], now, 2) == [s.id]
+    assert q.claim("me", "b2", '{"cls": 2}', [(s.id, s.tenant)], now, 2) == []  # once only
     assert q.outbox() == {"b1": ('{"cls": 2}', [s.id])}
     # Counted in flight from the claim on, so a worker that finishes before the
     # scheduler confirms the send cannot leave a stale entry behind.
-    assert r.zrange(keys.INFLIGHT, 0, -1) == ["b1"]
-    q.batch_done("b1")
+    assert r.zrange(keys.INFLIGHT, 0, -1) == ["2:b1"]
+    q.batch_done("b1", 2)
     q.ack_sent("b1", [s.id])
     assert q.outbox() == {} and r.xlen(keys.INTAKE) == 0
     assert r.zcard(keys.INFLIGHT) == 0

@@ -121,10 +121,18 @@ def test_higher_classes_go_first_and_a_held_class_blocks_lower_ones_of_its_key()
     pool = make_pool([J("crit", priority=0), J("bulk-old", priority=4, age=100),
                       J("high-young", priority=1, age=0.001, key=KEY_A),
                       J("bulk-b", priority=4, key=KEY_B, age=100)])
-    # One batch of room beyond the running ones: critical takes it; high is then held,
-    # so bulk of the same key waits; bulk of another key is also out of room.
+    # One batch of room beyond the running ones: critical takes it, and, capacity being
+    # scarce, the lower classes of its key ride along in class order. Bulk of another key
+    # is out of room.
     p = plan(pool, NOW, base_settings(), Capacity(slots=2, inflight=3))
-    assert sent_ids(p) == ["crit"]
+    assert len(p.batches) == 1 and p.batches[0].cls == 0
+    assert sent_ids(p) == ["crit", "high-young", "bulk-old"]
+
+
+def test_riders_wait_while_workers_are_plentiful() -> None:
+    pool = make_pool([J("crit", priority=0), J("bulk", priority=4)])
+    p = plan(pool, NOW, base_settings(), Capacity(slots=4))
+    assert [[j.id for j in b.jobs] for b in p.batches] == [["crit"], ["bulk"]]
 
 
 def test_similar_prompts_are_grouped_by_template() -> None:
@@ -197,7 +205,8 @@ def test_plan_keeps_its_invariants(specs: list[J], slots: int, inflight: int, si
     for b in p.batches:
         # No batch mixes keys or classes; size and token limits hold (the seed always goes).
         assert {j.key for j in b.jobs} == {b.key}
-        assert {j.cls for j in b.jobs} == {b.cls}
+        # The seed is of the batch's class; riders come from lower classes only.
+        assert b.jobs[0].cls == b.cls and all(j.cls >= b.cls for j in b.jobs)
         assert 1 <= len(b.jobs) <= size
         assert len(b.jobs) == 1 or b.tokens <= max_tokens
         # Nothing is sent that cannot make its deadline.
@@ -212,7 +221,9 @@ def test_plan_keeps_its_invariants(specs: list[J], slots: int, inflight: int, si
         for sp in specs:
             if sp.key == b.key and sp.priority < b.cls:
                 assert sp.id in done, f"class {sp.priority} left pending while {b.cls} sent"
-    # Work conservation: with an idle worker, some job is sent if any is pending.
-    if slots > inflight and len(done) < len(specs):
+    # Work conservation: with a worker idle that a pending job's class may use (normal and
+    # below leave the reserved quarter to critical and high), something is sent.
+    cap = Capacity(slots=slots, inflight=inflight, reserved=min(slots // 4, max(0, slots - 1)))
+    if any(cap.idle(sp.priority) > 0 for sp in specs if sp.id not in done):
         assert p.batches, "a worker was idle while jobs waited"
     assert set(by_id) >= done
