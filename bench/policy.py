@@ -74,7 +74,7 @@ def pending(jobs: Sequence[Job], now: float, ids: Sequence[str] | None = None,
 
 
 def new_pool() -> Pool:
-    return Pool(dim=EMB.dim, horizons=(1.0, 2.0, 5.0, 30.0, 300.0))
+    return Pool(dim=EMB.dim, horizons=(1.0, 2.0, 5.0, 30.0, 300.0), aging_s=settings().aging_s)
 
 
 # --- (a) plan cost ---------------------------------------------------------------------
@@ -231,7 +231,7 @@ class OurPlanner(Planner):
     def step(self, now: float, cap: Capacity) -> tuple[list[tuple[int, list[SimJob]]],
                                                         list[SimJob]]:
         if now - self.last_promote > 0.5:
-            self.pool.promote(now, self.st.aging_s)
+            self.pool.promote(now)
             self.last_promote = now
         p = plan(self.pool, now, self.st, cap, self.service)
         self.pool.remove([j.id for j in p.expired])

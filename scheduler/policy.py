@@ -340,8 +340,8 @@ class _Tick:
     def _candidates(self, g: Group, seed: PendingJob, sims: np.ndarray, ids: np.ndarray,
                     size: int) -> tuple[list[tuple[float, PendingJob]],
                                         list[tuple[float, PendingJob]]]:
-        """Free neighbours of the seed: those above the threshold, longest shared prefix
-        first, and up to ``size`` below it, nearest first."""
+        """Free neighbours of the seed: the ``2 * size`` nearest above the threshold,
+        longest shared prefix first, and up to ``size`` below it, nearest first."""
         threshold = self.settings.similarity_threshold
         near: list[tuple[int, float, PendingJob]] = []
         far: list[tuple[float, PendingJob]] = []
@@ -351,7 +351,8 @@ class _Tick:
                 continue
             job = g.jobs[seq]
             if sim >= threshold:
-                near.append((shared_prefix_chars(seed.prefix, job.prefix), sim, job))
+                if len(near) < SEARCH_FACTOR * size:
+                    near.append((shared_prefix_chars(seed.prefix, job.prefix), sim, job))
             elif len(far) < size:
                 far.append((sim, job))
             else:

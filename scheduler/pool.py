@@ -80,14 +80,18 @@ class PendingJob:
 class Group:
     """Pending jobs of one compatibility key and one class."""
 
-    def __init__(self, key: str, cls: int, dim: int, horizon: float) -> None:
+    def __init__(self, key: str, cls: int, dim: int, horizon: float,
+                 aging_s: float = math.inf) -> None:
         self.key = key
         self.cls = cls
         self.dim = dim
         self.horizon = horizon
+        self.aging_s = aging_s
         self.jobs: dict[int, PendingJob] = {}
         self.by_tenant: dict[str, SortedList] = {}
         self.by_deadline: SortedList = SortedList()
+        #: (time the job is due for promotion to the next class, seq)
+        self.by_promotion: SortedList = SortedList()
         self.index: faiss.Index = _flat_index(dim)
         self.approximate = False
         self._quantizer: faiss.Index | None = None
@@ -105,6 +109,8 @@ class Group:
                 (job.urgency(self.horizon), job.seq))
             if job.deadline is not None:
                 self.by_deadline.add((job.deadline, job.seq))
+            if self.cls > 0 and self.aging_s < math.inf:
+                self.by_promotion.add((self._promote_at(job), job.seq))
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
         if not self.approximate and len(self.jobs) > APPROX_THRESHOLD:
             self._to_approximate()
@@ -123,10 +129,20 @@ class Group:
                 del self.by_tenant[job.tenant]
             if job.deadline is not None:
                 self.by_deadline.remove((job.deadline, seq))
+            if self.cls > 0 and self.aging_s < math.inf:
+                self.by_promotion.remove((self._promote_at(job), seq))
         if gone:
             self.index.remove_ids(np.fromiter(  # type: ignore[arg-type]
                 (j.seq for j in gone), dtype=np.int64, count=len(gone)))
         return gone
+
+    def _promote_at(self, job: PendingJob) -> float:
+        """When the job has waited one ``aging_s`` per class it climbed, plus one."""
+        return job.created_at + self.aging_s * (job.priority - self.cls + 1)
+
+    def due_for_promotion(self, now: float) -> list[PendingJob]:
+        """Jobs that have waited long enough to move up a class."""
+        return [self.jobs[seq] for at, seq in self.by_promotion.irange(maximum=(now, 2**62))]
 
     def vectors(self, seqs: Sequence[int] | np.ndarray) -> Vectors:
         """The stored vectors of jobs (rows in the order of ``seqs``)."""
@@ -171,6 +187,8 @@ class Pool:
 
     dim: int
     horizons: tuple[float, ...]
+    #: A job moves up one class per ``aging_s`` seconds waited (inf: never).
+    aging_s: float = math.inf
     groups: dict[tuple[str, int], Group] = field(default_factory=dict)
     by_id: dict[str, PendingJob] = field(default_factory=dict)
     #: Jobs served per (key, class, tenant), for weighted fair sharing.
@@ -187,7 +205,8 @@ class Pool:
         """The group of (key, class), created empty if new."""
         g = self.groups.get((key, cls))
         if g is None:
-            g = self.groups[(key, cls)] = Group(key, cls, self.dim, self.horizons[cls])
+            g = self.groups[(key, cls)] = Group(key, cls, self.dim, self.horizons[cls],
+                                                self.aging_s)
         return g
 
     def add(self, jobs: Sequence[PendingJob], vectors: Vectors, *,
@@ -222,17 +241,18 @@ class Pool:
                 del self.groups[gk]
         return gone
 
-    def promote(self, now: float, aging_s: float) -> int:
-        """Move jobs that waited ``aging_s`` per class step up one class; return how many."""
+    def promote(self, now: float) -> int:
+        """Promote jobs by one class per ``aging_s`` waited; return how many moved.
+
+        Classes are visited lowest first, so a job that waited several bounds climbs
+        several classes in one call.
+        """
         moved = 0
-        for (key, c), g in list(self.groups.items()):
-            if c == 0:
+        for (key, c) in sorted(self.groups, key=lambda gk: -gk[1]):
+            g = self.groups.get((key, c))
+            if g is None or c == 0:
                 continue
-            aged: list[PendingJob] = []
-            for job in g.jobs.values():  # insertion order: oldest first
-                if now - job.created_at < aging_s * (job.priority - c + 1):
-                    break
-                aged.append(job)
+            aged = g.due_for_promotion(now)
             if not aged:
                 continue
             vecs = g.vectors([j.seq for j in aged])

@@ -83,7 +83,7 @@ class Scheduler:
     def _new_pool(self) -> Pool:
         horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
                          for c in range(5))
-        return Pool(dim=self.embedder.dim, horizons=horizons)
+        return Pool(dim=self.embedder.dim, horizons=horizons, aging_s=self.settings.aging_s)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -190,7 +190,7 @@ class Scheduler:
             self.last_event = events[-1][0]
         now = time.time()
         if now - self._last_promote >= PROMOTE_EVERY_S:
-            self.pool.promote(now, self.settings.aging_s)
+            self.pool.promote(now)
             self._last_promote = now
         if not len(self.pool):
             return

@@ -43,8 +43,8 @@ class J:
     deadline_in: float | None = None
 
 
-def make_pool(specs: list[J]) -> Pool:
-    pool = Pool(dim=EMB.dim, horizons=(1.0, 2.0, 5.0, 30.0, 300.0))
+def make_pool(specs: list[J], aging_s: float = 600.0) -> Pool:
+    pool = Pool(dim=EMB.dim, horizons=(1.0, 2.0, 5.0, 30.0, 300.0), aging_s=aging_s)
     jobs = [PendingJob(id=s.id, key=s.key, priority=s.priority, tenant=s.tenant,
                        created_at=NOW - s.age,
                        deadline=None if s.deadline_in is None else NOW + s.deadline_in,
@@ -227,3 +227,32 @@ def test_plan_keeps_its_invariants(specs: list[J], slots: int, inflight: int, si
     if any(cap.idle(sp.priority) > 0 for sp in specs if sp.id not in done):
         assert p.batches, "a worker was idle while jobs waited"
     assert set(by_id) >= done
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(big=st.integers(40, 200), smalls=st.integers(1, 6), size=st.integers(2, 8))
+def test_every_tenant_seeds_a_batch_within_one_round(big: int, smalls: int, size: int) -> None:
+    # One tenant's backlog, and a few tenants with a single job each, arriving last.
+    specs = [J(f"big{i}", tenant="big", age=100 - i * 0.01, text=f"backlog item {i}")
+             for i in range(big)]
+    specs += [J(f"s{t}", tenant=f"small{t}", age=0.0, text=f"lone request {t}")
+              for t in range(smalls)]
+    pool = make_pool(specs)
+    s = base_settings(max_batch_size=size, similarity_threshold=1.0)
+    p = plan(pool, NOW, s, Capacity(slots=smalls + 1))
+    served = {j.tenant for b in p.batches[:smalls + 1] for j in b.jobs}
+    # Weighted fair sharing: the first round of batches serves every tenant, so no small
+    # tenant waits more than about one batch behind the backlog.
+    assert served == {"big"} | {f"small{t}" for t in range(smalls)}
+
+
+def test_aging_promotes_a_waiting_job_one_class_per_bound() -> None:
+    pool = make_pool([J("old-bulk", priority=4, age=250), J("new-bulk", priority=4, age=1),
+                      J("old-low", priority=3, age=120)], aging_s=100)
+    pool.promote(NOW)
+    cls = {j.id: j.cls for j in pool.by_id.values()}
+    # One class per 100 s waited: 250 s is two classes up, 120 s one.
+    assert cls == {"old-bulk": 2, "new-bulk": 4, "old-low": 2}
+    pool.promote(NOW + 60)
+    assert pool.by_id["old-bulk"].cls == 1  # 310 s: a third bound passed
+    assert pool.by_id["new-bulk"].cls == 4
