@@ -73,3 +73,13 @@ def queue(priority: int) -> str:
 
 #: All class queues, highest priority first.
 QUEUES: tuple[str, ...] = tuple(queue(p) for p in range(len(PRIORITY_NAMES)))
+
+
+def cooldown(deployment: str) -> str:
+    """Set while a failing deployment (``provider|model``) cools down."""
+    return f"{PREFIX}cooldown:{deployment}"
+
+
+def failures(deployment: str) -> str:
+    """Transient failures in a row of a deployment."""
+    return f"{PREFIX}failures:{deployment}"

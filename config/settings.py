@@ -215,6 +215,69 @@ class Settings(BaseSettings):
     anthropic_api_key: SecretStr = Field(
         default=SecretStr(""), description="anthropic: API key, never logged or stored."
     )
+    openai_endpoint: Literal["chat", "completions"] = Field(
+        default="chat",
+        description="openai: '/v1/chat/completions' (one request per job), or "
+        "'/v1/completions' (a batch's plain prompts in one request, as a list).",
+    )
+    openai_prompt_cache_key: bool = Field(
+        default=True,
+        description="openai: send 'prompt_cache_key' derived from the batch's shared prefix, "
+        "so OpenAI routes the batch's requests to the same cache.",
+    )
+    anthropic_version: str = Field(default="2023-06-01",
+                                   description="anthropic: the anthropic-version header.")
+    anthropic_min_cache_tokens: int = Field(
+        default=1024,
+        ge=0,
+        description="anthropic: a batch's shared prefix is marked with cache_control when it "
+        "is at least this many (estimated) tokens; below it Anthropic does not cache.",
+    )
+    anthropic_default_max_tokens: int = Field(
+        default=1024, ge=1, description="anthropic: max_tokens of jobs that set none."
+    )
+    provider_concurrency: int = Field(
+        default=8, ge=1, le=256,
+        description="Requests one worker process has in flight to one provider at once.",
+    )
+    provider_connect_timeout_s: float = Field(default=5.0, gt=0,
+                                              description="HTTP connect timeout.")
+    provider_read_timeout_s: float = Field(
+        default=60.0, gt=0, description="HTTP read timeout: longest silence from the server.")
+    provider_total_timeout_s: float = Field(
+        default=120.0, gt=0, description="Longest one HTTP request may take, start to end.")
+    provider_max_attempts: int = Field(
+        default=4, ge=1, le=20,
+        description="Calls a job gets for transient errors (429, 529, 5xx, timeouts, "
+        "resets) before it ends FAILED.",
+    )
+    provider_retry_base_s: float = Field(
+        default=0.5, ge=0, description="First backoff after a transient error; doubles, "
+        "with up to 25% jitter.")
+    provider_retry_max_s: float = Field(
+        default=30.0, ge=0, description="Longest backoff, and the longest Retry-After honoured.")
+    provider_split_after: int = Field(
+        default=2, ge=1,
+        description="A group of requests that fails as a whole this many times in a row is "
+        "split in halves, each retried on its own.",
+    )
+    rate_limits: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Shared limits per 'provider|model' (or 'provider'): {'rpm': requests "
+        "per minute, 'tpm': tokens per minute, 'per_tenant': 1 to apply them per tenant}. "
+        "Workers wait for budget instead of sending into a 429.",
+    )
+    fallbacks: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Ordered alternatives per 'provider|model', e.g. "
+        "{'openai|gpt-4o': ['anthropic|claude-sonnet-4-5']}; used while a deployment cools "
+        "down.",
+    )
+    cooldown_failures: int = Field(
+        default=3, ge=1,
+        description="Transient failures in a row after which a deployment cools down.")
+    cooldown_s: float = Field(default=60.0, gt=0,
+                              description="How long a failing deployment is avoided.")
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:

@@ -119,3 +119,30 @@ RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+#: KEYS: token buckets. ARGV: now, then per bucket: capacity, refill per second, cost.
+#: Takes ``cost`` from every bucket if all have enough; otherwise takes nothing and
+#: returns the seconds until they will (as a string: Lua numbers become integers).
+TAKE_TOKENS = """
+local now = tonumber(ARGV[1])
+local wait = 0
+local state = {}
+for i = 1, #KEYS do
+  local cap = tonumber(ARGV[2 + (i - 1) * 3])
+  local rate = tonumber(ARGV[3 + (i - 1) * 3])
+  local cost = math.min(tonumber(ARGV[4 + (i - 1) * 3]), cap)
+  local v = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
+  local tokens = tonumber(v[1]) or cap
+  local ts = tonumber(v[2]) or now
+  tokens = math.min(cap, tokens + math.max(0, now - ts) * rate)
+  if tokens < cost then wait = math.max(wait, (cost - tokens) / rate) end
+  state[i] = {tokens, cost, math.ceil(cap / rate) * 2 + 1}
+end
+for i = 1, #KEYS do
+  local tokens = state[i][1]
+  if wait == 0 then tokens = tokens - state[i][2] end
+  redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ts', tostring(now))
+  redis.call('EXPIRE', KEYS[i], state[i][3])
+end
+return tostring(wait)
+"""

@@ -262,6 +262,7 @@ class JobResult(BaseModel):
     batch_id: str | None = None
     batch_size: int | None = None
     batch_similarity: float | None = None
+    attempts: int | None = None
     created_at: float | None = None
     started_at: float | None = None
     finished_at: float = Field(default_factory=lambda: datetime.now(UTC).timestamp())

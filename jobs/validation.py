@@ -18,6 +18,8 @@ from jobs.models import JobRequest, JobSpec
 PROVIDER_DEFAULT_MODELS: dict[str, str] = {
     "echo": "echo-1",
     "simulated": "sim-1",
+    "openai": "gpt-4o-mini",
+    "anthropic": "claude-haiku-4-5",
 }
 
 

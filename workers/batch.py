@@ -16,7 +16,9 @@ from jobs.models import JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
-from workers.providers import Provider, ProviderReply, ProviderRequest
+from workers.providers import Provider, ProviderRequest
+from workers.ratelimit import RateLimiter
+from workers.retry import Caller, Health, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,13 @@ class BatchRunner:
     queue: RedisQueue
     store: JobStore
     provider_for: Callable[[str], Provider]
+    caller: Caller | None = None
+
+    def __post_init__(self) -> None:
+        if self.caller is None:
+            self.caller = Caller(self.settings, self.provider_for,
+                                 RateLimiter(self.queue.r, self.settings),
+                                 Health(self.queue.r, self.settings))
 
     def run(self, batch_id: str, send_id: str, job_ids: Sequence[str],
             similarity: float | None = None, cls: int = 2) -> dict[str, Any]:
@@ -64,10 +73,10 @@ class BatchRunner:
                                     provider=s.provider, model=s.model, finished_at=started,
                                     error="deadline passed before the job could run", **base)
                           for s in expired], expired)
-        replies = self._call(runnable) if runnable else []
+        outcomes = self._call(runnable) if runnable else []
         finished = time.time()
-        results = [_result(spec, reply, started, finished, base)
-                   for spec, reply in zip(runnable, replies, strict=True)]
+        results = [_result(spec, outcome, started, finished, base)
+                   for spec, outcome in zip(runnable, outcomes, strict=True)]
         self._record(results, runnable)
         if runnable:
             self.queue.post_event(done=batch_id, deployment=f"{runnable[0].provider}|"
@@ -78,20 +87,15 @@ class BatchRunner:
                 "skipped": skipped, "seconds": round(finished - started, 4),
                 "ran": [s.id for s in runnable]}
 
-    def _call(self, specs: list[JobSpec]) -> list[ProviderReply]:
-        """One provider call for the batch, in an order where shared prefixes travel together."""
-        order = sorted(range(len(specs)), key=lambda i: specs[i].text)
-        requests = [ProviderRequest.from_spec(specs[i]) for i in order]
-        provider = self.provider_for(specs[0].provider)
-        try:
-            replies = provider.complete(requests)
-        except Exception as exc:  # the provider's failure fails the batch's jobs, with the reason
-            log.exception("provider %s failed a batch of %d", provider.name, len(requests))
-            reason = f"provider {provider.name} failed: {type(exc).__name__}: {exc}"
-            replies = [ProviderReply(job_id=r.job_id, error=reason) for r in requests]
-        by_id = {r.job_id: r for r in replies}
-        return [by_id.get(s.id) or ProviderReply(job_id=s.id, error="provider gave no reply")
-                for s in specs]
+    def _call(self, specs: list[JobSpec]) -> list[Outcome]:
+        """Call the provider for the batch, in an order where shared prefixes travel
+        together, through the one retry layer."""
+        assert self.caller is not None
+        order = sorted(specs, key=lambda s: s.text)
+        requests = [ProviderRequest.from_spec(s) for s in order]
+        outcomes = self.caller.call(requests, specs[0].provider,
+                                    {s.id: s.tenant for s in specs})
+        return [outcomes[s.id] for s in specs]
 
     def _record(self, results: list[JobResult], specs: list[JobSpec]) -> None:
         if results:
@@ -99,9 +103,12 @@ class BatchRunner:
                            result_ttl_s=self.settings.result_ttl_s)
 
 
-def _result(spec: JobSpec, reply: ProviderReply, started: float, finished: float,
+def _result(spec: JobSpec, outcome: Outcome, started: float, finished: float,
             base: dict[str, Any]) -> JobResult:
+    reply = outcome.reply
     state = JobState.SUCCEEDED if reply.ok else JobState.FAILED
+    provider, model = outcome.deployment.split("|", 1)
     return JobResult(id=spec.id, state=state, text=reply.text, usage=reply.usage,
-                     error=reply.error, provider=spec.provider, model=spec.model,
-                     created_at=spec.created_at, started_at=started, finished_at=finished, **base)
+                     error=reply.error, provider=provider, model=model,
+                     attempts=outcome.attempts, created_at=spec.created_at,
+                     started_at=started, finished_at=finished, **base)

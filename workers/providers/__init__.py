@@ -13,6 +13,8 @@ class ProviderName(StrEnum):
 
     ECHO = "echo"  #: deterministic and instant, for tests
     SIMULATED = "simulated"  #: a cost model of a prefix-caching server, for benchmarks
+    OPENAI = "openai"  #: any OpenAI-compatible HTTP server
+    ANTHROPIC = "anthropic"  #: the Anthropic Messages API
 
 
 def create_provider(name: str, settings: Settings) -> Provider:
@@ -26,6 +28,14 @@ def create_provider(name: str, settings: Settings) -> Provider:
         from workers.providers.echo import EchoProvider
 
         return EchoProvider()
+    if chosen is ProviderName.OPENAI:
+        from workers.providers.openai import OpenAIProvider
+
+        return OpenAIProvider(settings)
+    if chosen is ProviderName.ANTHROPIC:
+        from workers.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(settings)
     from workers.providers.simulated import CostModel, SimulatedProvider
 
     return SimulatedProvider(CostModel.from_settings(settings))

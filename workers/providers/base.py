@@ -31,12 +31,20 @@ class ProviderRequest:
 
 @dataclass(frozen=True, slots=True)
 class ProviderReply:
-    """The provider's answer to one request: text and usage, or the job's own error."""
+    """The provider's answer to one request: text and usage, or an error.
+
+    An error is ``transient`` when trying again later may succeed (429, 529, 5xx,
+    timeouts, resets), with the server's ``retry_after`` seconds when it gave one;
+    otherwise it belongs to the job (context too long, another 4xx, a malformed
+    response) and is final. Providers never retry: ``workers.retry`` is the one layer.
+    """
 
     job_id: str
     text: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    transient: bool = False
+    retry_after: float | None = None
 
     @property
     def ok(self) -> bool:

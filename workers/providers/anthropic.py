@@ -1,0 +1,127 @@
+"""``anthropic``: the Messages API, with the batch's shared prefix marked for caching.
+
+When every member of a batch has the same system prompt, or the same leading user
+content, and it is at least ``anthropic_min_cache_tokens`` long, that prefix is sent as
+its own block with ``cache_control: {"type": "ephemeral"}``: the first member writes the
+cache, the others read it at a tenth of the price. Requests go out first-then-parallel
+so that the first member's cache write lands before the others read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from config.settings import Settings
+from jobs.models import Usage
+from workers.providers.base import ProviderReply, ProviderRequest
+from workers.providers.http import (
+    Gate,
+    SendError,
+    Strategy,
+    classify,
+    make_client,
+    run_ordered,
+    send,
+    shared_prefix,
+)
+
+CONTEXT_MARKERS = ("prompt is too long", "context length", "context window",
+                   "too many tokens")
+EPHEMERAL = {"type": "ephemeral"}
+
+
+def _split(req: ProviderRequest) -> tuple[str, list[dict[str, str]]]:
+    """System text and the user/assistant turns of a request."""
+    if req.messages is None:
+        return "", [{"role": "user", "content": req.prompt or ""}]
+    system = "\n\n".join(m.content for m in req.messages if m.role in ("system", "developer"))
+    turns = [{"role": "assistant" if m.role == "assistant" else "user", "content": m.content}
+             for m in req.messages if m.role not in ("system", "developer")]
+    return system, turns or [{"role": "user", "content": ""}]
+
+
+class AnthropicProvider:
+    """The Anthropic Messages API."""
+
+    name = "anthropic"
+
+    def __init__(self, settings: Settings, *, base_url: str | None = None,
+                 api_key: str | None = None) -> None:
+        self.settings = settings
+        self.base_url = (base_url or settings.anthropic_base_url).rstrip("/")
+        key = api_key if api_key is not None else settings.anthropic_api_key.get_secret_value()
+        self._headers = {"x-api-key": key, "anthropic-version": settings.anthropic_version}
+        self.client = make_client(settings)
+        self.gate = Gate(settings.provider_concurrency)
+
+    def payloads(self, requests: Sequence[ProviderRequest]) -> list[dict[str, Any]]:
+        """The request bodies of a batch, its shared prefix marked for caching."""
+        parts = [_split(r) for r in requests]
+        min_chars = self.settings.anthropic_min_cache_tokens * 4
+        systems = {s for s, _ in parts}
+        cache_system = len(requests) > 1 and len(systems) == 1 and len(next(iter(systems))) \
+            >= min_chars
+        firsts = [t[0]["content"] for _, t in parts]
+        lead = "" if cache_system or len(requests) < 2 else shared_prefix(firsts, 1_000_000)
+        cache_lead = len(lead) >= min_chars and all(len(f) > len(lead) for f in firsts)
+        out = []
+        for req, (system, turns) in zip(requests, parts, strict=True):
+            body: dict[str, Any] = {
+                "model": req.model,
+                "max_tokens": req.params.max_tokens or self.settings.anthropic_default_max_tokens,
+            }
+            if system:
+                body["system"] = ([{"type": "text", "text": system, "cache_control": EPHEMERAL}]
+                                  if cache_system else system)
+            messages: list[dict[str, Any]] = list(turns)
+            if cache_lead:
+                messages[0] = {"role": messages[0]["role"], "content": [
+                    {"type": "text", "text": lead, "cache_control": EPHEMERAL},
+                    {"type": "text", "text": messages[0]["content"][len(lead):]}]}
+            body["messages"] = messages
+            p = req.params
+            if p.temperature is not None:
+                body["temperature"] = min(p.temperature, 1.0)
+            if p.top_p is not None:
+                body["top_p"] = p.top_p
+            if p.stop:
+                body["stop_sequences"] = p.stop
+            out.append(body)
+        return out
+
+    def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
+        bodies = {r.job_id: b for r, b in zip(requests, self.payloads(requests), strict=True)}
+        return run_ordered(requests, Strategy.WARM_THEN_PARALLEL,
+                           self.settings.provider_concurrency,
+                           lambda r: self._one(r, bodies[r.job_id]))
+
+    def _one(self, req: ProviderRequest, body: dict[str, Any]) -> ProviderReply:
+        try:
+            with self.gate:
+                resp = send(self.client, f"{self.base_url}/v1/messages", body, self._headers,
+                            self.settings.provider_total_timeout_s)
+        except SendError as exc:
+            return ProviderReply(job_id=req.job_id, transient=True, error=str(exc))
+        bad = classify(req.job_id, resp, context_markers=CONTEXT_MARKERS)
+        if bad is not None:
+            return bad
+        try:
+            data = resp.json()
+            text = "".join(block["text"] for block in data["content"]
+                           if block.get("type") == "text")
+            if not text:
+                raise ValueError("empty answer")
+            u = data.get("usage") or {}
+            read = int(u.get("cache_read_input_tokens") or 0)
+            written = int(u.get("cache_creation_input_tokens") or 0)
+            usage = Usage(prompt_tokens=int(u.get("input_tokens") or 0) + read + written,
+                          completion_tokens=int(u.get("output_tokens") or 0),
+                          cached_tokens=read)
+            return ProviderReply(job_id=req.job_id, text=text, usage=usage)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc}): "
+                                 f"{resp.raw}")
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,170 @@
+"""``openai``: any OpenAI-compatible server (OpenAI, vLLM, SGLang, llama.cpp's server, Ollama).
+
+Chat jobs go to ``/v1/chat/completions``, one request per job, sent by the prefix
+strategy: ``sequential`` for servers whose slots each keep their own prompt cache
+(llama.cpp: a prefix is reused only when the batch's members follow one another onto the
+same slot), ``warm_then_parallel`` for servers with one shared prefix cache (vLLM,
+SGLang, OpenAI: the first member warms it, the rest go out together), or ``auto``, which
+asks the server (llama.cpp answers ``/props``). With ``openai_endpoint = completions``,
+a batch's plain prompts go to ``/v1/completions`` as one list; the response's total
+usage is then shared out over the jobs in proportion to their prompt length.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from config.settings import Settings
+from jobs.models import Usage
+from workers.providers.base import ProviderReply, ProviderRequest
+from workers.providers.http import (
+    Gate,
+    SendError,
+    Strategy,
+    cache_key,
+    classify,
+    make_client,
+    run_ordered,
+    send,
+)
+
+log = logging.getLogger(__name__)
+
+CONTEXT_MARKERS = ("context_length_exceeded", "maximum context length", "context length",
+                   "context window", "exceeds the available context", "too many tokens")
+_PARAMS = ("temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty",
+           "frequency_penalty")
+
+
+class OpenAIProvider:
+    """An OpenAI-compatible HTTP server."""
+
+    name = "openai"
+
+    def __init__(self, settings: Settings, *, base_url: str | None = None,
+                 api_key: str | None = None) -> None:
+        self.settings = settings
+        self.base_url = (base_url or settings.openai_base_url).rstrip("/")
+        key = api_key if api_key is not None else settings.openai_api_key.get_secret_value()
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = make_client(settings)
+        self.gate = Gate(settings.provider_concurrency)
+        self._strategy: Strategy | None = (
+            None if settings.openai_prefix_strategy == "auto"
+            else Strategy(settings.openai_prefix_strategy))
+
+    @property
+    def strategy(self) -> Strategy:
+        """The prefix strategy (``auto`` asks the server once)."""
+        if self._strategy is None:
+            self._strategy = self._probe()
+        return self._strategy
+
+    def _probe(self) -> Strategy:
+        root = self.base_url.removesuffix("/v1")
+        try:
+            resp = self.client.get(f"{root}/props", headers=self._headers, timeout=5.0)
+            if resp.status_code == 200 and "total_slots" in resp.json():
+                log.info("openai: %s is a llama.cpp server: sending batches sequentially", root)
+                return Strategy.SEQUENTIAL
+        except (httpx.HTTPError, ValueError):
+            pass
+        return Strategy.WARM_THEN_PARALLEL
+
+    def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
+        texts = [r.text for r in requests]
+        key = cache_key(texts) if self.settings.openai_prompt_cache_key else None
+        if self.settings.openai_endpoint == "completions" and all(
+                r.prompt is not None for r in requests):
+            return self._completions(requests, key)
+        return run_ordered(requests, self.strategy, self.settings.provider_concurrency,
+                           lambda r: self._chat(r, key))
+
+    def _params(self, req: ProviderRequest) -> dict[str, Any]:
+        p = req.params.model_dump(exclude_none=True)
+        return {k: p[k] for k in _PARAMS if k in p}
+
+    def _chat(self, req: ProviderRequest, key: str | None) -> ProviderReply:
+        messages = ([{"role": m.role, "content": m.content} for m in req.messages]
+                    if req.messages is not None else [{"role": "user", "content": req.prompt}])
+        payload: dict[str, Any] = {"model": req.model, "messages": messages, **self._params(req)}
+        if key:
+            payload["prompt_cache_key"] = key
+        try:
+            with self.gate:
+                resp = send(self.client, f"{self.base_url}/chat/completions", payload,
+                            self._headers, self.settings.provider_total_timeout_s)
+        except SendError as exc:
+            return ProviderReply(job_id=req.job_id, transient=True, error=str(exc))
+        bad = classify(req.job_id, resp, context_markers=CONTEXT_MARKERS)
+        if bad is not None:
+            return bad
+        try:
+            data = resp.json()
+            text = data["choices"][0]["message"]["content"]
+            if not isinstance(text, str) or not text:
+                raise ValueError("empty answer")
+            return ProviderReply(job_id=req.job_id, text=text, usage=parse_usage(data))
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc}): "
+                                 f"{resp.raw}")
+
+    def _completions(self, requests: Sequence[ProviderRequest],
+                     key: str | None) -> list[ProviderReply]:
+        first = requests[0]
+        payload: dict[str, Any] = {"model": first.model, "prompt": [r.prompt for r in requests],
+                                   **self._params(first)}
+        if key:
+            payload["prompt_cache_key"] = key
+        try:
+            with self.gate:
+                resp = send(self.client, f"{self.base_url}/completions", payload,
+                            self._headers, self.settings.provider_total_timeout_s)
+        except SendError as exc:
+            return [ProviderReply(job_id=r.job_id, transient=True, error=str(exc))
+                    for r in requests]
+        bad = classify(first.job_id, resp, context_markers=CONTEXT_MARKERS)
+        if bad is not None:
+            return [ProviderReply(job_id=r.job_id, text=None, error=bad.error,
+                                  transient=bad.transient, retry_after=bad.retry_after)
+                    for r in requests]
+        try:
+            data = resp.json()
+            texts = {int(c["index"]): c["text"] for c in data["choices"]}
+            total = parse_usage(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            return [ProviderReply(job_id=r.job_id, error=f"malformed response ({exc}): "
+                                  f"{resp.raw}") for r in requests]
+        weights = [len(r.text) + 1 for r in requests]
+        out = []
+        for i, req in enumerate(requests):
+            text = texts.get(i)
+            if not isinstance(text, str) or not text:
+                out.append(ProviderReply(job_id=req.job_id,
+                                         error=f"no answer for prompt {i}: {resp.raw}"))
+                continue
+            share = weights[i] / sum(weights)
+            usage = None if total is None else Usage(
+                prompt_tokens=round(total.prompt_tokens * share),
+                completion_tokens=round(total.completion_tokens / len(requests)),
+                cached_tokens=round(total.cached_tokens * share))
+            out.append(ProviderReply(job_id=req.job_id, text=text, usage=usage))
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def parse_usage(data: dict[str, Any]) -> Usage | None:
+    """OpenAI's ``usage``, with ``prompt_tokens_details.cached_tokens`` (None if absent)."""
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details") or {}
+    return Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                 completion_tokens=int(usage.get("completion_tokens") or 0),
+                 cached_tokens=int(details.get("cached_tokens") or 0))

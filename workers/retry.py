@@ -1,0 +1,248 @@
+"""The one retry layer: every provider call of a batch goes through ``Caller.call``.
+
+Providers never retry, and their HTTP clients are built with ``retries=0``, so a request
+is retried here or nowhere:
+
+* 429 and 529 wait what the server asks (``retry-after-ms``, ``Retry-After``), up to
+  ``provider_retry_max_s``; a longer ask is not honoured by waiting, the deployment is
+  counted as failing instead (so a fallback takes over).
+* 5xx, timeouts and connection resets back off exponentially (``provider_retry_base_s``
+  doubling, up to 25% jitter, capped at ``provider_retry_max_s``).
+* Nothing is retried past a job's deadline, and a job gets ``provider_max_attempts``
+  calls in all; then it ends FAILED with the last error as its reason.
+* A group of requests that fails as a whole ``provider_split_after`` times in a row is
+  split in halves, each retried on its own: one poisonous prompt in a multi-prompt
+  request then fails alone.
+* Errors of the job itself (context too long, another 4xx, a malformed or empty answer)
+  are final at once; the other jobs' results are kept.
+* A deployment (``provider|model``) that fails ``cooldown_failures`` times in a row cools
+  down for ``cooldown_s`` (shared in Redis), and its jobs go to the next of
+  ``Settings.fallbacks`` meanwhile.
+* Shared rate limits are taken before each call (``workers.ratelimit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+from config import keys
+from config.settings import Settings
+from workers.providers import Provider
+from workers.providers.base import ProviderReply, ProviderRequest
+from workers.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+
+def backoff(attempt: int, retry_after: float | None, *, base: float, cap: float,
+            rng: random.Random) -> float | None:
+    """Seconds to wait before call number ``attempt + 1``; None: do not wait for it.
+
+    Pure: the randomness comes from ``rng``.
+    """
+    if retry_after is not None:
+        return retry_after if retry_after <= cap else None
+    return float(min(cap, base * 2 ** max(0, attempt - 1) * (1.0 + rng.uniform(0.0, 0.25))))
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a job's calls ended: the final reply, the calls made, where it ran."""
+
+    reply: ProviderReply
+    attempts: int
+    deployment: str
+
+
+@dataclass
+class _Chunk:
+    requests: list[ProviderRequest]
+    not_before: float = 0.0
+    whole_failures: int = 0
+
+
+@dataclass
+class Health:
+    """Failures in a row and cool-downs of deployments, shared by all workers in Redis."""
+
+    client: redis.Redis | None
+    settings: Settings
+    _local: dict[str, int] = field(default_factory=dict)
+
+    def cooling(self, deployment: str) -> bool:
+        if self.client is None:
+            return False
+        try:
+            return bool(self.client.exists(keys.cooldown(deployment)))
+        except redis.RedisError:
+            return False
+
+    def record(self, deployment: str, ok: bool) -> None:
+        if self.client is None:
+            return
+        try:
+            if ok:
+                self.client.delete(keys.failures(deployment))
+                return
+            pipe = self.client.pipeline()
+            pipe.incr(keys.failures(deployment))
+            pipe.expire(keys.failures(deployment), int(self.settings.cooldown_s) + 1)
+            count = int(pipe.execute()[0])
+            if count >= self.settings.cooldown_failures:
+                log.warning("%s failed %d times in a row: cooling down for %g s", deployment,
+                            count, self.settings.cooldown_s)
+                self.client.set(keys.cooldown(deployment), "1",
+                                ex=max(1, int(self.settings.cooldown_s)))
+                self.client.delete(keys.failures(deployment))
+        except redis.RedisError as exc:  # health is advice: never fail a batch over it
+            log.warning("could not record the health of %s: %s", deployment, exc)
+
+
+class Caller:
+    """Calls providers for a batch's requests, with retries, limits and fallbacks."""
+
+    def __init__(self, settings: Settings, provider_for: Callable[[str], Provider],
+                 limiter: RateLimiter | None = None, health: Health | None = None,
+                 clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.provider_for = provider_for
+        self.limiter = limiter
+        self.health = health or Health(None, settings)
+        self.clock = clock
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self._last: dict[str, str] = {}
+
+    def call(self, requests: Sequence[ProviderRequest], provider: str,
+             tenants: dict[str, str] | None = None) -> dict[str, Outcome]:
+        """Call until every request has a final reply; return them by job id."""
+        primary = f"{provider}|{requests[0].model}" if requests else provider
+        attempts = {r.job_id: 0 for r in requests}
+        self._last = {r.job_id: "" for r in requests}
+        final: dict[str, Outcome] = {}
+        chunks = [_Chunk(list(requests))]
+        while chunks:
+            chunks.sort(key=lambda c: c.not_before)
+            chunk = chunks.pop(0)
+            wait = chunk.not_before - self.clock()
+            if wait > 0:
+                self.sleep(wait)
+            now = self.clock()
+            live = []
+            for r in chunk.requests:
+                if r.deadline is not None and now >= r.deadline:
+                    final[r.job_id] = self._gave_up(r, attempts, primary, "deadline reached")
+                else:
+                    live.append(r)
+            if not live:
+                continue
+            deployment = self._pick(primary)
+            name, model = deployment.split("|", 1)
+            sent = [dataclasses.replace(r, model=model) for r in live]
+            if not self._budget(deployment, sent, tenants or {}, chunks, final, attempts):
+                continue
+            replies = self._complete(name, sent)
+            chunks += self._settle(live, replies, attempts, final, deployment, chunk)
+        return final
+
+    def _pick(self, primary: str) -> str:
+        """The primary deployment, or the first alternative not cooling down."""
+        for candidate in [primary, *self.settings.fallbacks.get(primary, [])]:
+            if not self.health.cooling(candidate):
+                return candidate
+        return primary
+
+    def _budget(self, deployment: str, sent: list[ProviderRequest], tenants: dict[str, str],
+                chunks: list[_Chunk], final: dict[str, Outcome],
+                attempts: dict[str, int]) -> bool:
+        """Take rate-limit budget for the call; split or fail what cannot get it."""
+        if self.limiter is None:
+            return True
+        tokens = sum(len(r.text) // 4 + 1 + (r.params.max_tokens or 256) for r in sent)
+        if len(sent) > 1 and not self.limiter.fits(deployment, len(sent), tokens):
+            half = len(sent) // 2
+            chunks += [_Chunk(sent[:half]), _Chunk(sent[half:])]
+            return False
+        deadlines = [r.deadline for r in sent if r.deadline is not None]
+        tenant = tenants.get(sent[0].job_id, "")
+        if self.limiter.acquire(deployment, tenant, len(sent), tokens,
+                                min(deadlines) if deadlines else None):
+            return True
+        for r in sent:
+            final[r.job_id] = self._gave_up(r, attempts, deployment,
+                                            "deadline reached waiting for rate-limit budget")
+        return False
+
+    def _complete(self, name: str, sent: list[ProviderRequest]) -> list[ProviderReply]:
+        try:
+            replies = self.provider_for(name).complete(sent)
+        except Exception as exc:  # a provider bug or outage fails this call, transiently
+            log.exception("provider %s raised", name)
+            return [ProviderReply(job_id=r.job_id, transient=True,
+                                  error=f"provider {name} raised {type(exc).__name__}: {exc}")
+                    for r in sent]
+        by_id = {r.job_id: r for r in replies}
+        return [by_id.get(r.job_id) or ProviderReply(job_id=r.job_id, error="no reply")
+                for r in sent]
+
+    def _settle(self, live: list[ProviderRequest], replies: list[ProviderReply],
+                attempts: dict[str, int], final: dict[str, Outcome], deployment: str,
+                chunk: _Chunk) -> list[_Chunk]:
+        """Record final replies; return what is to be tried again, and when."""
+        again: list[ProviderRequest] = []
+        worst_after: float | None = None
+        for req, reply in zip(live, replies, strict=True):
+            attempts[req.job_id] += 1
+            self._last[req.job_id] = reply.error or ""
+            if not reply.transient:
+                final[req.job_id] = Outcome(reply, attempts[req.job_id], deployment)
+            elif attempts[req.job_id] >= self.settings.provider_max_attempts:
+                final[req.job_id] = Outcome(dataclasses.replace(
+                    reply, transient=False, error=f"gave up after {attempts[req.job_id]} "
+                    f"attempts: {reply.error}"), attempts[req.job_id], deployment)
+            else:
+                again.append(req)
+                if reply.retry_after is not None:
+                    worst_after = max(worst_after or 0.0, reply.retry_after)
+        self.health.record(deployment, ok=len(again) < len(live))
+        if not again:
+            return []
+        attempt = max(attempts[r.job_id] for r in again)
+        wait = backoff(attempt, worst_after, base=self.settings.provider_retry_base_s,
+                       cap=self.settings.provider_retry_max_s, rng=self.rng)
+        if wait is None:  # the server asks for longer than we wait: the deployment fails
+            self.health.record(deployment, ok=False)
+            wait = self.settings.provider_retry_max_s
+        when = self.clock() + wait
+        keep = []
+        for r in again:
+            if r.deadline is not None and when >= r.deadline:
+                final[r.job_id] = self._gave_up(r, attempts, deployment,
+                                                "deadline reached while retrying")
+            else:
+                keep.append(r)
+        if not keep:
+            return []
+        whole = len(again) == len(live)
+        failures = chunk.whole_failures + 1 if whole else 0
+        if whole and failures >= self.settings.provider_split_after and len(keep) > 1:
+            half = len(keep) // 2
+            return [_Chunk(keep[:half], when), _Chunk(keep[half:], when)]
+        return [_Chunk(keep, when, failures)]
+
+    def _gave_up(self, req: ProviderRequest, attempts: dict[str, int], deployment: str,
+                 why: str) -> Outcome:
+        last = self._last.get(req.job_id)
+        detail = f"; last error: {last}" if last else ""
+        return Outcome(ProviderReply(job_id=req.job_id, error=f"{why} after "
+                                     f"{attempts[req.job_id]} attempt(s){detail}"),
+                       attempts[req.job_id], deployment)
