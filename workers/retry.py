@@ -11,8 +11,10 @@ is retried here or nowhere:
 * Nothing is retried past a job's deadline, and a job gets ``provider_max_attempts``
   calls in all; then it ends FAILED with the last error as its reason.
 * A group of requests that fails as a whole ``provider_split_after`` times in a row is
-  split in halves, each retried on its own: one poisonous prompt in a multi-prompt
-  request then fails alone.
+  split in halves, and the halves split again at their next failure as a whole: one
+  poisonous prompt in a multi-prompt request then fails alone. A failure of a whole
+  group is not held against its members' attempts (the poison cannot be told apart yet);
+  once alone, or failing while others in its group succeed, a job has its attempts.
 * Errors of the job itself (context too long, another 4xx, a malformed or empty answer)
   are final at once; the other jobs' results are kept.
 * A deployment (``provider|model``) that fails ``cooldown_failures`` times in a row cools
@@ -121,12 +123,14 @@ class Caller:
         self.sleep = sleep
         self.rng = rng or random.Random()
         self._last: dict[str, str] = {}
+        self._strikes: dict[str, int] = {}
 
     def call(self, requests: Sequence[ProviderRequest], provider: str,
              tenants: dict[str, str] | None = None) -> dict[str, Outcome]:
         """Call until every request has a final reply; return them by job id."""
         primary = f"{provider}|{requests[0].model}" if requests else provider
         attempts = {r.job_id: 0 for r in requests}
+        self._strikes = {r.job_id: 0 for r in requests}
         self._last = {r.job_id: "" for r in requests}
         final: dict[str, Outcome] = {}
         chunks = [_Chunk(list(requests))]
@@ -200,12 +204,15 @@ class Caller:
         """Record final replies; return what is to be tried again, and when."""
         again: list[ProviderRequest] = []
         worst_after: float | None = None
+        whole = len(live) > 1 and all(r.transient for r in replies)
         for req, reply in zip(live, replies, strict=True):
             attempts[req.job_id] += 1
             self._last[req.job_id] = reply.error or ""
+            if reply.transient and not whole:
+                self._strikes[req.job_id] += 1
             if not reply.transient:
                 final[req.job_id] = Outcome(reply, attempts[req.job_id], deployment)
-            elif attempts[req.job_id] >= self.settings.provider_max_attempts:
+            elif self._strikes[req.job_id] >= self.settings.provider_max_attempts:
                 final[req.job_id] = Outcome(dataclasses.replace(
                     reply, transient=False, error=f"gave up after {attempts[req.job_id]} "
                     f"attempts: {reply.error}"), attempts[req.job_id], deployment)
@@ -232,11 +239,10 @@ class Caller:
                 keep.append(r)
         if not keep:
             return []
-        whole = len(again) == len(live)
         failures = chunk.whole_failures + 1 if whole else 0
         if whole and failures >= self.settings.provider_split_after and len(keep) > 1:
             half = len(keep) // 2
-            return [_Chunk(keep[:half], when), _Chunk(keep[half:], when)]
+            return [_Chunk(keep[:half], when, failures), _Chunk(keep[half:], when, failures)]
         return [_Chunk(keep, when, failures)]
 
     def _gave_up(self, req: ProviderRequest, attempts: dict[str, int], deployment: str,

@@ -1,0 +1,173 @@
+"""A real HTTP server on loopback that speaks the OpenAI and Anthropic APIs, records
+every request, and injects the faults a test scripts for a prompt.
+
+A test scripts faults by a marker the prompt contains: ``server.script("poison",
+["500", "500", "ok"])`` answers the first two requests whose text contains ``poison``
+with HTTP 500 and the third normally. Actions: ``ok``, an HTTP status (``"429"``,
+``"500"``...), ``"429:retry-after-ms=300"`` (with a header), ``stall`` (headers, then
+silence), ``reset`` (the connection is dropped), ``malformed`` (a body that is not
+JSON), ``empty`` (a reply without text), ``context`` (a context-length 400).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Seen:
+    """One request the server received."""
+
+    path: str
+    body: dict[str, Any]
+    headers: dict[str, str]
+    start: float
+    end: float = 0.0
+    action: str = "ok"
+
+    @property
+    def text(self) -> str:
+        return json.dumps(self.body)
+
+
+@dataclass
+class FakeLLM:
+    """The server's state: scripts, and what it has seen."""
+
+    props: bool = False
+    delay_s: float = 0.0
+    seen: list[Seen] = field(default_factory=list)
+    scripts: dict[str, list[str]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+
+    def script(self, marker: str, actions: list[str]) -> None:
+        self.scripts[marker] = list(actions)
+
+    def next_action(self, text: str) -> str:
+        with self.lock:
+            for marker, actions in self.scripts.items():
+                if marker in text:
+                    return actions.pop(0) if len(actions) > 1 else actions[0]
+        return "ok"
+
+    def requests_for(self, marker: str) -> list[Seen]:
+        return [s for s in self.seen if marker in s.text]
+
+
+def _answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    if path.endswith("/v1/messages"):
+        system = body.get("system")
+        cached = isinstance(system, list) and any("cache_control" in b for b in system)
+        return {"id": "msg_1", "type": "message", "role": "assistant",
+                "content": [{"type": "text", "text": "anthropic says hi"}],
+                "usage": {"input_tokens": 10, "output_tokens": 3,
+                          "cache_read_input_tokens": 100 if cached else 0,
+                          "cache_creation_input_tokens": 0}}
+    if path.endswith("/completions") and "prompt" in body:
+        prompts = body["prompt"]
+        return {"choices": [{"index": i, "text": f"completion {i}"} for i in range(len(prompts))],
+                "usage": {"prompt_tokens": 10 * len(prompts), "completion_tokens": len(prompts),
+                          "prompt_tokens_details": {"cached_tokens": 5 * len(prompts)}}}
+    content = body["messages"][-1]["content"]
+    return {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                 "content": f"re: {content[:40]}"}}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 4,
+                      "prompt_tokens_details": {"cached_tokens": 8}}}
+
+
+def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            return None
+
+        def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None,
+                  ) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:
+            if self.path == "/props" and state.props:
+                self._send(200, json.dumps({"total_slots": 4}).encode())
+            else:
+                self._send(404, b'{"error": "not found"}')
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", "0"))
+            body = json.loads(self.rfile.read(length))
+            seen = Seen(self.path, body, dict(self.headers), time.monotonic())
+            with state.lock:
+                state.seen.append(seen)
+            action = state.next_action(json.dumps(body))
+            seen.action = action
+            if state.delay_s:
+                time.sleep(state.delay_s)
+            self._act(action, body)
+            seen.end = time.monotonic()
+
+        def _act(self, action: str, body: dict[str, Any]) -> None:
+            if action == "ok":
+                self._send(200, json.dumps(_answer(self.path, body)).encode())
+            elif action == "stall":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.flush()
+                time.sleep(3)
+                self.close_connection = True
+            elif action == "reset":
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
+            elif action == "malformed":
+                self._send(200, b'{"choices": [{"message": {"content": "cut off')
+            elif action == "empty":
+                self._send(200, json.dumps({"choices": [{"message": {"content": ""}}],
+                                            "content": []}).encode())
+            elif action == "context":
+                self._send(400, json.dumps({"error": {
+                    "code": "context_length_exceeded",
+                    "message": "This model's maximum context length is 8192 tokens; "
+                               "prompt is too long"}}).encode())
+            else:
+                status, _, header = action.partition(":")
+                headers = dict([header.split("=", 1)]) if header else {}
+                self._send(int(status), json.dumps({"error": {"message": action}}).encode(),
+                           headers)
+
+    return Handler
+
+
+class FakeServer:
+    """Runs a ``FakeLLM`` on 127.0.0.1 in a thread."""
+
+    def __init__(self, state: FakeLLM | None = None) -> None:
+        self.state = state or FakeLLM()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))
+        self.httpd.daemon_threads = True
+        self.state.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeLLM:
+        self.thread.start()
+        return self.state
+
+    def __exit__(self, *_: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

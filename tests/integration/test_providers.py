@@ -1,0 +1,242 @@
+"""HTTP providers against real HTTP servers on loopback that inject faults.
+
+Each test runs a real batch (``BatchRunner``) on a real Redis-compatible server and SQLite
+file, against ``tests.fake_llm``, and checks the attempts the server saw, their spacing,
+the final states, and that the other jobs' results are kept.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from pydantic import SecretStr
+
+from config.settings import Settings
+from jobs.models import JobResult, JobState
+from jobs.queue import RedisQueue, connect
+from jobs.store import JobStore
+from producers.client import Client
+from tests.fake_llm import FakeLLM, FakeServer
+from workers.batch import BatchRunner
+from workers.providers import Provider, create_provider
+from workers.ratelimit import RateLimiter
+
+pytestmark = pytest.mark.integration
+
+SECRET = "sk-test-NEVER-LOG-THIS-1234"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeLLM]:
+    with FakeServer() as state:
+        yield state
+
+
+def llm_settings(settings: Settings, fake: FakeLLM, **kw: object) -> Settings:
+    base: dict[str, object] = {
+        "openai_base_url": f"{fake.url}/v1", "openai_api_key": SecretStr(SECRET),
+        "anthropic_base_url": fake.url, "anthropic_api_key": SecretStr(SECRET),
+        "openai_prefix_strategy": "parallel", "provider_retry_base_s": 0.05,
+        "provider_retry_max_s": 2.0, "provider_read_timeout_s": 0.5,
+        "provider_total_timeout_s": 5.0, "provider_max_attempts": 4,
+        "anthropic_min_cache_tokens": 50,
+    }
+    base.update(kw)
+    return settings.model_copy(update=base)
+
+
+def run_batch(s: Settings, jobs: list[dict[str, object]]) -> list[JobResult]:
+    """Submit the jobs, run them as one batch in this process, return their results."""
+    providers: dict[str, Provider] = {}
+
+    def provider_for(name: str) -> Provider:
+        if name not in providers:
+            providers[name] = create_provider(name, s)
+        return providers[name]
+
+    with Client(s) as client:
+        ids = client.submit_many(jobs)
+        runner = BatchRunner(s, RedisQueue(connect(s.redis_url)), JobStore(s.database_url),
+                             provider_for)
+        runner.run(str(uuid.uuid4()), "send-1", ids)
+        return [client.result(i, timeout=5) for i in ids]
+
+
+def job(text: str, **kw: object) -> dict[str, object]:
+    return {"prompt": text, "provider": "openai", "model": "test-model", **kw}
+
+
+def test_429_honours_retry_after_and_the_others_are_kept(settings: Settings,
+                                                         fake: FakeLLM) -> None:
+    fake.script("throttled", ["429:retry-after-ms=400", "ok"])
+    results = run_batch(llm_settings(settings, fake),
+                        [job("throttled question"), job("calm one"), job("calm two")])
+    assert [r.state for r in results] == [JobState.SUCCEEDED] * 3
+    assert [r.attempts for r in results] == [2, 1, 1]
+    first, second = fake.requests_for("throttled")
+    assert second.start - first.end >= 0.4, "retried before Retry-After"
+    assert results[0].usage is not None and results[0].usage.cached_tokens == 8
+
+
+def test_5xx_backs_off_exponentially_then_succeeds(settings: Settings, fake: FakeLLM) -> None:
+    fake.script("flaky", ["500", "503", "ok"])
+    results = run_batch(llm_settings(settings, fake, provider_retry_base_s=0.2),
+                        [job("flaky question")])
+    assert results[0].state is JobState.SUCCEEDED and results[0].attempts == 3
+    a, b, c = fake.requests_for("flaky")
+    gap1, gap2 = b.start - a.end, c.start - b.end
+    assert 0.2 <= gap1 < 0.5 and 0.4 <= gap2 < 0.9, (gap1, gap2)
+
+
+@pytest.mark.parametrize("fault", ["stall", "reset"])
+def test_stall_after_headers_and_connection_reset_are_retried(settings: Settings,
+                                                              fake: FakeLLM, fault: str) -> None:
+    fake.script("fragile", [fault, "ok"])
+    results = run_batch(llm_settings(settings, fake), [job("fragile question"), job("fine")])
+    assert [r.state for r in results] == [JobState.SUCCEEDED, JobState.SUCCEEDED]
+    assert results[0].attempts == 2 and results[1].attempts == 1
+
+
+@pytest.mark.parametrize(("fault", "words"), [
+    ("malformed", "malformed response"), ("empty", "empty answer"),
+    ("context", "context too long"), ("404", "HTTP 404")])
+def test_errors_of_the_job_fail_it_alone_without_retry(settings: Settings, fake: FakeLLM,
+                                                       fault: str, words: str) -> None:
+    fake.script("doomed", [fault])
+    results = run_batch(llm_settings(settings, fake), [job("doomed question"), job("fine")])
+    assert results[0].state is JobState.FAILED and results[0].attempts == 1
+    assert results[0].error is not None and words in results[0].error
+    assert results[1].state is JobState.SUCCEEDED
+    assert len(fake.requests_for("doomed")) == 1
+    if fault == "malformed":
+        assert "cut off" in results[0].error  # the raw body is kept
+
+
+def test_a_job_that_keeps_failing_ends_failed_after_max_attempts(settings: Settings,
+                                                                 fake: FakeLLM) -> None:
+    fake.script("broken", ["500"])
+    results = run_batch(llm_settings(settings, fake), [job("broken question"), job("fine")])
+    assert results[0].state is JobState.FAILED
+    assert results[0].error is not None and "gave up after 4 attempts" in results[0].error
+    assert len(fake.requests_for("broken")) == 4
+    assert results[1].state is JobState.SUCCEEDED
+
+
+def test_nothing_is_retried_past_the_deadline(settings: Settings, fake: FakeLLM) -> None:
+    fake.script("late", ["503:retry-after=1.5"])
+    results = run_batch(llm_settings(settings, fake), [job("late question", timeout_s=1.0)])
+    assert results[0].state is JobState.FAILED
+    assert results[0].error is not None and "deadline" in results[0].error
+    assert len(fake.requests_for("late")) == 1
+
+
+def test_a_batch_that_keeps_failing_is_split_and_the_poison_fails_alone(
+        settings: Settings, fake: FakeLLM) -> None:
+    # /v1/completions: the batch's prompts travel in one request; one poisons it.
+    fake.script("poison", ["500"])
+    s = llm_settings(settings, fake, openai_endpoint="completions")
+    texts = [f"plain prompt {i}" for i in range(7)] + ["poison prompt"]
+    results = run_batch(s, [job(t) for t in texts])
+    states = {t: r.state for t, r in zip(texts, results, strict=True)}
+    assert states.pop("poison prompt") is JobState.FAILED
+    assert set(states.values()) == {JobState.SUCCEEDED}
+    sizes = [len(x.body["prompt"]) for x in fake.seen]
+    assert sizes[0] == 8 and min(sizes) == 1, f"never split: {sizes}"
+
+
+def test_fallback_takes_over_while_a_deployment_cools_down(settings: Settings, fake: FakeLLM,
+                                                           r: redis.Redis) -> None:
+    fake.script('"model": "primary-model"', ["500"])
+    s = llm_settings(settings, fake, cooldown_failures=2,
+                     fallbacks={"openai|primary-model": ["openai|backup-model"]})
+    results = run_batch(s, [job("question", model="primary-model")])
+    assert results[0].state is JobState.SUCCEEDED
+    assert results[0].model == "backup-model"
+    assert [x.body["model"] for x in fake.seen] == ["primary-model"] * 2 + ["backup-model"]
+    assert r.exists("pb:cooldown:openai|primary-model")
+
+
+def test_prefix_strategy_sequential_and_warm_then_parallel(settings: Settings,
+                                                           fake: FakeLLM) -> None:
+    fake.delay_s = 0.1
+    shared = "You are a meticulous reviewer of insurance claims. " * 4
+    jobs = [job(shared + f"claim {i}") for i in range(4)]
+    run_batch(llm_settings(settings, fake, openai_prefix_strategy="sequential"), jobs)
+    seq = fake.seen[:]
+    assert all(b.start >= a.end for a, b in zip(seq, seq[1:], strict=False)), "overlapped"
+    keys = {x.body.get("prompt_cache_key") for x in seq}
+    assert len(keys) == 1 and next(iter(keys)), "one prompt_cache_key per batch"
+    fake.seen.clear()
+    run_batch(llm_settings(settings, fake, openai_prefix_strategy="warm_then_parallel"), jobs)
+    first, *rest = sorted(fake.seen, key=lambda x: x.start)
+    assert all(x.start >= first.end for x in rest), "the first request did not warm alone"
+    assert max(x.start for x in rest) < min(x.end for x in rest), "the rest were not parallel"
+
+
+def test_auto_strategy_asks_a_llama_cpp_server(settings: Settings, fake: FakeLLM) -> None:
+    fake.props = True
+    provider = create_provider("openai", llm_settings(settings, fake,
+                                                      openai_prefix_strategy="auto"))
+    assert provider.strategy.value == "sequential"  # type: ignore[attr-defined]
+    provider.close()
+
+
+def test_anthropic_marks_a_shared_system_prompt_and_retries_529(settings: Settings,
+                                                                fake: FakeLLM) -> None:
+    fake.script("overloaded", ["529", "ok"])
+    system = "You are the claims assistant of Northwind Insurance. " * 10
+    jobs = [{"messages": [{"role": "system", "content": system},
+                          {"role": "user", "content": f"claim {i} overloaded" if i == 0
+                           else f"claim {i}"}],
+             "provider": "anthropic", "model": "claude-test"} for i in range(3)]
+    results = run_batch(llm_settings(settings, fake), jobs)
+    assert [r.state for r in results] == [JobState.SUCCEEDED] * 3
+    assert results[0].attempts == 2
+    for seen in fake.seen[:3]:  # the batch's first call; the retry goes alone
+        assert seen.path == "/v1/messages"
+        assert seen.body["system"][0]["cache_control"] == {"type": "ephemeral"}
+        assert seen.headers["x-api-key"] == SECRET
+    assert results[1].usage is not None and results[1].usage.cached_tokens == 100
+
+
+def test_rate_limit_waits_for_budget_shared_in_redis(settings: Settings, r: redis.Redis) -> None:
+    clock = [1000.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        clock[0] += s
+
+    s = settings.model_copy(update={"rate_limits": {"openai|m": {"rpm": 60, "tpm": 600}}})
+    a = RateLimiter(r, s, clock=lambda: clock[0], sleep=sleep)
+    b = RateLimiter(r, s, clock=lambda: clock[0], sleep=sleep)  # another worker
+    assert a.acquire("openai|m", "t", requests=30, tokens=300, deadline=None)
+    assert b.acquire("openai|m", "t", requests=30, tokens=300, deadline=None)
+    assert slept == []  # the first minute's budget
+    assert a.acquire("openai|m", "t", requests=1, tokens=100, deadline=None)
+    assert sum(slept) == pytest.approx(10.0, abs=1.01)  # 100 tokens at 10 per second
+    assert not b.acquire("openai|m", "t", requests=1, tokens=300, deadline=clock[0] + 1)
+    assert a.fits("openai|m", 60, 600) and not a.fits("openai|m", 61, 10)
+
+
+def test_api_keys_are_never_logged_stored_or_returned(settings: Settings, fake: FakeLLM,
+                                                      r: redis.Redis, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    fake.script("bad", ["401"])
+    s = llm_settings(settings, fake)
+    assert SECRET not in repr(s) and SECRET not in str(s.model_dump())
+    with caplog.at_level("DEBUG"):
+        results = run_batch(s, [job("bad key"), job("good")])
+    assert results[0].error is not None and "API key" in results[0].error
+    assert SECRET not in caplog.text
+    for key in r.scan_iter(count=1000):
+        kind = r.type(key)
+        dump = r.dump(key) or b""
+        assert SECRET.encode() not in dump, f"{key} ({kind}) holds the key"
+    db = Path(s.database_url.removeprefix("sqlite:///"))
+    assert SECRET.encode() not in db.read_bytes()
+    assert all(SECRET not in r.model_dump_json() for r in results)
