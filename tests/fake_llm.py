@@ -83,6 +83,34 @@ def _answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
                       "prompt_tokens_details": {"cached_tokens": 8}}}
 
 
+#: Fixed replies: a truncated body, an empty answer, a context-length refusal.
+_CANNED: dict[str, tuple[int, bytes]] = {
+    "malformed": (200, b'{"choices": [{"message": {"content": "cut off'),
+    "empty": (200, json.dumps({"choices": [{"message": {"content": ""}}],
+                               "content": []}).encode()),
+    "context": (400, json.dumps({"error": {
+        "code": "context_length_exceeded",
+        "message": "This model's maximum context length is 8192 tokens; prompt is too long",
+    }}).encode()),
+}
+
+
+def _drop(handler: BaseHTTPRequestHandler, *, stall: bool) -> None:
+    """Send headers then fall silent (stall), or drop the connection with a reset."""
+    if stall:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", "1000")
+        handler.end_headers()
+        handler.wfile.flush()
+        time.sleep(3)
+    else:
+        handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                      struct.pack("ii", 1, 0))
+        handler.connection.close()
+    handler.close_connection = True
+
+
 def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -122,29 +150,11 @@ def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
         def _act(self, action: str, body: dict[str, Any]) -> None:
             if action == "ok":
                 self._send(200, json.dumps(_answer(self.path, body)).encode())
-            elif action == "stall":
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", "1000")
-                self.end_headers()
-                self.wfile.flush()
-                time.sleep(3)
-                self.close_connection = True
-            elif action == "reset":
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                           struct.pack("ii", 1, 0))
-                self.connection.close()
-                self.close_connection = True
-            elif action == "malformed":
-                self._send(200, b'{"choices": [{"message": {"content": "cut off')
-            elif action == "empty":
-                self._send(200, json.dumps({"choices": [{"message": {"content": ""}}],
-                                            "content": []}).encode())
-            elif action == "context":
-                self._send(400, json.dumps({"error": {
-                    "code": "context_length_exceeded",
-                    "message": "This model's maximum context length is 8192 tokens; "
-                               "prompt is too long"}}).encode())
+            elif action in _CANNED:
+                status, payload = _CANNED[action]
+                self._send(status, payload)
+            elif action in ("stall", "reset"):
+                _drop(self, stall=action == "stall")
             else:
                 status, _, header = action.partition(":")
                 headers = dict([header.split("=", 1)]) if header else {}

@@ -7,6 +7,7 @@ the final states, and that the other jobs' results are kept.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,7 +168,7 @@ def test_prefix_strategy_sequential_and_warm_then_parallel(settings: Settings,
     jobs = [job(shared + f"claim {i}") for i in range(4)]
     run_batch(llm_settings(settings, fake, openai_prefix_strategy="sequential"), jobs)
     seq = fake.seen[:]
-    assert all(b.start >= a.end for a, b in zip(seq, seq[1:], strict=False)), "overlapped"
+    assert all(b.start >= a.end for a, b in itertools.pairwise(seq)), "overlapped"
     keys = {x.body.get("prompt_cache_key") for x in seq}
     assert len(keys) == 1 and next(iter(keys)), "one prompt_cache_key per batch"
     fake.seen.clear()
