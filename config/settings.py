@@ -59,6 +59,27 @@ class Settings(BaseSettings):
     )
     default_tenant: str = Field(default="default", description="Tenant of jobs that name none.")
 
+    # --- The HTTP API ---------------------------------------------------------------
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="API key -> tenant, for a single-node set-up (JSON). More keys live in "
+        "the SQL table api_keys (`promptbatch keys add`). Keys are never logged or stored "
+        "in Redis; the table stores their SHA-256.",
+    )
+    api_max_body_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024,
+        description="Largest request body the API accepts (HTTP 413 above).")
+    api_max_jobs_per_request: int = Field(
+        default=10_000, ge=1, description="Most jobs in one POST /v1/jobs.")
+    api_max_wait_s: float = Field(
+        default=60.0, gt=0, description="Longest long-poll of GET /v1/jobs/{id}/result.")
+    api_dependency_timeout_s: float = Field(
+        default=1.5, gt=0,
+        description="How long the API waits for Redis or SQL before answering 503.")
+    batch_provider: str = Field(
+        default="",
+        description="Provider of OpenAI Batch API jobs (empty: default_provider).")
+
     # --- Scheduling and batching ------------------------------------------------------
     embedder: Literal["hashed", "minilm"] = Field(
         default="hashed",

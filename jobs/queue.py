@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from config import keys
 from jobs import lua
@@ -32,16 +34,25 @@ _CELERY_OUTCOME: dict[JobState, tuple[str, str | None]] = {
 FINAL_JOB_TTL_S = 24 * 3600
 
 
-def connect(url: str, *, socket_timeout: float = 10.0) -> redis.Redis:
-    """A Redis client with timeouts and health checks, so nothing hangs on a stalled server."""
+def connect(url: str, *, socket_timeout: float = 10.0,
+            connect_timeout: float = 5.0, fail_fast: bool = False) -> redis.Redis:
+    """A Redis client with timeouts and health checks, so nothing hangs on a stalled server.
+
+    ``fail_fast``: no reconnect-and-retry, so a caller answering users (the API) learns
+    within ``socket_timeout`` that Redis is down.
+    """
+    extra: dict[str, Any] = {}
+    if fail_fast:
+        extra["retry"] = Retry(NoBackoff(), 0)
     return redis.Redis.from_url(
         url,
         decode_responses=True,
         socket_timeout=socket_timeout,
-        socket_connect_timeout=5.0,
+        socket_connect_timeout=connect_timeout,
         socket_keepalive=True,
         health_check_interval=10,
         retry_on_timeout=False,
+        **extra,
     )
 
 

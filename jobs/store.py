@@ -88,30 +88,31 @@ class StoredJob:
     result: JobResult | None
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=30000")
-    cur.close()
-
-
-def make_engine(database_url: str) -> Engine:
-    """An engine for ``database_url``; a SQLite file's folder is created, WAL is on."""
+def make_engine(database_url: str, busy_timeout_s: float = 30.0) -> Engine:
+    """An engine for ``database_url``; a SQLite file's folder is created, WAL is on, and a
+    locked database is waited for ``busy_timeout_s`` at most."""
     if database_url.startswith("sqlite:///") and database_url != "sqlite:///:memory:":
         Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(database_url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+
+        def pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            cur.close()
+
+        event.listen(engine, "connect", pragmas)
     return engine
 
 
 class JobStore:
     """Reads and writes of the ``jobs`` table."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, busy_timeout_s: float = 30.0) -> None:
         self.database_url = database_url
-        self.engine = make_engine(database_url)
+        self.engine = make_engine(database_url, busy_timeout_s)
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (safe to call from many processes)."""

@@ -40,12 +40,16 @@ class Client:
     """A connection to promptbatch's Redis and SQL store."""
 
     def __init__(self, settings: Settings | None = None, *, redis_url: str | None = None,
-                 store: JobStore | None = None) -> None:
+                 store: JobStore | None = None, fail_fast: bool = False) -> None:
         self.settings = settings or Settings()
         url = redis_url or self.settings.redis_url
         if not url:
             raise ValueError("redis_url is empty: set PROMPTBATCH_REDIS_URL or pass redis_url")
-        self.r = connect(url)
+        if fail_fast:
+            t = self.settings.api_dependency_timeout_s
+            self.r = connect(url, socket_timeout=t, connect_timeout=t, fail_fast=True)
+        else:
+            self.r = connect(url)
         self.queue = RedisQueue(self.r)
         self.store = store or JobStore(self.settings.database_url)
         self.store.migrate()
@@ -81,7 +85,9 @@ class Client:
         now = time.time()
         for pos, item in enumerate(items, start=1):
             request = parse_request(item, line=pos)
-            chunk.append(resolve(request, job_id=str(uuid.uuid4()), now=now,
+            # A microsecond apart: jobs of one call keep their input order in listings.
+            at = now + len(chunk) * 1e-6
+            chunk.append(resolve(request, job_id=str(uuid.uuid4()), now=at,
                                  settings=self.settings, tenant=tenant, line=pos))
             if len(chunk) >= CHUNK:
                 ids += self.submit_specs(chunk)

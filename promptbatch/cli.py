@@ -233,24 +233,37 @@ def worker(
 @app.command()
 def submit(
     file: Annotated[Path, typer.Argument(help="JSONL file, one prompt per line.")],
-    wait: Annotated[bool, typer.Option(help="Wait for the results.")] = False,
-    out: Annotated[Path | None, typer.Option(help="Where to write results (with --wait).")]
+    url: Annotated[str | None, typer.Option(help="Base URL of a promptbatch API; without "
+                                            "it, jobs go to PROMPTBATCH_REDIS_URL.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="PROMPTBATCH_API_KEY",
+                                                help="API key (or PROMPTBATCH_API_KEY).")]
     = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the results.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Where to write one result per line, in "
+                                             "input order (implies --wait).")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="Submit only the valid lines.")] = False,
+    chunk: Annotated[int, typer.Option(min=1, max=10_000, help="Lines per request.")] = 1000,
 ) -> None:
-    """Submit FILE to the stack at PROMPTBATCH_REDIS_URL; print the job ids."""
-    from producers.client import Client
+    """Submit FILE; print the job ids, or wait and write the results.
 
+    With --url, the same command run again after an interruption submits only the lines
+    not yet acknowledged and completes the output file.
+    """
     setup_logging("WARNING")
     lines, errors = _load(file, skip_invalid)
+    if url:
+        _submit_remote(file, lines, errors, url, api_key, wait or out is not None, out, chunk)
+        return
+    from producers.client import Client
+
     settings = _settings()
     if not settings.redis_url:
-        console.print("[red]PROMPTBATCH_REDIS_URL is not set[/red]")
+        console.print("[red]give --url of an API, or set PROMPTBATCH_REDIS_URL[/red]")
         raise typer.Exit(2)
     try:
         with Client(settings) as client:
             ids = client.submit_many([line.request for line in lines])
-            if not wait:
+            if not (wait or out):
                 for job_id in ids:
                     print(job_id)
                 return
@@ -263,6 +276,89 @@ def submit(
     else:
         for job_id in ids:
             print(json.dumps(results[job_id].public()))
+
+
+def _submit_remote(file: Path, lines: list[InputLine], errors: list[InvalidJob], url: str,
+                   api_key: str | None, wait: bool, out: Path | None, chunk: int) -> None:
+    from promptbatch.remote import (
+        RemoteClient,
+        RemoteError,
+        StateFile,
+        file_digest,
+        submit_file,
+        wait_all,
+    )
+
+    if not api_key:
+        console.print("[red]give --api-key or set PROMPTBATCH_API_KEY[/red]")
+        raise typer.Exit(2)
+    digest = file_digest(file)
+    state = StateFile(Path(f"{out or file}.promptbatch-state.json"), digest)
+    client = RemoteClient(url, api_key)
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+            sent = bar.add_task("submitted", total=len(lines))
+            ids = submit_file(client, lines, digest, state, lambda n: bar.advance(sent, n),
+                              chunk=chunk)
+            if not wait:
+                bar.stop()
+                for job_id in ids:
+                    print(job_id)
+                return
+            done = bar.add_task("finished", total=len(ids))
+            raw = wait_all(client, ids, lambda: bar.advance(done))
+    except RemoteError as exc:
+        console.print(f"[red]{exc}[/red] (run the same command again to resume)")
+        raise typer.Exit(1) from exc
+    finally:
+        client.close()
+    results = {k: JobResult.model_validate(v) for k, v in raw.items()}
+    if out is not None:
+        _write_output(out, lines, errors, ids, results)
+        console.print(f"wrote {len(lines) + len(errors)} lines to {out}")
+    else:
+        for job_id in ids:
+            print(json.dumps(raw[job_id]))
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
+) -> None:
+    """Serve the HTTP API (and the OpenAI Batch API) with uvicorn."""
+    import uvicorn
+
+    setup_logging()
+    settings = _settings()
+    if not settings.redis_url:
+        console.print("[red]PROMPTBATCH_REDIS_URL is not set[/red]")
+        raise typer.Exit(2)
+    uvicorn.run("producers.asgi:app", host=host, port=port, workers=workers,
+                log_level="warning", proxy_headers=False)
+
+
+keys_app = typer.Typer(help="API keys of the HTTP API.")
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("add")
+def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
+             key: Annotated[str | None, typer.Option(help="The key (default: a new random "
+                                                     "one, printed once).")] = None) -> None:
+    """Add an API key for TENANT to the SQL store (only its SHA-256 is stored)."""
+    import secrets
+
+    from jobs.accounts import Accounts
+    from jobs.store import JobStore
+
+    store = JobStore(_settings().database_url)
+    store.migrate()
+    new = key or f"pb-{secrets.token_urlsafe(24)}"
+    Accounts(store).add_key(new, tenant)
+    print(new)
 
 
 @app.command()

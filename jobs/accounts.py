@@ -1,0 +1,113 @@
+"""SQL records beside the jobs: API keys, uploaded files and OpenAI-style batches."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import time
+from typing import Any
+
+from sqlalchemy import Float, Integer, LargeBinary, String, Text, select
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from jobs.store import Base, JobStore
+
+
+class ApiKeyRow(Base):
+    """An API key (its SHA-256) and the tenant it belongs to."""
+
+    __tablename__ = "api_keys"
+
+    key_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class FileRow(Base):
+    """An uploaded file (OpenAI Files API) or a batch's output."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column("bytes", Integer)
+    created_at: Mapped[float] = mapped_column(Float)
+    content: Mapped[builtins.bytes] = mapped_column(LargeBinary)
+
+
+class BatchRow(Base):
+    """An OpenAI-style batch: its JSON record (jobs, counts, status, file ids)."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    data: Mapped[str] = mapped_column(Text)
+
+
+def key_hash(key: str) -> str:
+    """The stored form of an API key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Accounts:
+    """API keys, files and batches in the job store's database."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.engine = store.engine
+
+    def tenant_of(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(select(ApiKeyRow.tenant).where(
+                ApiKeyRow.key_sha256 == key_hash(key))).scalar_one_or_none()
+
+    def add_key(self, key: str, tenant: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(ApiKeyRow.__table__.insert(), [{  # type: ignore[attr-defined]
+                "key_sha256": key_hash(key), "tenant": tenant, "created_at": time.time()}])
+
+    def put_file(self, file_id: str, tenant: str, purpose: str, filename: str,
+                 content: bytes) -> dict[str, Any]:
+        row = {"id": file_id, "tenant": tenant, "purpose": purpose, "filename": filename,
+               "bytes": len(content), "created_at": time.time(), "content": content}
+        with self.engine.begin() as conn:
+            conn.execute(FileRow.__table__.insert(), [row])  # type: ignore[attr-defined]
+        return row
+
+    def get_file(self, file_id: str, tenant: str) -> FileRow | None:
+        with Session(self.engine) as session:
+            return session.scalars(select(FileRow).where(
+                FileRow.id == file_id, FileRow.tenant == tenant)).first()
+
+    def put_batch(self, batch_id: str, tenant: str, data: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(BatchRow.__table__.insert(), [{  # type: ignore[attr-defined]
+                "id": batch_id, "tenant": tenant, "created_at": data["created_at"],
+                "data": json.dumps(data)}])
+
+    def update_batch(self, batch_id: str, data: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(BatchRow.__table__.update().where(  # type: ignore[attr-defined]
+                BatchRow.id == batch_id).values(data=json.dumps(data)))
+
+    def get_batch(self, batch_id: str, tenant: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            raw = conn.execute(select(BatchRow.data).where(
+                BatchRow.id == batch_id, BatchRow.tenant == tenant)).scalar_one_or_none()
+        return json.loads(raw) if raw else None
+
+    def list_batches(self, tenant: str, limit: int, after: str | None) -> list[dict[str, Any]]:
+        stmt = select(BatchRow.data).where(BatchRow.tenant == tenant)
+        if after:
+            with self.engine.connect() as conn:
+                created = conn.execute(select(BatchRow.created_at).where(
+                    BatchRow.id == after, BatchRow.tenant == tenant)).scalar_one_or_none()
+            if created is not None:
+                stmt = stmt.where(BatchRow.created_at < created)
+        stmt = stmt.order_by(BatchRow.created_at.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [json.loads(r) for r in conn.execute(stmt).scalars()]

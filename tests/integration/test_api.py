@@ -1,0 +1,291 @@
+"""The HTTP API through a real uvicorn server on loopback, real Redis and SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import uvicorn
+
+from config import keys
+from config.settings import Settings
+from jobs.store import JobStore
+from producers.api import create_app
+from promptbatch.embedded import EmbeddedRedis, free_port
+from tests.conftest import Procs, settings_env
+from tests.helpers import poll
+
+pytestmark = pytest.mark.integration
+
+KEY_A, KEY_B = "key-of-tenant-a", "key-of-tenant-b"
+
+
+class Api:
+    """A uvicorn server in a thread, and clients for two tenants."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings.model_copy(update={
+            "api_keys": {KEY_A: "tenant-a", KEY_B: "tenant-b"},
+            "api_max_body_bytes": 64 * 1024, "max_pending_per_tenant": 50})
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(self.settings), host="127.0.0.1", port=self.port,
+                                log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.a = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY_A}"},
+                              timeout=30)
+        self.b = httpx.Client(base_url=self.url, headers={"X-API-Key": KEY_B}, timeout=30)
+
+    def start(self) -> Api:
+        self.thread.start()
+        poll(lambda: self.server.started, timeout=30, what="uvicorn to start")
+        return self
+
+    def stop(self) -> None:
+        self.a.close()
+        self.b.close()
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[Api]:
+    server = Api(settings).start()
+    yield server
+    server.stop()
+
+
+def nothing_enqueued(r: redis.Redis, settings: Settings) -> bool:
+    store = JobStore(settings.database_url)
+    try:
+        return r.xlen(keys.INTAKE) == 0 and store.count_by_state() == {}
+    finally:
+        store.close()
+
+
+def fields(resp: httpx.Response) -> list[str]:
+    return [e["field"] for e in resp.json()["error"].get("errors", [])]
+
+
+PAST = "2020-01-01T00:00:00Z"
+
+
+@pytest.mark.parametrize(("body", "status", "field"), [
+    ({"prompt": ""}, 422, "prompt"),
+    ({"prompt": "  \n "}, 422, "prompt"),
+    ({"prompt": "x", "priority": 9}, 422, "priority"),
+    ({"prompt": "x", "priority": "2.5"}, 422, "priority"),
+    ({"prompt": "x", "priority": True}, 422, "priority"),
+    ({"prompt": "x", "deadline": "2030-01-01T00:00:00"}, 422, "deadline"),
+    ({"prompt": "x", "deadline": PAST}, 422, "deadline"),
+    ({"prompt": "x", "provider": "nope"}, 422, "provider"),
+    ({"prompt": "x", "model": "gpt-17"}, 422, "model"),
+    ({"prompt": "x", "params": {"temperature": 9}}, 422, "params.temperature"),
+    ({"prompt": "x", "params": {"flavour": "mint"}}, 422, "params.flavour"),
+    ({"prompt": "x", "tenant": "tenant-b"}, 422, "tenant"),
+    ({"jobs": [{"prompt": "fine"}, {"prompt": ""}]}, 422, "jobs.1.prompt"),
+    ({"jobs": []}, 422, "jobs"),
+])
+def test_bad_input_is_refused_naming_the_field_and_nothing_is_enqueued(
+        api: Api, r: redis.Redis, body: dict[str, Any], status: int, field: str) -> None:
+    resp = api.a.post("/v1/jobs", json=body)
+    assert resp.status_code == status, resp.text
+    assert field in fields(resp), resp.text
+    assert nothing_enqueued(r, api.settings)
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (b'{"prompt": "x", "params": {"temperature": NaN}}', 422),
+    (b'{"prompt": "x", "metadata": {"score": Infinity}}', 422),
+    (b'{"prompt": "caf\xe9"}', 400),
+    (b'{"prompt": ', 400),
+    (b'{"prompt": "' + b"x" * 70_000 + b'"}', 413),
+])
+def test_raw_bodies_nan_not_utf8_not_json_too_large(api: Api, r: redis.Redis, raw: bytes,
+                                                    status: int) -> None:
+    resp = api.a.post("/v1/jobs", content=raw, headers={"Content-Type": "application/json"})
+    assert resp.status_code == status, resp.text
+    assert "error" in resp.json()
+    if status == 422:
+        assert fields(resp) and fields(resp)[0].startswith(("params.", "metadata."))
+    assert nothing_enqueued(r, api.settings)
+
+
+def test_missing_or_wrong_key_is_401(api: Api, r: redis.Redis) -> None:
+    assert httpx.post(f"{api.url}/v1/jobs", json={"prompt": "x"}).status_code == 401
+    resp = httpx.get(f"{api.url}/v1/jobs", headers={"Authorization": "Bearer nope"})
+    assert resp.status_code == 401 and resp.json()["error"]["type"] == "authentication_error"
+    assert nothing_enqueued(r, api.settings)
+
+
+def test_over_the_pending_quota_is_429_and_nothing_more_is_written(api: Api,
+                                                                   r: redis.Redis) -> None:
+    ok = api.a.post("/v1/jobs", json={"jobs": [{"prompt": f"p{i}"} for i in range(50)]})
+    assert ok.status_code == 201
+    over = api.a.post("/v1/jobs", json={"prompt": "one more"})
+    assert over.status_code == 429 and "tenant-a" in over.json()["error"]["message"]
+    assert r.xlen(keys.INTAKE) == 50
+    assert api.b.post("/v1/jobs", json={"prompt": "other tenant"}).status_code == 201
+
+
+def test_tenants_cannot_see_cancel_or_list_each_others_jobs(api: Api) -> None:
+    job_id = api.a.post("/v1/jobs", json={"prompt": "private"}).json()["id"]
+    unknown = api.b.get("/v1/jobs/00000000-0000-0000-0000-000000000000")
+    for resp in (api.b.get(f"/v1/jobs/{job_id}"), api.b.get(f"/v1/jobs/{job_id}/result"),
+                 api.b.delete(f"/v1/jobs/{job_id}")):
+        assert resp.status_code == 404 == unknown.status_code
+        assert resp.json()["error"]["type"] == unknown.json()["error"]["type"]
+    assert api.b.get("/v1/jobs").json()["data"] == []
+    mine = api.a.get("/v1/jobs").json()["data"]
+    assert [j["id"] for j in mine] == [job_id]
+    assert api.a.get(f"/v1/jobs/{job_id}").json()["state"] == "QUEUED"
+    assert api.a.delete(f"/v1/jobs/{job_id}").json()["state"] == "CANCELLED"
+
+
+def test_idempotency_key_returns_the_same_job_and_creates_nothing(api: Api,
+                                                                  r: redis.Redis) -> None:
+    first = api.a.post("/v1/jobs", json={"prompt": "charge card 42"},
+                       headers={"Idempotency-Key": "charge-42"}).json()["id"]
+    again = api.a.post("/v1/jobs", json={"prompt": "charge card 42"},
+                       headers={"Idempotency-Key": "charge-42"}).json()["id"]
+    assert first == again and r.xlen(keys.INTAKE) == 1
+    other = api.b.post("/v1/jobs", json={"prompt": "charge card 42"},
+                       headers={"Idempotency-Key": "charge-42"}).json()["id"]
+    assert other != first  # keys are per tenant
+
+
+def test_listing_pages_with_a_cursor_and_filters_by_state(api: Api) -> None:
+    ids = api.a.post("/v1/jobs", json={"jobs": [{"prompt": f"p{i}"} for i in range(5)]}
+                     ).json()["ids"]
+    api.a.delete(f"/v1/jobs/{ids[0]}")
+    page1 = api.a.get("/v1/jobs", params={"limit": 3}).json()
+    page2 = api.a.get("/v1/jobs", params={"limit": 3, "cursor": page1["next_cursor"]}).json()
+    assert [j["id"] for j in page1["data"] + page2["data"]] == ids
+    cancelled = api.a.get("/v1/jobs", params={"state": "CANCELLED"}).json()["data"]
+    assert [j["id"] for j in cancelled] == [ids[0]]
+    bad = api.a.get("/v1/jobs", params={"cursor": "garbage!"})
+    assert bad.status_code == 422 and fields(bad) == ["cursor"]
+
+
+def test_health_readiness_and_openapi(api: Api) -> None:
+    assert httpx.get(f"{api.url}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{api.url}/readyz").status_code == 200
+    spec = httpx.get(f"{api.url}/openapi.json").json()
+    assert "/v1/jobs" in spec["paths"] and "/v1/batches" in spec["paths"]
+
+
+@pytest.mark.slow
+def test_long_poll_returns_as_soon_as_the_job_ends(api: Api, procs: Procs) -> None:
+    pending = api.a.post("/v1/jobs", json={"prompt": "nobody serves me yet"}).json()["id"]
+    t0 = time.monotonic()
+    resp = api.a.get(f"/v1/jobs/{pending}/result", params={"wait": 0.5})
+    assert resp.status_code == 202 and 0.5 <= time.monotonic() - t0 < 2.0
+    procs.scheduler()
+    procs.worker(concurrency=1)
+    job_id = api.a.post("/v1/jobs", json={"prompt": "Quick question"}).json()["id"]
+    t0 = time.monotonic()
+    resp = api.a.get(f"/v1/jobs/{job_id}/result", params={"wait": 30})
+    assert resp.status_code == 200 and resp.json()["state"] == "SUCCEEDED"
+    assert time.monotonic() - t0 < 10, "the long poll did not return when the job ended"
+
+
+@pytest.mark.slow
+def test_openai_sdk_runs_a_batch_end_to_end(api: Api, procs: Procs, tmp_path: Path) -> None:
+    from openai import OpenAI
+
+    procs.scheduler()
+    procs.worker(concurrency=2)
+    lines = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "echo-1", "max_tokens": 50,
+                       "messages": [{"role": "user", "content": f"Translate item {i}"}]}}
+             for i in range(12)]
+    lines.insert(4, {"custom_id": "bad-line", "method": "POST", "url": "/v1/chat/completions",
+                     "body": {"model": "echo-1", "messages": []}})
+    src = tmp_path / "batch.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    client = OpenAI(base_url=f"{api.url}/v1", api_key=KEY_A, max_retries=0)
+    uploaded = client.files.create(file=src.open("rb"), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    assert batch.status in ("validating", "in_progress")
+    done = poll(lambda: (b := client.batches.retrieve(batch.id)).status == "completed" and b,
+                timeout=60, interval=0.2, what="the batch to complete")
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed,
+            done.request_counts.failed) == (13, 12, 1)
+    assert done.output_file_id and done.error_file_id
+    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert [o["custom_id"] for o in out] == [f"req-{i}" for i in range(12)]
+    body = out[3]["response"]["body"]
+    assert body["choices"][0]["message"]["content"] == "echo: user: Translate item 3"
+    errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    assert [e["custom_id"] for e in errors] == ["bad-line"]
+    assert "messages" in errors[0]["error"]["message"]
+    assert [b.id for b in client.batches.list()] == [batch.id]
+    other = OpenAI(base_url=f"{api.url}/v1", api_key=KEY_B, max_retries=0)
+    with pytest.raises(Exception, match="404"):
+        other.batches.retrieve(batch.id)
+
+
+@pytest.mark.slow
+def test_submit_cli_resumes_after_being_killed(api: Api, procs: Procs, r: redis.Redis,
+                                               tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": f"l{i}", "prompt": f"Line {i}"}) + "\n"
+                           for i in range(40)))
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "promptbatch", "submit", str(src), "--url", api.url,
+            "--out", str(out), "--chunk", "10"]
+    env = {**settings_env(api.settings), "PROMPTBATCH_API_KEY": KEY_A}
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    state = Path(f"{out}.promptbatch-state.json")
+    poll(lambda: state.exists() and len(json.loads(state.read_text())["ids"]) >= 10,
+         timeout=60, what="the first chunk to be acknowledged", proc=first)
+    os.killpg(first.pid, signal.SIGKILL)  # no workers yet: it cannot have finished
+    first.wait()
+    assert not out.exists()
+    procs.scheduler()
+    procs.worker(concurrency=1)
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [row["id"] for row in rows] == [f"l{i}" for i in range(40)]
+    assert {row["state"] for row in rows} == {"SUCCEEDED"}
+    store = JobStore(api.settings.database_url)
+    assert sum(store.count_by_state().values()) == 40, "a line was submitted twice"
+    store.close()
+
+
+def test_redis_down_answers_503_within_two_seconds(settings: Settings, tmp_path: Path) -> None:
+    server = EmbeddedRedis(tmp_path / "own-redis").start()
+    s = settings.model_copy(update={"redis_url": server.url})
+    api = Api(s).start()
+    try:
+        assert api.a.post("/v1/jobs", json={"prompt": "before"}).status_code == 201
+        server.kill()
+        for call in (lambda: api.a.post("/v1/jobs", json={"prompt": "during"}),
+                     lambda: httpx.get(f"{api.url}/readyz", timeout=10)):
+            t0 = time.monotonic()
+            resp = call()
+            assert resp.status_code == 503, resp.text
+            assert time.monotonic() - t0 < 2.0
+        store = JobStore(s.database_url)
+        assert store.count_by_state() == {"QUEUED": 1}, "the refused job was half written"
+        store.close()
+    finally:
+        api.stop()
+        server.stop()
