@@ -25,6 +25,7 @@ class LlamaServer:
     """``llama-server`` with ``slots`` parallel slots, each with its own prompt cache."""
 
     def __init__(self, log: Path, slots: int = 4, context: int = 8192) -> None:
+        """``context``: tokens of KV cache in all (shared by the slots)."""
         if not BINARY.exists() or not MODEL.exists():
             raise RuntimeError("llama-server is not built: run scripts/llama-server.sh "
                                "(or `make test-llm`, which does)")
@@ -43,7 +44,7 @@ class LlamaServer:
         out = self.log.open("ab")
         self.proc = subprocess.Popen(
             [str(BINARY), "-m", str(MODEL), "-a", MODEL_NAME, "--host", "127.0.0.1",
-             "--port", str(self.port), "-c", str(self.context * self.slots),
+             "--port", str(self.port), "-c", str(self.context),
              "-np", str(self.slots), "-t", "2", "--metrics", "--no-webui"],
             stdout=out, stderr=subprocess.STDOUT)
         out.close()

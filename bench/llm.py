@@ -39,25 +39,24 @@ from promptbatch.embedded import EmbeddedRedis
 from promptbatch.summary import percentile
 
 SIZE = 32
-TEMPLATES = 6
 
 
 def system_prompt(i: int) -> str:
     """A ~780-token system prompt of one customer."""
-    customer = CUSTOMERS[i % len(CUSTOMERS)]
+    customer = f"{CUSTOMERS[i % len(CUSTOMERS)]} {i // len(CUSTOMERS) + 1}"
     rules = [f"Rule {n}: when a {customer} customer asks about topic {n}, answer in plain "
              f"words, cite the {customer} handbook section {i}.{n}, and never promise "
              f"refunds beyond policy {n * 7 % 13}." for n in range(1, 22)]
     return f"You are the assistant of {customer} (desk {i}). " + " ".join(rules)
 
 
-def workload(n: int, seed: int = 3) -> list[dict[str, object]]:
+def workload(n: int, templates: int, seed: int = 3) -> list[dict[str, object]]:
     questions = [q[:400] for q in sharegpt_questions()]
     rng = random.Random(seed)
-    systems = [system_prompt(i) for i in range(TEMPLATES)]
+    systems = [system_prompt(i) for i in range(templates)]
     jobs = []
     for i in range(n):
-        jobs.append({"messages": [{"role": "system", "content": systems[i % TEMPLATES]},
+        jobs.append({"messages": [{"role": "system", "content": systems[i % templates]},
                                   {"role": "user", "content": questions[i]}],
                      "provider": "openai", "model": MODEL_NAME,
                      "params": {"max_tokens": 8, "temperature": 0}})
@@ -121,8 +120,9 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=240)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--templates", type=int, default=6)
     args = parser.parse_args()
-    jobs = workload(args.prompts)
+    jobs = workload(args.prompts, args.templates)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pb-llm-") as d:
         for mode in ("promptbatch", "FIFO batches", "one task per prompt"):
@@ -131,7 +131,7 @@ def main() -> None:
     ours = float(str(rows[0][2]))
     rows = [(*r, f"{ours / float(str(r[2])):.2f}x") for r in rows]
     table(f"llama-server (SmolLM2-135M, 4 slots), {args.prompts} ShareGPT prompts behind "
-          f"{TEMPLATES} system prompts, batches of {SIZE}, {args.workers} worker processes",
+          f"{args.templates} system prompts, batches of {SIZE}, {args.workers} worker processes",
           ["run", "succeeded", "jobs/s", "prompt tokens computed", "prompt tokens cached",
            "p50 s", "p99 s", "promptbatch vs this"], rows)
 
