@@ -24,6 +24,9 @@ WORKERS = f"{PREFIX}workers"
 #: The scheduler lease (value: the holder's token) and its fencing counter.
 SCHEDULER_LEASE = f"{PREFIX}scheduler:lease"
 SCHEDULER_EPOCH = f"{PREFIX}scheduler:epoch"
+#: Set once by the first scheduler; gone means Redis lost its data (the reconciler then
+#: writes back every recent result).
+ALIVE = f"{PREFIX}alive"
 #: Hash provider/model -> JSON list of recent (batch size, seconds) observations.
 SERVICE_TIMES = f"{PREFIX}service_times"
 
@@ -39,6 +42,11 @@ def job(job_id: str) -> str:
 def batch_run(batch_id: str) -> str:
     """Which send of a batch a worker runs (guards against a batch sent twice)."""
     return f"{PREFIX}batch:{batch_id}:run"
+
+
+def batch_deliveries(batch_id: str) -> str:
+    """How many times a batch's task was delivered to a worker (poison detection)."""
+    return f"{PREFIX}batch:{batch_id}:deliveries"
 
 
 def idempotency(tenant: str, key: str) -> str:

@@ -165,6 +165,11 @@ class Settings(BaseSettings):
         ge=10,
         description="Seconds before the broker re-delivers an unacknowledged batch task.",
     )
+    max_deliveries: int = Field(
+        default=3, ge=1,
+        description="A batch whose task killed its worker this many times is split into "
+        "one task per job; a single job that does is FAILED (a poison job).",
+    )
     result_ttl_s: int = Field(
         default=7 * 24 * 3600,
         ge=60,

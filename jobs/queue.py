@@ -217,6 +217,13 @@ class RedisQueue:
             return True
         return bool(self.r.get(key) == send_id)
 
+    def count_delivery(self, batch_id: str, ttl_s: int) -> int:
+        """Count one more delivery of a batch's task; return the count."""
+        pipe = self.r.pipeline()
+        pipe.incr(keys.batch_deliveries(batch_id))
+        pipe.expire(keys.batch_deliveries(batch_id), ttl_s)
+        return int(pipe.execute()[0])
+
     def mark_running(self, batch_id: str, job_ids: Sequence[str]) -> list[str]:
         """Mark a batch's jobs RUNNING; return the state found per job ('' if unknown)."""
         reply = self._running(keys=[keys.job(j) for j in job_ids], args=[batch_id])

@@ -249,6 +249,18 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_stored(r) for r in conn.execute(stmt).mappings()]
 
+    def finished_since(self, since: float, *, limit: int = 1000,
+                       after: tuple[float, str] = (0.0, "")) -> list[StoredJob]:
+        """Final jobs that finished after ``since``, by (finish time, id), after the cursor
+        ``after`` (for writing results back to a result backend that lost them)."""
+        done, job_id = after
+        stmt = (select(JobRow).where(JobRow.state.in_(_FINAL), JobRow.finished_at >= since,
+                                     (JobRow.finished_at > done)
+                                     | ((JobRow.finished_at == done) & (JobRow.id > job_id)))
+                .order_by(JobRow.finished_at, JobRow.id).limit(limit))
+        with self.engine.connect() as conn:
+            return [_stored(r) for r in conn.execute(stmt).mappings()]
+
     def count_by_state(self) -> dict[str, int]:
         """Number of jobs per state."""
         from sqlalchemy import func

@@ -40,6 +40,7 @@ from jobs.store import JobStore
 from scheduler.embedders import Embedder, create_embedder
 from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
 from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
+from scheduler.reconcile import reconcile
 from scheduler.service_time import ServiceModel
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Scheduler:
         self.sent_batches = 0
         self.sent_jobs = 0
         self._last_report = 0.0
+        self._last_reconcile = 0.0
         self._last_capacity = Capacity(slots=0)
 
     def _new_pool(self) -> Pool:
@@ -103,6 +105,7 @@ class Scheduler:
                         self._stop.wait(min(1.0, self.settings.lease_ttl_s / 3))
                         continue
                     self.tick()
+                    self._maybe_reconcile()
                     self._report()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Redis unavailable (%s); retrying in 1 s", exc)
@@ -119,6 +122,16 @@ class Scheduler:
                 with contextlib.suppress(redis.RedisError):
                     self.queue.release_lease(self.token)
             self.store.close()
+
+    def _maybe_reconcile(self, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self._last_reconcile < self.settings.reconcile_interval_s:
+            return
+        # SET NX answers True when it set the marker: Redis had lost it (or is new).
+        lost = bool(self.r.set(keys.ALIVE, "1", nx=True))
+        since = 0.0 if lost else self._last_reconcile - self.settings.reconcile_interval_s
+        reconcile(self.store, self.queue, self.settings, now, results_since=since)
+        self._last_reconcile = now
 
     def _report(self) -> None:
         now = time.monotonic()
@@ -174,6 +187,7 @@ class Scheduler:
             self._admit(entries)
             self.last_sid = entries[-1].sid
         log.info("pool rebuilt from intake: %d pending jobs", len(self.pool))
+        self._maybe_reconcile(force=True)
 
     # --- one tick -----------------------------------------------------------------------
 

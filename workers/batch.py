@@ -32,6 +32,8 @@ class BatchRunner:
     store: JobStore
     provider_for: Callable[[str], Provider]
     caller: Caller | None = None
+    #: Sends one job as its own batch task: (job id, class) -> None.
+    resend: Callable[[str, int], None] | None = None
 
     def __post_init__(self) -> None:
         if self.caller is None:
@@ -45,11 +47,43 @@ class BatchRunner:
         if not self.queue.claim_run(batch_id, send_id, self.settings.result_ttl_s):
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
             return {"batch_id": batch_id, "skipped": "duplicate send", "jobs": 0}
+        deliveries = self.queue.count_delivery(batch_id, self.settings.result_ttl_s)
         try:
+            if deliveries > self.settings.max_deliveries:
+                return self._poisoned(batch_id, job_ids, cls, deliveries - 1)
             return self._run(batch_id, job_ids, similarity)
         finally:
             with contextlib.suppress(redis.RedisError):
                 self.queue.batch_done(batch_id, cls)
+
+    def fail_running(self, batch_id: str, job_ids: Sequence[str], reason: str) -> int:
+        """End the batch's jobs that are still running as FAILED (time limit reached)."""
+        loaded = self.queue.load(job_ids)
+        live = [spec for spec, state in loaded if spec is not None and state == JobState.RUNNING]
+        self._record([JobResult(id=s.id, state=JobState.FAILED, error=reason,
+                                created_at=s.created_at, provider=s.provider, model=s.model,
+                                batch_id=batch_id, batch_size=len(job_ids)) for s in live], live)
+        return len(live)
+
+    def _poisoned(self, batch_id: str, job_ids: Sequence[str], cls: int,
+                  crashes: int) -> dict[str, Any]:
+        """The batch killed its worker ``crashes`` times: isolate its jobs, or fail the one."""
+        loaded = self.queue.load(job_ids)
+        live = [spec for spec, state in loaded if spec is not None and state in (
+            JobState.QUEUED, JobState.SCHEDULED, JobState.RUNNING)]
+        if len(live) > 1 and self.resend is not None:
+            log.warning("batch %s killed its worker %d times: sending its %d jobs one by one",
+                        batch_id, crashes, len(live))
+            for spec in live:
+                self.resend(spec.id, cls)
+            return {"batch_id": batch_id, "split": [s.id for s in live], "jobs": 0}
+        reason = (f"the job killed the worker {crashes} times (a poison job); it will not "
+                  "be tried again")
+        self._record([JobResult(id=s.id, state=JobState.FAILED, error=reason,
+                                created_at=s.created_at, provider=s.provider, model=s.model,
+                                batch_id=batch_id, batch_size=len(job_ids))
+                      for s in live], live)
+        return {"batch_id": batch_id, "failed": len(live), "jobs": 0}
 
     def _run(self, batch_id: str, job_ids: Sequence[str],
              similarity: float | None) -> dict[str, Any]:

@@ -8,10 +8,13 @@ import logging
 import os
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -39,12 +42,13 @@ class _ProcessResources:
         self._runner: BatchRunner | None = None
         self._providers: dict[str, Provider] = {}
 
-    def runner(self) -> BatchRunner:
+    def runner(self, resend: Callable[[str, int], None]) -> BatchRunner:
         if self._runner is None or self.pid != os.getpid():
             self.pid = os.getpid()
             self._providers = {}
             self._runner = BatchRunner(self.settings, RedisQueue(connect(self.url)),
-                                       JobStore(self.settings.database_url), self.provider)
+                                       JobStore(self.settings.database_url), self.provider,
+                                       resend=resend)
         return self._runner
 
     def provider(self, name: str) -> Provider:
@@ -91,8 +95,20 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     def process_batch(self: Task[Any, Any], batch_id: str, send_id: str, job_ids: list[str],
                       similarity: float | None = None, cls: int = 2) -> dict[str, Any]:
         """Run one batch of jobs: one provider call, one stored result per job."""
+        def resend(job_id: str, job_cls: int) -> None:
+            app.send_task(PROCESS_BATCH, queue=keys.queue(job_cls), kwargs={
+                "batch_id": str(uuid.uuid4()), "send_id": uuid.uuid4().hex,
+                "job_ids": [job_id], "cls": job_cls})
+
+        runner = resources.runner(resend)
         try:
-            return resources.runner().run(batch_id, send_id, job_ids, similarity, cls)
+            return runner.run(batch_id, send_id, job_ids, similarity, cls)
+        except SoftTimeLimitExceeded:
+            limit = settings.task_time_limit_s
+            failed = runner.fail_running(batch_id, job_ids, f"the provider call took longer "
+                                         f"than the task time limit ({limit} s)")
+            log.warning("batch %s hit the time limit; %d jobs failed", batch_id, failed)
+            return {"batch_id": batch_id, "failed": failed, "jobs": 0}
         except (redis.RedisError, SQLAlchemyError) as exc:
             # Redis or the SQL store failed us, not the jobs: run the batch again shortly
             # (the same send, so it is allowed to; results already stored are kept).

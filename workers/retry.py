@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import redis
+from celery.exceptions import SoftTimeLimitExceeded
 
 from config import keys
 from config.settings import Settings
@@ -189,6 +190,8 @@ class Caller:
     def _complete(self, name: str, sent: list[ProviderRequest]) -> list[ProviderReply]:
         try:
             replies = self.provider_for(name).complete(sent)
+        except SoftTimeLimitExceeded:
+            raise  # the task's time is up: the worker fails the batch, no retry here
         except Exception as exc:  # a provider bug or outage fails this call, transiently
             log.exception("provider %s raised", name)
             return [ProviderReply(job_id=r.job_id, transient=True,

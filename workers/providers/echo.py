@@ -1,11 +1,22 @@
-"""``echo``: deterministic and instant; for tests and for measuring the pipeline itself."""
+"""``echo``: deterministic and instant; for tests and for measuring the pipeline itself.
+
+Test hooks, written in the prompt: ``[echo:sleep=SECONDS]`` makes the call last that
+long (a batch's call lasts the longest such sleep, as if its requests ran in parallel),
+and ``[echo:crash]`` kills the worker process during the call (a poison job).
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import time
 from collections.abc import Sequence
 
 from jobs.models import Usage
 from workers.providers.base import ProviderReply, ProviderRequest
+
+_SLEEP = re.compile(r"\[echo:sleep=([0-9.]+)\]")
 
 
 def _tokens(text: str) -> int:
@@ -18,6 +29,11 @@ class EchoProvider:
     name = "echo"
 
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
+        if any("[echo:crash]" in req.text for req in requests):
+            os.kill(os.getpid(), signal.SIGKILL)
+        pauses = [float(m.group(1)) for req in requests if (m := _SLEEP.search(req.text))]
+        if pauses:
+            time.sleep(max(pauses))
         replies: list[ProviderReply] = []
         for req in requests:
             text = f"echo: {req.text}"

@@ -1,0 +1,294 @@
+"""The fault suite: real processes, real signals, a real Redis-compatible server.
+
+Every test states its expectation and checks it from the SQL store (the durable record)
+and the result backend: every accepted job ends in exactly one final state, with at
+most one stored result.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from config import keys
+from config.settings import Settings
+from jobs.models import JobState
+from jobs.store import JobStore
+from producers.client import Client
+from promptbatch.embedded import EmbeddedRedis, free_port
+from tests.conftest import Procs
+from tests.helpers import poll
+from tests.integration.test_pipeline import provider_runs
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults]
+
+#: Short time limits so that redelivery happens within a test.
+FAST = {"PROMPTBATCH_TASK_TIME_LIMIT_S": "15", "PROMPTBATCH_VISIBILITY_TIMEOUT_S": "20",
+        "PROMPTBATCH_RECONCILE_INTERVAL_S": "2", "PROMPTBATCH_LEASE_TTL_S": "2"}
+
+
+class OwnRedis:
+    """A server the test can kill and restart on the same port and data folder."""
+
+    def __init__(self, data: Path, appendonly: bool = True) -> None:
+        self.data = data
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.server = EmbeddedRedis(data, port=self.port, appendonly=appendonly).start()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def kill(self) -> None:
+        self.server.kill()
+
+    def restart(self, wipe: bool = False) -> None:
+        if wipe:
+            for f in self.data.glob("**/*.aof*"):
+                f.unlink()
+            for d in self.data.glob("appendonlydir"):
+                for f in d.iterdir():
+                    f.unlink()
+        self.server = EmbeddedRedis(self.data, port=self.port,
+                                    appendonly=self.appendonly).start()
+
+
+@pytest.fixture
+def own(tmp_path: Path, settings: Settings) -> Iterator[tuple[OwnRedis, Settings, Procs]]:
+    server = OwnRedis(tmp_path / "own-redis")
+    s = settings.model_copy(update={"redis_url": server.url})
+    log_dir = tmp_path / "own-logs"
+    log_dir.mkdir()
+    procs = Procs(s, log_dir)
+    yield server, s, procs
+    procs.stop_all()
+    server.server.stop()
+
+
+def assert_exactly_one_final_result(client: Client, ids: list[str], r: redis.Redis,
+                                    states: set[JobState] | None = None) -> None:
+    results = {x.id: x for x in client.results(ids, timeout=120)}
+    assert set(results) == set(ids)
+    assert {x.state for x in results.values()} <= (states or {JobState.SUCCEEDED})
+    stored = client.store.get_many(ids)
+    assert all(s.state.final for s in stored.values())
+    assert all(stored[i].state is results[i].state for i in ids), "SQL and Redis disagree"
+    assert all(r.get(keys.celery_result(i)) for i in ids), "a result is missing in Redis"
+
+
+def test_1_sigkill_of_a_pool_process_during_a_call(settings: Settings, procs: Procs,
+                                                   r: redis.Redis) -> None:
+    procs.scheduler(**FAST)
+    worker = procs.worker(concurrency=2, **FAST)
+    with Client(settings) as client:
+        ids = client.submit_many({"prompt": f"slow job {i} [echo:sleep=2]"} for i in range(6))
+        poll(lambda: "RUNNING" in client.queue.states(ids), what="a provider call to start")
+        children = psutil.Process(worker.pid).children(recursive=True)
+        assert children, "no pool processes"
+        for child in children:
+            child.kill()
+        assert_exactly_one_final_result(client, ids, r)
+
+
+def test_2_sigkill_of_a_whole_worker_then_a_new_one(settings: Settings, procs: Procs,
+                                                    r: redis.Redis) -> None:
+    procs.scheduler(**FAST)
+    first = procs.worker(concurrency=1, name="doomed", **FAST)
+    with Client(settings) as client:
+        ids = client.submit_many({"prompt": f"job {i} [echo:sleep=1]"} for i in range(4))
+        poll(lambda: "RUNNING" in client.queue.states(ids), what="a batch to start")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        procs.worker(concurrency=1, name="rescuer", **FAST)
+        assert_exactly_one_final_result(client, ids, r)
+
+
+def test_4_sigterm_warm_shutdown_with_running_and_reserved_tasks(settings: Settings,
+                                                                 procs: Procs,
+                                                                 r: redis.Redis) -> None:
+    procs.scheduler(**FAST)
+    first = procs.worker(concurrency=2, name="leaving", **FAST)
+    with Client(settings) as client:
+        ids = client.submit_many({"prompt": f"job {i} [echo:sleep=1.5]", "priority": "low"}
+                                 for i in range(80))
+        poll(lambda: "RUNNING" in client.queue.states(ids), what="batches to start")
+        os.killpg(first.pid, signal.SIGTERM)
+        first.wait(60)
+        procs.worker(concurrency=2, name="arriving", **FAST)
+        assert_exactly_one_final_result(client, ids, r)
+
+
+def test_5_a_poison_job_fails_alone_after_killing_the_worker(settings: Settings, procs: Procs,
+                                                             r: redis.Redis) -> None:
+    procs.scheduler(**FAST)
+    procs.worker(concurrency=1, **FAST)
+    with Client(settings) as client:
+        ids = client.submit_many([{"prompt": "innocent one"}, {"prompt": "poison [echo:crash]"},
+                                  {"prompt": "innocent two"}])
+        results = {x.id: x for x in client.results(ids, timeout=120)}
+    assert results[ids[1]].state is JobState.FAILED
+    assert results[ids[1]].error is not None and "killed the worker" in results[ids[1]].error
+    assert results[ids[0]].state is results[ids[2]].state is JobState.SUCCEEDED
+
+
+def test_6_a_call_longer_than_the_time_limit_fails_once_without_a_second_run(
+        settings: Settings, procs: Procs, r: redis.Redis) -> None:
+    procs.scheduler(**FAST)
+    procs.worker(concurrency=1, **FAST)
+    with Client(settings) as client:
+        job_id = client.submit("takes forever [echo:sleep=30]")
+        res = client.result(job_id, timeout=60)
+        assert res.state is JobState.FAILED and res.error is not None
+        assert "time limit" in res.error
+        runs = provider_runs(r)
+        assert runs.get(job_id, 0) == 0  # the call never completed, and was not repeated
+        again = client.submit("after the slow one")
+        assert client.result(again, timeout=30).state is JobState.SUCCEEDED
+
+
+def test_8_two_schedulers_send_each_job_once(settings: Settings, procs: Procs,
+                                             r: redis.Redis) -> None:
+    procs.scheduler(**FAST)
+    procs.scheduler(wait=False, **FAST)
+    procs.worker(concurrency=2, **FAST)
+    with Client(settings) as client:
+        ids = client.submit_many({"prompt": f"job {i}"} for i in range(1500))
+        assert_exactly_one_final_result(client, ids, r)
+    runs = poll(lambda: (c := provider_runs(r)) and sum(c.values()) >= len(ids) and c,
+                timeout=30, what="batch results")
+    assert max(runs.values()) == 1, "a job was sent twice"
+
+
+def test_9_kill_9_redis_with_aof_restart_on_the_same_data(
+        own: tuple[OwnRedis, Settings, Procs]) -> None:
+    server, s, procs = own
+    procs.scheduler(**FAST)
+    procs.worker(concurrency=2, **FAST)
+    with Client(s) as client:
+        ids = client.submit_many({"prompt": f"job {i} [echo:sleep=0.05]", "priority": "bulk"}
+                                 for i in range(300))
+        server.kill()
+        t0 = time.monotonic()
+        server.restart()
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        assert r.xlen(keys.INTAKE) + sum(1 for x in client.store.get_many(ids).values()
+                                         if x.state.final) > 0
+        client.r.connection_pool.disconnect()
+        assert_exactly_one_final_result(client, ids, r)
+        poll(lambda: r.hlen(keys.WORKERS) > 0, timeout=30, what="workers to report again")
+        assert time.monotonic() - t0 < 120
+
+
+def test_10_redis_without_persistence_loses_everything_the_reconciler_repairs(
+        tmp_path: Path, settings: Settings) -> None:
+    server = OwnRedis(tmp_path / "volatile", appendonly=False)
+    s = settings.model_copy(update={"redis_url": server.url})
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    procs = Procs(s, log_dir)
+    try:
+        procs.scheduler(**FAST, PROMPTBATCH_LOG_LEVEL="INFO")
+        with Client(s) as client:
+            ids = client.submit_many({"prompt": f"job {i}"} for i in range(200))
+            server.kill()
+            server.restart(wipe=True)  # an empty server on the same port
+            client.r.connection_pool.disconnect()
+            r = redis.Redis.from_url(server.url, decode_responses=True)
+            assert r.xlen(keys.INTAKE) == 0
+            # Jobs younger than the reconciler's grace period are left to their producer;
+            # these are old enough once the grace passes.
+            store = JobStore(s.database_url)
+            with store.engine.begin() as conn:
+                from sqlalchemy import text
+
+                conn.execute(text("UPDATE jobs SET spec = json_set(spec, '$.created_at', "
+                                  "json_extract(spec, '$.created_at') - 60)"))
+            procs.worker(concurrency=2, **FAST)
+            assert_exactly_one_final_result(client, ids, r)
+    finally:
+        procs.stop_all()
+        server.server.stop()
+
+
+def test_11_redis_down_at_start_services_wait_then_start(tmp_path: Path,
+                                                          settings: Settings) -> None:
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    s = settings.model_copy(update={"redis_url": url})
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    procs = Procs(s, log_dir)
+    server = None
+    try:
+        procs.scheduler(wait=False, **FAST)
+        worker = procs.spawn("worker", "--concurrency", "1", "--loglevel", "warning", **FAST)
+        assert worker.poll() is None  # waiting for Redis, not dead
+        server = EmbeddedRedis(tmp_path / "late", port=port).start()
+        r = redis.Redis.from_url(url, decode_responses=True)
+        poll(lambda: r.hlen(keys.WORKERS) > 0 and r.get(keys.SCHEDULER_LEASE), timeout=60,
+             what="services to start once Redis is up")
+        with Client(s) as client:
+            ids = client.submit_many({"prompt": f"job {i}"} for i in range(20))
+            assert_exactly_one_final_result(client, ids, r)
+    finally:
+        procs.stop_all()
+        if server:
+            server.stop()
+
+
+def test_13_redis_at_maxmemory_submit_answers_503(settings: Settings, r: redis.Redis) -> None:
+    from tests.integration.test_api import Api
+
+    api = Api(settings).start()
+    try:
+        assert api.a.post("/v1/jobs", json={"prompt": "fits"}).status_code == 201
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", "1")
+        resp = api.a.post("/v1/jobs", json={"prompt": "does not fit"})
+        assert resp.status_code == 503 and "try again" in resp.json()["error"]["message"]
+        r.config_set("maxmemory", "0")
+        store = JobStore(settings.database_url)
+        assert store.count_by_state() == {"QUEUED": 1}, "the refused job was half written"
+        store.close()
+    finally:
+        api.stop()
+
+
+def test_14_result_backend_unreachable_when_a_result_is_written(
+        own: tuple[OwnRedis, Settings, Procs]) -> None:
+    server, s, procs = own
+    procs.scheduler(**FAST)
+    procs.worker(concurrency=1, **FAST)
+    with Client(s) as client:
+        job_id = client.submit("slow enough to lose Redis under it [echo:sleep=2]")
+        poll(lambda: client.queue.states([job_id])[0] == "RUNNING", what="the call to start")
+        server.kill()
+        stored = poll(lambda: (x := client.store.get(job_id)) and x.state.final and x,
+                      timeout=30, what="the result to reach SQL while Redis is down")
+        assert stored.state is JobState.SUCCEEDED
+        t0 = time.monotonic()
+        with pytest.raises(redis.ConnectionError):
+            client.queue.results([job_id])
+        assert time.monotonic() - t0 < 15, "a client call hung"
+        server.restart()
+        client.r.connection_pool.disconnect()
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        poll(lambda: r.get(keys.celery_result(job_id)), timeout=60,
+             what="the result to reach the backend once it is back")
+        assert client.result(job_id, timeout=5).state is JobState.SUCCEEDED
+
+
+def test_readme_states_the_reliability_guarantees() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    for words in ("AOF", "everysec", "reconciler", "exactly one"):
+        assert words in section
+
