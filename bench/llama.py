@@ -24,8 +24,12 @@ MODEL_NAME = "smollm2-135m"
 class LlamaServer:
     """``llama-server`` with ``slots`` parallel slots, each with its own prompt cache."""
 
-    def __init__(self, log: Path, slots: int = 4, context: int = 8192) -> None:
-        """``context``: tokens of KV cache in all (shared by the slots)."""
+    def __init__(self, log: Path, slots: int = 4, context: int = 8192,
+                 cache_ram_mib: int | None = None) -> None:
+        """``context``: tokens of KV cache in all (shared by the slots); ``cache_ram_mib``:
+        llama.cpp's host-memory prompt cache (None: its default, 8 GiB; 0: off, so each
+        slot keeps only its own prompt)."""
+        self.cache_ram_mib = cache_ram_mib
         if not BINARY.exists() or not MODEL.exists():
             raise RuntimeError("llama-server is not built: run scripts/llama-server.sh "
                                "(or `make test-llm`, which does)")
@@ -45,7 +49,8 @@ class LlamaServer:
         self.proc = subprocess.Popen(
             [str(BINARY), "-m", str(MODEL), "-a", MODEL_NAME, "--host", "127.0.0.1",
              "--port", str(self.port), "-c", str(self.context),
-             "-np", str(self.slots), "-t", "2", "--metrics", "--no-webui"],
+             "-np", str(self.slots), "-t", "2", "--metrics", "--no-webui",
+             *([] if self.cache_ram_mib is None else ["--cache-ram", str(self.cache_ram_mib)])],
             stdout=out, stderr=subprocess.STDOUT)
         out.close()
         deadline = time.monotonic() + timeout

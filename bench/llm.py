@@ -74,11 +74,12 @@ def summarise(name: str, results: list[JobResult], wall: float) -> tuple[object,
             f"{percentile(lat, 50) or 0:.1f}", f"{percentile(lat, 99) or 0:.1f}")
 
 
-def run(mode: str, jobs: list[dict[str, object]], workers: int, tmp: Path) -> tuple[object, ...]:
+def run(mode: str, jobs: list[dict[str, object]], workers: int, tmp: Path,
+        cache_ram: int | None) -> tuple[object, ...]:
     run_dir = tmp / mode
     run_dir.mkdir()
     with EmbeddedRedis(run_dir / "redis") as server, \
-            LlamaServer(run_dir / "llama.log", slots=4) as llama:
+            LlamaServer(run_dir / "llama.log", slots=4, cache_ram_mib=cache_ram) as llama:
         s = Settings(redis_url=server.url, database_url=f"sqlite:///{run_dir / 'jobs.db'}",
                      openai_base_url=llama.base_url, openai_prefix_strategy="auto",
                      max_batch_size=SIZE, provider_read_timeout_s=300,
@@ -121,16 +122,21 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=240)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--templates", type=int, default=6)
+    parser.add_argument("--cache-ram", type=int, default=None,
+                        help="llama-server --cache-ram in MiB (default: its own, 8 GiB; 0: "
+                        "each slot keeps only its own prompt cache)")
     args = parser.parse_args()
     jobs = workload(args.prompts, args.templates)
     rows = []
     with tempfile.TemporaryDirectory(prefix="pb-llm-") as d:
         for mode in ("promptbatch", "FIFO batches", "one task per prompt"):
-            rows.append(run(mode, jobs, args.workers, Path(d)))
+            rows.append(run(mode, jobs, args.workers, Path(d), args.cache_ram))
             print(rows[-1], flush=True)
     ours = float(str(rows[0][2]))
     rows = [(*r, f"{ours / float(str(r[2])):.2f}x") for r in rows]
-    table(f"llama-server (SmolLM2-135M, 4 slots), {args.prompts} ShareGPT prompts behind "
+    ram = "default" if args.cache_ram is None else f"{args.cache_ram} MiB"
+    table(f"llama-server (SmolLM2-135M, 4 slots, --cache-ram {ram}), {args.prompts} "
+          f"ShareGPT prompts behind "
           f"{args.templates} system prompts, batches of {SIZE}, {args.workers} worker processes",
           ["run", "succeeded", "jobs/s", "prompt tokens computed", "prompt tokens cached",
            "p50 s", "p99 s", "promptbatch vs this"], rows)
