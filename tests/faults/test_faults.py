@@ -292,3 +292,43 @@ def test_readme_states_the_reliability_guarantees() -> None:
     for words in ("AOF", "everysec", "reconciler", "exactly one"):
         assert words in section
 
+
+
+def test_3_kill_a_worker_holding_prefetched_tasks(settings: Settings, procs: Procs,
+                                                  r: redis.Redis) -> None:
+    procs.scheduler(**FAST)
+    first = procs.worker(concurrency=2, name="hoarder", **FAST)
+    with Client(settings) as client:
+        ids = client.submit_many({"prompt": f"job {i} [echo:sleep=1]", "priority": "low"}
+                                 for i in range(200))
+        # Both pool processes busy and a batch reserved beside them: then kill it all.
+        poll(lambda: r.hlen("unacked") >= 2, timeout=30, what="tasks to be reserved")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        procs.worker(concurrency=2, name="heir", **FAST)
+        assert_exactly_one_final_result(client, ids, r)
+
+
+def test_12_redis_frozen_for_30_seconds_then_thawed(
+        own: tuple[OwnRedis, Settings, Procs]) -> None:
+    server, s, procs = own
+    procs.scheduler(**FAST)
+    procs.worker(concurrency=2, **FAST)
+    with Client(s) as client:
+        ids = client.submit_many({"prompt": f"job {i} [echo:sleep=0.2]", "priority": "low"}
+                                 for i in range(300))
+        poll(lambda: "RUNNING" in client.queue.states(ids), what="batches to run")
+        assert server.server.proc is not None
+        pid = server.server.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(redis.TimeoutError):
+                client.queue.states(ids[:1])  # a client call fails, it does not hang
+            assert time.monotonic() - t0 < 15
+            time.sleep(30 - (time.monotonic() - t0))  # the fault itself: 30 s frozen
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        client.r.connection_pool.disconnect()
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        assert_exactly_one_final_result(client, ids, r)
