@@ -94,8 +94,9 @@ def main() -> None:
     args = parser.parse_args()
     texts = prompts(args.jobs)
     with tempfile.TemporaryDirectory(prefix="pb-bench-") as d:
-        tmp = Path(tempfile.mkdtemp(prefix="pb-bench-")) if args.keep else Path(d)
-        if args.keep:
+        tmp = Path(d)
+        if args.keep:  # logs and data outlive the run
+            tmp = Path(tempfile.mkdtemp(prefix="pb-bench-"))
             print(f"logs and data in {tmp}")
         rows = []
         with EmbeddedRedis(tmp / "a") as server:

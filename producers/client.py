@@ -100,7 +100,7 @@ class Client:
     def submit_specs(self, specs: Sequence[JobSpec]) -> list[str]:
         """Store and enqueue resolved jobs; return their ids (an idempotent repeat maps to
         the id stored first)."""
-        self._check_quota(specs)
+        self.check_quota(specs)
         try:
             stored = self.store.insert(specs)
         except Exception as exc:  # SQLAlchemy errors of any kind: the store is unusable
@@ -120,7 +120,8 @@ class Client:
                 raise TenantQuotaExceeded(refused[0].tenant, self.settings.max_pending_per_tenant)
         return [stored[s.id] for s in specs]
 
-    def _check_quota(self, specs: Sequence[JobSpec]) -> None:
+    def check_quota(self, specs: Sequence[JobSpec]) -> None:
+        """Raise ``TenantQuotaExceeded`` if the jobs would take a tenant over its quota."""
         limit = self.settings.max_pending_per_tenant
         for tenant, n in Counter(s.tenant for s in specs).items():
             try:

@@ -118,7 +118,7 @@ class BatchService:
             "metadata": metadata or None, "_jobs": jobs, "_invalid": invalid,
         }
         if specs:
-            self.client._check_quota(specs)
+            self.client.check_quota(specs)
             ids = self.client.submit_specs(specs)
             record["_jobs"] = [[cid, job_id] for (cid, _), job_id in zip(jobs, ids, strict=True)]
         self.accounts.put_batch(batch_id, tenant, record)
