@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         description="Time-to-live of the scheduler lease; a standby takes over this long "
         "after the active scheduler stops renewing.",
     )
+    reconcile_grace_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="The reconciler leaves jobs younger than this alone: their producer may "
+        "be between its SQL write and its Redis write.",
+    )
     reconcile_interval_s: float = Field(
         default=60.0,
         gt=0,

@@ -11,8 +11,8 @@ Run by the active scheduler when it takes the lease and every ``reconcile_interv
   lost its data (the ``pb:alive`` marker is gone), for all finished within
   ``result_ttl_s``.
 
-Jobs younger than ``GRACE_S`` are left alone: a producer may be between its SQL write
-and its Redis write.
+Jobs younger than ``reconcile_grace_s`` are left alone: a producer may be between its
+SQL write and its Redis write.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
-#: Seconds a new job is given to reach Redis before the reconciler steps in.
-GRACE_S = 30.0
 PAGE = 1000
 
 
@@ -56,7 +54,7 @@ def reconcile(store: JobStore, queue: RedisQueue, settings: Settings, now: float
         if not rows:
             break
         after = rows[-1].spec.id
-        rows = [r for r in rows if now - r.spec.created_at >= GRACE_S]
+        rows = [r for r in rows if now - r.spec.created_at >= settings.reconcile_grace_s]
         if not rows:
             continue
         ids = [r.spec.id for r in rows]

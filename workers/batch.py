@@ -60,10 +60,13 @@ class BatchRunner:
         """End the batch's jobs that are still running as FAILED (time limit reached)."""
         loaded = self.queue.load(job_ids)
         live = [spec for spec, state in loaded if spec is not None and state == JobState.RUNNING]
+        self._fail(live, reason, batch_id, len(job_ids))
+        return len(live)
+
+    def _fail(self, specs: list[JobSpec], reason: str, batch_id: str, size: int) -> None:
         self._record([JobResult(id=s.id, state=JobState.FAILED, error=reason,
                                 created_at=s.created_at, provider=s.provider, model=s.model,
-                                batch_id=batch_id, batch_size=len(job_ids)) for s in live], live)
-        return len(live)
+                                batch_id=batch_id, batch_size=size) for s in specs], specs)
 
     def _poisoned(self, batch_id: str, job_ids: Sequence[str], cls: int,
                   crashes: int) -> dict[str, Any]:
@@ -79,10 +82,7 @@ class BatchRunner:
             return {"batch_id": batch_id, "split": [s.id for s in live], "jobs": 0}
         reason = (f"the job killed the worker {crashes} times (a poison job); it will not "
                   "be tried again")
-        self._record([JobResult(id=s.id, state=JobState.FAILED, error=reason,
-                                created_at=s.created_at, provider=s.provider, model=s.model,
-                                batch_id=batch_id, batch_size=len(job_ids))
-                      for s in live], live)
+        self._fail(live, reason, batch_id, len(job_ids))
         return {"batch_id": batch_id, "failed": len(live), "jobs": 0}
 
     def _run(self, batch_id: str, job_ids: Sequence[str],

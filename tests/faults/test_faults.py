@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -37,11 +37,13 @@ FAST = {"PROMPTBATCH_TASK_TIME_LIMIT_S": "15", "PROMPTBATCH_VISIBILITY_TIMEOUT_S
 class OwnRedis:
     """A server the test can kill and restart on the same port and data folder."""
 
-    def __init__(self, data: Path, appendonly: bool = True) -> None:
+    def __init__(self, data: Path, appendonly: bool = True, start: bool = True) -> None:
         self.data = data
         self.port = free_port()
         self.appendonly = appendonly
-        self.server = EmbeddedRedis(data, port=self.port, appendonly=appendonly).start()
+        self.server = EmbeddedRedis(data, port=self.port, appendonly=appendonly)
+        if start:
+            self.server.start()
 
     @property
     def url(self) -> str:
@@ -61,16 +63,33 @@ class OwnRedis:
                                     appendonly=self.appendonly).start()
 
 
+Own = tuple[OwnRedis, Settings, Procs]
+
+
 @pytest.fixture
-def own(tmp_path: Path, settings: Settings) -> Iterator[tuple[OwnRedis, Settings, Procs]]:
-    server = OwnRedis(tmp_path / "own-redis")
-    s = settings.model_copy(update={"redis_url": server.url})
-    log_dir = tmp_path / "own-logs"
-    log_dir.mkdir()
-    procs = Procs(s, log_dir)
-    yield server, s, procs
-    procs.stop_all()
-    server.server.stop()
+def make_own(tmp_path: Path, settings: Settings) -> Iterator[Callable[..., Own]]:
+    """Make a server of the test's own (persistence and start as asked), with settings and
+    processes pointing at it; all stopped at the end."""
+    made: list[Own] = []
+
+    def make(appendonly: bool = True, start: bool = True) -> Own:
+        server = OwnRedis(tmp_path / f"own-redis-{len(made)}", appendonly, start)
+        s = settings.model_copy(update={"redis_url": server.url})
+        log_dir = tmp_path / f"own-logs-{len(made)}"
+        log_dir.mkdir()
+        made.append((server, s, Procs(s, log_dir)))
+        return made[-1]
+
+    yield make
+    for server, _, procs in made:
+        procs.stop_all()
+        server.server.stop()
+
+
+@pytest.fixture
+def own(make_own: Callable[..., Own]) -> Own:
+    """A restartable AOF server of the test's own, with settings and processes."""
+    return make_own()
 
 
 def assert_exactly_one_final_result(client: Client, ids: list[str], r: redis.Redis,
@@ -167,8 +186,7 @@ def test_8_two_schedulers_send_each_job_once(settings: Settings, procs: Procs,
     assert max(runs.values()) == 1, "a job was sent twice"
 
 
-def test_9_kill_9_redis_with_aof_restart_on_the_same_data(
-        own: tuple[OwnRedis, Settings, Procs]) -> None:
+def test_9_kill_9_redis_with_aof_restart_on_the_same_data(own: Own) -> None:
     server, s, procs = own
     procs.scheduler(**FAST)
     procs.worker(concurrency=2, **FAST)
@@ -188,60 +206,34 @@ def test_9_kill_9_redis_with_aof_restart_on_the_same_data(
 
 
 def test_10_redis_without_persistence_loses_everything_the_reconciler_repairs(
-        tmp_path: Path, settings: Settings) -> None:
-    server = OwnRedis(tmp_path / "volatile", appendonly=False)
-    s = settings.model_copy(update={"redis_url": server.url})
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
-    procs = Procs(s, log_dir)
-    try:
-        procs.scheduler(**FAST, PROMPTBATCH_LOG_LEVEL="INFO")
-        with Client(s) as client:
-            ids = client.submit_many({"prompt": f"job {i}"} for i in range(200))
-            server.kill()
-            server.restart(wipe=True)  # an empty server on the same port
-            client.r.connection_pool.disconnect()
-            r = redis.Redis.from_url(server.url, decode_responses=True)
-            assert r.xlen(keys.INTAKE) == 0
-            # Jobs younger than the reconciler's grace period are left to their producer;
-            # these are old enough once the grace passes.
-            store = JobStore(s.database_url)
-            with store.engine.begin() as conn:
-                from sqlalchemy import text
-
-                conn.execute(text("UPDATE jobs SET spec = json_set(spec, '$.created_at', "
-                                  "json_extract(spec, '$.created_at') - 60)"))
-            procs.worker(concurrency=2, **FAST)
-            assert_exactly_one_final_result(client, ids, r)
-    finally:
-        procs.stop_all()
-        server.server.stop()
+        make_own: Callable[..., Own]) -> None:
+    server, s, procs = make_own(appendonly=False)
+    # No grace for new jobs: these were written to SQL long before Redis lost them.
+    procs.scheduler(**FAST, PROMPTBATCH_RECONCILE_GRACE_S="0")
+    with Client(s) as client:
+        ids = client.submit_many({"prompt": f"job {i}"} for i in range(200))
+        server.kill()
+        server.restart(wipe=True)  # an empty server on the same port
+        client.r.connection_pool.disconnect()
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        assert r.xlen(keys.INTAKE) == 0
+        procs.worker(concurrency=2, **FAST)
+        assert_exactly_one_final_result(client, ids, r)
 
 
-def test_11_redis_down_at_start_services_wait_then_start(tmp_path: Path,
-                                                          settings: Settings) -> None:
-    port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
-    s = settings.model_copy(update={"redis_url": url})
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
-    procs = Procs(s, log_dir)
-    server = None
-    try:
-        procs.scheduler(wait=False, **FAST)
-        worker = procs.spawn("worker", "--concurrency", "1", "--loglevel", "warning", **FAST)
-        assert worker.poll() is None  # waiting for Redis, not dead
-        server = EmbeddedRedis(tmp_path / "late", port=port).start()
-        r = redis.Redis.from_url(url, decode_responses=True)
-        poll(lambda: r.hlen(keys.WORKERS) > 0 and r.get(keys.SCHEDULER_LEASE), timeout=60,
-             what="services to start once Redis is up")
-        with Client(s) as client:
-            ids = client.submit_many({"prompt": f"job {i}"} for i in range(20))
-            assert_exactly_one_final_result(client, ids, r)
-    finally:
-        procs.stop_all()
-        if server:
-            server.stop()
+def test_11_redis_down_at_start_services_wait_then_start(
+        make_own: Callable[..., Own]) -> None:
+    server, s, procs = make_own(start=False)
+    procs.scheduler(wait=False, **FAST)
+    worker = procs.spawn("worker", "--concurrency", "1", "--loglevel", "warning", **FAST)
+    assert worker.poll() is None  # waiting for Redis, not dead
+    server.server.start()
+    r = redis.Redis.from_url(server.url, decode_responses=True)
+    poll(lambda: r.hlen(keys.WORKERS) > 0 and r.get(keys.SCHEDULER_LEASE), timeout=60,
+         what="services to start once Redis is up")
+    with Client(s) as client:
+        ids = client.submit_many({"prompt": f"job {i}"} for i in range(20))
+        assert_exactly_one_final_result(client, ids, r)
 
 
 def test_13_redis_at_maxmemory_submit_answers_503(settings: Settings, r: redis.Redis) -> None:
@@ -262,8 +254,7 @@ def test_13_redis_at_maxmemory_submit_answers_503(settings: Settings, r: redis.R
         api.stop()
 
 
-def test_14_result_backend_unreachable_when_a_result_is_written(
-        own: tuple[OwnRedis, Settings, Procs]) -> None:
+def test_14_result_backend_unreachable_when_a_result_is_written(own: Own) -> None:
     server, s, procs = own
     procs.scheduler(**FAST)
     procs.worker(concurrency=1, **FAST)
@@ -309,8 +300,7 @@ def test_3_kill_a_worker_holding_prefetched_tasks(settings: Settings, procs: Pro
         assert_exactly_one_final_result(client, ids, r)
 
 
-def test_12_redis_frozen_for_30_seconds_then_thawed(
-        own: tuple[OwnRedis, Settings, Procs]) -> None:
+def test_12_redis_frozen_for_30_seconds_then_thawed(own: Own) -> None:
     server, s, procs = own
     procs.scheduler(**FAST)
     procs.worker(concurrency=2, **FAST)

@@ -17,12 +17,10 @@ from jobs.models import Usage
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.providers.http import (
     Gate,
-    SendError,
     Strategy,
-    classify,
     make_client,
+    post,
     run_ordered,
-    send,
     shared_prefix,
 )
 
@@ -97,15 +95,10 @@ class AnthropicProvider:
                            lambda r: self._one(r, bodies[r.job_id]))
 
     def _one(self, req: ProviderRequest, body: dict[str, Any]) -> ProviderReply:
-        try:
-            with self.gate:
-                resp = send(self.client, f"{self.base_url}/v1/messages", body, self._headers,
-                            self.settings.provider_total_timeout_s)
-        except SendError as exc:
-            return ProviderReply(job_id=req.job_id, transient=True, error=str(exc))
-        bad = classify(req.job_id, resp, context_markers=CONTEXT_MARKERS)
-        if bad is not None:
-            return bad
+        resp = post(self.client, self.gate, f"{self.base_url}/v1/messages", body,
+                    self._headers, self.settings, req.job_id, CONTEXT_MARKERS)
+        if isinstance(resp, ProviderReply):
+            return resp
         try:
             data = resp.json()
             text = "".join(block["text"] for block in data["content"]

@@ -125,6 +125,18 @@ def classify(job_id: str, resp: Response, *, context_markers: Sequence[str],
     return ProviderReply(job_id=job_id, error=f"HTTP {resp.status}: {raw}")
 
 
+def post(client: httpx.Client, gate: Gate, url: str, payload: dict[str, Any],
+         headers: dict[str, str], settings: Settings, job_id: str,
+         context_markers: Sequence[str]) -> Response | ProviderReply:
+    """Send one request; a 2xx ``Response`` to parse, or the reply for a failure."""
+    try:
+        with gate:
+            resp = send(client, url, payload, headers, settings.provider_total_timeout_s)
+    except SendError as exc:
+        return ProviderReply(job_id=job_id, transient=True, error=str(exc))
+    return classify(job_id, resp, context_markers=context_markers) or resp
+
+
 def shared_prefix(texts: Sequence[str], limit: int = 4096) -> str:
     """The prefix every text starts with (at most ``limit`` characters)."""
     if not texts:

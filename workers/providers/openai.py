@@ -12,6 +12,7 @@ usage is then shared out over the jobs in proportion to their prompt length.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -23,13 +24,11 @@ from jobs.models import Usage
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.providers.http import (
     Gate,
-    SendError,
     Strategy,
     cache_key,
-    classify,
     make_client,
+    post,
     run_ordered,
-    send,
 )
 
 log = logging.getLogger(__name__)
@@ -94,15 +93,10 @@ class OpenAIProvider:
         payload: dict[str, Any] = {"model": req.model, "messages": messages, **self._params(req)}
         if key:
             payload["prompt_cache_key"] = key
-        try:
-            with self.gate:
-                resp = send(self.client, f"{self.base_url}/chat/completions", payload,
-                            self._headers, self.settings.provider_total_timeout_s)
-        except SendError as exc:
-            return ProviderReply(job_id=req.job_id, transient=True, error=str(exc))
-        bad = classify(req.job_id, resp, context_markers=CONTEXT_MARKERS)
-        if bad is not None:
-            return bad
+        resp = post(self.client, self.gate, f"{self.base_url}/chat/completions", payload,
+                    self._headers, self.settings, req.job_id, CONTEXT_MARKERS)
+        if isinstance(resp, ProviderReply):
+            return resp
         try:
             data = resp.json()
             text = data["choices"][0]["message"]["content"]
@@ -120,18 +114,10 @@ class OpenAIProvider:
                                    **self._params(first)}
         if key:
             payload["prompt_cache_key"] = key
-        try:
-            with self.gate:
-                resp = send(self.client, f"{self.base_url}/completions", payload,
-                            self._headers, self.settings.provider_total_timeout_s)
-        except SendError as exc:
-            return [ProviderReply(job_id=r.job_id, transient=True, error=str(exc))
-                    for r in requests]
-        bad = classify(first.job_id, resp, context_markers=CONTEXT_MARKERS)
-        if bad is not None:
-            return [ProviderReply(job_id=r.job_id, text=None, error=bad.error,
-                                  transient=bad.transient, retry_after=bad.retry_after)
-                    for r in requests]
+        resp = post(self.client, self.gate, f"{self.base_url}/completions", payload,
+                    self._headers, self.settings, first.job_id, CONTEXT_MARKERS)
+        if isinstance(resp, ProviderReply):  # the one request failed: so did every prompt
+            return [dataclasses.replace(resp, job_id=r.job_id) for r in requests]
         try:
             data = resp.json()
             texts = {int(c["index"]): c["text"] for c in data["choices"]}
