@@ -120,17 +120,19 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-#: KEYS: token buckets. ARGV: now, then per bucket: capacity, refill per second, cost.
+#: KEYS: token buckets. ARGV: per bucket: capacity, refill per second, cost.
 #: Takes ``cost`` from every bucket if all have enough; otherwise takes nothing and
-#: returns the seconds until they will (as a string: Lua numbers become integers).
+#: returns the seconds until they will (as a string: Lua numbers become integers). The
+#: time is the server's (``TIME``), so workers with skewed clocks share one refill rate.
 TAKE_TOKENS = """
-local now = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local wait = 0
 local state = {}
 for i = 1, #KEYS do
-  local cap = tonumber(ARGV[2 + (i - 1) * 3])
-  local rate = tonumber(ARGV[3 + (i - 1) * 3])
-  local cost = math.min(tonumber(ARGV[4 + (i - 1) * 3]), cap)
+  local cap = tonumber(ARGV[1 + (i - 1) * 3])
+  local rate = tonumber(ARGV[2 + (i - 1) * 3])
+  local cost = math.min(tonumber(ARGV[3 + (i - 1) * 3]), cap)
   local v = redis.call('HMGET', KEYS[i], 'tokens', 'ts')
   local tokens = tonumber(v[1]) or cap
   local ts = tonumber(v[2]) or now

@@ -152,7 +152,10 @@ class BatchService:
                 spec = resolve(request, job_id=str(uuid.uuid4()), now=now,
                                settings=self.settings, tenant=tenant, line=number)
                 spec = spec.model_copy(update={"deadline": deadline})
-            except (ValueError, InvalidJob) as exc:
+            except InvalidJob as exc:  # its message already names the line
+                invalid.append([number, custom_id, str(exc)])
+                continue
+            except ValueError as exc:
                 invalid.append([number, custom_id, f"line {number}: {exc}"])
                 continue
             seen.add(str(custom_id))

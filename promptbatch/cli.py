@@ -121,10 +121,14 @@ def _explicit_env() -> set[str]:
 
 
 def _install_sigterm() -> None:
+    """Ctrl-C and SIGTERM both stop the run. SIGINT's handler is installed explicitly: a
+    process started with SIGINT ignored (a background job of a non-interactive shell)
+    has none."""
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def _collect(client: Any, ids: list[str], timeout: float) -> dict[str, JobResult]:
@@ -209,8 +213,9 @@ def scheduler() -> None:
 
 @app.command()
 def worker(
-    concurrency: Annotated[int | None, typer.Option(help="Pool processes (default: "
-                                                    "PROMPTBATCH_WORKER_CONCURRENCY).")] = None,
+    concurrency: Annotated[int | None, typer.Option(
+        "--concurrency", "-c", min=1, help="Pool processes, as Celery's -c (default: "
+        "PROMPTBATCH_WORKER_CONCURRENCY).")] = None,
     name: Annotated[str, typer.Option(help="Worker name (its host is appended).")] = "worker",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
     pool: Annotated[str, typer.Option(help="Celery pool: prefork, threads or solo.")] = "prefork",

@@ -1,4 +1,4 @@
-"""Shared rate limits: token buckets in Redis, one Lua step, the time passed in.
+"""Shared rate limits: token buckets in Redis, one Lua step on the server's clock.
 
 Limits are set per ``provider|model`` (or per provider) in ``Settings.rate_limits``:
 ``rpm`` (requests per minute) and ``tpm`` (tokens per minute: estimated prompt tokens
@@ -76,7 +76,7 @@ class RateLimiter:
             args += [limit.tpm, limit.tpm / 60.0, tokens]
         while True:
             now = self.clock()
-            wait = float(self._take(keys=bucket_keys, args=[now, *args]))
+            wait = float(self._take(keys=bucket_keys, args=args))
             if wait <= 0:
                 return True
             if deadline is not None and now + wait > deadline:

@@ -232,7 +232,9 @@ def test_openai_sdk_runs_a_batch_end_to_end(api: Api, procs: Procs, tmp_path: Pa
     assert body["choices"][0]["message"]["content"] == "echo: user: Translate item 3"
     errors = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
     assert [e["custom_id"] for e in errors] == ["bad-line"]
-    assert "messages" in errors[0]["error"]["message"]
+    message = errors[0]["error"]["message"]
+    assert "messages" in message
+    assert message.count("line 5") == 1, f"the line is named more than once: {message}"
     assert [b.id for b in client.batches.list()] == [batch.id]
     other = OpenAI(base_url=f"{api.url}/v1", api_key=KEY_B, max_retries=0)
     with pytest.raises(Exception, match="404"):

@@ -66,12 +66,19 @@ def test_run_writes_one_result_per_line_in_input_order_and_a_summary(tmp_path: P
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_ctrl_c_stops_everything_the_run_started(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sigint_ignored_at_start", [False, True])
+def test_ctrl_c_stops_everything_the_run_started(tmp_path: Path,
+                                                 sigint_ignored_at_start: bool) -> None:
+    """Also when the run starts with SIGINT ignored, as a background job of a
+    non-interactive shell does."""
     import signal
 
     import psutil
 
     from tests.helpers import poll
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"prompt": f"Long task {i} " * 50}) + "\n"
@@ -79,7 +86,8 @@ def test_ctrl_c_stops_everything_the_run_started(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
     proc = subprocess.Popen([sys.executable, "-m", "promptbatch", "run", str(src), "--provider",
                              "simulated", "--workers", "1"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=ignore_sigint if sigint_ignored_at_start else None)
     me = psutil.Process(proc.pid)
     # Running: the server, the scheduler and a worker with its pool are all up.
     children = poll(lambda: (c := me.children(recursive=True)) and len(c) >= 4 and c,

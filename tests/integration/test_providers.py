@@ -8,6 +8,7 @@ the final states, and that the other jobs' results are kept.
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,23 +206,36 @@ def test_anthropic_marks_a_shared_system_prompt_and_retries_529(settings: Settin
 
 
 def test_rate_limit_waits_for_budget_shared_in_redis(settings: Settings, r: redis.Redis) -> None:
-    clock = [1000.0]
     slept: list[float] = []
 
     def sleep(s: float) -> None:
         slept.append(s)
-        clock[0] += s
+        time.sleep(s)
 
-    s = settings.model_copy(update={"rate_limits": {"openai|m": {"rpm": 60, "tpm": 600}}})
-    a = RateLimiter(r, s, clock=lambda: clock[0], sleep=sleep)
-    b = RateLimiter(r, s, clock=lambda: clock[0], sleep=sleep)  # another worker
-    assert a.acquire("openai|m", "t", requests=30, tokens=300, deadline=None)
-    assert b.acquire("openai|m", "t", requests=30, tokens=300, deadline=None)
+    # 600 tokens a minute: 10 a second.
+    s = settings.model_copy(update={"rate_limits": {"openai|m": {"rpm": 600, "tpm": 600}}})
+    a = RateLimiter(r, s, sleep=sleep)
+    b = RateLimiter(r, s, sleep=sleep)  # another worker
+    assert a.acquire("openai|m", "t", requests=1, tokens=300, deadline=None)
+    assert b.acquire("openai|m", "t", requests=1, tokens=300, deadline=None)
     assert slept == []  # the first minute's budget
-    assert a.acquire("openai|m", "t", requests=1, tokens=100, deadline=None)
-    assert sum(slept) == pytest.approx(10.0, abs=1.01)  # 100 tokens at 10 per second
-    assert not b.acquire("openai|m", "t", requests=1, tokens=300, deadline=clock[0] + 1)
-    assert a.fits("openai|m", 60, 600) and not a.fits("openai|m", 61, 10)
+    assert a.acquire("openai|m", "t", requests=1, tokens=5, deadline=None)
+    assert 0.3 <= sum(slept) <= 1.5, slept  # 5 tokens at 10 a second
+    assert not b.acquire("openai|m", "t", requests=1, tokens=300, deadline=time.time() + 1)
+    assert a.fits("openai|m", 600, 600) and not a.fits("openai|m", 601, 10)
+
+
+def test_a_worker_with_a_skewed_clock_does_not_refill_the_shared_bucket(
+        settings: Settings, r: redis.Redis) -> None:
+    s = settings.model_copy(update={"rate_limits": {"openai|m": {"tpm": 60}}})  # 1 a second
+    honest = RateLimiter(r, s)
+    ahead = RateLimiter(r, s, clock=lambda: time.time() + 3600)  # an hour fast
+    assert honest.acquire("openai|m", "t", requests=1, tokens=60, deadline=None)
+    # The bucket is empty: a clock an hour ahead must not find it refilled.
+    assert not ahead.acquire("openai|m", "t", requests=1, tokens=30,
+                             deadline=time.time() + 3600 + 5)
+    assert not honest.acquire("openai|m", "t", requests=1, tokens=30,
+                              deadline=time.time() + 5)
 
 
 def test_api_keys_are_never_logged_stored_or_returned(settings: Settings, fake: FakeLLM,
