@@ -58,6 +58,15 @@ class Settings(BaseSettings):
         "this is refused with TenantQuotaExceeded (HTTP 429).",
     )
     default_tenant: str = Field(default="default", description="Tenant of jobs that name none.")
+    tenant_providers: dict[str, list[str]] = Field(
+        default_factory=lambda: {"*": ["*"]},
+        description="Which providers and models each tenant may use (JSON): tenant -> list "
+        "of 'provider' (any allowed model of it), 'provider|model', or '*' (everything). "
+        "'*' as a tenant is the entry of every tenant not listed; without it, an unlisted "
+        "tenant may use nothing. A job naming anything else is refused (HTTP 422 naming "
+        "the field). Example: '{\"*\": [\"openai|gpt-4o-mini\"], \"research\": "
+        "[\"openai\", \"anthropic\"]}'.",
+    )
 
     # --- The HTTP API ---------------------------------------------------------------
     api_keys: dict[str, str] = Field(
@@ -196,6 +205,17 @@ class Settings(BaseSettings):
         description="Models a job may name, per provider; a provider not listed (or with "
         "an empty list) accepts any well-formed model name. JSON: '{\"openai\": [\"gpt-4o\"]}'.",
     )
+    echo_test_hooks: bool = Field(
+        default=False,
+        description="echo: obey the test hooks written in prompts ('[echo:sleep=N]' holds "
+        "the worker N seconds, '[echo:crash]' kills it). Only for tests: with it on, anyone "
+        "who may submit an echo job can stall or kill workers.",
+    )
+    echo_call_log: Path | None = Field(
+        default=None,
+        description="echo: append one JSON line per provider call (process id and job ids) "
+        "to this file, so tests count calls where they happen.",
+    )
     simulated_call_overhead_ms: float = Field(
         default=40.0, ge=0, description="simulated: fixed cost of one call to the server."
     )
@@ -320,9 +340,22 @@ class Settings(BaseSettings):
                 "re-delivers a batch that is still running. Lower the time limit or raise "
                 "the visibility timeout."
             )
+        for tenant, entries in self.tenant_providers.items():
+            for entry in entries:
+                if entry != "*" and not entry.split("|", 1)[0]:
+                    raise ValueError(f"tenant_providers[{tenant!r}]: {entry!r} is not "
+                                     "'provider', 'provider|model' or '*'")
         if any(w < 0 for w in self.max_wait_ms):
             raise ValueError(f"max_wait_ms must be >= 0 for every class, got {self.max_wait_ms}")
         return self
+
+    def may_use(self, tenant: str, provider: str, model: str) -> tuple[bool, bool]:
+        """Whether ``tenant`` may use ``provider`` at all, and ``provider|model``."""
+        entries = self.tenant_providers.get(tenant, self.tenant_providers.get("*", []))
+        if "*" in entries or provider in entries:
+            return True, True
+        return (any(e.split("|", 1)[0] == provider for e in entries),
+                f"{provider}|{model}" in entries)
 
     def max_wait_s(self, priority: int) -> float:
         """The longest wait of class ``priority`` (0 highest), in seconds."""

@@ -59,6 +59,7 @@ def resolve(
     ``tenant``, when given (an authenticated caller), overrides the request's own.
     """
     errors: list[tuple[str, str]] = []
+    tenant = tenant or request.tenant or settings.default_tenant
     provider = request.provider or settings.default_provider
     if provider not in PROVIDER_DEFAULT_MODELS:
         errors.append(("provider", f"unknown provider {provider!r}; known: "
@@ -67,9 +68,16 @@ def resolve(
     else:
         model = request.model or settings.default_model or PROVIDER_DEFAULT_MODELS[provider]
         allowed = settings.allowed_models.get(provider)
+        provider_ok, model_ok = settings.may_use(tenant, provider, model)
         if allowed and model not in allowed:
             errors.append(("model", f"unknown model {model!r} for provider {provider!r}; "
                            f"allowed: {', '.join(allowed)}"))
+        elif not provider_ok:
+            errors.append(("provider", f"tenant {tenant!r} may not use provider {provider!r} "
+                           "(tenant_providers)"))
+        elif not model_ok:
+            errors.append(("model", f"tenant {tenant!r} may not use model {model!r} of "
+                           f"provider {provider!r} (tenant_providers)"))
     text_len = len(request.prompt) if request.prompt is not None else sum(
         len(m.content) for m in request.messages or ())
     if text_len > settings.max_prompt_chars:
@@ -86,7 +94,7 @@ def resolve(
         raise InvalidJob(errors, line=line)
     return JobSpec(
         id=job_id,
-        tenant=tenant or request.tenant or settings.default_tenant,
+        tenant=tenant,
         priority=request.priority,
         created_at=now,
         deadline=deadline,

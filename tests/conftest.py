@@ -57,9 +57,12 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def settings(redis_url: str, tmp_path: Path) -> Settings:
-    """Settings pointing at the test's server and its own SQLite file."""
+    """Settings pointing at the test's server and its own SQLite file, with the echo
+    provider's test hooks on and its calls recorded in the test's own file."""
     return Settings(redis_url=redis_url, database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
-                    data_dir=tmp_path / "var", _env_file=None)  # type: ignore[call-arg]
+                    data_dir=tmp_path / "var", echo_test_hooks=True,
+                    echo_call_log=tmp_path / "echo-calls.jsonl",
+                    _env_file=None)  # type: ignore[call-arg]
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -70,8 +73,11 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
         "PROMPTBATCH_DATABASE_URL": settings.database_url,
         "PROMPTBATCH_DATA_DIR": str(settings.data_dir),
         "PROMPTBATCH_LOG_LEVEL": "INFO",
+        "PROMPTBATCH_ECHO_TEST_HOOKS": "1" if settings.echo_test_hooks else "0",
         "PYTHONUNBUFFERED": "1",
     })
+    if settings.echo_call_log is not None:
+        env["PROMPTBATCH_ECHO_CALL_LOG"] = str(settings.echo_call_log)
     env.update(extra)
     return env
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-from collections import Counter
 
 import pytest
 import redis
@@ -17,21 +15,10 @@ from jobs.errors import JobCancelled
 from jobs.models import JobState
 from producers.client import Client
 from tests.conftest import Procs
-from tests.helpers import poll
+from tests.helpers import poll, provider_calls
 from workers.factory import create_app
 
 pytestmark = pytest.mark.integration
-
-
-def provider_runs(r: redis.Redis) -> Counter[str]:
-    """How many times each job reached a provider, from the batch tasks' stored results."""
-    runs: Counter[str] = Counter()
-    for key in r.scan_iter(f"{keys.CELERY_RESULT_PREFIX}*", count=1000):
-        meta = json.loads(r.get(key) or "{}")
-        result = meta.get("result")
-        if isinstance(result, dict) and "ran" in result:
-            runs.update(result["ran"])
-    return runs
 
 
 @pytest.mark.slow
@@ -48,10 +35,9 @@ def test_thousand_echo_jobs_each_get_exactly_one_result(settings: Settings, proc
     by_id = {res.id: res for res in results}
     assert by_id[ids[7]].text == "echo: Summarise ticket 7: the printer is jammed"
     assert max(res.batch_size or 0 for res in results) > 1, "jobs were never batched"
-    runs = poll(lambda: (c := provider_runs(r)) and sum(c.values()) >= 1000 and c,
-                timeout=30, what="batch results")
-    assert set(runs) == set(ids)
-    assert max(runs.values()) == 1, "a job reached the provider twice"
+    calls = provider_calls(settings.echo_call_log)
+    assert set(calls) == set(ids)
+    assert max(calls.values()) == 1, "a job reached the provider twice"
     # The SQL store is the durable record: every job final there too.
     stored = client.store.get_many(ids)
     assert {s.state for s in stored.values()} == {JobState.SUCCEEDED}
@@ -88,7 +74,7 @@ def test_cancel_before_dispatch_ends_cancelled_without_a_provider_call(
         app.close()
     assert res.state is JobState.CANCELLED
     assert res.batch_id is None
-    assert job_id not in provider_runs(r)
+    assert job_id not in provider_calls(settings.echo_call_log)
     assert client.status(job_id) is JobState.CANCELLED
 
 
@@ -100,7 +86,7 @@ def test_job_past_its_deadline_expires_without_a_provider_call(settings: Setting
         res = client.result(job_id, timeout=30)
     assert res.state is JobState.EXPIRED
     assert res.finished_at <= res.created_at + 0.5 + 5.0, "expired long after its deadline"
-    assert job_id not in provider_runs(r)
+    assert job_id not in provider_calls(settings.echo_call_log)
 
 
 @pytest.mark.slow
@@ -142,6 +128,6 @@ def test_scheduler_killed_mid_run_and_restarted_loses_nothing_and_sends_nothing_
         results = list(client.results(ids, timeout=180))
     assert sorted(x.id for x in results) == sorted(ids)
     assert {x.state for x in results} == {JobState.SUCCEEDED}
-    runs = poll(lambda: (c := provider_runs(r)) and sum(c.values()) >= len(ids) and c,
-                timeout=30, what="batch results")
-    assert max(runs.values()) == 1, "a job reached the provider twice"
+    calls = provider_calls(settings.echo_call_log)
+    assert set(calls) == set(ids)
+    assert max(calls.values()) == 1, "a job reached the provider twice"

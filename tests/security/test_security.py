@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 import redis
 import yaml
 
 from config import keys
 from config.settings import Settings
+from jobs.errors import InvalidJob
 from producers.client import Client
 from promptbatch.embedded import EmbeddedRedis, free_port
 from tests.conftest import Procs, settings_env
-from tests.helpers import poll
+from tests.helpers import poll, provider_calls
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,3 +173,69 @@ def test_api_routes_for_files_and_batches_are_tenant_scoped(settings: Settings,
         assert api.a.get(f"/v1/batches/{batch['id']}").status_code == 200
     finally:
         api.stop()
+
+
+@pytest.mark.slow
+def test_a_crash_hook_sent_through_the_api_with_default_settings_kills_no_worker(
+        settings: Settings, tmp_path: Path) -> None:
+    from tests.integration.test_api import Api
+
+    defaults = settings.model_copy(update={"echo_test_hooks": Settings.model_fields[
+        "echo_test_hooks"].default})
+    assert defaults.echo_test_hooks is False
+    log_dir = tmp_path / "default-logs"
+    log_dir.mkdir()
+    procs = Procs(defaults, log_dir)
+    api = Api(defaults).start()
+    try:
+        procs.scheduler()
+        worker = procs.worker(concurrency=2)
+        family = {p.pid for p in psutil.Process(worker.pid).children(recursive=True)}
+        assert family, "no pool processes"
+        ids = [api.a.post("/v1/jobs", json={"prompt": text}).json()["id"]
+               for text in ("[echo:crash] goodbye", "hold it [echo:sleep=30]")]
+        for job_id in ids:
+            res = api.a.get(f"/v1/jobs/{job_id}/result", params={"wait": 20}).json()
+            assert res["state"] == "SUCCEEDED", res
+            assert res["latency_ms"] < 10_000, "the sleep hook held a worker"
+        assert worker.poll() is None
+        assert {p.pid for p in psutil.Process(worker.pid).children(recursive=True)} == family, \
+            "a pool process died"
+        assert provider_calls(defaults.echo_call_log)[ids[0]] == 1
+    finally:
+        api.stop()
+        procs.stop_all()
+
+
+def test_a_tenant_may_use_only_the_providers_and_models_it_is_given(
+        settings: Settings, r: redis.Redis) -> None:
+    from tests.integration.test_api import Api, fields
+
+    s = settings.model_copy(update={
+        "allowed_models": {"echo": ["echo-1"], "simulated": ["sim-1"]},
+        "tenant_providers": {"tenant-a": ["*"], "*": ["echo", "openai|gpt-4o-mini"]}})
+    api = Api(s).start()
+    try:
+        for body, field in (({"prompt": "x", "provider": "simulated"}, "provider"),
+                            ({"prompt": "x", "provider": "anthropic"}, "provider"),
+                            ({"prompt": "x", "provider": "openai", "model": "gpt-4o"}, "model"),
+                            ({"jobs": [{"prompt": "ok"}, {"prompt": "x", "provider": "simulated"}]},
+                             "jobs.1.provider")):
+            resp = api.b.post("/v1/jobs", json=body)
+            assert resp.status_code == 422, resp.text
+            assert field in fields(resp), resp.text
+            assert "tenant_providers" in resp.text
+        assert r.xlen(keys.INTAKE) == 0
+        assert api.b.post("/v1/jobs", json={"prompt": "x"}).status_code == 201
+        assert api.b.post("/v1/jobs", json={"prompt": "x", "provider": "openai",
+                                            "model": "gpt-4o-mini"}).status_code == 201
+        assert api.a.post("/v1/jobs", json={"prompt": "x", "provider": "simulated"}
+                          ).status_code == 201
+    finally:
+        api.stop()
+    with Client(s) as client:  # the Python client checks the same, for a named tenant
+        with pytest.raises(InvalidJob) as refused:
+            client.submit_many([{"prompt": "x", "provider": "simulated"}], tenant="tenant-b")
+        assert refused.value.fields == ["provider"]
+        with pytest.raises(InvalidJob):
+            client.submit("x", provider="simulated")  # the default tenant is not tenant-a

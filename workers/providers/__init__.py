@@ -27,7 +27,7 @@ def create_provider(name: str, settings: Settings) -> Provider:
     if chosen is ProviderName.ECHO:
         from workers.providers.echo import EchoProvider
 
-        return EchoProvider()
+        return EchoProvider(hooks=settings.echo_test_hooks, call_log=settings.echo_call_log)
     if chosen is ProviderName.OPENAI:
         from workers.providers.openai import OpenAIProvider
 

@@ -1,17 +1,22 @@
 """``echo``: deterministic and instant; for tests and for measuring the pipeline itself.
 
-Test hooks, written in the prompt: ``[echo:sleep=SECONDS]`` makes the call last that
-long (a batch's call lasts the longest such sleep, as if its requests ran in parallel),
-and ``[echo:crash]`` kills the worker process during the call (a poison job).
+Test hooks, written in the prompt, obeyed only when the ``echo_test_hooks`` setting is on
+(never by default: they let whoever submits a job stall or kill a worker):
+``[echo:sleep=SECONDS]`` makes the call last that long (a batch's call lasts the longest
+such sleep, as if its requests ran in parallel), and ``[echo:crash]`` kills the worker
+process during the call (a poison job). With ``echo_call_log`` set, every call is
+recorded first, as one JSON line ``{"pid", "jobs"}``: tests count provider calls there.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from jobs.models import Usage
 from workers.providers.base import ProviderReply, ProviderRequest
@@ -28,12 +33,28 @@ class EchoProvider:
 
     name = "echo"
 
+    def __init__(self, *, hooks: bool = False, call_log: Path | None = None) -> None:
+        self.hooks = hooks
+        self.call_log = call_log
+
+    def _record(self, requests: Sequence[ProviderRequest]) -> None:
+        assert self.call_log is not None
+        line = json.dumps({"pid": os.getpid(), "jobs": [r.job_id for r in requests]}) + "\n"
+        fd = os.open(self.call_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())  # one write: lines of processes do not interleave
+        finally:
+            os.close(fd)
+
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
-        if any("[echo:crash]" in req.text for req in requests):
-            os.kill(os.getpid(), signal.SIGKILL)
-        pauses = [float(m.group(1)) for req in requests if (m := _SLEEP.search(req.text))]
-        if pauses:
-            time.sleep(max(pauses))
+        if self.call_log is not None:
+            self._record(requests)
+        if self.hooks:
+            if any("[echo:crash]" in req.text for req in requests):
+                os.kill(os.getpid(), signal.SIGKILL)
+            pauses = [float(m.group(1)) for req in requests if (m := _SLEEP.search(req.text))]
+            if pauses:
+                time.sleep(max(pauses))
         replies: list[ProviderReply] = []
         for req in requests:
             text = f"echo: {req.text}"
