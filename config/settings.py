@@ -145,7 +145,16 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=1_000, description="Longest the scheduler blocks for new work."
     )
     scheduler_read_count: int = Field(
-        default=5_000, ge=1, description="Most new jobs the scheduler reads per tick."
+        default=5_000, ge=1,
+        description="Most intake entries the scheduler reads, and most jobs it admits to its "
+        "pool, per tick.",
+    )
+    max_pool_jobs: int = Field(
+        default=20_000, ge=1,
+        description="Most jobs the scheduler holds in its pending pool (about 1.6 KB each: "
+        "vector and indexes). More waiting jobs stay in Redis, known to the scheduler by "
+        "id, class and tenant (a few dozen bytes each), and are admitted as room frees, "
+        "highest class first and tenants in turn.",
     )
     lease_ttl_s: float = Field(
         default=5.0,

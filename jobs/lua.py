@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-#: KEYS: job, intake, tenant pending set. ARGV: id, spec JSON, ttl, max pending, priority.
+#: KEYS: job, intake, tenant pending set.
+#: ARGV: id, spec JSON, ttl, max pending, priority, tenant, deadline ('' for none).
 #: Returns {1, sid} when enqueued, {0, ''} when the job already exists, {-1, ''} over quota.
+#: The intake entry carries what the scheduler needs before it loads the job: its id,
+#: class, tenant and deadline.
 ENQUEUE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ''} end
 local limit = tonumber(ARGV[4])
 if limit > 0 and redis.call('SCARD', KEYS[3]) >= limit then return {-1, ''} end
-local sid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'p', ARGV[5])
+local sid
+if ARGV[7] ~= '' then
+  sid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'p', ARGV[5], 't', ARGV[6],
+                   'd', ARGV[7])
+else
+  sid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'p', ARGV[5], 't', ARGV[6])
+end
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'state', 'QUEUED', 'sid', sid)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])

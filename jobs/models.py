@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from typing import Annotated, Any, Literal
@@ -287,3 +288,26 @@ class JobResult(BaseModel):
         data["queued_ms"] = self.queued_ms
         data["latency_ms"] = self.latency_ms
         return data
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeEntry:
+    """One job read from the intake stream: its id, class, tenant and deadline."""
+
+    sid: str
+    job_id: str
+    priority: int = 2
+    tenant: str = ""
+    deadline: float | None = None
+
+    @property
+    def arrived(self) -> float:
+        """When the entry was added to intake (the stream id's milliseconds), Unix time."""
+        return int(self.sid.split("-", 1)[0]) / 1000.0
+
+    @classmethod
+    def parse(cls, sid: str, fields: dict[str, str]) -> IntakeEntry:
+        """The entry of a stream item."""
+        d = fields.get("d")
+        return cls(sid, fields["id"], int(fields.get("p", 2)), fields.get("t", ""),
+                   float(d) if d else None)

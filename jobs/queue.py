@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +19,7 @@ from redis.retry import Retry
 
 from config import keys
 from jobs import lua
-from jobs.models import JobResult, JobSpec, JobState
+from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 
 #: Celery state and exception type used for each final state.
 _CELERY_OUTCOME: dict[JobState, tuple[str, str | None]] = {
@@ -81,14 +80,6 @@ def result_from_meta(raw: str) -> JobResult:
     return JobResult.model_validate(json.loads(raw)["promptbatch"])
 
 
-@dataclass(frozen=True, slots=True)
-class IntakeEntry:
-    """One job read from the intake stream."""
-
-    sid: str
-    job_id: str
-
-
 class RedisQueue:
     """The Redis side of a job's life."""
 
@@ -114,7 +105,8 @@ class RedisQueue:
         for spec in specs:
             self._enqueue(
                 keys=[keys.job(spec.id), keys.INTAKE, keys.tenant_pending(spec.tenant)],
-                args=[spec.id, spec.model_dump_json(), ttl_s, max_pending, int(spec.priority)],
+                args=[spec.id, spec.model_dump_json(), ttl_s, max_pending, int(spec.priority),
+                      spec.tenant, "" if spec.deadline is None else repr(spec.deadline)],
                 client=pipe,
             )
         return [int(code) for code, _sid in pipe.execute()]
@@ -142,16 +134,10 @@ class RedisQueue:
         for stream, items in reply or []:
             for sid, fields in items:
                 if stream == keys.INTAKE:
-                    entries.append(IntakeEntry(sid, fields["id"]))
+                    entries.append(IntakeEntry.parse(sid, fields))
                 else:
                     events.append((sid, fields))
         return entries, events
-
-    def scan_intake(self, after: str, count: int) -> list[IntakeEntry]:
-        """Intake entries after ``after`` (exclusive), oldest first, without blocking."""
-        start = "-" if after in ("", "0", "0-0") else f"({after}"
-        items: Any = self.r.xrange(keys.INTAKE, min=start, count=count)
-        return [IntakeEntry(sid, fields["id"]) for sid, fields in items]
 
     def post_event(self, **fields: str | int | float) -> None:
         """Tell the scheduler something happened (a batch finished, with its timing)."""
@@ -254,6 +240,13 @@ class RedisQueue:
             return []
         raws: Any = self.r.mget([keys.celery_result(j) for j in job_ids])
         return [result_from_meta(raw) if raw else None for raw in raws]
+
+    def have_results(self, job_ids: Sequence[str]) -> list[bool]:
+        """Whether the result backend holds each job's result."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.exists(keys.celery_result(job_id))
+        return [bool(x) for x in pipe.execute()]
 
     def states(self, job_ids: Sequence[str]) -> list[str | None]:
         """The Redis-side state of each job (None when Redis does not hold it)."""

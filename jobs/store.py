@@ -50,7 +50,8 @@ class JobRow(Base):
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idem"),
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
-        Index("ix_jobs_state", "state"),
+        Index("ix_jobs_state_id", "state", "id"),
+        Index("ix_jobs_finished", "finished_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -242,24 +243,29 @@ class JobStore:
         with self.engine.connect() as conn:
             return [_stored(r) for r in conn.execute(stmt).mappings()]
 
-    def unfinished(self, *, limit: int = 1000, after: str = "") -> list[StoredJob]:
-        """Jobs not in a final state, by id, after ``after`` (for the reconciler)."""
-        stmt = (select(JobRow).where(JobRow.state.not_in(_FINAL), JobRow.id > after)
+    def unfinished_page(self, state: JobState, *, after: str = "", limit: int = 1000,
+                        ) -> list[tuple[str, str, float]]:
+        """``(id, tenant, created_at)`` of jobs in a non-final ``state``, by id, after
+        ``after`` (the reconciler's pages: one index range each, whatever the table size)."""
+        stmt = (select(JobRow.id, JobRow.tenant, JobRow.created_at)
+                .where(JobRow.state == state.value, JobRow.id > after)
                 .order_by(JobRow.id).limit(limit))
         with self.engine.connect() as conn:
-            return [_stored(r) for r in conn.execute(stmt).mappings()]
+            return [(r[0], r[1], r[2]) for r in conn.execute(stmt)]
 
-    def finished_since(self, since: float, *, limit: int = 1000,
-                       after: tuple[float, str] = (0.0, "")) -> list[StoredJob]:
-        """Final jobs that finished after ``since``, by (finish time, id), after the cursor
-        ``after`` (for writing results back to a result backend that lost them)."""
+    def finished_page(self, since: float, *, after: tuple[float, str] = (0.0, ""),
+                      limit: int = 1000) -> list[tuple[str, str, float, str | None]]:
+        """``(id, tenant, finished_at, result JSON)`` of jobs that finished at or after
+        ``since``, by (finish time, id), after the cursor ``after`` (for writing results
+        back to a result backend that lost them; one index range per page)."""
         done, job_id = after
-        stmt = (select(JobRow).where(JobRow.state.in_(_FINAL), JobRow.finished_at >= since,
-                                     (JobRow.finished_at > done)
-                                     | ((JobRow.finished_at == done) & (JobRow.id > job_id)))
+        stmt = (select(JobRow.id, JobRow.tenant, JobRow.finished_at, JobRow.result)
+                .where(JobRow.finished_at >= since, JobRow.state.in_(_FINAL),
+                       (JobRow.finished_at > done)
+                       | ((JobRow.finished_at == done) & (JobRow.id > job_id)))
                 .order_by(JobRow.finished_at, JobRow.id).limit(limit))
         with self.engine.connect() as conn:
-            return [_stored(r) for r in conn.execute(stmt).mappings()]
+            return [(r[0], r[1], r[2] or 0.0, r[3]) for r in conn.execute(stmt)]
 
     def count_by_state(self) -> dict[str, int]:
         """Number of jobs per state."""

@@ -1,14 +1,19 @@
 """The reconciler: the SQL store is the durable record; Redis is made to agree with it.
 
-Run by the active scheduler when it takes the lease and every ``reconcile_interval_s``:
+The active scheduler runs one pass when it takes the lease (continuing the previous
+scheduler's pass if one was under way) and then one every ``reconcile_interval_s``. A
+pass works in bounded pages (``PAGE`` rows, one index range of the SQL store each) that
+the scheduler runs a few at a time between its ticks, so a pass over a million
+unfinished jobs never holds up scheduling or costs the scheduler its lease. The pass's
+position is kept in Redis (``pb:reconcile``): a scheduler that takes over continues it.
 
 * a job that is not final in SQL and unknown to Redis (Redis lost its data, or the
   payload expired) is enqueued again, with its original id, priority and deadline;
 * a job whose cancellation was recorded in Redis but not in SQL (a cancel cut short) is
   finished as CANCELLED; a final result in Redis that SQL lacks is copied to SQL;
 * a final result in SQL that the result backend lacks (it was unreachable, or lost its
-  data) is written back: for the jobs finished since the previous pass, or, when Redis
-  lost its data (the ``pb:alive`` marker is gone), for all finished within
+  data) is written back: for the jobs finished since the previous pass began, or, when
+  Redis lost its data (the ``pb:alive`` marker is gone), for all finished within
   ``result_ttl_s``.
 
 Jobs younger than ``reconcile_grace_s`` are left alone: a producer may be between its
@@ -17,9 +22,12 @@ SQL write and its Redis write.
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 
+from config import keys
 from config.settings import Settings
 from jobs.models import JobResult, JobState
 from jobs.outcomes import record_results
@@ -28,7 +36,10 @@ from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
+#: Rows per page.
 PAGE = 1000
+#: The non-final states, scanned in this order.
+_SCANNED = (JobState.QUEUED, JobState.SCHEDULED, JobState.RUNNING)
 
 
 @dataclass
@@ -43,63 +54,164 @@ class Repairs:
         return bool(self.reenqueued or self.finished or self.written_back)
 
 
-def reconcile(store: JobStore, queue: RedisQueue, settings: Settings, now: float,
-              results_since: float) -> Repairs:
-    """One pass over the unfinished jobs, and over the results of jobs finished since
-    ``results_since``. ``now`` is passed in."""
-    repairs = Repairs()
-    after = ""
-    while True:
-        rows = store.unfinished(limit=PAGE, after=after)
+@dataclass
+class PassState:
+    """Where a pass is: the phase, its cursors, and what it repaired so far."""
+
+    started: float
+    results_since: float
+    phase: str = "jobs"  #: 'jobs' (unfinished rows), then 'results', then 'done'
+    state: int = 0  #: index into the scanned states
+    after: str = ""  #: last job id seen in the current state
+    done_at: float = 0.0  #: results: (finished_at, id) of the last row seen
+    done_id: str = ""
+    reenqueued: int = 0
+    finished: int = 0
+    written_back: int = 0
+
+    def repairs(self) -> Repairs:
+        return Repairs(self.reenqueued, self.finished, self.written_back)
+
+
+class Reconciler:
+    """Runs passes page by page; ``step`` does a bounded amount of work."""
+
+    def __init__(self, store: JobStore, queue: RedisQueue, settings: Settings) -> None:
+        self.store = store
+        self.queue = queue
+        self.settings = settings
+        self.current: PassState | None = None
+        self.last_finished = 0.0
+
+    # --- the pass's position, kept in Redis --------------------------------------------
+
+    def resume(self) -> None:
+        """Take over the pass in progress (or start one at the next step)."""
+        raw = self.queue.r.hgetall(keys.RECONCILE)
+        self.current = None
+        self.last_finished = 0.0
+        if raw.get("pass"):
+            self.current = PassState(**json.loads(raw["pass"]))
+        elif raw.get("finished"):
+            self.last_finished = float(raw["finished"])
+
+    def _save(self) -> None:
+        if self.current is not None:
+            self.queue.r.hset(keys.RECONCILE, "pass", json.dumps(asdict(self.current)))
+
+    def due(self, now: float) -> bool:
+        """Whether a pass is under way or should start."""
+        return self.current is not None or (
+            now - self.last_finished >= self.settings.reconcile_interval_s)
+
+    # --- work ----------------------------------------------------------------------------
+
+    def step(self, now: float, budget_s: float) -> Repairs | None:
+        """Work through pages for about ``budget_s`` seconds (at least one page); return
+        the pass's repairs when it completes, else None."""
+        if not self.due(now):
+            return None
+        if self.current is None:
+            self.current = self._start(now)
+        until = time.monotonic() + budget_s
+        while self.current.phase != "done":
+            if self.current.phase == "jobs":
+                self._jobs_page(now)
+            else:
+                self._results_page()
+            self._save()
+            if time.monotonic() >= until:
+                return None
+        return self._complete(now)
+
+    def run_pass(self, now: float) -> Repairs:
+        """A whole pass at once (for tests and tools)."""
+        self.current = self._start(now)
+        while True:
+            repairs = self.step(now, 3600.0)
+            if repairs is not None:
+                return repairs
+
+    def _start(self, now: float) -> PassState:
+        # SET NX answers True when it set the marker: Redis had lost it (or is new).
+        lost = bool(self.queue.r.set(keys.ALIVE, "1", nx=True))
+        previous = self.queue.r.hget(keys.RECONCILE, "started")
+        since = now - self.settings.result_ttl_s
+        if not lost and previous:
+            since = max(since, float(previous) - self.settings.reconcile_interval_s)
+        self.queue.r.hset(keys.RECONCILE, "started", str(now))
+        return PassState(started=now, results_since=since)
+
+    def _complete(self, now: float) -> Repairs:
+        assert self.current is not None
+        repairs = self.current.repairs()
+        pipe = self.queue.r.pipeline()
+        pipe.hdel(keys.RECONCILE, "pass")
+        pipe.hset(keys.RECONCILE, "finished", str(now))
+        pipe.execute()
+        self.current = None
+        self.last_finished = now
+        if repairs:
+            log.warning("reconciler: re-enqueued %d jobs Redis did not hold, finished %d, "
+                        "wrote back %d results", repairs.reenqueued, repairs.finished,
+                        repairs.written_back)
+        return repairs
+
+    def _jobs_page(self, now: float) -> None:
+        p = self.current
+        assert p is not None
+        rows = self.store.unfinished_page(_SCANNED[p.state], after=p.after, limit=PAGE)
         if not rows:
-            break
-        after = rows[-1].spec.id
-        rows = [r for r in rows if now - r.spec.created_at >= settings.reconcile_grace_s]
-        if not rows:
-            continue
-        ids = [r.spec.id for r in rows]
-        states = queue.states(ids)
-        results = queue.results(ids)
-        lost, done, done_tenants = [], [], []
-        for row, state, result in zip(rows, states, results, strict=True):
+            p.state, p.after = p.state + 1, ""
+            if p.state >= len(_SCANNED):
+                p.phase = "results"
+            return
+        p.after = rows[-1][0]
+        old = [r for r in rows if now - r[2] >= self.settings.reconcile_grace_s]
+        if not old:
+            return
+        ids = [r[0] for r in old]
+        states = self.queue.states(ids)
+        results = self.queue.results(ids)
+        lost: list[str] = []
+        done: list[JobResult] = []
+        tenants: list[str] = []
+        for (job_id, tenant, created), state, result in zip(old, states, results, strict=True):
             if result is not None:
                 done.append(result)
-                done_tenants.append(row.spec.tenant)
+                tenants.append(tenant)
             elif state is None:
-                lost.append(row.spec)
+                lost.append(job_id)
             elif state == JobState.CANCELLED:
-                done.append(JobResult(id=row.spec.id, state=JobState.CANCELLED,
-                                      created_at=row.spec.created_at, finished_at=now,
-                                      error="cancelled by the caller"))
-                done_tenants.append(row.spec.tenant)
+                done.append(JobResult(id=job_id, state=JobState.CANCELLED, created_at=created,
+                                      finished_at=now, error="cancelled by the caller"))
+                tenants.append(tenant)
         if lost:
-            codes = queue.enqueue(lost, ttl_s=settings.payload_ttl_s, max_pending=0)
-            repairs.reenqueued += sum(1 for c in codes if c == 1)
+            specs = [s.spec for s in self.store.get_many(lost).values() if not s.state.final]
+            codes = self.queue.enqueue(specs, ttl_s=self.settings.payload_ttl_s, max_pending=0)
+            p.reenqueued += sum(1 for c in codes if c == 1)
         if done:
-            repairs.finished += len(record_results(store, queue, done, done_tenants,
-                                                   result_ttl_s=settings.result_ttl_s))
-    repairs.written_back = _write_back(store, queue, settings,
-                                       max(results_since, now - settings.result_ttl_s))
-    if repairs:
-        log.warning("reconciler: re-enqueued %d jobs Redis did not hold, finished %d, wrote "
-                    "back %d results", repairs.reenqueued, repairs.finished,
-                    repairs.written_back)
-    return repairs
+            p.finished += len(record_results(self.store, self.queue, done, tenants,
+                                             result_ttl_s=self.settings.result_ttl_s))
 
-
-def _write_back(store: JobStore, queue: RedisQueue, settings: Settings, since: float) -> int:
-    written = 0
-    cursor = (0.0, "")
-    while True:
-        rows = store.finished_since(since, limit=PAGE, after=cursor)
+    def _results_page(self) -> None:
+        p = self.current
+        assert p is not None
+        rows = self.store.finished_page(p.results_since, after=(p.done_at, p.done_id),
+                                        limit=PAGE)
         if not rows:
-            return written
-        last = rows[-1]
-        cursor = (last.result.finished_at if last.result else 0.0, last.spec.id)
-        have = queue.results([r.spec.id for r in rows])
-        missing = [(r.result, r.spec.tenant) for r, h in zip(rows, have, strict=True)
-                   if h is None and r.result is not None]
+            p.phase = "done"
+            return
+        p.done_at, p.done_id = rows[-1][2], rows[-1][0]
+        have = self.queue.have_results([r[0] for r in rows])
+        missing = [(JobResult.model_validate_json(raw), tenant)
+                   for (_, tenant, _, raw), h in zip(rows, have, strict=True) if not h and raw]
         if missing:
-            stored = queue.finish([m[0] for m in missing], [m[1] for m in missing],
-                                  result_ttl_s=settings.result_ttl_s)
-            written += sum(stored)
+            stored = self.queue.finish([m[0] for m in missing], [m[1] for m in missing],
+                                       result_ttl_s=self.settings.result_ttl_s)
+            p.written_back += sum(stored)
+
+
+def reconcile(store: JobStore, queue: RedisQueue, settings: Settings, now: float) -> Repairs:
+    """One whole pass (for tests and tools; the scheduler runs passes in slices)."""
+    return Reconciler(store, queue, settings).run_pass(now)

@@ -5,13 +5,22 @@ short TTL) and every claim is fenced by it, so a scheduler that lost its lease c
 send anything. Standbys poll until the lease is free.
 
 Each tick: read new intake entries and events (blocking briefly, so a new job or a
-finished batch wakes the loop at once), embed the new prompts in one vectorised call,
-add them to the pool, promote aged jobs, ask ``plan`` what to send, expire what must be
-expired, and send each batch as one Celery task. A batch is claimed in Redis (jobs marked
+finished batch wakes the loop at once) into the backlog, admit from it as many jobs as
+the pool has room for (``max_pool_jobs``; highest class first, tenants in turn), embed
+them in one vectorised call, promote aged jobs, ask ``plan`` what to send, expire what
+must be expired, and send each batch as one Celery task. Then a slice of the
+reconciler's pass runs. Every step is bounded (``scheduler_read_count`` entries, one
+page of the reconciler), and the lease is renewed between steps, so no amount of work
+waiting costs the scheduler its lease. A batch is claimed in Redis (jobs marked
 SCHEDULED, the batch written to the outbox) before it is sent and dropped from intake
 only after; a scheduler killed in between leaves the batch in the outbox, and the next
 active scheduler sends it again. Workers run a batch once per claim, whichever send
 arrives first (``pb:batch:{id}:run``), so a batch sent twice still runs once.
+
+A scheduler that becomes active (at start, or taking over) re-sends the outbox and then
+reads intake from its start through the same ticks: it sends its first batch after one
+tick, however long the backlog, and continues the reconciler's pass where the previous
+scheduler left it.
 """
 
 from __future__ import annotations
@@ -33,14 +42,15 @@ from celery import Celery
 from config import keys
 from config.celery import PROCESS_BATCH, build_celery
 from config.settings import Settings
-from jobs.models import JobResult, JobSpec, JobState
+from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
-from jobs.queue import IntakeEntry, RedisQueue, connect
+from jobs.queue import RedisQueue, connect
 from jobs.store import JobStore
+from scheduler.backlog import Backlog
 from scheduler.embedders import Embedder, create_embedder
 from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
 from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
-from scheduler.reconcile import reconcile
+from scheduler.reconcile import Reconciler
 from scheduler.service_time import ServiceModel
 
 log = logging.getLogger(__name__)
@@ -51,6 +61,12 @@ WORKER_STALE_S = 15.0
 PROMOTE_EVERY_S = 0.5
 #: How often the active scheduler logs its state, in seconds.
 REPORT_EVERY_S = 10.0
+#: Time the reconciler may take per tick while a pass is under way, in seconds.
+RECONCILE_SLICE_S = 0.02
+
+
+class LeaseLost(Exception):
+    """Raised inside a step when the scheduler finds it no longer holds the lease."""
 
 
 class Scheduler:
@@ -70,16 +86,20 @@ class Scheduler:
         self.celery = celery_app or build_celery(settings, "promptbatch-scheduler", self.url)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.pool = self._new_pool()
+        self.backlog = Backlog(aging_s=settings.aging_s)
+        self.reconciler = Reconciler(self.store, self.queue, settings)
         self.service = ServiceModel()
         self.active = False
         self.last_sid = "0-0"
         self.last_event = "$"
         self._stop = threading.Event()
         self._last_promote = 0.0
+        self._renewed = 0.0
+        self._caught_up = False
         self.sent_batches = 0
         self.sent_jobs = 0
+        self.first_sent_at: float | None = None
         self._last_report = 0.0
-        self._last_reconcile = 0.0
         self._last_capacity = Capacity(slots=0)
 
     def _new_pool(self) -> Pool:
@@ -105,8 +125,11 @@ class Scheduler:
                         self._stop.wait(min(1.0, self.settings.lease_ttl_s / 3))
                         continue
                     self.tick()
-                    self._maybe_reconcile()
+                    self._reconcile_slice()
                     self._report()
+                except LeaseLost:
+                    log.warning("scheduler %s lost its lease; standing by", self.token)
+                    self._step_down()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Redis unavailable (%s); retrying in 1 s", exc)
                     self._step_down()
@@ -123,15 +146,12 @@ class Scheduler:
                     self.queue.release_lease(self.token)
             self.store.close()
 
-    def _maybe_reconcile(self, force: bool = False) -> None:
+    def _reconcile_slice(self) -> None:
+        """A bounded slice of the reconciler's pass (one page or ~20 ms)."""
         now = time.time()
-        if not force and now - self._last_reconcile < self.settings.reconcile_interval_s:
-            return
-        # SET NX answers True when it set the marker: Redis had lost it (or is new).
-        lost = bool(self.r.set(keys.ALIVE, "1", nx=True))
-        since = 0.0 if lost else self._last_reconcile - self.settings.reconcile_interval_s
-        reconcile(self.store, self.queue, self.settings, now, results_since=since)
-        self._last_reconcile = now
+        if self.reconciler.due(now):
+            self.reconciler.step(now, RECONCILE_SLICE_S)
+            self._renew()
 
     def _report(self) -> None:
         now = time.monotonic()
@@ -139,9 +159,10 @@ class Scheduler:
             return
         self._last_report = now
         cap = self._last_capacity
-        log.info("pool %d pending in %d groups; sent %d jobs in %d batches; workers %d slots, "
-                 "%d batches in flight", len(self.pool), len(self.pool.groups), self.sent_jobs,
-                 self.sent_batches, cap.slots, cap.inflight)
+        log.info("pool %d pending in %d groups, %d more waiting in the backlog; sent %d jobs "
+                 "in %d batches; workers %d slots, %d batches in flight", len(self.pool),
+                 len(self.pool.groups), len(self.backlog), self.sent_jobs, self.sent_batches,
+                 cap.slots, cap.inflight)
 
     def _wait_for_services(self) -> None:
         delay = 0.2
@@ -157,6 +178,8 @@ class Scheduler:
 
     def _hold_lease(self) -> bool:
         held = self.queue.acquire_lease(self.token, self.settings.lease_ttl_s)
+        if held:
+            self._renewed = time.monotonic()
         if held and not self.active:
             log.info("scheduler %s is active", self.token)
             self.active = True
@@ -166,48 +189,67 @@ class Scheduler:
             self._step_down()
         return held
 
+    def _renew(self) -> None:
+        """Renew the lease if a third of its time-to-live has passed since the last
+        renewal (called between the steps of long work); ``LeaseLost`` if it is gone."""
+        now = time.monotonic()
+        if now - self._renewed < self.settings.lease_ttl_s / 3:
+            return
+        if not self.queue.acquire_lease(self.token, self.settings.lease_ttl_s):
+            raise LeaseLost
+        self._renewed = now
+
     def _step_down(self) -> None:
         self.active = False
         self.pool = self._new_pool()
+        self.backlog = Backlog(aging_s=self.settings.aging_s)
         self.last_sid = "0-0"
+        self._caught_up = False
 
     def _recover(self) -> None:
-        """On becoming active: resend the outbox and rebuild the pool from intake."""
+        """On becoming active: re-send the outbox, then read intake from its start (in
+        the ticks that follow, a bounded number of entries each) and continue the
+        reconciler's pass where it was."""
         self.last_event = self.queue.last_event_id()
-        for batch_id, (meta, job_ids) in self.queue.outbox().items():
+        outbox = self.queue.outbox()
+        for batch_id, (meta, job_ids) in outbox.items():
             info = json.loads(meta)
             log.info("re-sending batch %s (%d jobs) left in the outbox", batch_id, len(job_ids))
             self._send(batch_id, job_ids, int(info["cls"]), info.get("similarity"))
+            self._renew()
         self.pool = self._new_pool()
+        self.backlog = Backlog(aging_s=self.settings.aging_s)
         self.last_sid = "0-0"
-        while True:
-            entries = self.queue.scan_intake(self.last_sid, 10_000)
-            if not entries:
-                break
-            self._admit(entries)
-            self.last_sid = entries[-1].sid
-        log.info("pool rebuilt from intake: %d pending jobs", len(self.pool))
-        self._maybe_reconcile(force=True)
+        self._caught_up = False
+        self.reconciler.resume()
+        log.info("recovered: re-sent %d batches from the outbox; reading %d intake entries",
+                 len(outbox), self.queue.r.xlen(keys.INTAKE))
 
     # --- one tick -----------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Read, plan, send. Blocks at most ``scheduler_tick_ms`` waiting for news."""
-        block = int(self.settings.scheduler_tick_ms)
-        entries, events = self.queue.read_intake(self.last_sid, self.settings.scheduler_read_count,
-                                                 block, self.last_event)
+        """Read, admit, plan, send. Blocks at most ``scheduler_tick_ms`` waiting for news,
+        and not at all while intake or the backlog has more to take in."""
+        room = self.settings.max_pool_jobs - len(self.pool)
+        busy = not self._caught_up or (room > 0 and len(self.backlog) > 0)
+        block = None if busy else int(self.settings.scheduler_tick_ms)
+        count = self.settings.scheduler_read_count
+        entries, events = self.queue.read_intake(self.last_sid, count, block, self.last_event)
         if entries:
-            self._admit(entries)
+            self.backlog.add(entries)
             self.last_sid = entries[-1].sid
+        self._caught_up = len(entries) < count
         if events:
             self._on_events(events)
             self.last_event = events[-1][0]
         now = time.time()
+        self._take_in(now)
         if now - self._last_promote >= PROMOTE_EVERY_S:
             self.pool.promote(now)
             self._last_promote = now
         if not len(self.pool):
             return
+        self._renew()
         self._last_capacity = self._capacity(now)
         decided = plan(self.pool, now, self.settings, self._last_capacity, self.service)
         if decided.expired:
@@ -216,9 +258,24 @@ class Scheduler:
             if not self.active:
                 break
             self._dispatch(batch)
+            self._renew()
         self.pool.charge(decided.charges)
 
+    def _take_in(self, now: float) -> None:
+        """Expire what waited past its deadline in the backlog; admit what fits the pool."""
+        late = self.backlog.expired(now)
+        if late:
+            results = [JobResult(id=e.job_id, state=JobState.EXPIRED, created_at=e.arrived,
+                                 finished_at=now, error="deadline passed before the job "
+                                 "could be scheduled") for e in late]
+            record_results(self.store, self.queue, results, [e.tenant for e in late],
+                           result_ttl_s=self.settings.result_ttl_s)
+        room = self.settings.max_pool_jobs - len(self.pool)
+        if room > 0 and len(self.backlog):
+            self._admit(self.backlog.take(min(room, self.settings.scheduler_read_count), now))
+
     def _admit(self, entries: Sequence[IntakeEntry]) -> None:
+        """Load, embed and pool the jobs still QUEUED (cancelled or sent ones are dropped)."""
         fresh = [e for e in entries if e.job_id not in self.pool]
         if not fresh:
             return
@@ -287,6 +344,9 @@ class Scheduler:
 
     def _send(self, batch_id: str, job_ids: list[str], cls: int,
               similarity: float | None) -> None:
+        if self.first_sent_at is None:
+            self.first_sent_at = time.time()
+            log.info("first batch sent")
         self.celery.send_task(
             PROCESS_BATCH,
             kwargs={"batch_id": batch_id, "send_id": uuid.uuid4().hex, "job_ids": job_ids,
