@@ -91,6 +91,11 @@ def cooldown(deployment: str) -> str:
     return f"{PREFIX}cooldown:{deployment}"
 
 
+def healthy(deployment: str) -> str:
+    """Set, with a TTL, while a deployment (``provider|model``) has answered recently."""
+    return f"{PREFIX}healthy:{deployment}"
+
+
 def failures(deployment: str) -> str:
     """Transient failures in a row of a deployment."""
     return f"{PREFIX}failures:{deployment}"

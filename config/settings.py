@@ -334,6 +334,10 @@ class Settings(BaseSettings):
         "{'openai|gpt-4o': ['anthropic|claude-sonnet-4-5']}; used while a deployment cools "
         "down.",
     )
+    provider_health_window_s: float = Field(
+        default=60.0, gt=0,
+        description="A deployment that answered within this many seconds is healthy; one "
+        "that has not gets one request of a batch first, and the rest only once it answers.")
     cooldown_failures: int = Field(
         default=3, ge=1,
         description="Transient failures in a row after which a deployment cools down.")

@@ -128,6 +128,9 @@ class PlannedBatch:
     similarity: float | None
     shared_prefix_chars: int
     reason: str
+    #: Characters of the seed's prefix (1,024 or more) that jobs left pending share: the
+    #: provider marks it for its prompt cache, so those jobs can read what this writes.
+    pending_prefix_chars: int = 0
 
     @property
     def tokens(self) -> int:
@@ -334,7 +337,8 @@ class _Tick:
             self.remaining[gk] -= len(members.jobs)
             if reason != "deadline" and self.budget.idle(g.cls) <= 1:
                 self._add_riders(g, members, vectors[row:row + 1])
-            batches.append(members.batch(g.key, g.cls, reason))
+            batches.append(members.batch(g.key, g.cls, reason,
+                                         self.pool.pending_prefix_chars(members.jobs)))
         return batches
 
     def _candidates(self, g: Group, seed: PendingJob, sims: np.ndarray, ids: np.ndarray,
@@ -404,13 +408,14 @@ class _Members:
             self.tokens += job.tokens
             taken.add(job.seq)
 
-    def batch(self, key: str, cls: int, reason: str) -> PlannedBatch:
+    def batch(self, key: str, cls: int, reason: str, pending_prefix: int) -> PlannedBatch:
         seed = self.jobs[0]
         prefix = (sum(shared_prefix_chars(seed.prefix, j.prefix) for j in self.jobs[1:])
                   // max(1, len(self.jobs) - 1))
         return PlannedBatch(key=key, cls=cls, jobs=tuple(self.jobs),
                             similarity=float(np.mean(self.sims)) if self.sims else None,
-                            shared_prefix_chars=prefix, reason=reason)
+                            shared_prefix_chars=prefix, reason=reason,
+                            pending_prefix_chars=pending_prefix)
 
 
 class _FairShare:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -27,6 +28,10 @@ from scheduler.embedders import Vectors
 
 #: Prompt lengths, in characters, at which prefix hashes are taken.
 PREFIX_LEVELS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+#: Prefix levels from this index on (1,024 characters and longer) are counted per
+#: compatibility key, so a batch can tell whether jobs still pending share its prefix.
+COUNTED_FROM = 5
 
 #: Above this many jobs a group's index becomes an inverted file (approximate search).
 APPROX_THRESHOLD = 8_192
@@ -193,6 +198,8 @@ class Pool:
     by_id: dict[str, PendingJob] = field(default_factory=dict)
     #: Jobs served per (key, class, tenant), for weighted fair sharing.
     served: dict[tuple[str, int, str], float] = field(default_factory=dict)
+    #: Pending jobs per (key, prefix level, prefix hash), for levels from COUNTED_FROM.
+    prefixes: Counter[tuple[str, int, int]] = field(default_factory=Counter)
     _seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     def __len__(self) -> int:
@@ -218,6 +225,7 @@ class Pool:
                 continue
             job.seq = next(self._seq)
             self.by_id[job.id] = job
+            self._count_prefix(job, 1)
             target = cls[i] if cls is not None else job.priority
             buckets.setdefault((job.key, target), []).append(i)
         for (key, c), rows in buckets.items():
@@ -230,6 +238,7 @@ class Pool:
             job = self.by_id.pop(job_id, None)
             if job is not None:
                 per_group.setdefault((job.key, job.cls), []).append(job.seq)
+                self._count_prefix(job, -1)
         gone: list[PendingJob] = []
         for gk, seqs in per_group.items():
             g = self.groups[gk]
@@ -240,6 +249,26 @@ class Pool:
             if not g.jobs:
                 del self.groups[gk]
         return gone
+
+    def _count_prefix(self, job: PendingJob, delta: int) -> None:
+        for level in range(COUNTED_FROM, len(job.prefix)):
+            k = (job.key, level, job.prefix[level])
+            n = self.prefixes[k] + delta
+            if n > 0:
+                self.prefixes[k] = n
+            else:
+                del self.prefixes[k]
+
+    def pending_prefix_chars(self, jobs: Sequence[PendingJob]) -> int:
+        """The longest prefix of ``jobs[0]`` (1,024 characters or more) that pending jobs
+        other than ``jobs`` share; 0 if none does."""
+        seed = jobs[0]
+        for level in range(len(seed.prefix) - 1, COUNTED_FROM - 1, -1):
+            h = seed.prefix[level]
+            inside = sum(1 for j in jobs if len(j.prefix) > level and j.prefix[level] == h)
+            if self.prefixes.get((seed.key, level, h), 0) > inside:
+                return PREFIX_LEVELS[level]
+        return 0
 
     def promote(self, now: float) -> int:
         """Promote jobs by one class per ``aging_s`` waited; return how many moved.

@@ -215,7 +215,8 @@ class Scheduler:
         for batch_id, (meta, job_ids) in outbox.items():
             info = json.loads(meta)
             log.info("re-sending batch %s (%d jobs) left in the outbox", batch_id, len(job_ids))
-            self._send(batch_id, job_ids, int(info["cls"]), info.get("similarity"))
+            self._send(batch_id, job_ids, int(info["cls"]), info.get("similarity"),
+                       int(info.get("prefix", 0)))
             self._renew()
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
@@ -330,7 +331,7 @@ class Scheduler:
     def _dispatch(self, batch: PlannedBatch) -> None:
         batch_id = str(uuid.uuid4())
         meta = json.dumps({"cls": batch.cls, "similarity": batch.similarity,
-                           "reason": batch.reason})
+                           "reason": batch.reason, "prefix": batch.pending_prefix_chars})
         claimed = self.queue.claim(self.token, batch_id, meta,
                                    [(j.id, j.tenant) for j in batch.jobs], time.time(),
                                    batch.cls)
@@ -340,17 +341,18 @@ class Scheduler:
             return
         self.pool.remove([j.id for j in batch.jobs])
         if claimed:
-            self._send(batch_id, claimed, batch.cls, batch.similarity)
+            self._send(batch_id, claimed, batch.cls, batch.similarity,
+                       batch.pending_prefix_chars)
 
     def _send(self, batch_id: str, job_ids: list[str], cls: int,
-              similarity: float | None) -> None:
+              similarity: float | None, prefix_hint: int = 0) -> None:
         if self.first_sent_at is None:
             self.first_sent_at = time.time()
             log.info("first batch sent")
         self.celery.send_task(
             PROCESS_BATCH,
             kwargs={"batch_id": batch_id, "send_id": uuid.uuid4().hex, "job_ids": job_ids,
-                    "similarity": similarity, "cls": cls},
+                    "similarity": similarity, "cls": cls, "prefix_hint": prefix_hint},
             task_id=batch_id,
             queue=keys.queue(cls),
             routing_key=keys.queue(cls),

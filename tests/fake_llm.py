@@ -5,8 +5,10 @@ A test scripts faults by a marker the prompt contains: ``server.script("poison",
 ["500", "500", "ok"])`` answers the first two requests whose text contains ``poison``
 with HTTP 500 and the third normally. Actions: ``ok``, an HTTP status (``"429"``,
 ``"500"``...), ``"429:retry-after-ms=300"`` (with a header), ``stall`` (headers, then
-silence), ``reset`` (the connection is dropped), ``malformed`` (a body that is not
-JSON), ``empty`` (a reply without text), ``context`` (a context-length 400).
+silence), ``reset`` (the connection is dropped), ``malformed`` (a 200 whose body is cut
+off), ``empty`` (a reply without text), ``nochoices`` (``choices: []``), ``filtered`` (a
+content-filter finish without text), ``context`` (a context-length 400), ``invalid`` (a
+400 ``invalid_request_error``).
 """
 
 from __future__ import annotations
@@ -88,9 +90,16 @@ _CANNED: dict[str, tuple[int, bytes]] = {
     "malformed": (200, b'{"choices": [{"message": {"content": "cut off'),
     "empty": (200, json.dumps({"choices": [{"message": {"content": ""}}],
                                "content": []}).encode()),
+    "nochoices": (200, json.dumps({"choices": [], "usage": {"prompt_tokens": 3}}).encode()),
+    "filtered": (200, json.dumps({"choices": [{"index": 0, "finish_reason": "content_filter",
+                                               "message": {"content": ""}}]}).encode()),
     "context": (400, json.dumps({"error": {
         "code": "context_length_exceeded",
         "message": "This model's maximum context length is 8192 tokens; prompt is too long",
+    }}).encode()),
+    "invalid": (400, json.dumps({"error": {
+        "type": "invalid_request_error", "code": None,
+        "message": "Invalid prompt: the prompt contains an invalid token sequence",
     }}).encode()),
 }
 

@@ -42,7 +42,8 @@ class BatchRunner:
                                  Health(self.queue.r, self.settings))
 
     def run(self, batch_id: str, send_id: str, job_ids: Sequence[str],
-            similarity: float | None = None, cls: int = 2) -> dict[str, Any]:
+            similarity: float | None = None, cls: int = 2,
+            prefix_hint: int = 0) -> dict[str, Any]:
         """Run the batch; return a summary (stored as the batch task's own result)."""
         if not self.queue.claim_run(batch_id, send_id, self.settings.result_ttl_s):
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
@@ -51,7 +52,7 @@ class BatchRunner:
         try:
             if deliveries > self.settings.max_deliveries:
                 return self._poisoned(batch_id, job_ids, cls, deliveries - 1)
-            return self._run(batch_id, job_ids, similarity)
+            return self._run(batch_id, job_ids, similarity, prefix_hint)
         finally:
             with contextlib.suppress(redis.RedisError):
                 self.queue.batch_done(batch_id, cls)
@@ -85,8 +86,8 @@ class BatchRunner:
         self._fail(live, reason, batch_id, len(job_ids))
         return {"batch_id": batch_id, "failed": len(live), "jobs": 0}
 
-    def _run(self, batch_id: str, job_ids: Sequence[str],
-             similarity: float | None) -> dict[str, Any]:
+    def _run(self, batch_id: str, job_ids: Sequence[str], similarity: float | None,
+             prefix_hint: int = 0) -> dict[str, Any]:
         started = time.time()
         loaded = self.queue.load(job_ids)
         states = self.queue.mark_running(batch_id, job_ids)
@@ -107,11 +108,19 @@ class BatchRunner:
                                     provider=s.provider, model=s.model, finished_at=started,
                                     error="deadline passed before the job could run", **base)
                           for s in expired], expired)
-        outcomes = self._call(runnable) if runnable else []
+        by_id = {s.id: s for s in runnable}
+        results: list[JobResult] = []
+
+        def on_final(outcomes: dict[str, Outcome]) -> None:
+            # Stored as soon as each is final: good answers do not wait for a poison.
+            now = time.time()
+            done = [_result(by_id[i], o, started, now, base) for i, o in outcomes.items()]
+            self._record(done, [by_id[i] for i in outcomes])
+            results.extend(done)
+
+        if runnable:
+            self._call(runnable, on_final, prefix_hint)
         finished = time.time()
-        results = [_result(spec, outcome, started, finished, base)
-                   for spec, outcome in zip(runnable, outcomes, strict=True)]
-        self._record(results, runnable)
         if runnable:
             self.queue.post_event(done=batch_id, deployment=f"{runnable[0].provider}|"
                                   f"{runnable[0].model}", size=len(runnable),
@@ -121,15 +130,15 @@ class BatchRunner:
                 "skipped": skipped, "seconds": round(finished - started, 4),
                 "ran": [s.id for s in runnable]}
 
-    def _call(self, specs: list[JobSpec]) -> list[Outcome]:
+    def _call(self, specs: list[JobSpec], on_final: Callable[[dict[str, Outcome]], None],
+              prefix_hint: int) -> None:
         """Call the provider for the batch, in an order where shared prefixes travel
-        together, through the one retry layer."""
+        together, through the one retry layer; ``on_final`` gets each outcome."""
         assert self.caller is not None
         order = sorted(specs, key=lambda s: s.text)
-        requests = [ProviderRequest.from_spec(s) for s in order]
-        outcomes = self.caller.call(requests, specs[0].provider,
-                                    {s.id: s.tenant for s in specs})
-        return [outcomes[s.id] for s in specs]
+        requests = [ProviderRequest.from_spec(s, prefix_hint) for s in order]
+        self.caller.call(requests, specs[0].provider, {s.id: s.tenant for s in specs},
+                         on_final=on_final)
 
     def _record(self, results: list[JobResult], specs: list[JobSpec]) -> None:
         if results:

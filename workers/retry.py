@@ -15,8 +15,19 @@ is retried here or nowhere:
   poisonous prompt in a multi-prompt request then fails alone. A failure of a whole
   group is not held against its members' attempts (the poison cannot be told apart yet);
   once alone, or failing while others in its group succeed, a job has its attempts.
-* Errors of the job itself (context too long, another 4xx, a malformed or empty answer)
-  are final at once; the other jobs' results are kept.
+* A 4xx for one request that carries several jobs (``/v1/completions`` with a list) is
+  not any one job's error: the request is split in halves at once, and only a 4xx for a
+  request of one job fails that job.
+* Errors of the job itself (context too long, another 4xx, an answer without content)
+  are final at once; the other jobs' results are kept. A 200 whose body is cut off or
+  not JSON is a transport fault, retried like a 5xx.
+* Each job's outcome is handed to ``on_final`` as soon as it is final, so the batch
+  stores the good answers while a poison is still being retried.
+* While a deployment has no recent success (``provider_health_window_s``), a batch of
+  a remote provider sends one request first and the rest only once it was answered: a
+  dead deployment costs one request per attempt of the batch, not one per job. Its
+  failures are the batch's (no job's own attempts): after ``provider_max_attempts`` of
+  them every job of the batch ends FAILED.
 * A deployment (``provider|model``) that fails ``cooldown_failures`` times in a row cools
   down for ``cooldown_s`` (shared in Redis), and its jobs go to the next of
   ``Settings.fallbacks`` meanwhile.
@@ -69,6 +80,11 @@ class _Chunk:
     requests: list[ProviderRequest]
     not_before: float = 0.0
     whole_failures: int = 0
+    #: Requests held back until this chunk (a probe of one) gets an answer.
+    held: list[ProviderRequest] = field(default_factory=list)
+
+    def all(self) -> list[ProviderRequest]:
+        return self.requests + self.held
 
 
 @dataclass
@@ -87,12 +103,25 @@ class Health:
         except redis.RedisError:
             return False
 
+    def recently_ok(self, deployment: str) -> bool:
+        """Whether the deployment answered within ``provider_health_window_s``."""
+        if self.client is None:
+            return True
+        try:
+            return bool(self.client.exists(keys.healthy(deployment)))
+        except redis.RedisError:
+            return True
+
     def record(self, deployment: str, ok: bool) -> None:
         if self.client is None:
             return
         try:
             if ok:
-                self.client.delete(keys.failures(deployment))
+                pipe = self.client.pipeline()
+                pipe.delete(keys.failures(deployment))
+                pipe.set(keys.healthy(deployment), "1",
+                         ex=max(1, int(self.settings.provider_health_window_s)))
+                pipe.execute()
                 return
             pipe = self.client.pipeline()
             pipe.incr(keys.failures(deployment))
@@ -127,13 +156,17 @@ class Caller:
         self._strikes: dict[str, int] = {}
 
     def call(self, requests: Sequence[ProviderRequest], provider: str,
-             tenants: dict[str, str] | None = None) -> dict[str, Outcome]:
-        """Call until every request has a final reply; return them by job id."""
+             tenants: dict[str, str] | None = None,
+             on_final: Callable[[dict[str, Outcome]], None] | None = None,
+             ) -> dict[str, Outcome]:
+        """Call until every request has a final reply; return them by job id. Each
+        outcome is also handed to ``on_final`` as soon as it is final."""
         primary = f"{provider}|{requests[0].model}" if requests else provider
         attempts = {r.job_id: 0 for r in requests}
         self._strikes = {r.job_id: 0 for r in requests}
         self._last = {r.job_id: "" for r in requests}
         final: dict[str, Outcome] = {}
+        reported: set[str] = set()
         chunks = [_Chunk(list(requests))]
         while chunks:
             chunks.sort(key=lambda c: c.not_before)
@@ -141,23 +174,37 @@ class Caller:
             wait = chunk.not_before - self.clock()
             if wait > 0:
                 self.sleep(wait)
-            now = self.clock()
-            live = []
-            for r in chunk.requests:
-                if r.deadline is not None and now >= r.deadline:
-                    final[r.job_id] = self._gave_up(r, attempts, primary, "deadline reached")
-                else:
-                    live.append(r)
-            if not live:
-                continue
-            deployment = self._pick(primary)
-            name, model = deployment.split("|", 1)
-            sent = [dataclasses.replace(r, model=model) for r in live]
-            if not self._budget(deployment, sent, tenants or {}, chunks, final, attempts):
-                continue
-            replies = self._complete(name, sent)
-            chunks += self._settle(live, replies, attempts, final, deployment, chunk)
+            self._run_chunk(chunk, primary, tenants or {}, chunks, final, attempts)
+            if on_final is not None and len(final) > len(reported):
+                fresh = {k: v for k, v in final.items() if k not in reported}
+                reported.update(fresh)
+                on_final(fresh)
         return final
+
+    def _run_chunk(self, chunk: _Chunk, primary: str, tenants: dict[str, str],
+                   chunks: list[_Chunk], final: dict[str, Outcome],
+                   attempts: dict[str, int]) -> None:
+        now = self.clock()
+        for r in [r for r in chunk.all() if r.deadline is not None and now >= r.deadline]:
+            final[r.job_id] = self._gave_up(r, attempts, primary, "deadline reached")
+        chunk.requests = [r for r in chunk.requests if r.job_id not in final]
+        chunk.held = [r for r in chunk.held if r.job_id not in final]
+        if not chunk.requests and chunk.held:
+            chunk.requests, chunk.held = chunk.held[:1], chunk.held[1:]
+        if not chunk.requests:
+            return
+        deployment = self._pick(primary)
+        name, model = deployment.split("|", 1)
+        if (len(chunk.requests) > 1 and getattr(self.provider_for(name), "probe_first", False)
+                and not self.health.recently_ok(deployment)):
+            # No recent success: one request first, the rest once it was answered.
+            chunk.held = chunk.requests[1:] + chunk.held
+            chunk.requests = chunk.requests[:1]
+        sent = [dataclasses.replace(r, model=model) for r in chunk.requests]
+        if not self._budget(deployment, sent, tenants, chunks, final, attempts, chunk.held):
+            return
+        replies = self._complete(name, sent)
+        chunks += self._settle(chunk.requests, replies, attempts, final, deployment, chunk)
 
     def _pick(self, primary: str) -> str:
         """The primary deployment, or the first alternative not cooling down."""
@@ -168,14 +215,14 @@ class Caller:
 
     def _budget(self, deployment: str, sent: list[ProviderRequest], tenants: dict[str, str],
                 chunks: list[_Chunk], final: dict[str, Outcome],
-                attempts: dict[str, int]) -> bool:
+                attempts: dict[str, int], held: list[ProviderRequest]) -> bool:
         """Take rate-limit budget for the call; split or fail what cannot get it."""
         if self.limiter is None:
             return True
         tokens = sum(len(r.text) // 4 + 1 + (r.params.max_tokens or 256) for r in sent)
         if len(sent) > 1 and not self.limiter.fits(deployment, len(sent), tokens):
             half = len(sent) // 2
-            chunks += [_Chunk(sent[:half]), _Chunk(sent[half:])]
+            chunks += [_Chunk(sent[:half]), _Chunk(sent[half:], held=held)]
             return False
         deadlines = [r.deadline for r in sent if r.deadline is not None]
         tenant = tenants.get(sent[0].job_id, "")
@@ -185,6 +232,8 @@ class Caller:
         for r in sent:
             final[r.job_id] = self._gave_up(r, attempts, deployment,
                                             "deadline reached waiting for rate-limit budget")
+        if held:
+            chunks.append(_Chunk(held))
         return False
 
     def _complete(self, name: str, sent: list[ProviderRequest]) -> list[ProviderReply]:
@@ -205,16 +254,27 @@ class Caller:
                 attempts: dict[str, int], final: dict[str, Outcome], deployment: str,
                 chunk: _Chunk) -> list[_Chunk]:
         """Record final replies; return what is to be tried again, and when."""
+        whole = len(live) > 1 and all(r.transient for r in replies)
+        if len(live) > 1 and all(r.whole_request for r in replies):
+            # The request of several jobs was refused as a whole: halves, at once.
+            for req in live:
+                attempts[req.job_id] += 1
+                self._last[req.job_id] = replies[0].error or ""
+            self.health.record(deployment, ok=True)  # it answered
+            half = len(live) // 2
+            return [_Chunk(live[:half], self.clock()),
+                    _Chunk(live[half:], self.clock(), held=chunk.held)]
+        probe = bool(chunk.held) and all(r.transient for r in replies)
         again: list[ProviderRequest] = []
         worst_after: float | None = None
-        whole = len(live) > 1 and all(r.transient for r in replies)
         for req, reply in zip(live, replies, strict=True):
             attempts[req.job_id] += 1
             self._last[req.job_id] = reply.error or ""
-            if reply.transient and not whole:
+            if reply.transient and not (whole or probe):
                 self._strikes[req.job_id] += 1
             if not reply.transient:
-                final[req.job_id] = Outcome(reply, attempts[req.job_id], deployment)
+                final[req.job_id] = Outcome(dataclasses.replace(reply, whole_request=False),
+                                            attempts[req.job_id], deployment)
             elif self._strikes[req.job_id] >= self.settings.provider_max_attempts:
                 final[req.job_id] = Outcome(dataclasses.replace(
                     reply, transient=False, error=f"gave up after {attempts[req.job_id]} "
@@ -224,8 +284,26 @@ class Caller:
                 if reply.retry_after is not None:
                     worst_after = max(worst_after or 0.0, reply.retry_after)
         self.health.record(deployment, ok=len(again) < len(live))
+        held = chunk.held
+        released: list[_Chunk] = []
+        if held and not probe:  # the deployment answered: send what was held back
+            released, held = [_Chunk(held, self.clock())], []
+        if probe and chunk.whole_failures + 1 >= self.settings.provider_max_attempts:
+            for r in again + held:  # the deployment kept failing: the whole batch gives up
+                self._last[r.job_id] = self._last[live[0].job_id]
+                final[r.job_id] = self._gave_up(r, attempts, deployment,
+                                                "the deployment kept failing; gave up")
+            return released
         if not again:
-            return []
+            return released + ([_Chunk(held, self.clock())] if held else [])
+        return released + self._retry(again, held, worst_after, attempts, final, deployment,
+                                      chunk, whole or probe)
+
+    def _retry(self, again: list[ProviderRequest], held: list[ProviderRequest],
+               worst_after: float | None, attempts: dict[str, int],
+               final: dict[str, Outcome], deployment: str, chunk: _Chunk,
+               whole: bool) -> list[_Chunk]:
+        """The chunks that try ``again`` (and what is held behind them) after a backoff."""
         attempt = max(attempts[r.job_id] for r in again)
         wait = backoff(attempt, worst_after, base=self.settings.provider_retry_base_s,
                        cap=self.settings.provider_retry_max_s, rng=self.rng)
@@ -241,8 +319,10 @@ class Caller:
             else:
                 keep.append(r)
         if not keep:
-            return []
+            return [_Chunk(held, self.clock())] if held else []
         failures = chunk.whole_failures + 1 if whole else 0
+        if held:  # still probing: the probe goes again, the rest still held
+            return [_Chunk(keep, when, failures, held=held)]
         if whole and failures >= self.settings.provider_split_after and len(keep) > 1:
             half = len(keep) // 2
             return [_Chunk(keep[:half], when, failures), _Chunk(keep[half:], when, failures)]

@@ -17,6 +17,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from config import keys
 from config.settings import Settings
 from jobs.models import JobResult, JobState
 from jobs.queue import RedisQueue, connect
@@ -51,8 +52,12 @@ def llm_settings(settings: Settings, fake: FakeLLM, **kw: object) -> Settings:
     return settings.model_copy(update=base)
 
 
-def run_batch(s: Settings, jobs: list[dict[str, object]]) -> list[JobResult]:
-    """Submit the jobs, run them as one batch in this process, return their results."""
+def run_batch(s: Settings, jobs: list[dict[str, object]], *, warm: bool = True,
+              prefix_hint: int = 0) -> list[JobResult]:
+    """Submit the jobs, run them as one batch in this process, return their results.
+
+    ``warm``: their deployments answered recently (else a batch probes with one request).
+    """
     providers: dict[str, Provider] = {}
 
     def provider_for(name: str) -> Provider:
@@ -62,9 +67,12 @@ def run_batch(s: Settings, jobs: list[dict[str, object]]) -> list[JobResult]:
 
     with Client(s) as client:
         ids = client.submit_many(jobs)
+        if warm:
+            for spec in (client.spec(i) for i in ids):
+                client.r.set(keys.healthy(f"{spec.provider}|{spec.model}"), "1", ex=60)
         runner = BatchRunner(s, RedisQueue(connect(s.redis_url)), JobStore(s.database_url),
                              provider_for)
-        runner.run(str(uuid.uuid4()), "send-1", ids)
+        runner.run(str(uuid.uuid4()), "send-1", ids, prefix_hint=prefix_hint)
         return [client.result(i, timeout=5) for i in ids]
 
 
@@ -104,8 +112,8 @@ def test_stall_after_headers_and_connection_reset_are_retried(settings: Settings
 
 
 @pytest.mark.parametrize(("fault", "words"), [
-    ("malformed", "malformed response"), ("empty", "empty answer"),
-    ("context", "context too long"), ("404", "HTTP 404")])
+    ("empty", "empty answer"), ("nochoices", "empty choices"),
+    ("filtered", "content filter"), ("context", "context too long"), ("404", "HTTP 404")])
 def test_errors_of_the_job_fail_it_alone_without_retry(settings: Settings, fake: FakeLLM,
                                                        fault: str, words: str) -> None:
     fake.script("doomed", [fault])
@@ -114,8 +122,18 @@ def test_errors_of_the_job_fail_it_alone_without_retry(settings: Settings, fake:
     assert results[0].error is not None and words in results[0].error
     assert results[1].state is JobState.SUCCEEDED
     assert len(fake.requests_for("doomed")) == 1
-    if fault == "malformed":
-        assert "cut off" in results[0].error  # the raw body is kept
+
+
+def test_a_truncated_200_is_retried_like_a_5xx(settings: Settings, fake: FakeLLM) -> None:
+    fake.script("flaky-once", ["malformed", "ok"])
+    fake.script("broken-always", ["malformed"])
+    results = run_batch(llm_settings(settings, fake),
+                        [job("flaky-once question"), job("broken-always question"), job("fine")])
+    assert results[0].state is JobState.SUCCEEDED and results[0].attempts == 2
+    assert results[1].state is JobState.FAILED and results[1].attempts == 4
+    assert results[1].error is not None and "not JSON" in results[1].error
+    assert "cut off" in results[1].error  # the raw body is kept
+    assert results[2].state is JobState.SUCCEEDED and results[2].attempts == 1
 
 
 def test_a_job_that_keeps_failing_ends_failed_after_max_attempts(settings: Settings,
@@ -255,3 +273,90 @@ def test_api_keys_are_never_logged_stored_or_returned(settings: Settings, fake: 
     db = Path(s.database_url.removeprefix("sqlite:///"))
     assert SECRET.encode() not in db.read_bytes()
     assert all(SECRET not in r.model_dump_json() for r in results)
+
+
+@pytest.mark.parametrize("fault", ["context", "invalid"])
+def test_a_4xx_for_a_list_of_prompts_is_split_until_the_poison_is_alone(
+        settings: Settings, fake: FakeLLM, fault: str) -> None:
+    fake.script("poison", [fault])
+    s = llm_settings(settings, fake, openai_endpoint="completions")
+    texts = [f"plain prompt {i}" for i in range(15)] + ["poison prompt"]
+    results = run_batch(s, [job(t) for t in texts])
+    states = {t: r.state for t, r in zip(texts, results, strict=True)}
+    assert states.pop("poison prompt") is JobState.FAILED
+    assert set(states.values()) == {JobState.SUCCEEDED}
+    poison = results[-1]
+    assert poison.error is not None and "HTTP 400" in poison.error
+    sizes = [len(x.body["prompt"]) for x in fake.seen]
+    assert sizes[0] == 16 and len(fake.requests_for("poison")) == 5, sizes  # 16, 8, 4, 2, 1
+
+
+def test_good_answers_are_stored_while_a_poison_is_still_retried(settings: Settings,
+                                                                 fake: FakeLLM) -> None:
+    import threading
+
+    fake.script("poison", ["500"])
+    s = llm_settings(settings, fake, openai_endpoint="completions",
+                     provider_retry_base_s=0.4, provider_retry_max_s=1.0)
+    texts = [f"plain prompt {i}" for i in range(15)] + ["poison prompt"]
+    snapshots: list[dict[str, int]] = []
+    stop = threading.Event()
+    store = JobStore(s.database_url)
+    store.migrate()
+
+    def watch() -> None:
+        while not stop.is_set():
+            snapshots.append(store.count_by_state())
+            stop.wait(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        results = run_batch(s, [job(t) for t in texts])
+    finally:
+        stop.set()
+        watcher.join()
+        store.close()
+    assert results[-1].state is JobState.FAILED
+    assert {"SUCCEEDED": 15, "QUEUED": 1} in snapshots, \
+        "the good answers were stored only once the poison was final"
+
+
+def test_a_dead_deployment_costs_one_request_per_attempt_not_one_per_job(
+        settings: Settings, fake: FakeLLM) -> None:
+    fake.script('"model": "dead-model"', ["503"])
+    s = llm_settings(settings, fake, cooldown_failures=2,
+                     fallbacks={"openai|dead-model": ["openai|backup-model"]})
+    results = run_batch(s, [job(f"question {i}", model="dead-model") for i in range(30)],
+                        warm=False)
+    assert {r.state for r in results} == {JobState.SUCCEEDED}
+    assert {r.model for r in results} == {"backup-model"}
+    dead = [x for x in fake.seen if x.body["model"] == "dead-model"]
+    assert len(dead) == 2, f"{len(dead)} requests went to the dead deployment"
+    first, *rest = [x for x in fake.seen if x.body["model"] == "backup-model"]
+    assert len(rest) == 29 and all(x.start >= first.end for x in rest), \
+        "the untried fallback got the whole batch before one request answered"
+
+
+def test_without_a_fallback_a_dead_deployment_fails_the_batch_after_its_attempts(
+        settings: Settings, fake: FakeLLM) -> None:
+    fake.script("question", ["503"])
+    s = llm_settings(settings, fake)
+    results = run_batch(s, [job(f"question {i}") for i in range(10)], warm=False)
+    assert {r.state for r in results} == {JobState.FAILED}
+    assert len(fake.seen) == s.provider_max_attempts
+    assert all(r.error is not None and "kept failing" in r.error and "503" in r.error
+               for r in results)
+
+
+def test_a_lone_job_whose_long_system_prompt_others_share_is_marked_for_caching(
+        settings: Settings, fake: FakeLLM) -> None:
+    system = "You are the claims assistant of Northwind Insurance. " * 10
+    one = {"messages": [{"role": "system", "content": system},
+                        {"role": "user", "content": "claim 1"}],
+           "provider": "anthropic", "model": "claude-test"}
+    s = llm_settings(settings, fake)
+    run_batch(s, [one], prefix_hint=1024)  # the scheduler: others pending share 1,024 chars
+    assert fake.seen[-1].body["system"][0]["cache_control"] == {"type": "ephemeral"}
+    run_batch(s, [one])  # nobody else shares it: no cache write paid for
+    assert fake.seen[-1].body["system"] == system

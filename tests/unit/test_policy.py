@@ -256,3 +256,16 @@ def test_aging_promotes_a_waiting_job_one_class_per_bound() -> None:
     pool.promote(NOW + 60)
     assert pool.by_id["old-bulk"].cls == 1  # 310 s: a third bound passed
     assert pool.by_id["new-bulk"].cls == 4
+
+
+def test_a_batch_says_how_much_of_its_prefix_jobs_left_pending_share() -> None:
+    system = "You are the claims assistant of Northwind Insurance. Be precise. " * 40
+    pool = make_pool([J(f"j{i}", system + f"claim {i}") for i in range(3)]
+                     + [J("other", "Translate this sentence into Spanish please")])
+    s = base_settings(max_batch_size=1)
+    first = plan(pool, NOW, s, Capacity(slots=1)).batches[0]
+    assert first.jobs[0].id.startswith("j")
+    assert first.pending_prefix_chars >= 1024  # more claims wait with the same prefix
+    pool.remove(["j0", "j1", "other"])
+    alone = plan(pool, NOW, s, Capacity(slots=1)).batches[0]
+    assert [j.id for j in alone.jobs] == ["j2"] and alone.pending_prefix_chars == 0

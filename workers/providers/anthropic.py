@@ -4,7 +4,9 @@ When every member of a batch has the same system prompt, or the same leading use
 content, and it is at least ``anthropic_min_cache_tokens`` long, that prefix is sent as
 its own block with ``cache_control: {"type": "ephemeral"}``: the first member writes the
 cache, the others read it at a tenth of the price. Requests go out first-then-parallel
-so that the first member's cache write lands before the others read.
+so that the first member's cache write lands before the others read. A job sent alone
+is marked the same way when the scheduler says other pending jobs share its long
+prefix (``pending_prefix_chars``): the jobs after it then read the cache it wrote.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from workers.providers.http import (
     Gate,
     Strategy,
     make_client,
+    not_json,
     post,
     run_ordered,
     shared_prefix,
@@ -43,6 +46,7 @@ class AnthropicProvider:
     """The Anthropic Messages API."""
 
     name = "anthropic"
+    probe_first = True
 
     def __init__(self, settings: Settings, *, base_url: str | None = None,
                  api_key: str | None = None) -> None:
@@ -57,11 +61,8 @@ class AnthropicProvider:
         """The request bodies of a batch, its shared prefix marked for caching."""
         parts = [_split(r) for r in requests]
         min_chars = self.settings.anthropic_min_cache_tokens * 4
-        systems = {s for s, _ in parts}
-        cache_system = len(requests) > 1 and len(systems) == 1 and len(next(iter(systems))) \
-            >= min_chars
+        cache_system, lead = self._cached_prefix(requests, parts, min_chars)
         firsts = [t[0]["content"] for _, t in parts]
-        lead = "" if cache_system or len(requests) < 2 else shared_prefix(firsts, 1_000_000)
         cache_lead = len(lead) >= min_chars and all(len(f) > len(lead) for f in firsts)
         out = []
         for req, (system, turns) in zip(requests, parts, strict=True):
@@ -88,6 +89,28 @@ class AnthropicProvider:
             out.append(body)
         return out
 
+    @staticmethod
+    def _cached_prefix(requests: Sequence[ProviderRequest],
+                       parts: list[tuple[str, list[dict[str, str]]]],
+                       min_chars: int) -> tuple[bool, str]:
+        """Whether to mark the system prompt, and the leading user text to mark ('')."""
+        systems = {s for s, _ in parts}
+        system = next(iter(systems))
+        if len(requests) > 1:
+            if len(systems) == 1 and len(system) >= min_chars:
+                return True, ""
+            return False, shared_prefix([t[0]["content"] for _, t in parts], 1_000_000)
+        # Alone: mark what other pending jobs share with it (the scheduler's hint).
+        shared = requests[0].pending_prefix_chars
+        if shared < min_chars:
+            return False, ""
+        if system:
+            # The job's text starts "system: <system>\n": mark the system prompt when all
+            # of it is shared.
+            return len(system) >= min_chars and shared >= len("system: ") + len(system), ""
+        first = parts[0][1][0]["content"]
+        return False, first[:shared] if requests[0].prompt is not None else ""
+
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
         bodies = {r.job_id: b for r, b in zip(requests, self.payloads(requests), strict=True)}
         return run_ordered(requests, Strategy.WARM_THEN_PARALLEL,
@@ -101,10 +124,15 @@ class AnthropicProvider:
             return resp
         try:
             data = resp.json()
+        except ValueError as exc:
+            return not_json(req.job_id, resp, exc)
+        try:
             text = "".join(block["text"] for block in data["content"]
                            if block.get("type") == "text")
             if not text:
-                raise ValueError("empty answer")
+                reason = data.get("stop_reason")
+                return ProviderReply(job_id=req.job_id, error=f"empty answer (stop_reason "
+                                     f"{reason!r}): {resp.raw}")
             u = data.get("usage") or {}
             read = int(u.get("cache_read_input_tokens") or 0)
             written = int(u.get("cache_creation_input_tokens") or 0)
@@ -113,7 +141,7 @@ class AnthropicProvider:
                           cached_tokens=read)
             return ProviderReply(job_id=req.job_id, text=text, usage=usage)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc}): "
+            return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc!r}): "
                                  f"{resp.raw}")
 
     def close(self) -> None:

@@ -20,13 +20,17 @@ class ProviderRequest:
     messages: tuple[Message, ...] | None
     deadline: float | None
     text: str
+    #: Characters at the start of ``text`` that other pending jobs share (the scheduler's
+    #: hint): worth marking for the provider's prompt cache even when sent alone.
+    pending_prefix_chars: int = 0
 
     @classmethod
-    def from_spec(cls, spec: JobSpec) -> ProviderRequest:
+    def from_spec(cls, spec: JobSpec, pending_prefix_chars: int = 0) -> ProviderRequest:
         """The request of an accepted job."""
         return cls(job_id=spec.id, model=spec.model, params=spec.params, prompt=spec.prompt,
                    messages=tuple(spec.messages) if spec.messages is not None else None,
-                   deadline=spec.deadline, text=spec.text)
+                   deadline=spec.deadline, text=spec.text,
+                   pending_prefix_chars=pending_prefix_chars)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +38,12 @@ class ProviderReply:
     """The provider's answer to one request: text and usage, or an error.
 
     An error is ``transient`` when trying again later may succeed (429, 529, 5xx,
-    timeouts, resets), with the server's ``retry_after`` seconds when it gave one;
-    otherwise it belongs to the job (context too long, another 4xx, a malformed
-    response) and is final. Providers never retry: ``workers.retry`` is the one layer.
+    timeouts, resets, a 200 whose body is cut off or not JSON), with the server's
+    ``retry_after`` seconds when it gave one; otherwise it is final. A final error belongs
+    to the job (context too long, another 4xx, an answer without content) unless
+    ``whole_request``: the refused request carried several jobs, so the error is not any
+    one job's (the retry layer splits the request until the culprit is alone). Providers
+    never retry: ``workers.retry`` is the one layer.
     """
 
     job_id: str
@@ -45,6 +52,7 @@ class ProviderReply:
     error: str | None = None
     transient: bool = False
     retry_after: float | None = None
+    whole_request: bool = False
 
     @property
     def ok(self) -> bool:
@@ -53,9 +61,15 @@ class ProviderReply:
 
 
 class Provider(Protocol):
-    """Sends a batch to an LLM service. Implementations: echo, simulated, openai, anthropic."""
+    """Sends a batch to an LLM service. Implementations: echo, simulated, openai, anthropic.
+
+    ``probe_first``: a remote service, which may be down: while a deployment has no recent
+    success, the retry layer sends one request of a batch first and the rest only once
+    it answered.
+    """
 
     name: str
+    probe_first: bool
 
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
         """One reply per request, in the order given."""

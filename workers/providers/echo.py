@@ -32,6 +32,7 @@ class EchoProvider:
     """Answers each prompt with ``echo: <prompt>``, cut to ``max_tokens`` tokens if set."""
 
     name = "echo"
+    probe_first = False
 
     def __init__(self, *, hooks: bool = False, call_log: Path | None = None) -> None:
         self.hooks = hooks

@@ -19,6 +19,9 @@ import httpx
 from config.settings import Settings
 from workers.providers.base import ProviderReply, ProviderRequest
 
+__all__ = ["Gate", "Response", "SendError", "Strategy", "cache_key", "classify", "make_client",
+           "not_json", "post", "retry_after_s", "run_ordered", "send", "shared_prefix"]
+
 #: The raw body kept with an error, at most.
 RAW_KEPT = 2000
 
@@ -137,6 +140,12 @@ def post(client: httpx.Client, gate: Gate, url: str, payload: dict[str, Any],
     return classify(job_id, resp, context_markers=context_markers) or resp
 
 
+def not_json(job_id: str, resp: Response, exc: Exception) -> ProviderReply:
+    """A 2xx whose body is cut off or not JSON: a transport fault, retried like a 5xx."""
+    return ProviderReply(job_id=job_id, transient=True,
+                         error=f"the response was cut off or is not JSON ({exc}): {resp.raw}")
+
+
 def shared_prefix(texts: Sequence[str], limit: int = 4096) -> str:
     """The prefix every text starts with (at most ``limit`` characters)."""
     if not texts:
@@ -144,9 +153,13 @@ def shared_prefix(texts: Sequence[str], limit: int = 4096) -> str:
     return os.path.commonprefix([t[:limit] for t in texts])  # noqa: RUF071 (strings)
 
 
-def cache_key(texts: Sequence[str]) -> str | None:
-    """A ``prompt_cache_key`` for a batch: a hash of its shared prefix (None if short)."""
-    prefix = shared_prefix(texts)
+def cache_key(texts: Sequence[str], pending_prefix_chars: int = 0) -> str | None:
+    """A ``prompt_cache_key`` for a batch: a hash of its shared prefix, or, for a request
+    sent alone, of the prefix it shares with jobs still pending (None if short)."""
+    if len(texts) == 1 and pending_prefix_chars:
+        prefix = texts[0][:pending_prefix_chars]
+    else:
+        prefix = shared_prefix(texts)
     if len(prefix) < 64:
         return None
     return "pb-" + hashlib.sha256(prefix.encode()).hexdigest()[:32]

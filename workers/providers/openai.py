@@ -27,6 +27,7 @@ from workers.providers.http import (
     Strategy,
     cache_key,
     make_client,
+    not_json,
     post,
     run_ordered,
 )
@@ -43,6 +44,7 @@ class OpenAIProvider:
     """An OpenAI-compatible HTTP server."""
 
     name = "openai"
+    probe_first = True
 
     def __init__(self, settings: Settings, *, base_url: str | None = None,
                  api_key: str | None = None) -> None:
@@ -76,7 +78,8 @@ class OpenAIProvider:
 
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
         texts = [r.text for r in requests]
-        key = cache_key(texts) if self.settings.openai_prompt_cache_key else None
+        key = (cache_key(texts, requests[0].pending_prefix_chars)
+               if self.settings.openai_prompt_cache_key and requests else None)
         if self.settings.openai_endpoint == "completions" and all(
                 r.prompt is not None for r in requests):
             return self._completions(requests, key)
@@ -99,12 +102,23 @@ class OpenAIProvider:
             return resp
         try:
             data = resp.json()
-            text = data["choices"][0]["message"]["content"]
+        except ValueError as exc:
+            return not_json(req.job_id, resp, exc)
+        try:
+            choices = data["choices"]
+            if not choices:
+                return ProviderReply(job_id=req.job_id, error=f"no answer (empty choices): "
+                                     f"{resp.raw}")
+            text = choices[0]["message"]["content"]
             if not isinstance(text, str) or not text:
-                raise ValueError("empty answer")
+                reason = choices[0].get("finish_reason")
+                why = "the content filter withheld it" if reason == "content_filter" else (
+                    f"finish_reason {reason!r}" if reason else "no content")
+                return ProviderReply(job_id=req.job_id, error=f"empty answer ({why}): "
+                                     f"{resp.raw}")
             return ProviderReply(job_id=req.job_id, text=text, usage=parse_usage(data))
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc}): "
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc!r}): "
                                  f"{resp.raw}")
 
     def _completions(self, requests: Sequence[ProviderRequest],
@@ -117,14 +131,22 @@ class OpenAIProvider:
         resp = post(self.client, self.gate, f"{self.base_url}/completions", payload,
                     self._headers, self.settings, first.job_id, CONTEXT_MARKERS)
         if isinstance(resp, ProviderReply):  # the one request failed: so did every prompt
-            return [dataclasses.replace(resp, job_id=r.job_id) for r in requests]
+            # A refusal of a list is not any one prompt's error: the retry layer splits
+            # the list until the culprit is alone (then the error is its own).
+            shared = not resp.transient and len(requests) > 1
+            return [dataclasses.replace(resp, job_id=r.job_id, whole_request=shared)
+                    for r in requests]
         try:
             data = resp.json()
+        except ValueError as exc:
+            return [not_json(r.job_id, resp, exc) for r in requests]
+        try:
             texts = {int(c["index"]): c["text"] for c in data["choices"]}
             total = parse_usage(data)
-        except (ValueError, KeyError, TypeError) as exc:
-            return [ProviderReply(job_id=r.job_id, error=f"malformed response ({exc}): "
-                                  f"{resp.raw}") for r in requests]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            return [ProviderReply(job_id=r.job_id, error=f"malformed response ({exc!r}): "
+                                  f"{resp.raw}", whole_request=len(requests) > 1)
+                    for r in requests]
         weights = [len(r.text) + 1 for r in requests]
         out = []
         for i, req in enumerate(requests):

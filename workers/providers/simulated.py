@@ -109,6 +109,7 @@ class SimulatedProvider:
     """The cost model above, as a provider."""
 
     name = "simulated"
+    probe_first = False
 
     def __init__(self, model: CostModel | None = None) -> None:
         self.model = model or CostModel()
