@@ -49,6 +49,25 @@ end
 return claimed
 """
 
+#: KEYS: job, intake, tenant pending set. ARGV: id, batch id, priority, tenant, deadline
+#: ('' for none). Puts a job that is still SCHEDULED or RUNNING in ``batch id`` (a batch
+#: that is no longer in flight: its task was lost) back into intake. Returns 1 if it did.
+REQUEUE = """
+local v = redis.call('HMGET', KEYS[1], 'state', 'batch')
+if (v[1] ~= 'SCHEDULED' and v[1] ~= 'RUNNING') or v[2] ~= ARGV[2] then return 0 end
+local sid
+if ARGV[5] ~= '' then
+  sid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'p', ARGV[3], 't', ARGV[4],
+                   'd', ARGV[5])
+else
+  sid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'p', ARGV[3], 't', ARGV[4])
+end
+redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'sid', sid)
+redis.call('HDEL', KEYS[1], 'batch')
+redis.call('SADD', KEYS[3], ARGV[1])
+return 1
+"""
+
 #: KEYS: outbox, intake, then job keys. ARGV: batch id.
 #: After a batch was sent: drop its jobs from intake and the batch from the outbox.
 ACK_SENT = """
@@ -63,20 +82,58 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
 
-#: KEYS: job keys. ARGV: batch id. Marks SCHEDULED (or re-delivered RUNNING) jobs of this
-#: batch RUNNING; returns, per key, the state found (so the caller skips the others).
+#: KEYS: job keys. ARGV: batch id. Marks the jobs that belong to this batch (SCHEDULED
+#: for it, or RUNNING in it: a re-delivery) RUNNING; returns, per key, the state found,
+#: or 'OTHER' for a job that belongs to another batch (so the caller skips it: a job runs
+#: only in the batch that claimed it).
 MARK_RUNNING = """
 local out = {}
 for i = 1, #KEYS do
-  local st = redis.call('HGET', KEYS[i], 'state')
-  if st == 'SCHEDULED' or st == 'RUNNING' or st == 'QUEUED' then
-    redis.call('HSET', KEYS[i], 'state', 'RUNNING', 'batch', ARGV[1])
+  local v = redis.call('HMGET', KEYS[i], 'state', 'batch')
+  local st, owner = v[1], v[2]
+  if (st == 'SCHEDULED' or st == 'RUNNING') and owner == ARGV[1] then
+    redis.call('HSET', KEYS[i], 'state', 'RUNNING')
     out[i] = 'RUNNING'
+  elseif (st == 'SCHEDULED' or st == 'RUNNING') then
+    out[i] = 'OTHER'
   else
     out[i] = st or ''
   end
 end
 return out
+"""
+
+#: KEYS: in-flight set, then job keys. ARGV: old batch id, now, then per job: new batch
+#: id, new in-flight member. Moves each job still SCHEDULED or RUNNING in the old batch to
+#: its new batch (SCHEDULED) and counts the new batch in flight. Returns, per job, 1 if
+#: moved.
+REASSIGN = """
+local out = {}
+for i = 2, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'state', 'batch')
+  local j = (i - 2) * 2
+  if (v[1] == 'SCHEDULED' or v[1] == 'RUNNING') and v[2] == ARGV[1] then
+    redis.call('HSET', KEYS[i], 'state', 'SCHEDULED', 'batch', ARGV[3 + j])
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4 + j])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"""
+
+#: KEYS: deliveries hash. ARGV: the task's retry number, ttl.
+#: Counts one delivery of the batch's message with that retry number; returns how many
+#: deliveries followed a lost worker: a message delivered again with the same retry
+#: number was not finished by the worker that had it (a retry the task asked for itself,
+#: after a Redis or SQL error, carries the next number and is not counted).
+COUNT_DELIVERY = """
+redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+local lost = 0
+for _, n in ipairs(redis.call('HVALS', KEYS[1])) do lost = lost + tonumber(n) - 1 end
+return lost
 """
 
 #: KEYS: job, celery result key, intake, tenant pending set.

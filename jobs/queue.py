@@ -89,6 +89,9 @@ class RedisQueue:
         self._claim = client.register_script(lua.CLAIM)
         self._ack = client.register_script(lua.ACK_SENT)
         self._running = client.register_script(lua.MARK_RUNNING)
+        self._reassign = client.register_script(lua.REASSIGN)
+        self._requeue = client.register_script(lua.REQUEUE)
+        self._deliveries = client.register_script(lua.COUNT_DELIVERY)
         self._finish = client.register_script(lua.FINISH)
         self._cancel = client.register_script(lua.CANCEL)
         self._lease = client.register_script(lua.LEASE)
@@ -150,12 +153,17 @@ class RedisQueue:
 
     def load(self, job_ids: Sequence[str]) -> list[tuple[JobSpec | None, str | None]]:
         """``(spec, state)`` of each job; ``(None, None)`` for a job Redis does not hold."""
+        return [(spec, state) for spec, state, _ in self.load_owned(job_ids)]
+
+    def load_owned(self, job_ids: Sequence[str],
+                   ) -> list[tuple[JobSpec | None, str | None, str | None]]:
+        """``(spec, state, batch id)`` of each job (all None for a job Redis does not hold)."""
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hmget(keys.job(job_id), "spec", "state")
-        out: list[tuple[JobSpec | None, str | None]] = []
-        for spec, state in pipe.execute():
-            out.append((JobSpec.model_validate_json(spec) if spec else None, state))
+            pipe.hmget(keys.job(job_id), "spec", "state", "batch")
+        out: list[tuple[JobSpec | None, str | None, str | None]] = []
+        for spec, state, batch in pipe.execute():
+            out.append((JobSpec.model_validate_json(spec) if spec else None, state, batch))
         return out
 
     def acquire_lease(self, token: str, ttl_s: float) -> bool:
@@ -203,15 +211,28 @@ class RedisQueue:
             return True
         return bool(self.r.get(key) == send_id)
 
-    def count_delivery(self, batch_id: str, ttl_s: int) -> int:
-        """Count one more delivery of a batch's task; return the count."""
-        pipe = self.r.pipeline()
-        pipe.incr(keys.batch_deliveries(batch_id))
-        pipe.expire(keys.batch_deliveries(batch_id), ttl_s)
-        return int(pipe.execute()[0])
+    def count_delivery(self, batch_id: str, retries: int, ttl_s: int) -> int:
+        """Count one delivery of a batch's task (``retries``: the task's retry number);
+        return how many of its deliveries followed a lost worker."""
+        return int(self._deliveries(keys=[keys.batch_deliveries(batch_id)],
+                                    args=[retries, ttl_s]))
+
+    def reassign(self, batch_id: str, moves: Sequence[tuple[str, str, int]],
+                 now: float) -> list[bool]:
+        """Move jobs of a batch to new batches ``(job id, new batch id, class)``, each
+        counted in flight; return, per move, whether the job was still the batch's."""
+        if not moves:
+            return []
+        args: list[str | float] = [batch_id, now]
+        for _, new_id, cls in moves:
+            args += [new_id, keys.inflight_member(cls, new_id)]
+        reply = self._reassign(keys=[keys.INFLIGHT, *(keys.job(j) for j, _, _ in moves)],
+                               args=args)
+        return [bool(x) for x in reply]
 
     def mark_running(self, batch_id: str, job_ids: Sequence[str]) -> list[str]:
-        """Mark a batch's jobs RUNNING; return the state found per job ('' if unknown)."""
+        """Mark the jobs that belong to the batch RUNNING; return per job 'RUNNING', the
+        state found ('' if unknown), or 'OTHER' when it belongs to another batch."""
         reply = self._running(keys=[keys.job(j) for j in job_ids], args=[batch_id])
         return [str(x) for x in reply]
 
@@ -240,6 +261,32 @@ class RedisQueue:
             return []
         raws: Any = self.r.mget([keys.celery_result(j) for j in job_ids])
         return [result_from_meta(raw) if raw else None for raw in raws]
+
+    def states_and_batches(self, job_ids: Sequence[str],
+                           ) -> list[tuple[str | None, str | None]]:
+        """``(state, batch id)`` of each job in Redis (None where it has none)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(keys.job(job_id), "state", "batch")
+        return [(state, batch) for state, batch in pipe.execute()]
+
+    def in_flight(self, batch_ids: Sequence[str]) -> set[str]:
+        """Which of the batches are in flight (claimed and not finished)."""
+        pipe = self.r.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            for cls in range(len(keys.QUEUES)):
+                pipe.zscore(keys.INFLIGHT, keys.inflight_member(cls, batch_id))
+        found = pipe.execute()
+        n = len(keys.QUEUES)
+        return {b for i, b in enumerate(batch_ids) if any(x is not None
+                                                          for x in found[i * n:(i + 1) * n])}
+
+    def requeue(self, spec: JobSpec, batch_id: str) -> bool:
+        """Put a job left SCHEDULED or RUNNING by a lost batch back into intake."""
+        return bool(self._requeue(
+            keys=[keys.job(spec.id), keys.INTAKE, keys.tenant_pending(spec.tenant)],
+            args=[spec.id, batch_id, int(spec.priority), spec.tenant,
+                  "" if spec.deadline is None else repr(spec.deadline)]))
 
     def have_results(self, job_ids: Sequence[str]) -> list[bool]:
         """Whether the result backend holds each job's result."""

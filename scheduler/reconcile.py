@@ -9,6 +9,9 @@ position is kept in Redis (``pb:reconcile``): a scheduler that takes over contin
 
 * a job that is not final in SQL and unknown to Redis (Redis lost its data, or the
   payload expired) is enqueued again, with its original id, priority and deadline;
+* a job that Redis holds as SCHEDULED or RUNNING in a batch that is no longer in flight
+  (its task was lost: dropped while Redis was down for longer than the task could wait)
+  goes back into intake, to run in a new batch (the old one can no longer run it);
 * a job whose cancellation was recorded in Redis but not in SQL (a cancel cut short) is
   finished as CANCELLED; a final result in Redis that SQL lacks is copied to SQL;
 * a final result in SQL that the result backend lacks (it was unreachable, or lost its
@@ -49,9 +52,10 @@ class Repairs:
     reenqueued: int = 0
     finished: int = 0
     written_back: int = 0
+    requeued: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.reenqueued or self.finished or self.written_back)
+        return bool(self.reenqueued or self.finished or self.written_back or self.requeued)
 
 
 @dataclass
@@ -68,9 +72,10 @@ class PassState:
     reenqueued: int = 0
     finished: int = 0
     written_back: int = 0
+    requeued: int = 0
 
     def repairs(self) -> Repairs:
-        return Repairs(self.reenqueued, self.finished, self.written_back)
+        return Repairs(self.reenqueued, self.finished, self.written_back, self.requeued)
 
 
 class Reconciler:
@@ -152,8 +157,9 @@ class Reconciler:
         self.current = None
         self.last_finished = now
         if repairs:
-            log.warning("reconciler: re-enqueued %d jobs Redis did not hold, finished %d, "
-                        "wrote back %d results", repairs.reenqueued, repairs.finished,
+            log.warning("reconciler: re-enqueued %d jobs Redis did not hold, put back %d "
+                        "jobs of lost batches, finished %d, wrote back %d results",
+                        repairs.reenqueued, repairs.requeued, repairs.finished,
                         repairs.written_back)
         return repairs
 
@@ -171,17 +177,21 @@ class Reconciler:
         if not old:
             return
         ids = [r[0] for r in old]
-        states = self.queue.states(ids)
+        found = self.queue.states_and_batches(ids)
         results = self.queue.results(ids)
         lost: list[str] = []
         done: list[JobResult] = []
         tenants: list[str] = []
-        for (job_id, tenant, created), state, result in zip(old, states, results, strict=True):
+        sent: dict[str, str] = {}
+        for (job_id, tenant, created), (state, batch), result in zip(old, found, results,
+                                                                     strict=True):
             if result is not None:
                 done.append(result)
                 tenants.append(tenant)
             elif state is None:
                 lost.append(job_id)
+            elif state in (JobState.SCHEDULED, JobState.RUNNING) and batch:
+                sent[job_id] = batch
             elif state == JobState.CANCELLED:
                 done.append(JobResult(id=job_id, state=JobState.CANCELLED, created_at=created,
                                       finished_at=now, error="cancelled by the caller"))
@@ -193,6 +203,18 @@ class Reconciler:
         if done:
             p.finished += len(record_results(self.store, self.queue, done, tenants,
                                              result_ttl_s=self.settings.result_ttl_s))
+        if sent:
+            p.requeued += self._requeue_orphans(sent)
+
+    def _requeue_orphans(self, sent: dict[str, str]) -> int:
+        """Jobs whose batch is no longer in flight go back into intake."""
+        flying = self.queue.in_flight(sorted(set(sent.values())))
+        orphans = {j: b for j, b in sent.items() if b not in flying}
+        if not orphans:
+            return 0
+        stored = self.store.get_many(list(orphans))
+        return sum(self.queue.requeue(stored[j].spec, b) for j, b in orphans.items()
+                   if j in stored and not stored[j].state.final)
 
     def _results_page(self) -> None:
         p = self.current

@@ -1,19 +1,27 @@
-"""Running one batch: skip what must not run, call the provider once, store each result."""
+"""Running one batch: skip what must not run, call the provider once, store each result.
+
+Redis or the SQL store failing under a batch is not the batch's fault: each step that
+talks to them is retried in place, with backoff, until they answer (within the task's
+time limit), so a blip costs neither a second provider call nor a delivery counted
+against the batch. Only a delivery that follows a lost worker counts toward poison
+(``RedisQueue.count_delivery``).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import redis
+from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import Settings
 from jobs.models import JobResult, JobSpec, JobState
-from jobs.outcomes import record_results
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
 from workers.providers import Provider, ProviderRequest
@@ -21,6 +29,13 @@ from workers.ratelimit import RateLimiter
 from workers.retry import Caller, Health, Outcome
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Errors of Redis or the SQL store: retried in place, never held against the batch.
+INFRA_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, SQLAlchemyError)
+#: Longest pause between two tries of a step while Redis or SQL is down, in seconds.
+STEADY_MAX_PAUSE_S = 5.0
 
 
 @dataclass
@@ -32,8 +47,11 @@ class BatchRunner:
     store: JobStore
     provider_for: Callable[[str], Provider]
     caller: Caller | None = None
-    #: Sends one job as its own batch task: (job id, class) -> None.
-    resend: Callable[[str, int], None] | None = None
+    #: Sends one job as its own batch task: (new batch id, job id, class) -> None.
+    resend: Callable[[str, str, int], None] | None = None
+    #: Infrastructure errors waited out (for logs and tests).
+    blips: int = 0
+    _until: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
         if self.caller is None:
@@ -41,26 +59,59 @@ class BatchRunner:
                                  RateLimiter(self.queue.r, self.settings),
                                  Health(self.queue.r, self.settings))
 
+    def steady(self, what: str, step: Callable[[], T]) -> T:
+        """Run ``step``; while Redis or SQL fails, wait and try again (until the task's
+        time is nearly up, then the error goes up)."""
+        pause = 0.2
+        while True:
+            try:
+                return step()
+            except INFRA_ERRORS as exc:
+                if time.monotonic() + pause >= self._until:
+                    raise
+                self.blips += 1
+                log.warning("%s: %s; trying again in %.1f s", what, exc, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, STEADY_MAX_PAUSE_S)
+
     def run(self, batch_id: str, send_id: str, job_ids: Sequence[str],
-            similarity: float | None = None, cls: int = 2,
-            prefix_hint: int = 0) -> dict[str, Any]:
-        """Run the batch; return a summary (stored as the batch task's own result)."""
-        if not self.queue.claim_run(batch_id, send_id, self.settings.result_ttl_s):
+            similarity: float | None = None, cls: int = 2, prefix_hint: int = 0,
+            retries: int = 0) -> dict[str, Any]:
+        """Run the batch; return a summary (stored as the batch task's own result).
+
+        ``retries``: the task's retry number (a retry asked for by the task itself is a
+        new message, not a re-delivery after a lost worker).
+        """
+        # Wait out outages until just before the task's soft time limit (time limit - 5 s).
+        self._until = time.monotonic() + max(3.0, self.settings.task_time_limit_s - 6.0)
+        ttl = self.settings.result_ttl_s
+        if not self.steady("claim", lambda: self.queue.claim_run(batch_id, send_id, ttl)):
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
             return {"batch_id": batch_id, "skipped": "duplicate send", "jobs": 0}
-        deliveries = self.queue.count_delivery(batch_id, self.settings.result_ttl_s)
+        lost = self.steady("count", lambda: self.queue.count_delivery(batch_id, retries, ttl))
+        retrying = False
         try:
-            if deliveries > self.settings.max_deliveries:
-                return self._poisoned(batch_id, job_ids, cls, deliveries - 1)
+            if lost >= self.settings.max_deliveries:
+                return self._poisoned(batch_id, job_ids, cls, lost)
             return self._run(batch_id, job_ids, similarity, prefix_hint)
+        except INFRA_ERRORS:
+            retrying = True  # the task runs the batch again: it stays in flight
+            raise
         finally:
-            with contextlib.suppress(redis.RedisError):
-                self.queue.batch_done(batch_id, cls)
+            if not retrying:
+                self.batch_done(batch_id, cls)
+
+    def batch_done(self, batch_id: str, cls: int) -> None:
+        """The batch is over: it leaves the scheduler's in-flight count."""
+        with contextlib.suppress(*INFRA_ERRORS):
+            self.steady("done", lambda: self.queue.batch_done(batch_id, cls))
 
     def fail_running(self, batch_id: str, job_ids: Sequence[str], reason: str) -> int:
         """End the batch's jobs that are still running as FAILED (time limit reached)."""
-        loaded = self.queue.load(job_ids)
-        live = [spec for spec, state in loaded if spec is not None and state == JobState.RUNNING]
+        self._until = time.monotonic() + 30.0
+        loaded = self.steady("load", lambda: self.queue.load_owned(job_ids))
+        live = [spec for spec, state, owner in loaded
+                if spec is not None and state == JobState.RUNNING and owner == batch_id]
         self._fail(live, reason, batch_id, len(job_ids))
         return len(live)
 
@@ -71,16 +122,24 @@ class BatchRunner:
 
     def _poisoned(self, batch_id: str, job_ids: Sequence[str], cls: int,
                   crashes: int) -> dict[str, Any]:
-        """The batch killed its worker ``crashes`` times: isolate its jobs, or fail the one."""
-        loaded = self.queue.load(job_ids)
-        live = [spec for spec, state in loaded if spec is not None and state in (
-            JobState.QUEUED, JobState.SCHEDULED, JobState.RUNNING)]
+        """The batch killed its worker ``crashes`` times: isolate its jobs, or fail the one.
+
+        Isolated jobs move to batches of their own (counted in flight like any batch), so
+        the old batch can no longer run them.
+        """
+        loaded = self.steady("load", lambda: self.queue.load_owned(job_ids))
+        live = [spec for spec, state, owner in loaded if spec is not None and owner == batch_id
+                and state in (JobState.SCHEDULED, JobState.RUNNING)]
         if len(live) > 1 and self.resend is not None:
             log.warning("batch %s killed its worker %d times: sending its %d jobs one by one",
                         batch_id, crashes, len(live))
-            for spec in live:
-                self.resend(spec.id, cls)
-            return {"batch_id": batch_id, "split": [s.id for s in live], "jobs": 0}
+            moves = [(spec.id, str(uuid.uuid4()), cls) for spec in live]
+            moved = self.steady("reassign", lambda: self.queue.reassign(batch_id, moves,
+                                                                        time.time()))
+            for (job_id, new_id, job_cls), ok in zip(moves, moved, strict=True):
+                if ok:
+                    self.resend(new_id, job_id, job_cls)
+            return {"batch_id": batch_id, "split": [m[0] for m in moves], "jobs": 0}
         reason = (f"the job killed the worker {crashes} times (a poison job); it will not "
                   "be tried again")
         self._fail(live, reason, batch_id, len(job_ids))
@@ -89,14 +148,15 @@ class BatchRunner:
     def _run(self, batch_id: str, job_ids: Sequence[str], similarity: float | None,
              prefix_hint: int = 0) -> dict[str, Any]:
         started = time.time()
-        loaded = self.queue.load(job_ids)
-        states = self.queue.mark_running(batch_id, job_ids)
+        loaded = self.steady("load", lambda: self.queue.load(job_ids))
+        states = self.steady("mark", lambda: self.queue.mark_running(batch_id, job_ids))
         runnable: list[JobSpec] = []
         expired: list[JobSpec] = []
         skipped = 0
         for (spec, _), state in zip(loaded, states, strict=True):
             if spec is None or state != JobState.RUNNING:
-                skipped += 1  # cancelled, already final, or unknown to Redis (reconciled)
+                # cancelled, already final, in another batch, or unknown to Redis
+                skipped += 1
             elif spec.deadline is not None and started >= spec.deadline:
                 expired.append(spec)
             else:
@@ -122,9 +182,10 @@ class BatchRunner:
             self._call(runnable, on_final, prefix_hint)
         finished = time.time()
         if runnable:
-            self.queue.post_event(done=batch_id, deployment=f"{runnable[0].provider}|"
-                                  f"{runnable[0].model}", size=len(runnable),
-                                  seconds=round(finished - started, 6))
+            with contextlib.suppress(*INFRA_ERRORS):  # an observation for the scheduler
+                self.queue.post_event(done=batch_id, deployment=f"{runnable[0].provider}|"
+                                      f"{runnable[0].model}", size=len(runnable),
+                                      seconds=round(finished - started, 6))
         failed = sum(1 for r in results if r.state is JobState.FAILED)
         return {**base, "jobs": len(runnable), "failed": failed, "expired": len(expired),
                 "skipped": skipped, "seconds": round(finished - started, 4),
@@ -141,9 +202,17 @@ class BatchRunner:
                          on_final=on_final)
 
     def _record(self, results: list[JobResult], specs: list[JobSpec]) -> None:
-        if results:
-            record_results(self.store, self.queue, results, [s.tenant for s in specs],
-                           result_ttl_s=self.settings.result_ttl_s)
+        """SQL first (it decides the first result), then the result backend; each step
+        waits out a Redis or SQL outage, so the first write is never repeated in vain."""
+        if not results:
+            return
+        won = set(self.steady("store", lambda: self.store.finalize(results)))
+        tenant = {s.id: s.tenant for s in specs}
+        mine = [r for r in results if r.id in won]
+        if mine:
+            ttl = self.settings.result_ttl_s
+            self.steady("publish", lambda: self.queue.finish(
+                mine, [tenant[r.id] for r in mine], result_ttl_s=ttl))
 
 
 def _result(spec: JobSpec, outcome: Outcome, started: float, finished: float,

@@ -42,7 +42,7 @@ class _ProcessResources:
         self._runner: BatchRunner | None = None
         self._providers: dict[str, Provider] = {}
 
-    def runner(self, resend: Callable[[str, int], None]) -> BatchRunner:
+    def runner(self, resend: Callable[[str, str, int], None]) -> BatchRunner:
         if self._runner is None or self.pid != os.getpid():
             self.pid = os.getpid()
             self._providers = {}
@@ -96,14 +96,15 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
                       similarity: float | None = None, cls: int = 2,
                       prefix_hint: int = 0) -> dict[str, Any]:
         """Run one batch of jobs: one provider call, one stored result per job."""
-        def resend(job_id: str, job_cls: int) -> None:
-            app.send_task(PROCESS_BATCH, queue=keys.queue(job_cls), kwargs={
-                "batch_id": str(uuid.uuid4()), "send_id": uuid.uuid4().hex,
-                "job_ids": [job_id], "cls": job_cls})
+        def resend(new_batch: str, job_id: str, job_cls: int) -> None:
+            app.send_task(PROCESS_BATCH, queue=keys.queue(job_cls), task_id=new_batch,
+                          kwargs={"batch_id": new_batch, "send_id": uuid.uuid4().hex,
+                                  "job_ids": [job_id], "cls": job_cls})
 
         runner = resources.runner(resend)
         try:
-            return runner.run(batch_id, send_id, job_ids, similarity, cls, prefix_hint)
+            return runner.run(batch_id, send_id, job_ids, similarity, cls, prefix_hint,
+                              retries=self.request.retries or 0)
         except SoftTimeLimitExceeded:
             limit = settings.task_time_limit_s
             failed = runner.fail_running(batch_id, job_ids, f"the provider call took longer "
@@ -111,8 +112,9 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
             log.warning("batch %s hit the time limit; %d jobs failed", batch_id, failed)
             return {"batch_id": batch_id, "failed": failed, "jobs": 0}
         except (redis.RedisError, SQLAlchemyError) as exc:
-            # Redis or the SQL store failed us, not the jobs: run the batch again shortly
-            # (the same send, so it is allowed to; results already stored are kept).
+            # Redis or the SQL store stayed down longer than the batch could wait: run it
+            # again later (the same send, so it may; results already stored are kept; a
+            # retry is a new message, not counted as a delivery after a lost worker).
             delay = min(30, 2 ** self.request.retries)
             log.warning("batch %s: %s; retrying in %d s", batch_id, exc, delay)
             raise self.retry(exc=exc, countdown=delay, max_retries=20) from exc

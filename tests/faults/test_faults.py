@@ -66,7 +66,8 @@ Own = tuple[OwnRedis, Settings, Procs]
 
 
 @pytest.fixture
-def make_own(tmp_path: Path, settings: Settings) -> Iterator[Callable[..., Own]]:
+def make_own(tmp_path: Path, settings: Settings,
+             request: pytest.FixtureRequest) -> Iterator[Callable[..., Own]]:
     """Make a server of the test's own (persistence and start as asked), with settings and
     processes pointing at it; all stopped at the end."""
     made: list[Own] = []
@@ -80,9 +81,12 @@ def make_own(tmp_path: Path, settings: Settings) -> Iterator[Callable[..., Own]]
         return made[-1]
 
     yield make
+    report = getattr(request.node, "rep_call", None)
     for server, _, procs in made:
         procs.stop_all()
         server.server.stop()
+        if report is not None and report.failed:
+            print(procs.logs())
 
 
 @pytest.fixture
@@ -321,3 +325,34 @@ def test_12_redis_frozen_for_30_seconds_then_thawed(own: Own) -> None:
         client.r.connection_pool.disconnect()
         r = redis.Redis.from_url(server.url, decode_responses=True)
         assert_exactly_one_final_result(client, ids, r)
+
+
+def test_17_redis_outages_during_a_batch_are_not_counted_as_poison(own: Own) -> None:
+    server, s, procs = own
+    procs.scheduler(**FAST)
+    procs.worker(concurrency=1, **FAST)
+    store = JobStore(s.database_url)
+    with Client(s) as client:
+        job_id = client.submit("outlives three outages [echo:sleep=1.5]")
+        outages = 0
+        for k in range(1, 4):  # an outage during each provider call, up to three
+            poll(lambda: provider_calls(s.echo_call_log)[job_id] >= k  # noqa: B023
+                 or ((x := store.get(job_id)) is not None and x.state.final), timeout=90,
+                 what=f"provider call {k} or the end of the job")
+            stored = store.get(job_id)
+            if stored is not None and stored.state.final:
+                break
+            server.kill()
+            time.sleep(6)  # the fault itself: longer than the Redis client's own retries
+            server.restart()
+            outages += 1
+        client.r.connection_pool.disconnect()
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        poll(lambda: r.get(keys.celery_result(job_id)), timeout=60,
+             what="the result to reach the result backend once Redis is back")
+        assert_exactly_one_final_result(client, [job_id], r)
+    store.close()
+    assert outages >= 1
+    assert provider_calls(s.echo_call_log)[job_id] == 1, "an outage made the call run again"
+    (deliveries,) = [k for k in r.scan_iter(keys.PREFIX + "batch:*:deliveries")]
+    assert all(int(n) == 1 for n in r.hvals(deliveries)), "a delivery was counted as lost"

@@ -1,0 +1,101 @@
+"""Which deliveries of a batch count as poison, and which batch may run a job: a real
+Redis-compatible server, SQLite and the echo provider in this process."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+import redis
+
+from config import keys
+from config.settings import Settings
+from producers.client import Client
+from tests.helpers import provider_calls
+from workers.batch import BatchRunner
+from workers.providers import create_provider
+
+pytestmark = pytest.mark.integration
+
+
+def claimed(client: Client, batch_id: str, n: int, cls: int = 2) -> list[str]:
+    """Submit ``n`` jobs and claim them for ``batch_id`` as the scheduler does."""
+    ids = client.submit_many({"prompt": f"job {i}"} for i in range(n))
+    assert client.queue.acquire_lease("test-scheduler", 30)
+    got = client.queue.claim("test-scheduler", batch_id, "{}",
+                             [(i, client.settings.default_tenant) for i in ids], time.time(),
+                             cls)
+    assert got == ids
+    client.queue.ack_sent(batch_id, ids)  # sent: out of intake
+    return ids
+
+
+def runner(settings: Settings, client: Client,
+           sent: list[tuple[str, str, int]] | None = None) -> BatchRunner:
+    return BatchRunner(settings, client.queue, client.store,
+                       lambda name: create_provider(name, settings),
+                       resend=None if sent is None else lambda *a: sent.append(a))
+
+
+def test_only_deliveries_after_a_lost_worker_count_toward_poison(r: redis.Redis) -> None:
+    from jobs.queue import RedisQueue
+
+    q = RedisQueue(r)
+    # A batch retried five times by its task (Redis or SQL errors): new messages.
+    assert [q.count_delivery("blips", n, 60) for n in range(5)] == [0, 0, 0, 0, 0]
+    # A batch whose message came back twice after its worker was lost.
+    assert [q.count_delivery("crashes", 0, 60) for _ in range(3)] == [0, 1, 2]
+    assert q.count_delivery("crashes", 1, 60) == 2  # a later retry keeps the count
+
+
+def test_a_job_runs_only_in_the_batch_that_claimed_it(settings: Settings) -> None:
+    with Client(settings) as client:
+        ids = claimed(client, "batch-a", 2)
+        run = runner(settings, client)
+        other = run.run("batch-b", "send-1", ids)  # another batch naming the same jobs
+        assert other["jobs"] == 0 and other["skipped"] == 2
+        assert provider_calls(settings.echo_call_log) == Counter()
+        assert run.run("batch-a", "send-1", ids)["jobs"] == 2
+        assert provider_calls(settings.echo_call_log) == Counter(ids)
+
+
+def test_a_poison_split_moves_each_job_to_a_batch_of_its_own_counted_in_flight(
+        settings: Settings, r: redis.Redis) -> None:
+    with Client(settings) as client:
+        ids = claimed(client, "batch-a", 3, cls=3)
+        for _ in range(settings.max_deliveries + 1):  # the batch killed its worker 3 times
+            client.queue.count_delivery("batch-a", 0, 60)
+        sent: list[tuple[str, str, int]] = []
+        run = runner(settings, client, sent)
+        assert sorted(run.run("batch-a", "send-1", ids, cls=3)["split"]) == sorted(ids)
+        assert sorted(j for _, j, _ in sent) == sorted(ids) and {c for *_, c in sent} == {3}
+        inflight = set(r.zrange(keys.INFLIGHT, 0, -1))
+        assert {keys.inflight_member(3, b) for b, _, _ in sent} <= inflight
+        assert keys.inflight_member(3, "batch-a") not in inflight
+        assert run.run("batch-a", "send-1", ids, cls=3)["jobs"] == 0  # not the old batch's
+        for new_batch, job_id, cls in sent:
+            assert run.run(new_batch, "send-2", [job_id], cls=cls)["jobs"] == 1
+        assert provider_calls(settings.echo_call_log) == Counter(ids)
+        assert r.zcard(keys.INFLIGHT) == 0
+
+
+def test_jobs_of_a_lost_batch_go_back_to_intake_and_the_lost_batch_cannot_run_them(
+        settings: Settings, r: redis.Redis) -> None:
+    from scheduler.reconcile import reconcile
+
+    s = settings.model_copy(update={"reconcile_grace_s": 0.0})
+    with Client(s) as client:
+        ids = claimed(client, "lost-batch", 2)
+        kept = claimed(client, "live-batch", 1)
+        # The lost batch's task is gone (dropped while Redis was down) and so is its
+        # in-flight entry; the live batch is still in flight.
+        client.queue.batch_done("lost-batch", 2)
+        repairs = reconcile(client.store, client.queue, s, time.time())
+        assert repairs.requeued == 2
+        assert client.queue.states(ids) == ["QUEUED", "QUEUED"]
+        assert client.queue.states(kept) == ["SCHEDULED"]
+        entries = r.xrange(keys.INTAKE)
+        assert sorted(f["id"] for _, f in entries) == sorted(ids)
+        assert runner(s, client).run("lost-batch", "send-1", ids)["jobs"] == 0
+        assert provider_calls(s.echo_call_log) == Counter()
