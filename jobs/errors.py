@@ -51,6 +51,21 @@ class ServiceUnavailable(PromptBatchError):
     """Raised when Redis or the SQL store cannot be reached or refuses writes."""
 
 
+class SubmitUnconfirmed(ServiceUnavailable):
+    """Raised when Redis stopped answering in the middle of a submit and the submit could
+    not be undone: the jobs in ``job_ids`` are recorded and each will end in a final
+    state (run, or CANCELLED if the submit's undo reached Redis late). Do not submit them
+    again, unless with the same idempotency keys."""
+
+    def __init__(self, job_ids: list[str], cause: str) -> None:
+        self.job_ids = job_ids
+        super().__init__(
+            f"Redis did not confirm the submit ({cause}) and it could not be undone: the "
+            f"{len(job_ids)} job(s) are recorded and each will end in a final state; read "
+            "them by id instead of submitting them again (or resubmit with the same "
+            "idempotency keys)")
+
+
 class JobFailed(PromptBatchError):
     """The outcome of a job that ended FAILED (raised by ``AsyncResult.get()``)."""
 

@@ -25,6 +25,93 @@ redis.call('EXPIRE', KEYS[3], ARGV[3])
 return {1, sid}
 """
 
+#: KEYS: per job: job key, tenant pending set. ARGV: ttl, max pending (0: no limit), then
+#: per job: id, spec JSON, priority, tenant, deadline ('' for none).
+#: Stages jobs (payload written, state STAGED, counted against the tenant's quota, not yet
+#: in intake: the scheduler cannot see them) only if every tenant stays within its quota:
+#: otherwise writes nothing and returns {-1}. Returns, per job, 1 staged or 0 already there
+#: (a repeat, or a withdrawn submit's tombstone).
+STAGE = """
+local limit = tonumber(ARGV[2])
+local n = #KEYS / 2
+local new = {}
+local adds = {}
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[2 * i - 1]) == 0 then
+    new[i] = true
+    local tk = KEYS[2 * i]
+    adds[tk] = (adds[tk] or 0) + 1
+  end
+end
+if limit > 0 then
+  for tk, k in pairs(adds) do
+    if redis.call('SCARD', tk) + k > limit then return {-1} end
+  end
+end
+local out = {}
+for i = 1, n do
+  local a = 2 + (i - 1) * 5
+  if new[i] then
+    redis.call('HSET', KEYS[2 * i - 1], 'spec', ARGV[a + 2], 'state', 'STAGED',
+               'p', ARGV[a + 3], 't', ARGV[a + 4], 'd', ARGV[a + 5])
+    redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[1])
+    redis.call('SADD', KEYS[2 * i], ARGV[a + 1])
+    redis.call('EXPIRE', KEYS[2 * i], ARGV[1])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
+#: KEYS: intake, then job keys. ARGV: job ids.
+#: Publishes staged jobs, all in one step: each STAGED job gets its intake entry and
+#: becomes QUEUED. Returns how many were published.
+PUBLISH = """
+local done = 0
+for i = 2, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'state', 'p', 't', 'd')
+  if v[1] == 'STAGED' then
+    local sid
+    if v[4] and v[4] ~= '' then
+      sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[i - 1], 'p', v[2], 't', v[3],
+                       'd', v[4])
+    else
+      sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[i - 1], 'p', v[2], 't', v[3])
+    end
+    redis.call('HSET', KEYS[i], 'state', 'QUEUED', 'sid', sid)
+    done = done + 1
+  end
+end
+return done
+"""
+
+#: KEYS: intake, then per job: job key, tenant pending set. ARGV: tombstone ttl, then ids.
+#: Undoes a submit that failed: a job not yet taken by the scheduler (STAGED or QUEUED)
+#: is withdrawn; a job Redis does not hold gets a tombstone, so a late copy of the submit
+#: cannot create it. Either way it is left as state WITHDRAWN, and never runs. Returns,
+#: per job, 'WITHDRAWN', or the state of a job already in motion or final.
+WITHDRAW = """
+local out = {}
+for i = 1, (#KEYS - 1) / 2 do
+  local jk = KEYS[2 * i]
+  local v = redis.call('HMGET', jk, 'state', 'sid')
+  local st = v[1]
+  if not st or st == 'STAGED' or st == 'QUEUED' or st == 'WITHDRAWN' then
+    if v[2] then redis.call('XDEL', KEYS[1], v[2]) end
+    redis.call('DEL', jk)
+    redis.call('HSET', jk, 'state', 'WITHDRAWN')
+    redis.call('EXPIRE', jk, ARGV[1])
+    redis.call('SREM', KEYS[2 * i + 1], ARGV[i + 1])
+    out[i] = 'WITHDRAWN'
+  else
+    out[i] = st
+  end
+end
+return out
+"""
+
 #: KEYS: lease, outbox, inflight, then (job, tenant pending set) pairs.
 #: ARGV: lease token, batch id, batch meta JSON, now, in-flight member, then job ids.
 #: Claims the jobs still QUEUED for the batch, records it in the outbox and counts it in

@@ -1,17 +1,27 @@
-"""Schema migrations of the job store, run with Alembic from code."""
+"""Schema migrations of the job store, run with Alembic from code.
+
+Every process (API, scheduler, workers) brings the schema up to date when it starts, so
+several may try at once on a fresh store. The migration runs under a lock that the
+others wait for: a file lock beside a SQLite database, a PostgreSQL advisory lock on a
+server. Whoever gets the lock second finds the schema at head and does nothing.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+from collections.abc import Iterator
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Engine, text
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+#: The advisory lock key of promptbatch's migrations on PostgreSQL.
+PG_LOCK_KEY = 0x70726F6D  # "prom"
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -23,17 +33,48 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
+@contextlib.contextmanager
+def migration_lock(engine: Engine) -> Iterator[None]:
+    """Hold the store's migration lock (waiting for another process that holds it)."""
+    if engine.dialect.name == "sqlite":
+        database = engine.url.database
+        if not database or database == ":memory:":
+            yield
+            return
+        lock_path = Path(f"{database}.migrate-lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with lock_path.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        return
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": PG_LOCK_KEY})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PG_LOCK_KEY})
+                conn.commit()
+        return
+    yield
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema's revision (None for an empty database)."""
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
 def upgrade(engine: Engine) -> None:
-    """Upgrade to head unless already there; tolerate a concurrent upgrade."""
+    """Upgrade to head unless already there; safe when many processes start at once."""
     cfg = alembic_config(engine)
     head = ScriptDirectory.from_config(cfg).get_current_head()
-    with engine.connect() as conn:
-        if MigrationContext.configure(conn).get_current_revision() == head:
-            return
-    try:
-        command.upgrade(cfg, "head")
-    except OperationalError:
-        # Another process created the schema at the same moment; check it is there now.
-        with engine.connect() as conn:
-            if MigrationContext.configure(conn).get_current_revision() != head:
-                raise
+    if current_revision(engine) == head:
+        return
+    with migration_lock(engine):
+        if current_revision(engine) != head:  # nobody did it while we waited
+            command.upgrade(cfg, "head")

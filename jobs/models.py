@@ -265,8 +265,15 @@ class JobResult(BaseModel):
     batch_similarity: float | None = None
     attempts: int | None = None
     created_at: float | None = None
+    deadline: float | None = Field(default=None, description="The job's deadline, Unix time.")
     started_at: float | None = None
     finished_at: float = Field(default_factory=lambda: datetime.now(UTC).timestamp())
+
+    @property
+    def missed_deadline(self) -> bool:
+        """Whether the job missed its deadline: expired, or finished after it."""
+        return self.state is JobState.EXPIRED or (
+            self.deadline is not None and self.finished_at > self.deadline)
 
     @property
     def queued_ms(self) -> float | None:

@@ -86,6 +86,9 @@ class RedisQueue:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._enqueue = client.register_script(lua.ENQUEUE)
+        self._stage = client.register_script(lua.STAGE)
+        self._publish = client.register_script(lua.PUBLISH)
+        self._withdraw = client.register_script(lua.WITHDRAW)
         self._claim = client.register_script(lua.CLAIM)
         self._ack = client.register_script(lua.ACK_SENT)
         self._running = client.register_script(lua.MARK_RUNNING)
@@ -113,6 +116,39 @@ class RedisQueue:
                 client=pipe,
             )
         return [int(code) for code, _sid in pipe.execute()]
+
+    def stage(self, specs: Sequence[JobSpec], *, ttl_s: int,
+              max_pending: int) -> list[int] | None:
+        """Stage jobs in one atomic step: written and counted against their tenants'
+        quotas, invisible to the scheduler until ``publish``. None (nothing written) when
+        a tenant would go over ``max_pending``; else per job 1 staged, 0 already there."""
+        job_keys: list[str] = []
+        args: list[str | int] = [ttl_s, max_pending]
+        for spec in specs:
+            job_keys += [keys.job(spec.id), keys.tenant_pending(spec.tenant)]
+            args += [spec.id, spec.model_dump_json(), int(spec.priority), spec.tenant,
+                     "" if spec.deadline is None else repr(spec.deadline)]
+        reply = self._stage(keys=job_keys, args=args)
+        if reply and int(reply[0]) == -1:
+            return None
+        return [int(x) for x in reply]
+
+    def publish(self, job_ids: Sequence[str]) -> int:
+        """Put staged jobs into intake, all in one atomic step; return how many."""
+        if not job_ids:
+            return 0
+        return int(self._publish(keys=[keys.INTAKE, *(keys.job(j) for j in job_ids)],
+                                 args=list(job_ids)))
+
+    def withdraw(self, specs: Sequence[JobSpec]) -> list[str]:
+        """Undo a failed submit: per job 'WITHDRAWN' (it will never run), or the state of
+        a job the scheduler already took (it is accepted)."""
+        job_keys: list[str] = []
+        for spec in specs:
+            job_keys += [keys.job(spec.id), keys.tenant_pending(spec.tenant)]
+        reply = self._withdraw(keys=[keys.INTAKE, *job_keys],
+                               args=[FINAL_JOB_TTL_S, *(s.id for s in specs)])
+        return [str(x) for x in reply]
 
     def pending_count(self, tenant: str) -> int:
         """Jobs of ``tenant`` waiting to be sent."""

@@ -99,13 +99,31 @@ def make_engine(database_url: str, busy_timeout_s: float = 30.0) -> Engine:
 
         def pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            _wal(cur, busy_timeout_s)
+            cur.execute("PRAGMA synchronous=NORMAL")
             cur.close()
 
         event.listen(engine, "connect", pragmas)
     return engine
+
+
+def _wal(cur: Any, timeout_s: float) -> None:
+    """Switch a SQLite database to WAL. The switch takes a lock that another process
+    opening the same fresh file may hold for a moment, and SQLite answers "database is
+    locked" at once rather than waiting: try again for up to ``timeout_s``."""
+    import sqlite3
+    import time
+
+    until = time.monotonic() + timeout_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > until:
+                raise
+            time.sleep(0.01)
 
 
 class JobStore:

@@ -31,6 +31,7 @@ from jobs.errors import (
     JobNotFound,
     PromptBatchError,
     ServiceUnavailable,
+    SubmitUnconfirmed,
     TenantQuotaExceeded,
 )
 from jobs.models import JobResult, JobSpec, JobState
@@ -344,6 +345,13 @@ def _install_errors(app: FastAPI) -> None:
 
     for kind in (ServiceUnavailable, redis.RedisError, SQLAlchemyError):
         app.add_exception_handler(kind, unavailable)
+
+    @app.exception_handler(SubmitUnconfirmed)
+    async def unconfirmed(_: Request, exc: SubmitUnconfirmed) -> JSONResponse:
+        log.warning("submit unconfirmed: %s", exc)
+        body = {"error": {"type": "service_unavailable", "message": str(exc),
+                          "ids": exc.job_ids}}
+        return JSONResponse(body, status_code=503)
 
     @app.exception_handler(PromptBatchError)
     async def other(_: Request, exc: PromptBatchError) -> JSONResponse:

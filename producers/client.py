@@ -1,9 +1,15 @@
 """The Python client: submit prompts, wait for results, check status, cancel.
 
-Submitting validates every job first (an ``InvalidJob`` names the field, and nothing of
-the call is written), writes the jobs to the SQL store, then enqueues each in one atomic
-Redis step. Should Redis refuse, the SQL rows of the refused jobs are removed again, so a
-failed submit leaves nothing behind.
+A submit is all or nothing. Every job is validated first (an ``InvalidJob`` names the
+field and the position, and nothing is written) and the tenants' quotas are checked for
+the whole call; then the jobs are written to the SQL store, staged in Redis (written and
+counted against the quotas, invisible to the scheduler; a quota refusal there writes
+nothing), and published into intake, ``PUBLISH_CHUNK`` jobs per atomic step. Should
+Redis refuse or fail, what was written is withdrawn from Redis (a tombstone stops a late
+copy of the submit) and removed from SQL, and nothing runs. Only when Redis stops
+answering and the withdrawal cannot reach it either does the submit raise
+``SubmitUnconfirmed`` with the job ids: they are in SQL, and the reconciler finishes them
+(publishing what was staged, enqueueing what Redis lacks, CANCELLED what was withdrawn).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from jobs.errors import (
     JobNotFound,
     ResultTimeout,
     ServiceUnavailable,
+    SubmitUnconfirmed,
     TenantQuotaExceeded,
 )
 from jobs.models import JobRequest, JobResult, JobSpec, JobState
@@ -30,8 +37,10 @@ from jobs.queue import RedisQueue, connect
 from jobs.store import JobStore
 from jobs.validation import parse_request, resolve
 
-#: Jobs written per SQL transaction and Redis pipeline.
-CHUNK = 1000
+#: Jobs staged per atomic Redis step.
+STAGE_CHUNK = 1000
+#: Jobs published into intake per atomic Redis step (an API request's jobs: one step).
+PUBLISH_CHUNK = 10_000
 _POLL_MIN_S = 0.002
 _POLL_MAX_S = 0.1
 
@@ -75,31 +84,23 @@ class Client:
 
     def submit_many(self, items: Iterable[JobRequest | Mapping[str, Any]], *,
                     tenant: str | None = None) -> list[str]:
-        """Submit many jobs, pipelined; return their ids in input order.
+        """Submit many jobs, all or nothing; return their ids in input order.
 
-        Jobs are validated and written in chunks of ``CHUNK``; an invalid job raises
-        ``InvalidJob`` (its ``line`` is the 1-based position) before its chunk is written.
+        Every job is validated before anything is written: an invalid job raises
+        ``InvalidJob`` (its ``line`` is the 1-based position) and nothing is submitted.
         """
-        ids: list[str] = []
-        chunk: list[JobSpec] = []
+        specs: list[JobSpec] = []
         now = time.time()
         for pos, item in enumerate(items, start=1):
             request = parse_request(item, line=pos)
             # A microsecond apart: jobs of one call keep their input order in listings.
-            at = now + len(chunk) * 1e-6
-            chunk.append(resolve(request, job_id=str(uuid.uuid4()), now=at,
+            specs.append(resolve(request, job_id=str(uuid.uuid4()), now=now + pos * 1e-6,
                                  settings=self.settings, tenant=tenant, line=pos))
-            if len(chunk) >= CHUNK:
-                ids += self.submit_specs(chunk)
-                chunk = []
-                now = time.time()
-        if chunk:
-            ids += self.submit_specs(chunk)
-        return ids
+        return self.submit_specs(specs) if specs else []
 
     def submit_specs(self, specs: Sequence[JobSpec]) -> list[str]:
-        """Store and enqueue resolved jobs; return their ids (an idempotent repeat maps to
-        the id stored first)."""
+        """Store and enqueue resolved jobs, all or nothing; return their ids (an
+        idempotent repeat maps to the id stored first)."""
         self.check_quota(specs)
         try:
             stored = self.store.insert(specs)
@@ -107,18 +108,46 @@ class Client:
             raise ServiceUnavailable(f"the job store refused the jobs: {exc}") from exc
         fresh = [s for s in specs if stored[s.id] == s.id]
         if fresh:
-            try:
-                codes = self.queue.enqueue(fresh, ttl_s=self.settings.payload_ttl_s,
-                                           max_pending=self.settings.max_pending_per_tenant)
-            except redis.RedisError as exc:
-                self.store.delete([s.id for s in fresh])
-                raise ServiceUnavailable(f"Redis refused the jobs ({exc}); nothing was "
-                                         "submitted, try again") from exc
-            refused = [s for s, code in zip(fresh, codes, strict=True) if code < 0]
-            if refused:
-                self.store.delete([s.id for s in refused])
-                raise TenantQuotaExceeded(refused[0].tenant, self.settings.max_pending_per_tenant)
+            self._enqueue(fresh)
         return [stored[s.id] for s in specs]
+
+    def _enqueue(self, fresh: list[JobSpec]) -> None:
+        """Stage every job, then publish them; undo everything on any failure."""
+        ttl, limit = self.settings.payload_ttl_s, self.settings.max_pending_per_tenant
+        try:
+            for start in range(0, len(fresh), STAGE_CHUNK):
+                if self.queue.stage(fresh[start:start + STAGE_CHUNK], ttl_s=ttl,
+                                    max_pending=limit) is None:
+                    self._undo(fresh, "over quota")
+                    over = next((t for t, n in Counter(s.tenant for s in fresh).items()
+                                 if self.queue.pending_count(t) + n > limit), fresh[0].tenant)
+                    raise TenantQuotaExceeded(over, limit)
+            for start in range(0, len(fresh), PUBLISH_CHUNK):
+                self.queue.publish([s.id for s in fresh[start:start + PUBLISH_CHUNK]])
+        except redis.RedisError as exc:
+            self._undo(fresh, str(exc))
+            raise ServiceUnavailable(f"Redis refused the jobs ({exc}); nothing was "
+                                     "submitted, try again") from exc
+
+    def _undo(self, fresh: list[JobSpec], why: str) -> None:
+        """Withdraw the jobs from Redis and remove them from SQL; the ones the scheduler
+        already took stay (accepted). ``SubmitUnconfirmed`` if Redis cannot be reached."""
+        kept: list[str] = []
+        try:
+            for start in range(0, len(fresh), STAGE_CHUNK):
+                part = fresh[start:start + STAGE_CHUNK]
+                found = self.queue.withdraw(part)
+                kept += [s.id for s, st in zip(part, found, strict=True) if st != "WITHDRAWN"]
+        except redis.RedisError as exc:
+            raise SubmitUnconfirmed([s.id for s in fresh], f"{why}; then {exc}") from exc
+        gone = [s.id for s in fresh if s.id not in set(kept)]
+        try:
+            self.store.delete(gone)
+        except Exception as exc:  # the reconciler ends withdrawn rows as CANCELLED
+            raise SubmitUnconfirmed([s.id for s in fresh],
+                                    f"{why}; then the job store: {exc}") from exc
+        if kept:
+            raise SubmitUnconfirmed(kept, f"{why}; these were already scheduled")
 
     def check_quota(self, specs: Sequence[JobSpec]) -> None:
         """Raise ``TenantQuotaExceeded`` if the jobs would take a tenant over its quota."""

@@ -185,6 +185,9 @@ def _print_summary(s: Summary) -> None:
     table.add_row("wall time", f"{s.wall_s:.2f} s")
     table.add_row("succeeded / failed / expired / cancelled",
                   f"{s.succeeded} / {s.failed} / {s.expired} / {s.cancelled}")
+    if s.with_deadline:
+        table.add_row("deadline misses (expired or late)",
+                      f"{s.missed_deadline} of {s.with_deadline}")
     if s.prompt_tokens:
         table.add_row("prompt tokens cached",
                       f"{s.cached_tokens} of {s.prompt_tokens} "

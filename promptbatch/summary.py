@@ -46,6 +46,9 @@ class Summary:
     prompt_tokens: int
     cached_tokens: int
     classes: list[ClassLatency] = field(default_factory=list)
+    #: Jobs with a deadline, and of them the ones that missed it (expired, or late).
+    with_deadline: int = 0
+    missed_deadline: int = 0
 
 
 def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: float) -> Summary:
@@ -79,4 +82,6 @@ def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: f
         prompt_tokens=sum(u.prompt_tokens for u in usage),
         cached_tokens=sum(u.cached_tokens for u in usage),
         classes=per_class,
+        with_deadline=sum(1 for r in results if r.deadline is not None),
+        missed_deadline=sum(1 for r in results if r.deadline is not None and r.missed_deadline),
     )

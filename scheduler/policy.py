@@ -8,7 +8,12 @@ Rules, in the order they are applied each tick:
 1. **Compatibility.** A batch draws from one group: one (provider, model, params) key and
    one class. Its seed's class is its queue.
 2. **Expiry.** A job whose deadline comes before ``now + estimated service time of a
-   batch of one`` can no longer make it: it is expired, never sent.
+   batch of one`` can no longer make it: it is expired, never sent. A job joins a batch
+   only if its deadline leaves room for the estimated time of the batch with it (and
+   so does every deadline already in the batch); the batch carries that estimate, and
+   the worker expires a job whose deadline no longer leaves it when the batch starts
+   (it waited in the broker). Before anything is learned the estimate is the provider's
+   prior, conservative for remote providers.
 3. **Classes in order, no inversion.** Classes are visited critical first. Once a class
    of a key keeps jobs waiting this tick, no lower class of that key is sent this tick,
    not even under deadline pressure (under overload the lower classes absorb the misses).
@@ -39,8 +44,9 @@ Rules, in the order they are applied each tick:
      the broker, where it can still be regrouped, reordered and cancelled.
 6. **Fairness.** Inside a group, seeds go to tenants in weighted-fair order (the tenant
    with the least work served per weight goes next; a tenant that arrives starts at the
-   current minimum), and each tenant's own jobs go earliest deadline first. One
-   tenant's backlog therefore delays another tenant's job by about one batch.
+   current minimum), and each tenant's own jobs go earliest deadline first, jobs without
+   a deadline after every job with one. One tenant's backlog therefore delays another
+   tenant's job by about one batch.
 7. **Similarity.** The seed's nearest neighbours in its group (inner product of unit
    vectors) above ``similarity_threshold`` join it, those sharing the longest prefix
    with the seed first, up to ``max_batch_size`` jobs and ``max_batch_tokens``. The batch
@@ -59,7 +65,9 @@ Rules, in the order they are applied each tick:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,6 +139,9 @@ class PlannedBatch:
     #: Characters of the seed's prefix (1,024 or more) that jobs left pending share: the
     #: provider marks it for its prompt cache, so those jobs can read what this writes.
     pending_prefix_chars: int = 0
+    #: Estimated seconds the batch takes once started (the worker expires a job whose
+    #: deadline no longer leaves this much when the batch starts).
+    estimate_s: float = 0.0
 
     @property
     def tokens(self) -> int:
@@ -233,12 +244,12 @@ class _Tick:
                 expired += 1
             self.remaining[gk] = len(g.jobs) - expired
 
-    def _head_urgency(self, g: Group) -> float:
-        best = float("inf")
+    def _head_urgency(self, g: Group) -> tuple[int, float]:
+        best = (2, float("inf"))
         for jobs in g.by_tenant.values():
-            for urgency, seq in jobs:
+            for kind, due, seq in jobs:
                 if seq not in self.taken:
-                    best = min(best, urgency)
+                    best = min(best, (kind, due))
                     break
         return best
 
@@ -330,7 +341,8 @@ class _Tick:
             if seed.seq in self.taken:
                 continue
             self.taken.add(seed.seq)
-            members = _Members(seed, size, self.settings.max_batch_tokens)
+            members = _Members(seed, size, self.settings.max_batch_tokens, self.now,
+                               functools.partial(self.service.estimate, g.key))
             near, far = self._candidates(g, seed, sims[row], ids[row], size)
             fill = reason != "idle" or self.remaining[gk] - len(near) - 1 >= size
             members.extend(near + (far if fill else []), self.taken)
@@ -338,7 +350,8 @@ class _Tick:
             if reason != "deadline" and self.budget.idle(g.cls) <= 1:
                 self._add_riders(g, members, vectors[row:row + 1])
             batches.append(members.batch(g.key, g.cls, reason,
-                                         self.pool.pending_prefix_chars(members.jobs)))
+                                         self.pool.pending_prefix_chars(members.jobs),
+                                         self.service.estimate(g.key, len(members.jobs))))
         return batches
 
     def _candidates(self, g: Group, seed: PendingJob, sims: np.ndarray, ids: np.ndarray,
@@ -386,14 +399,19 @@ class _Tick:
 
 
 class _Members:
-    """A batch being formed: the seed first, within the size and token limits."""
+    """A batch being formed: the seed first, within the size and token limits, and only
+    jobs whose deadlines (and the batch's) leave room for the batch's estimated time."""
 
-    def __init__(self, seed: PendingJob, size: int, max_tokens: int) -> None:
+    def __init__(self, seed: PendingJob, size: int, max_tokens: int, now: float,
+                 estimate: Callable[[int], float]) -> None:
         self.jobs = [seed]
         self.sims: list[float] = []
         self.tokens = seed.tokens
         self.size = size
         self.max_tokens = max_tokens
+        self.now = now
+        self.estimate = estimate
+        self.due = seed.deadline if seed.deadline is not None else math.inf
 
     def extend(self, candidates: list[tuple[float, PendingJob]], taken: set[int],
                limit: int | None = None) -> None:
@@ -403,19 +421,24 @@ class _Members:
                 break
             if job.seq in taken or self.tokens + job.tokens > self.max_tokens:
                 continue
+            due = min(self.due, job.deadline if job.deadline is not None else math.inf)
+            if due < math.inf and due - self.now < self.estimate(len(self.jobs) + 1):
+                continue  # with it, the batch would finish after a deadline
             self.jobs.append(job)
             self.sims.append(sim)
             self.tokens += job.tokens
+            self.due = due
             taken.add(job.seq)
 
-    def batch(self, key: str, cls: int, reason: str, pending_prefix: int) -> PlannedBatch:
+    def batch(self, key: str, cls: int, reason: str, pending_prefix: int,
+              estimate_s: float) -> PlannedBatch:
         seed = self.jobs[0]
         prefix = (sum(shared_prefix_chars(seed.prefix, j.prefix) for j in self.jobs[1:])
                   // max(1, len(self.jobs) - 1))
         return PlannedBatch(key=key, cls=cls, jobs=tuple(self.jobs),
                             similarity=float(np.mean(self.sims)) if self.sims else None,
                             shared_prefix_chars=prefix, reason=reason,
-                            pending_prefix_chars=pending_prefix)
+                            pending_prefix_chars=pending_prefix, estimate_s=estimate_s)
 
 
 class _FairShare:
@@ -438,7 +461,7 @@ class _FairShare:
         cursors = {t: iter(jobs) for t, jobs in self.g.by_tenant.items()}
         while len(seeds) < count and cursors:
             tenant = min(cursors, key=lambda t: (vtime[t], t))
-            job = next((self.g.jobs[seq] for _, seq in cursors[tenant]
+            job = next((self.g.jobs[seq] for *_, seq in cursors[tenant]
                         if seq not in self.taken), None)
             if job is None:
                 del cursors[tenant]

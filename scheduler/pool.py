@@ -4,8 +4,8 @@ Jobs are grouped by (compatibility key, class). Each group keeps:
 
 * a FAISS index of the jobs' unit vectors (inner product = cosine), behind an ID map so
   that removing sent, cancelled and expired jobs is cheap;
-* per tenant, the jobs in urgency order (earliest deadline first; a job without a
-  deadline counts as due ``horizon`` seconds after it arrived);
+* per tenant, the jobs in urgency order: earliest deadline first, then the jobs without a
+  deadline (after every job with one), by arrival;
 * the jobs with a deadline in deadline order (for expiry and deadline pressure).
 
 The policy (``scheduler.policy.plan``) only reads the pool; the service loop applies the
@@ -77,9 +77,12 @@ class PendingJob:
     seq: int = -1
     cls: int = -1
 
-    def urgency(self, horizon: float) -> float:
-        """Sort key inside a class: the deadline, or arrival + ``horizon`` without one."""
-        return self.deadline if self.deadline is not None else self.created_at + horizon
+    def urgency(self, horizon: float) -> tuple[int, float]:
+        """Sort key inside a class: ``(0, deadline)``, or ``(1, arrival + horizon)`` for a
+        job without a deadline, which so comes after every job with one."""
+        if self.deadline is not None:
+            return (0, self.deadline)
+        return (1, self.created_at + horizon)
 
 
 class Group:
@@ -111,7 +114,7 @@ class Group:
             job.cls = self.cls
             self.jobs[job.seq] = job
             self.by_tenant.setdefault(job.tenant, SortedList()).add(
-                (job.urgency(self.horizon), job.seq))
+                (*job.urgency(self.horizon), job.seq))
             if job.deadline is not None:
                 self.by_deadline.add((job.deadline, job.seq))
             if self.cls > 0 and self.aging_s < math.inf:
@@ -129,7 +132,7 @@ class Group:
                 continue
             gone.append(job)
             tenant_jobs = self.by_tenant[job.tenant]
-            tenant_jobs.remove((job.urgency(self.horizon), seq))
+            tenant_jobs.remove((*job.urgency(self.horizon), seq))
             if not tenant_jobs:
                 del self.by_tenant[job.tenant]
             if job.deadline is not None:

@@ -12,6 +12,9 @@ position is kept in Redis (``pb:reconcile``): a scheduler that takes over contin
 * a job that Redis holds as SCHEDULED or RUNNING in a batch that is no longer in flight
   (its task was lost: dropped while Redis was down for longer than the task could wait)
   goes back into intake, to run in a new batch (the old one can no longer run it);
+* a submit cut short by a Redis failure is completed: a job still STAGED is published
+  into intake; a job its producer withdrew (WITHDRAWN) but could not remove from SQL
+  ends CANCELLED;
 * a job whose cancellation was recorded in Redis but not in SQL (a cancel cut short) is
   finished as CANCELLED; a final result in Redis that SQL lacks is copied to SQL;
 * a final result in SQL that the result backend lacks (it was unreachable, or lost its
@@ -28,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from config import keys
 from config.settings import Settings
@@ -176,35 +179,19 @@ class Reconciler:
         old = [r for r in rows if now - r[2] >= self.settings.reconcile_grace_s]
         if not old:
             return
-        ids = [r[0] for r in old]
-        found = self.queue.states_and_batches(ids)
-        results = self.queue.results(ids)
-        lost: list[str] = []
-        done: list[JobResult] = []
-        tenants: list[str] = []
-        sent: dict[str, str] = {}
-        for (job_id, tenant, created), (state, batch), result in zip(old, found, results,
-                                                                     strict=True):
-            if result is not None:
-                done.append(result)
-                tenants.append(tenant)
-            elif state is None:
-                lost.append(job_id)
-            elif state in (JobState.SCHEDULED, JobState.RUNNING) and batch:
-                sent[job_id] = batch
-            elif state == JobState.CANCELLED:
-                done.append(JobResult(id=job_id, state=JobState.CANCELLED, created_at=created,
-                                      finished_at=now, error="cancelled by the caller"))
-                tenants.append(tenant)
-        if lost:
-            specs = [s.spec for s in self.store.get_many(lost).values() if not s.state.final]
+        page = _sort(old, self.queue, now)
+        if page.lost:
+            specs = [s.spec for s in self.store.get_many(page.lost).values()
+                     if not s.state.final]
             codes = self.queue.enqueue(specs, ttl_s=self.settings.payload_ttl_s, max_pending=0)
             p.reenqueued += sum(1 for c in codes if c == 1)
-        if done:
-            p.finished += len(record_results(self.store, self.queue, done, tenants,
+        if page.done:
+            p.finished += len(record_results(self.store, self.queue, page.done, page.tenants,
                                              result_ttl_s=self.settings.result_ttl_s))
-        if sent:
-            p.requeued += self._requeue_orphans(sent)
+        if page.sent:
+            p.requeued += self._requeue_orphans(page.sent)
+        if page.staged:
+            p.reenqueued += self.queue.publish(page.staged)
 
     def _requeue_orphans(self, sent: dict[str, str]) -> int:
         """Jobs whose batch is no longer in flight go back into intake."""
@@ -232,6 +219,45 @@ class Reconciler:
             stored = self.queue.finish([m[0] for m in missing], [m[1] for m in missing],
                                        result_ttl_s=self.settings.result_ttl_s)
             p.written_back += sum(stored)
+
+
+#: Redis states that end a job CANCELLED in SQL, with the reason.
+_CANCELLED_WHY = {JobState.CANCELLED.value: "cancelled by the caller",
+                  "WITHDRAWN": "the submit failed and was withdrawn; the job never ran"}
+
+
+@dataclass
+class _Page:
+    """What a page of unfinished SQL rows needs, by what Redis holds of each."""
+
+    lost: list[str] = field(default_factory=list)  #: unknown to Redis: enqueue again
+    done: list[JobResult] = field(default_factory=list)  #: final in Redis: record in SQL
+    tenants: list[str] = field(default_factory=list)  #: the tenant of each of ``done``
+    sent: dict[str, str] = field(default_factory=dict)  #: job -> batch it was sent in
+    staged: list[str] = field(default_factory=list)  #: staged by a submit cut short
+
+
+def _sort(rows: list[tuple[str, str, float]], queue: RedisQueue, now: float) -> _Page:
+    ids = [r[0] for r in rows]
+    found = queue.states_and_batches(ids)
+    results = queue.results(ids)
+    page = _Page()
+    for (job_id, tenant, created), (state, batch), result in zip(rows, found, results,
+                                                                 strict=True):
+        if result is not None:
+            page.done.append(result)
+            page.tenants.append(tenant)
+        elif state is None:
+            page.lost.append(job_id)
+        elif state in (JobState.SCHEDULED, JobState.RUNNING) and batch:
+            page.sent[job_id] = batch
+        elif state == "STAGED":
+            page.staged.append(job_id)
+        elif state in _CANCELLED_WHY:
+            page.done.append(JobResult(id=job_id, state=JobState.CANCELLED, created_at=created,
+                                       finished_at=now, error=_CANCELLED_WHY[state]))
+            page.tenants.append(tenant)
+    return page
 
 
 def reconcile(store: JobStore, queue: RedisQueue, settings: Settings, now: float) -> Repairs:

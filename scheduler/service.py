@@ -216,7 +216,7 @@ class Scheduler:
             info = json.loads(meta)
             log.info("re-sending batch %s (%d jobs) left in the outbox", batch_id, len(job_ids))
             self._send(batch_id, job_ids, int(info["cls"]), info.get("similarity"),
-                       int(info.get("prefix", 0)))
+                       int(info.get("prefix", 0)), float(info.get("estimate", 0.0)))
             self._renew()
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
@@ -267,8 +267,9 @@ class Scheduler:
         late = self.backlog.expired(now)
         if late:
             results = [JobResult(id=e.job_id, state=JobState.EXPIRED, created_at=e.arrived,
-                                 finished_at=now, error="deadline passed before the job "
-                                 "could be scheduled") for e in late]
+                                 finished_at=now, deadline=e.deadline,
+                                 error="deadline passed before the job could be scheduled")
+                       for e in late]
             record_results(self.store, self.queue, results, [e.tenant for e in late],
                            result_ttl_s=self.settings.result_ttl_s)
         room = self.settings.max_pool_jobs - len(self.pool)
@@ -321,7 +322,7 @@ class Scheduler:
 
     def _expire(self, jobs: Sequence[PendingJob], now: float) -> None:
         results = [JobResult(id=j.id, state=JobState.EXPIRED, created_at=j.created_at,
-                             finished_at=now,
+                             finished_at=now, deadline=j.deadline,
                              error="deadline passed (or too close to meet) before the job "
                                    "could run") for j in jobs]
         record_results(self.store, self.queue, results, [j.tenant for j in jobs],
@@ -331,7 +332,8 @@ class Scheduler:
     def _dispatch(self, batch: PlannedBatch) -> None:
         batch_id = str(uuid.uuid4())
         meta = json.dumps({"cls": batch.cls, "similarity": batch.similarity,
-                           "reason": batch.reason, "prefix": batch.pending_prefix_chars})
+                           "reason": batch.reason, "prefix": batch.pending_prefix_chars,
+                           "estimate": batch.estimate_s})
         claimed = self.queue.claim(self.token, batch_id, meta,
                                    [(j.id, j.tenant) for j in batch.jobs], time.time(),
                                    batch.cls)
@@ -342,17 +344,19 @@ class Scheduler:
         self.pool.remove([j.id for j in batch.jobs])
         if claimed:
             self._send(batch_id, claimed, batch.cls, batch.similarity,
-                       batch.pending_prefix_chars)
+                       batch.pending_prefix_chars, batch.estimate_s)
 
     def _send(self, batch_id: str, job_ids: list[str], cls: int,
-              similarity: float | None, prefix_hint: int = 0) -> None:
+              similarity: float | None, prefix_hint: int = 0,
+              estimate_s: float = 0.0) -> None:
         if self.first_sent_at is None:
             self.first_sent_at = time.time()
             log.info("first batch sent")
         self.celery.send_task(
             PROCESS_BATCH,
             kwargs={"batch_id": batch_id, "send_id": uuid.uuid4().hex, "job_ids": job_ids,
-                    "similarity": similarity, "cls": cls, "prefix_hint": prefix_hint},
+                    "similarity": similarity, "cls": cls, "prefix_hint": prefix_hint,
+                    "estimate_s": round(estimate_s, 4)},
             task_id=batch_id,
             queue=keys.queue(cls),
             routing_key=keys.queue(cls),

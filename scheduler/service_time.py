@@ -11,9 +11,15 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-#: Prior per-job and fixed seconds of a batch before anything was observed.
+#: Prior per-job and fixed seconds of a batch before anything was observed, for the
+#: providers that run in the worker (echo, simulated)...
 PRIOR_PER_JOB_S = 0.01
 PRIOR_FIXED_S = 0.05
+#: ...and, conservatively, for remote providers: a job is not sent unless its deadline
+#: leaves this much room, until the deployment's real times are learned.
+REMOTE_PRIOR_PER_JOB_S = 0.05
+REMOTE_PRIOR_FIXED_S = 2.0
+REMOTE_PROVIDERS = frozenset({"openai", "anthropic"})
 #: Observations kept per provider and model.
 WINDOW = 64
 
@@ -58,6 +64,8 @@ class ServiceModel:
     """Estimates per deployment, refitted as observations arrive."""
 
     prior: Line = field(default_factory=lambda: Line(PRIOR_PER_JOB_S, PRIOR_FIXED_S))
+    remote_prior: Line = field(
+        default_factory=lambda: Line(REMOTE_PRIOR_PER_JOB_S, REMOTE_PRIOR_FIXED_S))
     _points: dict[str, deque[tuple[int, float]]] = field(default_factory=dict)
     _lines: dict[str, Line] = field(default_factory=dict)
 
@@ -71,7 +79,10 @@ class ServiceModel:
 
     def line(self, key: str) -> Line:
         """The fitted line of a compatibility key's deployment (or the prior)."""
-        return self._lines.get(deployment(key), self.prior)
+        found = self._lines.get(deployment(key))
+        if found is not None:
+            return found
+        return self.remote_prior if key.split("|", 1)[0] in REMOTE_PROVIDERS else self.prior
 
     def estimate(self, key: str, size: int) -> float:
         """Estimated seconds for a batch of ``size`` jobs of compatibility key ``key``."""

@@ -76,11 +76,13 @@ class BatchRunner:
 
     def run(self, batch_id: str, send_id: str, job_ids: Sequence[str],
             similarity: float | None = None, cls: int = 2, prefix_hint: int = 0,
-            retries: int = 0) -> dict[str, Any]:
+            retries: int = 0, estimate_s: float = 0.0) -> dict[str, Any]:
         """Run the batch; return a summary (stored as the batch task's own result).
 
         ``retries``: the task's retry number (a retry asked for by the task itself is a
-        new message, not a re-delivery after a lost worker).
+        new message, not a re-delivery after a lost worker). ``estimate_s``: the
+        scheduler's estimate of the batch's time; a job whose deadline no longer leaves
+        that much when the batch starts is expired instead of sent.
         """
         # Wait out outages until just before the task's soft time limit (time limit - 5 s).
         self._until = time.monotonic() + max(3.0, self.settings.task_time_limit_s - 6.0)
@@ -93,7 +95,7 @@ class BatchRunner:
         try:
             if lost >= self.settings.max_deliveries:
                 return self._poisoned(batch_id, job_ids, cls, lost)
-            return self._run(batch_id, job_ids, similarity, prefix_hint)
+            return self._run(batch_id, job_ids, similarity, prefix_hint, estimate_s)
         except INFRA_ERRORS:
             retrying = True  # the task runs the batch again: it stays in flight
             raise
@@ -118,7 +120,8 @@ class BatchRunner:
     def _fail(self, specs: list[JobSpec], reason: str, batch_id: str, size: int) -> None:
         self._record([JobResult(id=s.id, state=JobState.FAILED, error=reason,
                                 created_at=s.created_at, provider=s.provider, model=s.model,
-                                batch_id=batch_id, batch_size=size) for s in specs], specs)
+                                deadline=s.deadline, batch_id=batch_id, batch_size=size)
+                      for s in specs], specs)
 
     def _poisoned(self, batch_id: str, job_ids: Sequence[str], cls: int,
                   crashes: int) -> dict[str, Any]:
@@ -146,7 +149,7 @@ class BatchRunner:
         return {"batch_id": batch_id, "failed": len(live), "jobs": 0}
 
     def _run(self, batch_id: str, job_ids: Sequence[str], similarity: float | None,
-             prefix_hint: int = 0) -> dict[str, Any]:
+             prefix_hint: int = 0, estimate_s: float = 0.0) -> dict[str, Any]:
         started = time.time()
         loaded = self.steady("load", lambda: self.queue.load(job_ids))
         states = self.steady("mark", lambda: self.queue.mark_running(batch_id, job_ids))
@@ -157,17 +160,21 @@ class BatchRunner:
             if spec is None or state != JobState.RUNNING:
                 # cancelled, already final, in another batch, or unknown to Redis
                 skipped += 1
-            elif spec.deadline is not None and started >= spec.deadline:
-                expired.append(spec)
+            elif spec.deadline is not None and spec.deadline - started <= estimate_s:
+                expired.append(spec)  # it could no longer finish in time
             else:
                 runnable.append(spec)
         base: dict[str, Any] = {"batch_id": batch_id, "batch_size": len(job_ids),
                                 "batch_similarity": similarity}
         if expired:
-            self._record([JobResult(id=s.id, state=JobState.EXPIRED, created_at=s.created_at,
-                                    provider=s.provider, model=s.model, finished_at=started,
-                                    error="deadline passed before the job could run", **base)
-                          for s in expired], expired)
+            self._record([JobResult(
+                id=s.id, state=JobState.EXPIRED, created_at=s.created_at, provider=s.provider,
+                model=s.model, finished_at=started, deadline=s.deadline,
+                error=(f"deadline too close when the batch started ({s.deadline - started:.2f} "
+                       f"s left, the batch takes about {estimate_s:.2f} s)"
+                       if s.deadline is not None and s.deadline > started
+                       else "deadline passed before the job could run"), **base)
+                for s in expired], expired)
         by_id = {s.id: s for s in runnable}
         results: list[JobResult] = []
 
@@ -223,4 +230,4 @@ def _result(spec: JobSpec, outcome: Outcome, started: float, finished: float,
     return JobResult(id=spec.id, state=state, text=reply.text, usage=reply.usage,
                      error=reply.error, provider=provider, model=model,
                      attempts=outcome.attempts, created_at=spec.created_at,
-                     started_at=started, finished_at=finished, **base)
+                     deadline=spec.deadline, started_at=started, finished_at=finished, **base)

@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     @app.task(name=PROCESS_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True)
     def process_batch(self: Task[Any, Any], batch_id: str, send_id: str, job_ids: list[str],
                       similarity: float | None = None, cls: int = 2,
-                      prefix_hint: int = 0) -> dict[str, Any]:
+                      prefix_hint: int = 0, estimate_s: float = 0.0) -> dict[str, Any]:
         """Run one batch of jobs: one provider call, one stored result per job."""
         def resend(new_batch: str, job_id: str, job_cls: int) -> None:
             app.send_task(PROCESS_BATCH, queue=keys.queue(job_cls), task_id=new_batch,
@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
         runner = resources.runner(resend)
         try:
             return runner.run(batch_id, send_id, job_ids, similarity, cls, prefix_hint,
-                              retries=self.request.retries or 0)
+                              retries=self.request.retries or 0, estimate_s=estimate_s)
         except SoftTimeLimitExceeded:
             limit = settings.task_time_limit_s
             failed = runner.fail_running(batch_id, job_ids, f"the provider call took longer "

@@ -19,7 +19,7 @@ import redis
 
 from config import keys
 from config.settings import Settings
-from jobs.models import JobState
+from jobs.models import JobSpec, JobState
 from jobs.store import JobStore
 from producers.client import Client
 from promptbatch.embedded import EmbeddedRedis, free_port
@@ -356,3 +356,46 @@ def test_17_redis_outages_during_a_batch_are_not_counted_as_poison(own: Own) -> 
     assert provider_calls(s.echo_call_log)[job_id] == 1, "an outage made the call run again"
     (deliveries,) = [k for k in r.scan_iter(keys.PREFIX + "batch:*:deliveries")]
     assert all(int(n) == 1 for n in r.hvals(deliveries)), "a delivery was counted as lost"
+
+
+def test_18_redis_paused_in_the_middle_of_a_submit_leaves_no_phantom_job(own: Own) -> None:
+    from sqlalchemy import select
+
+    from jobs.errors import ServiceUnavailable
+    from jobs.store import JobRow
+
+    server, s, procs = own
+    s = s.model_copy(update={"api_dependency_timeout_s": 1.0})
+    procs.scheduler(**FAST, PROMPTBATCH_RECONCILE_GRACE_S="1")
+    procs.worker(concurrency=1, **FAST)
+    assert server.server.proc is not None
+    pid = server.server.proc.pid
+    client = Client(s, fail_fast=True)
+    write_sql = client.store.insert
+
+    def write_sql_then_freeze_redis(specs: list[JobSpec]) -> dict[str, str]:
+        stored = write_sql(specs)
+        os.kill(pid, signal.SIGSTOP)  # Redis stops answering between SQL and Redis
+        return stored
+
+    client.store.insert = write_sql_then_freeze_redis  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ServiceUnavailable) as failed:
+            client.submit_many({"prompt": f"caught mid-submit {i}"} for i in range(50))
+        time.sleep(2)  # the fault itself: Redis paused a while longer
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        client.close()
+    store = JobStore(s.database_url)
+    with store.engine.connect() as conn:
+        rows = {row[0] for row in conn.execute(select(JobRow.id))}
+    # Either nothing was accepted, or what was is named by the error and ends final.
+    assert rows == set(getattr(failed.value, "job_ids", [])), failed.value
+    poll(lambda: all(x.state.final for x in store.get_many(sorted(rows)).values()),
+         timeout=90, what="every accepted job to end in a final state")
+    called = set(provider_calls(s.echo_call_log))
+    assert called <= rows, f"{len(called - rows)} jobs ran that the store does not hold"
+    r = redis.Redis.from_url(server.url, decode_responses=True)
+    poll(lambda: all(r.get(keys.celery_result(i)) for i in rows), timeout=60,
+         what="every result in the result backend")
+    store.close()

@@ -34,10 +34,10 @@ KEY_A, KEY_B = "key-of-tenant-a", "key-of-tenant-b"
 class Api:
     """A uvicorn server in a thread, and clients for two tenants."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, **overrides: object) -> None:
         self.settings = settings.model_copy(update={
             "api_keys": {KEY_A: "tenant-a", KEY_B: "tenant-b"},
-            "api_max_body_bytes": 64 * 1024, "max_pending_per_tenant": 50})
+            "api_max_body_bytes": 64 * 1024, "max_pending_per_tenant": 50, **overrides})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(self.settings), host="127.0.0.1", port=self.port,
@@ -291,3 +291,35 @@ def test_redis_down_answers_503_within_two_seconds(settings: Settings, tmp_path:
     finally:
         api.stop()
         server.stop()
+
+
+@pytest.mark.parametrize(("quota", "bad_at", "status", "field"), [
+    (10_000, 2_400, 422, "jobs.2399.prompt"),  # one bad job near the end
+    (2_000, None, 429, None),  # the quota runs out at 2,000
+    (10_000, None, 201, None),  # all fine: every id comes back
+])
+def test_a_large_post_accepts_every_job_or_none(settings: Settings, r: redis.Redis,
+                                                quota: int, bad_at: int | None, status: int,
+                                                field: str | None) -> None:
+    api = Api(settings, api_max_body_bytes=4 * 1024 * 1024, max_pending_per_tenant=quota)
+    api.start()
+    try:
+        jobs: list[dict[str, Any]] = [{"prompt": f"job {i}"} for i in range(2_500)]
+        if bad_at is not None:
+            jobs[bad_at - 1] = {"prompt": ""}
+        resp = api.a.post("/v1/jobs", json={"jobs": jobs})
+        assert resp.status_code == status, resp.text[:500]
+        if status != 201:
+            if field:
+                assert field in fields(resp)
+            assert nothing_enqueued(r, api.settings)
+            assert r.scard(keys.tenant_pending("tenant-a")) == 0
+            return
+        ids = resp.json()["ids"]
+        assert len(ids) == len(set(ids)) == 2_500
+        store = JobStore(api.settings.database_url)
+        assert store.count_by_state() == {"QUEUED": 2_500}
+        store.close()
+        assert r.xlen(keys.INTAKE) == 2_500
+    finally:
+        api.stop()

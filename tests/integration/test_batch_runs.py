@@ -11,6 +11,7 @@ import redis
 
 from config import keys
 from config.settings import Settings
+from jobs.models import JobState
 from producers.client import Client
 from tests.helpers import provider_calls
 from workers.batch import BatchRunner
@@ -99,3 +100,20 @@ def test_jobs_of_a_lost_batch_go_back_to_intake_and_the_lost_batch_cannot_run_th
         assert sorted(f["id"] for _, f in entries) == sorted(ids)
         assert runner(s, client).run("lost-batch", "send-1", ids)["jobs"] == 0
         assert provider_calls(s.echo_call_log) == Counter()
+
+
+def test_a_batch_that_starts_too_late_for_a_deadline_expires_that_job_unsent(
+        settings: Settings) -> None:
+    with Client(settings) as client:
+        late = client.submit("needs an answer within three seconds", timeout_s=3)
+        fine = client.submit("no hurry")
+        assert client.queue.acquire_lease("test-scheduler", 30)
+        client.queue.claim("test-scheduler", "b", "{}", [(late, "default"), (fine, "default")],
+                           time.time(), 2)
+        # The scheduler estimated 5 s for this batch: the 3 s job cannot make it.
+        out = runner(settings, client).run("b", "send-1", [late, fine], estimate_s=5.0)
+        assert (out["jobs"], out["expired"]) == (1, 1)
+        res = client.result(late, timeout=5)
+        assert res.state is JobState.EXPIRED and res.error is not None
+        assert "too close" in res.error
+        assert provider_calls(settings.echo_call_log) == Counter([fine])

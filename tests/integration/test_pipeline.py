@@ -131,3 +131,22 @@ def test_scheduler_killed_mid_run_and_restarted_loses_nothing_and_sends_nothing_
     calls = provider_calls(settings.echo_call_log)
     assert set(calls) == set(ids)
     assert max(calls.values()) == 1, "a job reached the provider twice"
+
+
+@pytest.mark.slow
+def test_a_critical_job_with_a_deadline_passes_critical_jobs_without_one(
+        settings: Settings, procs: Procs) -> None:
+    procs.scheduler()
+    procs.worker(concurrency=1)
+    with Client(settings) as client:
+        # Sixteen critical calls of 1.5 s each, none with a deadline; they cannot share a
+        # batch (different generation parameters). Then one with six seconds to live.
+        client.submit_many({"prompt": f"[echo:sleep=1.5] slow question {i}",
+                            "priority": "critical", "params": {"max_tokens": 100 + i}}
+                           for i in range(16))
+        due = client.submit("[echo:sleep=1.5] urgent question", priority="critical",
+                            timeout_s=6)
+        res = client.result(due, timeout=60)
+    assert res.state is JobState.SUCCEEDED, res.error
+    assert res.deadline is not None and res.finished_at <= res.deadline, "finished late"
+    assert not res.missed_deadline

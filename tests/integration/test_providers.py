@@ -70,9 +70,13 @@ def run_batch(s: Settings, jobs: list[dict[str, object]], *, warm: bool = True,
         if warm:
             for spec in (client.spec(i) for i in ids):
                 client.r.set(keys.healthy(f"{spec.provider}|{spec.model}"), "1", ex=60)
+        batch_id = str(uuid.uuid4())
+        assert client.queue.acquire_lease("test-scheduler", 30)  # claimed as the scheduler does
+        assert client.queue.claim("test-scheduler", batch_id, "{}",
+                                  [(i, client.spec(i).tenant) for i in ids], time.time(), 2)
         runner = BatchRunner(s, RedisQueue(connect(s.redis_url)), JobStore(s.database_url),
                              provider_for)
-        runner.run(str(uuid.uuid4()), "send-1", ids, prefix_hint=prefix_hint)
+        runner.run(batch_id, "send-1", ids, prefix_hint=prefix_hint)
         return [client.result(i, timeout=5) for i in ids]
 
 

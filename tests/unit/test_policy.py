@@ -269,3 +269,27 @@ def test_a_batch_says_how_much_of_its_prefix_jobs_left_pending_share() -> None:
     pool.remove(["j0", "j1", "other"])
     alone = plan(pool, NOW, s, Capacity(slots=1)).batches[0]
     assert [j.id for j in alone.jobs] == ["j2"] and alone.pending_prefix_chars == 0
+
+
+def test_inside_a_class_jobs_with_a_deadline_go_before_every_job_without_one() -> None:
+    # Sixteen critical jobs without a deadline, each its own compatibility key (they cannot
+    # share a batch), then one with a deadline six seconds away.
+    pool = make_pool([J(f"free-{i}", f"question {i}", priority=0, key=f"echo|echo-1|{i}",
+                        age=10.0) for i in range(16)]
+                     + [J("due", "urgent question", priority=0, key="echo|echo-1|due",
+                          deadline_in=6.0)])
+    p = plan(pool, NOW, base_settings(), Capacity(slots=1))
+    assert sent_ids(p)[0] == "due"
+
+
+def test_a_job_joins_a_batch_only_if_its_deadline_leaves_room_for_the_batch() -> None:
+    service = ServiceModel()
+    for size, seconds in ((1, 1.1), (8, 1.8), (16, 2.6)):  # ~0.1 s a job + 1 s a call
+        service.observe("echo|echo-1", size, seconds)
+    pool = make_pool([J("seed", "summarise ticket 0", deadline_in=1.5)]
+                     + [J(f"n{i}", f"summarise ticket {i + 1}") for i in range(10)])
+    p = plan(pool, NOW, base_settings(), Capacity(slots=1), service)
+    batch = next(b for b in p.batches if b.jobs[0].id == "seed")
+    # With 1.5 s left, the seed's batch may hold no more than ~4 jobs (1 s + 0.1 s each).
+    assert len(batch.jobs) <= 5
+    assert batch.estimate_s <= 1.5

@@ -30,3 +30,19 @@ def test_summary_counts_batches_states_and_latency_per_class() -> None:
     assert (s.prompt_tokens, s.cached_tokens) == (20, 10)
     assert [(c.name, c.jobs, c.p50_ms) for c in s.classes] == [("critical", 2, 1000.0),
                                                               ("bulk", 1, 3000.0)]
+
+
+def test_a_result_after_its_deadline_counts_as_a_miss_like_an_expiry() -> None:
+    results = [
+        JobResult(id="on-time", state=JobState.SUCCEEDED, created_at=0.0, deadline=5.0,
+                  finished_at=4.0),
+        JobResult(id="late", state=JobState.SUCCEEDED, created_at=0.0, deadline=5.0,
+                  finished_at=6.5),
+        JobResult(id="expired", state=JobState.EXPIRED, created_at=0.0, deadline=5.0,
+                  finished_at=5.0),
+        JobResult(id="no-deadline", state=JobState.SUCCEEDED, created_at=0.0,
+                  finished_at=60.0),
+    ]
+    s = summarize(results, [0, 0, 0, 0], wall_s=60.0)
+    assert (s.with_deadline, s.missed_deadline) == (3, 2)
+    assert [r.missed_deadline for r in results] == [False, True, True, False]
