@@ -31,7 +31,9 @@ def test_16_a_scheduler_started_on_100000_pending_jobs_drains_them_all(
                                for i in range(start, start + 10_000))
     assert r.xlen(keys.INTAKE) == JOBS
     procs.worker(concurrency=2, **FAST)
-    sched = procs.scheduler(**FAST)
+    # A short lease, so that a long step without renewal would cost it; the default
+    # reconcile interval, as a deployment runs it.
+    sched = procs.scheduler(PROMPTBATCH_LEASE_TTL_S="2")
     store = JobStore(settings.database_url)
     try:
         poll(lambda: store.count_by_state() == {"SUCCEEDED": JOBS}, timeout=600, interval=1,

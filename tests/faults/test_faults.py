@@ -283,7 +283,9 @@ def test_14_result_backend_unreachable_when_a_result_is_written(own: Own) -> Non
 def test_readme_states_the_reliability_guarantees() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
-    for words in ("AOF", "everysec", "reconciler", "exactly one"):
+    for words in ("AOF", "everysec", "reconciler", "exactly one", "all or nothing",
+                  "What counts as poison", "large backlog", "tenant_providers",
+                  "echo_test_hooks"):
         assert words in section
 
 
