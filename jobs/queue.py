@@ -31,6 +31,9 @@ _CELERY_OUTCOME: dict[JobState, tuple[str, str | None]] = {
 
 #: A final job's hash is kept this long after its result, for status reads.
 FINAL_JOB_TTL_S = 24 * 3600
+#: A withdrawn submit's tombstone lives this long: past any late copy of the submit, and
+#: past the reconciler's next passes (which end a withdrawn job left in SQL CANCELLED).
+TOMBSTONE_TTL_S = 3600
 
 
 def connect(url: str, *, socket_timeout: float = 10.0,
@@ -147,7 +150,7 @@ class RedisQueue:
         for spec in specs:
             job_keys += [keys.job(spec.id), keys.tenant_pending(spec.tenant)]
         reply = self._withdraw(keys=[keys.INTAKE, *job_keys],
-                               args=[FINAL_JOB_TTL_S, *(s.id for s in specs)])
+                               args=[TOMBSTONE_TTL_S, *(s.id for s in specs)])
         return [str(x) for x in reply]
 
     def pending_count(self, tenant: str) -> int:

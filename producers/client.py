@@ -114,40 +114,49 @@ class Client:
     def _enqueue(self, fresh: list[JobSpec]) -> None:
         """Stage every job, then publish them; undo everything on any failure."""
         ttl, limit = self.settings.payload_ttl_s, self.settings.max_pending_per_tenant
-        try:
-            for start in range(0, len(fresh), STAGE_CHUNK):
-                if self.queue.stage(fresh[start:start + STAGE_CHUNK], ttl_s=ttl,
-                                    max_pending=limit) is None:
-                    self._undo(fresh, "over quota")
-                    over = next((t for t, n in Counter(s.tenant for s in fresh).items()
-                                 if self.queue.pending_count(t) + n > limit), fresh[0].tenant)
-                    raise TenantQuotaExceeded(over, limit)
-            for start in range(0, len(fresh), PUBLISH_CHUNK):
-                self.queue.publish([s.id for s in fresh[start:start + PUBLISH_CHUNK]])
-        except redis.RedisError as exc:
-            self._undo(fresh, str(exc))
-            raise ServiceUnavailable(f"Redis refused the jobs ({exc}); nothing was "
-                                     "submitted, try again") from exc
-
-    def _undo(self, fresh: list[JobSpec], why: str) -> None:
-        """Withdraw the jobs from Redis and remove them from SQL; the ones the scheduler
-        already took stay (accepted). ``SubmitUnconfirmed`` if Redis cannot be reached."""
-        kept: list[str] = []
+        staged = 0  # jobs Redis holds for sure
+        sent = 0  # jobs a step was sent for (a step that failed unseen may have run)
         try:
             for start in range(0, len(fresh), STAGE_CHUNK):
                 part = fresh[start:start + STAGE_CHUNK]
+                sent = start + len(part)
+                if self.queue.stage(part, ttl_s=ttl, max_pending=limit) is None:
+                    self._undo(fresh, fresh[:staged], "over quota")
+                    over = next((t for t, n in Counter(s.tenant for s in fresh).items()
+                                 if self.queue.pending_count(t) + n > limit), fresh[0].tenant)
+                    raise TenantQuotaExceeded(over, limit)
+                staged += len(part)
+            for start in range(0, len(fresh), PUBLISH_CHUNK):
+                self.queue.publish([s.id for s in fresh[start:start + PUBLISH_CHUNK]])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # The step in flight may have run: withdraw it too (a tombstone each).
+            self._undo(fresh, fresh[:sent], str(exc))
+            raise ServiceUnavailable(f"Redis failed during the submit ({exc}); nothing was "
+                                     "submitted, try again") from exc
+        except redis.RedisError as exc:  # refused: the failed step did nothing
+            self._undo(fresh, fresh[:staged], str(exc))
+            raise ServiceUnavailable(f"Redis refused the jobs ({exc}); nothing was "
+                                     "submitted, try again") from exc
+
+    def _undo(self, fresh: list[JobSpec], held: list[JobSpec], why: str) -> None:
+        """Withdraw the jobs Redis may hold (``held``) and remove all of ``fresh`` from
+        SQL; jobs the scheduler already took stay (accepted). ``SubmitUnconfirmed`` when
+        Redis or SQL cannot be reached to finish the undo."""
+        kept: set[str] = set()
+        try:
+            for start in range(0, len(held), STAGE_CHUNK):
+                part = held[start:start + STAGE_CHUNK]
                 found = self.queue.withdraw(part)
-                kept += [s.id for s, st in zip(part, found, strict=True) if st != "WITHDRAWN"]
+                kept |= {s.id for s, st in zip(part, found, strict=True) if st != "WITHDRAWN"}
         except redis.RedisError as exc:
             raise SubmitUnconfirmed([s.id for s in fresh], f"{why}; then {exc}") from exc
-        gone = [s.id for s in fresh if s.id not in set(kept)]
         try:
-            self.store.delete(gone)
+            self.store.delete([s.id for s in fresh if s.id not in kept])
         except Exception as exc:  # the reconciler ends withdrawn rows as CANCELLED
             raise SubmitUnconfirmed([s.id for s in fresh],
                                     f"{why}; then the job store: {exc}") from exc
         if kept:
-            raise SubmitUnconfirmed(kept, f"{why}; these were already scheduled")
+            raise SubmitUnconfirmed(sorted(kept), f"{why}; these were already scheduled")
 
     def check_quota(self, specs: Sequence[JobSpec]) -> None:
         """Raise ``TenantQuotaExceeded`` if the jobs would take a tenant over its quota."""
