@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import httpx
 
-from bench.common import Children, child_env, promptbatch_argv, table
+from bench.common import Children, child_env, migrated, promptbatch_argv, table
 from config.settings import Settings
 from promptbatch.embedded import EmbeddedRedis, free_port
 
@@ -35,6 +35,7 @@ def main() -> None:
             EmbeddedRedis(Path(d) / "redis") as server:
         s = Settings(redis_url=server.url, database_url=f"sqlite:///{Path(d) / 'jobs.db'}",
                      _env_file=None)  # type: ignore[call-arg]
+        migrated(s)
         port = free_port()
         kids = Children(Path(d))
         kids.start("api", promptbatch_argv("api", "--port", str(port)), child_env(

@@ -21,6 +21,16 @@ from config.settings import Settings
 console = Console(width=160)
 
 
+def migrated(settings: Settings) -> Settings:
+    """``settings``, its job store migrated (as `promptbatch migrate` does)."""
+    from jobs.store import JobStore
+
+    store = JobStore(settings.database_url)
+    store.migrate()
+    store.close()
+    return settings
+
+
 def child_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment giving a child process the same settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}

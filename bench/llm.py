@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Children, child_env, promptbatch_argv, table, wait_for_workers
+from bench.common import Children, child_env, migrated, promptbatch_argv, table, wait_for_workers
 from bench.llama import MODEL_NAME, LlamaServer
 from bench.workload import CUSTOMERS, sharegpt_questions
 from config import keys
@@ -85,6 +85,7 @@ def run(mode: str, jobs: list[dict[str, object]], workers: int, tmp: Path,
                      max_batch_size=SIZE, provider_read_timeout_s=300,
                      provider_total_timeout_s=600, task_time_limit_s=3000,
                      visibility_timeout_s=3600, _env_file=None)  # type: ignore[call-arg]
+        migrated(s)
         env = child_env(s, PROMPTBATCH_OPENAI_BASE_URL=llama.base_url,
                         PROMPTBATCH_OPENAI_PREFIX_STRATEGY="auto",
                         PROMPTBATCH_MAX_BATCH_SIZE=str(SIZE),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import Children, child_env, promptbatch_argv, table, wait_for_workers
+from bench.common import Children, child_env, migrated, promptbatch_argv, table, wait_for_workers
 from config.settings import Settings
 from jobs.queue import connect
 from producers.client import Client
@@ -102,10 +102,12 @@ def main() -> None:
         with EmbeddedRedis(tmp / "a") as server:
             s = Settings(redis_url=server.url, database_url=f"sqlite:///{tmp / 'a.db'}",
                          _env_file=None)  # type: ignore[call-arg]
+            migrated(s)
             t_submit, total, batches = run_promptbatch(s, texts, args.workers, tmp)
         with EmbeddedRedis(tmp / "b") as server:
             s = Settings(redis_url=server.url, database_url=f"sqlite:///{tmp / 'b.db'}",
                          _env_file=None)  # type: ignore[call-arg]
+            migrated(s)
             base = run_baseline(s, texts, args.workers, tmp)
         n = args.jobs
         rows.append(("submit only (Redis + SQLite)", n, t_submit, n / t_submit, "-"))

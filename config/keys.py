@@ -27,6 +27,9 @@ SCHEDULER_EPOCH = f"{PREFIX}scheduler:epoch"
 #: Set once by the first scheduler; gone means Redis lost its data (the reconciler then
 #: writes back every recent result).
 ALIVE = f"{PREFIX}alive"
+#: JSON ``{"id": the job store's id, "where": its URL without password}``: the store the
+#: processes on this Redis share; a process with another store refuses to work.
+STORE = f"{PREFIX}store"
 #: Hash of the reconciler: ``pass`` (JSON position of the pass under way), ``started``
 #: and ``finished`` (Unix times of the last pass), so a scheduler that takes over continues.
 RECONCILE = f"{PREFIX}reconcile"

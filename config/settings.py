@@ -8,8 +8,9 @@ appear in a ``repr``, a log line or a stored record.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PRIORITY_NAMES: tuple[str, ...] = ("critical", "high", "normal", "low", "bulk")
 
 OpenAIPrefixStrategy = Literal["auto", "sequential", "warm_then_parallel", "parallel"]
+
+
+def default_data_dir() -> Path:
+    """``$XDG_DATA_HOME/promptbatch``, else ``~/.local/share/promptbatch``: one absolute
+    place, whatever folder a command starts in."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser() / "promptbatch"
 
 
 class Settings(BaseSettings):
@@ -38,13 +46,16 @@ class Settings(BaseSettings):
         "`promptbatch run` starts an embedded Valkey server on a free loopback port.",
     )
     database_url: str = Field(
-        default="sqlite:///var/promptbatch.db",
-        description="SQLAlchemy URL of the durable job store. The default is a SQLite file "
-        "under ./var/ (created on first use); PostgreSQL works as well.",
+        default="",
+        description="SQLAlchemy URL of the durable job store. Empty: the SQLite file "
+        "promptbatch.db in data_dir, the same from any folder. PostgreSQL: "
+        "postgresql+psycopg://user:password@host:5432/db (extra 'postgres').",
     )
     data_dir: Path = Field(
-        default=Path("var"),
-        description="Folder for local state: the SQLite file, the embedded server's AOF data.",
+        default_factory=lambda: default_data_dir(),
+        description="Folder for local state: the default SQLite file, the embedded server's "
+        "AOF data, `promptbatch up`'s state. Default: $XDG_DATA_HOME/promptbatch "
+        "(~/.local/share/promptbatch); a relative path is taken from the current folder.",
     )
 
     # --- Limits on what is accepted ---------------------------------------------------
@@ -343,6 +354,19 @@ class Settings(BaseSettings):
         description="Transient failures in a row after which a deployment cools down.")
     cooldown_s: float = Field(default=60.0, gt=0,
                               description="How long a failing deployment is avoided.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _store_in_data_dir(cls, data: Any) -> Any:
+        """An absolute data_dir, and the default store inside it."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        folder = Path(data.get("data_dir") or default_data_dir()).expanduser().absolute()
+        data["data_dir"] = folder
+        if not data.get("database_url"):
+            data["database_url"] = f"sqlite:///{folder / 'promptbatch.db'}"
+        return data
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Settings:

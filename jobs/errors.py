@@ -51,6 +51,30 @@ class ServiceUnavailable(PromptBatchError):
     """Raised when Redis or the SQL store cannot be reached or refuses writes."""
 
 
+class SchemaBehind(PromptBatchError):
+    """Raised when the job store's schema is older than this version of promptbatch needs
+    (or missing): a service refuses to start until ``promptbatch migrate`` has run."""
+
+    def __init__(self, where: str, current: str | None, head: str) -> None:
+        self.current = current
+        self.head = head
+        found = f"at schema revision {current}" if current else "without a schema"
+        super().__init__(f"the job store {where} is {found}; this promptbatch needs "
+                         f"revision {head}: run `promptbatch migrate` (with the same "
+                         "PROMPTBATCH_DATABASE_URL) first")
+
+
+class StoreMismatch(PromptBatchError):
+    """Raised when this process's job store is not the one the deployment's other
+    processes use (they published theirs in Redis)."""
+
+    def __init__(self, mine: str, theirs: str) -> None:
+        super().__init__(
+            f"this process's job store ({mine}) is not the one the services on this Redis "
+            f"use ({theirs}); set PROMPTBATCH_DATABASE_URL to theirs (a relative SQLite "
+            "path depends on the folder you start in)")
+
+
 class SubmitUnconfirmed(ServiceUnavailable):
     """Raised when Redis stopped answering in the middle of a submit and the submit could
     not be undone: the jobs in ``job_ids`` are recorded and each will end in a final

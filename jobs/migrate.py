@@ -69,6 +69,13 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def head_revision(engine: Engine) -> str:
+    """The newest revision this version of promptbatch knows."""
+    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    assert head is not None
+    return head
+
+
 def upgrade(engine: Engine) -> None:
     """Upgrade to head unless already there; safe when many processes start at once."""
     cfg = alembic_config(engine)

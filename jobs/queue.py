@@ -103,6 +103,18 @@ class RedisQueue:
         self._lease = client.register_script(lua.LEASE)
         self._release = client.register_script(lua.RELEASE)
 
+    # --- everyone, at start ------------------------------------------------------------
+
+    def bind_store(self, store_id: str, where: str) -> None:
+        """Check that this Redis is used with the job store ``store_id`` (publishing it if
+        no process has yet); ``StoreMismatch`` if the others use another store."""
+        from jobs.errors import StoreMismatch
+
+        self.r.set(keys.STORE, json.dumps({"id": store_id, "where": where}), nx=True)
+        theirs = json.loads(self.r.get(keys.STORE) or "{}")
+        if theirs.get("id") != store_id:
+            raise StoreMismatch(where, str(theirs.get("where")))
+
     # --- producers ----------------------------------------------------------------------
 
     def enqueue(self, specs: Sequence[JobSpec], *, ttl_s: int, max_pending: int) -> list[int]:

@@ -69,6 +69,15 @@ class JobRow(Base):
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class StoreMetaRow(Base):
+    """Facts about the store itself (``store_id``: its identity)."""
+
+    __tablename__ = "store_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
 _JOBS: Table = JobRow.__table__  # type: ignore[assignment]
 
 #: Record a final state unless the job already has one (the first result wins).
@@ -138,6 +147,34 @@ class JobStore:
         from jobs.migrate import upgrade
 
         upgrade(self.engine)
+
+    @property
+    def where(self) -> str:
+        """The database URL without its password (for messages)."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def check_schema(self) -> None:
+        """Raise ``SchemaBehind`` unless the schema is at the newest revision."""
+        from jobs.errors import SchemaBehind
+        from jobs.migrate import current_revision, head_revision
+
+        head = head_revision(self.engine)
+        current = current_revision(self.engine)
+        if current != head:
+            raise SchemaBehind(self.where, current, head)
+
+    def store_id(self) -> str:
+        """The store's identity (written by the migrations)."""
+        with self.engine.connect() as conn:
+            found = conn.execute(select(StoreMetaRow.value).where(
+                StoreMetaRow.key == "store_id")).scalar_one_or_none()
+        if found is None:
+            from jobs.errors import SchemaBehind
+            from jobs.migrate import current_revision, head_revision
+
+            raise SchemaBehind(self.where, current_revision(self.engine),
+                               head_revision(self.engine))
+        return str(found)
 
     def close(self) -> None:
         """Release the connection pool."""

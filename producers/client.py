@@ -34,7 +34,7 @@ from jobs.errors import (
 from jobs.models import JobRequest, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
 from jobs.queue import RedisQueue, connect
-from jobs.store import JobStore
+from jobs.store import JobStore, OperationalError
 from jobs.validation import parse_request, resolve
 
 #: Jobs staged per atomic Redis step.
@@ -61,7 +61,23 @@ class Client:
             self.r = connect(url)
         self.queue = RedisQueue(self.r)
         self.store = store or JobStore(self.settings.database_url)
-        self.store.migrate()
+        self._bound = False
+
+    def check(self) -> None:
+        """Check, once, that the store's schema is current and that it is the store the
+        services on this Redis use (``SchemaBehind``, ``StoreMismatch``), so that a client
+        pointed at another store refuses instead of waiting for results forever."""
+        if self._bound:
+            return
+        try:
+            self.store.check_schema()
+            self.queue.bind_store(self.store.store_id(), self.store.where)
+        except redis.RedisError as exc:
+            raise ServiceUnavailable(f"Redis is unavailable ({exc}); try again") from exc
+        except OperationalError as exc:
+            raise ServiceUnavailable(f"the job store is unavailable ({exc}); try again"
+                                     ) from exc
+        self._bound = True
 
     def close(self) -> None:
         """Close the connections."""
@@ -101,6 +117,7 @@ class Client:
     def submit_specs(self, specs: Sequence[JobSpec]) -> list[str]:
         """Store and enqueue resolved jobs, all or nothing; return their ids (an
         idempotent repeat maps to the id stored first)."""
+        self.check()
         self.check_quota(specs)
         try:
             stored = self.store.insert(specs)
@@ -183,6 +200,7 @@ class Client:
 
         Raises ``ResultTimeout`` if some are still unfinished after ``timeout`` seconds.
         """
+        self.check()
         pending = list(dict.fromkeys(job_ids))
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = _POLL_MIN_S

@@ -31,6 +31,26 @@ Provider = Annotated[str | None, typer.Option(help="Provider of jobs that name n
                                               "simulated (default: PROMPTBATCH_DEFAULT_PROVIDER).")]
 
 
+#: What to do when no Redis URL is set (one line, for every command that needs it).
+NO_REDIS = ("PROMPTBATCH_REDIS_URL is not set: point it at the service's Redis (`promptbatch "
+            "up` prints it and writes it to {env}; `source` that file in another terminal)")
+
+
+def _need_redis(settings: Settings) -> str:
+    """The Redis URL, or exit 2 with one line that says what to set."""
+    if not settings.redis_url:
+        console.print(f"[red]{NO_REDIS.format(env=settings.data_dir / 'up.env')}[/red]",
+                      soft_wrap=True)
+        raise typer.Exit(2)
+    return settings.redis_url
+
+
+def _refuse(exc: Exception) -> typer.Exit:
+    """Print an error as one line; the caller raises the returned exit (code 2)."""
+    console.print(f"[red]{exc}[/red]", soft_wrap=True)
+    return typer.Exit(2)
+
+
 def _settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
@@ -90,6 +110,7 @@ def run(
     _install_sigterm()
     try:
         with console.status("starting the local stack..."):
+            _migrate_quietly(env.get("PROMPTBATCH_DATABASE_URL", base.database_url))
             stack.start()
         settings = _settings(redis_url=stack.redis_url,
                              database_url=env.get("PROMPTBATCH_DATABASE_URL"),
@@ -112,6 +133,17 @@ def run(
         console.print(f"wrote {len(lines) + len(errors)} lines to {out}")
     priorities = [int(line.request.priority) for line in lines]
     _print_summary(summarize([results[i] for i in ids], priorities, wall))
+
+
+def _migrate_quietly(database_url: str) -> None:
+    """Bring a store this command owns up to date."""
+    from jobs.store import JobStore
+
+    store = JobStore(database_url)
+    try:
+        store.migrate()
+    finally:
+        store.close()
 
 
 def _explicit_env() -> set[str]:
@@ -201,17 +233,60 @@ def _print_summary(s: Summary) -> None:
 @app.command()
 def scheduler() -> None:
     """Run the scheduler against PROMPTBATCH_REDIS_URL (one is active; others stand by)."""
+    settings = _settings()
+    _need_redis(settings)
     from scheduler.service import Scheduler
 
     setup_logging()
-    service = Scheduler(_settings())
+    service = Scheduler(settings)
 
     def handler(signum: int, frame: FrameType | None) -> None:
         service.stop()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    service.run()
+    try:
+        service.run()
+    except PromptBatchError as exc:  # schema behind, or another store
+        raise _refuse(exc) from None
+
+
+def _ready(settings: Settings) -> None:
+    """Wait for Redis and the store, then check the schema and the store's identity (one
+    line and exit 2 if this service must not start)."""
+    from jobs.queue import RedisQueue, connect
+    from jobs.readiness import wait_until_ready
+    from jobs.store import JobStore
+
+    store = JobStore(settings.database_url)
+    r = connect(settings.redis_url)
+    try:
+        wait_until_ready(RedisQueue(r), store, settings.redis_url)
+    except PromptBatchError as exc:
+        raise _refuse(exc) from None
+    finally:
+        r.close()
+        store.close()
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the job store's schema up to date (run it once before the services start)."""
+    from jobs.migrate import current_revision
+    from jobs.store import JobStore
+
+    setup_logging("WARNING")
+    store = JobStore(_settings().database_url)
+    try:
+        before = current_revision(store.engine)
+        store.migrate()
+        after = current_revision(store.engine)
+        print(f"job store {store.where}: schema {before or 'empty'} -> {after}; "
+              f"store id {store.store_id()}")
+    except Exception as exc:
+        raise _refuse(exc) from None
+    finally:
+        store.close()
 
 
 @app.command()
@@ -227,10 +302,9 @@ def worker(
     from workers.factory import create_app
 
     settings = _settings()
-    if not settings.redis_url:
-        console.print("[red]PROMPTBATCH_REDIS_URL is not set[/red]: point it at the broker, "
-                      "for example redis://127.0.0.1:6379/0")
-        raise typer.Exit(2)
+    _need_redis(settings)
+    setup_logging()
+    _ready(settings)
     celery_app = create_app(settings)
     pool_size = concurrency or settings.worker_concurrency
     celery_app.worker_main(argv=[
@@ -265,9 +339,7 @@ def submit(
     from producers.client import Client
 
     settings = _settings()
-    if not settings.redis_url:
-        console.print("[red]give --url of an API, or set PROMPTBATCH_REDIS_URL[/red]")
-        raise typer.Exit(2)
+    _need_redis(settings)
     try:
         with Client(settings) as client:
             ids = client.submit_many([line.request for line in lines])
@@ -341,9 +413,8 @@ def api(
 
     setup_logging()
     settings = _settings()
-    if not settings.redis_url:
-        console.print("[red]PROMPTBATCH_REDIS_URL is not set[/red]")
-        raise typer.Exit(2)
+    _need_redis(settings)
+    _ready(settings)
     uvicorn.run("producers.asgi:app", host=host, port=port, workers=workers,
                 log_level="warning", proxy_headers=False)
 
@@ -363,7 +434,10 @@ def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
     from jobs.store import JobStore
 
     store = JobStore(_settings().database_url)
-    store.migrate()
+    try:
+        store.check_schema()
+    except PromptBatchError as exc:
+        raise _refuse(exc) from None
     new = key or f"pb-{secrets.token_urlsafe(24)}"
     Accounts(store).add_key(new, tenant)
     print(new)
@@ -375,8 +449,10 @@ def status(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None
     from producers.client import Client
 
     settings = _settings()
+    _need_redis(settings)
     try:
         with Client(settings) as client:
+            client.check()
             state = client.status(job_id)
             if state.final:
                 print(json.dumps(client.result(job_id, timeout=1).public()))

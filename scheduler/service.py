@@ -45,6 +45,7 @@ from config.settings import Settings
 from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
 from jobs.queue import RedisQueue, connect
+from jobs.readiness import wait_until_ready
 from jobs.store import JobStore
 from scheduler.backlog import Backlog
 from scheduler.embedders import Embedder, create_embedder
@@ -165,16 +166,8 @@ class Scheduler:
                  cap.slots, cap.inflight)
 
     def _wait_for_services(self) -> None:
-        delay = 0.2
-        while not self._stop.is_set():
-            try:
-                self.r.ping()
-                self.store.migrate()
-                return
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-                log.warning("waiting for Redis at %s: %s", _safe_url(self.url), exc)
-            self._stop.wait(delay)
-            delay = min(delay * 2, 5.0)
+        """Wait for Redis and the store; ``SchemaBehind`` or ``StoreMismatch`` go up."""
+        wait_until_ready(self.queue, self.store, self.url, self._stop)
 
     def _hold_lease(self) -> bool:
         held = self.queue.acquire_lease(self.token, self.settings.lease_ttl_s)
@@ -364,11 +357,3 @@ class Scheduler:
         self.queue.ack_sent(batch_id, job_ids)
         self.sent_batches += 1
         self.sent_jobs += len(job_ids)
-
-
-def _safe_url(url: str) -> str:
-    """A Redis URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"

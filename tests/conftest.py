@@ -23,6 +23,7 @@ import redis
 
 from config import keys
 from config.settings import Settings
+from jobs.store import JobStore
 from promptbatch.embedded import EmbeddedRedis
 from tests.helpers import poll
 
@@ -57,12 +58,17 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def settings(redis_url: str, tmp_path: Path) -> Settings:
-    """Settings pointing at the test's server and its own SQLite file, with the echo
-    provider's test hooks on and its calls recorded in the test's own file."""
-    return Settings(redis_url=redis_url, database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
-                    data_dir=tmp_path / "var", echo_test_hooks=True,
-                    echo_call_log=tmp_path / "echo-calls.jsonl",
-                    _env_file=None)  # type: ignore[call-arg]
+    """Settings pointing at the test's server and its own SQLite file (migrated, as
+    `promptbatch migrate` does before the services start), with the echo provider's test
+    hooks on and its calls recorded in the test's own file."""
+    s = Settings(redis_url=redis_url, database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+                 data_dir=tmp_path / "var", echo_test_hooks=True,
+                 echo_call_log=tmp_path / "echo-calls.jsonl",
+                 _env_file=None)  # type: ignore[call-arg]
+    store = JobStore(s.database_url)
+    store.migrate()
+    store.close()
+    return s
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:

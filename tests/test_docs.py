@@ -36,6 +36,7 @@ def test_the_demo_command_writes_one_result_per_example_prompt(tmp_path: Path) -
     args = [str(ROOT / a) if a.startswith("examples/") else a for a in args]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
     env["PROMPTBATCH_SIMULATED_TIME_SCALE"] = "0.05"  # the same run, modelled time shortened
+    env["PROMPTBATCH_DATA_DIR"] = str(tmp_path / "data")
     done = subprocess.run([sys.executable, "-m", "promptbatch", *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_cli(*args: str, cwd: Path, timeout: float = 180, **env: str,
             ) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
+    full_env["PROMPTBATCH_DATA_DIR"] = str(cwd / "var")
     full_env.update(env)
     return subprocess.run([sys.executable, "-m", "promptbatch", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout, check=False)
@@ -84,6 +85,7 @@ def test_ctrl_c_stops_everything_the_run_started(tmp_path: Path,
     src.write_text("".join(json.dumps({"prompt": f"Long task {i} " * 50}) + "\n"
                            for i in range(2000)), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
+    env["PROMPTBATCH_DATA_DIR"] = str(tmp_path / "var")
     proc = subprocess.Popen([sys.executable, "-m", "promptbatch", "run", str(src), "--provider",
                              "simulated", "--workers", "1"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
