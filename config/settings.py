@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         "the SQL table api_keys (`promptbatch keys add`). Keys are never logged or stored "
         "in Redis; the table stores their SHA-256.",
     )
+    api_admin_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="Admin API key -> its own tenant (JSON). An admin key may name any "
+        "tenant in a job and read every tenant's jobs (a backend service acting for its "
+        "customers). `promptbatch keys add TENANT --admin` stores one in SQL instead.",
+    )
     api_max_body_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024,
         description="Largest request body the API accepts (HTTP 413 above).")

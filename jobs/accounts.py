@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from sqlalchemy import Float, Integer, LargeBinary, String, Text, select
+from sqlalchemy import Boolean, Float, Integer, LargeBinary, String, Text, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from jobs.store import Base, JobStore
@@ -22,6 +22,8 @@ class ApiKeyRow(Base):
     key_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
+    #: An admin key may act for any tenant (submit in their name, read their jobs).
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class FileRow(Base):
@@ -60,15 +62,28 @@ class Accounts:
     def __init__(self, store: JobStore) -> None:
         self.engine = store.engine
 
-    def tenant_of(self, key: str) -> str | None:
+    def tenant_of(self, key: str) -> tuple[str, bool] | None:
+        """``(tenant, admin)`` of a key, or None for an unknown key."""
         with self.engine.connect() as conn:
-            return conn.execute(select(ApiKeyRow.tenant).where(
-                ApiKeyRow.key_sha256 == key_hash(key))).scalar_one_or_none()
+            row = conn.execute(select(ApiKeyRow.tenant, ApiKeyRow.admin).where(
+                ApiKeyRow.key_sha256 == key_hash(key))).first()
+        return None if row is None else (str(row[0]), bool(row[1]))
 
-    def add_key(self, key: str, tenant: str) -> None:
+    def add_key(self, key: str, tenant: str, admin: bool = False) -> None:
         with self.engine.begin() as conn:
             conn.execute(ApiKeyRow.__table__.insert(), [{  # type: ignore[attr-defined]
-                "key_sha256": key_hash(key), "tenant": tenant, "created_at": time.time()}])
+                "key_sha256": key_hash(key), "tenant": tenant, "created_at": time.time(),
+                "admin": admin}])
+
+    def count_keys(self, tenant: str | None = None) -> int:
+        """API keys stored (of ``tenant``)."""
+        from sqlalchemy import func
+
+        stmt = select(func.count()).select_from(ApiKeyRow)
+        if tenant is not None:
+            stmt = stmt.where(ApiKeyRow.tenant == tenant)
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
 
     def put_file(self, file_id: str, tenant: str, purpose: str, filename: str,
                  content: bytes) -> dict[str, Any]:

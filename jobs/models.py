@@ -164,6 +164,10 @@ class JobRequest(BaseModel):
     params: GenerationParams = Field(default_factory=GenerationParams)
     tenant: str | None = Field(default=None, max_length=64)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    client_id: str | None = Field(
+        default=None, min_length=1, max_length=255,
+        description="Your own id for the job (a JSONL line's `id`); `promptbatch status` and "
+        "`GET /v1/jobs/{id}` find the job by it too.")
     metadata: dict[Annotated[str, Field(max_length=64)], MetadataScalar] = Field(
         default_factory=dict, max_length=64
     )
@@ -222,6 +226,7 @@ class JobSpec(BaseModel):
     prompt: str | None = None
     messages: list[Message] | None = None
     idempotency_key: str | None = None
+    client_id: str | None = None
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
 
     @property

@@ -52,11 +52,14 @@ class JobRow(Base):
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
         Index("ix_jobs_state_id", "state", "id"),
         Index("ix_jobs_finished", "finished_at", "id"),
+        Index("ix_jobs_tenant_client", "tenant", "client_id"),
+        Index("ix_jobs_client", "client_id"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))
     idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    client_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
     state: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(Integer)
     provider: Mapped[str] = mapped_column(String(64))
@@ -275,6 +278,20 @@ class JobStore:
             row = conn.execute(stmt).mappings().first()
         return _stored(row) if row is not None else None
 
+    def find(self, job_id: str, tenant: str | None = None) -> StoredJob | None:
+        """A job by its id, or else by the caller's own id (``client_id``: the newest job
+        with it), scoped to ``tenant`` when given."""
+        found = self.get(job_id, tenant)
+        if found is not None:
+            return found
+        stmt = select(JobRow).where(JobRow.client_id == job_id)
+        if tenant is not None:
+            stmt = stmt.where(JobRow.tenant == tenant)
+        stmt = stmt.order_by(JobRow.created_at.desc()).limit(1)
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).mappings().first()
+        return _stored(row) if row is not None else None
+
     def get_many(self, job_ids: Sequence[str]) -> dict[str, StoredJob]:
         """Jobs by id (unknown ids are left out)."""
         out: dict[str, StoredJob] = {}
@@ -343,6 +360,7 @@ def _row(spec: JobSpec) -> dict[str, Any]:
         "id": spec.id,
         "tenant": spec.tenant,
         "idempotency_key": spec.idempotency_key,
+        "client_id": spec.client_id,
         "state": JobState.QUEUED.value,
         "priority": int(spec.priority),
         "provider": spec.provider,

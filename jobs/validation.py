@@ -104,5 +104,6 @@ def resolve(
         prompt=request.prompt,
         messages=request.messages,
         idempotency_key=request.idempotency_key,
+        client_id=request.client_id,
         metadata=request.metadata,
     )

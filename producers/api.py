@@ -1,17 +1,18 @@
 """The HTTP API (FastAPI): jobs for backend services, and the OpenAI Batch API.
 
 Every route but the health checks needs an API key (``Authorization: Bearer KEY`` or
-``X-API-Key: KEY``); the key names the tenant, and every read, cancel and list is scoped
-to it: another tenant's job answers 404 exactly like an unknown id. Errors are JSON,
-``{"error": {"type", "message", "errors": [{"field", "message"}]}}``, and a refused request
-leaves nothing behind. Served by ``promptbatch api`` (uvicorn).
+``X-API-Key: KEY``, see ``producers.auth``); the key names the tenant, and every read,
+cancel and list is scoped to it: another tenant's job answers 404 exactly like an unknown
+id (an admin key may act for any tenant). Errors are JSON, ``{"error": {"type",
+"message", "errors": [{"field", "message"}]}}``, and a refused request leaves nothing
+behind. ``/docs`` serves Swagger UI from the package (no CDN). Served by ``promptbatch
+api`` (uvicorn).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -21,7 +22,9 @@ from typing import Annotated, Any
 import redis
 from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import Settings
@@ -36,8 +39,10 @@ from jobs.errors import (
 )
 from jobs.models import JobResult, JobSpec, JobState
 from jobs.store import JobStore, StoredJob
+from producers.auth import Caller, CallerDep, Unauthorized
 from producers.client import Client
 from producers.openai_batch import BatchError, BatchService
+from producers.openapi_doc import install_openapi
 
 log = logging.getLogger(__name__)
 
@@ -147,23 +152,6 @@ def client_of(request: Request) -> Client:
     return request.app.state.client  # type: ignore[no-any-return]
 
 
-async def tenant_of(request: Request) -> str:
-    """The tenant of the request's API key; 401 without a known key."""
-    auth = request.headers.get("authorization", "")
-    key = auth[7:].strip() if auth.lower().startswith("bearer ") else \
-        request.headers.get("x-api-key", "")
-    if not key:
-        raise ApiError(401, "authentication_error",
-                       "missing API key: send 'Authorization: Bearer <key>'")
-    for known, tenant in _settings(request).api_keys.items():
-        if hmac.compare_digest(known.encode(), key.encode()):
-            return tenant
-    found = await run_in_threadpool(request.app.state.accounts.tenant_of, key)
-    if found is None:
-        raise ApiError(401, "authentication_error", "unknown API key")
-    return str(found)
-
-
 @router.get("/healthz", tags=["health"])
 async def healthz() -> dict[str, str]:
     """The process is up."""
@@ -187,12 +175,16 @@ async def readyz(request: Request) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
-@router.post("/v1/jobs", status_code=201, tags=["jobs"])
-async def submit(request: Request,
+@router.post("/v1/jobs", status_code=201, tags=["jobs"],
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"oneOf": [
+                     {"$ref": "#/components/schemas/JobRequest"},
+                     {"$ref": "#/components/schemas/JobsRequest"}]}}}}})
+async def submit(request: Request, caller: CallerDep,
                  idempotency_key: Annotated[str | None, Header()] = None) -> Any:
-    """Submit one job, or ``{"jobs": [...]}`` for many. Returns the ids at once."""
+    """Submit one job, or ``{"jobs": [...]}`` for many (all or none are accepted).
+    Returns the ids at once. With an admin key, a job may name its ``tenant``."""
     settings = _settings(request)
-    tenant = await tenant_of(request)
     body = await read_json(request, settings.api_max_body_bytes)
     many = isinstance(body, dict) and "jobs" in body and set(body) == {"jobs"}
     items = body["jobs"] if many else [body]
@@ -202,7 +194,7 @@ async def submit(request: Request,
     if len(items) > settings.api_max_jobs_per_request:
         raise ApiError(413, "request_too_large",
                        f"at most {settings.api_max_jobs_per_request} jobs per request")
-    ids = await run_in_threadpool(_submit, client_of(request), items, tenant,
+    ids = await run_in_threadpool(_submit, client_of(request), items, caller,
                                   idempotency_key, many)
     if many:
         return {"object": "list", "ids": ids}
@@ -210,31 +202,30 @@ async def submit(request: Request,
 
 
 @router.get("/v1/jobs/{job_id}", tags=["jobs"])
-async def get_job(job_id: str, request: Request) -> dict[str, Any]:
-    """A job's state, and its result once final."""
-    tenant = await tenant_of(request)
+async def get_job(job_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
+    """A job's state, and its result once final (by its id, or by your ``client_id``)."""
     client = client_of(request)
-    stored = await run_in_threadpool(client.store.get, job_id, tenant)
+    stored = await run_in_threadpool(client.store.find, job_id, caller.scope)
     if stored is None:
         raise JobNotFound(job_id)
     result = None if stored.result else (await run_in_threadpool(
-        client.queue.results, [job_id]))[0]
+        client.queue.results, [stored.spec.id]))[0]
     view = job_view(stored, result)
     if result is None and not stored.state.final:
-        state = (await run_in_threadpool(client.queue.states, [job_id]))[0]
+        state = (await run_in_threadpool(client.queue.states, [stored.spec.id]))[0]
         view["state"] = state or stored.state.value
     return view
 
 
 @router.get("/v1/jobs/{job_id}/result", tags=["jobs"])
-async def get_result(job_id: str, request: Request,
+async def get_result(job_id: str, request: Request, caller: CallerDep,
                      wait: Annotated[float, Query(ge=0)] = 0.0) -> JSONResponse:
     """The job's result, waiting up to ``wait`` seconds for it (202 if still pending)."""
-    tenant = await tenant_of(request)
     client = client_of(request)
-    stored = await run_in_threadpool(client.store.get, job_id, tenant)
+    stored = await run_in_threadpool(client.store.find, job_id, caller.scope)
     if stored is None:
         raise JobNotFound(job_id)
+    job_id = stored.spec.id
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait, _settings(request).api_max_wait_s)
     delay = 0.005
@@ -251,20 +242,25 @@ async def get_result(job_id: str, request: Request,
 
 
 @router.delete("/v1/jobs/{job_id}", tags=["jobs"])
-async def cancel(job_id: str, request: Request) -> JSONResponse:
+async def cancel(job_id: str, request: Request, caller: CallerDep) -> JSONResponse:
     """Cancel a job that has not started (409 with its state if too late)."""
-    tenant = await tenant_of(request)
-    state = await run_in_threadpool(client_of(request).cancel, job_id, tenant)
+    state = await run_in_threadpool(client_of(request).cancel, job_id, caller.scope)
     body = {"id": job_id, "state": state.value}
     return JSONResponse(body, status_code=200 if state is JobState.CANCELLED else 409)
 
 
 @router.get("/v1/jobs", tags=["jobs"])
-async def list_jobs(request: Request, state: JobState | None = None,
+async def list_jobs(request: Request, caller: CallerDep, state: JobState | None = None,
                     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                    cursor: str | None = None) -> dict[str, Any]:
+                    cursor: str | None = None,
+                    tenant: Annotated[str | None, Query(
+                        description="Admin keys: list this tenant's jobs.")] = None,
+                    ) -> dict[str, Any]:
     """The caller's jobs, oldest first; pass ``next_cursor`` on to page on."""
-    tenant = await tenant_of(request)
+    if tenant is not None and not caller.admin and tenant != caller.tenant:
+        raise ApiError(403, "permission_error", "only an admin key may list another "
+                       "tenant's jobs", [{"field": "tenant", "message": "not your tenant"}])
+    tenant = tenant or caller.tenant
     after = _parse_cursor(cursor) if cursor else None
     rows = await run_in_threadpool(client_of(request).store.list_jobs, tenant,
                                    state=state, limit=limit, after=after)
@@ -290,30 +286,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from producers.openai_routes import batch_error
     from producers.openai_routes import router as batch_router
 
-    app = FastAPI(title="promptbatch", version="0.1.0", lifespan=lifespan,
-                  description="Submit LLM prompts with priorities and deadlines; results "
-                  "come back per job. Also speaks the OpenAI Batch API.")
+    app = FastAPIOffline(
+        title="promptbatch", version="0.1.0", lifespan=lifespan,
+        description="Submit LLM prompts with priorities and deadlines; results come back per "
+        "job. Authenticate with `Authorization: Bearer <key>` (or `X-API-Key`). Also speaks "
+        "the OpenAI Files and Batches API.")
     _install_errors(app)
+    install_openapi(app)
     app.add_exception_handler(BatchError, batch_error)  # type: ignore[arg-type]
     app.include_router(router)
     app.include_router(batch_router)
     return app
 
 
-def _submit(client: Client, items: list[Any], tenant: str, header_key: str | None,
+def _submit(client: Client, items: list[Any], caller: Caller, header_key: str | None,
             many: bool) -> list[str]:
     requests = []
     for i, item in enumerate(items):
         if isinstance(item, dict):
-            if "tenant" in item and item["tenant"] != tenant:
+            named = item.get("tenant")
+            if named is not None and named != caller.tenant and not caller.admin:
                 raise InvalidJob([(f"jobs.{i}.tenant" if many else "tenant",
-                                   "is set by your API key; leave it out")])
-            item = {k: v for k, v in item.items() if k != "tenant"}
+                                   f"this API key belongs to tenant {caller.tenant!r}; only "
+                                   "an admin key may submit for another tenant (leave "
+                                   "'tenant' out, or name your own)")])
+            item = {**item, "tenant": named or caller.tenant}
             if header_key and "idempotency_key" not in item:
                 item["idempotency_key"] = f"{header_key}:{i}" if many else header_key
         requests.append(item)
     try:
-        return client.submit_many(requests, tenant=tenant)
+        return client.submit_many(requests)
     except InvalidJob as exc:
         if many and exc.line is not None:
             raise InvalidJob([(f"jobs.{exc.line - 1}.{f}", m) for f, m in exc.errors]) from exc
@@ -324,6 +326,18 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return _error(exc.status, exc.kind, exc.message, exc.errors)
+
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return _error(401, "authentication_error", exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": ".".join(str(p) for p in e["loc"] if p not in ("query", "path",
+                                                                          "header", "body")),
+                   "message": str(e["msg"])} for e in exc.errors()]
+        return _error(422, "invalid_request_error",
+                      "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors)
 
     @app.exception_handler(InvalidJob)
     async def invalid(_: Request, exc: InvalidJob) -> JSONResponse:

@@ -230,14 +230,14 @@ class Client:
             delay = min(delay * 2, _POLL_MAX_S)
 
     def status(self, job_id: str, tenant: str | None = None) -> JobState:
-        """The job's current state."""
-        stored = self.store.get(job_id, tenant)
+        """The job's current state (``job_id``: its id, or your own ``client_id``)."""
+        stored = self.store.find(job_id, tenant)
         if stored is None:
             raise JobNotFound(job_id)
         if stored.state.final:
             return stored.state
-        state = self.queue.states([job_id])[0]
-        return JobState(state) if state else stored.state
+        state = self.queue.states([stored.spec.id])[0]
+        return JobState(state) if state and state in JobState.__members__ else stored.state
 
     def cancel(self, job_id: str, tenant: str | None = None) -> JobState:
         """Cancel a job that has not started; return the state it ends up in.

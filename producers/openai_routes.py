@@ -9,7 +9,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile as StarletteUpload
 
-from producers.api import ApiError, read_json, tenant_of
+from producers.api import ApiError, read_json
+from producers.auth import CallerDep
 from producers.openai_batch import BatchError, BatchService, public
 
 router = APIRouter()
@@ -29,9 +30,9 @@ async def batch_error(_: Request, exc: BatchError) -> JSONResponse:
 
 
 @router.post("/v1/files", tags=["openai"])
-async def create_file(request: Request) -> dict[str, Any]:
+async def create_file(request: Request, caller: CallerDep) -> dict[str, Any]:
     """Upload a batch input file (multipart: ``purpose``, ``file``)."""
-    tenant = await tenant_of(request)
+    tenant = caller.tenant
     limit = request.app.state.settings.api_max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -50,22 +51,22 @@ async def create_file(request: Request) -> dict[str, Any]:
                                    upload.filename or "input.jsonl", content)
 
 @router.get("/v1/files/{file_id}", tags=["openai"])
-async def get_file(file_id: str, request: Request) -> dict[str, Any]:
+async def get_file(file_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     """A file's description."""
-    tenant = await tenant_of(request)
+    tenant = caller.tenant
     return await run_in_threadpool(service(request).file_info, tenant, file_id)
 
 @router.get("/v1/files/{file_id}/content", tags=["openai"])
-async def file_content(file_id: str, request: Request) -> Response:
+async def file_content(file_id: str, request: Request, caller: CallerDep) -> Response:
     """A file's bytes (a batch's output or error JSONL)."""
-    tenant = await tenant_of(request)
+    tenant = caller.tenant
     data = await run_in_threadpool(service(request).file_content, tenant, file_id)
     return Response(data, media_type="application/jsonl")
 
 @router.post("/v1/batches", tags=["openai"])
-async def create_batch(request: Request) -> dict[str, Any]:
+async def create_batch(request: Request, caller: CallerDep) -> dict[str, Any]:
     """Start a batch from an uploaded file; its jobs run at bulk priority."""
-    tenant = await tenant_of(request)
+    tenant = caller.tenant
     body = await read_json(request, request.app.state.settings.api_max_body_bytes)
     if not isinstance(body, dict) or not isinstance(body.get("input_file_id"), str):
         raise BatchError(422, "input_file_id", "input_file_id is required")
@@ -78,21 +79,21 @@ async def create_batch(request: Request) -> dict[str, Any]:
     return public(record)
 
 @router.get("/v1/batches/{batch_id}", tags=["openai"])
-async def get_batch(batch_id: str, request: Request) -> dict[str, Any]:
+async def get_batch(batch_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     """A batch, with its status and request counts."""
-    tenant = await tenant_of(request)
+    tenant = caller.tenant
     return public(await run_in_threadpool(service(request).get, tenant, batch_id))
 
 @router.post("/v1/batches/{batch_id}/cancel", tags=["openai"])
-async def cancel_batch(batch_id: str, request: Request) -> dict[str, Any]:
+async def cancel_batch(batch_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     """Cancel the batch's jobs that have not started."""
-    tenant = await tenant_of(request)
+    tenant = caller.tenant
     return public(await run_in_threadpool(service(request).cancel, tenant, batch_id))
 
 @router.get("/v1/batches", tags=["openai"])
-async def list_batches(request: Request,
+async def list_batches(request: Request, caller: CallerDep,
                        limit: Annotated[int, Query(ge=1, le=100)] = 20,
                        after: str | None = None) -> dict[str, Any]:
     """The caller's batches, newest first."""
-    tenant = await tenant_of(request)
+    tenant = caller.tenant
     return await run_in_threadpool(service(request).list, tenant, limit, after)

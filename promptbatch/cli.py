@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -27,8 +28,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="promptbatch: a task queue for LLM prompts with similarity batching.")
 console = Console(stderr=True)
 
-Provider = Annotated[str | None, typer.Option(help="Provider of jobs that name none: echo or "
-                                              "simulated (default: PROMPTBATCH_DEFAULT_PROVIDER).")]
+Provider = Annotated[str | None, typer.Option(help="Provider of jobs that name none: echo, "
+                                              "simulated, openai or anthropic (default: "
+                                              "PROMPTBATCH_DEFAULT_PROVIDER).")]
 
 
 #: What to do when no Redis URL is set (one line, for every command that needs it).
@@ -231,6 +233,72 @@ def _print_summary(s: Summary) -> None:
 
 
 @app.command()
+def up(
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker pool processes.")] = 2,
+    port: Annotated[int, typer.Option(help="Port of the HTTP API.")] = 8000,
+    flower_port: Annotated[int, typer.Option(help="Port of Flower.")] = 5555,
+    no_flower: Annotated[bool, typer.Option("--no-flower", help="Do not start Flower.")]
+    = False,
+    providers: Annotated[str | None, typer.Option(
+        help="Providers the service offers, comma-separated, the first the default (for "
+        "example echo,simulated). Default: PROMPTBATCH_DEFAULT_PROVIDER and "
+        "PROMPTBATCH_TENANT_PROVIDERS.")] = None,
+) -> None:
+    """Start the whole service on this machine: embedded Valkey (AOF, a password), the
+    job store, a scheduler, a worker, the HTTP API and Flower. Ctrl-C stops it all; the
+    next `up` finds the same jobs, keys and results."""
+    from promptbatch.stack import StackError
+    from promptbatch.up import Service
+
+    setup_logging("WARNING")
+    settings = _settings()
+    env: dict[str, str] = {}
+    if providers:
+        names = [p.strip() for p in providers.split(",") if p.strip()]
+        env["PROMPTBATCH_DEFAULT_PROVIDER"] = names[0]
+        env["PROMPTBATCH_TENANT_PROVIDERS"] = json.dumps({"*": names})
+    service = Service(settings, workers=workers, port=port, flower=not no_flower,
+                      flower_port=flower_port, env=env)
+    _install_sigterm()
+    try:
+        with console.status("starting promptbatch..."):
+            service.start()
+        _print_endpoints(service)
+        service.watch()
+    except KeyboardInterrupt:
+        console.print("stopping promptbatch...")
+    except (StackError, PromptBatchError) as exc:
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        service.stop()
+        raise typer.Exit(1) from None
+    service.stop()
+    console.print("stopped; the data stays in " + str(settings.data_dir))
+
+
+def _print_endpoints(service: Any) -> None:
+    e = service.endpoints()
+    out = Console(soft_wrap=True)
+    out.print("[bold]promptbatch is up[/bold] (Ctrl-C stops it)", highlight=False)
+    out.print(f"  API          {e.api_url}   docs: {e.api_url}/docs", highlight=False)
+    if e.new_key:
+        out.print(f"  API key      {e.new_key}   (admin key of tenant 'default', shown once: "
+                  "keep it; send it as 'Authorization: Bearer <key>')", highlight=False)
+    else:
+        out.print("  API key      created on the first start (a new one: `promptbatch keys add "
+                  "default --admin`)", highlight=False)
+    if e.flower_url:
+        out.print(f"  Flower       {e.flower_url}   user {e.flower_user}, password "
+                  f"{e.flower_password}", highlight=False)
+    out.print(f"  Redis        PROMPTBATCH_REDIS_URL={e.redis_url}", highlight=False)
+    out.print(f"  Job store    PROMPTBATCH_DATABASE_URL={e.database_url}", highlight=False)
+    out.print(f"  Other terminals: source {e.env_file}   (then promptbatch submit / worker / "
+              "status join this service)", highlight=False)
+    out.print(f'  Try: curl -s {e.api_url}/v1/jobs -H "Authorization: Bearer <key>" '
+              """-H 'Content-Type: application/json' -d '{"prompt": "Hello"}'""",
+              highlight=False)
+
+
+@app.command()
 def scheduler() -> None:
     """Run the scheduler against PROMPTBATCH_REDIS_URL (one is active; others stand by)."""
     settings = _settings()
@@ -325,6 +393,7 @@ def submit(
                                              "input order (implies --wait).")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="Submit only the valid lines.")] = False,
     chunk: Annotated[int, typer.Option(min=1, max=10_000, help="Lines per request.")] = 1000,
+    provider: Provider = None,
 ) -> None:
     """Submit FILE; print the job ids, or wait and write the results.
 
@@ -333,6 +402,9 @@ def submit(
     """
     setup_logging("WARNING")
     lines, errors = _load(file, skip_invalid)
+    if provider:  # for the lines that name none
+        lines = [replace(ln, request=ln.request.model_copy(update={"provider": provider}))
+                 if ln.request.provider is None else ln for ln in lines]
     if url:
         _submit_remote(file, lines, errors, url, api_key, wait or out is not None, out, chunk)
         return
@@ -389,7 +461,8 @@ def _submit_remote(file: Path, lines: list[InputLine], errors: list[InvalidJob],
             done = bar.add_task("finished", total=len(ids))
             raw = wait_all(client, ids, lambda: bar.advance(done))
     except RemoteError as exc:
-        console.print(f"[red]{exc}[/red] (run the same command again to resume)")
+        hint = " (run the same command again to resume)" if exc.retryable else ""
+        console.print(f"[red]{exc}[/red]{hint}", soft_wrap=True)
         raise typer.Exit(1) from exc
     finally:
         client.close()
@@ -415,8 +488,10 @@ def api(
     settings = _settings()
     _need_redis(settings)
     _ready(settings)
+    console.print(f"promptbatch API listening on http://{host}:{port} (docs at "
+                  f"http://{host}:{port}/docs), {workers} worker process(es)", soft_wrap=True)
     uvicorn.run("producers.asgi:app", host=host, port=port, workers=workers,
-                log_level="warning", proxy_headers=False)
+                log_level="info", access_log=True, proxy_headers=False)
 
 
 keys_app = typer.Typer(help="API keys of the HTTP API.")
@@ -426,7 +501,10 @@ app.add_typer(keys_app, name="keys")
 @keys_app.command("add")
 def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
              key: Annotated[str | None, typer.Option(help="The key (default: a new random "
-                                                     "one, printed once).")] = None) -> None:
+                                                     "one, printed once).")] = None,
+             admin: Annotated[bool, typer.Option(help="An admin key: it may submit for any "
+                                                 "tenant and read every tenant's jobs.")]
+             = False) -> None:
     """Add an API key for TENANT to the SQL store (only its SHA-256 is stored)."""
     import secrets
 
@@ -439,7 +517,7 @@ def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
     except PromptBatchError as exc:
         raise _refuse(exc) from None
     new = key or f"pb-{secrets.token_urlsafe(24)}"
-    Accounts(store).add_key(new, tenant)
+    Accounts(store).add_key(new, tenant, admin=admin)
     print(new)
 
 
@@ -453,11 +531,16 @@ def status(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None
     try:
         with Client(settings) as client:
             client.check()
-            state = client.status(job_id)
+            stored = client.store.find(job_id)  # its id, or the id its input line gave it
+            if stored is None:
+                raise _refuse(PromptBatchError(f"no job with id or client_id {job_id!r} in "
+                                               f"the job store {client.store.where}"))
+            state = client.status(stored.spec.id)
             if state.final:
-                print(json.dumps(client.result(job_id, timeout=1).public()))
+                print(json.dumps(client.result(stored.spec.id, timeout=1).public()))
             else:
-                print(json.dumps({"id": job_id, "state": state.value}))
+                print(json.dumps({"id": stored.spec.id, "client_id": stored.spec.client_id,
+                                  "state": state.value}))
     except PromptBatchError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc

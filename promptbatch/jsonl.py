@@ -52,6 +52,8 @@ def parse_line(number: int, text: str) -> InputLine:
     custom = data.pop(LINE_ID, None)
     if custom is not None and (isinstance(custom, bool) or not isinstance(custom, str | int)):
         raise InvalidJob([(LINE_ID, "must be a string or an integer")], line=number)
+    if custom is not None:  # the caller's own id: the job can be found by it
+        data.setdefault("client_id", str(custom))
     return InputLine(number, None if custom is None else str(custom),
                      parse_request(data, line=number))
 

@@ -25,7 +25,13 @@ CHUNK = 1000
 
 
 class RemoteError(RuntimeError):
-    """Raised when the API refuses a request or cannot be reached."""
+    """Raised when the API refuses a request or cannot be reached. ``retryable``: the same
+    request may succeed later (the API was unreachable or answered 5xx or 429); a 4xx
+    refusal will not, whatever the number of tries."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def file_digest(path: Path) -> str:
@@ -70,7 +76,8 @@ class RemoteClient:
                                    for e in err.get("errors", [])) or err["message"]
             except (ValueError, KeyError, TypeError):
                 detail = resp.text[:500]
-            raise RemoteError(f"the API answered {resp.status_code}: {detail}")
+            raise RemoteError(f"the API answered {resp.status_code}: {detail}",
+                              retryable=resp.status_code >= 500 or resp.status_code == 429)
         return resp.json()
 
     def submit(self, jobs: list[dict[str, Any]]) -> list[str]:

@@ -1,0 +1,80 @@
+"""Who is calling: the API key of a request, its tenant, and whether it is an admin key.
+
+A key is sent as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (both declared in
+the OpenAPI document, so ``/docs`` has an Authorize button). Keys come from the settings
+(``api_keys``: key -> tenant; ``api_admin_keys``: key -> tenant, for admin keys) or from
+the SQL table ``api_keys`` (``promptbatch keys add TENANT [--admin]``; only SHA-256 is
+stored). A tenant key acts for its own tenant only; an admin key (a backend service that
+submits on behalf of its customers, or the operator) may name any tenant in a job and
+read any tenant's jobs.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from config.settings import Settings
+
+bearer = HTTPBearer(auto_error=False, scheme_name="bearer",
+                    description="Your promptbatch API key: `Authorization: Bearer <key>`.")
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="apiKey",
+                              description="Your promptbatch API key, as `X-API-Key: <key>`.")
+
+
+class Unauthorized(Exception):
+    """Raised when a request carries no key, or an unknown one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The tenant a request acts for, and whether its key is an admin key."""
+
+    tenant: str
+    admin: bool = False
+
+    @property
+    def scope(self) -> str | None:
+        """The tenant reads are limited to (None: an admin key reads every tenant)."""
+        return None if self.admin else self.tenant
+
+
+def _match(key: str, table: dict[str, str]) -> str | None:
+    for known, tenant in table.items():
+        if hmac.compare_digest(known.encode(), key.encode()):
+            return tenant
+    return None
+
+
+async def caller_of(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)] = None,
+    header_key: Annotated[str | None, Security(api_key_header)] = None,
+) -> Caller:
+    """The caller of a request; ``Unauthorized`` (HTTP 401) without a known key."""
+    key = credentials.credentials if credentials is not None else (header_key or "")
+    if not key:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    settings: Settings = request.app.state.settings
+    tenant = _match(key, settings.api_admin_keys)
+    if tenant is not None:
+        return Caller(tenant, admin=True)
+    tenant = _match(key, settings.api_keys)
+    if tenant is not None:
+        return Caller(tenant)
+    found = await run_in_threadpool(request.app.state.accounts.tenant_of, key)
+    if found is None:
+        raise Unauthorized("unknown API key")
+    return Caller(found[0], admin=found[1])
+
+
+CallerDep = Annotated[Caller, Depends(caller_of)]

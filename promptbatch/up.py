@@ -1,0 +1,178 @@
+"""``promptbatch up``: the whole service on this machine, on embedded defaults.
+
+Started, in order: the embedded Valkey server (AOF on, a password generated on the first
+start), the job store's migrations (SQLite in ``data_dir`` unless
+``PROMPTBATCH_DATABASE_URL`` names another), one scheduler, a worker, the HTTP API and
+Flower behind basic auth. Everything it keeps lives in ``data_dir/up``: the server's data,
+``up.json`` (its port and passwords, mode 600) and ``up.env`` (the variables another
+terminal needs, to ``source``). A second ``up`` on the same folder finds the same data:
+jobs, keys and results. The first start creates an admin API key for the default tenant
+and shows it once (only its SHA-256 is stored).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from config.settings import Settings
+from jobs.accounts import Accounts
+from jobs.store import JobStore
+from promptbatch.embedded import EmbeddedRedis, free_port
+from promptbatch.stack import LocalStack, StackError
+
+
+@dataclass
+class UpState:
+    """What ``up`` keeps between starts (``up.json``)."""
+
+    redis_port: int = 0
+    redis_password: str = ""
+    flower_user: str = "admin"
+    flower_password: str = ""
+    key_created: bool = False
+
+    @classmethod
+    def load(cls, path: Path) -> UpState:
+        if not path.exists():
+            return cls()
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2), encoding="utf-8")
+        tmp.chmod(0o600)
+        tmp.replace(path)
+
+
+@dataclass
+class Endpoints:
+    """What ``up`` tells its user."""
+
+    api_url: str
+    flower_url: str | None
+    flower_user: str
+    flower_password: str
+    redis_url: str
+    database_url: str
+    env_file: Path
+    new_key: str | None = None
+    lines: list[str] = field(default_factory=list)
+
+
+class Service(LocalStack):
+    """The embedded server, scheduler, worker, API and Flower, started and stopped together."""
+
+    def __init__(self, settings: Settings, *, workers: int, port: int, flower: bool,
+                 flower_port: int, env: dict[str, str]) -> None:
+        self.home = settings.data_dir / "up"
+        super().__init__(self.home, workers=workers, env=env)
+        self.settings = settings
+        self.port = port
+        self.flower = flower
+        self.flower_port = flower_port
+        self.state_path = self.home / "up.json"
+        self.state = UpState.load(self.state_path)
+        self.new_key: str | None = None
+
+    def start(self, ready_timeout: float = 90.0) -> Service:
+        self.home.mkdir(parents=True, exist_ok=True)
+        st = self.state
+        st.redis_password = st.redis_password or secrets.token_urlsafe(24)
+        st.flower_password = st.flower_password or secrets.token_urlsafe(12)
+        port = st.redis_port if st.redis_port and _port_free(st.redis_port) else free_port()
+        st.redis_port = port
+        self.server = EmbeddedRedis(self.home / "valkey", port=port,
+                                    password=st.redis_password).start()
+        self.redis_url = self.server.url
+        self.env["PROMPTBATCH_DATABASE_URL"] = self.settings.database_url
+        self.env["PROMPTBATCH_DATA_DIR"] = str(self.settings.data_dir)
+        store = JobStore(self.settings.database_url)
+        try:
+            store.migrate()
+            self.new_key = None if st.key_created else self._first_key(store)
+        finally:
+            store.close()
+        st.key_created = True
+        st.save(self.state_path)
+        self._write_env()
+        self._spawn("scheduler", [sys.executable, "-m", "promptbatch", "scheduler"])
+        self._spawn("worker", [sys.executable, "-m", "promptbatch", "worker",
+                               "--concurrency", str(self.workers), "--name", "up"])
+        self._spawn("api", [sys.executable, "-m", "promptbatch", "api", "--host", "127.0.0.1",
+                            "--port", str(self.port)])
+        if self.flower:
+            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "workers.app",
+                                   "flower", f"--port={self.flower_port}",
+                                   "--address=127.0.0.1",
+                                   f"--basic_auth={st.flower_user}:{st.flower_password}"])
+        self._wait_for_workers(ready_timeout)
+        self._wait_for_api(ready_timeout)
+        return self
+
+    def _first_key(self, store: JobStore) -> str:
+        key = f"pb-{secrets.token_urlsafe(24)}"
+        Accounts(store).add_key(key, self.settings.default_tenant, admin=True)
+        return key
+
+    def _write_env(self) -> None:
+        path = self.home / "up.env"
+        path.write_text(f"export PROMPTBATCH_REDIS_URL='{self.redis_url}'\n"
+                        f"export PROMPTBATCH_DATABASE_URL='{self.settings.database_url}'\n"
+                        f"export PROMPTBATCH_DATA_DIR='{self.settings.data_dir}'\n",
+                        encoding="utf-8")
+        path.chmod(0o600)
+
+    def _wait_for_api(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        while time.monotonic() < deadline:
+            self._check_children()
+            try:
+                if httpx.get(url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise StackError(f"the API did not become ready within {timeout} s; see "
+                         f"{self.home / 'api.log'}")
+
+    def _check_children(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = self.home / f"{name}.log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise StackError(f"the {name} exited with code {proc.returncode}: "
+                                 + " | ".join(tail) + f" (log: {log})")
+
+    def endpoints(self) -> Endpoints:
+        st = self.state
+        return Endpoints(
+            api_url=f"http://127.0.0.1:{self.port}",
+            flower_url=f"http://127.0.0.1:{self.flower_port}" if self.flower else None,
+            flower_user=st.flower_user, flower_password=st.flower_password,
+            redis_url=self.redis_url, database_url=self.settings.database_url,
+            env_file=self.home / "up.env", new_key=self.new_key)
+
+    def watch(self, every: float = 1.0) -> None:
+        """Return when a child exits (``StackError`` naming it)."""
+        while True:
+            self._check_children()
+            time.sleep(every)  # checking on the children, not waiting for a result
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
