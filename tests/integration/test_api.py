@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -322,4 +323,58 @@ def test_a_large_post_accepts_every_job_or_none(settings: Settings, r: redis.Red
         store.close()
         assert r.xlen(keys.INTAKE) == 2_500
     finally:
+        api.stop()
+
+
+def test_docs_render_from_the_package_and_the_openapi_document_matches_the_api(
+        api: Api) -> None:
+    from openapi_spec_validator import validate
+
+    page = httpx.get(f"{api.url}/docs", timeout=10).text
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert assets and all(a.startswith("/") for a in assets), assets  # nothing from a CDN
+    for asset in assets:
+        served = httpx.get(f"{api.url}{asset}", timeout=10)
+        assert served.status_code == 200 and len(served.content) > 500, asset
+    doc = httpx.get(f"{api.url}/openapi.json", timeout=10).json()
+    validate(doc)
+    body = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    refs = {s["$ref"] for s in body["schema"]["oneOf"]}
+    assert refs == {"#/components/schemas/JobRequest", "#/components/schemas/JobsRequest"}
+    assert "prompt" in doc["components"]["schemas"]["JobRequest"]["properties"]
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
+    assert doc["paths"]["/v1/jobs/{job_id}"]["get"]["security"]
+    text = json.dumps(doc)
+    assert "HTTPValidationError" not in text and '"detail"' not in text
+    err = doc["paths"]["/v1/jobs"]["post"]["responses"]["422"]
+    assert err["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    # A bad query parameter is answered in that shape, naming the field.
+    resp = api.a.get("/v1/jobs", params={"limit": 0})
+    assert resp.status_code == 422 and fields(resp) == ["limit"]
+
+
+def test_a_tenant_key_may_name_its_own_tenant_and_an_admin_key_any(settings: Settings,
+                                                                    r: redis.Redis) -> None:
+    api = Api(settings, api_admin_keys={"admin-key": "ops"}).start()
+    admin = httpx.Client(base_url=api.url, headers={"Authorization": "Bearer admin-key"},
+                         timeout=30)
+    try:
+        assert api.a.post("/v1/jobs", json={"prompt": "x", "tenant": "tenant-a"}
+                          ).status_code == 201
+        refused = api.a.post("/v1/jobs", json={"prompt": "x", "tenant": "tenant-b"})
+        assert refused.status_code == 422 and "admin key" in refused.text
+        made = admin.post("/v1/jobs", json={"jobs": [{"prompt": "for b", "tenant": "tenant-b"},
+                                                     {"prompt": "for ops"}]})
+        assert made.status_code == 201, made.text
+        for_b, for_ops = made.json()["ids"]
+        assert api.b.get(f"/v1/jobs/{for_b}").json()["tenant"] == "tenant-b"
+        assert admin.get(f"/v1/jobs/{for_ops}").json()["tenant"] == "ops"
+        assert admin.get(f"/v1/jobs/{for_b}").status_code == 200  # an admin reads any
+        assert api.a.get(f"/v1/jobs/{for_b}").status_code == 404
+        assert [j["id"] for j in admin.get("/v1/jobs", params={"tenant": "tenant-b"}
+                                           ).json()["data"]] == [for_b]
+        assert api.a.get("/v1/jobs", params={"tenant": "tenant-b"}).status_code == 403
+    finally:
+        admin.close()
         api.stop()
