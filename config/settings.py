@@ -51,6 +51,18 @@ class Settings(BaseSettings):
         "promptbatch.db in data_dir, the same from any folder. PostgreSQL: "
         "postgresql+psycopg://user:password@host:5432/db (extra 'postgres').",
     )
+    database_pool_size: int = Field(
+        default=5, ge=1, le=200,
+        description="PostgreSQL: connections each process keeps open (API processes, the "
+        "scheduler, every worker pool process: size the server's max_connections for "
+        "their sum, plus database_max_overflow each).")
+    database_max_overflow: int = Field(
+        default=10, ge=0, le=200,
+        description="PostgreSQL: connections a process may open beyond the pool at a peak.")
+    database_statement_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="PostgreSQL: longest a statement may run (the API's own requests give up "
+        "sooner, at api_dependency_timeout_s).")
     data_dir: Path = Field(
         default_factory=lambda: default_data_dir(),
         description="Folder for local state: the default SQLite file, the embedded server's "

@@ -23,7 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    bindparam,
+    case,
     create_engine,
     event,
     select,
@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from config.settings import Settings
 from jobs.models import FINAL_STATES, JobResult, JobSpec, JobState
 
 log = logging.getLogger(__name__)
@@ -83,13 +84,23 @@ class StoreMetaRow(Base):
 
 _JOBS: Table = JobRow.__table__  # type: ignore[assignment]
 
-#: Record a final state unless the job already has one (the first result wins).
-_FINALIZE = (
-    update(_JOBS)
-    .where(_JOBS.c.id == bindparam("b_id"), _JOBS.c.state.not_in(_FINAL))
-    .values(state=bindparam("b_state"), result=bindparam("b_result"),
-            finished_at=bindparam("b_finished"), batch_id=bindparam("b_batch"))
-)
+
+#: Results written per UPDATE statement.
+FINALIZE_CHUNK = 200
+
+
+def _finalize_many(results: Sequence[JobResult]) -> Any:
+    """UPDATE jobs SET state/result/finished_at/batch_id = CASE id ... for the jobs not yet
+    final, RETURNING the ids it changed."""
+    by_id = _JOBS.c.id
+    return (update(_JOBS)
+            .where(by_id.in_([r.id for r in results]), _JOBS.c.state.not_in(_FINAL))
+            .values(state=case({r.id: r.state.value for r in results}, value=by_id),
+                    result=case({r.id: r.model_dump_json() for r in results}, value=by_id),
+                    finished_at=case({r.id: r.finished_at for r in results}, value=by_id),
+                    batch_id=case({r.id: r.batch_id for r in results}, value=by_id,
+                                  else_=_JOBS.c.batch_id))
+            .returning(by_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +112,26 @@ class StoredJob:
     result: JobResult | None
 
 
-def make_engine(database_url: str, busy_timeout_s: float = 30.0) -> Engine:
-    """An engine for ``database_url``; a SQLite file's folder is created, WAL is on, and a
-    locked database is waited for ``busy_timeout_s`` at most."""
+def make_engine(database_url: str, busy_timeout_s: float = 30.0, *, pool_size: int = 5,
+                max_overflow: int = 10, statement_timeout_s: float = 30.0) -> Engine:
+    """An engine for ``database_url``.
+
+    SQLite: the file's folder is created, WAL is on, and a locked database is waited for
+    ``busy_timeout_s`` at most. PostgreSQL: a pool of ``pool_size`` connections (plus
+    ``max_overflow``) per process, connections checked before use (a restarted server
+    costs one failed query, not a broken pool), connecting waits ``busy_timeout_s`` at
+    most and a statement ``statement_timeout_s``.
+    """
     if database_url.startswith("sqlite:///") and database_url != "sqlite:///:memory:":
         Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if database_url.startswith("postgresql"):
+        engine = create_engine(
+            database_url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
+            pool_timeout=max(busy_timeout_s, 1.0), pool_recycle=1800,
+            connect_args={"connect_timeout": max(1, int(busy_timeout_s)),
+                          "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
+                          "application_name": "promptbatch"})
+        return engine
     engine = create_engine(database_url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
 
@@ -141,9 +167,22 @@ def _wal(cur: Any, timeout_s: float) -> None:
 class JobStore:
     """Reads and writes of the ``jobs`` table."""
 
-    def __init__(self, database_url: str, busy_timeout_s: float = 30.0) -> None:
+    @classmethod
+    def for_settings(cls, settings: Settings, *, timeout_s: float | None = None) -> JobStore:
+        """The store of ``settings`` with its pool and timeouts; ``timeout_s`` (the API's
+        dependency timeout) bounds connecting and each statement."""
+        wait = timeout_s if timeout_s is not None else 30.0
+        return cls(settings.database_url, wait, pool_size=settings.database_pool_size,
+                   max_overflow=settings.database_max_overflow,
+                   statement_timeout_s=timeout_s or settings.database_statement_timeout_s)
+
+    def __init__(self, database_url: str, busy_timeout_s: float = 30.0, *,
+                 pool_size: int = 5, max_overflow: int = 10,
+                 statement_timeout_s: float = 30.0) -> None:
         self.database_url = database_url
-        self.engine = make_engine(database_url, busy_timeout_s)
+        self.engine = make_engine(database_url, busy_timeout_s, pool_size=pool_size,
+                                  max_overflow=max_overflow,
+                                  statement_timeout_s=statement_timeout_s)
 
     def migrate(self) -> None:
         """Bring the schema to the newest Alembic revision (safe to call from many processes)."""
@@ -242,18 +281,17 @@ class JobStore:
     def finalize(self, results: Sequence[JobResult]) -> list[str]:
         """Store final results; return the ids whose result was stored by this call.
 
-        A job that already has a final state keeps it (the first result wins).
+        A job that already has a final state keeps it (the first result wins). One
+        conditional UPDATE per ``FINALIZE_CHUNK`` results (CASE by id, RETURNING the ids it
+        changed), rows taken in id order, so concurrent writers (workers, the reconciler,
+        a cancel) never deadlock on PostgreSQL and a batch costs one statement.
         """
         won: list[str] = []
-        if not results:
-            return won
+        latest = {r.id: r for r in results}  # one result per job and call
+        ordered = [latest[k] for k in sorted(latest)]
         with self.engine.begin() as conn:
-            for res in results:
-                params = {"b_id": res.id, "b_state": res.state.value,
-                          "b_result": res.model_dump_json(), "b_finished": res.finished_at,
-                          "b_batch": res.batch_id}
-                if conn.execute(_FINALIZE, params).rowcount == 1:
-                    won.append(res.id)
+            for chunk in _chunks(ordered, FINALIZE_CHUNK):
+                won += [row[0] for row in conn.execute(_finalize_many(chunk))]
         return won
 
     def set_state(self, job_ids: Sequence[str], state: JobState,

@@ -274,7 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = JobStore(settings.database_url, busy_timeout_s=settings.api_dependency_timeout_s)
+        store = JobStore.for_settings(settings, timeout_s=settings.api_dependency_timeout_s)
         client = Client(settings, store=store, fail_fast=True)
         app.state.settings = settings
         app.state.client = client

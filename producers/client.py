@@ -60,7 +60,7 @@ class Client:
         else:
             self.r = connect(url)
         self.queue = RedisQueue(self.r)
-        self.store = store or JobStore(self.settings.database_url)
+        self.store = store or JobStore.for_settings(self.settings)
         self._bound = False
 
     def check(self) -> None:

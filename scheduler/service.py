@@ -82,7 +82,7 @@ class Scheduler:
             raise ValueError("redis_url is empty: set PROMPTBATCH_REDIS_URL")
         self.r = connect(self.url)
         self.queue = RedisQueue(self.r)
-        self.store = JobStore(settings.database_url)
+        self.store = JobStore.for_settings(settings)
         self.embedder = embedder or create_embedder(settings.embedder, dim=settings.embedding_dim)
         self.celery = celery_app or build_celery(settings, "promptbatch-scheduler", self.url)
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

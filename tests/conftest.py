@@ -56,12 +56,45 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
+PG_URL = os.environ.get("PROMPTBATCH_TEST_DATABASE_URL", "")
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    """A PostgreSQL server for this test process: ``PROMPTBATCH_TEST_DATABASE_URL``, or one
+    started from the binaries ``tests.pg`` finds (a missing server fails, never skips)."""
+    if PG_URL:
+        yield PG_URL
+        return
+    from tests.pg import PostgresServer
+
+    server = PostgresServer().start()
+    yield server.admin_url
+    server.stop()
+
+
 @pytest.fixture
-def settings(redis_url: str, tmp_path: Path) -> Settings:
-    """Settings pointing at the test's server and its own SQLite file (migrated, as
-    `promptbatch migrate` does before the services start), with the echo provider's test
-    hooks on and its calls recorded in the test's own file."""
-    s = Settings(redis_url=redis_url, database_url=f"sqlite:///{tmp_path / 'jobs.db'}",
+def pg_url(pg_admin_url: str) -> str:
+    """A new, empty PostgreSQL database for one test."""
+    from tests.pg import create_database
+
+    return create_database(pg_admin_url)
+
+
+#: Parametrize a module's tests over both stores: ``pytestmark = BOTH_STORES``.
+BOTH_STORES = pytest.mark.parametrize("settings", ["sqlite", "postgres"], indirect=True)
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> Settings:
+    """Settings pointing at the test's server and its own job store (a SQLite file, or a
+    PostgreSQL database for tests parametrized so; migrated, as `promptbatch migrate`
+    does before the services start), with the echo provider's test hooks on and its
+    calls recorded in the test's own file."""
+    backend = getattr(request, "param", None) or "sqlite"
+    database = (str(request.getfixturevalue("pg_url")) if backend == "postgres"
+                else f"sqlite:///{tmp_path / 'jobs.db'}")
+    s = Settings(redis_url=redis_url, database_url=database,
                  data_dir=tmp_path / "var", echo_test_hooks=True,
                  echo_call_log=tmp_path / "echo-calls.jsonl",
                  _env_file=None)  # type: ignore[call-arg]

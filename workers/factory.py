@@ -47,7 +47,7 @@ class _ProcessResources:
             self.pid = os.getpid()
             self._providers = {}
             self._runner = BatchRunner(self.settings, RedisQueue(connect(self.url)),
-                                       JobStore(self.settings.database_url), self.provider,
+                                       JobStore.for_settings(self.settings), self.provider,
                                        resend=resend)
         return self._runner
 

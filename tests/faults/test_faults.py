@@ -401,3 +401,58 @@ def test_18_redis_paused_in_the_middle_of_a_submit_leaves_no_phantom_job(own: Ow
     poll(lambda: all(r.get(keys.celery_result(i)) for i in rows), timeout=60,
          what="every result in the result backend")
     store.close()
+
+
+def test_19_postgresql_restarted_under_load_the_api_answers_503_and_no_job_is_lost(
+        settings: Settings, tmp_path: Path) -> None:
+    import threading
+
+    from tests.integration.test_api import Api
+    from tests.pg import PostgresServer, create_database
+
+    server = PostgresServer().start()
+    try:
+        url = create_database(server.admin_url)
+        s = settings.model_copy(update={"database_url": url})
+        JobStore(url).migrate()
+        log_dir = tmp_path / "pg-logs"
+        log_dir.mkdir()
+        procs = Procs(s, log_dir)
+        api = Api(s, max_pending_per_tenant=100_000).start()
+        accepted: list[str] = []
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def submit() -> None:
+            n = 0
+            while not stop.is_set():
+                resp = api.a.post("/v1/jobs", json={"jobs": [
+                    {"prompt": f"load {n}-{i} [echo:sleep=0.05]"} for i in range(20)]})
+                statuses.append(resp.status_code)
+                if resp.status_code == 201:
+                    accepted.extend(resp.json()["ids"])
+                n += 1
+
+        try:
+            procs.scheduler(**FAST)
+            procs.worker(concurrency=2, **FAST)
+            producer = threading.Thread(target=submit)
+            producer.start()
+            poll(lambda: len(accepted) >= 400, timeout=60, what="load before the restart")
+            server.restart()  # sessions cut, a few seconds down
+            poll(lambda: statuses[-20:].count(201) == 20 and 503 in statuses, timeout=90,
+                 what="the API to answer 503 while PostgreSQL was down, then recover")
+            stop.set()
+            producer.join(30)
+            store = JobStore(url)
+            poll(lambda: all(x.state is JobState.SUCCEEDED
+                             for x in store.get_many(accepted).values())
+                 and len(store.get_many(accepted)) == len(accepted),
+                 timeout=180, interval=1, what="every accepted job to succeed")
+            store.close()
+        finally:
+            stop.set()
+            api.stop()
+            procs.stop_all()
+    finally:
+        server.stop()

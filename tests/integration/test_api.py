@@ -24,7 +24,7 @@ from config.settings import Settings
 from jobs.store import JobStore
 from producers.api import create_app
 from promptbatch.embedded import EmbeddedRedis, free_port
-from tests.conftest import Procs, settings_env
+from tests.conftest import BOTH_STORES, Procs, settings_env
 from tests.helpers import poll
 
 pytestmark = pytest.mark.integration
@@ -131,6 +131,7 @@ def test_missing_or_wrong_key_is_401(api: Api, r: redis.Redis) -> None:
     assert nothing_enqueued(r, api.settings)
 
 
+@BOTH_STORES
 def test_over_the_pending_quota_is_429_and_nothing_more_is_written(api: Api,
                                                                    r: redis.Redis) -> None:
     ok = api.a.post("/v1/jobs", json={"jobs": [{"prompt": f"p{i}"} for i in range(50)]})
@@ -141,6 +142,7 @@ def test_over_the_pending_quota_is_429_and_nothing_more_is_written(api: Api,
     assert api.b.post("/v1/jobs", json={"prompt": "other tenant"}).status_code == 201
 
 
+@BOTH_STORES
 def test_tenants_cannot_see_cancel_or_list_each_others_jobs(api: Api) -> None:
     job_id = api.a.post("/v1/jobs", json={"prompt": "private"}).json()["id"]
     unknown = api.b.get("/v1/jobs/00000000-0000-0000-0000-000000000000")
@@ -155,6 +157,7 @@ def test_tenants_cannot_see_cancel_or_list_each_others_jobs(api: Api) -> None:
     assert api.a.delete(f"/v1/jobs/{job_id}").json()["state"] == "CANCELLED"
 
 
+@BOTH_STORES
 def test_idempotency_key_returns_the_same_job_and_creates_nothing(api: Api,
                                                                   r: redis.Redis) -> None:
     first = api.a.post("/v1/jobs", json={"prompt": "charge card 42"},
@@ -167,6 +170,7 @@ def test_idempotency_key_returns_the_same_job_and_creates_nothing(api: Api,
     assert other != first  # keys are per tenant
 
 
+@BOTH_STORES
 def test_listing_pages_with_a_cursor_and_filters_by_state(api: Api) -> None:
     ids = api.a.post("/v1/jobs", json={"jobs": [{"prompt": f"p{i}"} for i in range(5)]}
                      ).json()["ids"]
@@ -188,6 +192,7 @@ def test_health_readiness_and_openapi(api: Api) -> None:
 
 
 @pytest.mark.slow
+@BOTH_STORES
 def test_long_poll_returns_as_soon_as_the_job_ends(api: Api, procs: Procs) -> None:
     pending = api.a.post("/v1/jobs", json={"prompt": "nobody serves me yet"}).json()["id"]
     t0 = time.monotonic()
@@ -203,6 +208,7 @@ def test_long_poll_returns_as_soon_as_the_job_ends(api: Api, procs: Procs) -> No
 
 
 @pytest.mark.slow
+@BOTH_STORES
 def test_openai_sdk_runs_a_batch_end_to_end(api: Api, procs: Procs, tmp_path: Path) -> None:
     from openai import OpenAI
 
@@ -299,6 +305,7 @@ def test_redis_down_answers_503_within_two_seconds(settings: Settings, tmp_path:
     (2_000, None, 429, None),  # the quota runs out at 2,000
     (10_000, None, 201, None),  # all fine: every id comes back
 ])
+@BOTH_STORES
 def test_a_large_post_accepts_every_job_or_none(settings: Settings, r: redis.Redis,
                                                 quota: int, bad_at: int | None, status: int,
                                                 field: str | None) -> None:

@@ -37,3 +37,20 @@ def test_processes_starting_together_on_a_fresh_store_all_migrate_it(tmp_path: P
         assert current_revision(engine) is not None
         engine.dispose()
     assert failed == 0, f"{failed} of 48 starts failed:\n{errors.get(timeout=5)}"
+
+
+def test_processes_starting_together_on_a_fresh_postgresql_store_all_migrate_it(
+        pg_url: str) -> None:
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    barrier = ctx.Barrier(8)
+    children = [ctx.Process(target=_start, args=(pg_url, barrier, errors)) for _ in range(8)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+    failed = sum(child.exitcode != 0 for child in children)
+    assert failed == 0, f"{failed} of 8 starts failed:\n{errors.get(timeout=5)}"
+    engine = make_engine(pg_url)
+    assert current_revision(engine) is not None
+    engine.dispose()

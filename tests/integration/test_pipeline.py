@@ -14,7 +14,7 @@ from config.settings import Settings
 from jobs.errors import JobCancelled
 from jobs.models import JobState
 from producers.client import Client
-from tests.conftest import Procs
+from tests.conftest import BOTH_STORES, Procs
 from tests.helpers import poll, provider_calls
 from workers.factory import create_app
 
@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.slow
+@BOTH_STORES
 def test_thousand_echo_jobs_each_get_exactly_one_result(settings: Settings, procs: Procs,
                                                         r: redis.Redis) -> None:
     procs.scheduler()
@@ -43,6 +44,7 @@ def test_thousand_echo_jobs_each_get_exactly_one_result(settings: Settings, proc
     assert {s.state for s in stored.values()} == {JobState.SUCCEEDED}
 
 
+@BOTH_STORES
 def test_async_result_of_a_job_id_works_for_any_celery_user(settings: Settings, procs: Procs,
                                                             ) -> None:
     procs.scheduler()
@@ -57,6 +59,7 @@ def test_async_result_of_a_job_id_works_for_any_celery_user(settings: Settings, 
     assert value["text"] == "echo: What is 2 + 2?"
 
 
+@BOTH_STORES
 def test_cancel_before_dispatch_ends_cancelled_without_a_provider_call(
         settings: Settings, procs: Procs, r: redis.Redis) -> None:
     procs.scheduler()  # no worker yet: the scheduler holds the job

@@ -16,6 +16,7 @@ from jobs.outcomes import record_results
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
 from producers.client import Client
+from tests.conftest import BOTH_STORES
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +58,7 @@ def test_claim_is_fenced_by_the_scheduler_lease(r: redis.Redis) -> None:
     assert r.zcard(keys.INFLIGHT) == 0
 
 
+@BOTH_STORES
 def test_first_result_wins_in_sql_and_redis(settings: Settings, r: redis.Redis) -> None:
     store = JobStore(settings.database_url)
     store.migrate()
@@ -76,6 +78,7 @@ def test_first_result_wins_in_sql_and_redis(settings: Settings, r: redis.Redis) 
     assert 0 < r.ttl(keys.celery_result(s.id)) <= 60
 
 
+@BOTH_STORES
 def test_idempotency_key_returns_the_same_job_and_writes_nothing_new(settings: Settings,
                                                                      r: redis.Redis) -> None:
     with Client(settings) as client:
@@ -87,6 +90,7 @@ def test_idempotency_key_returns_the_same_job_and_writes_nothing_new(settings: S
     assert r.xlen(keys.INTAKE) == 2
 
 
+@BOTH_STORES
 def test_tenant_over_its_pending_quota_is_refused_and_nothing_is_written(
         settings: Settings, r: redis.Redis) -> None:
     small = settings.model_copy(update={"max_pending_per_tenant": 3})
@@ -110,3 +114,32 @@ def test_a_failed_redis_write_leaves_no_sql_row(settings: Settings, r: redis.Red
         finally:
             r.config_set("maxmemory", "0")
         assert client.store.count_by_state() == {}
+
+
+@BOTH_STORES
+def test_concurrent_finalizes_store_exactly_one_result_per_job(settings: Settings) -> None:
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = JobStore.for_settings(settings)
+    specs = [spec() for _ in range(200)]
+    store.insert(specs)
+
+    def writer(n: int) -> list[str]:
+        mine = [JobResult(id=s.id, state=JobState.SUCCEEDED, text=f"writer {n}")
+                for s in specs]
+        random.Random(n).shuffle(mine)  # each writer in its own order
+        won: list[str] = []
+        for start in range(0, len(mine), 25):
+            won += store.finalize(mine[start:start + 25])
+        return won
+
+    with ThreadPoolExecutor(8) as pool:
+        wins = list(pool.map(writer, range(8)))
+    everyone = [job for won in wins for job in won]
+    assert sorted(everyone) == sorted(s.id for s in specs), "a job won twice, or never"
+    stored = store.get_many([s.id for s in specs])
+    for n, won in enumerate(wins):
+        assert all(stored[j].result is not None and stored[j].result.text == f"writer {n}"
+                   for j in won)
+    store.close()
