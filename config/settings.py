@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 #: Priority class names, highest first. Their index is the numeric priority (0 highest).
 PRIORITY_NAMES: tuple[str, ...] = ("critical", "high", "normal", "low", "bulk")
@@ -28,8 +34,25 @@ def default_data_dir() -> Path:
     return Path(base).expanduser() / "promptbatch"
 
 
+class FileSecretsSource(EnvSettingsSource):
+    """``PROMPTBATCH_<NAME>_FILE=/run/secrets/x``: the field's value is that file's content
+    (the Docker secrets convention), unless ``PROMPTBATCH_<NAME>`` itself is set."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        env_name = f"{self.env_prefix}{field_name}".upper()
+        path = os.environ.get(f"{env_name}_FILE")
+        if not path or env_name in os.environ:
+            return None, field_name, False
+        try:
+            content = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"{env_name}_FILE={path}: cannot read it ({exc.strerror})") from exc
+        return content, field_name, self.field_is_complex(field)
+
+
 class Settings(BaseSettings):
-    """promptbatch's configuration. Every field can be set as ``PROMPTBATCH_<NAME>``."""
+    """promptbatch's configuration. Every field can be set as ``PROMPTBATCH_<NAME>``, or
+    read from a file named by ``PROMPTBATCH_<NAME>_FILE`` (Docker secrets)."""
 
     model_config = SettingsConfigDict(
         env_prefix="PROMPTBATCH_",
@@ -372,6 +395,16 @@ class Settings(BaseSettings):
         description="Transient failures in a row after which a deployment cools down.")
     cooldown_s: float = Field(default=60.0, gt=0,
                               description="How long a failing deployment is avoided.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments, then the environment, then ``_FILE`` secrets, then .env."""
+        return (init_settings, env_settings, FileSecretsSource(settings_cls), dotenv_settings,
+                file_secret_settings)
 
     @model_validator(mode="before")
     @classmethod

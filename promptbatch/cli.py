@@ -57,7 +57,8 @@ def _settings(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
-        console.print(f"[red]invalid settings:[/red] {exc}")
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        console.print(f"[red]invalid settings:[/red] {exc}{cause}", soft_wrap=True)
         raise typer.Exit(2) from exc
 
 
@@ -335,6 +336,45 @@ def _ready(settings: Settings) -> None:
     finally:
         r.close()
         store.close()
+
+
+@app.command()
+def health(
+    role: Annotated[str, typer.Option(envvar="PROMPTBATCH_ROLE", help="api, scheduler, worker "
+                                      "or flower (the container's role).")] = "api",
+    port: Annotated[int, typer.Option(envvar="PROMPTBATCH_PORT", help="Port of the API (or "
+                                      "of Flower).")] = 8000,
+) -> None:
+    """Exit 0 if this machine's service of ROLE is healthy (the image's HEALTHCHECK)."""
+    import socket
+
+    import httpx
+
+    if role in ("api", "flower"):
+        path = "/readyz" if role == "api" else "/healthcheck"
+        try:
+            ok = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=3).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        raise typer.Exit(0 if ok else 1)
+    from jobs.queue import connect
+
+    settings = _settings()
+    r = connect(_need_redis(settings), socket_timeout=3, connect_timeout=3, fail_fast=True)
+    try:
+        r.ping()
+        if role == "worker":  # this host's worker reports its pool
+            beats: dict[str, str] = r.hgetall(keys.WORKERS)  # type: ignore[assignment]
+            host = socket.gethostname()
+            ok = any(str(name).split("@", 1)[-1] == host
+                     and time.time() - json.loads(v)["ts"] < 15 for name, v in beats.items())
+            raise typer.Exit(0 if ok else 1)
+    except Exception as exc:
+        if isinstance(exc, typer.Exit):
+            raise
+        raise typer.Exit(1) from exc
+    finally:
+        r.close()
 
 
 @app.command()

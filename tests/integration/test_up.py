@@ -55,6 +55,9 @@ def test_up_serves_a_job_sent_with_curl_shows_it_in_flower_and_keeps_it(tmp_path
         assert key and flower, text
         api = f"http://127.0.0.1:{api_port}"
         assert httpx.get(f"{api}/readyz", timeout=5).status_code == 200
+        health = subprocess.run([sys.executable, "-m", "promptbatch", "health", "--role", "api",
+                                 "--port", str(api_port)], timeout=60, check=False)
+        assert health.returncode == 0  # the image's HEALTHCHECK
         body = json.dumps({"prompt": "Hello from curl"})
         if shutil.which("curl"):
             sent = subprocess.run(["curl", "-s", f"{api}/v1/jobs", "-H",
