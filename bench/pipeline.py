@@ -5,7 +5,9 @@ pool (prefork, ``--workers`` processes), in one command:
 
     .venv/bin/python bench/pipeline.py [--jobs 10000] [--workers 2]
 
-Rows: submit only (``Client.submit_many`` into Redis and SQLite), promptbatch end to end
+Rows: submit only (``Client.submit_many`` into Redis and the store), promptbatch end to end
+on each job store (``--stores sqlite postgres``: SQLite and a PostgreSQL server started
+for the run)
 (submit, schedule, batch, run with the echo provider, one result per job collected), and
 the baseline (``apply_async`` per prompt, results collected by MGET polling, which is
 faster than ``ResultSet.get``).
@@ -14,6 +16,7 @@ faster than ``ResultSet.get``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -91,6 +94,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--keep", action="store_true", help="keep logs and data")
+    parser.add_argument("--stores", nargs="+", default=["sqlite", "postgres"],
+                        choices=["sqlite", "postgres"],
+                        help="job stores to run promptbatch on (PostgreSQL: a server "
+                        "started from the binaries tests/pg.py finds)")
     args = parser.parse_args()
     texts = prompts(args.jobs)
     with tempfile.TemporaryDirectory(prefix="pb-bench-") as d:
@@ -99,20 +106,35 @@ def main() -> None:
             tmp = Path(tempfile.mkdtemp(prefix="pb-bench-"))
             print(f"logs and data in {tmp}")
         rows = []
-        with EmbeddedRedis(tmp / "a") as server:
-            s = Settings(redis_url=server.url, database_url=f"sqlite:///{tmp / 'a.db'}",
-                         _env_file=None)  # type: ignore[call-arg]
-            migrated(s)
-            t_submit, total, batches = run_promptbatch(s, texts, args.workers, tmp)
+        runs: list[tuple[str, float, float, int]] = []
+        for store in args.stores:
+            with contextlib.ExitStack() as stack:
+                server = stack.enter_context(EmbeddedRedis(tmp / f"redis-{store}"))
+                if store == "postgres":
+                    from tests.pg import PostgresServer
+
+                    pg = PostgresServer().start()
+                    stack.callback(pg.stop)
+                    url = pg.create_database()
+                else:
+                    url = f"sqlite:///{tmp / 'a.db'}"
+                s = Settings(redis_url=server.url, database_url=url,
+                             _env_file=None)  # type: ignore[call-arg]
+                migrated(s)
+                runs.append((store, *run_promptbatch(s, texts, args.workers, tmp)))
         with EmbeddedRedis(tmp / "b") as server:
             s = Settings(redis_url=server.url, database_url=f"sqlite:///{tmp / 'b.db'}",
                          _env_file=None)  # type: ignore[call-arg]
             migrated(s)
             base = run_baseline(s, texts, args.workers, tmp)
         n = args.jobs
-        rows.append(("submit only (Redis + SQLite)", n, t_submit, n / t_submit, "-"))
-        rows.append((f"promptbatch end to end ({batches} batches)", n, total, n / total,
-                     f"{base / total:.2f}x"))
+        names = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
+        for store, t_submit, _, _ in runs:
+            rows.append((f"submit only (Redis + {names[store]})", n, t_submit, n / t_submit,
+                         "-"))
+        for store, _, total, batches in runs:
+            rows.append((f"promptbatch end to end, {names[store]} ({batches} batches)", n,
+                         total, n / total, f"{base / total:.2f}x"))
         rows.append(("one Celery task per prompt", n, base, n / base, "1.00x"))
         table(f"pipeline: {n} echo jobs, {args.workers} worker processes",
               ["run", "jobs", "seconds", "jobs/s", "vs baseline"], rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,7 +111,8 @@ def test_the_example_file_goes_through_the_api_with_an_admin_key_not_a_tenant_ke
     api = Api(settings, api_admin_keys={"ops-key": "ops"}, api_max_body_bytes=8 << 20,
               max_pending_per_tenant=10_000).start()
     env = plain_env(tmp_path)
-    example = str(ROOT / "examples" / "prompts.jsonl")
+    example = str(tmp_path / "prompts.jsonl")  # a copy: its resume state is written beside it
+    shutil.copy(ROOT / "examples" / "prompts.jsonl", example)
     try:
         refused = cli("submit", example, "--url", api.url, "--api-key", KEY_A,
                       cwd=tmp_path, env=env)
