@@ -55,7 +55,7 @@ def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str,
         "result_expires": settings.result_ttl_s,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "task_track_started": True,
+        "task_track_started": False,  # Flower sees STARTED from the events
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "broker_transport_options": {

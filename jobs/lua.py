@@ -239,6 +239,31 @@ redis.call('SREM', KEYS[4], ARGV[1])
 return 1
 """
 
+#: KEYS: intake, then per job: job, celery result key, tenant pending set.
+#: ARGV: result ttl, job key ttl, then per job: id, Celery meta JSON, final state.
+#: FINISH for many jobs in one step (a batch's results: one round trip). Returns, per
+#: job, 1 if its result was stored.
+FINISH_MANY = """
+local out = {}
+for i = 1, (#KEYS - 1) / 3 do
+  local jk, rk, tk = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  local a = 2 + (i - 1) * 3
+  if redis.call('SET', rk, ARGV[a + 2], 'NX', 'EX', ARGV[1]) then
+    redis.call('PUBLISH', rk, ARGV[a + 2])
+    local sid = redis.call('HGET', jk, 'sid')
+    if sid then redis.call('XDEL', KEYS[1], sid) end
+    redis.call('HSET', jk, 'state', ARGV[a + 3])
+    redis.call('HDEL', jk, 'sid')
+    redis.call('EXPIRE', jk, ARGV[2])
+    redis.call('SREM', tk, ARGV[a + 1])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+
 #: KEYS: job, events stream. ARGV: id.
 #: Marks a QUEUED or SCHEDULED job CANCELLED and tells the scheduler. Returns the state
 #: found ('' when the job is unknown to Redis).

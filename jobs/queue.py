@@ -31,6 +31,8 @@ _CELERY_OUTCOME: dict[JobState, tuple[str, str | None]] = {
 
 #: A final job's hash is kept this long after its result, for status reads.
 FINAL_JOB_TTL_S = 24 * 3600
+#: Results stored per Lua step.
+FINISH_CHUNK = 500
 #: A withdrawn submit's tombstone lives this long: past any late copy of the submit, and
 #: past the reconciler's next passes (which end a withdrawn job left in SQL CANCELLED).
 TOMBSTONE_TTL_S = 3600
@@ -99,6 +101,7 @@ class RedisQueue:
         self._requeue = client.register_script(lua.REQUEUE)
         self._deliveries = client.register_script(lua.COUNT_DELIVERY)
         self._finish = client.register_script(lua.FINISH)
+        self._finish_many = client.register_script(lua.FINISH_MANY)
         self._cancel = client.register_script(lua.CANCEL)
         self._lease = client.register_script(lua.LEASE)
         self._release = client.register_script(lua.RELEASE)
@@ -295,16 +298,20 @@ class RedisQueue:
 
     def finish(self, results: Sequence[JobResult], tenants: Sequence[str], *,
                result_ttl_s: int) -> list[bool]:
-        """Store final results (first wins); return, per result, whether it was stored."""
-        pipe = self.r.pipeline(transaction=False)
-        for res, tenant in zip(results, tenants, strict=True):
-            self._finish(
-                keys=[keys.job(res.id), keys.celery_result(res.id), keys.INTAKE,
-                      keys.tenant_pending(tenant)],
-                args=[res.id, celery_meta(res), result_ttl_s, res.state.value, FINAL_JOB_TTL_S],
-                client=pipe,
-            )
-        return [bool(x) for x in pipe.execute()]
+        """Store final results (first wins), ``FINISH_CHUNK`` per Lua step; return, per
+        result, whether it was stored."""
+        out: list[bool] = []
+        for start in range(0, len(results), FINISH_CHUNK):
+            part = list(zip(results[start:start + FINISH_CHUNK],
+                            tenants[start:start + FINISH_CHUNK], strict=True))
+            job_keys: list[str] = [keys.INTAKE]
+            args: list[str | int] = [result_ttl_s, FINAL_JOB_TTL_S]
+            for res, tenant in part:
+                job_keys += [keys.job(res.id), keys.celery_result(res.id),
+                             keys.tenant_pending(tenant)]
+                args += [res.id, celery_meta(res), res.state.value]
+            out += [bool(x) for x in self._finish_many(keys=job_keys, args=args)]
+        return out
 
     def results(self, job_ids: Sequence[str]) -> list[JobResult | None]:
         """Stored results of the jobs (None where there is none yet)."""

@@ -77,7 +77,8 @@ class BatchRunner:
     def run(self, batch_id: str, send_id: str, job_ids: Sequence[str],
             similarity: float | None = None, cls: int = 2, prefix_hint: int = 0,
             retries: int = 0, estimate_s: float = 0.0) -> dict[str, Any]:
-        """Run the batch; return a summary (stored as the batch task's own result).
+        """Run the batch; return a summary (for the worker's log: the task stores no
+        result of its own; each job's result is stored under the job's id).
 
         ``retries``: the task's retry number (a retry asked for by the task itself is a
         new message, not a re-delivery after a lost worker). ``estimate_s``: the

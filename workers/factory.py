@@ -91,7 +91,8 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     resources = _ProcessResources(settings, url)
     heartbeat = _Heartbeat(url)
 
-    @app.task(name=PROCESS_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True)
+    @app.task(name=PROCESS_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True,
+              ignore_result=True)
     def process_batch(self: Task[Any, Any], batch_id: str, send_id: str, job_ids: list[str],
                       similarity: float | None = None, cls: int = 2,
                       prefix_hint: int = 0, estimate_s: float = 0.0) -> dict[str, Any]:

@@ -149,3 +149,35 @@ def test_a_service_command_started_with_the_same_store_waits_for_redis(
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_the_api_says_where_it_listens_and_logs_each_request(settings: Settings,
+                                                             tmp_path: Path) -> None:
+    import httpx
+
+    from promptbatch.embedded import free_port
+
+    port = free_port()
+    env = plain_env(tmp_path, PROMPTBATCH_REDIS_URL=settings.redis_url,
+                    PROMPTBATCH_DATABASE_URL=settings.database_url)
+    out = tmp_path / "api.log"
+    with out.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "promptbatch", "api", "--port",
+                                 str(port)], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        poll(lambda: f"listening on http://127.0.0.1:{port}" in out.read_text(), timeout=60,
+             what="the API to say where it listens", proc=proc)
+
+        def answers() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).is_success
+            except httpx.HTTPError:
+                return False
+
+        poll(answers, timeout=60, what="the API to answer", proc=proc)
+        poll(lambda: "GET /healthz" in out.read_text(), timeout=30,
+             what="an access log line", proc=proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
