@@ -35,6 +35,13 @@ STORE = f"{PREFIX}store"
 RECONCILE = f"{PREFIX}reconcile"
 #: Hash provider/model -> JSON list of recent (batch size, seconds) observations.
 SERVICE_TIMES = f"{PREFIX}service_times"
+#: Hash of the cluster's job counters, counted in the Lua step that accepts a job or
+#: stores its result (so once each): ``s|class|tenant|provider|model`` submitted,
+#: ``f|state|class|tenant|provider|model`` finished, ``m|class|tenant|provider|model``
+#: finished after the deadline (or expired). ``jobs.stats`` reads them.
+STATS = f"{PREFIX}stats"
+#: JSON overview the active scheduler writes every second (``promptbatch status``).
+OVERVIEW = f"{PREFIX}overview"
 
 #: Celery's result backend key prefix (celery.backends.base.KeyValueStoreBackend).
 CELERY_RESULT_PREFIX = "celery-task-meta-"
@@ -73,6 +80,12 @@ def rate_bucket(name: str) -> str:
 def inflight_member(cls: int, batch_id: str) -> str:
     """A batch's member of ``INFLIGHT``: its class, so capacity can be counted per class."""
     return f"{cls}:{batch_id}"
+
+
+def recent(bucket: int) -> str:
+    """Counters of one 10-second bucket (``s|class``, ``f|state|class``, ``m|class``), kept
+    a few minutes, for rates over the last minute."""
+    return f"{PREFIX}recent:{bucket}"
 
 
 def celery_result(task_id: str) -> str:

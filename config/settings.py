@@ -396,6 +396,27 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(default=60.0, gt=0,
                               description="How long a failing deployment is avoided.")
 
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535,
+        description="Port of the Prometheus /metrics endpoint of the scheduler or the worker "
+        "(0: none; the API serves /metrics on its own port). Each process on one machine "
+        "needs its own (the --metrics-port option).")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="Address the scheduler's and the worker's /metrics listen on (0.0.0.0 "
+        "in a container, for Prometheus in another).")
+    metrics_tenant_label: bool = Field(
+        default=False,
+        description="Add a tenant label to the job counters (one series per tenant: leave "
+        "it off with many tenants).")
+    api_metrics: bool = Field(
+        default=True, description="Serve /metrics on the API's port (no authentication: "
+        "keep the port internal, or turn it off).")
+    scale_horizon_s: float = Field(
+        default=300.0, gt=0,
+        description="promptbatch_desired_worker_slots asks for enough slots to drain the "
+        "backlog within this many seconds (and to meet every pending deadline).")
+
     @classmethod
     def settings_customise_sources(
         cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -26,7 +26,8 @@ return {1, sid}
 """
 
 #: KEYS: per job: job key, tenant pending set. ARGV: ttl, max pending (0: no limit), then
-#: per job: id, spec JSON, priority, tenant, deadline ('' for none).
+#: per job: id, spec JSON, priority, tenant, deadline ('' for none), stats label
+#: (``tenant|provider|model``, counted when the job is published).
 #: Stages jobs (payload written, state STAGED, counted against the tenant's quota, not yet
 #: in intake: the scheduler cannot see them) only if every tenant stays within its quota:
 #: otherwise writes nothing and returns {-1}. Returns, per job, 1 staged or 0 already there
@@ -50,10 +51,10 @@ if limit > 0 then
 end
 local out = {}
 for i = 1, n do
-  local a = 2 + (i - 1) * 5
+  local a = 2 + (i - 1) * 6
   if new[i] then
     redis.call('HSET', KEYS[2 * i - 1], 'spec', ARGV[a + 2], 'state', 'STAGED',
-               'p', ARGV[a + 3], 't', ARGV[a + 4], 'd', ARGV[a + 5])
+               'p', ARGV[a + 3], 't', ARGV[a + 4], 'd', ARGV[a + 5], 'm', ARGV[a + 6])
     redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[1])
     redis.call('SADD', KEYS[2 * i], ARGV[a + 1])
     redis.call('EXPIRE', KEYS[2 * i], ARGV[1])
@@ -65,25 +66,29 @@ end
 return out
 """
 
-#: KEYS: intake, then job keys. ARGV: job ids.
-#: Publishes staged jobs, all in one step: each STAGED job gets its intake entry and
-#: becomes QUEUED. Returns how many were published.
+#: KEYS: intake, stats hash, recent stats bucket, then job keys. ARGV: bucket ttl, then
+#: job ids. Publishes staged jobs, all in one step: each STAGED job gets its intake entry
+#: and becomes QUEUED, and is counted as submitted (``s|class|label`` in the stats hash,
+#: ``s|class`` in the bucket). Returns how many were published.
 PUBLISH = """
 local done = 0
-for i = 2, #KEYS do
-  local v = redis.call('HMGET', KEYS[i], 'state', 'p', 't', 'd')
+for i = 4, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'state', 'p', 't', 'd', 'm')
   if v[1] == 'STAGED' then
     local sid
     if v[4] and v[4] ~= '' then
-      sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[i - 1], 'p', v[2], 't', v[3],
+      sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[i - 2], 'p', v[2], 't', v[3],
                        'd', v[4])
     else
-      sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[i - 1], 'p', v[2], 't', v[3])
+      sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[i - 2], 'p', v[2], 't', v[3])
     end
     redis.call('HSET', KEYS[i], 'state', 'QUEUED', 'sid', sid)
+    redis.call('HINCRBY', KEYS[2], 's|' .. v[2] .. '|' .. (v[5] or (v[3] .. '||')), 1)
+    redis.call('HINCRBY', KEYS[3], 's|' .. v[2], 1)
     done = done + 1
   end
 end
+if done > 0 then redis.call('EXPIRE', KEYS[3], ARGV[1]) end
 return done
 """
 
@@ -223,44 +228,42 @@ for _, n in ipairs(redis.call('HVALS', KEYS[1])) do lost = lost + tonumber(n) - 
 return lost
 """
 
-#: KEYS: job, celery result key, intake, tenant pending set.
-#: ARGV: id, Celery meta JSON, result ttl, final state, job key ttl.
-#: Stores the result unless one exists (first wins), publishes it for Celery's result
-#: consumer, records the final state and drops the job from intake. Returns 1 if stored.
-FINISH = """
-if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'EX', ARGV[3]) then return 0 end
-redis.call('PUBLISH', KEYS[2], ARGV[2])
-local sid = redis.call('HGET', KEYS[1], 'sid')
-if sid then redis.call('XDEL', KEYS[3], sid) end
-redis.call('HSET', KEYS[1], 'state', ARGV[4])
-redis.call('HDEL', KEYS[1], 'sid')
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('SREM', KEYS[4], ARGV[1])
-return 1
-"""
-
-#: KEYS: intake, then per job: job, celery result key, tenant pending set.
-#: ARGV: result ttl, job key ttl, then per job: id, Celery meta JSON, final state.
-#: FINISH for many jobs in one step (a batch's results: one round trip). Returns, per
-#: job, 1 if its result was stored.
+#: KEYS: intake, stats hash, recent stats bucket, then per job: job, celery result key,
+#: tenant pending set. ARGV: result ttl, job key ttl, bucket ttl, then per job: id, Celery
+#: meta JSON, final state, class ('' to read it from the job), stats label
+#: (``tenant|provider|model``), missed its deadline ('1' or '0').
+#: Stores each result unless one exists (first wins), publishes it for Celery's result
+#: consumer, records the final state, drops the job from intake, and counts it as
+#: finished (``f|state|class|label``, and ``m|class|label`` when it missed its deadline;
+#: ``f|state|class`` and ``m|class`` in the bucket): a result is counted where it is
+#: stored, once. Returns, per job, 1 if its result was stored.
 FINISH_MANY = """
 local out = {}
-for i = 1, (#KEYS - 1) / 3 do
-  local jk, rk, tk = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  local a = 2 + (i - 1) * 3
+for i = 1, (#KEYS - 3) / 3 do
+  local jk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+  local a = 3 + (i - 1) * 6
   if redis.call('SET', rk, ARGV[a + 2], 'NX', 'EX', ARGV[1]) then
     redis.call('PUBLISH', rk, ARGV[a + 2])
-    local sid = redis.call('HGET', jk, 'sid')
-    if sid then redis.call('XDEL', KEYS[1], sid) end
+    local v = redis.call('HMGET', jk, 'sid', 'p')
+    if v[1] then redis.call('XDEL', KEYS[1], v[1]) end
+    local cls = ARGV[a + 4]
+    if cls == '' then cls = v[2] or '' end
     redis.call('HSET', jk, 'state', ARGV[a + 3])
     redis.call('HDEL', jk, 'sid')
     redis.call('EXPIRE', jk, ARGV[2])
     redis.call('SREM', tk, ARGV[a + 1])
+    redis.call('HINCRBY', KEYS[2], 'f|' .. ARGV[a + 3] .. '|' .. cls .. '|' .. ARGV[a + 5], 1)
+    redis.call('HINCRBY', KEYS[3], 'f|' .. ARGV[a + 3] .. '|' .. cls, 1)
+    if ARGV[a + 6] == '1' then
+      redis.call('HINCRBY', KEYS[2], 'm|' .. cls .. '|' .. ARGV[a + 5], 1)
+      redis.call('HINCRBY', KEYS[3], 'm|' .. cls, 1)
+    end
     out[i] = 1
   else
     out[i] = 0
   end
 end
+redis.call('EXPIRE', KEYS[3], ARGV[3])
 return out
 """
 

@@ -10,7 +10,8 @@ from jobs.store import JobStore
 
 
 def record_results(store: JobStore, queue: RedisQueue, results: Sequence[JobResult],
-                   tenants: Sequence[str], *, result_ttl_s: int) -> set[str]:
+                   tenants: Sequence[str], *, result_ttl_s: int,
+                   classes: Sequence[int] | None = None) -> set[str]:
     """Store final results; return the ids whose result this call stored.
 
     SQL decides who wins (a conditional UPDATE); only the winners are written to Redis,
@@ -18,7 +19,10 @@ def record_results(store: JobStore, queue: RedisQueue, results: Sequence[JobResu
     safe in SQL and the reconciler copies it to the result backend later.
     """
     won = set(store.finalize(results))
-    mine = [(r, t) for r, t in zip(results, tenants, strict=True) if r.id in won]
+    cls = list(classes) if classes is not None else [-1] * len(results)
+    mine = [(r, t, c) for r, t, c in zip(results, tenants, cls, strict=True) if r.id in won]
     if mine:
-        queue.finish([r for r, _ in mine], [t for _, t in mine], result_ttl_s=result_ttl_s)
+        queue.finish([r for r, _, _ in mine], [t for _, t, _ in mine],
+                     result_ttl_s=result_ttl_s,
+                     classes=None if classes is None else [c for _, _, c in mine])
     return won

@@ -9,6 +9,7 @@ entry per job not yet sent; a job's result lives in Celery's own result key
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -18,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from config import keys
-from jobs import lua
+from jobs import lua, stats
 from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 
 #: Celery state and exception type used for each final state.
@@ -100,7 +101,6 @@ class RedisQueue:
         self._reassign = client.register_script(lua.REASSIGN)
         self._requeue = client.register_script(lua.REQUEUE)
         self._deliveries = client.register_script(lua.COUNT_DELIVERY)
-        self._finish = client.register_script(lua.FINISH)
         self._finish_many = client.register_script(lua.FINISH_MANY)
         self._cancel = client.register_script(lua.CANCEL)
         self._lease = client.register_script(lua.LEASE)
@@ -145,7 +145,8 @@ class RedisQueue:
         for spec in specs:
             job_keys += [keys.job(spec.id), keys.tenant_pending(spec.tenant)]
             args += [spec.id, spec.model_dump_json(), int(spec.priority), spec.tenant,
-                     "" if spec.deadline is None else repr(spec.deadline)]
+                     "" if spec.deadline is None else repr(spec.deadline),
+                     stats.label(spec.tenant, spec.provider, spec.model)]
         reply = self._stage(keys=job_keys, args=args)
         if reply and int(reply[0]) == -1:
             return None
@@ -155,8 +156,10 @@ class RedisQueue:
         """Put staged jobs into intake, all in one atomic step; return how many."""
         if not job_ids:
             return 0
-        return int(self._publish(keys=[keys.INTAKE, *(keys.job(j) for j in job_ids)],
-                                 args=list(job_ids)))
+        recent = keys.recent(stats.bucket_of(time.time()))
+        return int(self._publish(
+            keys=[keys.INTAKE, keys.STATS, recent, *(keys.job(j) for j in job_ids)],
+            args=[stats.BUCKET_TTL_S, *job_ids]))
 
     def withdraw(self, specs: Sequence[JobSpec]) -> list[str]:
         """Undo a failed submit: per job 'WITHDRAWN' (it will never run), or the state of
@@ -297,19 +300,26 @@ class RedisQueue:
     # --- everyone -----------------------------------------------------------------------
 
     def finish(self, results: Sequence[JobResult], tenants: Sequence[str], *,
-               result_ttl_s: int) -> list[bool]:
+               result_ttl_s: int, classes: Sequence[int] | None = None) -> list[bool]:
         """Store final results (first wins), ``FINISH_CHUNK`` per Lua step; return, per
-        result, whether it was stored."""
+        result, whether it was stored. Each stored result is counted in the cluster's
+        stats (``jobs.stats``) under its class (``classes``; else the class Redis holds
+        for the job)."""
         out: list[bool] = []
+        recent = keys.recent(stats.bucket_of(time.time()))
+        cls_of = [str(c) for c in classes] if classes is not None else [""] * len(results)
         for start in range(0, len(results), FINISH_CHUNK):
             part = list(zip(results[start:start + FINISH_CHUNK],
-                            tenants[start:start + FINISH_CHUNK], strict=True))
-            job_keys: list[str] = [keys.INTAKE]
-            args: list[str | int] = [result_ttl_s, FINAL_JOB_TTL_S]
-            for res, tenant in part:
+                            tenants[start:start + FINISH_CHUNK],
+                            cls_of[start:start + FINISH_CHUNK], strict=True))
+            job_keys: list[str] = [keys.INTAKE, keys.STATS, recent]
+            args: list[str | int] = [result_ttl_s, FINAL_JOB_TTL_S, stats.BUCKET_TTL_S]
+            for res, tenant, cls in part:
                 job_keys += [keys.job(res.id), keys.celery_result(res.id),
                              keys.tenant_pending(tenant)]
-                args += [res.id, celery_meta(res), res.state.value]
+                args += [res.id, celery_meta(res), res.state.value, cls,
+                         stats.label(tenant, res.provider, res.model),
+                         "1" if res.missed_deadline else "0"]
             out += [bool(x) for x in self._finish_many(keys=job_keys, args=args)]
         return out
 

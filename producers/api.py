@@ -296,6 +296,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(BatchError, batch_error)  # type: ignore[arg-type]
     app.include_router(router)
     app.include_router(batch_router)
+    if settings.api_metrics:
+        from producers.metrics import MetricsMiddleware, metrics_endpoint
+
+        app.add_middleware(MetricsMiddleware)
+        app.add_route("/metrics", metrics_endpoint, include_in_schema=False)
     return app
 
 

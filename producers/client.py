@@ -261,7 +261,8 @@ class Client:
             won = record_results(self.store, self.queue, [JobResult(
                 id=job_id, state=JobState.CANCELLED, created_at=spec.created_at,
                 provider=spec.provider, model=spec.model, error="cancelled by the caller")],
-                [spec.tenant], result_ttl_s=self.settings.result_ttl_s)
+                [spec.tenant], result_ttl_s=self.settings.result_ttl_s,
+                classes=[int(spec.priority)])
             if job_id in won:
                 return JobState.CANCELLED
             return self.status(job_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
 import signal
@@ -299,8 +300,24 @@ def _print_endpoints(service: Any) -> None:
               highlight=False)
 
 
+MetricsPort = Annotated[int | None, typer.Option(
+    "--metrics-port", min=0, max=65535, help="Serve Prometheus /metrics on this port (0: "
+    "none; default PROMPTBATCH_METRICS_PORT).")]
+
+
+def _serve_metrics(settings: Settings, port: int, registry: Any, what: str) -> None:
+    from jobs.telemetry import serve
+
+    try:
+        serve(port, settings.metrics_host, registry, what)
+    except OSError as exc:
+        raise _refuse(exc) from None
+    console.print(f"{what} metrics on http://{settings.metrics_host}:{port}/metrics",
+                  highlight=False)
+
+
 @app.command()
-def scheduler() -> None:
+def scheduler(metrics_port: MetricsPort = None) -> None:
     """Run the scheduler against PROMPTBATCH_REDIS_URL (one is active; others stand by)."""
     settings = _settings()
     _need_redis(settings)
@@ -308,6 +325,9 @@ def scheduler() -> None:
 
     setup_logging()
     service = Scheduler(settings)
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    if port:
+        _serve_metrics(settings, port, service.metrics.registry, "scheduler")
 
     def handler(signum: int, frame: FrameType | None) -> None:
         service.stop()
@@ -405,15 +425,24 @@ def worker(
     name: Annotated[str, typer.Option(help="Worker name (its host is appended).")] = "worker",
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
     pool: Annotated[str, typer.Option(help="Celery pool: prefork, threads or solo.")] = "prefork",
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Run a Celery worker on our queues, consumed in priority order."""
-    from workers.factory import create_app
+    from jobs import telemetry
 
     settings = _settings()
     _need_redis(settings)
+    port = settings.metrics_port if metrics_port is None else metrics_port
+    if port and pool == "prefork":  # before any metric is defined: the pool's children
+        folder = telemetry.use_multiprocess_dir()  # write their values to files
+        atexit.register(shutil.rmtree, folder, True)
+    from workers.factory import create_app
+
     setup_logging()
     _ready(settings)
     celery_app = create_app(settings)
+    if port:
+        _serve_metrics(settings, port, telemetry.registry_for_process(), "worker")
     pool_size = concurrency or settings.worker_concurrency
     celery_app.worker_main(argv=[
         "worker", "-Q", ",".join(keys.QUEUES), "-c", str(pool_size),
@@ -521,13 +550,18 @@ def api(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
 ) -> None:
-    """Serve the HTTP API (and the OpenAI Batch API) with uvicorn."""
+    """Serve the HTTP API (and the OpenAI Batch API) with uvicorn; /metrics on its port."""
     import uvicorn
+
+    from jobs import telemetry
 
     setup_logging()
     settings = _settings()
     _need_redis(settings)
     _ready(settings)
+    if workers > 1 and settings.api_metrics:  # /metrics of any process sums them all
+        folder = telemetry.use_multiprocess_dir()
+        atexit.register(shutil.rmtree, folder, True)
     console.print(f"promptbatch API listening on http://{host}:{port} (docs at "
                   f"http://{host}:{port}/docs), {workers} worker process(es)", soft_wrap=True)
     uvicorn.run("producers.asgi:app", host=host, port=port, workers=workers,
@@ -562,12 +596,27 @@ def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
 
 
 @app.command()
-def status(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None:
-    """Print a job's state (and its result once final)."""
-    from producers.client import Client
-
+def status(
+    job_id: Annotated[str | None, typer.Argument(
+        help="A job's id (or the id its input line gave it); without one, the overview of "
+        "the whole service.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh the overview until "
+                                        "Ctrl-C.")] = False,
+    every: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes of "
+                                         "--watch.")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the overview as JSON (for "
+                                          "scripts).")] = False,
+) -> None:
+    """Print a job's state (and its result once final), or the service's overview: per
+    class pending, oldest wait, in flight, finished and missed in the last minute;
+    workers, slots and the slots the work needs; deployments cooling down."""
     settings = _settings()
     _need_redis(settings)
+    if job_id is None:
+        _overview(settings, watch=watch, every=every, as_json=as_json)
+        return
+    from producers.client import Client
+
     try:
         with Client(settings) as client:
             client.check()
@@ -584,6 +633,42 @@ def status(job_id: Annotated[str, typer.Argument(help="The job's id.")]) -> None
     except PromptBatchError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
+
+
+def _overview(settings: Settings, *, watch: bool, every: float, as_json: bool) -> None:
+    from redis import RedisError
+    from rich.live import Live
+
+    from jobs.queue import connect
+    from promptbatch.overview import read_overview, render
+
+    r = connect(settings.redis_url, socket_timeout=5, connect_timeout=5, fail_fast=True)
+    try:
+        data = read_overview(r, time.time())
+        if data is None:
+            raise _refuse(PromptBatchError(
+                "no active scheduler has reported in the last 15 s on this Redis: start "
+                "`promptbatch scheduler` (or `promptbatch up`), or check "
+                "PROMPTBATCH_REDIS_URL"))
+        if as_json:
+            print(json.dumps(data))
+            return
+        if not watch:
+            console.print(render(data))
+            return
+        with Live(render(data), console=console, auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(every)
+                    data = read_overview(r, time.time()) or data
+                    live.update(render(data), refresh=True)
+            except KeyboardInterrupt:
+                pass
+    except RedisError as exc:
+        raise _refuse(PromptBatchError(f"cannot reach Redis at PROMPTBATCH_REDIS_URL: {exc}")) \
+            from None
+    finally:
+        r.close()
 
 
 def main() -> None:

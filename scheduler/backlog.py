@@ -49,6 +49,7 @@ class Backlog:
         default_factory=lambda: [_Class() for _ in PRIORITY_NAMES])
     _deadlines: list[tuple[float, str, IntakeEntry]] = field(default_factory=list)
     _ids: set[str] = field(default_factory=set)
+    _counts: list[int] = field(default_factory=lambda: [0] * len(PRIORITY_NAMES))
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -62,6 +63,7 @@ class Backlog:
             if e.job_id in self._ids:
                 continue
             self._ids.add(e.job_id)
+            self._counts[e.priority] += 1
             c = self._classes[e.priority]
             q = c.tenants.get(e.tenant)
             if q is None:
@@ -100,6 +102,7 @@ class Backlog:
             if entry.job_id in self._ids:  # else it expired while waiting
                 out.append(entry)
                 self._ids.discard(entry.job_id)
+                self._counts[cls] -= 1
             if q:
                 c.turn.append(tenant)
             else:
@@ -113,10 +116,15 @@ class Backlog:
             _, job_id, entry = heapq.heappop(self._deadlines)
             if job_id in self._ids:  # else already admitted
                 self._ids.discard(job_id)  # its queue entry is skipped when reached
+                self._counts[entry.priority] -= 1
                 out.append(entry)
         return out
 
     def counts(self) -> list[int]:
         """Entries waiting per class, critical first."""
-        return [sum(1 for q in c.tenants.values() for e in q if e.job_id in self._ids)
-                for c in self._classes]
+        return list(self._counts)
+
+    def oldest(self, cls: int) -> float | None:
+        """Arrival time of the oldest entry of class ``cls`` (None if it has none)."""
+        c = self._classes[cls]
+        return c.oldest() if self._counts[cls] and c.tenants else None

@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import faiss
 import redis
@@ -41,18 +42,21 @@ from celery import Celery
 
 from config import keys
 from config.celery import PROCESS_BATCH, build_celery
-from config.settings import Settings
+from config.settings import PRIORITY_NAMES, Settings
 from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
 from jobs.queue import RedisQueue, connect
 from jobs.readiness import wait_until_ready
+from jobs.stats import class_name, read_recent, read_totals
 from jobs.store import JobStore
 from scheduler.backlog import Backlog
 from scheduler.embedders import Embedder, create_embedder
+from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
 from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
 from scheduler.reconcile import Reconciler
-from scheduler.service_time import ServiceModel
+from scheduler.scaling import ClassDemand, desired_slots, rate_cap
+from scheduler.service_time import ServiceModel, deployment
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,10 @@ PROMOTE_EVERY_S = 0.5
 REPORT_EVERY_S = 10.0
 #: Time the reconciler may take per tick while a pass is under way, in seconds.
 RECONCILE_SLICE_S = 0.02
+#: How often the active scheduler refreshes the overview (metrics, ``promptbatch status``).
+OVERVIEW_EVERY_S = 1.0
+#: How long the overview it writes to Redis stays valid, in seconds.
+OVERVIEW_TTL_S = 15
 
 
 class LeaseLost(Exception):
@@ -102,6 +110,8 @@ class Scheduler:
         self.first_sent_at: float | None = None
         self._last_report = 0.0
         self._last_capacity = Capacity(slots=0)
+        self.metrics = SchedulerMetrics(settings.metrics_tenant_label)
+        self._last_overview = 0.0
 
     def _new_pool(self) -> Pool:
         horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
@@ -128,6 +138,7 @@ class Scheduler:
                     self.tick()
                     self._reconcile_slice()
                     self._report()
+                    self._refresh_overview()
                 except LeaseLost:
                     log.warning("scheduler %s lost its lease; standing by", self.token)
                     self._step_down()
@@ -176,6 +187,7 @@ class Scheduler:
         if held and not self.active:
             log.info("scheduler %s is active", self.token)
             self.active = True
+            self.metrics.active.set(1)
             self._recover()
         elif not held and self.active:
             log.warning("scheduler %s lost its lease; standing by", self.token)
@@ -194,6 +206,8 @@ class Scheduler:
 
     def _step_down(self) -> None:
         self.active = False
+        self.metrics.active.set(0)
+        self.metrics.cluster.update(None, [])
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
         self.last_sid = "0-0"
@@ -245,7 +259,9 @@ class Scheduler:
             return
         self._renew()
         self._last_capacity = self._capacity(now)
+        started = time.perf_counter()
         decided = plan(self.pool, now, self.settings, self._last_capacity, self.service)
+        self.metrics.plan_seconds.observe(time.perf_counter() - started)
         if decided.expired:
             self._expire(decided.expired, now)
         for batch in decided.batches:
@@ -264,7 +280,10 @@ class Scheduler:
                                  error="deadline passed before the job could be scheduled")
                        for e in late]
             record_results(self.store, self.queue, results, [e.tenant for e in late],
-                           result_ttl_s=self.settings.result_ttl_s)
+                           result_ttl_s=self.settings.result_ttl_s,
+                           classes=[e.priority for e in late])
+            for e in late:
+                self.metrics.expired.labels(class_name(str(e.priority))).inc()
         room = self.settings.max_pool_jobs - len(self.pool)
         if room > 0 and len(self.backlog):
             self._admit(self.backlog.take(min(room, self.settings.scheduler_read_count), now))
@@ -319,8 +338,11 @@ class Scheduler:
                              error="deadline passed (or too close to meet) before the job "
                                    "could run") for j in jobs]
         record_results(self.store, self.queue, results, [j.tenant for j in jobs],
-                       result_ttl_s=self.settings.result_ttl_s)
+                       result_ttl_s=self.settings.result_ttl_s,
+                       classes=[j.priority for j in jobs])
         self.pool.remove([j.id for j in jobs])
+        for j in jobs:
+            self.metrics.expired.labels(class_name(str(j.priority))).inc()
 
     def _dispatch(self, batch: PlannedBatch) -> None:
         batch_id = str(uuid.uuid4())
@@ -338,6 +360,19 @@ class Scheduler:
         if claimed:
             self._send(batch_id, claimed, batch.cls, batch.similarity,
                        batch.pending_prefix_chars, batch.estimate_s)
+            self._observe_batch(batch, len(claimed))
+
+    def _observe_batch(self, batch: PlannedBatch, size: int) -> None:
+        m = self.metrics
+        provider, model = deployment(batch.jobs[0].key).split("|", 1)
+        m.batches_sent.labels(class_name(str(batch.cls)), provider, model).inc()
+        m.batch_size.labels(provider, model).observe(size)
+        if batch.similarity is not None:
+            m.similarity.labels(provider, model).observe(batch.similarity)
+        now = time.time()
+        for j in batch.jobs:
+            if j.deadline is not None:
+                m.slack.labels(class_name(str(j.priority))).observe(max(0.0, j.deadline - now))
 
     def _send(self, batch_id: str, job_ids: list[str], cls: int,
               similarity: float | None, prefix_hint: int = 0,
@@ -357,3 +392,103 @@ class Scheduler:
         self.queue.ack_sent(batch_id, job_ids)
         self.sent_batches += 1
         self.sent_jobs += len(job_ids)
+
+    # --- the overview (metrics, ``promptbatch status``) ---------------------------------
+
+    def _refresh_overview(self) -> None:
+        """Every second while active: compute the overview, write it to Redis for
+        ``promptbatch status`` and hand it to the metrics."""
+        now = time.monotonic()
+        if not self.active or now - self._last_overview < OVERVIEW_EVERY_S:
+            return
+        self._last_overview = now
+        overview = self.overview(time.time())
+        self.r.set(keys.OVERVIEW, json.dumps(overview), ex=OVERVIEW_TTL_S)
+        self.metrics.pool_jobs.set(len(self.pool))
+        self.metrics.backlog_jobs.set(len(self.backlog))
+        self.metrics.cluster.update(overview, read_totals(self.r))
+
+    def overview(self, now: float) -> dict[str, Any]:
+        """Pending work per class, workers, in flight, the scaling signal, cooling
+        deployments: what an operator looks at first."""
+        n_cls = len(PRIORITY_NAMES)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hgetall(keys.WORKERS)
+        pipe.zrange(keys.INFLIGHT, 0, -1)
+        for name in keys.QUEUES:
+            pipe.llen(name)
+        workers_raw, inflight_raw, *queued = pipe.execute()
+        cooling = sorted(str(k)[len(keys.cooldown("")):] for k in
+                         self.r.scan_iter(match=keys.cooldown("*"), count=1000))
+        workers = slots = 0
+        for raw in workers_raw.values():
+            info = json.loads(raw)
+            if now - float(info["ts"]) <= WORKER_STALE_S:
+                workers += 1
+                slots += int(info["concurrency"])
+        inflight = [0] * n_cls
+        for member in inflight_raw:
+            cls = int(str(member).split(":", 1)[0])
+            if 0 <= cls < n_cls:
+                inflight[cls] += 1
+        # Pending work in the pool, per class, at the learned service times.
+        pool_n = [0] * n_cls
+        oldest: list[float | None] = [self.backlog.oldest(c) for c in range(n_cls)]
+        slack: list[float | None] = [None] * n_cls
+        work = [0.0] * n_cls
+        batches = [0] * n_cls
+        per_job: dict[str, tuple[float, int]] = {}
+        max_size = self.settings.max_batch_size
+        for group in list(self.pool.groups.values()):
+            n = len(group)
+            if not n:
+                continue
+            c = group.cls
+            pool_n[c] += n
+            first = min(j.created_at for j in group.jobs.values())
+            oldest[c] = first if oldest[c] is None else min(oldest[c] or first, first)
+            if group.by_deadline:
+                left = group.by_deadline[0][0] - now
+                slack[c] = left if slack[c] is None else min(slack[c] or left, left)
+            size = min(n, max_size)
+            seconds = self.service.line(group.key).at(size)
+            nb = -(-n // size)
+            work[c] += nb * seconds
+            batches[c] += nb
+            dep = deployment(group.key)
+            total, count = per_job.get(dep, (0.0, 0))
+            per_job[dep] = (total + nb * seconds, count + n)
+        pooled = sum(pool_n)
+        mean_job_s = (sum(work) / pooled if pooled
+                      else self.service.prior.at(max_size) / max_size)
+        batch_s = (sum(work) / sum(batches) if sum(batches)
+                   else self.service.prior.at(max_size))
+        recent = read_recent(self.r, now, 60)
+        backlog_n = self.backlog.counts()
+        demands = []
+        rows = []
+        for c in range(n_cls):
+            name = PRIORITY_NAMES[c]
+            waiting = backlog_n[c]
+            demands.append(ClassDemand(
+                pending=pool_n[c] + waiting,
+                work_s=work[c] + waiting * mean_job_s,
+                batches=batches[c] + -(-waiting // max_size),
+                inflight=inflight[c], slack_s=slack[c],
+                arriving_s=recent.submitted.get(name, 0) / recent.window_s * mean_job_s))
+            first_at, left = oldest[c], slack[c]
+            rows.append({"class": name, "pending": pool_n[c] + waiting, "pool": pool_n[c],
+                         "backlog": waiting,
+                         "oldest_wait_s": 0.0 if first_at is None
+                         else round(max(0.0, now - first_at), 3),
+                         "slack_s": None if left is None else round(left, 3),
+                         "inflight": inflight[c], "queued": int(queued[c])})
+        cap = rate_cap({d: t / n for d, (t, n) in per_job.items()}, self.settings.rate_limits)
+        scale = desired_slots(demands, horizon_s=self.settings.scale_horizon_s,
+                              batch_s=batch_s, cap=cap)
+        return {"at": now, "scheduler": self.token, "classes": rows, "workers": workers,
+                "slots": slots, "inflight": sum(inflight),
+                "desired_slots": scale.desired, "scale_reason": scale.reason,
+                "batch_seconds": round(batch_s, 4), "cooling": cooling,
+                "catching_up": not self._caught_up, "sent_batches": self.sent_batches,
+                "sent_jobs": self.sent_jobs}

@@ -24,6 +24,7 @@ from config.settings import Settings
 from jobs.models import JobResult, JobSpec, JobState
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
+from workers import metrics
 from workers.providers import Provider, ProviderRequest
 from workers.ratelimit import RateLimiter
 from workers.retry import Caller, Health, Outcome
@@ -90,12 +91,15 @@ class BatchRunner:
         ttl = self.settings.result_ttl_s
         if not self.steady("claim", lambda: self.queue.claim_run(batch_id, send_id, ttl)):
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
+            metrics.BATCHES.labels(metrics.class_name(str(cls)), "duplicate").inc()
             return {"batch_id": batch_id, "skipped": "duplicate send", "jobs": 0}
         lost = self.steady("count", lambda: self.queue.count_delivery(batch_id, retries, ttl))
         retrying = False
         try:
             if lost >= self.settings.max_deliveries:
+                metrics.BATCHES.labels(metrics.class_name(str(cls)), "poison").inc()
                 return self._poisoned(batch_id, job_ids, cls, lost)
+            metrics.BATCHES.labels(metrics.class_name(str(cls)), "ran").inc()
             return self._run(batch_id, job_ids, similarity, prefix_hint, estimate_s)
         except INFRA_ERRORS:
             retrying = True  # the task runs the batch again: it stays in flight
@@ -190,6 +194,9 @@ class BatchRunner:
             self._call(runnable, on_final, prefix_hint)
         finished = time.time()
         if runnable:
+            provider, model = runnable[0].provider, runnable[0].model
+            metrics.BATCH_SECONDS.labels(provider, model).observe(finished - started)
+            metrics.BATCH_JOBS.labels(provider, model).observe(len(runnable))
             with contextlib.suppress(*INFRA_ERRORS):  # an observation for the scheduler
                 self.queue.post_event(done=batch_id, deployment=f"{runnable[0].provider}|"
                                       f"{runnable[0].model}", size=len(runnable),
@@ -215,12 +222,14 @@ class BatchRunner:
         if not results:
             return
         won = set(self.steady("store", lambda: self.store.finalize(results)))
-        tenant = {s.id: s.tenant for s in specs}
+        by_id = {s.id: s for s in specs}
         mine = [r for r in results if r.id in won]
         if mine:
             ttl = self.settings.result_ttl_s
             self.steady("publish", lambda: self.queue.finish(
-                mine, [tenant[r.id] for r in mine], result_ttl_s=ttl))
+                mine, [by_id[r.id].tenant for r in mine], result_ttl_s=ttl,
+                classes=[int(by_id[r.id].priority) for r in mine]))
+            metrics.observe_results(mine, [int(by_id[r.id].priority) for r in mine])
 
 
 def _result(spec: JobSpec, outcome: Outcome, started: float, finished: float,

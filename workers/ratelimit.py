@@ -17,6 +17,7 @@ import redis
 from config import keys
 from config.settings import Settings
 from jobs import lua
+from workers import metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,4 +82,6 @@ class RateLimiter:
                 return True
             if deadline is not None and now + wait > deadline:
                 return False
-            self.sleep(min(wait, 1.0))
+            pause = min(wait, 1.0)
+            metrics.RATE_LIMIT_WAIT.labels(*metrics.deployment_labels(deployment)).inc(pause)
+            self.sleep(pause)

@@ -48,6 +48,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from config import keys
 from config.settings import Settings
+from workers import metrics
 from workers.providers import Provider
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.ratelimit import RateLimiter
@@ -132,6 +133,7 @@ class Health:
                             count, self.settings.cooldown_s)
                 self.client.set(keys.cooldown(deployment), "1",
                                 ex=max(1, int(self.settings.cooldown_s)))
+                metrics.COOLDOWNS.labels(*metrics.deployment_labels(deployment)).inc()
                 self.client.delete(keys.failures(deployment))
         except redis.RedisError as exc:  # health is advice: never fail a batch over it
             log.warning("could not record the health of %s: %s", deployment, exc)
@@ -210,6 +212,8 @@ class Caller:
         """The primary deployment, or the first alternative not cooling down."""
         for candidate in [primary, *self.settings.fallbacks.get(primary, [])]:
             if not self.health.cooling(candidate):
+                if candidate != primary:
+                    metrics.FALLBACKS.labels(primary, candidate).inc()
                 return candidate
         return primary
 
@@ -221,6 +225,7 @@ class Caller:
             return True
         tokens = sum(len(r.text) // 4 + 1 + (r.params.max_tokens or 256) for r in sent)
         if len(sent) > 1 and not self.limiter.fits(deployment, len(sent), tokens):
+            metrics.SPLITS.labels(*metrics.deployment_labels(deployment)).inc()
             half = len(sent) // 2
             chunks += [_Chunk(sent[:half]), _Chunk(sent[half:], held=held)]
             return False
@@ -237,18 +242,21 @@ class Caller:
         return False
 
     def _complete(self, name: str, sent: list[ProviderRequest]) -> list[ProviderReply]:
+        started = time.monotonic()
         try:
             replies = self.provider_for(name).complete(sent)
         except SoftTimeLimitExceeded:
             raise  # the task's time is up: the worker fails the batch, no retry here
         except Exception as exc:  # a provider bug or outage fails this call, transiently
             log.exception("provider %s raised", name)
-            return [ProviderReply(job_id=r.job_id, transient=True,
-                                  error=f"provider {name} raised {type(exc).__name__}: {exc}")
-                    for r in sent]
+            replies = [ProviderReply(job_id=r.job_id, transient=True,
+                                     error=f"provider {name} raised {type(exc).__name__}: "
+                                     f"{exc}") for r in sent]
         by_id = {r.job_id: r for r in replies}
-        return [by_id.get(r.job_id) or ProviderReply(job_id=r.job_id, error="no reply")
-                for r in sent]
+        out = [by_id.get(r.job_id) or ProviderReply(job_id=r.job_id, error="no reply")
+               for r in sent]
+        _observe_call(name, sent[0].model if sent else "", out, time.monotonic() - started)
+        return out
 
     def _settle(self, live: list[ProviderRequest], replies: list[ProviderReply],
                 attempts: dict[str, int], final: dict[str, Outcome], deployment: str,
@@ -261,6 +269,7 @@ class Caller:
                 attempts[req.job_id] += 1
                 self._last[req.job_id] = replies[0].error or ""
             self.health.record(deployment, ok=True)  # it answered
+            metrics.SPLITS.labels(*metrics.deployment_labels(deployment)).inc()
             half = len(live) // 2
             return [_Chunk(live[:half], self.clock()),
                     _Chunk(live[half:], self.clock(), held=chunk.held)]
@@ -296,6 +305,7 @@ class Caller:
             return released
         if not again:
             return released + ([_Chunk(held, self.clock())] if held else [])
+        metrics.RETRIES.labels(*metrics.deployment_labels(deployment)).inc(len(again))
         return released + self._retry(again, held, worst_after, attempts, final, deployment,
                                       chunk, whole or probe)
 
@@ -324,6 +334,7 @@ class Caller:
         if held:  # still probing: the probe goes again, the rest still held
             return [_Chunk(keep, when, failures, held=held)]
         if whole and failures >= self.settings.provider_split_after and len(keep) > 1:
+            metrics.SPLITS.labels(*metrics.deployment_labels(deployment)).inc()
             half = len(keep) // 2
             return [_Chunk(keep[:half], when, failures), _Chunk(keep[half:], when, failures)]
         return [_Chunk(keep, when, failures)]
@@ -335,3 +346,13 @@ class Caller:
         return Outcome(ProviderReply(job_id=req.job_id, error=f"{why} after "
                                      f"{attempts[req.job_id]} attempt(s){detail}"),
                        attempts[req.job_id], deployment)
+
+
+def _observe_call(provider: str, model: str, replies: Sequence[ProviderReply],
+                  seconds: float) -> None:
+    """One call's time (under the outcome of its first reply) and each reply's outcome."""
+    outcomes = [metrics.outcome_of(r.error, r.transient) for r in replies]
+    for outcome in outcomes:
+        metrics.REQUESTS.labels(provider, model, outcome).inc()
+    if outcomes:
+        metrics.REQUEST_SECONDS.labels(provider, model, outcomes[0]).observe(seconds)

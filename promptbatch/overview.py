@@ -1,0 +1,78 @@
+"""The overview ``promptbatch status`` prints: what the active scheduler last reported,
+with what finished in the last minute (``jobs.stats``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from config import keys
+from jobs.stats import read_recent
+
+#: The window of "last minute" figures, in seconds.
+WINDOW_S = 60
+
+
+def read_overview(r: redis.Redis, now: float) -> dict[str, Any] | None:
+    """The active scheduler's overview (None if none reported lately), with per class
+    ``finished``, ``missed`` and ``submitted`` in the last minute, and ``throughput``."""
+    raw = r.get(keys.OVERVIEW)
+    if raw is None:
+        return None
+    data: dict[str, Any] = json.loads(raw)
+    recent = read_recent(r, now, WINDOW_S)
+    for row in data["classes"]:
+        row["submitted_last_min"] = recent.submitted.get(row["class"], 0)
+        row["finished_last_min"] = recent.finished_in(row["class"])
+        row["missed_last_min"] = recent.missed.get(row["class"], 0)
+    data["throughput"] = round(recent.throughput, 3)
+    data["age_s"] = round(max(0.0, now - float(data["at"])), 3)
+    return data
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render(data: dict[str, Any]) -> Group:
+    """The overview as a table and a few lines."""
+    table = Table(title="promptbatch", title_justify="left")
+    for name in ("class", "pending", "oldest wait", "deadline slack", "in flight",
+                 "submitted/min", "finished/min", "missed/min"):
+        table.add_column(name, justify="left" if name == "class" else "right")
+    for row in data["classes"]:
+        missed = row["missed_last_min"]
+        table.add_row(row["class"], str(row["pending"]),
+                      _duration(row["oldest_wait_s"]) if row["pending"] else "-",
+                      _duration(row["slack_s"]), str(row["inflight"]),
+                      str(row["submitted_last_min"]), str(row["finished_last_min"]),
+                      Text(str(missed), style="red" if missed else ""))
+    cooling = ", ".join(data["cooling"]) or "none"
+    lines = [
+        Text(f"throughput {data['throughput']:.1f} jobs/s over the last minute; "
+             f"{data['inflight']} batches in flight (one takes about "
+             f"{_duration(data['batch_seconds'])})"),
+        Text(f"workers {data['workers']} with {data['slots']} slots; the work needs "
+             f"{data['desired_slots']} slots ({data['scale_reason']})",
+             style="yellow" if data["desired_slots"] > data["slots"] else ""),
+        Text(f"deployments cooling down: {cooling}", style="red" if data["cooling"] else ""),
+    ]
+    if data.get("catching_up"):
+        lines.append(Text("the scheduler is still reading intake: pending counts will grow",
+                          style="yellow"))
+    lines.append(Text(f"as of {_duration(data['age_s'])} ago, from scheduler "
+                      f"{data['scheduler']}", style="dim"))
+    return Group(table, *lines)

@@ -1,0 +1,132 @@
+"""The scheduler's Prometheus metrics: the batching, and (from the active scheduler only)
+the cluster's view: jobs pending per class, their age, batches in flight, workers, the
+scaling signal, and the job counters kept in Redis (``jobs.stats``).
+
+A standby scheduler exports its own process metrics but not the cluster's, so a sum over
+every scheduler counts each job once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from jobs.stats import Count
+from jobs.telemetry import PLAN_BUCKETS, SIMILARITY_BUCKETS, SIZE_BUCKETS, SLACK_BUCKETS
+
+
+class ClusterView(Collector):
+    """Yields the latest overview the active scheduler computed (nothing while standing
+    by). ``update`` is called from the scheduler loop; ``collect`` from the HTTP thread."""
+
+    def __init__(self, tenant_label: bool) -> None:
+        self.tenant_label = tenant_label
+        self._lock = threading.Lock()
+        self._overview: dict[str, Any] | None = None
+        self._totals: list[Count] = []
+
+    def update(self, overview: dict[str, Any] | None, totals: list[Count]) -> None:
+        with self._lock:
+            self._overview, self._totals = overview, totals
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            overview, totals = self._overview, self._totals
+        if overview is None:
+            return
+        pending = GaugeMetricFamily("promptbatch_jobs_pending", "Jobs accepted and not yet "
+                                    "sent to a worker, per class.", labels=["class"])
+        oldest = GaugeMetricFamily("promptbatch_oldest_pending_age_seconds", "How long the "
+                                   "oldest pending job of each class has waited.",
+                                   labels=["class"])
+        slack = GaugeMetricFamily("promptbatch_pending_deadline_slack_seconds", "Seconds "
+                                  "left before the earliest deadline of a pending job, per "
+                                  "class (absent: none has a deadline).", labels=["class"])
+        inflight = GaugeMetricFamily("promptbatch_batches_in_flight", "Batches sent and not "
+                                     "finished (queued in the broker or running), per class.",
+                                     labels=["class"])
+        for row in overview["classes"]:
+            pending.add_metric([row["class"]], row["pending"])
+            oldest.add_metric([row["class"]], row["oldest_wait_s"])
+            inflight.add_metric([row["class"]], row["inflight"])
+            if row["slack_s"] is not None:
+                slack.add_metric([row["class"]], row["slack_s"])
+        yield from (pending, oldest, slack, inflight)
+        yield GaugeMetricFamily("promptbatch_workers", "Workers with a fresh heartbeat.",
+                                value=overview["workers"])
+        yield GaugeMetricFamily("promptbatch_worker_slots", "Pool processes of the workers "
+                                "with a fresh heartbeat.", value=overview["slots"])
+        yield GaugeMetricFamily(
+            "promptbatch_desired_worker_slots", "Worker slots the work needs: every class "
+            "meets its deadlines and the backlog drains within scale_horizon_s, capped by "
+            "the providers' rate limits (scale workers on this).",
+            value=overview["desired_slots"])
+        cooling = GaugeMetricFamily("promptbatch_deployment_cooling_down", "1 while a "
+                                    "deployment is avoided after failures in a row.",
+                                    labels=["provider", "model"])
+        for name in overview["cooling"]:
+            provider, _, model = name.partition("|")
+            cooling.add_metric([provider, model], 1)
+        yield cooling
+        yield from self._counters(totals)
+
+    def _counters(self, totals: list[Count]) -> Iterator[Metric]:
+        names: dict[str, tuple[str, str, list[str]]] = {
+            "submitted": ("promptbatch_jobs_submitted", "Jobs accepted (counted once, in "
+                          "the step that queues them, whoever submitted them).",
+                          ["class", "provider", "model"]),
+                 "finished": ("promptbatch_jobs_finished", "Jobs that reached a final state "
+                              "(counted once, in the step that stores the result).",
+                              ["state", "class", "provider", "model"]),
+                 "missed": ("promptbatch_deadline_misses", "Jobs that ended after their "
+                            "deadline or expired.", ["class", "provider", "model"])}
+        sums: dict[str, dict[tuple[str, ...], int]] = defaultdict(lambda: defaultdict(int))
+        for c in totals:
+            values = ([c.state] if c.kind == "finished" else []) + [c.cls, c.provider, c.model]
+            if self.tenant_label:
+                values.append(c.tenant)
+            sums[c.kind][tuple(values)] += c.value
+        for kind, (name, doc, label_names) in names.items():
+            family = CounterMetricFamily(
+                name, doc, labels=label_names + (["tenant"] if self.tenant_label else []))
+            for key, total in sorted(sums[kind].items()):
+                family.add_metric(list(key), total)
+            yield family
+
+
+class SchedulerMetrics:
+    """One scheduler's metrics, in a registry of its own (a process may run several in
+    tests)."""
+
+    def __init__(self, tenant_label: bool = False) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.active = Gauge("promptbatch_scheduler_active", "1 while this scheduler holds "
+                            "the lease.", registry=reg)
+        self.plan_seconds = Histogram("promptbatch_plan_duration_seconds", "Time of one "
+                                      "planning step of the policy.", buckets=PLAN_BUCKETS,
+                                      registry=reg)
+        self.pool_jobs = Gauge("promptbatch_pool_jobs", "Jobs in the scheduler's pool "
+                               "(embedded, in FAISS).", registry=reg)
+        self.backlog_jobs = Gauge("promptbatch_backlog_jobs", "Jobs read from intake and "
+                                  "waiting for room in the pool.", registry=reg)
+        self.batches_sent = Counter("promptbatch_batches_sent", "Batches sent to the "
+                                    "workers.", ["class", "provider", "model"], registry=reg)
+        self.batch_size = Histogram("promptbatch_batch_size", "Jobs per batch sent.",
+                                    ["provider", "model"], buckets=SIZE_BUCKETS, registry=reg)
+        self.similarity = Histogram("promptbatch_batch_similarity", "Mean cosine similarity "
+                                    "of a batch's jobs to its seed.", ["provider", "model"],
+                                    buckets=SIMILARITY_BUCKETS, registry=reg)
+        self.slack = Histogram("promptbatch_deadline_slack_seconds", "Seconds left before a "
+                               "job's deadline when its batch is sent (jobs with a "
+                               "deadline).", ["class"], buckets=SLACK_BUCKETS, registry=reg)
+        self.expired = Counter("promptbatch_scheduler_expired_jobs", "Jobs the scheduler "
+                               "expired before sending them.", ["class"], registry=reg)
+        self.cluster = ClusterView(tenant_label)
+        reg.register(self.cluster)
