@@ -14,10 +14,25 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from config import keys
-from config.settings import Settings
+from config.settings import PRIORITY_NAMES, Settings
 
 #: Name of the batch task, used by the scheduler's ``send_task``.
 PROCESS_BATCH = "promptbatch.process_batch"
+#: Job ids a batch task's description names before "+N more".
+REPR_IDS = 3
+
+
+def batch_repr(cls: int, job_ids: list[str], deployment: str = "",
+               similarity: float | None = None) -> str:
+    """How a batch task reads in Flower and in the worker's log (its ``kwargsrepr``):
+    class by name, size, provider and model, similarity and the first job ids, short
+    enough that Celery does not cut it (about 1 KB). Never a prompt or a key."""
+    shown = ", ".join(job_ids[:REPR_IDS])
+    more = f" +{len(job_ids) - REPR_IDS} more" if len(job_ids) > REPR_IDS else ""
+    name = PRIORITY_NAMES[cls] if 0 <= cls < len(PRIORITY_NAMES) else str(cls)
+    sim = f", similarity {similarity:.2f}" if similarity is not None else ""
+    return (f"{name} batch of {len(job_ids)} for {deployment or 'its deployment'}{sim}: "
+            f"jobs {shown}{more}")
 
 
 def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str, Any]:

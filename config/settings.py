@@ -412,6 +412,10 @@ class Settings(BaseSettings):
     api_metrics: bool = Field(
         default=True, description="Serve /metrics on the API's port (no authentication: "
         "keep the port internal, or turn it off).")
+    flower_basic_auth: SecretStr | None = Field(
+        default=None,
+        description="Flower's login, 'user:password' (or PROMPTBATCH_FLOWER_BASIC_AUTH_FILE). "
+        "`promptbatch flower` refuses to listen beyond loopback without it.")
     scale_horizon_s: float = Field(
         default=300.0, gt=0,
         description="promptbatch_desired_worker_slots asks for enough slots to drain the "

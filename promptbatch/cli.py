@@ -261,20 +261,38 @@ def up(
         env["PROMPTBATCH_TENANT_PROVIDERS"] = json.dumps({"*": names})
     service = Service(settings, workers=workers, port=port, flower=not no_flower,
                       flower_port=flower_port, env=env)
-    _install_sigterm()
+
+    def first_signal(signum: int, frame: FrameType | None) -> None:
+        _hold_signals()  # at once: a second signal must not cut the stop short
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, first_signal)
+    signal.signal(signal.SIGINT, first_signal)
     try:
         with console.status("starting promptbatch..."):
             service.start()
         _print_endpoints(service)
         service.watch()
     except KeyboardInterrupt:
+        _hold_signals()
         console.print("stopping promptbatch...")
     except (StackError, PromptBatchError) as exc:
+        _hold_signals()
         console.print(f"[red]{exc}[/red]", soft_wrap=True)
         service.stop()
         raise typer.Exit(1) from None
     service.stop()
     console.print("stopped; the data stays in " + str(settings.data_dir))
+
+
+def _hold_signals() -> None:
+    """While stopping, another Ctrl-C or SIGTERM must not cut the stop short (it would
+    leave the children running): say so instead."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        console.print("still stopping (waiting for the processes to finish)...")
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 def _print_endpoints(service: Any) -> None:
@@ -291,6 +309,10 @@ def _print_endpoints(service: Any) -> None:
     if e.flower_url:
         out.print(f"  Flower       {e.flower_url}   user {e.flower_user}, password "
                   f"{e.flower_password}", highlight=False)
+    out.print("  Metrics      " + "   ".join(f"{role}: {url}" for role, url in e.metrics.items()),
+              highlight=False)
+    out.print("  Status       promptbatch status --watch   (after sourcing the file below)",
+              highlight=False)
     out.print(f"  Redis        PROMPTBATCH_REDIS_URL={e.redis_url}", highlight=False)
     out.print(f"  Job store    PROMPTBATCH_DATABASE_URL={e.database_url}", highlight=False)
     out.print(f"  Other terminals: source {e.env_file}   (then promptbatch submit / worker / "
@@ -447,6 +469,52 @@ def worker(
     celery_app.worker_main(argv=[
         "worker", "-Q", ",".join(keys.QUEUES), "-c", str(pool_size),
         "-l", loglevel, "-n", f"{name}@%h", "-P", pool, "--without-mingle", "--without-gossip"])
+
+
+#: Flower's tasks page: a batch's description (class, size, deployment, similarity, first
+#: job ids) and its result (succeeded, failed, expired, tokens cached) next to the times.
+FLOWER_COLUMNS = "name,uuid,state,kwargs,result,received,runtime,worker"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def flower_argv(settings: Settings, port: int, address: str, basic_auth: str | None) -> list[str]:
+    """Flower's command line: loopback unless a login is set, batches readable on the tasks
+    page, task history kept in ``data_dir`` across restarts."""
+    if not basic_auth and address not in LOOPBACK:
+        raise ValueError(f"Flower on {address} would be open to anyone who can reach it: "
+                         "set --basic-auth user:password (PROMPTBATCH_FLOWER_BASIC_AUTH, or "
+                         "PROMPTBATCH_FLOWER_BASIC_AUTH_FILE), or listen on 127.0.0.1")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    argv = ["flower", f"--port={port}", f"--address={address}",
+            f"--tasks_columns={FLOWER_COLUMNS}", "--persistent=True",
+            f"--db={settings.data_dir / 'flower'}", "--state_save_interval=30000"]
+    if basic_auth:
+        argv.append(f"--basic_auth={basic_auth}")
+    return argv
+
+
+@app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5555,
+    address: Annotated[str, typer.Option(help="Address to listen on (beyond loopback only "
+                                         "with a login).")] = "127.0.0.1",
+    basic_auth: Annotated[str | None, typer.Option(
+        help="Login 'user:password' (default PROMPTBATCH_FLOWER_BASIC_AUTH).")] = None,
+) -> None:
+    """Run Flower for the workers: batches by class, size and deployment; their results;
+    history kept across restarts."""
+    settings = _settings()
+    _need_redis(settings)
+    login = basic_auth or (settings.flower_basic_auth.get_secret_value()
+                           if settings.flower_basic_auth else None)
+    try:
+        argv = flower_argv(settings, port, address, login)
+    except ValueError as exc:
+        raise _refuse(exc) from None
+    from workers.factory import create_app
+
+    setup_logging()
+    create_app(settings).start(argv=argv)
 
 
 @app.command()
@@ -653,10 +721,11 @@ def _overview(settings: Settings, *, watch: bool, every: float, as_json: bool) -
         if as_json:
             print(json.dumps(data))
             return
+        out = Console()  # the overview is the command's output: stdout
         if not watch:
-            console.print(render(data))
+            out.print(render(data))
             return
-        with Live(render(data), console=console, auto_refresh=False) as live:
+        with Live(render(data), console=out, auto_refresh=False) as live:
             try:
                 while True:
                     time.sleep(every)

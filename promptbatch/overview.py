@@ -50,9 +50,9 @@ def _duration(seconds: float | None) -> str:
 def render(data: dict[str, Any]) -> Group:
     """The overview as a table and a few lines."""
     table = Table(title="promptbatch", title_justify="left")
-    for name in ("class", "pending", "oldest wait", "deadline slack", "in flight",
-                 "submitted/min", "finished/min", "missed/min"):
-        table.add_column(name, justify="left" if name == "class" else "right")
+    for name in ("class", "pending", "oldest", "slack", "in flight", "in/min", "done/min",
+                 "missed/min"):
+        table.add_column(name, justify="left" if name == "class" else "right", no_wrap=True)
     for row in data["classes"]:
         missed = row["missed_last_min"]
         table.add_row(row["class"], str(row["pending"]),

@@ -64,6 +64,8 @@ class Endpoints:
     env_file: Path
     new_key: str | None = None
     lines: list[str] = field(default_factory=list)
+    #: Prometheus endpoints: role -> URL.
+    metrics: dict[str, str] = field(default_factory=dict)
 
 
 class Service(LocalStack):
@@ -77,6 +79,7 @@ class Service(LocalStack):
         self.port = port
         self.flower = flower
         self.flower_port = flower_port
+        self.metrics_ports: dict[str, int] = {}
         self.state_path = self.home / "up.json"
         self.state = UpState.load(self.state_path)
         self.new_key: str | None = None
@@ -102,16 +105,18 @@ class Service(LocalStack):
         st.key_created = True
         st.save(self.state_path)
         self._write_env()
-        self._spawn("scheduler", [sys.executable, "-m", "promptbatch", "scheduler"])
+        self.metrics_ports = {"scheduler": free_port(), "worker": free_port()}
+        self._spawn("scheduler", [sys.executable, "-m", "promptbatch", "scheduler",
+                                  "--metrics-port", str(self.metrics_ports["scheduler"])])
         self._spawn("worker", [sys.executable, "-m", "promptbatch", "worker",
-                               "--concurrency", str(self.workers), "--name", "up"])
+                               "--concurrency", str(self.workers), "--name", "up",
+                               "--metrics-port", str(self.metrics_ports["worker"])])
         self._spawn("api", [sys.executable, "-m", "promptbatch", "api", "--host", "127.0.0.1",
                             "--port", str(self.port)])
-        if self.flower:
-            self._spawn("flower", [sys.executable, "-m", "celery", "-A", "workers.app",
-                                   "flower", f"--port={self.flower_port}",
-                                   "--address=127.0.0.1",
-                                   f"--basic_auth={st.flower_user}:{st.flower_password}"])
+        if self.flower:  # the login through the environment, not the command line (ps)
+            self.env["PROMPTBATCH_FLOWER_BASIC_AUTH"] = f"{st.flower_user}:{st.flower_password}"
+            self._spawn("flower", [sys.executable, "-m", "promptbatch", "flower",
+                                   "--port", str(self.flower_port), "--address", "127.0.0.1"])
         self._wait_for_workers(ready_timeout)
         self._wait_for_api(ready_timeout)
         return self
@@ -158,7 +163,10 @@ class Service(LocalStack):
             flower_url=f"http://127.0.0.1:{self.flower_port}" if self.flower else None,
             flower_user=st.flower_user, flower_password=st.flower_password,
             redis_url=self.redis_url, database_url=self.settings.database_url,
-            env_file=self.home / "up.env", new_key=self.new_key)
+            env_file=self.home / "up.env", new_key=self.new_key,
+            metrics={"api": f"http://127.0.0.1:{self.port}/metrics",
+                     **{role: f"http://127.0.0.1:{port}/metrics"
+                        for role, port in self.metrics_ports.items()}})
 
     def watch(self, every: float = 1.0) -> None:
         """Return when a child exits (``StackError`` naming it)."""

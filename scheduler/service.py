@@ -41,7 +41,7 @@ import redis
 from celery import Celery
 
 from config import keys
-from config.celery import PROCESS_BATCH, build_celery
+from config.celery import PROCESS_BATCH, batch_repr, build_celery
 from config.settings import PRIORITY_NAMES, Settings
 from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
@@ -223,7 +223,8 @@ class Scheduler:
             info = json.loads(meta)
             log.info("re-sending batch %s (%d jobs) left in the outbox", batch_id, len(job_ids))
             self._send(batch_id, job_ids, int(info["cls"]), info.get("similarity"),
-                       int(info.get("prefix", 0)), float(info.get("estimate", 0.0)))
+                       int(info.get("prefix", 0)), float(info.get("estimate", 0.0)),
+                       info.get("deployment", ""))
             self._renew()
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
@@ -346,9 +347,10 @@ class Scheduler:
 
     def _dispatch(self, batch: PlannedBatch) -> None:
         batch_id = str(uuid.uuid4())
+        dep = deployment(batch.jobs[0].key)
         meta = json.dumps({"cls": batch.cls, "similarity": batch.similarity,
                            "reason": batch.reason, "prefix": batch.pending_prefix_chars,
-                           "estimate": batch.estimate_s})
+                           "estimate": batch.estimate_s, "deployment": dep})
         claimed = self.queue.claim(self.token, batch_id, meta,
                                    [(j.id, j.tenant) for j in batch.jobs], time.time(),
                                    batch.cls)
@@ -359,7 +361,7 @@ class Scheduler:
         self.pool.remove([j.id for j in batch.jobs])
         if claimed:
             self._send(batch_id, claimed, batch.cls, batch.similarity,
-                       batch.pending_prefix_chars, batch.estimate_s)
+                       batch.pending_prefix_chars, batch.estimate_s, dep)
             self._observe_batch(batch, len(claimed))
 
     def _observe_batch(self, batch: PlannedBatch, size: int) -> None:
@@ -376,7 +378,7 @@ class Scheduler:
 
     def _send(self, batch_id: str, job_ids: list[str], cls: int,
               similarity: float | None, prefix_hint: int = 0,
-              estimate_s: float = 0.0) -> None:
+              estimate_s: float = 0.0, dep: str = "") -> None:
         if self.first_sent_at is None:
             self.first_sent_at = time.time()
             log.info("first batch sent")
@@ -388,6 +390,8 @@ class Scheduler:
             task_id=batch_id,
             queue=keys.queue(cls),
             routing_key=keys.queue(cls),
+            argsrepr="()",
+            kwargsrepr=batch_repr(cls, job_ids, dep, similarity),
         )
         self.queue.ack_sent(batch_id, job_ids)
         self.sent_batches += 1

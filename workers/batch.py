@@ -92,7 +92,8 @@ class BatchRunner:
         if not self.steady("claim", lambda: self.queue.claim_run(batch_id, send_id, ttl)):
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
             metrics.BATCHES.labels(metrics.class_name(str(cls)), "duplicate").inc()
-            return {"batch_id": batch_id, "skipped": "duplicate send", "jobs": 0}
+            return {"class": metrics.class_name(str(cls)), "size": len(job_ids),
+                    "skipped": "duplicate send", "jobs": 0}
         lost = self.steady("count", lambda: self.queue.count_delivery(batch_id, retries, ttl))
         retrying = False
         try:
@@ -100,7 +101,7 @@ class BatchRunner:
                 metrics.BATCHES.labels(metrics.class_name(str(cls)), "poison").inc()
                 return self._poisoned(batch_id, job_ids, cls, lost)
             metrics.BATCHES.labels(metrics.class_name(str(cls)), "ran").inc()
-            return self._run(batch_id, job_ids, similarity, prefix_hint, estimate_s)
+            return self._run(batch_id, job_ids, similarity, prefix_hint, estimate_s, cls)
         except INFRA_ERRORS:
             retrying = True  # the task runs the batch again: it stays in flight
             raise
@@ -154,7 +155,7 @@ class BatchRunner:
         return {"batch_id": batch_id, "failed": len(live), "jobs": 0}
 
     def _run(self, batch_id: str, job_ids: Sequence[str], similarity: float | None,
-             prefix_hint: int = 0, estimate_s: float = 0.0) -> dict[str, Any]:
+             prefix_hint: int = 0, estimate_s: float = 0.0, cls: int = 2) -> dict[str, Any]:
         started = time.time()
         loaded = self.steady("load", lambda: self.queue.load(job_ids))
         states = self.steady("mark", lambda: self.queue.mark_running(batch_id, job_ids))
@@ -201,10 +202,16 @@ class BatchRunner:
                 self.queue.post_event(done=batch_id, deployment=f"{runnable[0].provider}|"
                                       f"{runnable[0].model}", size=len(runnable),
                                       seconds=round(finished - started, 6))
-        failed = sum(1 for r in results if r.state is JobState.FAILED)
-        return {**base, "jobs": len(runnable), "failed": failed, "expired": len(expired),
-                "skipped": skipped, "seconds": round(finished - started, 4),
-                "ran": [s.id for s in runnable]}
+        # What Flower shows as the task's result (and the worker logs): counts, not ids.
+        usage = [r.usage for r in results if r.usage is not None]
+        return {"class": metrics.class_name(str(cls)), "size": len(job_ids),
+                "jobs": len(runnable),
+                "succeeded": sum(1 for r in results if r.state is JobState.SUCCEEDED),
+                "failed": sum(1 for r in results if r.state is JobState.FAILED),
+                "expired": len(expired), "skipped": skipped,
+                "prompt_tokens": sum(u.prompt_tokens for u in usage),
+                "cached_tokens": sum(u.cached_tokens for u in usage),
+                "seconds": round(finished - started, 3)}
 
     def _call(self, specs: list[JobSpec], on_final: Callable[[dict[str, Outcome]], None],
               prefix_hint: int) -> None:

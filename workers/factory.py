@@ -19,9 +19,10 @@ from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy.exc import SQLAlchemyError
 
 from config import keys
-from config.celery import PROCESS_BATCH, build_celery
+from config.celery import PROCESS_BATCH, batch_repr, build_celery
 from config.settings import Settings
 from jobs.queue import RedisQueue, connect
+from jobs.stats import class_name
 from jobs.store import JobStore
 from workers.batch import BatchRunner
 from workers.providers import Provider, create_provider
@@ -100,7 +101,9 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
         def resend(new_batch: str, job_id: str, job_cls: int) -> None:
             app.send_task(PROCESS_BATCH, queue=keys.queue(job_cls), task_id=new_batch,
                           kwargs={"batch_id": new_batch, "send_id": uuid.uuid4().hex,
-                                  "job_ids": [job_id], "cls": job_cls})
+                                  "job_ids": [job_id], "cls": job_cls},
+                          argsrepr="()", kwargsrepr=batch_repr(job_cls, [job_id]) +
+                          f" (isolated from poison batch {batch_id})")
 
         runner = resources.runner(resend)
         try:
@@ -111,7 +114,8 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
             failed = runner.fail_running(batch_id, job_ids, f"the provider call took longer "
                                          f"than the task time limit ({limit} s)")
             log.warning("batch %s hit the time limit; %d jobs failed", batch_id, failed)
-            return {"batch_id": batch_id, "failed": failed, "jobs": 0}
+            return {"class": class_name(str(cls)), "size": len(job_ids), "failed": failed,
+                    "jobs": 0, "timed_out": True}
         except (redis.RedisError, SQLAlchemyError) as exc:
             # Redis or the SQL store stayed down longer than the batch could wait: run it
             # again later (the same send, so it may; results already stored are kept; a
