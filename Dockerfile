@@ -33,7 +33,7 @@ RUN pip install --no-cache-dir --no-index --find-links /wheels "promptbatch[post
     && rm -rf /wheels
 USER promptbatch
 WORKDIR /var/lib/promptbatch
-EXPOSE 8000 5555
+EXPOSE 8000 5555 9464
 # PROMPTBATCH_ROLE (api, scheduler, worker, flower) says what to check.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["promptbatch", "health"]

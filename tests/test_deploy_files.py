@@ -44,11 +44,17 @@ def test_compose_runs_every_role_from_the_image_with_checks_secrets_and_restarts
         assert svc["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         assert svc["environment"]["PROMPTBATCH_ROLE"] == role  # the image's HEALTHCHECK
         words = _command_words(svc["command"])
-        if words[0] == "promptbatch":
-            _parse(words[1:])  # the CLI accepts it
-        else:
-            assert words[:4] == ["celery", "-A", "workers.app", "flower"]
-            assert any(w.startswith("--basic_auth=") for w in words)
+        assert words[0] == "promptbatch"
+        _parse(words[1:])  # the CLI accepts it
+        if role in ("scheduler", "worker"):  # Prometheus reaches them from its container
+            assert words[words.index("--metrics-port") + 1] == "9464"
+            assert svc["environment"]["PROMPTBATCH_METRICS_HOST"] == "0.0.0.0"
+    flower = services["flower"]  # open beyond loopback only with its login
+    assert flower["environment"]["PROMPTBATCH_FLOWER_BASIC_AUTH_FILE"].startswith("/run/secrets/")
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    scraped = {(c["names"][0], c["port"]) for job in prometheus["scrape_configs"]
+               for c in job["dns_sd_configs"]}
+    assert scraped == {("scheduler", 9464), ("worker", 9464), ("api", 8000)}
     for name in ("redis", "postgres"):
         assert "healthcheck" in services[name] and services[name]["restart"] == "unless-stopped"
     for secret in compose["secrets"].values():
@@ -72,3 +78,51 @@ def test_the_dockerfile_builds_one_slim_non_root_image_from_the_wheel() -> None:
     assert words[0] == "promptbatch"
     _parse(words[1:])
     _parse(["health", "--role", "worker"])
+
+
+def _exported_metric_names() -> set[str]:
+    """Every metric family the scheduler, the workers and the API export."""
+    from prometheus_client import REGISTRY
+
+    import producers.metrics
+    import workers.metrics
+    from jobs.stats import Count
+    from scheduler.metrics import SchedulerMetrics
+
+    assert producers.metrics and workers.metrics
+    sched = SchedulerMetrics()
+    sched.cluster.update({"classes": [{"class": "normal", "pending": 1, "oldest_wait_s": 1.0,
+                                       "inflight": 0, "slack_s": 3.0}],
+                          "workers": 1, "slots": 2, "desired_slots": 1,
+                          "cooling": ["openai|gpt-4o"]},
+                         [Count(kind, "SUCCEEDED", "normal", "t", "echo", "echo-1", 1)
+                          for kind in ("submitted", "finished", "missed")])
+    names = {f.name for f in sched.registry.collect()}
+    names |= {f.name for f in REGISTRY.collect() if f.name.startswith("promptbatch_")}
+    return names
+
+
+def test_the_grafana_dashboard_queries_only_metrics_we_export() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "deploy/grafana/promptbatch.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    used = {re.sub(r"_(bucket|sum|count|total)$", "", m)
+            for e in exprs for m in re.findall(r"promptbatch_[a-z_]+", e)}
+    exported = _exported_metric_names()
+    assert used - exported == set(), "the dashboard queries metrics nobody exports"
+    # Every metric we export has a panel, but for bookkeeping ones.
+    assert exported - used <= {"promptbatch_scheduler_active"}
+
+
+def test_the_keda_example_scales_workers_on_the_scaling_signal() -> None:
+    scaled = yaml.safe_load((ROOT / "deploy/keda/scaledobject.yaml").read_text())
+    assert scaled["kind"] == "ScaledObject" and scaled["apiVersion"] == "keda.sh/v1alpha1"
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["query"] == "max(promptbatch_desired_worker_slots)"
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    slots = compose["services"]["worker"]["command"]
+    assert trigger["metadata"]["threshold"] == slots[slots.index("--concurrency") + 1]
+
