@@ -57,7 +57,7 @@ bench-policy: $(STAMP)
 	$(BIN)/python bench/policy.py
 
 flower: $(STAMP)
-	$(BIN)/celery -A workers.app flower
+	$(BIN)/promptbatch flower
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -4,6 +4,7 @@ Both run on the same embedded server, with the same Celery settings and the same
 pool (prefork, ``--workers`` processes), in one command:
 
     .venv/bin/python bench/pipeline.py [--jobs 10000] [--workers 2]
+    .venv/bin/python bench/pipeline.py --metrics-cost [--rounds 3]
 
 Rows: submit only (``Client.submit_many`` into Redis and the store), promptbatch end to end
 on each job store (``--stores sqlite postgres``: SQLite and a PostgreSQL server started
@@ -11,6 +12,10 @@ for the run)
 (submit, schedule, batch, run with the echo provider, one result per job collected), and
 the baseline (``apply_async`` per prompt, results collected by MGET polling, which is
 faster than ``ResultSet.get``).
+
+``--metrics-cost``: promptbatch on SQLite with its Prometheus endpoints served (the
+scheduler's, and the worker's in multiprocess mode) and scraped every second, against the
+same without them, alternating, ``--rounds`` times each; the median of each.
 """
 
 from __future__ import annotations
@@ -19,10 +24,14 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,7 +39,7 @@ from bench.common import Children, child_env, migrated, promptbatch_argv, table,
 from config.settings import Settings
 from jobs.queue import connect
 from producers.client import Client
-from promptbatch.embedded import EmbeddedRedis
+from promptbatch.embedded import EmbeddedRedis, free_port
 
 
 def prompts(n: int) -> list[str]:
@@ -41,14 +50,20 @@ def prompts(n: int) -> list[str]:
 
 
 def run_promptbatch(settings: Settings, texts: list[str], workers: int, tmp: Path,
-                    ) -> tuple[float, float, int]:
+                    metrics: bool = False) -> tuple[float, float, int]:
     kids = Children(tmp)
     env = child_env(settings)
+    ports = [free_port(), free_port()] if metrics else [0, 0]
+    stop = threading.Event()
     try:
-        kids.start("scheduler", promptbatch_argv("scheduler"), env)
+        kids.start("scheduler", promptbatch_argv("scheduler", "--metrics-port", str(ports[0])),
+                   env)
         kids.start("worker", promptbatch_argv("worker", "--concurrency", str(workers),
-                                              "--loglevel", "warning"), env)
+                                              "--loglevel", "warning",
+                                              "--metrics-port", str(ports[1])), env)
         wait_for_workers(settings.redis_url, workers)
+        if metrics:  # as a Prometheus would, but every second instead of every 15
+            threading.Thread(target=_scrape, args=(ports, stop), daemon=True).start()
         with Client(settings) as client:
             t0 = time.perf_counter()
             ids = client.submit_many({"prompt": t} for t in texts)
@@ -60,7 +75,37 @@ def run_promptbatch(settings: Settings, texts: list[str], workers: int, tmp: Pat
         batches = len({r.batch_id for r in results})
         return t_submit, total, batches
     finally:
+        stop.set()
         kids.stop()
+
+
+def _scrape(ports: list[int], stop: threading.Event) -> None:
+    with httpx.Client(timeout=5) as http:
+        while not stop.wait(1.0):
+            for port in ports:
+                text = http.get(f"http://127.0.0.1:{port}/metrics").text
+                assert "promptbatch_" in text
+
+
+def metrics_cost(texts: list[str], workers: int, rounds: int, tmp: Path) -> None:
+    """promptbatch with metrics served and scraped vs without, alternating."""
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(rounds):
+        for on in ((False, True) if i % 2 == 0 else (True, False)):
+            with EmbeddedRedis(tmp / f"redis-m{i}{on}") as server:
+                s = Settings(redis_url=server.url,
+                             database_url=f"sqlite:///{tmp / f'm{i}{on}.db'}",
+                             _env_file=None)  # type: ignore[call-arg]
+                migrated(s)
+                times[on].append(run_promptbatch(s, texts, workers, tmp, metrics=on)[1])
+    n = len(texts)
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    table(f"metrics cost: {n} echo jobs, {workers} worker processes, median of {rounds}",
+          ["run", "jobs", "seconds", "jobs/s", "vs off"],
+          [("metrics off (no endpoints)", n, off, n / off, "1.00x"),
+           ("metrics on (served, scraped every 1 s)", n, on, n / on, f"{off / on:.3f}x")])
+    print("all runs (s): off " + ", ".join(f"{t:.2f}" for t in times[False]) +
+          "; on " + ", ".join(f"{t:.2f}" for t in times[True]))
 
 
 def run_baseline(settings: Settings, texts: list[str], workers: int, tmp: Path) -> float:
@@ -98,6 +143,9 @@ def main() -> None:
                         choices=["sqlite", "postgres"],
                         help="job stores to run promptbatch on (PostgreSQL: a server "
                         "started from the binaries tests/pg.py finds)")
+    parser.add_argument("--metrics-cost", action="store_true",
+                        help="compare metrics served and scraped with none (SQLite)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each, --metrics-cost")
     args = parser.parse_args()
     texts = prompts(args.jobs)
     with tempfile.TemporaryDirectory(prefix="pb-bench-") as d:
@@ -105,6 +153,9 @@ def main() -> None:
         if args.keep:  # logs and data outlive the run
             tmp = Path(tempfile.mkdtemp(prefix="pb-bench-"))
             print(f"logs and data in {tmp}")
+        if args.metrics_cost:
+            metrics_cost(texts, args.workers, args.rounds, tmp)
+            return
         rows = []
         runs: list[tuple[str, float, float, int]] = []
         for store in args.stores:

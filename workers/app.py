@@ -3,7 +3,7 @@
 Settings come from the environment (``PROMPTBATCH_REDIS_URL`` and friends)::
 
     celery -A workers.app worker -Q pb.critical,pb.high,pb.normal,pb.low,pb.bulk
-    celery -A workers.app flower
+    promptbatch flower            # (celery -A workers.app flower, with our options)
 """
 
 import sys
