@@ -92,14 +92,17 @@ def test_redis_with_a_password_refuses_strangers_and_serves_us(settings: Setting
 def test_flower_as_deployed_answers_401_without_credentials(settings: Settings,
                                                             tmp_path: Path) -> None:
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    flower_cmd = " ".join(compose["services"]["flower"]["command"])
-    assert "--basic_auth=" in flower_cmd
+    service = compose["services"]["flower"]
+    command = list(service["command"])
+    assert command[:2] == ["promptbatch", "flower"] and "0.0.0.0" in command
+    assert "PROMPTBATCH_FLOWER_BASIC_AUTH_FILE" in service["environment"]
     port = free_port()
-    env = settings_env(settings)
+    command[command.index("--port") + 1] = str(port)
+    secret = tmp_path / "flower_auth"  # as Docker mounts the secret
+    secret.write_text("ops:correct-horse\n")
+    env = settings_env(settings, PROMPTBATCH_FLOWER_BASIC_AUTH_FILE=str(secret))
     log = (tmp_path / "flower.log").open("wb")
-    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.app", "flower",
-                               f"--port={port}", "--address=127.0.0.1",
-                               "--basic_auth=ops:correct-horse"], env=env, stdout=log,
+    flower = subprocess.Popen([sys.executable, "-m", *command], env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}/"
