@@ -115,3 +115,41 @@ def healthy(deployment: str) -> str:
 def failures(deployment: str) -> str:
     """Transient failures in a row of a deployment."""
     return f"{PREFIX}failures:{deployment}"
+
+
+# --- the result cache (``jobs.cache``) ----------------------------------------------------
+
+def cache_entry(key: str) -> str:
+    """A cached result (JSON), under its exact key ``partition:hash``."""
+    return f"{PREFIX}cache:e:{key}"
+
+
+def cache_index(partition: str) -> str:
+    """Sorted set of a partition's entries by time stored (the oldest leave first)."""
+    return f"{PREFIX}cache:z:{partition}"
+
+
+def cache_sizes(partition: str) -> str:
+    """Hash entry key -> its size in bytes, for a partition's byte bound."""
+    return f"{PREFIX}cache:s:{partition}"
+
+
+def cache_bytes(partition: str) -> str:
+    """Bytes of a partition's entries."""
+    return f"{PREFIX}cache:b:{partition}"
+
+
+def cache_lead(key: str) -> str:
+    """The job whose provider call identical requests wait for (coalescing)."""
+    return f"{PREFIX}cache:lead:{key}"
+
+
+def cache_followers(key: str) -> str:
+    """Set of the jobs waiting for the lead job of ``key``."""
+    return f"{PREFIX}cache:f:{key}"
+
+
+def cache_vectors(partition: str) -> str:
+    """Hash entry key -> embedding (float32 bytes) of a semantic partition."""
+    return f"{PREFIX}cache:v:{partition}"
+

@@ -396,6 +396,31 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(default=60.0, gt=0,
                               description="How long a failing deployment is avoided.")
 
+    cache_enabled: bool = Field(
+        default=True, description="The result cache and the coalescing of identical requests "
+        "(jobs choose with their 'cache' field; 'auto' caches deterministic requests only).")
+    cache_ttl_s: int = Field(default=24 * 3600, ge=1,
+                             description="How long a cached result is served.")
+    cache_max_entries: int = Field(
+        default=100_000, ge=1, description="Most cached results per partition (tenant, "
+        "provider, model); the oldest go first.")
+    cache_max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024,
+        description="Most bytes of cached results per partition; the oldest go first.")
+    cache_shared_tenants: list[str] = Field(
+        default_factory=list, description="Tenants that share one cache partition (their "
+        "answers serve each other); every other tenant has its own.")
+    cache_model_versions: dict[str, str] = Field(
+        default_factory=dict, description="'provider|model' -> a version string; changing it "
+        "invalidates the model's cached results (they are no longer found, and expire).")
+    cache_semantic_tenants: list[str] = Field(
+        default_factory=list, description="Tenants whose jobs may use the semantic cache "
+        "(cache='semantic'); '*' for all.")
+    cache_semantic_threshold: float = Field(
+        default=0.95, gt=0, le=1, description="Cosine similarity a semantic hit needs (the "
+        "guard on numbers, negations and names applies as well).")
+    cache_semantic_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Per tenant thresholds of the semantic cache.")
     metrics_port: int = Field(
         default=0, ge=0, le=65535,
         description="Port of the Prometheus /metrics endpoint of the scheduler or the worker "

@@ -73,7 +73,7 @@ return out
 PUBLISH = """
 local done = 0
 for i = 4, #KEYS do
-  local v = redis.call('HMGET', KEYS[i], 'state', 'p', 't', 'd', 'm')
+  local v = redis.call('HMGET', KEYS[i], 'state', 'p', 't', 'd', 'm', 'counted')
   if v[1] == 'STAGED' then
     local sid
     if v[4] and v[4] ~= '' then
@@ -83,8 +83,10 @@ for i = 4, #KEYS do
       sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[i - 2], 'p', v[2], 't', v[3])
     end
     redis.call('HSET', KEYS[i], 'state', 'QUEUED', 'sid', sid)
-    redis.call('HINCRBY', KEYS[2], 's|' .. v[2] .. '|' .. (v[5] or (v[3] .. '||')), 1)
-    redis.call('HINCRBY', KEYS[3], 's|' .. v[2], 1)
+    if not v[6] then  -- a released follower was counted when it arrived
+      redis.call('HINCRBY', KEYS[2], 's|' .. v[2] .. '|' .. (v[5] or (v[3] .. '||')), 1)
+      redis.call('HINCRBY', KEYS[3], 's|' .. v[2], 1)
+    end
     done = done + 1
   end
 end
@@ -103,7 +105,7 @@ for i = 1, (#KEYS - 1) / 2 do
   local jk = KEYS[2 * i]
   local v = redis.call('HMGET', jk, 'state', 'sid')
   local st = v[1]
-  if not st or st == 'STAGED' or st == 'QUEUED' or st == 'WITHDRAWN' then
+  if not st or st == 'STAGED' or st == 'QUEUED' or st == 'WITHDRAWN' or st == 'FOLLOWING' then
     if v[2] then redis.call('XDEL', KEYS[1], v[2]) end
     redis.call('DEL', jk)
     redis.call('HSET', jk, 'state', 'WITHDRAWN')
@@ -236,7 +238,8 @@ return lost
 #: consumer, records the final state, drops the job from intake, and counts it as
 #: finished (``f|state|class|label``, and ``m|class|label`` when it missed its deadline;
 #: ``f|state|class`` and ``m|class`` in the bucket): a result is counted where it is
-#: stored, once. Returns, per job, 1 if its result was stored.
+#: stored, once. Returns, per job, 1 if its result was stored (the cache key it leads,
+#: for a job identical requests wait for), else 0.
 FINISH_MANY = """
 local out = {}
 for i = 1, (#KEYS - 3) / 3 do
@@ -244,7 +247,7 @@ for i = 1, (#KEYS - 3) / 3 do
   local a = 3 + (i - 1) * 6
   if redis.call('SET', rk, ARGV[a + 2], 'NX', 'EX', ARGV[1]) then
     redis.call('PUBLISH', rk, ARGV[a + 2])
-    local v = redis.call('HMGET', jk, 'sid', 'p')
+    local v = redis.call('HMGET', jk, 'sid', 'p', 'leads')
     if v[1] then redis.call('XDEL', KEYS[1], v[1]) end
     local cls = ARGV[a + 4]
     if cls == '' then cls = v[2] or '' end
@@ -258,7 +261,7 @@ for i = 1, (#KEYS - 3) / 3 do
       redis.call('HINCRBY', KEYS[2], 'm|' .. cls .. '|' .. ARGV[a + 5], 1)
       redis.call('HINCRBY', KEYS[3], 'm|' .. cls, 1)
     end
-    out[i] = 1
+    out[i] = v[3] or 1
   else
     out[i] = 0
   end
@@ -268,12 +271,12 @@ return out
 """
 
 #: KEYS: job, events stream. ARGV: id.
-#: Marks a QUEUED or SCHEDULED job CANCELLED and tells the scheduler. Returns the state
+#: Marks a QUEUED, SCHEDULED or FOLLOWING job CANCELLED and tells the scheduler. Returns the state
 #: found ('' when the job is unknown to Redis).
 CANCEL = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return '' end
-if st == 'QUEUED' or st == 'SCHEDULED' then
+if st == 'QUEUED' or st == 'SCHEDULED' or st == 'FOLLOWING' then
   redis.call('HSET', KEYS[1], 'state', 'CANCELLED')
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'cancel', ARGV[1])
 end
@@ -328,4 +331,82 @@ for i = 1, #KEYS do
   redis.call('EXPIRE', KEYS[i], state[i][3])
 end
 return tostring(wait)
+"""
+
+
+#: KEYS: entry, partition index, partition sizes, partition bytes. ARGV: entry JSON, ttl,
+#: now, most entries, most bytes. Stores a cached result and keeps the partition within
+#: its bounds: entries past their ttl leave its accounts, then the oldest go until it fits.
+#: (The evicted entries' keys are read from the index.)
+CACHE_PUT = """
+local function drop(k)
+  local size = tonumber(redis.call('HGET', KEYS[3], k) or '0')
+  redis.call('HDEL', KEYS[3], k)
+  redis.call('ZREM', KEYS[2], k)
+  redis.call('DEL', k)
+  return tonumber(redis.call('DECRBY', KEYS[4], size))
+end
+if redis.call('HEXISTS', KEYS[3], KEYS[1]) == 1 then drop(KEYS[1]) end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
+redis.call('HSET', KEYS[3], KEYS[1], #ARGV[1])
+local bytes = tonumber(redis.call('INCRBY', KEYS[4], #ARGV[1]))
+local cutoff = tonumber(ARGV[3]) - tonumber(ARGV[2])
+for _, k in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff, 'LIMIT', 0, 100)) do
+  bytes = drop(k)
+end
+while redis.call('ZCARD', KEYS[2]) > tonumber(ARGV[4]) or bytes > tonumber(ARGV[5]) do
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0)
+  if #first == 0 then break end
+  bytes = drop(first[1])
+end
+for i = 2, 4 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2]) * 2) end
+return bytes
+"""
+
+#: KEYS: lead, followers, job, stats hash, recent bucket. ARGV: job id, ttl, bucket ttl,
+#: class, stats label, cache key. Coalescing: the first job of a key leads (its provider
+#: call serves the others); a job that finds a leader follows it (state FOLLOWING: it is
+#: not published to intake, and is counted as submitted now). Returns the leader's id.
+COALESCE = """
+local leader = redis.call('GET', KEYS[1])
+if not leader or leader == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('HSET', KEYS[3], 'leads', ARGV[6])
+  return ARGV[1]
+end
+if redis.call('HGET', KEYS[3], 'state') ~= 'STAGED' then return ARGV[1] end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], 'state', 'FOLLOWING', 'lead', leader, 'key', ARGV[6],
+           'counted', '1')
+redis.call('HINCRBY', KEYS[4], 's|' .. ARGV[4] .. '|' .. ARGV[5], 1)
+redis.call('HINCRBY', KEYS[5], 's|' .. ARGV[4], 1)
+redis.call('EXPIRE', KEYS[5], ARGV[3])
+return leader
+"""
+
+#: KEYS: lead, followers. ARGV: the leader's id. The leader is final: it leads no more,
+#: and its followers are handed over (returned) and forgotten.
+TAKE_FOLLOWERS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local out = redis.call('SMEMBERS', KEYS[2])
+redis.call('DEL', KEYS[2])
+return out
+"""
+
+#: KEYS: job keys. Followers whose leader failed go back to STAGED (to be published and
+#: run on their own). Returns, per job, 1 if released.
+RELEASE_FOLLOWERS = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('HGET', KEYS[i], 'state') == 'FOLLOWING' then
+    redis.call('HSET', KEYS[i], 'state', 'STAGED')
+    redis.call('HDEL', KEYS[i], 'lead')
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
 """

@@ -86,6 +86,11 @@ def _parse_priority(value: object) -> object:
 
 PriorityField = Annotated[Priority, BeforeValidator(_parse_priority)]
 
+#: How a job uses the result cache: ``auto`` (only a deterministic request: temperature 0
+#: or a seed), ``off``, ``exact`` (any request, the user accepts a stored answer),
+#: ``semantic`` (also a similar enough earlier prompt; see ``jobs.cachekey``).
+CachePolicy = Literal["auto", "off", "exact", "semantic"]
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -171,6 +176,10 @@ class JobRequest(BaseModel):
     metadata: dict[Annotated[str, Field(max_length=64)], MetadataScalar] = Field(
         default_factory=dict, max_length=64
     )
+    cache: CachePolicy = Field(
+        default="auto", description="Result cache: 'auto' (deterministic requests only: "
+        "temperature 0 or a seed), 'off', 'exact' (any request), 'semantic' (also a similar "
+        "enough earlier prompt, when the tenant allows it).")
 
     @field_validator("prompt")
     @classmethod
@@ -228,6 +237,7 @@ class JobSpec(BaseModel):
     idempotency_key: str | None = None
     client_id: str | None = None
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    cache: CachePolicy = "auto"
 
     @property
     def compat_key(self) -> str:
@@ -273,6 +283,12 @@ class JobResult(BaseModel):
     deadline: float | None = Field(default=None, description="The job's deadline, Unix time.")
     started_at: float | None = None
     finished_at: float = Field(default_factory=lambda: datetime.now(UTC).timestamp())
+    cache: Literal["exact", "semantic", "coalesced"] | None = Field(
+        default=None, description="Where the answer came from when no provider was called "
+        "for this job: a cached result, or the call of an identical job in flight.")
+    cache_source: str | None = Field(default=None, description="The job whose answer it is.")
+    cache_similarity: float | None = Field(
+        default=None, description="Cosine similarity to the source's prompt (semantic hits).")
 
     @property
     def missed_deadline(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from jobs import cache
 from jobs.models import JobResult
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
@@ -22,7 +23,14 @@ def record_results(store: JobStore, queue: RedisQueue, results: Sequence[JobResu
     cls = list(classes) if classes is not None else [-1] * len(results)
     mine = [(r, t, c) for r, t, c in zip(results, tenants, cls, strict=True) if r.id in won]
     if mine:
-        queue.finish([r for r, _, _ in mine], [t for _, t, _ in mine],
-                     result_ttl_s=result_ttl_s,
-                     classes=None if classes is None else [c for _, _, c in mine])
+        stored = queue.finish_leading([r for r, _, _ in mine], [t for _, t, _ in mine],
+                                      result_ttl_s=result_ttl_s,
+                                      classes=None if classes is None else [c for _, _, c in mine])
+        leaders = {r.id: x for (r, _, _), x in zip(mine, stored, strict=True)
+                   if isinstance(x, str)}
+        if leaders:  # identical requests waited for these jobs
+            cache.settle(queue, leaders, [r for r, _, _ in mine],
+                         lambda res, ts, cs: record_results(store, queue, res, ts,
+                                                            result_ttl_s=result_ttl_s,
+                                                            classes=cs))
     return won

@@ -102,6 +102,10 @@ class RedisQueue:
         self._requeue = client.register_script(lua.REQUEUE)
         self._deliveries = client.register_script(lua.COUNT_DELIVERY)
         self._finish_many = client.register_script(lua.FINISH_MANY)
+        self._cache_put = client.register_script(lua.CACHE_PUT)
+        self._coalesce = client.register_script(lua.COALESCE)
+        self._take_followers = client.register_script(lua.TAKE_FOLLOWERS)
+        self._release_followers = client.register_script(lua.RELEASE_FOLLOWERS)
         self._cancel = client.register_script(lua.CANCEL)
         self._lease = client.register_script(lua.LEASE)
         self._release = client.register_script(lua.RELEASE)
@@ -305,7 +309,15 @@ class RedisQueue:
         result, whether it was stored. Each stored result is counted in the cluster's
         stats (``jobs.stats``) under its class (``classes``; else the class Redis holds
         for the job)."""
-        out: list[bool] = []
+        return [bool(x) for x in self.finish_leading(results, tenants, result_ttl_s=result_ttl_s,
+                                                     classes=classes)]
+
+    def finish_leading(self, results: Sequence[JobResult], tenants: Sequence[str], *,
+                       result_ttl_s: int, classes: Sequence[int] | None = None,
+                       ) -> list[bool | str]:
+        """``finish``, telling apart the stored results of jobs that identical requests
+        wait for: their cache key instead of True."""
+        out: list[bool | str] = []
         recent = keys.recent(stats.bucket_of(time.time()))
         cls_of = [str(c) for c in classes] if classes is not None else [""] * len(results)
         for start in range(0, len(results), FINISH_CHUNK):
@@ -320,8 +332,116 @@ class RedisQueue:
                 args += [res.id, celery_meta(res), res.state.value, cls,
                          stats.label(tenant, res.provider, res.model),
                          "1" if res.missed_deadline else "0"]
-            out += [bool(x) for x in self._finish_many(keys=job_keys, args=args)]
+            out += [x if isinstance(x, str) else bool(x)
+                    for x in self._finish_many(keys=job_keys, args=args)]
         return out
+
+    # --- the result cache -------------------------------------------------------------
+
+    def count_submitted(self, specs: Sequence[JobSpec]) -> None:
+        """Count jobs as submitted that are never published (answered from the cache)."""
+        recent = keys.recent(stats.bucket_of(time.time()))
+        pipe = self.r.pipeline(transaction=False)
+        for spec in specs:
+            pipe.hincrby(keys.STATS, f"s|{int(spec.priority)}|"
+                         f"{stats.label(spec.tenant, spec.provider, spec.model)}", 1)
+            pipe.hincrby(recent, f"s|{int(spec.priority)}", 1)
+        pipe.expire(recent, stats.BUCKET_TTL_S)
+        pipe.execute()
+
+    def cache_get(self, cache_keys: Sequence[str]) -> list[str | None]:
+        """Cached entries (JSON) of exact keys."""
+        if not cache_keys:
+            return []
+        return list(self.r.mget([keys.cache_entry(k) for k in cache_keys]))  # type: ignore[arg-type]
+
+    def cache_put(self, key: str, partition: str, entry: str, *, ttl_s: int, now: float,
+                  max_entries: int, max_bytes: int) -> None:
+        """Store an entry, keeping its partition within its bounds."""
+        self._cache_put(keys=[keys.cache_entry(key), keys.cache_index(partition),
+                              keys.cache_sizes(partition), keys.cache_bytes(partition)],
+                        args=[entry, ttl_s, now, max_entries, max_bytes])
+
+    def coalesce(self, specs: Sequence[JobSpec], cache_keys: Sequence[str],
+                 ttl_s: int) -> list[str]:
+        """For staged jobs with these cache keys: per job the id of the job it waits for
+        (its own when it leads)."""
+        recent = keys.recent(stats.bucket_of(time.time()))
+        pipe = self.r.pipeline(transaction=False)
+        for spec, key in zip(specs, cache_keys, strict=True):
+            self._coalesce(keys=[keys.cache_lead(key), keys.cache_followers(key),
+                                 keys.job(spec.id), keys.STATS, recent],
+                           args=[spec.id, ttl_s, stats.BUCKET_TTL_S, int(spec.priority),
+                                 stats.label(spec.tenant, spec.provider, spec.model), key],
+                           client=pipe)
+        return [str(x) for x in pipe.execute()]
+
+    def take_followers(self, leader: str, key: str) -> list[str]:
+        """The jobs waiting for ``leader`` (which is final); it leads no more."""
+        return [str(x) for x in self._take_followers(
+            keys=[keys.cache_lead(key), keys.cache_followers(key)], args=[leader])]
+
+    def release_followers(self, job_ids: Sequence[str]) -> list[str]:
+        """Followers whose leader failed: published to run on their own; returns them."""
+        if not job_ids:
+            return []
+        flags = self._release_followers(keys=[keys.job(j) for j in job_ids])
+        freed = [j for j, f in zip(job_ids, flags, strict=True) if int(f)]
+        self.publish(freed)
+        return freed
+
+    def release_orphan_followers(self, job_ids: Sequence[str]) -> list[str]:
+        """Followers whose leader is final (or forgotten) but did not hand them over (its
+        worker died in between): they run on their own. Returns them."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(keys.job(job_id), "lead", "key")
+        leads = pipe.execute()
+        for lead, key in leads:
+            pipe.exists(keys.celery_result(lead or "-"))
+            pipe.get(keys.cache_lead(key or "-"))
+        checks = pipe.execute()
+        orphans = [j for i, (j, (lead, _)) in enumerate(zip(job_ids, leads, strict=True))
+                   if lead is None or checks[2 * i] or checks[2 * i + 1] != lead]
+        return self.release_followers(orphans)
+
+    def cache_purge(self, pattern: str) -> int:
+        """Delete the entries whose key matches ``pattern`` (a glob on ``partition:hash``)
+        and the accounts of partitions left empty; return how many entries went."""
+        gone = 0
+        partitions: set[str] = set()
+        prefix = keys.cache_entry("")
+        batch: list[str] = []
+        for name in self.r.scan_iter(match=keys.cache_entry(pattern), count=1000):
+            batch.append(str(name))
+            if len(batch) >= 500:
+                gone += self._purge_batch(batch, prefix, partitions)
+                batch = []
+        if batch:
+            gone += self._purge_batch(batch, prefix, partitions)
+        for part in partitions:
+            if not self.r.zcard(keys.cache_index(part)):
+                self.r.delete(keys.cache_index(part), keys.cache_sizes(part),
+                              keys.cache_bytes(part), keys.cache_vectors(part))
+        return gone
+
+    def _purge_batch(self, names: list[str], prefix: str, partitions: set[str]) -> int:
+        pipe = self.r.pipeline(transaction=False)
+        sizes = self.r.pipeline(transaction=False)
+        for name in names:
+            part = name[len(prefix):].rsplit(":", 1)[0]
+            partitions.add(part)
+            sizes.hget(keys.cache_sizes(part), name)
+        for name, size in zip(names, sizes.execute(), strict=True):
+            part = name[len(prefix):].rsplit(":", 1)[0]
+            pipe.delete(name)
+            pipe.zrem(keys.cache_index(part), name)
+            pipe.hdel(keys.cache_sizes(part), name)
+            pipe.hdel(keys.cache_vectors(part), name)
+            if size:
+                pipe.decrby(keys.cache_bytes(part), int(size))
+        pipe.execute()
+        return len(names)
 
     def results(self, job_ids: Sequence[str]) -> list[JobResult | None]:
         """Stored results of the jobs (None where there is none yet)."""

@@ -194,11 +194,11 @@ async def submit(request: Request, caller: CallerDep,
     if len(items) > settings.api_max_jobs_per_request:
         raise ApiError(413, "request_too_large",
                        f"at most {settings.api_max_jobs_per_request} jobs per request")
-    ids = await run_in_threadpool(_submit, client_of(request), items, caller,
-                                  idempotency_key, many)
+    done = await run_in_threadpool(_submit, client_of(request), items, caller,
+                                   idempotency_key, many)
     if many:
-        return {"object": "list", "ids": ids}
-    return {"id": ids[0], "object": "job", "state": JobState.QUEUED.value}
+        return {"object": "list", "ids": [job_id for job_id, _ in done]}
+    return {"id": done[0][0], "object": "job", "state": done[0][1].value}
 
 
 @router.get("/v1/jobs/{job_id}", tags=["jobs"])
@@ -247,6 +247,32 @@ async def cancel(job_id: str, request: Request, caller: CallerDep) -> JSONRespon
     state = await run_in_threadpool(client_of(request).cancel, job_id, caller.scope)
     body = {"id": job_id, "state": state.value}
     return JSONResponse(body, status_code=200 if state is JobState.CANCELLED else 409)
+
+
+@router.delete("/v1/cache", tags=["cache"])
+async def purge_cache(request: Request, caller: CallerDep,
+                      tenant: Annotated[str | None, Query(
+                          description="Only this tenant's entries (an admin key may name "
+                          "any; another key purges only its own tenant's).")] = None,
+                      model: Annotated[str | None, Query(
+                          description="Only this model's ('provider|model', or a model "
+                          "name).")] = None,
+                      key: Annotated[str | None, Query(
+                          description="Only this entry (its key or hash).")] = None,
+                      ) -> dict[str, Any]:
+    """Delete cached results; answers how many went."""
+    if not caller.admin:
+        if tenant not in (None, caller.tenant):
+            raise ApiError(403, "permission_error", f"this API key may purge only tenant "
+                           f"{caller.tenant!r}'s cache")
+        tenant = caller.tenant
+    if key and ":" in key and tenant and not key.startswith(f"{tenant}|"):
+        raise ApiError(403, "permission_error", f"that entry is not tenant {tenant!r}'s")
+    from jobs.cache import purge
+
+    n = await run_in_threadpool(purge, client_of(request).queue, tenant=tenant, model=model,
+                                key=key)
+    return {"object": "cache.purge", "purged": n}
 
 
 @router.get("/v1/jobs", tags=["jobs"])
@@ -305,7 +331,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _submit(client: Client, items: list[Any], caller: Caller, header_key: str | None,
-            many: bool) -> list[str]:
+            many: bool) -> list[tuple[str, JobState]]:
     requests = []
     for i, item in enumerate(items):
         if isinstance(item, dict):
@@ -320,7 +346,7 @@ def _submit(client: Client, items: list[Any], caller: Caller, header_key: str | 
                 item["idempotency_key"] = f"{header_key}:{i}" if many else header_key
         requests.append(item)
     try:
-        return client.submit_many(requests)
+        return client.submit_many_states(requests)
     except InvalidJob as exc:
         if many and exc.line is not None:
             raise InvalidJob([(f"jobs.{exc.line - 1}.{f}", m) for f, m in exc.errors]) from exc

@@ -14,6 +14,7 @@ answering and the withdrawal cannot reach it either does the submit raise
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -23,6 +24,7 @@ from typing import Any
 import redis
 
 from config.settings import Settings
+from jobs import cache
 from jobs.errors import (
     InvalidJob,
     JobNotFound,
@@ -111,6 +113,11 @@ class Client:
         Every job is validated before anything is written: an invalid job raises
         ``InvalidJob`` (its ``line`` is the 1-based position) and nothing is submitted.
         """
+        return [job_id for job_id, _ in self.submit_many_states(items, tenant=tenant)]
+
+    def submit_many_states(self, items: Iterable[JobRequest | Mapping[str, Any]], *,
+                           tenant: str | None = None) -> list[tuple[str, JobState]]:
+        """``submit_many``, with each job's state (SUCCEEDED when the cache answered it)."""
         specs: list[JobSpec] = []
         now = time.time()
         for pos, item in enumerate(items, start=1):
@@ -118,11 +125,16 @@ class Client:
             # A microsecond apart: jobs of one call keep their input order in listings.
             specs.append(resolve(request, job_id=str(uuid.uuid4()), now=now + pos * 1e-6,
                                  settings=self.settings, tenant=tenant, line=pos))
-        return self.submit_specs(specs) if specs else []
+        return self.submit_specs_states(specs) if specs else []
 
     def submit_specs(self, specs: Sequence[JobSpec]) -> list[str]:
         """Store and enqueue resolved jobs, all or nothing; return their ids (an
         idempotent repeat maps to the id stored first)."""
+        return [job_id for job_id, _ in self.submit_specs_states(specs)]
+
+    def submit_specs_states(self, specs: Sequence[JobSpec]) -> list[tuple[str, JobState]]:
+        """``submit_specs``, with each job's state: SUCCEEDED for the ones the cache
+        answered, QUEUED for the others (and for idempotent repeats)."""
         self.check()
         self.check_quota(specs)
         try:
@@ -131,14 +143,42 @@ class Client:
             raise ServiceUnavailable(f"the job store refused the jobs: {exc}") from exc
         fresh = [s for s in specs if stored[s.id] == s.id]
         if fresh:
-            self._enqueue(fresh)
-        return [stored[s.id] for s in specs]
+            hits, keyed = self._from_cache(fresh)
+            rest = [s for s in fresh if s.id not in hits]
+            if rest:
+                self._enqueue(rest, keyed)
+        else:
+            hits = set()
+        return [(stored[s.id], JobState.SUCCEEDED if s.id in hits else JobState.QUEUED)
+                for s in specs]
 
-    def _enqueue(self, fresh: list[JobSpec]) -> None:
-        """Stage every job, then publish them; undo everything on any failure."""
+    def _from_cache(self, fresh: list[JobSpec]) -> tuple[set[str], dict[str, str]]:
+        """End the jobs the cache answers (SUCCEEDED now); return their ids, and the cache
+        keys of the cacheable jobs that missed (they may follow an identical job)."""
+        if not self.settings.cache_enabled:
+            return set(), {}
+        try:
+            hits, keyed = cache.lookup(self.queue, fresh, self.settings)
+            if hits:
+                now = time.time()
+                answered = [s for s in fresh if s.id in hits]
+                self.queue.count_submitted(answered)
+                record_results(self.store, self.queue,
+                               [cache.hit_result(s, hits[s.id], now) for s in answered],
+                               [s.tenant for s in answered],
+                               result_ttl_s=self.settings.result_ttl_s,
+                               classes=[int(s.priority) for s in answered])
+        except redis.RedisError:
+            return set(), {}  # the cache is an optimisation: submit as usual
+        return set(hits), keyed
+
+    def _enqueue(self, fresh: list[JobSpec], keyed: dict[str, str] | None = None) -> None:
+        """Stage every job, then publish them (a cacheable job that finds an identical one
+        pending or running follows it instead); undo everything on any failure."""
         ttl, limit = self.settings.payload_ttl_s, self.settings.max_pending_per_tenant
         staged = 0  # jobs Redis holds for sure
         sent = 0  # jobs a step was sent for (a step that failed unseen may have run)
+        leading: dict[str, str] = {}
         try:
             for start in range(0, len(fresh), STAGE_CHUNK):
                 part = fresh[start:start + STAGE_CHUNK]
@@ -149,17 +189,34 @@ class Client:
                                  if self.queue.pending_count(t) + n > limit), fresh[0].tenant)
                     raise TenantQuotaExceeded(over, limit)
                 staged += len(part)
-            for start in range(0, len(fresh), PUBLISH_CHUNK):
-                self.queue.publish([s.id for s in fresh[start:start + PUBLISH_CHUNK]])
+            publish = fresh
+            if keyed:
+                wanted = [s for s in fresh if s.id in keyed]
+                leaders = self.queue.coalesce(wanted, [keyed[s.id] for s in wanted], ttl)
+                leading = {s.id: keyed[s.id] for s, lead in zip(wanted, leaders, strict=True)
+                           if lead == s.id}
+                following = {s.id for s, lead in zip(wanted, leaders, strict=True)
+                             if lead != s.id}
+                publish = [s for s in fresh if s.id not in following]
+            for start in range(0, len(publish), PUBLISH_CHUNK):
+                self.queue.publish([s.id for s in publish[start:start + PUBLISH_CHUNK]])
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             # The step in flight may have run: withdraw it too (a tombstone each).
+            self._release(leading)
             self._undo(fresh, fresh[:sent], str(exc))
             raise ServiceUnavailable(f"Redis failed during the submit ({exc}); nothing was "
                                      "submitted, try again") from exc
         except redis.RedisError as exc:  # refused: the failed step did nothing
+            self._release(leading)
             self._undo(fresh, fresh[:staged], str(exc))
             raise ServiceUnavailable(f"Redis refused the jobs ({exc}); nothing was "
                                      "submitted, try again") from exc
+
+    def _release(self, leading: dict[str, str]) -> None:
+        """A submit that is undone leads nobody: jobs that followed its jobs run alone."""
+        with contextlib.suppress(redis.RedisError):
+            for job_id, key in leading.items():
+                self.queue.release_followers(self.queue.take_followers(job_id, key))
 
     def _undo(self, fresh: list[JobSpec], held: list[JobSpec], why: str) -> None:
         """Withdraw the jobs Redis may hold (``held``) and remove all of ``fresh`` from
@@ -256,7 +313,7 @@ class Client:
         if stored.state.final:
             return stored.state
         found = self.queue.cancel(job_id)
-        if found in (JobState.QUEUED, JobState.SCHEDULED, JobState.CANCELLED, ""):
+        if found in (JobState.QUEUED, JobState.SCHEDULED, JobState.CANCELLED, "FOLLOWING", ""):
             spec = stored.spec
             won = record_results(self.store, self.queue, [JobResult(
                 id=job_id, state=JobState.CANCELLED, created_at=spec.created_at,

@@ -663,6 +663,33 @@ def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
     print(new)
 
 
+cache_app = typer.Typer(help="The result cache.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("purge")
+def cache_purge(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's entries ('_shared' "
+                                               "for the shared partition).")] = None,
+    model: Annotated[str | None, typer.Option(help="Only this model's: 'provider|model', or "
+                                              "a model name.")] = None,
+    key: Annotated[str | None, typer.Option(help="Only this entry (its key or hash).")] = None,
+    everything: Annotated[bool, typer.Option("--all", help="Every entry.")] = False,
+) -> None:
+    """Delete cached results (by tenant, model or key); prints how many went."""
+    from jobs.cache import purge
+    from jobs.queue import RedisQueue, connect
+
+    if not (tenant or model or key or everything):
+        raise _refuse(PromptBatchError("say what to purge: --tenant, --model, --key, or --all"))
+    settings = _settings()
+    r = connect(_need_redis(settings), fail_fast=True)
+    try:
+        print(f"purged {purge(RedisQueue(r), tenant=tenant, model=model, key=key)} entries")
+    finally:
+        r.close()
+
+
 @app.command()
 def status(
     job_id: Annotated[str | None, typer.Argument(

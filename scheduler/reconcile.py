@@ -192,6 +192,8 @@ class Reconciler:
             p.requeued += self._requeue_orphans(page.sent)
         if page.staged:
             p.reenqueued += self.queue.publish(page.staged)
+        if page.following:  # a leader that ended without handing them over
+            p.requeued += len(self.queue.release_orphan_followers(page.following))
 
     def _requeue_orphans(self, sent: dict[str, str]) -> int:
         """Jobs whose batch is no longer in flight go back into intake."""
@@ -235,6 +237,7 @@ class _Page:
     tenants: list[str] = field(default_factory=list)  #: the tenant of each of ``done``
     sent: dict[str, str] = field(default_factory=dict)  #: job -> batch it was sent in
     staged: list[str] = field(default_factory=list)  #: staged by a submit cut short
+    following: list[str] = field(default_factory=list)  #: waiting for an identical job
 
 
 def _sort(rows: list[tuple[str, str, float]], queue: RedisQueue, now: float) -> _Page:
@@ -253,6 +256,8 @@ def _sort(rows: list[tuple[str, str, float]], queue: RedisQueue, now: float) -> 
             page.sent[job_id] = batch
         elif state == "STAGED":
             page.staged.append(job_id)
+        elif state == "FOLLOWING":
+            page.following.append(job_id)
         elif state in _CANCELLED_WHY:
             page.done.append(JobResult(id=job_id, state=JobState.CANCELLED, created_at=created,
                                        finished_at=now, error=_CANCELLED_WHY[state]))

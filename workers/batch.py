@@ -21,7 +21,9 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import Settings
+from jobs import cache
 from jobs.models import JobResult, JobSpec, JobState
+from jobs.outcomes import record_results
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
 from workers import metrics
@@ -233,10 +235,17 @@ class BatchRunner:
         mine = [r for r in results if r.id in won]
         if mine:
             ttl = self.settings.result_ttl_s
-            self.steady("publish", lambda: self.queue.finish(
+            if self.settings.cache_enabled:  # before the followers and the callers see it
+                self.steady("cache", lambda: cache.put(self.queue, self.settings, mine, by_id))
+            stored = self.steady("publish", lambda: self.queue.finish_leading(
                 mine, [by_id[r.id].tenant for r in mine], result_ttl_s=ttl,
                 classes=[int(by_id[r.id].priority) for r in mine]))
             metrics.observe_results(mine, [int(by_id[r.id].priority) for r in mine])
+            leaders = {r.id: x for r, x in zip(mine, stored, strict=True) if isinstance(x, str)}
+            if leaders:  # identical requests waited for these jobs
+                self.steady("followers", lambda: cache.settle(
+                    self.queue, leaders, mine, lambda res, ts, cs: record_results(
+                        self.store, self.queue, res, ts, result_ttl_s=ttl, classes=cs)))
 
 
 def _result(spec: JobSpec, outcome: Outcome, started: float, finished: float,
