@@ -39,6 +39,7 @@ class Entry:
     source: str
     provider: str
     model: str
+    prompt: str = ""
 
 
 def entry_json(result: JobResult, spec: JobSpec) -> str:
@@ -54,16 +55,19 @@ def parse_entry(raw: str) -> Entry:
     data: dict[str, Any] = json.loads(raw)
     usage = Usage(**data["usage"]) if data.get("usage") else None
     return Entry(text=data["text"], usage=usage, source=data["source"],
-                 provider=data["provider"], model=data["model"])
+                 provider=data["provider"], model=data["model"],
+                 prompt=str(data.get("prompt") or ""))
 
 
-def hit_result(spec: JobSpec, entry: Entry, now: float) -> JobResult:
-    """The result of a job answered from the cache."""
+def hit_result(spec: JobSpec, entry: Entry, now: float, similarity: float | None = None,
+               ) -> JobResult:
+    """The result of a job answered from the cache (a semantic hit has a similarity)."""
     return JobResult(id=spec.id, state=JobState.SUCCEEDED, text=entry.text,
                      usage=_no_new_tokens(entry.usage), provider=spec.provider,
                      model=spec.model, created_at=spec.created_at, deadline=spec.deadline,
-                     started_at=now, finished_at=now, cache="exact", cache_source=entry.source,
-                     attempts=0)
+                     started_at=now, finished_at=now,
+                     cache="exact" if similarity is None else "semantic",
+                     cache_source=entry.source, cache_similarity=similarity, attempts=0)
 
 
 def _no_new_tokens(usage: Usage | None) -> Usage | None:
@@ -142,6 +146,9 @@ def settle(queue: RedisQueue, leaders: dict[str, str], results: Sequence[JobResu
             classes.append(int(spec.priority))
         if out:
             record(out, tenants, classes)
+            queue.count_cache_hits("coalesced", [s for s, st in loaded
+                                                 if s is not None and s.id in
+                                                 {r.id for r in out}])
 
 
 def purge_pattern(tenant: str | None = None, model: str | None = None,

@@ -349,6 +349,17 @@ class RedisQueue:
         pipe.expire(recent, stats.BUCKET_TTL_S)
         pipe.execute()
 
+    def count_cache_hits(self, kind: str, specs: Sequence[JobSpec]) -> None:
+        """Count jobs answered without a provider call of their own (``exact``,
+        ``semantic``, ``coalesced``) in the cluster's stats."""
+        if not specs:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for spec in specs:
+            pipe.hincrby(keys.STATS, f"c|{kind}|{int(spec.priority)}|"
+                         f"{stats.label(spec.tenant, spec.provider, spec.model)}", 1)
+        pipe.execute()
+
     def cache_get(self, cache_keys: Sequence[str]) -> list[str | None]:
         """Cached entries (JSON) of exact keys."""
         if not cache_keys:

@@ -62,14 +62,15 @@ def read_totals(r: redis.Redis) -> list[Count]:
     for name, value in raw.items():
         parts = str(name).split("|")
         kind = parts[0]
-        if kind == "f" and len(parts) == 6:
+        if kind in ("f", "c") and len(parts) == 6:
             _, state, cls, tenant, provider, model = parts
         elif kind in ("s", "m") and len(parts) == 5:
             _, cls, tenant, provider, model = parts
             state = ""
         else:
             continue
-        out.append(Count({"s": "submitted", "f": "finished", "m": "missed"}[kind], state,
+        out.append(Count({"s": "submitted", "f": "finished", "m": "missed",
+                          "c": "cache"}[kind], state,
                          class_name(cls), tenant, provider, model, int(value)))
     return out
 

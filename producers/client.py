@@ -163,6 +163,7 @@ class Client:
                 now = time.time()
                 answered = [s for s in fresh if s.id in hits]
                 self.queue.count_submitted(answered)
+                self.queue.count_cache_hits("exact", answered)
                 record_results(self.store, self.queue,
                                [cache.hit_result(s, hits[s.id], now) for s in answered],
                                [s.tenant for s in answered],

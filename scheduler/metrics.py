@@ -85,10 +85,15 @@ class ClusterView(Collector):
                               "(counted once, in the step that stores the result).",
                               ["state", "class", "provider", "model"]),
                  "missed": ("promptbatch_deadline_misses", "Jobs that ended after their "
-                            "deadline or expired.", ["class", "provider", "model"])}
+                            "deadline or expired.", ["class", "provider", "model"]),
+                 "cache": ("promptbatch_cache_hits", "Jobs answered without a provider call "
+                           "of their own: from the exact or the semantic cache, or by an "
+                           "identical job's call (coalesced).",
+                           ["kind", "class", "provider", "model"])}
         sums: dict[str, dict[tuple[str, ...], int]] = defaultdict(lambda: defaultdict(int))
         for c in totals:
-            values = ([c.state] if c.kind == "finished" else []) + [c.cls, c.provider, c.model]
+            values = ([c.state] if c.kind in ("finished", "cache") else []) + [
+                c.cls, c.provider, c.model]
             if self.tenant_label:
                 values.append(c.tenant)
             sums[c.kind][tuple(values)] += c.value
@@ -128,5 +133,13 @@ class SchedulerMetrics:
                                "deadline).", ["class"], buckets=SLACK_BUCKETS, registry=reg)
         self.expired = Counter("promptbatch_scheduler_expired_jobs", "Jobs the scheduler "
                                "expired before sending them.", ["class"], registry=reg)
+        self.semantic = Counter("promptbatch_cache_semantic_lookups", "Semantic cache "
+                                "lookups by outcome: hit, miss (nothing above the "
+                                "threshold), guarded (above it, refused by the guard).",
+                                ["outcome"], registry=reg)
+        self.semantic_best = Histogram("promptbatch_cache_semantic_best_similarity",
+                                       "Similarity of the best candidate of each semantic "
+                                       "lookup (to calibrate the threshold).",
+                                       buckets=SIMILARITY_BUCKETS, registry=reg)
         self.cluster = ClusterView(tenant_label)
         reg.register(self.cluster)

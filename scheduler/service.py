@@ -43,6 +43,7 @@ from celery import Celery
 from config import keys
 from config.celery import PROCESS_BATCH, batch_repr, build_celery
 from config.settings import PRIORITY_NAMES, Settings
+from jobs import cache
 from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
 from jobs.queue import RedisQueue, connect
@@ -56,6 +57,7 @@ from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
 from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
 from scheduler.reconcile import Reconciler
 from scheduler.scaling import ClassDemand, desired_slots, rate_cap
+from scheduler.semantic import SemanticCache
 from scheduler.service_time import ServiceModel, deployment
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,7 @@ class Scheduler:
         self._last_report = 0.0
         self._last_capacity = Capacity(slots=0)
         self.metrics = SchedulerMetrics(settings.metrics_tenant_label)
+        self.semantic = SemanticCache(self.r, settings, self.embedder)
         self._last_overview = 0.0
 
     def _new_pool(self) -> Pool:
@@ -231,6 +234,8 @@ class Scheduler:
         self.last_sid = "0-0"
         self._caught_up = False
         self.reconciler.resume()
+        if self.settings.cache_enabled and self.settings.cache_semantic_tenants:
+            log.info("semantic cache: %d vectors loaded", self.semantic.load())
         log.info("recovered: re-sent %d batches from the outbox; reading %d intake entries",
                  len(outbox), self.queue.r.xlen(keys.INTAKE))
 
@@ -297,6 +302,8 @@ class Scheduler:
         loaded = self.queue.load([e.job_id for e in fresh])
         specs: list[JobSpec] = [spec for spec, state in loaded
                                 if spec is not None and state == JobState.QUEUED]
+        if self.settings.cache_enabled and self.settings.cache_semantic_tenants:
+            specs = self._semantic_hits(specs)
         if not specs:
             return
         texts = [s.text for s in specs]
@@ -306,6 +313,27 @@ class Scheduler:
                            tokens=estimate_tokens(t), prefix=prefix_signature(t))
                 for s, t in zip(specs, texts, strict=True)]
         self.pool.add(jobs, vectors)
+
+    def _semantic_hits(self, specs: list[JobSpec]) -> list[JobSpec]:
+        """Answer the jobs the semantic cache can; return the others."""
+        found = self.semantic.lookup(specs)
+        m = self.metrics
+        for best in found.best:
+            m.semantic_best.observe(best)
+        m.semantic.labels("hit").inc(len(found.hits))
+        m.semantic.labels("guarded").inc(found.guarded)
+        m.semantic.labels("miss").inc(len(found.best) - len(found.hits))
+        if not found.hits:
+            return specs
+        now = time.time()
+        answered = [s for s in specs if s.id in found.hits]
+        results = [cache.hit_result(s, found.hits[s.id].entry, now,
+                                    round(found.hits[s.id].similarity, 4)) for s in answered]
+        record_results(self.store, self.queue, results, [s.tenant for s in answered],
+                       result_ttl_s=self.settings.result_ttl_s,
+                       classes=[int(s.priority) for s in answered])
+        self.queue.count_cache_hits("semantic", answered)
+        return [s for s in specs if s.id not in found.hits]
 
     def _on_events(self, events: Sequence[tuple[str, dict[str, str]]]) -> None:
         cancelled = [f["cancel"] for _, f in events if "cancel" in f]

@@ -96,7 +96,7 @@ def _exported_metric_names() -> set[str]:
                           "workers": 1, "slots": 2, "desired_slots": 1,
                           "cooling": ["openai|gpt-4o"]},
                          [Count(kind, "SUCCEEDED", "normal", "t", "echo", "echo-1", 1)
-                          for kind in ("submitted", "finished", "missed")])
+                          for kind in ("submitted", "finished", "missed", "cache")])
     names = {f.name for f in sched.registry.collect()}
     names |= {f.name for f in REGISTRY.collect() if f.name.startswith("promptbatch_")}
     return names

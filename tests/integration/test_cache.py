@@ -180,3 +180,40 @@ def _status(url: str) -> int:
         return httpx.get(url, timeout=5).status_code
     except httpx.HTTPError:
         return 0
+
+
+def test_a_similar_prompt_is_answered_by_the_semantic_cache_but_not_its_negation(
+        settings: Settings, procs: Procs) -> None:
+    env = {"PROMPTBATCH_CACHE_SEMANTIC_TENANTS": json.dumps(["acme"]),
+           "PROMPTBATCH_CACHE_SEMANTIC_THRESHOLD": "0.85"}
+    sched_port = free_port()
+    procs.scheduler(PROMPTBATCH_METRICS_PORT=str(sched_port), **env)
+    procs.worker(1, **env)
+    semantic: dict[str, Any] = {"cache": "semantic", **DET}
+    with Client(settings) as client:
+        first = client.submit("How do I enable two-factor authentication on my account?",
+                              tenant="acme", **semantic)
+        assert client.result(first, timeout=30).cache is None
+        similar = client.submit("How can I enable two-factor authentication on my account?",
+                                tenant="acme", **semantic)
+        negated = client.submit("How do I disable two-factor authentication on my account?",
+                                tenant="acme", **semantic)
+        elsewhere = client.submit("How can I enable two-factor authentication on my account?",
+                                  tenant="globex", **semantic)
+        hit = client.result(similar, timeout=30)
+        assert (hit.cache, hit.cache_source) == ("semantic", first)
+        assert hit.cache_similarity is not None and hit.cache_similarity >= 0.85
+        assert hit.text == "echo: How do I enable two-factor authentication on my account?"
+        assert client.result(negated, timeout=30).cache is None  # the guard refused
+        assert client.result(elsewhere, timeout=30).cache is None  # not globex's to share
+    ran = provider_calls(settings.echo_call_log)
+    assert set(ran) == {first, negated, elsewhere}
+    url = f"http://127.0.0.1:{sched_port}/metrics"
+
+    def scraped() -> str:
+        t = httpx.get(url, timeout=10).text
+        return t if 'promptbatch_cache_hits_total{class="normal",kind="semantic"' in t else ""
+
+    text = poll(scraped, timeout=10, interval=0.2, what="the cluster counters to show the hit")
+    assert 'promptbatch_cache_semantic_lookups_total{outcome="hit"} 1.0' in text
+    assert 'promptbatch_cache_semantic_lookups_total{outcome="guarded"} 1.0' in text
