@@ -146,9 +146,9 @@ def settle(queue: RedisQueue, leaders: dict[str, str], results: Sequence[JobResu
             classes.append(int(spec.priority))
         if out:
             record(out, tenants, classes)
-            queue.count_cache_hits("coalesced", [s for s, st in loaded
-                                                 if s is not None and s.id in
-                                                 {r.id for r in out}])
+            ended = {r.id for r in out}
+            queue.count_cache_hits("coalesced", [s for s, _ in loaded
+                                                 if s is not None and s.id in ended])
 
 
 def purge_pattern(tenant: str | None = None, model: str | None = None,

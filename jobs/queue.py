@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -338,26 +339,56 @@ class RedisQueue:
 
     # --- the result cache -------------------------------------------------------------
 
-    def count_submitted(self, specs: Sequence[JobSpec]) -> None:
-        """Count jobs as submitted that are never published (answered from the cache)."""
-        recent = keys.recent(stats.bucket_of(time.time()))
-        pipe = self.r.pipeline(transaction=False)
-        for spec in specs:
-            pipe.hincrby(keys.STATS, f"s|{int(spec.priority)}|"
-                         f"{stats.label(spec.tenant, spec.provider, spec.model)}", 1)
-            pipe.hincrby(recent, f"s|{int(spec.priority)}", 1)
-        pipe.expire(recent, stats.BUCKET_TTL_S)
-        pipe.execute()
-
-    def count_cache_hits(self, kind: str, specs: Sequence[JobSpec]) -> None:
+    def count_cache_hits(self, kind: str, specs: Sequence[JobSpec], *,
+                         submitted: bool = False) -> None:
         """Count jobs answered without a provider call of their own (``exact``,
-        ``semantic``, ``coalesced``) in the cluster's stats."""
+        ``semantic``, ``coalesced``) in the cluster's stats, and, with ``submitted``, as
+        submitted (jobs answered at submit are never published). One HINCRBY per distinct
+        counter."""
         if not specs:
             return
-        pipe = self.r.pipeline(transaction=False)
+        fields: Counter[str] = Counter()
+        per_class: Counter[str] = Counter()
         for spec in specs:
-            pipe.hincrby(keys.STATS, f"c|{kind}|{int(spec.priority)}|"
-                         f"{stats.label(spec.tenant, spec.provider, spec.model)}", 1)
+            rest = f"{int(spec.priority)}|{stats.label(spec.tenant, spec.provider, spec.model)}"
+            fields[f"c|{kind}|{rest}"] += 1
+            if submitted:
+                fields[f"s|{rest}"] += 1
+                per_class[f"s|{int(spec.priority)}"] += 1
+        pipe = self.r.pipeline(transaction=False)
+        for name, n in fields.items():
+            pipe.hincrby(keys.STATS, name, n)
+        if per_class:
+            recent = keys.recent(stats.bucket_of(time.time()))
+            for name, n in per_class.items():
+                pipe.hincrby(recent, name, n)
+            pipe.expire(recent, stats.BUCKET_TTL_S)
+        pipe.execute()
+
+    def publish_answers(self, results: Sequence[JobResult], specs: Sequence[JobSpec], *,
+                        result_ttl_s: int, kind: str = "exact") -> None:
+        """Results of new jobs the cache answered at submit (their store rows are final;
+        they have no job hash and no intake entry): the result keys, and the counters
+        (submitted, finished, cache hits), in one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        fields: Counter[str] = Counter()
+        per_class: Counter[str] = Counter()
+        for res, spec in zip(results, specs, strict=True):
+            pipe.set(keys.celery_result(res.id), celery_meta(res), ex=result_ttl_s)
+            rest = f"{int(spec.priority)}|{stats.label(spec.tenant, spec.provider, spec.model)}"
+            fields[f"s|{rest}"] += 1
+            fields[f"f|{res.state.value}|{rest}"] += 1
+            fields[f"c|{kind}|{rest}"] += 1
+            if res.missed_deadline:
+                fields[f"m|{rest}"] += 1
+            per_class[f"s|{int(spec.priority)}"] += 1
+            per_class[f"f|{res.state.value}|{int(spec.priority)}"] += 1
+        for name, n in fields.items():
+            pipe.hincrby(keys.STATS, name, n)
+        recent = keys.recent(stats.bucket_of(time.time()))
+        for name, n in per_class.items():
+            pipe.hincrby(recent, name, n)
+        pipe.expire(recent, stats.BUCKET_TTL_S)
         pipe.execute()
 
     def cache_get(self, cache_keys: Sequence[str]) -> list[str | None]:

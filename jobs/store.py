@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,8 +235,10 @@ class JobStore:
 
     # --- writes -------------------------------------------------------------------------
 
-    def insert(self, specs: Sequence[JobSpec]) -> dict[str, str]:
-        """Insert new jobs as QUEUED; return ``{id: stored id}``.
+    def insert(self, specs: Sequence[JobSpec],
+               final: Mapping[str, JobResult] | None = None) -> dict[str, str]:
+        """Insert new jobs as QUEUED (or, for those in ``final``, already ended with that
+        result: answered from the cache); return ``{id: stored id}``.
 
         A job whose (tenant, idempotency key) is already stored is not inserted again: its
         entry maps to the id stored first.
@@ -248,6 +250,13 @@ class JobStore:
         if not fresh:
             return mapping
         rows = [_row(s) for s in fresh]
+        if final:  # every row with the same columns (one executemany)
+            for row in rows:
+                row.update(result=None, finished_at=None, batch_id=None)
+                res = final.get(row["id"])
+                if res is not None:
+                    row.update(state=res.state.value, result=res.model_dump_json(),
+                               finished_at=res.finished_at, batch_id=res.batch_id)
         try:
             with self.engine.begin() as conn:
                 conn.execute(_JOBS.insert(), rows)

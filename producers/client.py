@@ -136,42 +136,40 @@ class Client:
         """``submit_specs``, with each job's state: SUCCEEDED for the ones the cache
         answered, QUEUED for the others (and for idempotent repeats)."""
         self.check()
-        self.check_quota(specs)
-        try:
-            stored = self.store.insert(specs)
+        hits, keyed = self._lookup(specs)
+        answered = {s.id: cache.hit_result(s, hits[s.id], time.time())
+                    for s in specs if s.id in hits}
+        self.check_quota([s for s in specs if s.id not in hits])
+        try:  # a job the cache answered is stored already ended
+            stored = self.store.insert(specs, final=answered)
         except Exception as exc:  # SQLAlchemy errors of any kind: the store is unusable
             raise ServiceUnavailable(f"the job store refused the jobs: {exc}") from exc
         fresh = [s for s in specs if stored[s.id] == s.id]
-        if fresh:
-            hits, keyed = self._from_cache(fresh)
-            rest = [s for s in fresh if s.id not in hits]
-            if rest:
-                self._enqueue(rest, keyed)
-        else:
-            hits = set()
-        return [(stored[s.id], JobState.SUCCEEDED if s.id in hits else JobState.QUEUED)
-                for s in specs]
+        done = [s for s in fresh if s.id in answered]
+        if done:
+            self._answer(done, answered)
+        rest = [s for s in fresh if s.id not in answered]
+        if rest:
+            self._enqueue(rest, keyed)
+        return [(stored[s.id], JobState.SUCCEEDED if stored[s.id] in answered
+                 else JobState.QUEUED) for s in specs]
 
-    def _from_cache(self, fresh: list[JobSpec]) -> tuple[set[str], dict[str, str]]:
-        """End the jobs the cache answers (SUCCEEDED now); return their ids, and the cache
-        keys of the cacheable jobs that missed (they may follow an identical job)."""
+    def _lookup(self, specs: Sequence[JobSpec]) -> tuple[dict[str, cache.Entry], dict[str, str]]:
+        """The cache's answers by job id, and the keys of the cacheable jobs that missed
+        (they may follow an identical job)."""
         if not self.settings.cache_enabled:
-            return set(), {}
+            return {}, {}
         try:
-            hits, keyed = cache.lookup(self.queue, fresh, self.settings)
-            if hits:
-                now = time.time()
-                answered = [s for s in fresh if s.id in hits]
-                self.queue.count_submitted(answered)
-                self.queue.count_cache_hits("exact", answered)
-                record_results(self.store, self.queue,
-                               [cache.hit_result(s, hits[s.id], now) for s in answered],
-                               [s.tenant for s in answered],
-                               result_ttl_s=self.settings.result_ttl_s,
-                               classes=[int(s.priority) for s in answered])
+            return cache.lookup(self.queue, specs, self.settings)
         except redis.RedisError:
-            return set(), {}  # the cache is an optimisation: submit as usual
-        return set(hits), keyed
+            return {}, {}  # the cache is an optimisation: submit as usual
+
+    def _answer(self, done: list[JobSpec], answered: dict[str, JobResult]) -> None:
+        """Publish the answers of jobs the cache answered (their rows are final already);
+        should Redis fail here, the reconciler copies them from the store."""
+        with contextlib.suppress(redis.RedisError):
+            self.queue.publish_answers([answered[s.id] for s in done], done,
+                                       result_ttl_s=self.settings.result_ttl_s)
 
     def _enqueue(self, fresh: list[JobSpec], keyed: dict[str, str] | None = None) -> None:
         """Stage every job, then publish them (a cacheable job that finds an identical one
