@@ -269,7 +269,7 @@ def evaluate(embedder_name: str, originals: list[str], queries: list[tuple[str, 
             recall = sum(1 for q, a in para if a == q[2]) / len(para)
             false = sum(1 for _, a in negs if a >= 0) / len(negs)
             by_kind = Counter(q[0] for q, a in negs if a >= 0)
-            out.append((embedder_name, threshold, "on" if guarded else "off", len(para),
+            out.append((embedder_name, f"{threshold:.2f}", "on" if guarded else "off", len(para),
                         f"{recall:.1%}", len(negs), f"{false:.2%}",
                         ", ".join(f"{k} {v}" for k, v in sorted(by_kind.items())) or "-"))
     return out
