@@ -80,7 +80,21 @@ def part_a(n: int, tmp: Path) -> None:
         s = settings_for(server, tmp / "a.db")
         migrated(s)
         with Client(s) as client:
+            before = int(client.r.info("memory")["used_memory"])
             prime(client, s, prompts)
+            per_entry = (int(client.r.info("memory")["used_memory"]) - before) / n
+            vec = np.zeros(256, dtype=np.float32).tobytes()  # the default embedding size
+            before = int(client.r.info("memory")["used_memory"])
+            pipe = client.r.pipeline(transaction=False)
+            for i in range(n):
+                pipe.hset("pb:cache:v:bench", f"default|echo|echo-1|:{i:064x}", vec)
+            pipe.execute()
+            per_vector = (int(client.r.info("memory")["used_memory"]) - before) / n
+            client.r.delete("pb:cache:v:bench")
+            print(f"Redis memory per cached entry: {per_entry:.0f} bytes (entry with a "
+                  f"{len(prompts[0])}-character prompt and a short answer, its index and "
+                  f"size accounts); per semantic vector (256 dimensions): {per_vector:.0f} "
+                  "bytes")
             client.submit_many([{"prompt": "warm-up", **DET}])
             t0 = time.perf_counter()
             for start in range(0, n, 1000):

@@ -228,6 +228,9 @@ def _print_summary(s: Summary) -> None:
         table.add_row("prompt tokens cached",
                       f"{s.cached_tokens} of {s.prompt_tokens} "
                       f"({100.0 * s.cached_tokens / s.prompt_tokens:.0f}%)")
+    if s.from_cache:
+        table.add_row("answered without a provider call of their own",
+                      ", ".join(f"{kind} {n}" for kind, n in s.from_cache.items()))
     for c in s.classes:
         table.add_row(f"latency {c.name} ({c.jobs} jobs) p50 / p99",
                       f"{c.p50_ms or 0:.0f} / {c.p99_ms or 0:.0f} ms")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +50,8 @@ class Summary:
     #: Jobs with a deadline, and of them the ones that missed it (expired, or late).
     with_deadline: int = 0
     missed_deadline: int = 0
+    #: Jobs answered without a provider call of their own, by how (exact, coalesced, ...).
+    from_cache: dict[str, int] = field(default_factory=dict)
 
 
 def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: float) -> Summary:
@@ -84,4 +87,5 @@ def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: f
         classes=per_class,
         with_deadline=sum(1 for r in results if r.deadline is not None),
         missed_deadline=sum(1 for r in results if r.deadline is not None and r.missed_deadline),
+        from_cache=dict(sorted(Counter(r.cache for r in results if r.cache).items())),
     )

@@ -46,3 +46,15 @@ def test_a_result_after_its_deadline_counts_as_a_miss_like_an_expiry() -> None:
     s = summarize(results, [0, 0, 0, 0], wall_s=60.0)
     assert (s.with_deadline, s.missed_deadline) == (3, 2)
     assert [r.missed_deadline for r in results] == [False, True, True, False]
+
+
+def test_the_summary_counts_jobs_answered_without_their_own_call() -> None:
+    results = [JobResult(id="a", state=JobState.SUCCEEDED, created_at=0.0, finished_at=1.0),
+               JobResult(id="b", state=JobState.SUCCEEDED, created_at=0.0, finished_at=1.0,
+                         cache="exact", cache_source="a"),
+               JobResult(id="c", state=JobState.SUCCEEDED, created_at=0.0, finished_at=1.0,
+                         cache="coalesced", cache_source="a"),
+               JobResult(id="d", state=JobState.SUCCEEDED, created_at=0.0, finished_at=1.0,
+                         cache="exact", cache_source="a")]
+    s = summarize(results, [2, 2, 2, 2], wall_s=1.0)
+    assert s.from_cache == {"coalesced": 1, "exact": 2}
