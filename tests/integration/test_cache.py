@@ -217,3 +217,25 @@ def test_a_similar_prompt_is_answered_by_the_semantic_cache_but_not_its_negation
     text = poll(scraped, timeout=10, interval=0.2, what="the cluster counters to show the hit")
     assert 'promptbatch_cache_semantic_lookups_total{outcome="hit"} 1.0' in text
     assert 'promptbatch_cache_semantic_lookups_total{outcome="guarded"} 1.0' in text
+
+
+def test_a_partition_keeps_within_its_entry_and_byte_bounds(r: Any) -> None:
+    from config import keys
+    from jobs.queue import RedisQueue
+
+    q = RedisQueue(r)
+    part = "acme|echo|echo-1|"
+    for i in range(5):
+        q.cache_put(f"{part}:{i}", part, "x" * 100, ttl_s=3600, now=1000.0 + i,
+                    max_entries=3, max_bytes=10_000)
+    alive = [i for i in range(5) if r.exists(keys.cache_entry(f"{part}:{i}"))]
+    assert alive == [2, 3, 4]  # the oldest went first
+    assert int(r.get(keys.cache_bytes(part))) == 300
+    q.cache_put(f"{part}:big", part, "y" * 250, ttl_s=3600, now=1010.0, max_entries=10,
+                max_bytes=400)
+    alive = [k for k in ("2", "3", "4", "big") if r.exists(keys.cache_entry(f"{part}:{k}"))]
+    assert alive == ["4", "big"] and int(r.get(keys.cache_bytes(part))) == 350
+    # An entry past its time leaves the accounts when the next one is stored.
+    q.cache_put(f"{part}:late", part, "z" * 10, ttl_s=5, now=2000.0, max_entries=10,
+                max_bytes=10_000)
+    assert int(r.get(keys.cache_bytes(part))) == 10
