@@ -396,6 +396,11 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(default=60.0, gt=0,
                               description="How long a failing deployment is avoided.")
 
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict, description="Public model names of the OpenAI-compatible "
+        "endpoints -> 'provider|model', e.g. {'gpt-4o': 'openai|gpt-4o', 'fast': "
+        "'simulated|sim-small'}. Other names: 'provider|model', or a model of the default "
+        "provider.")
     cache_enabled: bool = Field(
         default=True, description="The result cache and the coalescing of identical requests "
         "(jobs choose with their 'cache' field; 'auto' caches deterministic requests only).")

@@ -1,0 +1,180 @@
+"""OpenAI-compatible ``POST /v1/chat/completions`` and ``POST /v1/completions``: a backend
+service changes only its ``base_url`` (and its key) and its calls become jobs of its
+tenant, with priorities, deadlines, batching, the cache, retries and rate limits.
+
+Each call is a job; the call waits for the job's result and answers in OpenAI's format.
+Priority, deadline, idempotency key and cache mode come from headers (``X-Priority``,
+``X-Timeout-S`` or ``X-Deadline``, ``Idempotency-Key``, ``X-Cache``) or from extra body
+fields of the same names as in ``/v1/jobs`` (``priority``, ``timeout_s``, ``deadline``,
+``idempotency_key``, ``cache``, ``metadata``), validated the same way. ``model`` is a public
+name of ``model_aliases`` (-> ``provider|model``), ``provider|model``, or a model of the
+default provider. A job that ends FAILED, EXPIRED or CANCELLED answers with a status the
+official SDK maps to an exception (502, 504, 409) and ``x-should-retry: false`` (the SDK
+would otherwise send the call again as a new job).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from jobs.errors import InvalidJob
+from jobs.models import JobResult, JobState
+from producers.api import ApiError, client_of, read_json
+from producers.auth import CallerDep
+
+router = APIRouter()
+
+#: OpenAI request fields that map to our generation parameters.
+_PARAMS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+#: OpenAI fields we accept and do not use (they do not change the answer we give).
+_IGNORED = {"user", "logit_bias", "n", "stream_options", "parallel_tool_calls",
+            "service_tier", "store", "logprobs", "top_logprobs"}
+#: Our own job fields a body may carry beside OpenAI's.
+_OURS = ("priority", "timeout_s", "deadline", "idempotency_key", "cache", "metadata",
+         "client_id")
+_HEADERS = {"x-priority": "priority", "x-timeout-s": "timeout_s", "x-deadline": "deadline",
+            "idempotency-key": "idempotency_key", "x-cache": "cache"}
+
+
+def _refusals(body: dict[str, Any], chat: bool) -> list[tuple[str, str]]:
+    """What an OpenAI call asks that is not served, or leaves out, by field."""
+    errors: list[tuple[str, str]] = []
+    if body.get("stream"):
+        errors.append(("stream", "streaming is not served yet: send stream=false"))
+    if body.get("n", 1) != 1:
+        errors.append(("n", "only n=1 is served"))
+    known = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stream",
+             *_PARAMS, *_IGNORED, *_OURS}
+    errors += [(k, "unknown field") for k in body if k not in known]
+    if not isinstance(body.get("model"), str) or not body.get("model"):
+        errors.append(("model", "required: a model name"))
+    if chat and "messages" not in body:
+        errors.append(("messages", "required"))
+    if not chat and not isinstance(body.get("prompt"), str):
+        errors.append(("prompt", "a string (lists of prompts are not served)"))
+    return errors
+
+
+def _job(body: Any, request: Request, *, chat: bool) -> dict[str, Any]:
+    """The ``/v1/jobs`` request of an OpenAI call (errors name the OpenAI field)."""
+    if not isinstance(body, dict):
+        raise InvalidJob([("(body)", "must be a JSON object")])
+    errors = _refusals(body, chat)
+    if errors:
+        raise InvalidJob(errors)
+    item: dict[str, Any] = ({"messages": body["messages"]} if chat
+                            else {"prompt": body["prompt"]})
+    target = request.app.state.settings.model_aliases.get(body["model"], body["model"])
+    if "|" in target:
+        item["provider"], item["model"] = target.split("|", 1)
+    else:
+        item["model"] = target
+    params = {k: body[k] for k in _PARAMS if body.get(k) is not None}
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None:
+        params["max_tokens"] = limit
+    item["params"] = params
+    for header, field in _HEADERS.items():
+        value = request.headers.get(header)
+        if value is not None and field not in body:
+            item[field] = float(value) if field == "timeout_s" and _number(value) else value
+    for field in _OURS:
+        if field in body:
+            item[field] = body[field]
+    return item
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _usage(res: JobResult) -> dict[str, Any]:
+    u = res.usage
+    if u is None:
+        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
+                "prompt_tokens_details": {"cached_tokens": 0}}
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+async def _call(request: Request, caller: Any, *, chat: bool) -> JSONResponse:
+    body = await read_json(request, request.app.state.settings.api_max_body_bytes)
+    item = _job(body, request, chat=chat)
+    item["tenant"] = caller.tenant
+    client = client_of(request)
+    try:
+        [(job_id, _)] = await run_in_threadpool(client.submit_many_states, [item])
+    except InvalidJob as exc:
+        if exc.errors and exc.errors[0][0] in ("provider", "model"):
+            raise ApiError(404, "model_not_found", f"model {body.get('model')!r}: "
+                           f"{exc.errors[0][1]}") from exc
+        raise
+    res = await _wait(request, job_id)
+    headers = {"x-promptbatch-job-id": job_id}
+    if res.state is not JobState.SUCCEEDED:
+        status, kind = {JobState.EXPIRED: (504, "deadline_exceeded"),
+                        JobState.CANCELLED: (409, "cancelled")}.get(
+                            res.state, (502, "provider_error"))
+        return JSONResponse({"error": {"type": kind, "message": res.error or res.state.value,
+                                       "code": res.state.value.lower(), "param": None,
+                                       "job_id": job_id}},
+                            status_code=status, headers={**headers, "x-should-retry": "false"})
+    created = int(res.created_at or time.time())
+    model = str(body.get("model"))
+    text = res.text or ""
+    if chat:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None,
+                                  "message": {"role": "assistant", "content": text,
+                                              "refusal": None}}
+        kind, prefix = "chat.completion", "chatcmpl-"
+    else:
+        choice = {"index": 0, "finish_reason": "stop", "logprobs": None, "text": text}
+        kind, prefix = "text_completion", "cmpl-"
+    return JSONResponse({"id": prefix + job_id, "object": kind, "created": created,
+                         "model": model, "choices": [choice], "usage": _usage(res),
+                         "system_fingerprint": None,
+                         "promptbatch": {"job_id": job_id, "cache": res.cache,
+                                         "batch_size": res.batch_size}},
+                        headers=headers)
+
+
+async def _wait(request: Request, job_id: str) -> JobResult:
+    """Wait for the job's final result (it ends by its deadline, or by the longest wait
+    the API allows: then 504 with the job's id, which keeps running)."""
+    client = client_of(request)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + request.app.state.settings.api_max_wait_s
+    delay = 0.002
+    while True:
+        res = (await run_in_threadpool(client.queue.results, [job_id]))[0]
+        if res is not None:
+            return res
+        if loop.time() >= deadline:
+            raise ApiError(504, "timeout", f"job {job_id} did not finish within the API's "
+                           "longest wait (PROMPTBATCH_API_MAX_WAIT_S); it keeps running: "
+                           f"GET /v1/jobs/{job_id}/result")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 0.05)
+
+
+@router.post("/v1/chat/completions", tags=["openai"])
+async def chat_completions(request: Request, caller: CallerDep) -> JSONResponse:
+    """OpenAI's chat completion, as a job of the caller's tenant (waits for its result)."""
+    return await _call(request, caller, chat=True)
+
+
+@router.post("/v1/completions", tags=["openai"])
+async def completions(request: Request, caller: CallerDep) -> JSONResponse:
+    """OpenAI's (legacy) completion of one prompt, as a job."""
+    return await _call(request, caller, chat=False)
