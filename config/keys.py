@@ -153,3 +153,9 @@ def cache_vectors(partition: str) -> str:
     """Hash entry key -> embedding (float32 bytes) of a semantic partition."""
     return f"{PREFIX}cache:v:{partition}"
 
+
+
+def job_stream(job_id: str) -> str:
+    """Redis Stream of a streaming job's output: ``attempt`` (a new provider attempt:
+    discard what came before), ``t`` (a chunk of text), ``end`` (the final state)."""
+    return f"{PREFIX}stream:{job_id}"

@@ -396,6 +396,9 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(default=60.0, gt=0,
                               description="How long a failing deployment is avoided.")
 
+    api_cancel_on_disconnect: bool = Field(
+        default=True, description="A caller of the OpenAI-compatible endpoints that goes "
+        "away before its job started cancels the job.")
     model_aliases: dict[str, str] = Field(
         default_factory=dict, description="Public model names of the OpenAI-compatible "
         "endpoints -> 'provider|model', e.g. {'gpt-4o': 'openai|gpt-4o', 'fast': "

@@ -176,6 +176,9 @@ class JobRequest(BaseModel):
     metadata: dict[Annotated[str, Field(max_length=64)], MetadataScalar] = Field(
         default_factory=dict, max_length=64
     )
+    stream: bool = Field(
+        default=False, description="Stream the output as the provider produces it "
+        "(GET /v1/jobs/{id}/stream); the result is the whole text as usual.")
     cache: CachePolicy = Field(
         default="auto", description="Result cache: 'auto' (deterministic requests only: "
         "temperature 0 or a seed), 'off', 'exact' (any request), 'semantic' (also a similar "
@@ -238,6 +241,7 @@ class JobSpec(BaseModel):
     client_id: str | None = None
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
     cache: CachePolicy = "auto"
+    stream: bool = False
 
     @property
     def compat_key(self) -> str:

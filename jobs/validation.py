@@ -105,5 +105,5 @@ def resolve(
         messages=request.messages,
         idempotency_key=request.idempotency_key,
         client_id=request.client_id,
-        metadata=request.metadata, cache=request.cache,
+        metadata=request.metadata, cache=request.cache, stream=request.stream,
     )

@@ -321,10 +321,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     app.add_exception_handler(BatchError, batch_error)  # type: ignore[arg-type]
     from producers.openai_chat import router as chat_router
+    from producers.streaming import router as stream_router
 
     app.include_router(router)
     app.include_router(batch_router)
     app.include_router(chat_router)
+    app.include_router(stream_router)
     if settings.api_metrics:
         from producers.metrics import MetricsMiddleware, metrics_endpoint
 

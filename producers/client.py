@@ -24,7 +24,7 @@ from typing import Any
 import redis
 
 from config.settings import Settings
-from jobs import cache
+from jobs import cache, streams
 from jobs.errors import (
     InvalidJob,
     JobNotFound,
@@ -249,6 +249,14 @@ class Client:
                 raise TenantQuotaExceeded(tenant, limit)
 
     # --- reading ------------------------------------------------------------------------
+
+    def stream(self, job_id: str, after: str = "0-0") -> Iterator[streams.Event]:
+        """A streaming job's events as the provider produces them: ``chunk`` (text),
+        ``attempt`` (a new provider attempt: discard the text before it), ``lost`` (this
+        reader fell behind; the whole text is in the result) and a last ``end`` (the final
+        state). ``after``: an event id to resume after. ``jobs.streams.text_of`` joins
+        the chunks of the last attempt."""
+        yield from streams.follow(self.r, job_id, after)
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """Wait for a job's final result; ``ResultTimeout`` after ``timeout`` seconds."""

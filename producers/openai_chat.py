@@ -16,17 +16,20 @@ would otherwise send the call again as a new job).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jobs.errors import InvalidJob
 from jobs.models import JobResult, JobState
 from producers.api import ApiError, client_of, read_json
 from producers.auth import CallerDep
+from producers.streaming import aio, follow
 
 router = APIRouter()
 
@@ -45,8 +48,6 @@ _HEADERS = {"x-priority": "priority", "x-timeout-s": "timeout_s", "x-deadline": 
 def _refusals(body: dict[str, Any], chat: bool) -> list[tuple[str, str]]:
     """What an OpenAI call asks that is not served, or leaves out, by field."""
     errors: list[tuple[str, str]] = []
-    if body.get("stream"):
-        errors.append(("stream", "streaming is not served yet: send stream=false"))
     if body.get("n", 1) != 1:
         errors.append(("n", "only n=1 is served"))
     known = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stream",
@@ -80,6 +81,8 @@ def _job(body: Any, request: Request, *, chat: bool) -> dict[str, Any]:
     if limit is not None:
         params["max_tokens"] = limit
     item["params"] = params
+    if body.get("stream"):
+        item["stream"] = True
     for header, field in _HEADERS.items():
         value = request.headers.get(header)
         if value is not None and field not in body:
@@ -108,7 +111,7 @@ def _usage(res: JobResult) -> dict[str, Any]:
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
-async def _call(request: Request, caller: Any, *, chat: bool) -> JSONResponse:
+async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
     body = await read_json(request, request.app.state.settings.api_max_body_bytes)
     item = _job(body, request, chat=chat)
     item["tenant"] = caller.tenant
@@ -120,8 +123,14 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> JSONResponse:
             raise ApiError(404, "model_not_found", f"model {body.get('model')!r}: "
                            f"{exc.errors[0][1]}") from exc
         raise
-    res = await _wait(request, job_id)
     headers = {"x-promptbatch-job-id": job_id}
+    if body.get("stream"):
+        options = body.get("stream_options") or {}
+        return StreamingResponse(
+            _chunks(request, job_id, str(body.get("model")), chat,
+                    bool(isinstance(options, dict) and options.get("include_usage"))),
+            media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+    res = await _wait(request, job_id)
     if res.state is not JobState.SUCCEEDED:
         status, kind = {JobState.EXPIRED: (504, "deadline_exceeded"),
                         JobState.CANCELLED: (409, "cancelled")}.get(
@@ -151,15 +160,22 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> JSONResponse:
 
 async def _wait(request: Request, job_id: str) -> JobResult:
     """Wait for the job's final result (it ends by its deadline, or by the longest wait
-    the API allows: then 504 with the job's id, which keeps running)."""
+    the API allows: then 504 with the job's id, which keeps running). A caller that goes
+    away before the job started cancels it (``api_cancel_on_disconnect``)."""
     client = client_of(request)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + request.app.state.settings.api_max_wait_s
     delay = 0.002
+    checked = loop.time()
     while True:
         res = (await run_in_threadpool(client.queue.results, [job_id]))[0]
         if res is not None:
             return res
+        if loop.time() - checked > 0.25:
+            checked = loop.time()
+            if await request.is_disconnected():
+                _gone(request, job_id)
+                raise ApiError(499, "client_closed_request", "the caller went away")
         if loop.time() >= deadline:
             raise ApiError(504, "timeout", f"job {job_id} did not finish within the API's "
                            "longest wait (PROMPTBATCH_API_MAX_WAIT_S); it keeps running: "
@@ -168,13 +184,84 @@ async def _wait(request: Request, job_id: str) -> JobResult:
         delay = min(delay * 1.5, 0.05)
 
 
+def _gone(request: Request, job_id: str) -> None:
+    """The caller went away: cancel its job if it has not started (in the background:
+    this runs while the request is being torn down)."""
+    if request.app.state.settings.api_cancel_on_disconnect:
+        client = client_of(request)
+        asyncio.get_running_loop().run_in_executor(None, client.cancel, job_id)
+
+
+async def _chunks(request: Request, job_id: str, model: str, chat: bool,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's stream of chunks, from the job's stream, then ``[DONE]``."""
+    created = int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    base = {"id": ("chatcmpl-" if chat else "cmpl-") + job_id, "object": kind,
+            "created": created, "model": model, "system_fingerprint": None}
+
+    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish,
+                                      "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                      "logprobs": None}
+        return f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+
+    done = False
+    sent = 0
+    try:
+        yield chunk("", role=True)
+        async for event in follow(aio(request), job_id):
+            if event.kind == "chunk":
+                sent += len(event.text)
+                yield chunk(event.text)
+            elif event.kind in ("attempt", "lost") and sent:
+                # What was sent cannot be taken back in this format: stop, and say where
+                # the whole answer is.
+                done = True
+                yield _error_event(job_id, "stream_restarted", "the provider call was "
+                                   "restarted after part of the answer was sent; the whole "
+                                   f"answer will be at GET /v1/jobs/{job_id}/result")
+                return
+            elif event.kind == "end":
+                done = True
+                res = (await run_in_threadpool(client_of(request).queue.results,
+                                               [job_id]))[0]
+                if res is None or res.state is not JobState.SUCCEEDED:
+                    state = res.state.value if res else event.text
+                    yield _error_event(job_id, state.lower(),
+                                       (res.error if res else None) or state)
+                    return
+                if not sent and res.text:  # answered without streaming (the cache)
+                    yield chunk(res.text)
+                yield chunk(None, finish="stop")
+                if include_usage:
+                    yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(res)})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+    finally:
+        if not done:
+            _gone(request, job_id)
+
+
+def _error_event(job_id: str, code: str, message: str) -> str:
+    error = {"error": {"type": "job_error", "code": code, "message": message, "param": None,
+                       "job_id": job_id}}
+    return f"data: {json.dumps(error)}\n\n"
+
+
 @router.post("/v1/chat/completions", tags=["openai"])
-async def chat_completions(request: Request, caller: CallerDep) -> JSONResponse:
+async def chat_completions(request: Request, caller: CallerDep) -> Response:
     """OpenAI's chat completion, as a job of the caller's tenant (waits for its result)."""
     return await _call(request, caller, chat=True)
 
 
 @router.post("/v1/completions", tags=["openai"])
-async def completions(request: Request, caller: CallerDep) -> JSONResponse:
+async def completions(request: Request, caller: CallerDep) -> Response:
     """OpenAI's (legacy) completion of one prompt, as a job."""
     return await _call(request, caller, chat=False)

@@ -26,6 +26,7 @@ from jobs.models import JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
+from jobs.streams import Sink
 from workers import metrics
 from workers.providers import Provider, ProviderRequest
 from workers.ratelimit import RateLimiter
@@ -241,6 +242,11 @@ class BatchRunner:
                 mine, [by_id[r.id].tenant for r in mine], result_ttl_s=ttl,
                 classes=[int(by_id[r.id].priority) for r in mine]))
             metrics.observe_results(mine, [int(by_id[r.id].priority) for r in mine])
+            streamed = [r for r in mine if by_id[r.id].stream]
+            if streamed:  # readers of their streams stop here
+                with contextlib.suppress(*INFRA_ERRORS):
+                    Sink(self.queue.r, ttl).end([r.id for r in streamed],
+                                                [r.state.value for r in streamed])
             leaders = {r.id: x for r, x in zip(mine, stored, strict=True) if isinstance(x, str)}
             if leaders:  # identical requests waited for these jobs
                 self.steady("followers", lambda: cache.settle(

@@ -24,6 +24,7 @@ from config.settings import Settings
 from jobs.queue import RedisQueue, connect
 from jobs.stats import class_name
 from jobs.store import JobStore
+from jobs.streams import Sink
 from workers.batch import BatchRunner
 from workers.providers import Provider, create_provider
 
@@ -54,7 +55,10 @@ class _ProcessResources:
 
     def provider(self, name: str) -> Provider:
         if name not in self._providers:
-            self._providers[name] = create_provider(name, self.settings)
+            provider = create_provider(name, self.settings)
+            if hasattr(provider, "sink"):  # it can stream: chunks go to the jobs' streams
+                provider.sink = Sink(connect(self.url), self.settings.result_ttl_s)
+            self._providers[name] = provider
         return self._providers[name]
 
 

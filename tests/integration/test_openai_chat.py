@@ -124,3 +124,98 @@ def test_a_critical_call_overtakes_a_bulk_backlog(settings: Settings, procs: Pro
     assert "chat" in answer
     later = sum(1 for r in done if r.finished_at > answer["at"])
     assert later >= 300, f"only {later} of 400 bulk jobs finished after the critical call"
+
+
+SLOW = "[echo:chunk_ms=150] one two three four five six seven eight"
+
+
+def test_a_streamed_call_gets_its_first_tokens_before_the_provider_finishes(
+        settings: Settings, procs: Procs, api: str) -> None:
+    procs.scheduler()
+    procs.worker(1)
+    sdk = openai.OpenAI(base_url=api, api_key="key-a", max_retries=0)
+    started = time.monotonic()
+    arrivals: list[tuple[float, str]] = []
+    usage = None
+    for chunk in sdk.chat.completions.create(
+            model="fast", stream=True, stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": SLOW}]):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                arrivals.append((time.monotonic() - started, choice.delta.content))
+    text = "".join(t for _, t in arrivals)
+    assert text == f"echo: user: {SLOW}"  # the same text as without streaming
+    # Ten words 150 ms apart: the first ones arrive well before the last.
+    assert arrivals[-1][0] - arrivals[0][0] >= 1.0
+    assert len(arrivals) >= 8
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_a_job_stream_resumes_after_the_last_event_id(settings: Settings, procs: Procs,
+                                                      api: str) -> None:
+    procs.scheduler()
+    procs.worker(1)
+    base = api.removesuffix("/v1")
+    headers = {"Authorization": "Bearer key-a"}
+    job = httpx.post(f"{base}/v1/jobs", headers=headers,
+                     json={"prompt": SLOW, "stream": True}).json()["id"]
+    seen: list[tuple[str, str, str]] = []
+
+    def read(extra: dict[str, str], stop_after: int | None) -> None:
+        with httpx.stream("GET", f"{base}/v1/jobs/{job}/stream", headers={**headers, **extra},
+                          timeout=30) as resp:
+            assert resp.status_code == 200
+            event: dict[str, str] = {}
+            for line in resp.iter_lines():
+                if line.startswith(("id: ", "event: ", "data: ")):
+                    k, _, v = line.partition(": ")
+                    event[k] = v
+                elif not line and event:
+                    seen.append((event["id"], event["event"], event["data"]))
+                    event = {}
+                    chunks = sum(1 for s in seen if s[1] == "chunk")
+                    if seen[-1][1] == "end" or (stop_after and chunks >= stop_after):
+                        return
+
+    read({}, stop_after=3)  # a reader that goes away after three chunks...
+    read({"Last-Event-ID": seen[-1][0]}, stop_after=None)  # ...and comes back
+    kinds = [k for _, k, _ in seen]
+    assert kinds[0] == "attempt" and kinds[-1] == "end" and kinds.count("attempt") == 1
+    ids = [i for i, _, _ in seen]
+    assert len(ids) == len(set(ids))  # nothing twice
+    text = "".join(json.loads(d)["text"] for _, k, d in seen if k == "chunk")
+    with Client(settings) as client:
+        assert text == client.result(job, timeout=30).text
+
+
+def test_a_worker_killed_mid_stream_restarts_the_stream_with_a_discard_event(
+        settings: Settings, procs: Procs) -> None:
+    procs.scheduler()
+    procs.worker(1)
+    with Client(settings) as client:
+        job = client.submit("[echo:chunk_ms=20] [echo:crash_after=3] " + "word " * 20,
+                            stream=True)
+        from jobs.streams import text_of
+
+        events = list(client.stream(job))
+        result = client.result(job, timeout=60)
+    kinds = [e.kind for e in events]
+    assert kinds.count("attempt") == 2  # the killed attempt, then the retry
+    first_attempt = kinds[:kinds.index("attempt", 1)]
+    assert first_attempt.count("chunk") == 3  # what readers saw before the kill
+    assert result.state is JobState.SUCCEEDED
+    assert text_of(events) == result.text  # after discarding the killed attempt's text
+
+
+def test_a_caller_that_goes_away_before_its_job_started_cancels_it(
+        settings: Settings, procs: Procs, api: str) -> None:
+    procs.scheduler()  # no worker: the job cannot start
+    sdk = openai.OpenAI(base_url=api, api_key="key-a", max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        sdk.chat.completions.create(model="fast", messages=[{"role": "user",
+                                                             "content": "never mind"}])
+    with Client(settings) as client:
+        poll(lambda: client.store.list_jobs("acme", state=JobState.CANCELLED, limit=5),
+             timeout=15, interval=0.1, what="the abandoned job to be cancelled")

@@ -23,6 +23,8 @@ class ProviderRequest:
     #: Characters at the start of ``text`` that other pending jobs share (the scheduler's
     #: hint): worth marking for the provider's prompt cache even when sent alone.
     pending_prefix_chars: int = 0
+    #: Whether the job's output is streamed (the provider hands its chunks to its sink).
+    stream: bool = False
 
     @classmethod
     def from_spec(cls, spec: JobSpec, pending_prefix_chars: int = 0) -> ProviderRequest:
@@ -30,7 +32,7 @@ class ProviderRequest:
         return cls(job_id=spec.id, model=spec.model, params=spec.params, prompt=spec.prompt,
                    messages=tuple(spec.messages) if spec.messages is not None else None,
                    deadline=spec.deadline, text=spec.text,
-                   pending_prefix_chars=pending_prefix_chars)
+                   pending_prefix_chars=pending_prefix_chars, stream=spec.stream)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,10 @@ Test hooks, written in the prompt, obeyed only when the ``echo_test_hooks`` sett
 (never by default: they let whoever submits a job stall or kill a worker):
 ``[echo:sleep=SECONDS]`` makes the call last that long (a batch's call lasts the longest
 such sleep, as if its requests ran in parallel), and ``[echo:crash]`` kills the worker
-process during the call (a poison job). With ``echo_call_log`` set, every call is
+process during the call (a poison job); ``[echo:chunk_ms=MS]`` spaces a streaming job's
+chunks (one per word) that far apart, and ``[echo:crash_after=N]`` kills the worker after
+the N-th chunk (a worker lost mid-stream; with a call log, only on the job's first
+call). With ``echo_call_log`` set, every call is
 recorded first, as one JSON line ``{"pid", "jobs"}``: tests count provider calls there.
 """
 
@@ -19,9 +22,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jobs.models import Usage
+from jobs.streams import Sink
 from workers.providers.base import ProviderReply, ProviderRequest
 
 _SLEEP = re.compile(r"\[echo:sleep=([0-9.]+)\]")
+_CHUNK_MS = re.compile(r"\[echo:chunk_ms=([0-9.]+)\]")
+_CRASH_AFTER = re.compile(r"\[echo:crash_after=([0-9]+)\]")
+_WORD = re.compile(r"\S+\s*|\s+")
 
 
 def _tokens(text: str) -> int:
@@ -37,6 +44,8 @@ class EchoProvider:
     def __init__(self, *, hooks: bool = False, call_log: Path | None = None) -> None:
         self.hooks = hooks
         self.call_log = call_log
+        #: Where streaming jobs' chunks go (set by the worker).
+        self.sink: Sink | None = None
 
     def _record(self, requests: Sequence[ProviderRequest]) -> None:
         assert self.call_log is not None
@@ -61,9 +70,34 @@ class EchoProvider:
             text = f"echo: {req.text}"
             if req.params.max_tokens is not None:
                 text = text[: req.params.max_tokens * 4]
+            if req.stream and self.sink is not None:
+                self._stream(req, text)
             usage = Usage(prompt_tokens=_tokens(req.text), completion_tokens=_tokens(text))
             replies.append(ProviderReply(job_id=req.job_id, text=text, usage=usage))
         return replies
+
+    def _stream(self, req: ProviderRequest, text: str) -> None:
+        assert self.sink is not None
+        pause = crash = None
+        if self.hooks:
+            if m := _CHUNK_MS.search(req.text):
+                pause = float(m.group(1)) / 1000.0
+            if m := _CRASH_AFTER.search(req.text):
+                crash = int(m.group(1))
+        self.sink.begin(req.job_id)
+        for i, word in enumerate(_WORD.findall(text), start=1):
+            if pause:
+                time.sleep(pause)
+            self.sink.chunk(req.job_id, word)
+            if crash is not None and i >= crash and self._first_call(req.job_id):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    def _first_call(self, job_id: str) -> bool:
+        if self.call_log is None or not self.call_log.exists():
+            return True
+        calls = sum(1 for line in self.call_log.read_text().splitlines()
+                    if job_id in json.loads(line)["jobs"])
+        return calls <= 1
 
     def close(self) -> None:
         return None
