@@ -8,7 +8,9 @@ with HTTP 500 and the third normally. Actions: ``ok``, an HTTP status (``"429"``
 silence), ``reset`` (the connection is dropped), ``malformed`` (a 200 whose body is cut
 off), ``empty`` (a reply without text), ``nochoices`` (``choices: []``), ``filtered`` (a
 content-filter finish without text), ``context`` (a context-length 400), ``invalid`` (a
-400 ``invalid_request_error``).
+400 ``invalid_request_error``). A chat request with ``stream: true`` is answered with
+server-sent events: the answer word by word, ``token_delay_s`` apart, the usage last when
+``stream_options.include_usage`` is set, then ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class FakeLLM:
 
     props: bool = False
     delay_s: float = 0.0
+    token_delay_s: float = 0.05
+    #: The streamed answer's words (default: "re: " and the prompt's start).
+    stream_words: int = 12
     seen: list[Seen] = field(default_factory=list)
     scripts: dict[str, list[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -120,6 +125,39 @@ def _drop(handler: BaseHTTPRequestHandler, *, stall: bool) -> None:
     handler.close_connection = True
 
 
+def _stream(self: BaseHTTPRequestHandler, state: FakeLLM, body: dict[str, Any]) -> None:
+    """Answer a streaming chat request with server-sent events."""
+    self.send_response(200)
+    self.send_header("Content-Type", "text/event-stream")
+    self.send_header("Connection", "close")
+    self.end_headers()
+    content = str(body["messages"][-1]["content"])
+    words = [f"w{i} " for i in range(state.stream_words)]
+    words[0] = f"re: {content[:20]} "
+    for word in words:
+        chunk = {"choices": [{"index": 0, "delta": {"content": word},
+                              "finish_reason": None}]}
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.wfile.flush()
+        time.sleep(state.token_delay_s)
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens":
+                                          len(words),
+                                          "prompt_tokens_details": {"cached_tokens": 8}}}
+        self.wfile.write(f"data: {json.dumps(usage)}\n\n".encode())
+    self.wfile.write(b"data: [DONE]\n\n")
+    self.wfile.flush()
+    self.close_connection = True
+
+
+def _ok(handler: Any, state: FakeLLM, body: dict[str, Any]) -> None:
+    """A good answer: streamed when asked, else whole."""
+    if body.get("stream") and "messages" in body:
+        _stream(handler, state, body)
+    else:
+        handler._send(200, json.dumps(_answer(handler.path, body)).encode())
+
+
 def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -158,7 +196,7 @@ def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
 
         def _act(self, action: str, body: dict[str, Any]) -> None:
             if action == "ok":
-                self._send(200, json.dumps(_answer(self.path, body)).encode())
+                _ok(self, state, body)
             elif action in _CANNED:
                 status, payload = _CANNED[action]
                 self._send(status, payload)

@@ -219,3 +219,41 @@ def test_a_caller_that_goes_away_before_its_job_started_cancels_it(
     with Client(settings) as client:
         poll(lambda: client.store.list_jobs("acme", state=JobState.CANCELLED, limit=5),
              timeout=15, interval=0.1, what="the abandoned job to be cancelled")
+
+
+def test_an_openai_compatible_provider_streams_through_promptbatch(
+        settings: Settings, procs: Procs) -> None:
+    from tests.fake_llm import FakeServer
+
+    with FakeServer() as fake:
+        fake.token_delay_s = 0.06
+        env = {"PROMPTBATCH_OPENAI_BASE_URL": f"{fake.url}/v1"}
+        procs.scheduler(**env)
+        procs.worker(1, **env)
+        port = free_port()
+        proc = procs.spawn("api", "--port", str(port),
+                           PROMPTBATCH_API_KEYS=json.dumps({"key-a": "acme"}),
+                           PROMPTBATCH_MODEL_ALIASES=json.dumps({"gpt": "openai|gpt-test"}),
+                           **env)
+        base = f"http://127.0.0.1:{port}"
+        poll(lambda: _status(f"{base}/readyz") == 200, timeout=60, interval=0.1,
+             what="the API", proc=proc)
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="key-a", max_retries=0)
+        start = time.monotonic()
+        arrivals: list[tuple[float, str]] = []
+        job_id = ""
+        for chunk in sdk.chat.completions.create(
+                model="gpt", stream=True, messages=[{"role": "user", "content": "Stream!"}]):
+            job_id = chunk.id.removeprefix("chatcmpl-")
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    arrivals.append((time.monotonic() - start, choice.delta.content))
+        served = fake.requests_for("Stream!")
+        assert len(served) == 1 and served[0].body.get("stream") is True
+        # The first tokens reached the caller while the provider was still answering.
+        assert arrivals[0][0] < served[0].end - start - 0.3
+        text = "".join(t for _, t in arrivals)
+        assert text.startswith("re: Stream!") and len(arrivals) == fake.stream_words
+        with Client(settings) as client:
+            res = client.result(job_id, timeout=10)
+        assert res.text == text and res.usage is not None and res.usage.cached_tokens == 8
