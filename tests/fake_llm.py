@@ -203,9 +203,9 @@ def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
             elif action in ("stall", "reset"):
                 _drop(self, stall=action == "stall")
             else:
-                status, _, header = action.partition(":")
+                code, _, header = action.partition(":")
                 headers = dict([header.split("=", 1)]) if header else {}
-                self._send(int(status), json.dumps({"error": {"message": action}}).encode(),
+                self._send(int(code), json.dumps({"error": {"message": action}}).encode(),
                            headers)
 
     return Handler
