@@ -81,7 +81,7 @@ def read(r: redis.Redis, job_id: str, after: str = "0-0",
             out.append(Event(id=after, kind="lost"))
     for _, entries in reply or []:
         for entry_id, fields in entries:
-            out.append(_event(str(entry_id), fields))
+            out.append(event_of(str(entry_id), fields))
     return out
 
 
@@ -95,7 +95,7 @@ def _older(a: str, b: str) -> bool:
     return (ta, sa) < (tb, sb)
 
 
-def _event(entry_id: str, fields: dict[str, str]) -> Event:
+def event_of(entry_id: str, fields: dict[str, str]) -> Event:
     if "t" in fields:
         return Event(entry_id, "chunk", fields["t"])
     if "attempt" in fields:

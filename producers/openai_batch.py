@@ -18,10 +18,10 @@ from collections import Counter
 from typing import Any
 
 from config.settings import Settings
-from jobs.accounts import Accounts
 from jobs.errors import InvalidJob, JobNotFound
 from jobs.models import JobResult, JobSpec, JobState, Priority
 from jobs.validation import parse_request, resolve
+from producers.accounts import Accounts
 from producers.client import Client
 
 ENDPOINTS = ("/v1/chat/completions",)

@@ -27,9 +27,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jobs.errors import InvalidJob
 from jobs.models import JobResult, JobState
-from producers.api import ApiError, client_of, read_json
 from producers.auth import CallerDep
 from producers.streaming import aio, follow
+from producers.web import ApiError, client_of, read_json
 
 router = APIRouter()
 

@@ -9,9 +9,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile as StarletteUpload
 
-from producers.api import ApiError, read_json
 from producers.auth import CallerDep
 from producers.openai_batch import BatchError, BatchService, public
+from producers.web import ApiError, read_json
 
 router = APIRouter()
 

@@ -19,9 +19,9 @@ from fastapi.responses import StreamingResponse
 
 from config import keys
 from jobs.errors import JobNotFound
-from jobs.streams import Event, _event
-from producers.api import client_of
+from jobs.streams import Event, event_of
 from producers.auth import CallerDep
+from producers.web import client_of
 
 router = APIRouter()
 
@@ -54,7 +54,7 @@ async def follow(r: aioredis.Redis, job_id: str, after: str = "0-0") -> AsyncIte
         for _, entries in reply or []:
             for entry_id, fields in entries:
                 got = True
-                event = _event(str(entry_id), fields)
+                event = event_of(str(entry_id), fields)
                 after = event.id
                 yield event
                 if event.kind == "end":

@@ -653,8 +653,8 @@ def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
     """Add an API key for TENANT to the SQL store (only its SHA-256 is stored)."""
     import secrets
 
-    from jobs.accounts import Accounts
     from jobs.store import JobStore
+    from producers.accounts import Accounts
 
     store = JobStore(_settings().database_url)
     try:

@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 
 from config.settings import Settings
-from jobs.accounts import Accounts
 from jobs.store import JobStore
+from producers.accounts import Accounts
 from promptbatch.embedded import EmbeddedRedis, free_port
 from promptbatch.stack import LocalStack, StackError
 

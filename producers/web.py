@@ -1,0 +1,159 @@
+"""What every family of API routes shares: the error shape and its handlers, the JSON
+body reader, and the app's settings and client."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import SQLAlchemyError
+
+from config.settings import Settings
+from jobs.errors import (
+    InvalidJob,
+    JobNotFound,
+    PromptBatchError,
+    ServiceUnavailable,
+    SubmitUnconfirmed,
+    TenantQuotaExceeded,
+)
+from producers.auth import Unauthorized
+from producers.client import Client
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """Raised inside a route to answer with a given status and message."""
+
+    def __init__(self, status: int, kind: str, message: str,
+                 errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+        self.errors = errors or []
+
+
+def error_response(status: int, kind: str, message: str,
+           errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"type": kind, "message": message}
+    if errors:
+        body["errors"] = errors
+    return JSONResponse({"error": body}, status_code=status)
+
+
+class _Constant:
+    """A NaN or Infinity found in a JSON body."""
+
+
+def _find_constant(value: Any, path: str = "") -> str | None:
+    if isinstance(value, _Constant):
+        return path or "(body)"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _find_constant(v, f"{path}.{k}" if path else str(k))
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _find_constant(v, f"{path}.{i}" if path else str(i))
+            if found:
+                return found
+    return None
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request's JSON body: 413 over ``limit``, 400 if not UTF-8 JSON, 422 for NaN."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "invalid_body", f"the body is not UTF-8: {exc.reason}") from exc
+    try:
+        data = json.loads(text, parse_constant=lambda _: _Constant())
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_body", f"the body is not JSON: {exc}") from exc
+    where = _find_constant(data)
+    if where:
+        raise ApiError(422, "invalid_request_error", "NaN and Infinity are not accepted",
+                       [{"field": where, "message": "NaN and Infinity are not accepted"}])
+    return data
+
+
+def settings_of(request: Request) -> Settings:
+    """The app's settings."""
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def client_of(request: Request) -> Client:
+    """The app's client (Redis and SQL)."""
+    return request.app.state.client  # type: ignore[no-any-return]
+
+
+def install_errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def apierror_response(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.kind, exc.message, exc.errors)
+
+    @app.exception_handler(Unauthorized)
+    async def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return error_response(401, "authentication_error", exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": ".".join(str(p) for p in e["loc"] if p not in ("query", "path",
+                                                                          "header", "body")),
+                   "message": str(e["msg"])} for e in exc.errors()]
+        return error_response(422, "invalid_request_error",
+                      "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors)
+
+    @app.exception_handler(InvalidJob)
+    async def invalid(_: Request, exc: InvalidJob) -> JSONResponse:
+        return error_response(422, "invalid_request_error", str(exc),
+                      [{"field": f, "message": m} for f, m in exc.errors])
+
+    @app.exception_handler(JobNotFound)
+    async def not_found(_: Request, exc: JobNotFound) -> JSONResponse:
+        return error_response(404, "not_found_error", str(exc))
+
+    @app.exception_handler(TenantQuotaExceeded)
+    async def quota(_: Request, exc: TenantQuotaExceeded) -> JSONResponse:
+        return error_response(429, "rate_limit_error", str(exc))
+
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("dependency unavailable: %s", exc)
+        return error_response(503, "service_unavailable", "Redis or the job store is unavailable; "
+                      "nothing was changed, try again shortly")
+
+    for kind in (ServiceUnavailable, redis.RedisError, SQLAlchemyError):
+        app.add_exception_handler(kind, unavailable)
+
+    @app.exception_handler(SubmitUnconfirmed)
+    async def unconfirmed(_: Request, exc: SubmitUnconfirmed) -> JSONResponse:
+        log.warning("submit unconfirmed: %s", exc)
+        body = {"error": {"type": "service_unavailable", "message": str(exc),
+                          "ids": exc.job_ids}}
+        return JSONResponse(body, status_code=503)
+
+    @app.exception_handler(PromptBatchError)
+    async def other(_: Request, exc: PromptBatchError) -> JSONResponse:
+        return error_response(400, "invalid_request_error", str(exc))
+
+    @app.exception_handler(TimeoutError)
+    async def timeout(request: Request, exc: TimeoutError) -> Response:
+        return await unavailable(request, exc)
