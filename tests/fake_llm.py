@@ -150,9 +150,38 @@ def _stream(self: BaseHTTPRequestHandler, state: FakeLLM, body: dict[str, Any]) 
     self.close_connection = True
 
 
+def _stream_anthropic(self: BaseHTTPRequestHandler, state: FakeLLM,
+                      body: dict[str, Any]) -> None:
+    """Answer a streaming Messages request with Anthropic's events."""
+    self.send_response(200)
+    self.send_header("Content-Type", "text/event-stream")
+    self.send_header("Connection", "close")
+    self.end_headers()
+
+    def send(event: str, data: dict[str, Any]) -> None:
+        self.wfile.write(f"event: {event}\ndata: {json.dumps({'type': event, **data})}\n\n"
+                         .encode())
+        self.wfile.flush()
+
+    send("message_start", {"message": {"usage": {"input_tokens": 10, "output_tokens": 1,
+                                                 "cache_read_input_tokens": 100}}})
+    send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+    for i in range(state.stream_words):
+        send("content_block_delta", {"index": 0, "delta": {"type": "text_delta",
+                                                           "text": f"a{i} "}})
+        time.sleep(state.token_delay_s)
+    send("content_block_stop", {"index": 0})
+    send("message_delta", {"delta": {"stop_reason": "end_turn"},
+                           "usage": {"output_tokens": state.stream_words}})
+    send("message_stop", {})
+    self.close_connection = True
+
+
 def _ok(handler: Any, state: FakeLLM, body: dict[str, Any]) -> None:
     """A good answer: streamed when asked, else whole."""
-    if body.get("stream") and "messages" in body:
+    if body.get("stream") and handler.path.endswith("/v1/messages"):
+        _stream_anthropic(handler, state, body)
+    elif body.get("stream") and "messages" in body:
         _stream(handler, state, body)
     else:
         handler._send(200, json.dumps(_answer(handler.path, body)).encode())

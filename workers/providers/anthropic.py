@@ -16,6 +16,7 @@ from typing import Any
 
 from config.settings import Settings
 from jobs.models import Usage
+from jobs.streams import Sink
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.providers.http import (
     Gate,
@@ -23,6 +24,7 @@ from workers.providers.http import (
     make_client,
     not_json,
     post,
+    post_stream,
     run_ordered,
     shared_prefix,
 )
@@ -56,6 +58,8 @@ class AnthropicProvider:
         self._headers = {"x-api-key": key, "anthropic-version": settings.anthropic_version}
         self.client = make_client(settings)
         self.gate = Gate(settings.provider_concurrency)
+        #: Where streaming jobs' chunks go (set by the worker).
+        self.sink: Sink | None = None
 
     def payloads(self, requests: Sequence[ProviderRequest]) -> list[dict[str, Any]]:
         """The request bodies of a batch, its shared prefix marked for caching."""
@@ -118,6 +122,8 @@ class AnthropicProvider:
                            lambda r: self._one(r, bodies[r.job_id]))
 
     def _one(self, req: ProviderRequest, body: dict[str, Any]) -> ProviderReply:
+        if req.stream and self.sink is not None:
+            return self._one_stream(req, body)
         resp = post(self.client, self.gate, f"{self.base_url}/v1/messages", body,
                     self._headers, self.settings, req.job_id, CONTEXT_MARKERS)
         if isinstance(resp, ProviderReply):
@@ -143,6 +149,47 @@ class AnthropicProvider:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc!r}): "
                                  f"{resp.raw}")
+
+    def _one_stream(self, req: ProviderRequest, body: dict[str, Any]) -> ProviderReply:
+        """One streamed request (Anthropic's events): each text delta goes to the sink as
+        it arrives; usage from ``message_start`` and ``message_delta``."""
+        sink = self.sink
+        assert sink is not None
+        parts: list[str] = []
+        usage: dict[str, int] = {}
+        started: list[bool] = []
+
+        def on_data(event: str, data: Any) -> None:
+            kind = data.get("type") or event
+            if not started:
+                started.append(True)
+                sink.begin(req.job_id)
+            if kind == "message_start":
+                for k, v in ((data.get("message") or {}).get("usage") or {}).items():
+                    usage[k] = int(v or 0)
+            elif kind == "content_block_delta":
+                delta = data.get("delta") or {}
+                if delta.get("type") == "text_delta" and delta.get("text"):
+                    parts.append(delta["text"])
+                    sink.chunk(req.job_id, delta["text"])
+            elif kind == "message_delta":
+                for k, v in (data.get("usage") or {}).items():
+                    usage[k] = int(v or 0)
+            elif kind == "error":
+                raise ValueError(f"the stream reported an error: {data.get('error')}")
+
+        failed = post_stream(self.client, self.gate, f"{self.base_url}/v1/messages",
+                             {**body, "stream": True}, self._headers, self.settings,
+                             req.job_id, CONTEXT_MARKERS, on_data)
+        if failed is not None:
+            return failed
+        if not parts:
+            return ProviderReply(job_id=req.job_id, error="empty answer (no text streamed)")
+        read = usage.get("cache_read_input_tokens", 0)
+        written = usage.get("cache_creation_input_tokens", 0)
+        return ProviderReply(job_id=req.job_id, text="".join(parts), usage=Usage(
+            prompt_tokens=usage.get("input_tokens", 0) + read + written,
+            completion_tokens=usage.get("output_tokens", 0), cached_tokens=read))
 
     def close(self) -> None:
         self.client.close()

@@ -140,6 +140,49 @@ def post(client: httpx.Client, gate: Gate, url: str, payload: dict[str, Any],
     return classify(job_id, resp, context_markers=context_markers) or resp
 
 
+def post_stream(client: httpx.Client, gate: Gate, url: str, payload: dict[str, Any],
+                headers: dict[str, str], settings: Settings, job_id: str,
+                context_markers: Sequence[str],
+                on_data: Callable[[str, Any], None]) -> ProviderReply | None:
+    """POST a streaming request and hand each server-sent event's JSON data to ``on_data``
+    (with the event's name, '' if none) as it arrives, within the total timeout. None when
+    the stream ended well; else the reply for the failure (classified as ``post`` does;
+    a stream cut off or not JSON is transient)."""
+    import json
+
+    limit = settings.provider_total_timeout_s
+    start = time.monotonic()
+    try:
+        with gate, client.stream("POST", url, json=payload, headers=headers) as resp:
+            if not 200 <= resp.status_code < 300:
+                failed = classify(job_id, Response(resp.status_code, resp.headers, resp.read()),
+                                  context_markers=context_markers)
+                return failed or ProviderReply(job_id=job_id, transient=True,
+                                               error=f"HTTP {resp.status_code}")
+            event = ""
+            for line in resp.iter_lines():
+                if time.monotonic() - start > limit:
+                    return ProviderReply(job_id=job_id, transient=True,
+                                         error=f"no complete response within {limit:g} s")
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    on_data(event, json.loads(data))
+    except httpx.TimeoutException as exc:
+        return ProviderReply(job_id=job_id, transient=True,
+                             error=f"timed out ({type(exc).__name__})")
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        return ProviderReply(job_id=job_id, transient=True,
+                             error=f"connection failed ({type(exc).__name__}: {exc})")
+    except (ValueError, AttributeError, TypeError, KeyError) as exc:
+        return ProviderReply(job_id=job_id, transient=True,
+                             error=f"the stream was cut off or is not JSON ({exc})")
+    return None
+
+
 def not_json(job_id: str, resp: Response, exc: Exception) -> ProviderReply:
     """A 2xx whose body is cut off or not JSON: a transport fault, retried like a 5xx."""
     return ProviderReply(job_id=job_id, transient=True,

@@ -13,9 +13,7 @@ usage is then shared out over the jobs in proportion to their prompt length.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,13 +25,12 @@ from jobs.streams import Sink
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.providers.http import (
     Gate,
-    Response,
     Strategy,
     cache_key,
-    classify,
     make_client,
     not_json,
     post,
+    post_stream,
     run_ordered,
 )
 
@@ -133,52 +130,34 @@ class OpenAIProvider:
     def _chat_stream(self, req: ProviderRequest, payload: dict[str, Any]) -> ProviderReply:
         """One streamed chat request: each delta goes to the sink as it arrives; the reply
         is their concatenation, with the usage of the last chunk."""
-        assert self.sink is not None
-        payload = {**payload, "stream": True, "stream_options": {"include_usage": True}}
-        url = f"{self.base_url}/chat/completions"
-        limit = self.settings.provider_total_timeout_s
-        start = time.monotonic()
+        sink = self.sink
+        assert sink is not None
         parts: list[str] = []
-        usage: Usage | None = None
-        try:
-            with self.gate, self.client.stream("POST", url, json=payload,
-                                               headers=self._headers) as resp:
-                if resp.status_code != 200:
-                    body = resp.read()
-                    failed = classify(req.job_id, Response(resp.status_code, resp.headers,
-                                                           body),
-                                      context_markers=CONTEXT_MARKERS)
-                    return failed or ProviderReply(job_id=req.job_id, transient=True,
-                                                   error=f"HTTP {resp.status_code}")
-                self.sink.begin(req.job_id)
-                for line in resp.iter_lines():
-                    if time.monotonic() - start > limit:
-                        return ProviderReply(job_id=req.job_id, transient=True,
-                                             error=f"no complete response within {limit:g} s")
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    usage = parse_usage(chunk) or usage
-                    for choice in chunk.get("choices") or ():
-                        delta = (choice.get("delta") or {}).get("content")
-                        if delta:
-                            parts.append(delta)
-                            self.sink.chunk(req.job_id, delta)
-        except httpx.TimeoutException as exc:
-            return ProviderReply(job_id=req.job_id, transient=True,
-                                 error=f"timed out ({type(exc).__name__})")
-        except (httpx.TransportError, httpx.DecodingError) as exc:
-            return ProviderReply(job_id=req.job_id, transient=True,
-                                 error=f"connection failed ({type(exc).__name__}: {exc})")
-        except (ValueError, AttributeError, TypeError) as exc:
-            return ProviderReply(job_id=req.job_id, transient=True,
-                                 error=f"the stream was cut off or is not JSON ({exc})")
+        usage: list[Usage] = []
+
+        def on_data(_: str, chunk: Any) -> None:
+            if not parts and not usage:
+                sink.begin(req.job_id)
+            found = parse_usage(chunk)
+            if found is not None:
+                usage.append(found)
+            for choice in chunk.get("choices") or ():
+                delta = (choice.get("delta") or {}).get("content")
+                if delta:
+                    parts.append(delta)
+                    sink.chunk(req.job_id, delta)
+
+        failed = post_stream(self.client, self.gate, f"{self.base_url}/chat/completions",
+                             {**payload, "stream": True,
+                              "stream_options": {"include_usage": True}},
+                             self._headers, self.settings, req.job_id, CONTEXT_MARKERS,
+                             on_data)
+        if failed is not None:
+            return failed
         if not parts:
             return ProviderReply(job_id=req.job_id, error="empty answer (no content streamed)")
-        return ProviderReply(job_id=req.job_id, text="".join(parts), usage=usage)
+        return ProviderReply(job_id=req.job_id, text="".join(parts),
+                             usage=usage[-1] if usage else None)
 
     def _completions(self, requests: Sequence[ProviderRequest],
                      key: str | None) -> list[ProviderReply]:

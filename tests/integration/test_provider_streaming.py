@@ -1,0 +1,61 @@
+"""Providers stream inside a batch: each job's chunks reach its Redis Stream as the
+server sends them; the reply is their concatenation (real HTTP server, real Redis)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from config.settings import Settings
+from jobs.models import GenerationParams
+from jobs.streams import Sink, read, text_of
+from tests.fake_llm import FakeServer
+from workers.providers.anthropic import AnthropicProvider
+from workers.providers.base import ProviderRequest
+from workers.providers.openai import OpenAIProvider
+
+pytestmark = pytest.mark.integration
+
+
+def request(job_id: str, text: str) -> ProviderRequest:
+    return ProviderRequest(job_id=job_id, model="m", params=GenerationParams(max_tokens=16),
+                           prompt=text, messages=None, deadline=None, text=text, stream=True)
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+def test_each_job_streams_its_own_chunks(settings: Settings, r: Any, kind: str) -> None:
+    with FakeServer() as fake:
+        fake.token_delay_s = 0.0
+        fake.stream_words = 6
+        provider: Any = (OpenAIProvider(settings, base_url=f"{fake.url}/v1", api_key="k")
+                         if kind == "openai" else
+                         AnthropicProvider(settings, base_url=fake.url, api_key="k"))
+        provider.sink = Sink(r, 60)
+        replies = provider.complete([request("job-a", "first question"),
+                                     request("job-b", "second question")])
+        provider.close()
+    assert [x.job_id for x in replies] == ["job-a", "job-b"]
+    for reply in replies:
+        assert reply.error is None, reply.error
+        events = read(r, reply.job_id, block_ms=10)
+        assert events[0].kind == "attempt"
+        assert sum(1 for e in events if e.kind == "chunk") == 6
+        assert text_of(events) == reply.text
+        assert reply.usage is not None and reply.usage.completion_tokens == 6
+    if kind == "anthropic":
+        assert replies[0].usage is not None and replies[0].usage.cached_tokens == 100
+    else:
+        assert replies[0].usage is not None and replies[0].usage.cached_tokens == 8
+
+
+def test_a_failed_stream_is_a_transient_error_without_an_attempt(settings: Settings,
+                                                                 r: Any) -> None:
+    with FakeServer() as fake:
+        fake.script("overloaded", ["503", "ok"])
+        provider = OpenAIProvider(settings, base_url=f"{fake.url}/v1", api_key="k")
+        provider.sink = Sink(r, 60)
+        [reply] = provider.complete([request("job-c", "overloaded")])
+        provider.close()
+    assert reply.transient and reply.error and reply.error.startswith("HTTP 503")
+    assert read(r, "job-c", block_ms=10) == []  # readers saw nothing of it
