@@ -59,3 +59,16 @@ def test_a_failed_stream_is_a_transient_error_without_an_attempt(settings: Setti
         provider.close()
     assert reply.transient and reply.error and reply.error.startswith("HTTP 503")
     assert read(r, "job-c", block_ms=10) == []  # readers saw nothing of it
+
+
+def test_a_reader_that_fell_behind_the_bound_is_told_so(r: Any) -> None:
+    sink = Sink(r, 60)
+    sink.begin("job-d")
+    for i in range(50):
+        sink.chunk("job-d", f"w{i} ")
+    seen = read(r, "job-d", block_ms=10)
+    old = seen[3].id  # a reader that stopped early...
+    r.xtrim("pb:stream:job-d", maxlen=10, approximate=False)  # ...past the bound
+    events = read(r, "job-d", after=old, block_ms=10)
+    assert events[0].kind == "lost"
+    assert [e.kind for e in events[1:]] == ["chunk"] * 10  # it goes on from what is kept
