@@ -226,6 +226,24 @@ class BatchRunner:
         self.caller.call(requests, specs[0].provider, {s.id: s.tenant for s in specs},
                          on_final=on_final)
 
+    def _copy_stored(self, job_ids: list[str], specs: dict[str, JobSpec]) -> None:
+        """Jobs this run found already final in SQL: a re-delivered batch whose first
+        worker died after its SQL write and before its Redis write. Their stored result
+        goes to the result backend now (SET NX: a result there stays), instead of when the
+        reconciler next passes."""
+        have = self.queue.have_results(job_ids)
+        missing = [j for j, h in zip(job_ids, have, strict=True) if not h]
+        if not missing:
+            return
+        stored = self.store.get_many(missing)
+        found = [(s.result, specs[j]) for j, s in stored.items() if s.result is not None]
+        if found:
+            self.queue.finish([r for r, _ in found], [sp.tenant for _, sp in found],
+                              result_ttl_s=self.settings.result_ttl_s,
+                              classes=[int(sp.priority) for _, sp in found])
+            log.info("copied %d results stored by a worker that died to the result backend",
+                     len(found))
+
     def _record(self, results: list[JobResult], specs: list[JobSpec]) -> None:
         """SQL first (it decides the first result), then the result backend; each step
         waits out a Redis or SQL outage, so the first write is never repeated in vain."""
@@ -234,6 +252,9 @@ class BatchRunner:
         won = set(self.steady("store", lambda: self.store.finalize(results)))
         by_id = {s.id: s for s in specs}
         mine = [r for r in results if r.id in won]
+        lost = [r.id for r in results if r.id not in won]
+        if lost:  # final in SQL already: a worker died between its two writes?
+            self.steady("copy", lambda: self._copy_stored(lost, by_id))
         if mine:
             ttl = self.settings.result_ttl_s
             if self.settings.cache_enabled:  # before the followers and the callers see it

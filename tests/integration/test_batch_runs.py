@@ -117,3 +117,20 @@ def test_a_batch_that_starts_too_late_for_a_deadline_expires_that_job_unsent(
         assert res.state is JobState.EXPIRED and res.error is not None
         assert "too close" in res.error
         assert provider_calls(settings.echo_call_log) == Counter([fine])
+
+
+def test_a_rerun_copies_results_a_dead_worker_stored_only_in_sql(settings: Settings) -> None:
+    from jobs.models import JobResult
+
+    with Client(settings) as client:
+        ids = claimed(client, "batch-d", 3)
+        # The first worker stored one job's result in SQL and died before its Redis write.
+        first = JobResult(id=ids[0], state=JobState.SUCCEEDED, text="the first answer",
+                          provider="echo", model="echo-1", batch_id="batch-d")
+        assert client.store.finalize([first]) == [ids[0]]
+        assert client.queue.results([ids[0]]) == [None]
+        out = runner(settings, client).run("batch-d", "send-1", ids)  # the re-delivery
+        assert out["succeeded"] == 3
+        stored = client.queue.results(ids)
+        assert stored[0] is not None and stored[0].text == "the first answer"  # not the rerun's
+        assert all(s is not None for s in stored)
