@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import redis
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -49,9 +50,9 @@ def _duration(seconds: float | None) -> str:
 
 def render(data: dict[str, Any]) -> Group:
     """The overview as a table and a few lines."""
-    table = Table(title="promptbatch", title_justify="left")
-    for name in ("class", "pending", "oldest", "slack", "in flight", "in/min", "done/min",
-                 "missed/min"):
+    table = Table(title="promptbatch (last minute: in, done, missed)", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("class", "pending", "oldest", "slack", "in flight", "in", "done", "missed"):
         table.add_column(name, justify="left" if name == "class" else "right", no_wrap=True)
     for row in data["classes"]:
         missed = row["missed_last_min"]
