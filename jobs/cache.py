@@ -115,10 +115,12 @@ def put(queue: RedisQueue, settings: Settings, results: Sequence[JobResult],
     return stored
 
 
-def settle(queue: RedisQueue, leaders: dict[str, str], results: Sequence[JobResult],
+def settle(queue: RedisQueue, results: Sequence[JobResult], stored: Sequence[bool | str],
            record: Recorder) -> None:
-    """The leaders among ``results`` (job id -> cache key) are final: their followers
-    end with the leader's answer, or, if it did not succeed, run on their own."""
+    """``results`` were stored (``stored``: what ``RedisQueue.finish_leading`` answered for
+    each); the ones identical requests waited for (a cache key there) are final: their
+    followers end with the leader's answer, or, if it did not succeed, run on their own."""
+    leaders = {r.id: x for r, x in zip(results, stored, strict=True) if isinstance(x, str)}
     by_id = {r.id: r for r in results}
     for leader, key in leaders.items():
         followers = queue.take_followers(leader, key)

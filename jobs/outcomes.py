@@ -26,11 +26,7 @@ def record_results(store: JobStore, queue: RedisQueue, results: Sequence[JobResu
         stored = queue.finish_leading([r for r, _, _ in mine], [t for _, t, _ in mine],
                                       result_ttl_s=result_ttl_s,
                                       classes=None if classes is None else [c for _, _, c in mine])
-        leaders = {r.id: x for (r, _, _), x in zip(mine, stored, strict=True)
-                   if isinstance(x, str)}
-        if leaders:  # identical requests waited for these jobs
-            cache.settle(queue, leaders, [r for r, _, _ in mine],
-                         lambda res, ts, cs: record_results(store, queue, res, ts,
-                                                            result_ttl_s=result_ttl_s,
-                                                            classes=cs))
+        cache.settle(queue, [r for r, _, _ in mine], stored,  # jobs others waited for
+                     lambda res, ts, cs: record_results(store, queue, res, ts,
+                                                        result_ttl_s=result_ttl_s, classes=cs))
     return won

@@ -339,30 +339,17 @@ class RedisQueue:
 
     # --- the result cache -------------------------------------------------------------
 
-    def count_cache_hits(self, kind: str, specs: Sequence[JobSpec], *,
-                         submitted: bool = False) -> None:
-        """Count jobs answered without a provider call of their own (``exact``,
-        ``semantic``, ``coalesced``) in the cluster's stats, and, with ``submitted``, as
-        submitted (jobs answered at submit are never published). One HINCRBY per distinct
-        counter."""
+    def count_cache_hits(self, kind: str, specs: Sequence[JobSpec]) -> None:
+        """Count jobs answered without a provider call of their own (``semantic``,
+        ``coalesced``; ``publish_answers`` counts the ``exact`` ones) in the cluster's
+        stats: one HINCRBY per distinct counter."""
         if not specs:
             return
-        fields: Counter[str] = Counter()
-        per_class: Counter[str] = Counter()
-        for spec in specs:
-            rest = f"{int(spec.priority)}|{stats.label(spec.tenant, spec.provider, spec.model)}"
-            fields[f"c|{kind}|{rest}"] += 1
-            if submitted:
-                fields[f"s|{rest}"] += 1
-                per_class[f"s|{int(spec.priority)}"] += 1
+        fields = Counter(f"c|{kind}|{int(s.priority)}|"
+                         f"{stats.label(s.tenant, s.provider, s.model)}" for s in specs)
         pipe = self.r.pipeline(transaction=False)
         for name, n in fields.items():
             pipe.hincrby(keys.STATS, name, n)
-        if per_class:
-            recent = keys.recent(stats.bucket_of(time.time()))
-            for name, n in per_class.items():
-                pipe.hincrby(recent, name, n)
-            pipe.expire(recent, stats.BUCKET_TTL_S)
         pipe.execute()
 
     def publish_answers(self, results: Sequence[JobResult], specs: Sequence[JobSpec], *,
@@ -449,7 +436,9 @@ class RedisQueue:
 
     def cache_purge(self, pattern: str) -> int:
         """Delete the entries whose key matches ``pattern`` (a glob on ``partition:hash``)
-        and the accounts of partitions left empty; return how many entries went."""
+        and the accounts of partitions left empty; return how many entries went. (Their
+        semantic vectors stay until they expire: a lookup passes over a vector whose entry
+        is gone.)"""
         gone = 0
         partitions: set[str] = set()
         prefix = keys.cache_entry("")
@@ -464,22 +453,20 @@ class RedisQueue:
         for part in partitions:
             if not self.r.zcard(keys.cache_index(part)):
                 self.r.delete(keys.cache_index(part), keys.cache_sizes(part),
-                              keys.cache_bytes(part), keys.cache_vectors(part))
+                              keys.cache_bytes(part))
         return gone
 
     def _purge_batch(self, names: list[str], prefix: str, partitions: set[str]) -> int:
         pipe = self.r.pipeline(transaction=False)
         sizes = self.r.pipeline(transaction=False)
-        for name in names:
-            part = name[len(prefix):].rsplit(":", 1)[0]
-            partitions.add(part)
+        parts = [name[len(prefix):].rsplit(":", 1)[0] for name in names]
+        partitions.update(parts)
+        for name, part in zip(names, parts, strict=True):
             sizes.hget(keys.cache_sizes(part), name)
-        for name, size in zip(names, sizes.execute(), strict=True):
-            part = name[len(prefix):].rsplit(":", 1)[0]
+        for name, part, size in zip(names, parts, sizes.execute(), strict=True):
             pipe.delete(name)
             pipe.zrem(keys.cache_index(part), name)
             pipe.hdel(keys.cache_sizes(part), name)
-            pipe.hdel(keys.cache_vectors(part), name)
             if size:
                 pipe.decrby(keys.cache_bytes(part), int(size))
         pipe.execute()

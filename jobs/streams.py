@@ -68,16 +68,17 @@ class Sink:
             pass  # a lost chunk costs a reader some text, never the job: the result is whole
 
 
-def read(r: redis.Redis, job_id: str, after: str = "0-0",
-         block_ms: int = 1000) -> list[Event]:
-    """Entries after ``after`` (waiting up to ``block_ms`` for the first); a ``lost`` event
-    first when entries after ``after`` were trimmed away."""
+def read(r: redis.Redis, job_id: str, after: str = "0-0", block_ms: int = 1000, *,
+         check_lost: bool = True) -> list[Event]:
+    """Entries after ``after`` (waiting up to ``block_ms`` for the first); with
+    ``check_lost`` (a reader resuming), a ``lost`` event first when entries after
+    ``after`` were trimmed away."""
     name = keys.job_stream(job_id)
     reply: Any = r.xread({name: after}, count=500, block=block_ms)
     out: list[Event] = []
-    if after != "0-0":
+    if check_lost and after != "0-0":
         first: Any = r.xrange(name, count=1)
-        if first and _older(after, str(first[0][0])) and not _has(r, name, after):
+        if first and older(after, str(first[0][0])) and not _has(r, name, after):
             out.append(Event(id=after, kind="lost"))
     for _, entries in reply or []:
         for entry_id, fields in entries:
@@ -89,13 +90,15 @@ def _has(r: redis.Redis, name: str, entry_id: str) -> bool:
     return bool(r.xrange(name, min=entry_id, max=entry_id, count=1))
 
 
-def _older(a: str, b: str) -> bool:
+def older(a: str, b: str) -> bool:
+    """Whether stream entry id ``a`` comes before ``b``."""
     ta, sa = (int(x) for x in a.split("-"))
     tb, sb = (int(x) for x in b.split("-"))
     return (ta, sa) < (tb, sb)
 
 
 def event_of(entry_id: str, fields: dict[str, str]) -> Event:
+    """The event of a stream entry."""
     if "t" in fields:
         return Event(entry_id, "chunk", fields["t"])
     if "attempt" in fields:
@@ -114,11 +117,20 @@ def text_of(events: list[Event]) -> str:
     return "".join(out)
 
 
+def final_state(meta: str | None) -> str:
+    """The final state in a job's Celery result meta ('' if there is none)."""
+    return str(json.loads(meta).get("promptbatch", {}).get("state", "")) if meta else ""
+
+
 def follow(r: redis.Redis, job_id: str, after: str = "0-0") -> Iterator[Event]:
     """Every event from ``after`` on, until the ``end`` event (for a job that ended with
-    no stream, as one answered from the cache, an ``end`` with its final state)."""
+    no stream, as one answered from the cache, an ``end`` with its final state). Only
+    the first read checks whether ``after`` was trimmed away: a reader that keeps
+    reading stays within the stream's bound."""
+    check = True
     while True:
-        events = read(r, job_id, after)
+        events = read(r, job_id, after, check_lost=check)
+        check = False
         for e in events:
             yield e
             if e.kind == "end":
@@ -127,6 +139,5 @@ def follow(r: redis.Redis, job_id: str, after: str = "0-0") -> Iterator[Event]:
         if not events:
             raw: Any = r.get(keys.celery_result(job_id))
             if raw is not None and not r.exists(keys.job_stream(job_id)):
-                state = json.loads(raw).get("promptbatch", {}).get("state", "")
-                yield Event(after, "end", state)
+                yield Event(after, "end", final_state(raw))
                 return

@@ -78,10 +78,3 @@ def serve(port: int, host: str, registry: Any, what: str) -> None:
                       "give each process on this machine its own --metrics-port "
                       "(PROMPTBATCH_METRICS_PORT), or 0 to turn them off") from None
 
-
-def mark_process_dead(pid: int) -> None:
-    """Drop a finished child's live gauges (multiprocess mode only)."""
-    if os.environ.get(ENV):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -19,7 +19,7 @@ from fastapi.responses import StreamingResponse
 
 from config import keys
 from jobs.errors import JobNotFound
-from jobs.streams import Event, event_of
+from jobs.streams import Event, event_of, final_state, older
 from producers.auth import CallerDep
 from producers.web import client_of
 
@@ -42,13 +42,13 @@ async def follow(r: aioredis.Redis, job_id: str, after: str = "0-0") -> AsyncIte
     """The job's events after ``after`` until its ``end`` (or, for a job that ended with
     no stream, an ``end`` with its state from the result)."""
     name = keys.job_stream(job_id)
+    if after != "0-0":  # resuming: were the entries after ``after`` trimmed away?
+        first: Any = await r.xrange(name, count=1)
+        if first and older(after, str(first[0][0])) and not await r.xrange(
+                name, min=after, max=after, count=1):
+            yield Event(after, "lost")
+            after = "0-0"
     while True:
-        if after != "0-0":
-            first: Any = await r.xrange(name, count=1)
-            if first and _before(after, str(first[0][0])) and not await r.xrange(
-                    name, min=after, max=after, count=1):
-                yield Event(after, "lost")
-                after = "0-0"
         reply: Any = await r.xread({name: after}, count=500, block=BLOCK_MS)
         got = False
         for _, entries in reply or []:
@@ -60,17 +60,10 @@ async def follow(r: aioredis.Redis, job_id: str, after: str = "0-0") -> AsyncIte
                 if event.kind == "end":
                     return
         if not got:
-            raw = await r.get(keys.celery_result(job_id))
+            raw: Any = await r.get(keys.celery_result(job_id))
             if raw is not None and not await r.exists(name):
-                state = json.loads(raw).get("promptbatch", {}).get("state", "")
-                yield Event(after, "end", state)
+                yield Event(after, "end", final_state(raw))
                 return
-
-
-def _before(a: str, b: str) -> bool:
-    ta, sa = (int(x) for x in a.split("-"))
-    tb, sb = (int(x) for x in b.split("-"))
-    return (ta, sa) < (tb, sb)
 
 
 def sse(event: Event) -> str:

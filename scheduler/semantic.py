@@ -72,14 +72,16 @@ class SemanticCache:
         self._indexes = {}
         prefix = keys.cache_vectors("")
         total = 0
+        binary = self._binary()  # vectors are bytes: a client that does not decode
         for name in self.r.scan_iter(match=keys.cache_vectors("*"), count=1000):
             part = str(name)[len(prefix):]
-            raw: dict[bytes, bytes] = self._binary().hgetall(str(name))  # type: ignore[assignment]
+            raw: dict[bytes, bytes] = binary.hgetall(str(name))  # type: ignore[assignment]
             for key, blob in raw.items():
                 vec = np.frombuffer(blob, dtype=np.float32)
                 if vec.shape[0] == self.embedder.dim:
                     self._add(part, key.decode(), vec.reshape(1, -1))
                     total += 1
+        binary.close()
         return total
 
     def _binary(self) -> redis.Redis:

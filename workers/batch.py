@@ -268,10 +268,9 @@ class BatchRunner:
                 with contextlib.suppress(*INFRA_ERRORS):
                     Sink(self.queue.r, ttl).end([r.id for r in streamed],
                                                 [r.state.value for r in streamed])
-            leaders = {r.id: x for r, x in zip(mine, stored, strict=True) if isinstance(x, str)}
-            if leaders:  # identical requests waited for these jobs
+            if any(isinstance(x, str) for x in stored):  # identical requests waited for these
                 self.steady("followers", lambda: cache.settle(
-                    self.queue, leaders, mine, lambda res, ts, cs: record_results(
+                    self.queue, mine, stored, lambda res, ts, cs: record_results(
                         self.store, self.queue, res, ts, result_ttl_s=ttl, classes=cs)))
 
 
