@@ -51,7 +51,8 @@ class _Index:
 @dataclass
 class Outcome:
     """Lookups of one admission: hits by job id; best similarity of every lookup, and
-    the number the guard refused."""
+    how many lookups found no hit because the guard refused every candidate above the
+    threshold."""
 
     hits: dict[str, Hit] = field(default_factory=dict)
     best: list[float] = field(default_factory=list)
@@ -72,8 +73,11 @@ class SemanticCache:
         self._indexes = {}
         prefix = keys.cache_vectors("")
         total = 0
-        binary = self._binary()  # vectors are bytes: a client that does not decode
-        for name in self.r.scan_iter(match=keys.cache_vectors("*"), count=1000):
+        names = list(self.r.scan_iter(match=keys.cache_vectors("*"), count=1000))
+        if not names:
+            return 0
+        binary = self._binary()  # vectors are bytes: a client that does not decode them
+        for name in names:
             part = str(name)[len(prefix):]
             raw: dict[bytes, bytes] = binary.hgetall(str(name))  # type: ignore[assignment]
             for key, blob in raw.items():
@@ -85,10 +89,11 @@ class SemanticCache:
         return total
 
     def _binary(self) -> redis.Redis:
+        """A client of the same server whose replies stay bytes."""
         pool = self.r.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        kwargs["decode_responses"] = False
-        return redis.Redis(**kwargs)
+        kwargs = {**pool.connection_kwargs, "decode_responses": False}
+        return redis.Redis(connection_pool=redis.ConnectionPool(
+            connection_class=pool.connection_class, **kwargs))
 
     def _add(self, part: str, key: str, vec: Vectors) -> None:
         idx = self._indexes.get(part)
@@ -143,12 +148,14 @@ class SemanticCache:
         if not candidates:
             return None
         raws = self.r.mget([keys.cache_entry(idx.keys[r]) for _, r in candidates])
+        refused = False
         for (sim, row), raw in zip(candidates, raws, strict=True):
             if raw is None:
                 continue  # not answered yet, failed, or gone
             entry = parse_entry(str(raw))
             if cachekey.guard(text, entry.prompt) is not None:
-                out.guarded += 1
+                refused = True
                 continue
             return Hit(entry, idx.keys[row], sim)
+        out.guarded += refused
         return None

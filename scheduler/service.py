@@ -322,7 +322,7 @@ class Scheduler:
             m.semantic_best.observe(best)
         m.semantic.labels("hit").inc(len(found.hits))
         m.semantic.labels("guarded").inc(found.guarded)
-        m.semantic.labels("miss").inc(len(found.best) - len(found.hits))
+        m.semantic.labels("miss").inc(len(found.best) - len(found.hits) - found.guarded)
         if not found.hits:
             return specs
         now = time.time()

@@ -239,3 +239,36 @@ def test_a_partition_keeps_within_its_entry_and_byte_bounds(r: Any) -> None:
     q.cache_put(f"{part}:late", part, "z" * 10, ttl_s=5, now=2000.0, max_entries=10,
                 max_bytes=10_000)
     assert int(r.get(keys.cache_bytes(part))) == 10
+
+
+def test_the_semantic_index_is_rebuilt_from_redis(settings: Settings) -> None:
+    from jobs import cache
+    from jobs.models import JobRequest, JobResult
+    from jobs.queue import RedisQueue, connect
+    from jobs.validation import resolve
+    from scheduler.embedders import create_embedder
+    from scheduler.semantic import SemanticCache
+
+    s = settings.model_copy(update={"cache_semantic_tenants": ["acme"],
+                                    "cache_semantic_threshold": 0.85})
+    r = connect(s.redis_url)
+    embedder = create_embedder("hashed", dim=s.embedding_dim)
+
+    def spec(job_id: str, text: str) -> Any:
+        return resolve(JobRequest(prompt=text, tenant="acme", cache="semantic", **DET),
+                       job_id=job_id, now=1.0, settings=s)
+
+    first = spec("j1", "How do I enable two-factor authentication on my account?")
+    assert SemanticCache(r, s, embedder).lookup([first]).hits == {}  # a miss: remembered
+    cache.put(RedisQueue(r), s, [JobResult(id="j1", state=JobState.SUCCEEDED, text="Go to "
+                                           "settings.", provider="echo", model="echo-1")],
+              {"j1": first})
+    restarted = SemanticCache(r, s, embedder)  # a scheduler that becomes active
+    assert restarted.load() == 1
+    found = restarted.lookup([spec("j2", "How can I enable two-factor authentication on my "
+                                         "account?")])
+    assert found.hits["j2"].entry.source == "j1" and found.guarded == 0
+    refused = restarted.lookup([spec("j3", "How do I disable two-factor authentication on my "
+                                           "account?")])
+    assert refused.hits == {} and refused.guarded == 1
+    r.close()
