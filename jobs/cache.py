@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from config.settings import Settings
 from jobs import cachekey
 from jobs.models import JobResult, JobSpec, JobState, Usage
@@ -52,8 +54,8 @@ def entry_json(result: JobResult, spec: JobSpec) -> str:
 
 
 def parse_entry(raw: str) -> Entry:
-    data: dict[str, Any] = json.loads(raw)
-    usage = Usage(**data["usage"]) if data.get("usage") else None
+    data: dict[str, Any] = orjson.loads(raw)
+    usage = Usage.model_validate(data["usage"]) if data.get("usage") else None
     return Entry(text=data["text"], usage=usage, source=data["source"],
                  provider=data["provider"], model=data["model"],
                  prompt=str(data.get("prompt") or ""))

@@ -16,6 +16,8 @@ import hashlib
 import json
 import re
 
+import orjson
+
 from config.settings import Settings
 from jobs.models import JobSpec
 
@@ -52,8 +54,8 @@ def request_body(spec: JobSpec) -> str:
     """The canonical request: parameters and the whole conversation (system prompt too)."""
     messages = ([{"role": "user", "content": spec.prompt}] if spec.prompt is not None
                 else [m.model_dump(mode="json", exclude_none=True) for m in spec.messages or ()])
-    return json.dumps({"params": spec.params.model_dump(mode="json", exclude_none=True),
-                       "messages": messages}, sort_keys=True, separators=(",", ":"))
+    return orjson.dumps({"params": spec.params.model_dump(mode="json", exclude_none=True),
+                         "messages": messages}, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def exact_key(spec: JobSpec, settings: Settings) -> str:

@@ -410,3 +410,14 @@ for i = 1, #KEYS do
 end
 return out
 """
+
+
+#: Results of jobs answered at submit: one SET with expiry per key, in one call.
+#: KEYS: the result keys; ARGV[1]: the TTL in seconds; ARGV[1 + i]: the value of KEYS[i].
+SET_RESULTS = """
+local ttl = ARGV[1]
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[i + 1], 'EX', ttl)
+end
+return #KEYS
+"""

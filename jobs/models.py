@@ -23,6 +23,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    computed_field,
     field_validator,
     model_validator,
 )
@@ -300,6 +301,7 @@ class JobResult(BaseModel):
         return self.state is JobState.EXPIRED or (
             self.deadline is not None and self.finished_at > self.deadline)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def queued_ms(self) -> float | None:
         """Time from acceptance to the provider call, in milliseconds."""
@@ -307,6 +309,7 @@ class JobResult(BaseModel):
             return None
         return (self.started_at - self.created_at) * 1000.0
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def latency_ms(self) -> float | None:
         """Time from acceptance to the final state, in milliseconds."""
@@ -316,10 +319,7 @@ class JobResult(BaseModel):
 
     def public(self) -> dict[str, Any]:
         """The result as callers see it (JSON-ready, with the derived timings)."""
-        data = self.model_dump(mode="json")
-        data["queued_ms"] = self.queued_ms
-        data["latency_ms"] = self.latency_ms
-        return data
+        return self.model_dump(mode="json")
 
 
 @dataclass(frozen=True, slots=True)

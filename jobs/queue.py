@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -62,24 +63,24 @@ def connect(url: str, *, socket_timeout: float = 10.0,
     )
 
 
-def celery_meta(result: JobResult) -> str:
-    """The result as Celery's Redis backend stores it, plus our full record."""
+def celery_meta(result: JobResult, public: str | None = None) -> str:
+    """The result as Celery's Redis backend stores it, plus our full record.
+
+    Assembled around pydantic's own JSON of the record (the hot path of every result,
+    cache hits included): the same document ``json.dumps`` of the dict would give.
+    ``public``: that JSON, when the caller has it already."""
     status, exc_type = _CELERY_OUTCOME[result.state]
-    public = result.public()
-    payload: Any = public
-    if exc_type is not None:
-        payload = {"exc_type": exc_type, "exc_module": "jobs.errors",
-                   "exc_message": [result.error or result.state.value]}
-    meta = {
-        "status": status,
-        "result": payload,
-        "traceback": None,
-        "children": [],
-        "date_done": datetime.fromtimestamp(result.finished_at, UTC).isoformat(),
-        "task_id": result.id,
-        "promptbatch": public,
-    }
-    return json.dumps(meta, separators=(",", ":"))
+    if public is None:
+        public = result.model_dump_json()
+    if exc_type is None:
+        payload = public
+    else:
+        payload = orjson.dumps({"exc_type": exc_type, "exc_module": "jobs.errors",
+                                "exc_message": [result.error or result.state.value]}).decode()
+    done = datetime.fromtimestamp(result.finished_at, UTC).isoformat()
+    return (f'{{"status":"{status}","result":{payload},"traceback":null,"children":[],'
+            f'"date_done":"{done}","task_id":{orjson.dumps(result.id).decode()},'
+            f'"promptbatch":{public}}}')
 
 
 def result_from_meta(raw: str) -> JobResult:
@@ -108,6 +109,7 @@ class RedisQueue:
         self._take_followers = client.register_script(lua.TAKE_FOLLOWERS)
         self._release_followers = client.register_script(lua.RELEASE_FOLLOWERS)
         self._cancel = client.register_script(lua.CANCEL)
+        self._set_results = client.register_script(lua.SET_RESULTS)
         self._lease = client.register_script(lua.LEASE)
         self._release = client.register_script(lua.RELEASE)
 
@@ -353,23 +355,32 @@ class RedisQueue:
         pipe.execute()
 
     def publish_answers(self, results: Sequence[JobResult], specs: Sequence[JobSpec], *,
-                        result_ttl_s: int, kind: str = "exact") -> None:
+                        result_ttl_s: int, kind: str = "exact",
+                        dumped: Mapping[str, str] | None = None) -> None:
         """Results of new jobs the cache answered at submit (their store rows are final;
         they have no job hash and no intake entry): the result keys, and the counters
-        (submitted, finished, cache hits), in one round trip."""
+        (submitted, finished, cache hits), in one round trip. ``dumped``: each result's
+        JSON when the caller has it already."""
         pipe = self.r.pipeline(transaction=False)
+        for start in range(0, len(results), 1000):
+            part = results[start:start + 1000]
+            metas = [celery_meta(r, dumped.get(r.id) if dumped else None) for r in part]
+            self._set_results(keys=[keys.celery_result(r.id) for r in part],
+                              args=[result_ttl_s, *metas], client=pipe)
+        groups = Counter((int(spec.priority), spec.tenant, spec.provider, spec.model,
+                          res.state.value, res.missed_deadline)
+                         for res, spec in zip(results, specs, strict=True))
         fields: Counter[str] = Counter()
         per_class: Counter[str] = Counter()
-        for res, spec in zip(results, specs, strict=True):
-            pipe.set(keys.celery_result(res.id), celery_meta(res), ex=result_ttl_s)
-            rest = f"{int(spec.priority)}|{stats.label(spec.tenant, spec.provider, spec.model)}"
-            fields[f"s|{rest}"] += 1
-            fields[f"f|{res.state.value}|{rest}"] += 1
-            fields[f"c|{kind}|{rest}"] += 1
-            if res.missed_deadline:
-                fields[f"m|{rest}"] += 1
-            per_class[f"s|{int(spec.priority)}"] += 1
-            per_class[f"f|{res.state.value}|{int(spec.priority)}"] += 1
+        for (cls, tenant, provider, model, state, missed), n in groups.items():
+            rest = f"{cls}|{stats.label(tenant, provider, model)}"
+            fields[f"s|{rest}"] += n
+            fields[f"f|{state}|{rest}"] += n
+            fields[f"c|{kind}|{rest}"] += n
+            if missed:
+                fields[f"m|{rest}"] += n
+            per_class[f"s|{cls}"] += n
+            per_class[f"f|{state}|{cls}"] += n
         for name, n in fields.items():
             pipe.hincrby(keys.STATS, name, n)
         recent = keys.recent(stats.bucket_of(time.time()))

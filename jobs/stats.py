@@ -10,6 +10,7 @@ they are never counted twice across instances.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ BUCKET_S = 10
 BUCKET_TTL_S = 300
 
 
+@functools.lru_cache(maxsize=4096)
 def label(tenant: str, provider: str | None, model: str | None) -> str:
     """The ``tenant|provider|model`` part of a counter's field ('|' inside a value is
     written '/', so the field splits back unambiguously)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     Float,
     Index,
@@ -236,9 +237,11 @@ class JobStore:
     # --- writes -------------------------------------------------------------------------
 
     def insert(self, specs: Sequence[JobSpec],
-               final: Mapping[str, JobResult] | None = None) -> dict[str, str]:
+               final: Mapping[str, JobResult] | None = None,
+               dumped: Mapping[str, str] | None = None) -> dict[str, str]:
         """Insert new jobs as QUEUED (or, for those in ``final``, already ended with that
-        result: answered from the cache); return ``{id: stored id}``.
+        result: answered from the cache; ``dumped``: their JSON, when the caller has it);
+        return ``{id: stored id}``.
 
         A job whose (tenant, idempotency key) is already stored is not inserted again: its
         entry maps to the id stored first.
@@ -255,11 +258,12 @@ class JobStore:
                 row.update(result=None, finished_at=None, batch_id=None)
                 res = final.get(row["id"])
                 if res is not None:
-                    row.update(state=res.state.value, result=res.model_dump_json(),
+                    text = dumped.get(res.id) if dumped else None
+                    row.update(state=res.state.value, result=text or res.model_dump_json(),
                                finished_at=res.finished_at, batch_id=res.batch_id)
         try:
             with self.engine.begin() as conn:
-                conn.execute(_JOBS.insert(), rows)
+                self._insert_rows(conn, rows)
         except IntegrityError:
             # A concurrent submit took one of the idempotency keys: insert one by one.
             for spec, row in zip(fresh, rows, strict=True):
@@ -273,6 +277,18 @@ class JobStore:
                         raise
                     mapping[spec.id] = again[key]
         return mapping
+
+    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Insert rows that all have the same columns. On SQLite straight through the
+        driver's ``executemany`` (SQLAlchemy's per-row parameter processing cost as much
+        as SQLite's insert itself); elsewhere as SQLAlchemy batches it."""
+        if self.engine.dialect.name != "sqlite":
+            conn.execute(_JOBS.insert(), rows)
+            return
+        cols = list(rows[0])
+        sql = (f"INSERT INTO {_JOBS.name} ({', '.join(cols)}) "
+               f"VALUES ({', '.join('?' for _ in cols)})")
+        conn.exec_driver_sql(sql, [tuple(row[c] for c in cols) for row in rows])
 
     def _existing_idempotent(self, specs: Sequence[JobSpec]) -> dict[tuple[str, str], str]:
         by_tenant: dict[str, list[str]] = {}

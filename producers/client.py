@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import redis
 
 from config.settings import Settings
-from jobs import cache, streams
+from jobs import cache, gcpause, streams
 from jobs.errors import (
     InvalidJob,
     JobNotFound,
@@ -33,6 +32,7 @@ from jobs.errors import (
     SubmitUnconfirmed,
     TenantQuotaExceeded,
 )
+from jobs.ids import new_id
 from jobs.models import JobRequest, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
 from jobs.queue import RedisQueue, connect
@@ -118,12 +118,17 @@ class Client:
     def submit_many_states(self, items: Iterable[JobRequest | Mapping[str, Any]], *,
                            tenant: str | None = None) -> list[tuple[str, JobState]]:
         """``submit_many``, with each job's state (SUCCEEDED when the cache answered it)."""
+        with gcpause.paused():
+            return self._submit_many_states(items, tenant)
+
+    def _submit_many_states(self, items: Iterable[JobRequest | Mapping[str, Any]],
+                            tenant: str | None) -> list[tuple[str, JobState]]:
         specs: list[JobSpec] = []
         now = time.time()
         for pos, item in enumerate(items, start=1):
             request = parse_request(item, line=pos)
             # A microsecond apart: jobs of one call keep their input order in listings.
-            specs.append(resolve(request, job_id=str(uuid.uuid4()), now=now + pos * 1e-6,
+            specs.append(resolve(request, job_id=new_id(), now=now + pos * 1e-6,
                                  settings=self.settings, tenant=tenant, line=pos))
         return self.submit_specs_states(specs) if specs else []
 
@@ -140,14 +145,15 @@ class Client:
         answered = {s.id: cache.hit_result(s, hits[s.id], time.time())
                     for s in specs if s.id in hits}
         self.check_quota([s for s in specs if s.id not in hits])
+        dumped = {job_id: res.model_dump_json() for job_id, res in answered.items()}
         try:  # a job the cache answered is stored already ended
-            stored = self.store.insert(specs, final=answered)
+            stored = self.store.insert(specs, final=answered, dumped=dumped)
         except Exception as exc:  # SQLAlchemy errors of any kind: the store is unusable
             raise ServiceUnavailable(f"the job store refused the jobs: {exc}") from exc
         fresh = [s for s in specs if stored[s.id] == s.id]
         done = [s for s in fresh if s.id in answered]
         if done:
-            self._answer(done, answered)
+            self._answer(done, answered, dumped)
         rest = [s for s in fresh if s.id not in answered]
         if rest:
             self._enqueue(rest, keyed)
@@ -164,12 +170,13 @@ class Client:
         except redis.RedisError:
             return {}, {}  # the cache is an optimisation: submit as usual
 
-    def _answer(self, done: list[JobSpec], answered: dict[str, JobResult]) -> None:
+    def _answer(self, done: list[JobSpec], answered: dict[str, JobResult],
+                dumped: dict[str, str] | None = None) -> None:
         """Publish the answers of jobs the cache answered (their rows are final already);
         should Redis fail here, the reconciler copies them from the store."""
         with contextlib.suppress(redis.RedisError):
             self.queue.publish_answers([answered[s.id] for s in done], done,
-                                       result_ttl_s=self.settings.result_ttl_s)
+                                       result_ttl_s=self.settings.result_ttl_s, dumped=dumped)
 
     def _enqueue(self, fresh: list[JobSpec], keyed: dict[str, str] | None = None) -> None:
         """Stage every job, then publish them (a cacheable job that finds an identical one

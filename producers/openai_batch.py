@@ -19,6 +19,7 @@ from typing import Any
 
 from config.settings import Settings
 from jobs.errors import InvalidJob, JobNotFound
+from jobs.ids import new_id
 from jobs.models import JobResult, JobSpec, JobState, Priority
 from jobs.validation import parse_request, resolve
 from producers.accounts import Accounts
@@ -149,7 +150,7 @@ class BatchService:
                               idempotency_key=f"{batch_id}:{custom_id}",
                               metadata={"batch_id": batch_id, "custom_id": custom_id})
                 request = parse_request(fields, line=number)
-                spec = resolve(request, job_id=str(uuid.uuid4()), now=now,
+                spec = resolve(request, job_id=new_id(), now=now,
                                settings=self.settings, tenant=tenant, line=number)
                 spec = spec.model_copy(update={"deadline": deadline})
             except InvalidJob as exc:  # its message already names the line
