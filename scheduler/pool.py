@@ -33,6 +33,18 @@ PREFIX_LEVELS: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 #: compatibility key, so a batch can tell whether jobs still pending share its prefix.
 COUNTED_FROM = 5
 
+#: A prefix family: the jobs of a group whose first ``PREFIX_LEVELS[FAMILY_LEVEL]``
+#: characters (256) are the same, in practice one system prompt or template. The policy
+#: packs a family into as few batches as it can, so a server that reuses a batch's shared
+#: prefix computes it once per batch.
+FAMILY_LEVEL = 3
+
+
+def family_of(job: PendingJob) -> int | None:
+    """The job's prefix family (a hash), or None for a prompt too short to have one."""
+    return job.prefix[FAMILY_LEVEL] if len(job.prefix) > FAMILY_LEVEL else None
+
+
 #: Above this many jobs a group's index becomes an inverted file (approximate search).
 APPROX_THRESHOLD = 8_192
 
@@ -101,6 +113,8 @@ class Group:
         #: (time the job is due for promotion to the next class, seq)
         self.by_promotion: SortedList = SortedList()
         self.index: faiss.Index = _flat_index(dim)
+        #: Prefix family -> its jobs' seqs, in arrival order.
+        self.families: dict[int, dict[int, None]] = {}
         self.approximate = False
         self._quantizer: faiss.Index | None = None
 
@@ -119,6 +133,9 @@ class Group:
                 self.by_deadline.add((job.deadline, job.seq))
             if self.cls > 0 and self.aging_s < math.inf:
                 self.by_promotion.add((self._promote_at(job), job.seq))
+            family = family_of(job)
+            if family is not None:
+                self.families.setdefault(family, {})[job.seq] = None
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
         if not self.approximate and len(self.jobs) > APPROX_THRESHOLD:
             self._to_approximate()
@@ -139,6 +156,12 @@ class Group:
                 self.by_deadline.remove((job.deadline, seq))
             if self.cls > 0 and self.aging_s < math.inf:
                 self.by_promotion.remove((self._promote_at(job), seq))
+            family = family_of(job)
+            if family is not None:
+                members = self.families[family]
+                del members[seq]
+                if not members:
+                    del self.families[family]
         if gone:
             self.index.remove_ids(np.fromiter(  # type: ignore[arg-type]
                 (j.seq for j in gone), dtype=np.int64, count=len(gone)))

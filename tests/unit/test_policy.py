@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -293,3 +294,83 @@ def test_a_job_joins_a_batch_only_if_its_deadline_leaves_room_for_the_batch() ->
     # With 1.5 s left, the seed's batch may hold no more than ~4 jobs (1 s + 0.1 s each).
     assert len(batch.jobs) <= 5
     assert batch.estimate_s <= 1.5
+
+
+# --- prefix families packed whole ---------------------------------------------------------
+
+def _system(i: int) -> str:
+    """A long system prompt of its own (300+ characters, different from the start)."""
+    return f"[{i}] You are desk {i}'s assistant. " + f"Rule {i}: answer plainly. " * 14
+
+
+def _families(sizes: dict[int, int], cls: int = 2, bare: int = 0) -> list[J]:
+    jobs = [J(f"f{f}-{n}", text=f"{_system(f)}\n\nQuestion {n} about item {n * 7}?",
+              priority=cls, age=10.0) for f, count in sizes.items() for n in range(count)]
+    jobs += [J(f"bare-{n}", text=f"Bare question number {n}: what is {n} plus {n}?",
+               priority=cls, age=10.0) for n in range(bare)]
+    return jobs
+
+
+def _drain(pool: Pool, s: Settings, cap: Capacity) -> list[list[str]]:
+    """Plan until the pool is empty, removing what is sent; the batches' job ids."""
+    batches: list[list[str]] = []
+    while len(pool):
+        p = plan(pool, NOW, s, cap)
+        assert p.batches, "the policy stopped sending with jobs pending"
+        batches += [[j.id for j in b.jobs] for b in p.batches]
+        pool.remove([j.id for b in p.batches for j in b.jobs])
+    return batches
+
+
+def _landed(batches: list[list[str]]) -> dict[str, int]:
+    """In how many batches each family landed."""
+    seen: dict[str, set[int]] = {}
+    for i, b in enumerate(batches):
+        for job_id in b:
+            if job_id.startswith("f"):
+                seen.setdefault(job_id.split("-")[0], set()).add(i)
+    return {f: len(v) for f, v in seen.items()}
+
+
+def test_prefix_families_that_fit_a_batch_are_never_split() -> None:
+    # Families of 20, 14, 12, 9, 5 and 3 and ten bare prompts, workers busy: topping a
+    # batch up with the next nearest jobs used to take part of another family.
+    sizes = {0: 20, 1: 14, 2: 12, 3: 9, 4: 5, 5: 3}
+    pool = make_pool(_families(sizes, bare=10))
+    batches = _drain(pool, base_settings(max_batch_size=32), Capacity(slots=1, inflight=1))
+    assert _landed(batches) == {f"f{f}": 1 for f in sizes}
+    assert all(len(b) <= 32 for b in batches)
+    assert sum(len(b) for b in batches) == sum(sizes.values()) + 10
+
+
+def test_a_family_larger_than_a_batch_fills_whole_batches_and_its_rest_stays_together() -> None:
+    pool = make_pool(_families({0: 70, 1: 6}))
+    batches = _drain(pool, base_settings(max_batch_size=32), Capacity(slots=1, inflight=1))
+    assert _landed(batches) == {"f0": 3, "f1": 1}  # 32 + 32 + 6: the least it can
+    assert sorted(len(b) for b in batches)[-2:] == [32, 32]
+
+
+def test_spreading_over_idle_workers_does_not_cut_a_family_that_fits_a_batch() -> None:
+    # 40 jobs and 4 idle workers: batches of about 10, but a family of 18 goes whole.
+    pool = make_pool(_families({0: 18, 1: 12}, bare=10))
+    p = plan(pool, NOW, base_settings(max_batch_size=32), Capacity(slots=4))
+    landed = _landed([[j.id for j in b.jobs] for b in p.batches])
+    assert landed == {"f0": 1, "f1": 1}
+
+
+def test_riders_leave_a_small_lower_class_family_whole_and_cut_the_largest() -> None:
+    # A batch of 3 critical jobs takes riders from bulk up to the break-even size (8-9)
+    # when capacity is scarce. Bulk holds a family of 10 and one of 40: neither fits in
+    # the 5 places whole, so the riders come from the family of 40 (split across batches
+    # anyway), and the family of 10 stays whole for a batch of its own.
+    jobs = _families({0: 3}, cls=0) + _families({1: 10, 2: 40}, cls=4)
+    pool = make_pool(jobs)
+    service = ServiceModel()
+    for _ in range(20):  # a line whose break-even size is 8
+        service.observe("echo|echo-1", 1, 0.9)
+        service.observe("echo|echo-1", 32, 4.0)
+    p = plan(pool, NOW, base_settings(max_batch_size=32), Capacity(slots=1), service)
+    line = service.line(KEY_A)
+    want = math.ceil(line.fixed / line.per_job)  # the break-even size
+    first = [j.id for j in p.batches[0].jobs]
+    assert sorted(x.split("-")[0] for x in first) == ["f0"] * 3 + ["f2"] * (want - 3)
