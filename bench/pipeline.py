@@ -1,17 +1,20 @@
 """End-to-end throughput: promptbatch batches vs one Celery task per prompt.
 
-Both run on the same embedded server, with the same Celery settings and the same worker
-pool (prefork, ``--workers`` processes), in one command:
+All run on an embedded server of their own, with the same worker pool (prefork,
+``--workers`` processes), in one command:
 
     .venv/bin/python bench/pipeline.py [--jobs 10000] [--workers 2]
     .venv/bin/python bench/pipeline.py --metrics-cost [--rounds 3]
 
 Rows: submit only (``Client.submit_many`` into Redis and the store), promptbatch end to end
 on each job store (``--stores sqlite postgres``: SQLite and a PostgreSQL server started
-for the run)
-(submit, schedule, batch, run with the echo provider, one result per job collected), and
-the baseline (``apply_async`` per prompt, results collected by MGET polling, which is
-faster than ``ResultSet.get``).
+for the run) (submit, schedule, batch, run with the echo provider, one result per job
+collected), and two baselines of one Celery task per prompt (``send_task`` per prompt on
+one producer connection, results collected by MGET polling, which is faster than
+``ResultSet.get``): *tuned*, the one a Celery user would pick for throughput (Celery's
+defaults: early acks, prefetch 4, no task events; ``bench/baseline_tuned_app.py``), which
+the ratio is against, and one with promptbatch's worker settings (events, late acks,
+prefetch 1; ``bench/baseline_app.py``).
 
 ``--metrics-cost``: promptbatch on SQLite with its Prometheus endpoints served (the
 scheduler's, and the worker's in multiprocess mode) and scraped every second, against the
@@ -107,20 +110,30 @@ def metrics_cost(texts: list[str], workers: int, rounds: int, tmp: Path) -> None
           "; on " + ", ".join(f"{t:.2f}" for t in times[True]))
 
 
-def run_baseline(settings: Settings, texts: list[str], workers: int, tmp: Path) -> float:
+def run_baseline(settings: Settings, texts: list[str], workers: int, tmp: Path,
+                 tuned: bool = False) -> float:
+    """One Celery task per prompt: with promptbatch's worker settings, or (``tuned``)
+    with Celery's defaults tuned for throughput (``bench/baseline_tuned_app.py``)."""
     os.environ["PROMPTBATCH_REDIS_URL"] = settings.redis_url
-    from bench.baseline_app import app
+    if tuned:
+        from bench.baseline_tuned_app import app
+        module, queue, task = "bench.baseline_tuned_app", "tuned", "tuned.echo_one"
+    else:
+        from bench.baseline_app import app
+        module, queue, task = "bench.baseline_app", "baseline", "baseline.echo_one"
     kids = Children(tmp)
     env = child_env(settings)
     try:
-        kids.start("baseline-worker", [sys.executable, "-m", "celery", "-A", "bench.baseline_app",
-                                       "worker", "-Q", "baseline", "-c", str(workers), "-l",
+        kids.start(f"{queue}-worker", [sys.executable, "-m", "celery", "-A", module,
+                                       "worker", "-Q", queue, "-c", str(workers), "-l",
                                        "warning", "--without-mingle", "--without-gossip"], env)
         r = connect(settings.redis_url)
         # Wait for the worker with a first task.
-        app.send_task("baseline.echo_one", args=["warm-up"]).get(timeout=60, interval=0.05)
+        app.send_task(task, args=["warm-up"]).get(timeout=60, interval=0.05)
         t0 = time.perf_counter()
-        ids = [app.send_task("baseline.echo_one", args=[t]).id for t in texts]
+        # Sent through one producer connection, as a bulk submitter would.
+        with app.producer_or_acquire() as producer:
+            ids = [app.send_task(task, args=[t], producer=producer).id for t in texts]
         pending = [f"celery-task-meta-{i}" for i in ids]
         while pending:
             found = r.mget(pending)
@@ -172,11 +185,13 @@ def main() -> None:
                              _env_file=None)  # type: ignore[call-arg]
                 migrated(s)
                 runs.append((store, *run_promptbatch(s, texts, args.workers, tmp)))
-        with EmbeddedRedis(tmp / "b") as server:
-            s = Settings(redis_url=server.url, database_url=f"sqlite:///{tmp / 'b.db'}",
-                         _env_file=None)  # type: ignore[call-arg]
-            migrated(s)
-            base = run_baseline(s, texts, args.workers, tmp)
+        baselines: dict[bool, float] = {}
+        for tuned in (False, True):
+            with EmbeddedRedis(tmp / f"b{tuned}") as server:
+                s = Settings(redis_url=server.url, database_url=f"sqlite:///{tmp / 'b.db'}",
+                             _env_file=None)  # type: ignore[call-arg]
+                baselines[tuned] = run_baseline(s, texts, args.workers, tmp, tuned=tuned)
+        base = baselines[True]
         n = args.jobs
         names = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
         for store, t_submit, _, _ in runs:
@@ -185,7 +200,10 @@ def main() -> None:
         for store, _, total, batches in runs:
             rows.append((f"promptbatch end to end, {names[store]} ({batches} batches)", n,
                          total, n / total, f"{base / total:.2f}x"))
-        rows.append(("one Celery task per prompt", n, base, n / base, "1.00x"))
+        rows.append(("one Celery task per prompt, tuned (Celery defaults, prefetch 4, "
+                     "no events)", n, base, n / base, "1.00x"))
+        rows.append(("one Celery task per prompt, promptbatch's worker settings", n,
+                     baselines[False], n / baselines[False], f"{base / baselines[False]:.2f}x"))
         table(f"pipeline: {n} echo jobs, {args.workers} worker processes",
               ["run", "jobs", "seconds", "jobs/s", "vs baseline"], rows)
 

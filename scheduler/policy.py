@@ -466,7 +466,7 @@ class _Tick:
             take = n if n <= size else n % size
             if take > 1:
                 free.append((take, family))
-        free.sort(reverse=True)
+        free.sort(key=lambda t: -t[0])  # stable: the group's oldest families first
         out: list[PendingJob] = []
         for take, family in free:
             if take <= room:
