@@ -87,14 +87,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from config.settings import PRIORITY_NAMES, Settings
-from scheduler.pool import Group, PendingJob, Pool, family_of, shared_prefix_chars
+from scheduler.pool import (
+    FAMILY_LEVEL,
+    Group,
+    PendingJob,
+    Pool,
+    family_of,
+    shared_prefix_chars,
+)
 from scheduler.service_time import ServiceModel
 
 #: Neighbours fetched per seed, as a multiple of max_batch_size.
 SEARCH_FACTOR = 2
 #: Family members looked at per seed (as a multiple of max_batch_size) to pick the batch's
 #: share of a large family: those sharing the longest prefix with the seed.
-KIN_LOOKAHEAD = 4
+KIN_LOOKAHEAD = 2
 #: Families of a group looked at to fill a batch with whole families (best fit).
 FAMILIES_SCANNED = 256
 #: A batch that whole families fill to less than this share of a batch is filled up by
@@ -286,7 +293,8 @@ class _Tick:
         gk = (g.key, g.cls)
         guard = self.settings.deadline_guard_ms / 1000.0
         full_time = self.service.estimate(g.key, self.settings.max_batch_size)
-        fair = _FairShare(g, self.pool.served, self.weights, self.taken)
+        fair = _FairShare(g, self.pool.served, self.weights, self.taken,
+                          self.settings.max_batch_size)
         while self.remaining[gk] > 0:
             forced = self._forced_seeds(g, full_time, guard) if self.budget.alive else []
             if forced:
@@ -365,7 +373,10 @@ class _Tick:
         vectors = g.vectors([s.seq for s in seeds])
         sims, ids = g.search(vectors, k)
         batches: list[PlannedBatch] = []
+        # The other seeds of this search stay free for their own batches.
+        self.taken.reserved = {s.seq for s in seeds}
         for row, seed in enumerate(seeds):
+            self.taken.reserved.discard(seed.seq)
             if seed.seq in self.taken:
                 continue
             self.taken.add(seed)
@@ -412,7 +423,18 @@ class _Tick:
         with it first (a family larger than a batch is cut along its sub-families)."""
         size = self.settings.max_batch_size
         kin = self._free_kin(g, family_of(seed), seed.seq, KIN_LOOKAHEAD * size)
-        kin.sort(key=lambda j: -shared_prefix_chars(seed.prefix, j.prefix))
+        if len(kin) >= size:  # more than the batch takes: the closest relatives first
+            mine = seed.prefix[FAMILY_LEVEL + 1:]  # the family's levels are equal
+
+            def deeper(j: PendingJob) -> int:
+                n = 0
+                for x, y in zip(mine, j.prefix[FAMILY_LEVEL + 1:], strict=False):
+                    if x != y:
+                        break
+                    n += 1
+                return -n
+
+            kin.sort(key=deeper)
         return self._scored(g, kin[:size - 1], seed_vector)
 
     def _whole(self, g: Group, candidates: list[tuple[float, PendingJob]], room: int,
@@ -556,9 +578,11 @@ class _Taken:
     def __init__(self) -> None:
         self.seqs: set[int] = set()
         self.families: Counter[tuple[str, int, int]] = Counter()
+        #: Seeds of the batches being formed: no other batch takes them.
+        self.reserved: set[int] = set()
 
     def __contains__(self, seq: object) -> bool:
-        return seq in self.seqs
+        return seq in self.seqs or seq in self.reserved
 
     def add(self, job: PendingJob) -> None:
         if job.seq in self.seqs:
@@ -616,9 +640,10 @@ class _FairShare:
     """Weighted fair choice of seeds among a group's tenants (virtual time)."""
 
     def __init__(self, g: Group, served: dict[tuple[str, int, str], float],
-                 weights: dict[str, float], taken: _Taken) -> None:
+                 weights: dict[str, float], taken: _Taken, size: int) -> None:
         self.g = g
         self.taken = taken
+        self.size = size
         self.weights = weights
         self.recorded = {t: served.get((g.key, g.cls, t)) for t in g.by_tenant}
         known = [v for v in self.recorded.values() if v is not None]
@@ -630,6 +655,8 @@ class _FairShare:
         seeds: list[PendingJob] = []
         vtime = dict(self.vtime)
         cursors = {t: iter(jobs) for t, jobs in self.g.by_tenant.items()}
+        #: Seeds chosen per family: a family they take whole needs no seed of its own.
+        self.seeded: Counter[int] = Counter()
         while len(seeds) < count and cursors:
             tenant = min(cursors, key=lambda t: (vtime[t], t))
             job = self._next(cursors[tenant], seeds)
@@ -637,6 +664,9 @@ class _FairShare:
                 del cursors[tenant]
                 continue
             seeds.append(job)
+            family = family_of(job)
+            if family is not None:
+                self.seeded[family] += 1
             vtime[tenant] += 1.0 / self.weights.get(tenant, 1.0)
         return seeds
 
@@ -652,6 +682,10 @@ class _FairShare:
             if seq in self.taken or any(s.seq == seq for s in chosen):
                 continue
             job = self.g.jobs[seq]
+            family = family_of(job)
+            if family is not None and self.seeded[family] * self.size >= len(
+                    self.g.families[family]):
+                continue  # the batches of seeds chosen already take its family whole
             if first is None:
                 first = job
                 if kind == 0 or self._has_family(job):
