@@ -40,6 +40,12 @@ SERVICE_TIMES = f"{PREFIX}service_times"
 #: ``f|state|class|tenant|provider|model`` finished, ``m|class|tenant|provider|model``
 #: finished after the deadline (or expired). ``jobs.stats`` reads them.
 STATS = f"{PREFIX}stats"
+#: Stream of the ids whose results were just stored (one entry per store step, field
+#: ``ids``, comma-separated; capped): a client waiting for many results reads it instead
+#: of polling every pending result key.
+DONE = f"{PREFIX}done"
+#: Entries kept in ``DONE`` (approximately).
+DONE_MAXLEN = 100_000
 #: JSON overview the active scheduler writes every second (``promptbatch status``).
 OVERVIEW = f"{PREFIX}overview"
 

@@ -230,22 +230,25 @@ for _, n in ipairs(redis.call('HVALS', KEYS[1])) do lost = lost + tonumber(n) - 
 return lost
 """
 
-#: KEYS: intake, stats hash, recent stats bucket, then per job: job, celery result key,
-#: tenant pending set. ARGV: result ttl, job key ttl, bucket ttl, then per job: id, Celery
-#: meta JSON, final state, class ('' to read it from the job), stats label
-#: (``tenant|provider|model``), missed its deadline ('1' or '0').
+#: KEYS: intake, stats hash, recent stats bucket, stream of stored ids, then per job: job,
+#: celery result key, tenant pending set. ARGV: result ttl, job key ttl, bucket ttl, the
+#: stream's length, then per job: id, Celery meta JSON, final state, class ('' to read it
+#: from the job), stats label (``tenant|provider|model``), missed its deadline ('1' or '0').
 #: Stores each result unless one exists (first wins), publishes it for Celery's result
 #: consumer, records the final state, drops the job from intake, and counts it as
 #: finished (``f|state|class|label``, and ``m|class|label`` when it missed its deadline;
 #: ``f|state|class`` and ``m|class`` in the bucket): a result is counted where it is
-#: stored, once. Returns, per job, 1 if its result was stored (the cache key it leads,
-#: for a job identical requests wait for), else 0.
+#: stored, once. The ids stored go to the stream in one entry. Returns, per job, 1 if its
+#: result was stored (the cache key it leads, for a job identical requests wait for), else
+#: 0.
 FINISH_MANY = """
 local out = {}
-for i = 1, (#KEYS - 3) / 3 do
-  local jk, rk, tk = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
-  local a = 3 + (i - 1) * 6
+local done = {}
+for i = 1, (#KEYS - 4) / 3 do
+  local jk, rk, tk = KEYS[3 * i + 2], KEYS[3 * i + 3], KEYS[3 * i + 4]
+  local a = 4 + (i - 1) * 6
   if redis.call('SET', rk, ARGV[a + 2], 'NX', 'EX', ARGV[1]) then
+    done[#done + 1] = ARGV[a + 1]
     redis.call('PUBLISH', rk, ARGV[a + 2])
     local v = redis.call('HMGET', jk, 'sid', 'p', 'leads')
     if v[1] then redis.call('XDEL', KEYS[1], v[1]) end
@@ -267,6 +270,9 @@ for i = 1, (#KEYS - 3) / 3 do
   end
 end
 redis.call('EXPIRE', KEYS[3], ARGV[3])
+if #done > 0 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'ids', table.concat(done, ','))
+end
 return out
 """
 

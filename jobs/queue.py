@@ -327,8 +327,9 @@ class RedisQueue:
             part = list(zip(results[start:start + FINISH_CHUNK],
                             tenants[start:start + FINISH_CHUNK],
                             cls_of[start:start + FINISH_CHUNK], strict=True))
-            job_keys: list[str] = [keys.INTAKE, keys.STATS, recent]
-            args: list[str | int] = [result_ttl_s, FINAL_JOB_TTL_S, stats.BUCKET_TTL_S]
+            job_keys: list[str] = [keys.INTAKE, keys.STATS, recent, keys.DONE]
+            args: list[str | int] = [result_ttl_s, FINAL_JOB_TTL_S, stats.BUCKET_TTL_S,
+                                     keys.DONE_MAXLEN]
             for res, tenant, cls in part:
                 job_keys += [keys.job(res.id), keys.celery_result(res.id),
                              keys.tenant_pending(tenant)]
@@ -482,6 +483,23 @@ class RedisQueue:
                 pipe.decrby(keys.cache_bytes(part), int(size))
         pipe.execute()
         return len(names)
+
+    def done_cursor(self) -> str:
+        """The id of the newest entry of the stream of stored results ('0-0' if none)."""
+        last: Any = self.r.xrevrange(keys.DONE, count=1)
+        return str(last[0][0]) if last else "0-0"
+
+    def wait_done(self, after: str, block_ms: int, count: int = 1000,
+                  ) -> tuple[str, list[str]]:
+        """Ids whose results were stored after stream entry ``after`` (waiting up to
+        ``block_ms`` for some), and the id of the last entry read."""
+        found: Any = self.r.xread({keys.DONE: after}, count=count, block=block_ms)
+        ids: list[str] = []
+        for _, entries in found or ():
+            for sid, fields in entries:
+                after = str(sid)
+                ids += str(fields.get("ids", "")).split(",")
+        return after, [i for i in ids if i]
 
     def results(self, job_ids: Sequence[str]) -> list[JobResult | None]:
         """Stored results of the jobs (None where there is none yet)."""

@@ -43,14 +43,12 @@ from jobs.validation import parse_request, resolve
 STAGE_CHUNK = 1000
 #: Jobs published into intake per atomic Redis step (an API request's jobs: one step).
 PUBLISH_CHUNK = 10_000
-_POLL_MIN_S = 0.002
-_POLL_MAX_S = 0.1
 
 
-def _min_poll(pending: int) -> float:
-    """The shortest pause between two polls for ``pending`` results: each poll reads them
-    all, so many pending results are polled less often (2 ms for one, 22 ms for 10,000)."""
-    return min(_POLL_MAX_S, _POLL_MIN_S + pending * 2e-6)
+def _sweep_every(pending: int) -> float:
+    """Seconds between two reads of every pending result (a safety net: results come
+    through the stream of stored ids): once a second, longer for very many."""
+    return max(1.0, pending * 20e-6)
 
 
 class Client:
@@ -275,36 +273,49 @@ class Client:
                 ) -> Iterator[JobResult]:
         """Yield the jobs' final results as they finish (any order).
 
-        Raises ``ResultTimeout`` if some are still unfinished after ``timeout`` seconds.
+        Waits on the stream of stored result ids (``pb:done``) and reads only the results
+        of its own jobs that it names; every pending result is read again at most once a
+        second (``_sweep_every``), for results stored without an entry there or entries
+        already trimmed away. Raises ``ResultTimeout`` if some are still unfinished after
+        ``timeout`` seconds.
         """
         self.check()
-        pending = list(dict.fromkeys(job_ids))
+        pending = dict.fromkeys(job_ids)
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = _min_poll(len(pending))
+        cursor = self.queue.done_cursor()  # before the first read: nothing stored is missed
         checked_sql = False
+        next_sweep = 0.0
         while pending:
             found: list[JobResult] = []
-            for start in range(0, len(pending), 2000):
-                part = pending[start:start + 2000]
-                found += [r for r in self.queue.results(part) if r is not None]
-            if not found and not checked_sql:
-                # Results that left Redis (expired, or Redis lost them) are in SQL.
-                checked_sql = True
-                stored = self.store.get_many(pending)
-                found = [s.result for s in stored.values() if s.result is not None]
-                missing = set(pending) - stored.keys()
-                if missing:
-                    raise JobNotFound(sorted(missing)[0])
-            if found:
-                done = {r.id for r in found}
-                pending = [j for j in pending if j not in done]
-                yield from found
-                delay = _min_poll(len(pending))
-                continue
-            if deadline is not None and time.monotonic() >= deadline:
+            if time.monotonic() >= next_sweep:
+                ids = list(pending)
+                for start in range(0, len(ids), 2000):
+                    found += [r for r in self.queue.results(ids[start:start + 2000]) if r]
+                if not found and not checked_sql:
+                    # Results that left Redis (expired, or Redis lost them) are in SQL.
+                    checked_sql = True
+                    stored = self.store.get_many(ids)
+                    found = [s.result for s in stored.values() if s.result is not None]
+                    missing = set(ids) - stored.keys()
+                    if missing:
+                        raise JobNotFound(sorted(missing)[0])
+                next_sweep = time.monotonic() + _sweep_every(len(pending))
+            for r in found:
+                pending.pop(r.id, None)
+            yield from found
+            if not pending:
+                return
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 raise ResultTimeout(f"{len(pending)} jobs did not finish within {timeout} s")
-            time.sleep(delay)
-            delay = min(delay * 2, _POLL_MAX_S)
+            wait = min(next_sweep, deadline if deadline is not None else next_sweep) - now
+            cursor, done = self.queue.wait_done(cursor, max(1, min(100, int(wait * 1000))))
+            mine = [j for j in dict.fromkeys(done) if j in pending]
+            for start in range(0, len(mine), 2000):
+                for got in self.queue.results(mine[start:start + 2000]):
+                    if got is not None and got.id in pending:
+                        del pending[got.id]
+                        yield got
 
     def status(self, job_id: str, tenant: str | None = None) -> JobState:
         """The job's current state (``job_id``: its id, or your own ``client_id``)."""

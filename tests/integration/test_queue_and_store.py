@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -143,3 +144,58 @@ def test_concurrent_finalizes_store_exactly_one_result_per_job(settings: Setting
         assert all(stored[j].result is not None and stored[j].result.text == f"writer {n}"
                    for j in won)
     store.close()
+
+
+def _mget_calls(r: redis.Redis) -> int:
+    stats = r.info("commandstats").get("cmdstat_mget", {})
+    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+
+
+def test_waiting_results_come_through_the_stream_of_stored_ids(
+        settings: Settings, r: redis.Redis) -> None:
+    # A client waiting for results reads the ones the stream names, instead of reading
+    # every pending result key over and over: counted at the server.
+    with Client(settings) as client:
+        ids = client.submit_many([{"prompt": f"q{i}"} for i in range(50)])
+        specs = {s.id: s for s in (client.spec(i) for i in ids)}
+
+        def finish_later() -> None:
+            for part in (ids[:20], ids[20:]):
+                time.sleep(0.3)
+                record_results(client.store, client.queue,
+                               [JobResult(id=i, state=JobState.SUCCEEDED, text="a")
+                                for i in part], [specs[i].tenant for i in part],
+                               result_ttl_s=60)
+
+        worker = threading.Thread(target=finish_later)
+        r.config_resetstat()
+        worker.start()
+        t0 = time.monotonic()
+        got = list(client.results(ids, timeout=30))
+        took = time.monotonic() - t0
+        worker.join()
+    assert sorted(g.id for g in got) == sorted(ids)
+    assert took < 0.95  # before the once-a-second sweep could have found them
+    # One sweep at the start, then one read per stored step named in the stream.
+    assert _mget_calls(r) <= 3
+
+
+def test_a_result_stored_without_a_stream_entry_is_found_by_the_sweep(
+        settings: Settings, r: redis.Redis) -> None:
+    from jobs.queue import celery_meta
+
+    with Client(settings) as client:
+        [job_id] = client.submit_many([{"prompt": "q"}])
+
+        def write_later() -> None:  # as a result copied by hand, with no stream entry
+            time.sleep(0.2)
+            r.set(keys.celery_result(job_id),
+                  celery_meta(JobResult(id=job_id, state=JobState.SUCCEEDED, text="a")))
+
+        writer = threading.Thread(target=write_later)
+        t0 = time.monotonic()
+        writer.start()
+        [got] = list(client.results([job_id], timeout=10))
+        writer.join()
+    assert got.text == "a"
+    assert time.monotonic() - t0 < 3.0
