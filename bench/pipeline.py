@@ -11,10 +11,10 @@ on each job store (``--stores sqlite postgres``: SQLite and a PostgreSQL server 
 for the run) (submit, schedule, batch, run with the echo provider, one result per job
 collected), and two baselines of one Celery task per prompt (``send_task`` per prompt on
 one producer connection, results collected by MGET polling of the oldest 1,000 pending,
-which is faster than ``ResultSet.get``): *tuned*, the one a Celery user would pick for throughput (Celery's
-defaults: early acks, prefetch 4, no task events; ``bench/baseline_tuned_app.py``), which
-the ratio is against, and one with promptbatch's worker settings (events, late acks,
-prefetch 1; ``bench/baseline_app.py``).
+which is faster than ``ResultSet.get``): *tuned*, the one a Celery user would pick for
+throughput (Celery's defaults: early acks, prefetch 4, no task events;
+``bench/baseline_tuned_app.py``), which the ratio is against, and one with promptbatch's
+worker settings (events, late acks, prefetch 1; ``bench/baseline_app.py``).
 
 ``--metrics-cost``: promptbatch on SQLite with its Prometheus endpoints served (the
 scheduler's, and the worker's in multiprocess mode) and scraped every second, against the

@@ -206,10 +206,6 @@ class RedisQueue:
                     events.append((sid, fields))
         return entries, events
 
-    def post_event(self, **fields: str | int | float) -> None:
-        """Tell the scheduler something happened (a batch finished, with its timing)."""
-        self.r.xadd(keys.EVENTS, fields, maxlen=100_000, approximate=True)  # type: ignore[arg-type]
-
     def last_event_id(self) -> str:
         """Id of the newest event (so a starting scheduler skips older ones)."""
         last: Any = self.r.xrevrange(keys.EVENTS, count=1)
@@ -294,15 +290,28 @@ class RedisQueue:
                                args=args)
         return [bool(x) for x in reply]
 
-    def mark_running(self, batch_id: str, job_ids: Sequence[str]) -> list[str]:
-        """Mark the jobs that belong to the batch RUNNING; return per job 'RUNNING', the
-        state found ('' if unknown), or 'OTHER' when it belongs to another batch."""
-        reply = self._running(keys=[keys.job(j) for j in job_ids], args=[batch_id])
-        return [str(x) for x in reply]
+    def load_and_mark(self, batch_id: str, job_ids: Sequence[str],
+                      ) -> tuple[list[JobSpec | None], list[str]]:
+        """``load`` then ``mark_running`` in one round trip: each job's spec (None for a
+        job Redis does not hold), and what marking it RUNNING found."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hget(keys.job(job_id), "spec")
+        self._running(keys=[keys.job(j) for j in job_ids], args=[batch_id], client=pipe)
+        *raw, reply = pipe.execute()
+        return ([JobSpec.model_validate_json(s) if s else None for s in raw],
+                [str(x) for x in reply])
 
-    def batch_done(self, batch_id: str, cls: int) -> None:
-        """The batch is finished: it leaves the in-flight set."""
-        self.r.zrem(keys.INFLIGHT, keys.inflight_member(cls, batch_id))
+    def batch_done(self, batch_id: str, cls: int,
+                   event: dict[str, str | int | float] | None = None) -> None:
+        """The batch is finished: it leaves the in-flight set (and, with ``event``, the
+        scheduler is told its timing, in the same round trip: after the slot is freed, so
+        the scheduler the event wakes finds the room to send the next batch)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zrem(keys.INFLIGHT, keys.inflight_member(cls, batch_id))
+        if event:
+            pipe.xadd(keys.EVENTS, event, maxlen=100_000, approximate=True)  # type: ignore[arg-type]
+        pipe.execute()
 
     # --- everyone -----------------------------------------------------------------------
 

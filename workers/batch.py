@@ -56,6 +56,8 @@ class BatchRunner:
     #: Infrastructure errors waited out (for logs and tests).
     blips: int = 0
     _until: float = field(default=0.0, repr=False)
+    #: The finished batch's timing, told to the scheduler with the batch's end.
+    _event: dict[str, str | int | float] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.caller is None:
@@ -91,6 +93,7 @@ class BatchRunner:
         """
         # Wait out outages until just before the task's soft time limit (time limit - 5 s).
         self._until = time.monotonic() + max(3.0, self.settings.task_time_limit_s - 6.0)
+        self._event = None
         ttl = self.settings.result_ttl_s
         if not self.steady("claim", lambda: self.queue.claim_run(batch_id, send_id, ttl)):
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
@@ -113,9 +116,11 @@ class BatchRunner:
                 self.batch_done(batch_id, cls)
 
     def batch_done(self, batch_id: str, cls: int) -> None:
-        """The batch is over: it leaves the scheduler's in-flight count."""
+        """The batch is over: it leaves the scheduler's in-flight count (with the timing
+        of its provider call, when it made one)."""
+        event, self._event = self._event, None
         with contextlib.suppress(*INFRA_ERRORS):
-            self.steady("done", lambda: self.queue.batch_done(batch_id, cls))
+            self.steady("done", lambda: self.queue.batch_done(batch_id, cls, event))
 
     def fail_running(self, batch_id: str, job_ids: Sequence[str], reason: str) -> int:
         """End the batch's jobs that are still running as FAILED (time limit reached)."""
@@ -160,12 +165,12 @@ class BatchRunner:
     def _run(self, batch_id: str, job_ids: Sequence[str], similarity: float | None,
              prefix_hint: int = 0, estimate_s: float = 0.0, cls: int = 2) -> dict[str, Any]:
         started = time.time()
-        loaded = self.steady("load", lambda: self.queue.load(job_ids))
-        states = self.steady("mark", lambda: self.queue.mark_running(batch_id, job_ids))
+        loaded, states = self.steady("load", lambda: self.queue.load_and_mark(batch_id,
+                                                                              job_ids))
         runnable: list[JobSpec] = []
         expired: list[JobSpec] = []
         skipped = 0
-        for (spec, _), state in zip(loaded, states, strict=True):
+        for spec, state in zip(loaded, states, strict=True):
             if spec is None or state != JobState.RUNNING:
                 # cancelled, already final, in another batch, or unknown to Redis
                 skipped += 1
@@ -201,10 +206,9 @@ class BatchRunner:
             provider, model = runnable[0].provider, runnable[0].model
             metrics.BATCH_SECONDS.labels(provider, model).observe(finished - started)
             metrics.BATCH_JOBS.labels(provider, model).observe(len(runnable))
-            with contextlib.suppress(*INFRA_ERRORS):  # an observation for the scheduler
-                self.queue.post_event(done=batch_id, deployment=f"{runnable[0].provider}|"
-                                      f"{runnable[0].model}", size=len(runnable),
-                                      seconds=round(finished - started, 6))
+            # An observation for the scheduler, sent with the batch's end (``run``).
+            self._event = {"done": batch_id, "deployment": f"{provider}|{model}",
+                           "size": len(runnable), "seconds": round(finished - started, 6)}
         # What Flower shows as the task's result (and the worker logs): counts, not ids.
         usage = [r.usage for r in results if r.usage is not None]
         return {"class": metrics.class_name(str(cls)), "size": len(job_ids),
