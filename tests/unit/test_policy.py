@@ -175,10 +175,17 @@ def test_learned_service_time_expires_jobs_that_cannot_finish() -> None:
 
 # --- properties over generated pools ---------------------------------------------------
 
+#: Long system prompts (over 256 characters), so that generated pools hold prefix families.
+LONG_TEMPLATES = [
+    "You are the billing assistant of a telecom. " + "Follow the tariff rules exactly. " * 8,
+    "You are the billing assistant of a telecom. " + "Answer in one short paragraph. " * 8,
+    "You grade essays for a school district. " + "Use the rubric, cite the line. " * 9,
+]
+
 job_strategy = st.builds(
     J,
     id=st.uuids().map(str),
-    text=st.sampled_from(TEMPLATES).flatmap(
+    text=st.sampled_from(TEMPLATES + LONG_TEMPLATES).flatmap(
         lambda t: st.text(alphabet="abcdefgh ", max_size=40).map(lambda s: t + s)),
     priority=st.integers(0, 4),
     key=st.sampled_from([KEY_A, KEY_B]),
