@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import Children, child_env, migrated, promptbatch_argv, table, wait_for_workers
 from bench.llama import MODEL_NAME, LlamaServer
-from bench.workload import CUSTOMERS, sharegpt_questions
+from bench.workload import customer_system_prompt, sharegpt_questions
 from config import keys
 from config.celery import PROCESS_BATCH, build_celery
 from config.settings import Settings
@@ -41,19 +41,10 @@ from promptbatch.summary import percentile
 SIZE = 32
 
 
-def system_prompt(i: int) -> str:
-    """A ~780-token system prompt of one customer."""
-    customer = f"{CUSTOMERS[i % len(CUSTOMERS)]} {i // len(CUSTOMERS) + 1}"
-    rules = [f"Rule {n}: when a {customer} customer asks about topic {n}, answer in plain "
-             f"words, cite the {customer} handbook section {i}.{n}, and never promise "
-             f"refunds beyond policy {n * 7 % 13}." for n in range(1, 22)]
-    return f"You are the assistant of {customer} (desk {i}). " + " ".join(rules)
-
-
 def workload(n: int, templates: int, seed: int = 3) -> list[dict[str, object]]:
     questions = [q[:400] for q in sharegpt_questions()]
     rng = random.Random(seed)
-    systems = [system_prompt(i) for i in range(templates)]
+    systems = [customer_system_prompt(i) for i in range(templates)]
     jobs = []
     for i in range(n):
         jobs.append({"messages": [{"role": "system", "content": systems[i % templates]},

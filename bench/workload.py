@@ -168,7 +168,7 @@ class PrefixJob:
 
 
 def customer_system_prompt(i: int) -> str:
-    """A ~780-token system prompt of one customer (the LLM benchmark's templates)."""
+    """A ~780-token system prompt of one customer (also the LLM benchmark's templates)."""
     customer = f"{CUSTOMERS[i % len(CUSTOMERS)]} {i // len(CUSTOMERS) + 1}"
     rules = [f"Rule {n}: when a {customer} customer asks about topic {n}, answer in plain "
              f"words, cite the {customer} handbook section {i}.{n}, and never promise "

@@ -289,8 +289,7 @@ class Client:
             found: list[JobResult] = []
             if time.monotonic() >= next_sweep:
                 ids = list(pending)
-                for start in range(0, len(ids), 2000):
-                    found += [r for r in self.queue.results(ids[start:start + 2000]) if r]
+                found = self._stored(ids)
                 if not found and not checked_sql:
                     # Results that left Redis (expired, or Redis lost them) are in SQL.
                     checked_sql = True
@@ -310,12 +309,17 @@ class Client:
                 raise ResultTimeout(f"{len(pending)} jobs did not finish within {timeout} s")
             wait = min(next_sweep, deadline if deadline is not None else next_sweep) - now
             cursor, done = self.queue.wait_done(cursor, max(1, min(100, int(wait * 1000))))
-            mine = [j for j in dict.fromkeys(done) if j in pending]
-            for start in range(0, len(mine), 2000):
-                for got in self.queue.results(mine[start:start + 2000]):
-                    if got is not None and got.id in pending:
-                        del pending[got.id]
-                        yield got
+            for got in self._stored([j for j in dict.fromkeys(done) if j in pending]):
+                if got.id in pending:
+                    del pending[got.id]
+                    yield got
+
+    def _stored(self, job_ids: Sequence[str]) -> list[JobResult]:
+        """The results the result backend holds of these jobs, read 2,000 at a time."""
+        out: list[JobResult] = []
+        for start in range(0, len(job_ids), 2000):
+            out += [r for r in self.queue.results(job_ids[start:start + 2000]) if r]
+        return out
 
     def status(self, job_id: str, tenant: str | None = None) -> JobState:
         """The job's current state (``job_id``: its id, or your own ``client_id``)."""

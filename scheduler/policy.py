@@ -111,8 +111,6 @@ CUT_BELOW = 0.5
 #: tenant that arrived at most this much later, among its next few jobs.
 SEED_LOOKAHEAD_S = 1.0
 SEED_LOOKAHEAD_JOBS = 64
-#: Riders may cut only families larger than this.
-RIDER_CUT_ABOVE = 0
 #: Seeds searched together in one FAISS call.
 SEEDS_PER_SEARCH = 8
 #: Classes from this one down (normal, low, bulk) leave the reserved worker processes to
@@ -497,18 +495,17 @@ class _Tick:
         return self._scored(g, out, seed_vector)
 
     def _largest_first(self, g: Group, candidates: list[tuple[float, PendingJob]],
-                       larger_than: int = 0) -> list[tuple[float, PendingJob]]:
-        """Free candidates of families larger than ``larger_than`` jobs, those of the
-        largest families first (a cut costs a large family the least), nearest first
-        among equals; jobs of no family count as families of one."""
+                       ) -> list[tuple[float, PendingJob]]:
+        """Free candidates, those of the largest families first (a cut costs a large
+        family the least), nearest first among equals; jobs of no family count as
+        families of one."""
         sizes: dict[int | None, int] = {None: 1}
         free = [(sim, job) for sim, job in candidates if job.seq not in self.taken]
         for _, job in free:
             family = family_of(job)
             if family not in sizes:
                 sizes[family] = self._family_free(g, family)  # type: ignore[arg-type]
-        return sorted((c for c in free if sizes[family_of(c[1])] > larger_than),
-                      key=lambda c: -sizes[family_of(c[1])])
+        return sorted(free, key=lambda c: -sizes[family_of(c[1])])
 
     def _family_free(self, g: Group, family: int) -> int:
         """How many jobs of a family are still free this tick."""
@@ -567,8 +564,7 @@ class _Tick:
             # the largest families' jobs.
             members.extend(self._whole(donor, near + far, want - before, None, seed_vector[0]),
                            self.taken, limit=want)
-            members.extend(self._largest_first(donor, near + far, RIDER_CUT_ABOVE),
-                           self.taken, limit=want)
+            members.extend(self._largest_first(donor, near + far), self.taken, limit=want)
             self.remaining[(g.key, cls)] -= len(members.jobs) - before
 
 
@@ -644,6 +640,9 @@ class _FairShare:
         self.g = g
         self.taken = taken
         self.size = size
+        #: Seeds chosen per family in the current pick: a family they take whole needs no
+        #: seed of its own.
+        self.seeded: Counter[int] = Counter()
         self.weights = weights
         self.recorded = {t: served.get((g.key, g.cls, t)) for t in g.by_tenant}
         known = [v for v in self.recorded.values() if v is not None]
@@ -655,8 +654,7 @@ class _FairShare:
         seeds: list[PendingJob] = []
         vtime = dict(self.vtime)
         cursors = {t: iter(jobs) for t, jobs in self.g.by_tenant.items()}
-        #: Seeds chosen per family: a family they take whole needs no seed of its own.
-        self.seeded: Counter[int] = Counter()
+        self.seeded.clear()
         while len(seeds) < count and cursors:
             tenant = min(cursors, key=lambda t: (vtime[t], t))
             job = self._next(cursors[tenant], seeds)

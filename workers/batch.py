@@ -35,6 +35,8 @@ from workers.retry import Caller, Health, Outcome
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+#: What a worker tells the scheduler of a finished provider call (``pb:events`` fields).
+Event = dict[str, str | int | float]
 
 #: Errors of Redis or the SQL store: retried in place, never held against the batch.
 INFRA_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, SQLAlchemyError)
@@ -56,8 +58,6 @@ class BatchRunner:
     #: Infrastructure errors waited out (for logs and tests).
     blips: int = 0
     _until: float = field(default=0.0, repr=False)
-    #: The finished batch's timing, told to the scheduler with the batch's end.
-    _event: dict[str, str | int | float] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.caller is None:
@@ -93,7 +93,6 @@ class BatchRunner:
         """
         # Wait out outages until just before the task's soft time limit (time limit - 5 s).
         self._until = time.monotonic() + max(3.0, self.settings.task_time_limit_s - 6.0)
-        self._event = None
         ttl = self.settings.result_ttl_s
         if not self.steady("claim", lambda: self.queue.claim_run(batch_id, send_id, ttl)):
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
@@ -102,23 +101,25 @@ class BatchRunner:
                     "skipped": "duplicate send", "jobs": 0}
         lost = self.steady("count", lambda: self.queue.count_delivery(batch_id, retries, ttl))
         retrying = False
+        event: Event | None = None
         try:
             if lost >= self.settings.max_deliveries:
                 metrics.BATCHES.labels(metrics.class_name(str(cls)), "poison").inc()
                 return self._poisoned(batch_id, job_ids, cls, lost)
             metrics.BATCHES.labels(metrics.class_name(str(cls)), "ran").inc()
-            return self._run(batch_id, job_ids, similarity, prefix_hint, estimate_s, cls)
+            summary, event = self._run(batch_id, job_ids, similarity, prefix_hint,
+                                       estimate_s, cls)
+            return summary
         except INFRA_ERRORS:
             retrying = True  # the task runs the batch again: it stays in flight
             raise
         finally:
             if not retrying:
-                self.batch_done(batch_id, cls)
+                self.batch_done(batch_id, cls, event)
 
-    def batch_done(self, batch_id: str, cls: int) -> None:
-        """The batch is over: it leaves the scheduler's in-flight count (with the timing
-        of its provider call, when it made one)."""
-        event, self._event = self._event, None
+    def batch_done(self, batch_id: str, cls: int, event: Event | None = None) -> None:
+        """The batch is over: it leaves the scheduler's in-flight count (with ``event``,
+        the timing of its provider call, when it made one)."""
         with contextlib.suppress(*INFRA_ERRORS):
             self.steady("done", lambda: self.queue.batch_done(batch_id, cls, event))
 
@@ -163,7 +164,10 @@ class BatchRunner:
         return {"batch_id": batch_id, "failed": len(live), "jobs": 0}
 
     def _run(self, batch_id: str, job_ids: Sequence[str], similarity: float | None,
-             prefix_hint: int = 0, estimate_s: float = 0.0, cls: int = 2) -> dict[str, Any]:
+             prefix_hint: int = 0, estimate_s: float = 0.0, cls: int = 2,
+             ) -> tuple[dict[str, Any], Event | None]:
+        """Run the batch's live jobs; return the summary, and the timing of the provider
+        call for the scheduler (None when nothing was called)."""
         started = time.time()
         loaded, states = self.steady("load", lambda: self.queue.load_and_mark(batch_id,
                                                                               job_ids))
@@ -202,23 +206,25 @@ class BatchRunner:
         if runnable:
             self._call(runnable, on_final, prefix_hint)
         finished = time.time()
+        event: Event | None = None
         if runnable:
             provider, model = runnable[0].provider, runnable[0].model
             metrics.BATCH_SECONDS.labels(provider, model).observe(finished - started)
             metrics.BATCH_JOBS.labels(provider, model).observe(len(runnable))
             # An observation for the scheduler, sent with the batch's end (``run``).
-            self._event = {"done": batch_id, "deployment": f"{provider}|{model}",
-                           "size": len(runnable), "seconds": round(finished - started, 6)}
+            event = {"done": batch_id, "deployment": f"{provider}|{model}",
+                     "size": len(runnable), "seconds": round(finished - started, 6)}
         # What Flower shows as the task's result (and the worker logs): counts, not ids.
         usage = [r.usage for r in results if r.usage is not None]
-        return {"class": metrics.class_name(str(cls)), "size": len(job_ids),
-                "jobs": len(runnable),
-                "succeeded": sum(1 for r in results if r.state is JobState.SUCCEEDED),
-                "failed": sum(1 for r in results if r.state is JobState.FAILED),
-                "expired": len(expired), "skipped": skipped,
-                "prompt_tokens": sum(u.prompt_tokens for u in usage),
-                "cached_tokens": sum(u.cached_tokens for u in usage),
-                "seconds": round(finished - started, 3)}
+        summary = {"class": metrics.class_name(str(cls)), "size": len(job_ids),
+                   "jobs": len(runnable),
+                   "succeeded": sum(1 for r in results if r.state is JobState.SUCCEEDED),
+                   "failed": sum(1 for r in results if r.state is JobState.FAILED),
+                   "expired": len(expired), "skipped": skipped,
+                   "prompt_tokens": sum(u.prompt_tokens for u in usage),
+                   "cached_tokens": sum(u.cached_tokens for u in usage),
+                   "seconds": round(finished - started, 3)}
+        return summary, event
 
     def _call(self, specs: list[JobSpec], on_final: Callable[[dict[str, Outcome]], None],
               prefix_hint: int) -> None:
