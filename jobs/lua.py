@@ -179,19 +179,21 @@ return 1
 #: KEYS: job keys. ARGV: batch id. Marks the jobs that belong to this batch (SCHEDULED
 #: for it, or RUNNING in it: a re-delivery) RUNNING; returns, per key, the state found,
 #: or 'OTHER' for a job that belongs to another batch (so the caller skips it: a job runs
-#: only in the batch that claimed it).
+#: only in the batch that claimed it), followed by the job's spec when it is now RUNNING
+#: (else false): a flat list, two items per key.
 MARK_RUNNING = """
 local out = {}
 for i = 1, #KEYS do
-  local v = redis.call('HMGET', KEYS[i], 'state', 'batch')
+  local v = redis.call('HMGET', KEYS[i], 'state', 'batch', 'spec')
   local st, owner = v[1], v[2]
   if (st == 'SCHEDULED' or st == 'RUNNING') and owner == ARGV[1] then
     redis.call('HSET', KEYS[i], 'state', 'RUNNING')
-    out[i] = 'RUNNING'
-  elseif (st == 'SCHEDULED' or st == 'RUNNING') then
-    out[i] = 'OTHER'
+    out[2 * i - 1] = 'RUNNING'
+    out[2 * i] = v[3]
   else
-    out[i] = st or ''
+    if (st == 'SCHEDULED' or st == 'RUNNING') then st = 'OTHER' end
+    out[2 * i - 1] = st or ''
+    out[2 * i] = false
   end
 end
 return out
@@ -244,6 +246,8 @@ return lost
 FINISH_MANY = """
 local out = {}
 local done = {}
+local totals, recent = {}, {}
+local function count(t, field) t[field] = (t[field] or 0) + 1 end
 for i = 1, (#KEYS - 4) / 3 do
   local jk, rk, tk = KEYS[3 * i + 2], KEYS[3 * i + 3], KEYS[3 * i + 4]
   local a = 4 + (i - 1) * 6
@@ -258,17 +262,19 @@ for i = 1, (#KEYS - 4) / 3 do
     redis.call('HDEL', jk, 'sid')
     redis.call('EXPIRE', jk, ARGV[2])
     redis.call('SREM', tk, ARGV[a + 1])
-    redis.call('HINCRBY', KEYS[2], 'f|' .. ARGV[a + 3] .. '|' .. cls .. '|' .. ARGV[a + 5], 1)
-    redis.call('HINCRBY', KEYS[3], 'f|' .. ARGV[a + 3] .. '|' .. cls, 1)
+    count(totals, 'f|' .. ARGV[a + 3] .. '|' .. cls .. '|' .. ARGV[a + 5])
+    count(recent, 'f|' .. ARGV[a + 3] .. '|' .. cls)
     if ARGV[a + 6] == '1' then
-      redis.call('HINCRBY', KEYS[2], 'm|' .. cls .. '|' .. ARGV[a + 5], 1)
-      redis.call('HINCRBY', KEYS[3], 'm|' .. cls, 1)
+      count(totals, 'm|' .. cls .. '|' .. ARGV[a + 5])
+      count(recent, 'm|' .. cls)
     end
     out[i] = v[3] or 1
   else
     out[i] = 0
   end
 end
+for field, n in pairs(totals) do redis.call('HINCRBY', KEYS[2], field, n) end
+for field, n in pairs(recent) do redis.call('HINCRBY', KEYS[3], field, n) end
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 if #done > 0 then
   redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'ids', table.concat(done, ','))

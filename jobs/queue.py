@@ -292,15 +292,11 @@ class RedisQueue:
 
     def load_and_mark(self, batch_id: str, job_ids: Sequence[str],
                       ) -> tuple[list[JobSpec | None], list[str]]:
-        """``load`` then ``mark_running`` in one round trip: each job's spec (None for a
-        job Redis does not hold), and what marking it RUNNING found."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hget(keys.job(job_id), "spec")
-        self._running(keys=[keys.job(j) for j in job_ids], args=[batch_id], client=pipe)
-        *raw, reply = pipe.execute()
-        return ([JobSpec.model_validate_json(s) if s else None for s in raw],
-                [str(x) for x in reply])
+        """Mark the batch's jobs RUNNING, in one Lua step: each job's spec when it is now
+        RUNNING (else None), and what marking it found (``MARK_RUNNING``)."""
+        reply: Any = self._running(keys=[keys.job(j) for j in job_ids], args=[batch_id])
+        states = [str(x) for x in reply[0::2]]
+        return ([JobSpec.model_validate_json(s) if s else None for s in reply[1::2]], states)
 
     def batch_done(self, batch_id: str, cls: int,
                    event: dict[str, str | int | float] | None = None) -> None:
@@ -326,9 +322,10 @@ class RedisQueue:
 
     def finish_leading(self, results: Sequence[JobResult], tenants: Sequence[str], *,
                        result_ttl_s: int, classes: Sequence[int] | None = None,
-                       ) -> list[bool | str]:
+                       dumped: Mapping[str, str] | None = None) -> list[bool | str]:
         """``finish``, telling apart the stored results of jobs that identical requests
-        wait for: their cache key instead of True."""
+        wait for: their cache key instead of True. ``dumped``: the results' JSON by id,
+        when the caller has it already."""
         out: list[bool | str] = []
         recent = keys.recent(stats.bucket_of(time.time()))
         cls_of = [str(c) for c in classes] if classes is not None else [""] * len(results)
@@ -342,7 +339,8 @@ class RedisQueue:
             for res, tenant, cls in part:
                 job_keys += [keys.job(res.id), keys.celery_result(res.id),
                              keys.tenant_pending(tenant)]
-                args += [res.id, celery_meta(res), res.state.value, cls,
+                args += [res.id, celery_meta(res, dumped.get(res.id) if dumped else None),
+                         res.state.value, cls,
                          stats.label(tenant, res.provider, res.model),
                          "1" if res.missed_deadline else "0"]
             out += [x if isinstance(x, str) else bool(x)

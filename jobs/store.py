@@ -27,7 +27,6 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
-    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -90,29 +89,28 @@ _JOBS: Table = JobRow.__table__  # type: ignore[assignment]
 FINALIZE_CHUNK = 200
 
 
-def _finalize_many(results: Sequence[JobResult]) -> tuple[Any, dict[str, Any]]:
+def _finalize_many(results: Sequence[JobResult], mark: str,
+                   dumped: Mapping[str, str] | None = None) -> tuple[str, tuple[Any, ...]]:
     """UPDATE jobs SET state/result/finished_at/batch_id = CASE id ... for the jobs not yet
-    final, RETURNING the ids it changed. Written as text: building it from SQLAlchemy
-    expressions cost more than running it."""
-    params: dict[str, Any] = {}
-    whens: dict[str, list[str]] = {"state": [], "result": [], "finished_at": [],
-                                   "batch_id": []}
-    for i, r in enumerate(results):
-        params[f"i{i}"] = r.id
-        params[f"s{i}"] = r.state.value
-        params[f"r{i}"] = r.model_dump_json()
-        params[f"f{i}"] = r.finished_at
-        params[f"b{i}"] = r.batch_id
-        whens["state"].append(f"WHEN :i{i} THEN :s{i}")
-        whens["result"].append(f"WHEN :i{i} THEN :r{i}")
-        whens["finished_at"].append(f"WHEN :i{i} THEN :f{i}")
-        whens["batch_id"].append(f"WHEN :i{i} THEN COALESCE(:b{i}, batch_id)")
-    sets = ", ".join(f"{col} = CASE id {' '.join(w)} END" for col, w in whens.items())
-    ids = ", ".join(f":i{i}" for i in range(len(results)))
+    final, RETURNING the ids it changed, with the driver's own positional parameters
+    (``mark``: ``?`` or ``%s``). Run through the driver: SQLAlchemy's parsing of a text
+    statement's named parameters cost several times the UPDATE itself (250 us a job).
+    ``dumped``: results' JSON the caller has already."""
+    ids = [r.id for r in results]
+    when = " ".join(f"WHEN {mark} THEN {mark}" for _ in results)
+    keep = " ".join(f"WHEN {mark} THEN COALESCE({mark}, batch_id)" for _ in results)
     final = ", ".join(f"'{state}'" for state in sorted(_FINAL))
-    sql = (f"UPDATE jobs SET {sets} WHERE id IN ({ids}) AND state NOT IN ({final}) "
+    sql = (f"UPDATE jobs SET state = CASE id {when} END, result = CASE id {when} END, "
+           f"finished_at = CASE id {when} END, batch_id = CASE id {keep} END "
+           f"WHERE id IN ({', '.join(mark for _ in results)}) AND state NOT IN ({final}) "
            "RETURNING id")
-    return text(sql), params
+    params: list[Any] = []
+    texts = [(dumped.get(r.id) if dumped else None) or r.model_dump_json() for r in results]
+    for column in ([r.state.value for r in results], texts,
+                   [r.finished_at for r in results], [r.batch_id for r in results]):
+        for job_id, value in zip(ids, column, strict=True):
+            params += (job_id, value)
+    return sql, (*params, *ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,8 +312,10 @@ class JobStore:
             for chunk in _chunks(ids, 500):
                 conn.execute(_JOBS.delete().where(JobRow.id.in_(chunk)))
 
-    def finalize(self, results: Sequence[JobResult]) -> list[str]:
-        """Store final results; return the ids whose result was stored by this call.
+    def finalize(self, results: Sequence[JobResult],
+                 dumped: Mapping[str, str] | None = None) -> list[str]:
+        """Store final results; return the ids whose result was stored by this call
+        (``dumped``: the results' JSON by id, when the caller has it already).
 
         A job that already has a final state keeps it (the first result wins). One
         conditional UPDATE per ``FINALIZE_CHUNK`` results (CASE by id, RETURNING the ids it
@@ -325,10 +325,11 @@ class JobStore:
         won: list[str] = []
         latest = {r.id: r for r in results}  # one result per job and call
         ordered = [latest[k] for k in sorted(latest)]
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         with self.engine.begin() as conn:
             for chunk in _chunks(ordered, FINALIZE_CHUNK):
-                statement, params = _finalize_many(chunk)
-                won += [row[0] for row in conn.execute(statement, params)]
+                sql, params = _finalize_many(chunk, mark, dumped)
+                won += [row[0] for row in conn.exec_driver_sql(sql, params)]
         return won
 
     def set_state(self, job_ids: Sequence[str], state: JobState,

@@ -259,7 +259,8 @@ class BatchRunner:
         waits out a Redis or SQL outage, so the first write is never repeated in vain."""
         if not results:
             return
-        won = set(self.steady("store", lambda: self.store.finalize(results)))
+        dumped = {r.id: r.model_dump_json() for r in results}  # for SQL and for Redis
+        won = set(self.steady("store", lambda: self.store.finalize(results, dumped)))
         by_id = {s.id: s for s in specs}
         mine = [r for r in results if r.id in won]
         lost = [r.id for r in results if r.id not in won]
@@ -271,7 +272,7 @@ class BatchRunner:
                 self.steady("cache", lambda: cache.put(self.queue, self.settings, mine, by_id))
             stored = self.steady("publish", lambda: self.queue.finish_leading(
                 mine, [by_id[r.id].tenant for r in mine], result_ttl_s=ttl,
-                classes=[int(by_id[r.id].priority) for r in mine]))
+                classes=[int(by_id[r.id].priority) for r in mine], dumped=dumped))
             metrics.observe_results(mine, [int(by_id[r.id].priority) for r in mine])
             streamed = [r for r in mine if by_id[r.id].stream]
             if streamed:  # readers of their streams stop here

@@ -7,6 +7,7 @@ first (the SQL store decides), so a job is observed once even if its batch ran t
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 
 from prometheus_client import Counter, Histogram
@@ -76,21 +77,37 @@ def deployment_labels(deployment: str) -> tuple[str, str]:
 
 
 def observe_results(results: Sequence[JobResult], classes: Sequence[int]) -> None:
-    """Timings and tokens of results this process stored first."""
+    """Timings and tokens of results this process stored first. Each label set is looked
+    up once per call and counters are added once per label set (a batch's results mostly
+    share them: per result, the lookups cost more than storing the result)."""
+    waits: dict[str, list[float]] = defaultdict(list)
+    latencies: dict[tuple[str, str], list[float]] = defaultdict(list)
+    tokens: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for res, cls in zip(results, classes, strict=True):
         name = class_name(str(cls))
         if res.created_at is not None:
             if res.started_at is not None:
-                QUEUE_WAIT.labels(name).observe(max(0.0, res.started_at - res.created_at))
-            LATENCY.labels(name, res.state.value).observe(
+                waits[name].append(max(0.0, res.started_at - res.created_at))
+            latencies[(name, res.state.value)].append(
                 max(0.0, res.finished_at - res.created_at))
         if res.usage is not None:
-            provider, model = res.provider or "", res.model or ""
+            counts = tokens[(res.provider or "", res.model or "")]
             cached = res.usage.cached_tokens
-            PROMPT_TOKENS.labels(provider, model, "cached").inc(cached)
-            PROMPT_TOKENS.labels(provider, model, "computed").inc(
-                max(0, res.usage.prompt_tokens - cached))
-            COMPLETION_TOKENS.labels(provider, model).inc(res.usage.completion_tokens)
+            counts[0] += cached
+            counts[1] += max(0, res.usage.prompt_tokens - cached)
+            counts[2] += res.usage.completion_tokens
+    for name, values in waits.items():
+        histogram = QUEUE_WAIT.labels(name)
+        for v in values:
+            histogram.observe(v)
+    for label, values in latencies.items():
+        histogram = LATENCY.labels(*label)
+        for v in values:
+            histogram.observe(v)
+    for (provider, model), (cached, computed, completion) in tokens.items():
+        PROMPT_TOKENS.labels(provider, model, "cached").inc(cached)
+        PROMPT_TOKENS.labels(provider, model, "computed").inc(computed)
+        COMPLETION_TOKENS.labels(provider, model).inc(completion)
 
 
 def outcome_of(error: str | None, transient: bool) -> str:
