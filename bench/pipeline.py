@@ -6,10 +6,15 @@ All run on an embedded server of their own, with the same worker pool (prefork,
     .venv/bin/python bench/pipeline.py [--jobs 10000] [--workers 2]
     .venv/bin/python bench/pipeline.py --metrics-cost [--rounds 3]
 
-Rows: submit only (``Client.submit_many`` into Redis and the store), promptbatch end to end
-on each job store (``--stores sqlite postgres``: SQLite and a PostgreSQL server started
-for the run) (submit, schedule, batch, run with the echo provider, one result per job
-collected), and two baselines of one Celery task per prompt (``send_task`` per prompt on
+Rows: submit only (one ``Client.submit_many`` call into Redis and the store), promptbatch
+end to end on each job store (``--stores sqlite postgres``: SQLite and a PostgreSQL server
+started for the run) (submit, schedule, batch, run with the echo provider, one result per
+job collected) in three configurations (``--configs``, ``CONFIGS``): the defaults with
+every job in one ``submit_many`` call (all or nothing: no job runs before the call
+returns); ``submit_many`` per 1,000 jobs, as a producer streaming its input calls it (the
+first jobs run while the next are submitted, as the baselines' first tasks do); and that
+with batches of up to 256 (``max_batch_size``, a setting for cheap bulk work), and two
+baselines of one Celery task per prompt (``send_task`` per prompt on
 one producer connection, results collected by MGET polling of the oldest 1,000 pending,
 which is faster than ``ResultSet.get``): *tuned*, the one a Celery user would pick for
 throughput (Celery's defaults: early acks, prefetch 4, no task events;
@@ -52,10 +57,23 @@ def prompts(n: int) -> list[str]:
     return [templates[i % 3].format(i=i) for i in range(n)]
 
 
+#: How promptbatch runs in the table: (row label, jobs per ``submit_many`` call (0: all in
+#: one call), most jobs per batch).
+CONFIGS = {
+    "default": ("one submit_many call, batches of up to 32 (the defaults)", 0, 32),
+    "streamed": ("submit_many per 1,000 jobs, batches of up to 32", 1000, 32),
+    "bulk": ("submit_many per 1,000 jobs, batches of up to 256", 1000, 256),
+}
+
+
 def run_promptbatch(settings: Settings, texts: list[str], workers: int, tmp: Path,
-                    metrics: bool = False) -> tuple[float, float, int]:
+                    metrics: bool = False, chunk: int = 0,
+                    batch_size: int = 32) -> tuple[float, float, int]:
+    """Submit ``texts`` (in calls of ``chunk`` jobs; 0: one call) and wait for every
+    result; return (seconds until all were submitted, seconds until all results were
+    read, batches)."""
     kids = Children(tmp)
-    env = child_env(settings)
+    env = child_env(settings, PROMPTBATCH_MAX_BATCH_SIZE=str(batch_size))
     ports = [free_port(), free_port()] if metrics else [0, 0]
     stop = threading.Event()
     try:
@@ -69,7 +87,10 @@ def run_promptbatch(settings: Settings, texts: list[str], workers: int, tmp: Pat
             threading.Thread(target=_scrape, args=(ports, stop), daemon=True).start()
         with Client(settings) as client:
             t0 = time.perf_counter()
-            ids = client.submit_many({"prompt": t} for t in texts)
+            ids: list[str] = []
+            step = chunk or len(texts)
+            for start in range(0, len(texts), step):
+                ids += client.submit_many({"prompt": t} for t in texts[start:start + step])
             t_submit = time.perf_counter() - t0
             results = list(client.results(ids, timeout=600))
             total = time.perf_counter() - t0
@@ -101,11 +122,12 @@ def metrics_cost(texts: list[str], workers: int, rounds: int, tmp: Path) -> None
                 migrated(s)
                 times[on].append(run_promptbatch(s, texts, workers, tmp, metrics=on)[1])
     n = len(texts)
-    off, on = statistics.median(times[False]), statistics.median(times[True])
+    t_off, t_on = statistics.median(times[False]), statistics.median(times[True])
     table(f"metrics cost: {n} echo jobs, {workers} worker processes, median of {rounds}",
           ["run", "jobs", "seconds", "jobs/s", "vs off"],
-          [("metrics off (no endpoints)", n, off, n / off, "1.00x"),
-           ("metrics on (served, scraped every 1 s)", n, on, n / on, f"{off / on:.3f}x")])
+          [("metrics off (no endpoints)", n, t_off, n / t_off, "1.00x"),
+           ("metrics on (served, scraped every 1 s)", n, t_on, n / t_on,
+            f"{t_off / t_on:.3f}x")])
     print("all runs (s): off " + ", ".join(f"{t:.2f}" for t in times[False]) +
           "; on " + ", ".join(f"{t:.2f}" for t in times[True]))
 
@@ -160,6 +182,9 @@ def main() -> None:
                         choices=["sqlite", "postgres"],
                         help="job stores to run promptbatch on (PostgreSQL: a server "
                         "started from the binaries tests/pg.py finds)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="how promptbatch is run (SQLite; PostgreSQL runs the first "
+                        "and the last): " + "; ".join(f"{k}: {v[0]}" for k, v in CONFIGS.items()))
     parser.add_argument("--metrics-cost", action="store_true",
                         help="compare metrics served and scraped with none (SQLite)")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each, --metrics-cost")
@@ -174,22 +199,27 @@ def main() -> None:
             metrics_cost(texts, args.workers, args.rounds, tmp)
             return
         rows = []
-        runs: list[tuple[str, float, float, int]] = []
+        runs: list[tuple[str, str, float, float, int]] = []
         for store in args.stores:
-            with contextlib.ExitStack() as stack:
-                server = stack.enter_context(EmbeddedRedis(tmp / f"redis-{store}"))
-                if store == "postgres":
-                    from tests.pg import PostgresServer
+            configs = args.configs if store == "sqlite" else sorted(
+                {args.configs[0], args.configs[-1]}, key=args.configs.index)
+            for config in configs:
+                _, chunk, size = CONFIGS[config]
+                with contextlib.ExitStack() as stack:
+                    server = stack.enter_context(EmbeddedRedis(tmp / f"redis-{store}-{config}"))
+                    if store == "postgres":
+                        from tests.pg import PostgresServer
 
-                    pg = PostgresServer().start()
-                    stack.callback(pg.stop)
-                    url = pg.create_database()
-                else:
-                    url = f"sqlite:///{tmp / 'a.db'}"
-                s = Settings(redis_url=server.url, database_url=url,
-                             _env_file=None)  # type: ignore[call-arg]
-                migrated(s)
-                runs.append((store, *run_promptbatch(s, texts, args.workers, tmp)))
+                        pg = PostgresServer().start()
+                        stack.callback(pg.stop)
+                        url = pg.create_database()
+                    else:
+                        url = f"sqlite:///{tmp / f'{config}.db'}"
+                    s = Settings(redis_url=server.url, database_url=url,
+                                 _env_file=None)  # type: ignore[call-arg]
+                    migrated(s)
+                    runs.append((store, config, *run_promptbatch(
+                        s, texts, args.workers, tmp, chunk=chunk, batch_size=size)))
         baselines: dict[bool, float] = {}
         for tuned in (False, True):
             with EmbeddedRedis(tmp / f"b{tuned}") as server:
@@ -199,12 +229,13 @@ def main() -> None:
         base = baselines[True]
         n = args.jobs
         names = {"sqlite": "SQLite", "postgres": "PostgreSQL"}
-        for store, t_submit, _, _ in runs:
-            rows.append((f"submit only (Redis + {names[store]})", n, t_submit, n / t_submit,
-                         "-"))
-        for store, _, total, batches in runs:
-            rows.append((f"promptbatch end to end, {names[store]} ({batches} batches)", n,
-                         total, n / total, f"{base / total:.2f}x"))
+        for store, config, t_submit, _, _ in runs:
+            if CONFIGS[config][1] == 0:  # nothing runs while the one call submits
+                rows.append((f"submit only (Redis + {names[store]})", n, t_submit,
+                             n / t_submit, "-"))
+        for store, config, _, total, batches in runs:
+            rows.append((f"promptbatch, {names[store]}, {CONFIGS[config][0]} ({batches} "
+                         "batches)", n, total, n / total, f"{base / total:.2f}x"))
         rows.append(("one Celery task per prompt, tuned (Celery defaults, prefetch 4, "
                      "no events)", n, base, n / base, "1.00x"))
         rows.append(("one Celery task per prompt, promptbatch's worker settings", n,
