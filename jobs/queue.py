@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from config import keys
@@ -86,6 +88,20 @@ def celery_meta(result: JobResult, public: str | None = None) -> str:
 def result_from_meta(raw: str) -> JobResult:
     """Our result record from a stored Celery meta."""
     return JobResult.model_validate(json.loads(raw)["promptbatch"])
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """What the scheduler reads at the start of a tick (``RedisQueue.read_intake``)."""
+
+    entries: list[IntakeEntry]
+    events: list[tuple[str, dict[str, str]]]
+    #: ``pb:workers`` (the capacity's parts: empty unless asked for).
+    workers: dict[str, str] = field(default_factory=dict)
+    #: Members of the in-flight set (``class:batch id``).
+    inflight: list[str] = field(default_factory=list)
+    #: Length of each broker queue, in ``keys.QUEUES`` order.
+    queued: list[int] = field(default_factory=list)
 
 
 class RedisQueue:
@@ -186,25 +202,72 @@ class RedisQueue:
         """Mark a QUEUED or SCHEDULED job CANCELLED; return the state found ('' if unknown)."""
         return str(self._cancel(keys=[keys.job(job_id), keys.EVENTS], args=[job_id]))
 
+    def _at_once(self, build: Callable[[Any], None]) -> list[Any]:
+        """Run the commands ``build`` queues on a pipeline, in one round trip, and return
+        their replies (the first error is raised).
+
+        redis-py first asks the server whether a pipeline's Lua scripts exist (a round trip
+        of its own); here they run by their SHA1 straight away, and only on a server that
+        lost them (a restart) are they loaded and the commands they failed run again, after
+        the others: each command runs once."""
+        pipe = self.r.pipeline(transaction=False)
+        build(pipe)
+        scripts = list(pipe.scripts)
+        pipe.scripts.clear()
+        commands = list(pipe.command_stack)
+        replies: list[Any] = list(pipe.execute(raise_on_error=False))
+        missing = [i for i, x in enumerate(replies) if isinstance(x, NoScriptError)]
+        if missing:
+            for script in scripts:
+                script.sha = str(self.r.script_load(script.script))
+            again = self.r.pipeline(transaction=False)
+            for i in missing:
+                args, options = commands[i]
+                again.execute_command(*args, **options)
+            for i, reply in zip(missing, again.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
     # --- scheduler ----------------------------------------------------------------------
 
     def read_intake(self, after: str, count: int, block_ms: int | None, events_after: str,
-                    ) -> tuple[list[IntakeEntry], list[tuple[str, dict[str, str]]]]:
-        """Intake entries after ``after`` and events ``(sid, fields)`` after ``events_after``.
-
-        Blocks up to ``block_ms`` until either stream has something new.
-        """
+                    *, acks: Sequence[tuple[str, Sequence[str]]] = (),
+                    stale_before: float | None = None) -> Reading:
+        """Intake entries after ``after`` and events ``(sid, fields)`` after ``events_after``,
+        blocking up to ``block_ms`` until either stream has something new; in the same
+        round trip, first ``ack_sent`` for each ``(batch id, job ids)`` of ``acks``, and
+        after the read the cluster's capacity (workers, batches in flight, once those
+        started before ``stale_before`` are dropped, and the broker's queue lengths)."""
         streams = {keys.INTAKE: after, keys.EVENTS: events_after}
-        reply: Any = self.r.xread(streams, count=count, block=block_ms)  # type: ignore[arg-type]
+
+        def build(pipe: Any) -> None:
+            for batch_id, job_ids in acks:
+                self.ack_sent(batch_id, job_ids, client=pipe)
+            pipe.xread(streams, count=count, block=block_ms)
+            if stale_before is not None:
+                pipe.hgetall(keys.WORKERS)
+                pipe.zremrangebyscore(keys.INFLIGHT, "-inf", stale_before)
+                pipe.zrange(keys.INFLIGHT, 0, -1)
+                for name in keys.QUEUES:
+                    pipe.llen(name)
+
+        replies = self._at_once(build)[len(acks):]
         entries: list[IntakeEntry] = []
         events: list[tuple[str, dict[str, str]]] = []
-        for stream, items in reply or []:
+        for stream, items in replies[0] or []:
             for sid, fields in items:
                 if stream == keys.INTAKE:
                     entries.append(IntakeEntry.parse(sid, fields))
                 else:
                     events.append((sid, fields))
-        return entries, events
+        if stale_before is None:
+            return Reading(entries, events)
+        workers, _, inflight, *queued = replies[1:]
+        return Reading(entries, events, workers, [str(m) for m in inflight],
+                       [int(n) for n in queued])
 
     def last_event_id(self) -> str:
         """Id of the newest event (so a starting scheduler skips older ones)."""
@@ -235,22 +298,33 @@ class RedisQueue:
         self._release(keys=[keys.SCHEDULER_LEASE], args=[token])
 
     def claim(self, token: str, batch_id: str, meta: str, jobs: Sequence[tuple[str, str]],
-              now: float, cls: int) -> list[str] | None:
-        """Claim ``(job id, tenant)`` pairs still QUEUED for a batch; None without the lease."""
+              now: float, cls: int, *, acks: Sequence[tuple[str, Sequence[str]]] = (),
+              ) -> list[str] | None:
+        """Claim ``(job id, tenant)`` pairs still QUEUED for a batch; None without the lease.
+        ``acks``: ``ack_sent`` for these ``(batch id, job ids)`` first, in the same round
+        trip."""
         job_keys: list[str] = []
         for job_id, tenant in jobs:
             job_keys += [keys.job(job_id), keys.tenant_pending(tenant)]
-        reply = self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, keys.INFLIGHT, *job_keys],
-                            args=[token, batch_id, meta, now,
-                                  keys.inflight_member(cls, batch_id), *(j for j, _ in jobs)])
+        args: list[str | float] = [token, batch_id, meta, now,
+                                   keys.inflight_member(cls, batch_id), *(j for j, _ in jobs)]
+
+        def build(pipe: Any) -> None:
+            for sent_id, job_ids in acks:
+                self.ack_sent(sent_id, job_ids, client=pipe)
+            self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, keys.INFLIGHT, *job_keys],
+                        args=args, client=pipe)
+
+        reply = self._at_once(build)[-1]
         if reply == -1:
             return None
         return [str(x) for x in reply]
 
-    def ack_sent(self, batch_id: str, job_ids: Sequence[str]) -> None:
-        """After the send: drop the jobs from intake and the batch from the outbox."""
+    def ack_sent(self, batch_id: str, job_ids: Sequence[str], client: Any = None) -> None:
+        """After the send: drop the jobs from intake and the batch from the outbox (in
+        ``client``'s pipeline when given)."""
         self._ack(keys=[keys.OUTBOX, keys.INTAKE, *(keys.job(j) for j in job_ids)],
-                  args=[batch_id])
+                  args=[batch_id], client=client)
 
     def outbox(self) -> dict[str, tuple[str, list[str]]]:
         """Batches claimed but not confirmed sent: ``{batch id: (meta JSON, job ids)}``."""

@@ -46,7 +46,7 @@ from config.settings import PRIORITY_NAMES, Settings
 from jobs import cache
 from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
-from jobs.queue import RedisQueue, connect
+from jobs.queue import Reading, RedisQueue, connect
 from jobs.readiness import wait_until_ready
 from jobs.stats import class_name, read_recent, read_totals
 from jobs.store import JobStore
@@ -115,6 +115,8 @@ class Scheduler:
         self.metrics = SchedulerMetrics(settings.metrics_tenant_label)
         self.semantic = SemanticCache(self.r, settings, self.embedder)
         self._last_overview = 0.0
+        #: Batches sent and not yet acknowledged: ``(batch id, job ids)``.
+        self._unacked: list[tuple[str, list[str]]] = []
 
     def _new_pool(self) -> Pool:
         horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
@@ -158,6 +160,8 @@ class Scheduler:
         finally:
             if self.active:
                 with contextlib.suppress(redis.RedisError):
+                    for batch_id, job_ids in self._unacked:
+                        self.queue.ack_sent(batch_id, job_ids)
                     self.queue.release_lease(self.token)
             self.store.close()
 
@@ -209,6 +213,7 @@ class Scheduler:
 
     def _step_down(self) -> None:
         self.active = False
+        self._unacked = []  # the outbox holds them: the next active scheduler re-sends them
         self.metrics.active.set(0)
         self.metrics.cluster.update(None, [])
         self.pool = self._new_pool()
@@ -248,7 +253,13 @@ class Scheduler:
         busy = not self._caught_up or (room > 0 and len(self.backlog) > 0)
         block = None if busy else int(self.settings.scheduler_tick_ms)
         count = self.settings.scheduler_read_count
-        entries, events = self.queue.read_intake(self.last_sid, count, block, self.last_event)
+        now = time.time()
+        # The acks of the last tick's sends, the read and the capacity: one round trip.
+        reading = self.queue.read_intake(
+            self.last_sid, count, block, self.last_event, acks=self._unacked,
+            stale_before=now - self.settings.visibility_timeout_s - self.settings.task_time_limit_s)
+        self._unacked = []
+        entries, events = reading.entries, reading.events
         if entries:
             self.backlog.add(entries)
             self.last_sid = entries[-1].sid
@@ -264,7 +275,7 @@ class Scheduler:
         if not len(self.pool):
             return
         self._renew()
-        self._last_capacity = self._capacity(now)
+        self._last_capacity = self._capacity(reading, now)
         started = time.perf_counter()
         decided = plan(self.pool, now, self.settings, self._last_capacity, self.service)
         self.metrics.plan_seconds.observe(time.perf_counter() - started)
@@ -343,22 +354,15 @@ class Scheduler:
             if "done" in f and "deployment" in f:
                 self.service.observe(f["deployment"], int(f["size"]), float(f["seconds"]))
 
-    def _capacity(self, now: float) -> Capacity:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.hgetall(keys.WORKERS)
-        stale = now - self.settings.visibility_timeout_s - self.settings.task_time_limit_s
-        pipe.zremrangebyscore(keys.INFLIGHT, "-inf", stale)
-        pipe.zrange(keys.INFLIGHT, 0, -1)
-        for name in keys.QUEUES:
-            pipe.llen(name)
-        workers, _, inflight, *queued = pipe.execute()
+    def _capacity(self, reading: Reading, now: float) -> Capacity:
+        inflight = reading.inflight
         shared = sum(1 for member in inflight if int(member.split(":", 1)[0]) >= SHARED_FROM)
         slots = 0
-        for raw in workers.values():
+        for raw in reading.workers.values():
             info = json.loads(raw)
             if now - float(info["ts"]) <= WORKER_STALE_S:
                 slots += int(info["concurrency"])
-        return Capacity(slots=slots, inflight=len(inflight), queued=tuple(map(int, queued)),
+        return Capacity(slots=slots, inflight=len(inflight), queued=tuple(reading.queued),
                         shared=shared)
 
     def _expire(self, jobs: Sequence[PendingJob], now: float) -> None:
@@ -381,7 +385,8 @@ class Scheduler:
                            "estimate": batch.estimate_s, "deployment": dep})
         claimed = self.queue.claim(self.token, batch_id, meta,
                                    [(j.id, j.tenant) for j in batch.jobs], time.time(),
-                                   batch.cls)
+                                   batch.cls, acks=self._unacked)
+        self._unacked = []
         if claimed is None:
             log.warning("lease lost while claiming batch %s; standing by", batch_id)
             self._step_down()
@@ -421,7 +426,9 @@ class Scheduler:
             argsrepr="()",
             kwargsrepr=batch_repr(cls, job_ids, dep, similarity),
         )
-        self.queue.ack_sent(batch_id, job_ids)
+        # Acknowledged with the next claim or read (a crash before that re-sends the batch
+        # from the outbox, and a batch's second send does not run: ``claim_run``).
+        self._unacked.append((batch_id, job_ids))
         self.sent_batches += 1
         self.sent_jobs += len(job_ids)
 

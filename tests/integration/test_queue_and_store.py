@@ -59,6 +59,30 @@ def test_claim_is_fenced_by_the_scheduler_lease(r: redis.Redis) -> None:
     assert r.zcard(keys.INFLIGHT) == 0
 
 
+def test_claim_with_acks_runs_each_step_once_on_a_server_that_forgot_its_scripts(
+        r: redis.Redis) -> None:
+    """The scheduler acknowledges a sent batch in the round trip of its next claim; after
+    a restart the server has no scripts: each step must still run exactly once (a claim
+    run twice would find its jobs SCHEDULED and send an empty batch, leaving them stuck)."""
+    q = RedisQueue(r)
+    first, second = spec(), spec()
+    q.enqueue([first, second], ttl_s=60, max_pending=10)
+    assert q.acquire_lease("me", 5)
+    now = time.time()
+    assert q.claim("me", "b1", '{"cls": 2}', [(first.id, first.tenant)], now, 2) == [first.id]
+    r.script_flush()
+    claimed = q.claim("me", "b2", '{"cls": 2}', [(second.id, second.tenant)], now, 2,
+                      acks=[("b1", [first.id])])
+    assert claimed == [second.id]
+    assert q.outbox() == {"b2": ('{"cls": 2}', [second.id])}  # b1 acknowledged
+    assert r.xlen(keys.INTAKE) == 1  # b1's job left intake; b2's until its own ack
+    r.script_flush()
+    reading = q.read_intake("0-0", 100, None, "0-0", acks=[("b2", [second.id])],
+                            stale_before=0.0)
+    assert q.outbox() == {} and r.xlen(keys.INTAKE) == 0
+    assert sorted(reading.inflight) == ["2:b1", "2:b2"]
+
+
 @BOTH_STORES
 def test_first_result_wins_in_sql_and_redis(settings: Settings, r: redis.Redis) -> None:
     store = JobStore(settings.database_url)
