@@ -232,6 +232,15 @@ for _, n in ipairs(redis.call('HVALS', KEYS[1])) do lost = lost + tonumber(n) - 
 return lost
 """
 
+#: KEYS: deliveries hash, the batch's run key. ARGV: the task's retry number, ttl, send id.
+#: The start of a batch task: whether this send may run (the first send to arrive wins, and
+#: a re-delivery of that same send, after a worker died, runs again; else -1), and if so
+#: ``COUNT_DELIVERY``'s count, in one step.
+START_RUN = """
+local won = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'EX', ARGV[2])
+if not won and redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
+""" + COUNT_DELIVERY
+
 #: KEYS: intake, stats hash, recent stats bucket, stream of stored ids, then per job: job,
 #: celery result key, tenant pending set. ARGV: result ttl, job key ttl, bucket ttl, the
 #: stream's length, then per job: id, Celery meta JSON, final state, class ('' to read it

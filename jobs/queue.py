@@ -119,6 +119,7 @@ class RedisQueue:
         self._reassign = client.register_script(lua.REASSIGN)
         self._requeue = client.register_script(lua.REQUEUE)
         self._deliveries = client.register_script(lua.COUNT_DELIVERY)
+        self._start_run = client.register_script(lua.START_RUN)
         self._finish_many = client.register_script(lua.FINISH_MANY)
         self._cache_put = client.register_script(lua.CACHE_PUT)
         self._coalesce = client.register_script(lua.COALESCE)
@@ -223,7 +224,7 @@ class RedisQueue:
             again = self.r.pipeline(transaction=False)
             for i in missing:
                 args, options = commands[i]
-                again.execute_command(*args, **options)
+                again.execute_command(*args, **options)  # type: ignore[no-untyped-call]
             for i, reply in zip(missing, again.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
         for reply in replies:
@@ -337,13 +338,14 @@ class RedisQueue:
 
     # --- workers ------------------------------------------------------------------------
 
-    def claim_run(self, batch_id: str, send_id: str, ttl_s: int) -> bool:
-        """Whether this send of a batch may run: the first send to arrive wins, and a
-        re-delivery of that same send (after a worker died) runs again."""
-        key = keys.batch_run(batch_id)
-        if self.r.set(key, send_id, nx=True, ex=ttl_s):
-            return True
-        return bool(self.r.get(key) == send_id)
+    def start_run(self, batch_id: str, send_id: str, retries: int, ttl_s: int) -> int | None:
+        """The start of a batch's task, in one round trip: None when another send of the
+        batch runs it (the first send to arrive wins, and a re-delivery of that same send,
+        after a worker died, runs again); else ``count_delivery``'s count."""
+        lost = int(self._start_run(keys=[keys.batch_deliveries(batch_id),
+                                         keys.batch_run(batch_id)],
+                                   args=[retries, ttl_s, send_id]))
+        return None if lost < 0 else lost
 
     def count_delivery(self, batch_id: str, retries: int, ttl_s: int) -> int:
         """Count one delivery of a batch's task (``retries``: the task's retry number);

@@ -427,7 +427,7 @@ class Scheduler:
             kwargsrepr=batch_repr(cls, job_ids, dep, similarity),
         )
         # Acknowledged with the next claim or read (a crash before that re-sends the batch
-        # from the outbox, and a batch's second send does not run: ``claim_run``).
+        # from the outbox, and a batch's second send does not run: ``start_run``).
         self._unacked.append((batch_id, job_ids))
         self.sent_batches += 1
         self.sent_jobs += len(job_ids)

@@ -4,7 +4,7 @@ Redis or the SQL store failing under a batch is not the batch's fault: each step
 talks to them is retried in place, with backoff, until they answer (within the task's
 time limit), so a blip costs neither a second provider call nor a delivery counted
 against the batch. Only a delivery that follows a lost worker counts toward poison
-(``RedisQueue.count_delivery``).
+(``RedisQueue.start_run``).
 """
 
 from __future__ import annotations
@@ -94,12 +94,13 @@ class BatchRunner:
         # Wait out outages until just before the task's soft time limit (time limit - 5 s).
         self._until = time.monotonic() + max(3.0, self.settings.task_time_limit_s - 6.0)
         ttl = self.settings.result_ttl_s
-        if not self.steady("claim", lambda: self.queue.claim_run(batch_id, send_id, ttl)):
+        lost = self.steady("start", lambda: self.queue.start_run(batch_id, send_id, retries,
+                                                                 ttl))
+        if lost is None:
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
             metrics.BATCHES.labels(metrics.class_name(str(cls)), "duplicate").inc()
             return {"class": metrics.class_name(str(cls)), "size": len(job_ids),
                     "skipped": "duplicate send", "jobs": 0}
-        lost = self.steady("count", lambda: self.queue.count_delivery(batch_id, retries, ttl))
         retrying = False
         event: Event | None = None
         try:

@@ -48,6 +48,12 @@ def test_only_deliveries_after_a_lost_worker_count_toward_poison(r: redis.Redis)
     # A batch whose message came back twice after its worker was lost.
     assert [q.count_delivery("crashes", 0, 60) for _ in range(3)] == [0, 1, 2]
     assert q.count_delivery("crashes", 1, 60) == 2  # a later retry keeps the count
+    # A task's start: the first send runs, its re-delivery runs again (one delivery lost),
+    # another send of the same batch does not run and is not counted.
+    assert q.start_run("b", "send-1", 0, 60) == 0
+    assert q.start_run("b", "send-2", 0, 60) is None
+    assert q.start_run("b", "send-1", 0, 60) == 1
+    assert r.hgetall(keys.batch_deliveries("b")) == {"0": "2"}
 
 
 def test_a_job_runs_only_in_the_batch_that_claimed_it(settings: Settings) -> None:
