@@ -232,6 +232,26 @@ for _, n in ipairs(redis.call('HVALS', KEYS[1])) do lost = lost + tonumber(n) - 
 return lost
 """
 
+#: KEYS: job keys. Returns each job's spec, state and batch (false where missing): a
+#: flat list, three items per key.
+LOAD = """
+local out = {}
+for i = 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'spec', 'state', 'batch')
+  out[3 * i - 2], out[3 * i - 1], out[3 * i] = v[1], v[2], v[3]
+end
+return out
+"""
+
+#: KEYS: keys. Returns the (1-based) positions of the keys that do not exist.
+MISSING = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then out[#out + 1] = i end
+end
+return out
+"""
+
 #: KEYS: deliveries hash, the batch's run key. ARGV: the task's retry number, ttl, send id.
 #: The start of a batch task: whether this send may run (the first send to arrive wins, and
 #: a re-delivery of that same send, after a worker died, runs again; else -1), and if so

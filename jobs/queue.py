@@ -120,6 +120,8 @@ class RedisQueue:
         self._requeue = client.register_script(lua.REQUEUE)
         self._deliveries = client.register_script(lua.COUNT_DELIVERY)
         self._start_run = client.register_script(lua.START_RUN)
+        self._missing = client.register_script(lua.MISSING)
+        self._load = client.register_script(lua.LOAD)
         self._finish_many = client.register_script(lua.FINISH_MANY)
         self._cache_put = client.register_script(lua.CACHE_PUT)
         self._coalesce = client.register_script(lua.COALESCE)
@@ -282,12 +284,13 @@ class RedisQueue:
     def load_owned(self, job_ids: Sequence[str],
                    ) -> list[tuple[JobSpec | None, str | None, str | None]]:
         """``(spec, state, batch id)`` of each job (all None for a job Redis does not hold)."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.hmget(keys.job(job_id), "spec", "state", "batch")
         out: list[tuple[JobSpec | None, str | None, str | None]] = []
-        for spec, state, batch in pipe.execute():
-            out.append((JobSpec.model_validate_json(spec) if spec else None, state, batch))
+        for start in range(0, len(job_ids), 1000):  # one Lua step per 1,000
+            part = job_ids[start:start + 1000]
+            flat: Any = self._load(keys=[keys.job(j) for j in part])
+            for i in range(0, len(flat), 3):
+                spec, state, batch = flat[i:i + 3]
+                out.append((JobSpec.model_validate_json(spec) if spec else None, state, batch))
         return out
 
     def acquire_lease(self, token: str, ttl_s: float) -> bool:
@@ -619,10 +622,12 @@ class RedisQueue:
 
     def have_results(self, job_ids: Sequence[str]) -> list[bool]:
         """Whether the result backend holds each job's result."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in job_ids:
-            pipe.exists(keys.celery_result(job_id))
-        return [bool(x) for x in pipe.execute()]
+        have = [True] * len(job_ids)
+        for start in range(0, len(job_ids), 1000):  # one Lua step per 1,000
+            part = job_ids[start:start + 1000]
+            for i in self._missing(keys=[keys.celery_result(j) for j in part]):
+                have[start + int(i) - 1] = False
+        return have
 
     def states(self, job_ids: Sequence[str]) -> list[str | None]:
         """The Redis-side state of each job (None when Redis does not hold it)."""

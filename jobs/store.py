@@ -402,18 +402,29 @@ class JobStore:
             return [(r[0], r[1], r[2]) for r in conn.execute(stmt)]
 
     def finished_page(self, since: float, *, after: tuple[float, str] = (0.0, ""),
-                      limit: int = 1000) -> list[tuple[str, str, float, str | None]]:
-        """``(id, tenant, finished_at, result JSON)`` of jobs that finished at or after
-        ``since``, by (finish time, id), after the cursor ``after`` (for writing results
-        back to a result backend that lost them; one index range per page)."""
+                      limit: int = 1000) -> list[tuple[str, str, float]]:
+        """``(id, tenant, finished_at)`` of jobs that finished at or after ``since``, by
+        (finish time, id), after the cursor ``after`` (for writing results back to a result
+        backend that lost them; one index range per page; the results themselves, which
+        are rarely missing, through ``results_of``)."""
         done, job_id = after
-        stmt = (select(JobRow.id, JobRow.tenant, JobRow.finished_at, JobRow.result)
+        stmt = (select(JobRow.id, JobRow.tenant, JobRow.finished_at)
                 .where(JobRow.finished_at >= since, JobRow.state.in_(_FINAL),
                        (JobRow.finished_at > done)
                        | ((JobRow.finished_at == done) & (JobRow.id > job_id)))
                 .order_by(JobRow.finished_at, JobRow.id).limit(limit))
         with self.engine.connect() as conn:
-            return [(r[0], r[1], r[2] or 0.0, r[3]) for r in conn.execute(stmt)]
+            return [(r[0], r[1], r[2] or 0.0) for r in conn.execute(stmt)]
+
+    def results_of(self, job_ids: Sequence[str]) -> dict[str, str]:
+        """The stored result JSON of each of ``job_ids`` that has one."""
+        out: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(job_ids), 500):
+                stmt = select(JobRow.id, JobRow.result).where(JobRow.id.in_(chunk),
+                                                               JobRow.result.is_not(None))
+                out.update((job_id, str(raw)) for job_id, raw in conn.execute(stmt))
+        return out
 
     def count_by_state(self) -> dict[str, int]:
         """Number of jobs per state."""

@@ -215,8 +215,11 @@ class Reconciler:
             return
         p.done_at, p.done_id = rows[-1][2], rows[-1][0]
         have = self.queue.have_results([r[0] for r in rows])
-        missing = [(JobResult.model_validate_json(raw), tenant)
-                   for (_, tenant, _, raw), h in zip(rows, have, strict=True) if not h and raw]
+        lacking = {job_id: tenant for (job_id, tenant, _), h in zip(rows, have, strict=True)
+                   if not h}
+        raw = self.store.results_of(list(lacking)) if lacking else {}
+        missing = [(JobResult.model_validate_json(text), lacking[job_id])
+                   for job_id, text in raw.items()]
         if missing:
             stored = self.queue.finish([m[0] for m in missing], [m[1] for m in missing],
                                        result_ttl_s=self.settings.result_ttl_s)
