@@ -57,12 +57,12 @@ for i = 1, n do
                'p', ARGV[a + 3], 't', ARGV[a + 4], 'd', ARGV[a + 5], 'm', ARGV[a + 6])
     redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[1])
     redis.call('SADD', KEYS[2 * i], ARGV[a + 1])
-    redis.call('EXPIRE', KEYS[2 * i], ARGV[1])
     out[i] = 1
   else
     out[i] = 0
   end
 end
+for tk in pairs(adds) do redis.call('EXPIRE', tk, ARGV[1]) end
 return out
 """
 
@@ -72,6 +72,7 @@ return out
 #: ``s|class`` in the bucket). Returns how many were published.
 PUBLISH = """
 local done = 0
+local totals, recent = {}, {}
 for i = 4, #KEYS do
   local v = redis.call('HMGET', KEYS[i], 'state', 'p', 't', 'd', 'm', 'counted')
   if v[1] == 'STAGED' then
@@ -84,12 +85,15 @@ for i = 4, #KEYS do
     end
     redis.call('HSET', KEYS[i], 'state', 'QUEUED', 'sid', sid)
     if not v[6] then  -- a released follower was counted when it arrived
-      redis.call('HINCRBY', KEYS[2], 's|' .. v[2] .. '|' .. (v[5] or (v[3] .. '||')), 1)
-      redis.call('HINCRBY', KEYS[3], 's|' .. v[2], 1)
+      local total = 's|' .. v[2] .. '|' .. (v[5] or (v[3] .. '||'))
+      totals[total] = (totals[total] or 0) + 1
+      recent['s|' .. v[2]] = (recent['s|' .. v[2]] or 0) + 1
     end
     done = done + 1
   end
 end
+for field, n in pairs(totals) do redis.call('HINCRBY', KEYS[2], field, n) end
+for field, n in pairs(recent) do redis.call('HINCRBY', KEYS[3], field, n) end
 if done > 0 then redis.call('EXPIRE', KEYS[3], ARGV[1]) end
 return done
 """
@@ -127,15 +131,19 @@ return out
 CLAIM = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local claimed = {}
+local pending = {}
 for i = 6, #ARGV do
   local jk = KEYS[4 + (i - 6) * 2]
   local tk = KEYS[5 + (i - 6) * 2]
   if redis.call('HGET', jk, 'state') == 'QUEUED' then
     redis.call('HSET', jk, 'state', 'SCHEDULED', 'batch', ARGV[2])
-    redis.call('SREM', tk, ARGV[i])
+    local left = pending[tk] or {}
+    left[#left + 1] = ARGV[i]
+    pending[tk] = left
     claimed[#claimed + 1] = ARGV[i]
   end
 end
+for tk, ids in pairs(pending) do redis.call('SREM', tk, unpack(ids)) end
 if #claimed > 0 then
   redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '\\n' .. table.concat(claimed, ','))
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
@@ -165,13 +173,15 @@ return 1
 #: KEYS: outbox, intake, then job keys. ARGV: batch id.
 #: After a batch was sent: drop its jobs from intake and the batch from the outbox.
 ACK_SENT = """
+local sids = {}
 for i = 3, #KEYS do
   local sid = redis.call('HGET', KEYS[i], 'sid')
   if sid then
-    redis.call('XDEL', KEYS[2], sid)
+    sids[#sids + 1] = sid
     redis.call('HDEL', KEYS[i], 'sid')
   end
 end
+if #sids > 0 then redis.call('XDEL', KEYS[2], unpack(sids)) end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
@@ -284,11 +294,13 @@ for i = 1, (#KEYS - 4) / 3 do
     done[#done + 1] = ARGV[a + 1]
     redis.call('PUBLISH', rk, ARGV[a + 2])
     local v = redis.call('HMGET', jk, 'sid', 'p', 'leads')
-    if v[1] then redis.call('XDEL', KEYS[1], v[1]) end
+    if v[1] then
+      redis.call('XDEL', KEYS[1], v[1])
+      redis.call('HDEL', jk, 'sid')
+    end
     local cls = ARGV[a + 4]
     if cls == '' then cls = v[2] or '' end
     redis.call('HSET', jk, 'state', ARGV[a + 3])
-    redis.call('HDEL', jk, 'sid')
     redis.call('EXPIRE', jk, ARGV[2])
     redis.call('SREM', tk, ARGV[a + 1])
     count(totals, 'f|' .. ARGV[a + 3] .. '|' .. cls .. '|' .. ARGV[a + 5])
