@@ -66,28 +66,32 @@ def connect(url: str, *, socket_timeout: float = 10.0,
 
 
 def celery_meta(result: JobResult, public: str | None = None) -> str:
-    """The result as Celery's Redis backend stores it, plus our full record.
+    """The result as Celery's Redis backend stores it, with our full record.
 
-    Assembled around pydantic's own JSON of the record (the hot path of every result,
-    cache hits included): the same document ``json.dumps`` of the dict would give.
-    ``public``: that JSON, when the caller has it already."""
+    A succeeded job's record is Celery's ``result``; a job that did not succeed has
+    Celery's exception there, and the record under ``promptbatch``: each record is in the
+    meta once (a meta is written, published and read once per job). Assembled around
+    pydantic's own JSON of the record (the hot path of every result, cache hits
+    included): the same document ``json.dumps`` of the dict would give. ``public``: that
+    JSON, when the caller has it already."""
     status, exc_type = _CELERY_OUTCOME[result.state]
     if public is None:
         public = result.model_dump_json()
-    if exc_type is None:
-        payload = public
-    else:
-        payload = orjson.dumps({"exc_type": exc_type, "exc_module": "jobs.errors",
-                                "exc_message": [result.error or result.state.value]}).decode()
     done = datetime.fromtimestamp(result.finished_at, UTC).isoformat()
-    return (f'{{"status":"{status}","result":{payload},"traceback":null,"children":[],'
-            f'"date_done":"{done}","task_id":{orjson.dumps(result.id).decode()},'
-            f'"promptbatch":{public}}}')
+    head = (f'{{"status":"{status}","traceback":null,"children":[],"date_done":"{done}",'
+            f'"task_id":{orjson.dumps(result.id).decode()},')
+    if exc_type is None:
+        return f'{head}"result":{public}}}'
+    error = orjson.dumps({"exc_type": exc_type, "exc_module": "jobs.errors",
+                          "exc_message": [result.error or result.state.value]}).decode()
+    return f'{head}"result":{error},"promptbatch":{public}}}'
 
 
 def result_from_meta(raw: str) -> JobResult:
-    """Our result record from a stored Celery meta."""
-    return JobResult.model_validate(json.loads(raw)["promptbatch"])
+    """Our result record from a stored Celery meta (``celery_meta``)."""
+    meta = orjson.loads(raw)
+    return JobResult.model_validate(meta["promptbatch"] if "promptbatch" in meta
+                                    else meta["result"])
 
 
 @dataclass(frozen=True, slots=True)
