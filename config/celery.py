@@ -50,7 +50,12 @@ def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str,
         "health_check_interval": 10,
         "retry_on_timeout": True,
     }
+    # kombu's Redis transport, publishing through one client (``config.transport``); TLS
+    # and other schemes keep kombu's own.
+    transport = {"broker_transport": "config.transport:Transport"} if url.startswith(
+        "redis://") else {}
     return {
+        **transport,
         "broker_url": url,
         "result_backend": url,
         "task_serializer": "json",
