@@ -188,6 +188,11 @@ class Scheduler:
         wait_until_ready(self.queue, self.store, self.url, self._stop)
 
     def _hold_lease(self) -> bool:
+        """Take the lease (standby), or renew it once a third of its time-to-live has
+        passed (active: a round trip per tick would cost more than the tick's own reads;
+        every claim checks the lease anyway)."""
+        if self.active and time.monotonic() - self._renewed < self.settings.lease_ttl_s / 3:
+            return True
         held = self.queue.acquire_lease(self.token, self.settings.lease_ttl_s)
         if held:
             self._renewed = time.monotonic()
