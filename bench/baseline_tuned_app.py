@@ -5,6 +5,9 @@ Celery's defaults (JSON, tasks acknowledged early, a prefetch multiplier of 4, n
 events, no STARTED state) on the same Redis for broker and results:
 
     celery -A bench.baseline_tuned_app worker -Q tuned --without-mingle --without-gossip
+
+``TUNED_TRANSPORT=promptbatch``: with promptbatch's broker transport (``config.transport``:
+kombu's, publishing through one client), for both the producer and the worker.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ app.conf.update(
     task_track_started=False,
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get("TUNED_TRANSPORT") == "promptbatch":  # kombu publishing via one client
+    app.conf.broker_transport = "config.transport:Transport"
 
 
 @app.task(name="tuned.echo_one")
