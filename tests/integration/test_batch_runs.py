@@ -140,3 +140,22 @@ def test_a_rerun_copies_results_a_dead_worker_stored_only_in_sql(settings: Setti
         stored = client.queue.results(ids)
         assert stored[0] is not None and stored[0].text == "the first answer"  # not the rerun's
         assert all(s is not None for s in stored)
+
+
+def test_results_in_sql_that_the_backend_lost_are_written_back_once(
+        settings: Settings, r: redis.Redis) -> None:
+    from jobs.models import JobResult, JobState
+    from scheduler.reconcile import reconcile
+
+    s = settings.model_copy(update={"reconcile_grace_s": 0.0})
+    with Client(s) as client:
+        ids = client.submit_many({"prompt": f"q{i}"} for i in range(3))
+        now = time.time()
+        results = [JobResult(id=i, state=JobState.SUCCEEDED, text=f"a{n}", finished_at=now)
+                   for n, i in enumerate(ids)]
+        client.store.finalize(results)  # SQL has all three results...
+        client.queue.finish(results[:1], [s.default_tenant], result_ttl_s=60)  # ...Redis one
+        repairs = reconcile(client.store, client.queue, s, time.time())
+        assert repairs.written_back == 2
+        assert [x.text for x in client.queue.results(ids)] == ["a0", "a1", "a2"]  # type: ignore[union-attr]
+        assert reconcile(client.store, client.queue, s, time.time()).written_back == 0
