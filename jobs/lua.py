@@ -73,6 +73,7 @@ return out
 PUBLISH = """
 local done = 0
 local totals, recent = {}, {}
+local function count(t, field) t[field] = (t[field] or 0) + 1 end
 for i = 4, #KEYS do
   local v = redis.call('HMGET', KEYS[i], 'state', 'p', 't', 'd', 'm', 'counted')
   if v[1] == 'STAGED' then
@@ -85,9 +86,8 @@ for i = 4, #KEYS do
     end
     redis.call('HSET', KEYS[i], 'state', 'QUEUED', 'sid', sid)
     if not v[6] then  -- a released follower was counted when it arrived
-      local total = 's|' .. v[2] .. '|' .. (v[5] or (v[3] .. '||'))
-      totals[total] = (totals[total] or 0) + 1
-      recent['s|' .. v[2]] = (recent['s|' .. v[2]] or 0) + 1
+      count(totals, 's|' .. v[2] .. '|' .. (v[5] or (v[3] .. '||')))
+      count(recent, 's|' .. v[2])
     end
     done = done + 1
   end
@@ -229,8 +229,8 @@ end
 return out
 """
 
-#: KEYS: deliveries hash. ARGV: the task's retry number, ttl.
-#: Counts one delivery of the batch's message with that retry number; returns how many
+#: The second half of ``START_RUN`` (KEYS[1]: deliveries hash; ARGV: the task's retry
+#: number, ttl). Counts one delivery of the batch's message with that retry number; returns how many
 #: deliveries followed a lost worker: a message delivered again with the same retry
 #: number was not finished by the worker that had it (a retry the task asked for itself,
 #: after a Redis or SQL error, carries the next number and is not counted).

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -100,12 +100,12 @@ class Reading:
 
     entries: list[IntakeEntry]
     events: list[tuple[str, dict[str, str]]]
-    #: ``pb:workers`` (the capacity's parts: empty unless asked for).
-    workers: dict[str, str] = field(default_factory=dict)
+    #: ``pb:workers``: each worker's pool size and heartbeat.
+    workers: dict[str, str]
     #: Members of the in-flight set (``class:batch id``).
-    inflight: list[str] = field(default_factory=list)
+    inflight: list[str]
     #: Length of each broker queue, in ``keys.QUEUES`` order.
-    queued: list[int] = field(default_factory=list)
+    queued: list[int]
 
 
 class RedisQueue:
@@ -122,7 +122,6 @@ class RedisQueue:
         self._running = client.register_script(lua.MARK_RUNNING)
         self._reassign = client.register_script(lua.REASSIGN)
         self._requeue = client.register_script(lua.REQUEUE)
-        self._deliveries = client.register_script(lua.COUNT_DELIVERY)
         self._start_run = client.register_script(lua.START_RUN)
         self._missing = client.register_script(lua.MISSING)
         self._load = client.register_script(lua.LOAD)
@@ -209,16 +208,14 @@ class RedisQueue:
         """Mark a QUEUED or SCHEDULED job CANCELLED; return the state found ('' if unknown)."""
         return str(self._cancel(keys=[keys.job(job_id), keys.EVENTS], args=[job_id]))
 
-    def _at_once(self, build: Callable[[Any], None]) -> list[Any]:
-        """Run the commands ``build`` queues on a pipeline, in one round trip, and return
-        their replies (the first error is raised).
+    def _at_once(self, pipe: Any) -> list[Any]:
+        """Run ``pipe`` (a non-transactional pipeline) in one round trip and return its
+        replies (the first error is raised).
 
         redis-py first asks the server whether a pipeline's Lua scripts exist (a round trip
         of its own); here they run by their SHA1 straight away, and only on a server that
         lost them (a restart) are they loaded and the commands they failed run again, after
         the others: each command runs once."""
-        pipe = self.r.pipeline(transaction=False)
-        build(pipe)
         scripts = list(pipe.scripts)
         pipe.scripts.clear()
         commands = list(pipe.command_stack)
@@ -241,38 +238,31 @@ class RedisQueue:
     # --- scheduler ----------------------------------------------------------------------
 
     def read_intake(self, after: str, count: int, block_ms: int | None, events_after: str,
-                    *, acks: Sequence[tuple[str, Sequence[str]]] = (),
-                    stale_before: float | None = None) -> Reading:
+                    *, stale_before: float, acks: Sequence[tuple[str, Sequence[str]]] = (),
+                    ) -> Reading:
         """Intake entries after ``after`` and events ``(sid, fields)`` after ``events_after``,
         blocking up to ``block_ms`` until either stream has something new; in the same
         round trip, first ``ack_sent`` for each ``(batch id, job ids)`` of ``acks``, and
         after the read the cluster's capacity (workers, batches in flight, once those
         started before ``stale_before`` are dropped, and the broker's queue lengths)."""
-        streams = {keys.INTAKE: after, keys.EVENTS: events_after}
-
-        def build(pipe: Any) -> None:
-            for batch_id, job_ids in acks:
-                self.ack_sent(batch_id, job_ids, client=pipe)
-            pipe.xread(streams, count=count, block=block_ms)
-            if stale_before is not None:
-                pipe.hgetall(keys.WORKERS)
-                pipe.zremrangebyscore(keys.INFLIGHT, "-inf", stale_before)
-                pipe.zrange(keys.INFLIGHT, 0, -1)
-                for name in keys.QUEUES:
-                    pipe.llen(name)
-
-        replies = self._at_once(build)[len(acks):]
+        pipe = self.r.pipeline(transaction=False)
+        for batch_id, job_ids in acks:
+            self.ack_sent(batch_id, job_ids, client=pipe)
+        pipe.xread({keys.INTAKE: after, keys.EVENTS: events_after}, count=count, block=block_ms)
+        pipe.hgetall(keys.WORKERS)
+        pipe.zremrangebyscore(keys.INFLIGHT, "-inf", stale_before)
+        pipe.zrange(keys.INFLIGHT, 0, -1)
+        for name in keys.QUEUES:
+            pipe.llen(name)
+        read, workers, _, inflight, *queued = self._at_once(pipe)[len(acks):]
         entries: list[IntakeEntry] = []
         events: list[tuple[str, dict[str, str]]] = []
-        for stream, items in replies[0] or []:
+        for stream, items in read or []:
             for sid, fields in items:
                 if stream == keys.INTAKE:
                     entries.append(IntakeEntry.parse(sid, fields))
                 else:
                     events.append((sid, fields))
-        if stale_before is None:
-            return Reading(entries, events)
-        workers, _, inflight, *queued = replies[1:]
         return Reading(entries, events, workers, [str(m) for m in inflight],
                        [int(n) for n in queued])
 
@@ -314,16 +304,13 @@ class RedisQueue:
         job_keys: list[str] = []
         for job_id, tenant in jobs:
             job_keys += [keys.job(job_id), keys.tenant_pending(tenant)]
-        args: list[str | float] = [token, batch_id, meta, now,
-                                   keys.inflight_member(cls, batch_id), *(j for j, _ in jobs)]
-
-        def build(pipe: Any) -> None:
-            for sent_id, job_ids in acks:
-                self.ack_sent(sent_id, job_ids, client=pipe)
-            self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, keys.INFLIGHT, *job_keys],
-                        args=args, client=pipe)
-
-        reply = self._at_once(build)[-1]
+        pipe = self.r.pipeline(transaction=False)
+        for sent_id, job_ids in acks:
+            self.ack_sent(sent_id, job_ids, client=pipe)
+        self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, keys.INFLIGHT, *job_keys],
+                    args=[token, batch_id, meta, now, keys.inflight_member(cls, batch_id),
+                          *(j for j, _ in jobs)], client=pipe)
+        reply = self._at_once(pipe)[-1]
         if reply == -1:
             return None
         return [str(x) for x in reply]
@@ -348,17 +335,12 @@ class RedisQueue:
     def start_run(self, batch_id: str, send_id: str, retries: int, ttl_s: int) -> int | None:
         """The start of a batch's task, in one round trip: None when another send of the
         batch runs it (the first send to arrive wins, and a re-delivery of that same send,
-        after a worker died, runs again); else ``count_delivery``'s count."""
+        after a worker died, runs again); else how many of its deliveries followed a
+        lost worker (``COUNT_DELIVERY``)."""
         lost = int(self._start_run(keys=[keys.batch_deliveries(batch_id),
                                          keys.batch_run(batch_id)],
                                    args=[retries, ttl_s, send_id]))
         return None if lost < 0 else lost
-
-    def count_delivery(self, batch_id: str, retries: int, ttl_s: int) -> int:
-        """Count one delivery of a batch's task (``retries``: the task's retry number);
-        return how many of its deliveries followed a lost worker."""
-        return int(self._deliveries(keys=[keys.batch_deliveries(batch_id)],
-                                    args=[retries, ttl_s]))
 
     def reassign(self, batch_id: str, moves: Sequence[tuple[str, str, int]],
                  now: float) -> list[bool]:

@@ -44,10 +44,10 @@ def test_only_deliveries_after_a_lost_worker_count_toward_poison(r: redis.Redis)
 
     q = RedisQueue(r)
     # A batch retried five times by its task (Redis or SQL errors): new messages.
-    assert [q.count_delivery("blips", n, 60) for n in range(5)] == [0, 0, 0, 0, 0]
+    assert [q.start_run("blips", "send", n, 60) for n in range(5)] == [0, 0, 0, 0, 0]
     # A batch whose message came back twice after its worker was lost.
-    assert [q.count_delivery("crashes", 0, 60) for _ in range(3)] == [0, 1, 2]
-    assert q.count_delivery("crashes", 1, 60) == 2  # a later retry keeps the count
+    assert [q.start_run("crashes", "send", 0, 60) for _ in range(3)] == [0, 1, 2]
+    assert q.start_run("crashes", "send", 1, 60) == 2  # a later retry keeps the count
     # A task's start: the first send runs, its re-delivery runs again (one delivery lost),
     # another send of the same batch does not run and is not counted.
     assert q.start_run("b", "send-1", 0, 60) == 0
@@ -72,7 +72,7 @@ def test_a_poison_split_moves_each_job_to_a_batch_of_its_own_counted_in_flight(
     with Client(settings) as client:
         ids = claimed(client, "batch-a", 3, cls=3)
         for _ in range(settings.max_deliveries + 1):  # the batch killed its worker 3 times
-            client.queue.count_delivery("batch-a", 0, 60)
+            client.queue.start_run("batch-a", "send-1", 0, 60)
         sent: list[tuple[str, str, int]] = []
         run = runner(settings, client, sent)
         assert sorted(run.run("batch-a", "send-1", ids, cls=3)["split"]) == sorted(ids)
