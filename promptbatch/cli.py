@@ -359,6 +359,9 @@ def scheduler(metrics_port: MetricsPort = None) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    from jobs import gcpause
+
+    gcpause.tune_for_service()
     try:
         service.run()
     except PromptBatchError as exc:  # schema behind, or another store

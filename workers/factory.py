@@ -15,12 +15,13 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 from sqlalchemy.exc import SQLAlchemyError
 
 from config import keys
 from config.celery import PROCESS_BATCH, batch_repr, build_celery
 from config.settings import Settings
+from jobs import gcpause
 from jobs.queue import RedisQueue, connect
 from jobs.stats import class_name
 from jobs.store import JobStore
@@ -134,9 +135,14 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
         controller = sender.controller
         heartbeat.start(controller.hostname, int(controller.concurrency))
 
+    def on_init(sender: Any, **_: Any) -> None:
+        if sender.app is app:  # before the pool processes fork: they inherit it
+            gcpause.tune_for_service()
+
     def on_shutdown(sender: Any, **_: Any) -> None:
         heartbeat.stop.set()
 
+    worker_init.connect(on_init, weak=False)
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
     app.promptbatch_settings = settings  # type: ignore[attr-defined]
