@@ -426,6 +426,18 @@ class JobStore:
                 out.update((job_id, str(raw)) for job_id, raw in conn.execute(stmt))
         return out
 
+    def outcomes(self, job_ids: Sequence[str]) -> dict[str, str | None]:
+        """Each known job of ``job_ids``: its stored result JSON, or None while it has none
+        (unknown ids are left out). Reads neither specs nor states: a waiting client's
+        check of results that left Redis."""
+        out: dict[str, str | None] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(job_ids), 500):
+                stmt = select(JobRow.id, JobRow.result).where(JobRow.id.in_(chunk))
+                out.update((job_id, None if raw is None else str(raw))
+                           for job_id, raw in conn.execute(stmt))
+        return out
+
     def count_by_state(self) -> dict[str, int]:
         """Number of jobs per state."""
         from sqlalchemy import func

@@ -293,8 +293,9 @@ class Client:
                 if not found and not checked_sql:
                     # Results that left Redis (expired, or Redis lost them) are in SQL.
                     checked_sql = True
-                    stored = self.store.get_many(ids)
-                    found = [s.result for s in stored.values() if s.result is not None]
+                    stored = self.store.outcomes(ids)
+                    found = [JobResult.model_validate_json(raw) for raw in stored.values()
+                             if raw is not None]
                     missing = set(ids) - stored.keys()
                     if missing:
                         raise JobNotFound(sorted(missing)[0])

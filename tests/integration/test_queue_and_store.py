@@ -220,3 +220,21 @@ def test_a_result_stored_without_a_stream_entry_is_found_by_the_sweep(
         [got] = list(client.results([job_id], timeout=10))  # else ResultTimeout
         writer.join()
     assert got.text == "a"
+
+
+def test_results_that_left_redis_are_read_from_the_store_and_unknown_ids_refused(
+        settings: Settings, r: redis.Redis) -> None:
+    from jobs.errors import JobNotFound
+
+    with Client(settings) as client:
+        ids = client.submit_many([{"prompt": f"q{i}"} for i in range(3)])
+        # Finished in SQL only, as after the result backend expired or lost the results.
+        won = client.store.finalize([JobResult(id=i, state=JobState.SUCCEEDED, text=f"a{i}")
+                                     for i in ids[:2]])
+        assert sorted(won) == sorted(ids[:2])
+        assert r.exists(*(keys.celery_result(i) for i in ids)) == 0
+        got = {g.id: g.text for g in client.results(ids[:2], timeout=10)}
+        assert got == {ids[0]: f"a{ids[0]}", ids[1]: f"a{ids[1]}"}
+        with pytest.raises(JobNotFound) as err:
+            list(client.results([ids[2], "no-such-job"], timeout=10))
+        assert "no-such-job" in str(err.value)
