@@ -8,7 +8,6 @@ one final outcome of a job.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -126,9 +125,9 @@ class GenerationParams(BaseModel):
         return [value] if isinstance(value, str) else value
 
     def canonical(self) -> str:
-        """A stable JSON string of the set parameters (part of the compatibility key)."""
-        return json.dumps(self.model_dump(exclude_none=True), sort_keys=True,
-                          separators=(",", ":"))
+        """A stable JSON string of the set parameters, in the fields' order (part of the
+        compatibility key, which the scheduler computes for every job it admits)."""
+        return self.model_dump_json(exclude_none=True)
 
 
 MetadataValue = str | int | float | bool | None

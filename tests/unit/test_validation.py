@@ -86,6 +86,13 @@ def test_compatibility_key_separates_params() -> None:
                 now=NOW, settings=SETTINGS)
     assert a.compat_key != b.compat_key
     assert a.compat_key == c.compat_key
+    # The same parameters written differently share a key (a string stop is a list of
+    # one, an integer temperature a float; keys given in any order).
+    d = resolve(parse_request({"prompt": "x", "params": {"stop": "END", "temperature": 1}}),
+                job_id="d", now=NOW, settings=SETTINGS)
+    e = resolve(parse_request({"prompt": "z", "params": {"temperature": 1.0, "stop": ["END"]}}),
+                job_id="e", now=NOW, settings=SETTINGS)
+    assert d.compat_key == e.compat_key != a.compat_key
 
 
 def test_prompt_over_the_size_limit_is_refused() -> None:
