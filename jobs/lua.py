@@ -25,22 +25,26 @@ redis.call('EXPIRE', KEYS[3], ARGV[3])
 return {1, sid}
 """
 
-#: KEYS: per job: job key, tenant pending set. ARGV: ttl, max pending (0: no limit), then
-#: per job: id, spec JSON, priority, tenant, deadline ('' for none), stats label
-#: (``tenant|provider|model``, counted when the job is published).
+#: KEYS: intake, stats hash, recent stats bucket, then per job: job key, tenant pending set.
+#: ARGV: ttl, max pending (0: no limit), publish ('1' or '0'), bucket ttl, then per job: id,
+#: spec JSON, priority, tenant, deadline ('' for none), stats label (``tenant|provider|model``,
+#: counted when the job is published).
 #: Stages jobs (payload written, state STAGED, counted against the tenant's quota, not yet
 #: in intake: the scheduler cannot see them) only if every tenant stays within its quota:
-#: otherwise writes nothing and returns {-1}. Returns, per job, 1 staged or 0 already there
-#: (a repeat, or a withdrawn submit's tombstone).
+#: otherwise writes nothing and returns {-1}. With publish '1' the staged jobs are also
+#: published in the same step (as ``PUBLISH`` would: intake entry, QUEUED, counted as
+#: submitted), for a submit whose jobs all fit one step. Returns, per job, 1 staged or 0
+#: already there (a repeat, or a withdrawn submit's tombstone).
 STAGE = """
 local limit = tonumber(ARGV[2])
-local n = #KEYS / 2
+local now = ARGV[3] == '1'
+local n = (#KEYS - 3) / 2
 local new = {}
 local adds = {}
 for i = 1, n do
-  if redis.call('EXISTS', KEYS[2 * i - 1]) == 0 then
+  if redis.call('EXISTS', KEYS[2 + 2 * i]) == 0 then
     new[i] = true
-    local tk = KEYS[2 * i]
+    local tk = KEYS[3 + 2 * i]
     adds[tk] = (adds[tk] or 0) + 1
   end
 end
@@ -49,20 +53,41 @@ if limit > 0 then
     if redis.call('SCARD', tk) + k > limit then return {-1} end
   end
 end
+local totals, recent = {}, {}
+local function count(t, field) t[field] = (t[field] or 0) + 1 end
 local out = {}
 for i = 1, n do
-  local a = 2 + (i - 1) * 6
+  local a = 4 + (i - 1) * 6
+  local jk = KEYS[2 + 2 * i]
   if new[i] then
-    redis.call('HSET', KEYS[2 * i - 1], 'spec', ARGV[a + 2], 'state', 'STAGED',
-               'p', ARGV[a + 3], 't', ARGV[a + 4], 'd', ARGV[a + 5], 'm', ARGV[a + 6])
-    redis.call('EXPIRE', KEYS[2 * i - 1], ARGV[1])
-    redis.call('SADD', KEYS[2 * i], ARGV[a + 1])
+    if now then
+      local sid
+      if ARGV[a + 5] ~= '' then
+        sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[a + 1], 'p', ARGV[a + 3],
+                         't', ARGV[a + 4], 'd', ARGV[a + 5])
+      else
+        sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[a + 1], 'p', ARGV[a + 3],
+                         't', ARGV[a + 4])
+      end
+      redis.call('HSET', jk, 'spec', ARGV[a + 2], 'state', 'QUEUED', 'sid', sid,
+                 'p', ARGV[a + 3], 't', ARGV[a + 4], 'd', ARGV[a + 5], 'm', ARGV[a + 6])
+      count(totals, 's|' .. ARGV[a + 3] .. '|' .. ARGV[a + 6])
+      count(recent, 's|' .. ARGV[a + 3])
+    else
+      redis.call('HSET', jk, 'spec', ARGV[a + 2], 'state', 'STAGED',
+                 'p', ARGV[a + 3], 't', ARGV[a + 4], 'd', ARGV[a + 5], 'm', ARGV[a + 6])
+    end
+    redis.call('EXPIRE', jk, ARGV[1])
+    redis.call('SADD', KEYS[3 + 2 * i], ARGV[a + 1])
     out[i] = 1
   else
     out[i] = 0
   end
 end
 for tk in pairs(adds) do redis.call('EXPIRE', tk, ARGV[1]) end
+for field, k in pairs(totals) do redis.call('HINCRBY', KEYS[2], field, k) end
+for field, k in pairs(recent) do redis.call('HINCRBY', KEYS[3], field, k) end
+if next(recent) then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
 return out
 """
 
@@ -123,20 +148,25 @@ end
 return out
 """
 
-#: KEYS: lease, outbox, inflight, then (job, tenant pending set) pairs.
+#: KEYS: lease, outbox, inflight, intake, then (job, tenant pending set) pairs.
 #: ARGV: lease token, batch id, batch meta JSON, now, in-flight member, then job ids.
-#: Claims the jobs still QUEUED for the batch, records it in the outbox and counts it in
-#: flight (before it is sent, so a fast worker's "done" always comes after), only while
-#: the caller holds the lease (fencing). Returns the claimed ids, or -1 without the lease.
+#: Claims the jobs still QUEUED for the batch, takes them out of intake, records the batch
+#: in the outbox (until the scheduler confirms it sent the batch, ``ack_sent``; a new
+#: scheduler re-sends what it holds) and counts it in flight (before it is sent, so a fast
+#: worker's "done" always comes after), only while the caller holds the lease (fencing).
+#: Returns the claimed ids, or -1 without the lease.
 CLAIM = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
 local claimed = {}
 local pending = {}
+local sids = {}
 for i = 6, #ARGV do
-  local jk = KEYS[4 + (i - 6) * 2]
-  local tk = KEYS[5 + (i - 6) * 2]
-  if redis.call('HGET', jk, 'state') == 'QUEUED' then
-    redis.call('HSET', jk, 'state', 'SCHEDULED', 'batch', ARGV[2])
+  local jk = KEYS[5 + (i - 6) * 2]
+  local tk = KEYS[6 + (i - 6) * 2]
+  local v = redis.call('HMGET', jk, 'state', 'sid')
+  if v[1] == 'QUEUED' then
+    redis.call('HSET', jk, 'state', 'SCHEDULED', 'batch', ARGV[2], 'sid', '')
+    if v[2] and v[2] ~= '' then sids[#sids + 1] = v[2] end
     local left = pending[tk] or {}
     left[#left + 1] = ARGV[i]
     pending[tk] = left
@@ -144,6 +174,9 @@ for i = 6, #ARGV do
   end
 end
 for tk, ids in pairs(pending) do redis.call('SREM', tk, unpack(ids)) end
+for i = 1, #sids, 1000 do
+  redis.call('XDEL', KEYS[4], unpack(sids, i, math.min(i + 999, #sids)))
+end
 if #claimed > 0 then
   redis.call('HSET', KEYS[2], ARGV[2], ARGV[3] .. '\\n' .. table.concat(claimed, ','))
   redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
@@ -167,22 +200,6 @@ end
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'sid', sid)
 redis.call('HDEL', KEYS[1], 'batch')
 redis.call('SADD', KEYS[3], ARGV[1])
-return 1
-"""
-
-#: KEYS: outbox, intake, then job keys. ARGV: batch id.
-#: After a batch was sent: drop its jobs from intake and the batch from the outbox.
-ACK_SENT = """
-local sids = {}
-for i = 3, #KEYS do
-  local sid = redis.call('HGET', KEYS[i], 'sid')
-  if sid then
-    sids[#sids + 1] = sid
-    redis.call('HDEL', KEYS[i], 'sid')
-  end
-end
-if #sids > 0 then redis.call('XDEL', KEYS[2], unpack(sids)) end
-redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 """
 
@@ -294,7 +311,7 @@ for i = 1, (#KEYS - 4) / 3 do
     done[#done + 1] = ARGV[a + 1]
     redis.call('PUBLISH', rk, ARGV[a + 2])
     local v = redis.call('HMGET', jk, 'sid', 'p', 'leads')
-    if v[1] then
+    if v[1] and v[1] ~= '' then  -- still in intake ('' once claimed)
       redis.call('XDEL', KEYS[1], v[1])
       redis.call('HDEL', jk, 'sid')
     end

@@ -118,7 +118,6 @@ class RedisQueue:
         self._publish = client.register_script(lua.PUBLISH)
         self._withdraw = client.register_script(lua.WITHDRAW)
         self._claim = client.register_script(lua.CLAIM)
-        self._ack = client.register_script(lua.ACK_SENT)
         self._running = client.register_script(lua.MARK_RUNNING)
         self._reassign = client.register_script(lua.REASSIGN)
         self._requeue = client.register_script(lua.REQUEUE)
@@ -164,13 +163,15 @@ class RedisQueue:
             )
         return [int(code) for code, _sid in pipe.execute()]
 
-    def stage(self, specs: Sequence[JobSpec], *, ttl_s: int,
-              max_pending: int) -> list[int] | None:
+    def stage(self, specs: Sequence[JobSpec], *, ttl_s: int, max_pending: int,
+              publish: bool = False) -> list[int] | None:
         """Stage jobs in one atomic step: written and counted against their tenants'
-        quotas, invisible to the scheduler until ``publish``. None (nothing written) when
-        a tenant would go over ``max_pending``; else per job 1 staged, 0 already there."""
-        job_keys: list[str] = []
-        args: list[str | int] = [ttl_s, max_pending]
+        quotas, invisible to the scheduler until ``publish`` (or, with ``publish``, put
+        into intake in the same step). None (nothing written) when a tenant would go over
+        ``max_pending``; else per job 1 staged, 0 already there."""
+        job_keys: list[str] = [keys.INTAKE, keys.STATS, keys.recent(stats.bucket_of(time.time()))]
+        args: list[str | int] = [ttl_s, max_pending, "1" if publish else "0",
+                                 stats.BUCKET_TTL_S]
         for spec in specs:
             job_keys += [keys.job(spec.id), keys.tenant_pending(spec.tenant)]
             args += [spec.id, spec.model_dump_json(), int(spec.priority), spec.tenant,
@@ -238,23 +239,22 @@ class RedisQueue:
     # --- scheduler ----------------------------------------------------------------------
 
     def read_intake(self, after: str, count: int, block_ms: int | None, events_after: str,
-                    *, stale_before: float, acks: Sequence[tuple[str, Sequence[str]]] = (),
-                    ) -> Reading:
+                    *, stale_before: float, acks: Sequence[str] = ()) -> Reading:
         """Intake entries after ``after`` and events ``(sid, fields)`` after ``events_after``,
         blocking up to ``block_ms`` until either stream has something new; in the same
-        round trip, first ``ack_sent`` for each ``(batch id, job ids)`` of ``acks``, and
+        round trip, first ``ack_sent`` of the batches ``acks``, and
         after the read the cluster's capacity (workers, batches in flight, once those
         started before ``stale_before`` are dropped, and the broker's queue lengths)."""
         pipe = self.r.pipeline(transaction=False)
-        for batch_id, job_ids in acks:
-            self.ack_sent(batch_id, job_ids, client=pipe)
+        if acks:
+            self.ack_sent(acks, client=pipe)
         pipe.xread({keys.INTAKE: after, keys.EVENTS: events_after}, count=count, block=block_ms)
         pipe.hgetall(keys.WORKERS)
         pipe.zremrangebyscore(keys.INFLIGHT, "-inf", stale_before)
         pipe.zrange(keys.INFLIGHT, 0, -1)
         for name in keys.QUEUES:
             pipe.llen(name)
-        read, workers, _, inflight, *queued = self._at_once(pipe)[len(acks):]
+        read, workers, _, inflight, *queued = self._at_once(pipe)[1 if acks else 0:]
         entries: list[IntakeEntry] = []
         events: list[tuple[str, dict[str, str]]] = []
         for stream, items in read or []:
@@ -296,18 +296,18 @@ class RedisQueue:
         self._release(keys=[keys.SCHEDULER_LEASE], args=[token])
 
     def claim(self, token: str, batch_id: str, meta: str, jobs: Sequence[tuple[str, str]],
-              now: float, cls: int, *, acks: Sequence[tuple[str, Sequence[str]]] = (),
-              ) -> list[str] | None:
-        """Claim ``(job id, tenant)`` pairs still QUEUED for a batch; None without the lease.
-        ``acks``: ``ack_sent`` for these ``(batch id, job ids)`` first, in the same round
-        trip."""
+              now: float, cls: int, *, acks: Sequence[str] = ()) -> list[str] | None:
+        """Claim ``(job id, tenant)`` pairs still QUEUED for a batch (out of intake, the
+        batch into the outbox); None without the lease. ``acks``: ``ack_sent`` of these
+        batches first, in the same round trip."""
         job_keys: list[str] = []
         for job_id, tenant in jobs:
             job_keys += [keys.job(job_id), keys.tenant_pending(tenant)]
         pipe = self.r.pipeline(transaction=False)
-        for sent_id, job_ids in acks:
-            self.ack_sent(sent_id, job_ids, client=pipe)
-        self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, keys.INFLIGHT, *job_keys],
+        if acks:
+            self.ack_sent(acks, client=pipe)
+        self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, keys.INFLIGHT, keys.INTAKE,
+                          *job_keys],
                     args=[token, batch_id, meta, now, keys.inflight_member(cls, batch_id),
                           *(j for j, _ in jobs)], client=pipe)
         reply = self._at_once(pipe)[-1]
@@ -315,11 +315,10 @@ class RedisQueue:
             return None
         return [str(x) for x in reply]
 
-    def ack_sent(self, batch_id: str, job_ids: Sequence[str], client: Any = None) -> None:
-        """After the send: drop the jobs from intake and the batch from the outbox (in
-        ``client``'s pipeline when given)."""
-        self._ack(keys=[keys.OUTBOX, keys.INTAKE, *(keys.job(j) for j in job_ids)],
-                  args=[batch_id], client=client)
+    def ack_sent(self, batch_ids: Sequence[str], client: Any = None) -> None:
+        """After the sends: drop the batches from the outbox (in ``client``'s pipeline
+        when given). Their jobs left intake when they were claimed."""
+        (client or self.r).hdel(keys.OUTBOX, *batch_ids)
 
     def outbox(self) -> dict[str, tuple[str, list[str]]]:
         """Batches claimed but not confirmed sent: ``{batch id: (meta JSON, job ids)}``."""

@@ -4,7 +4,8 @@ A submit is all or nothing. Every job is validated first (an ``InvalidJob`` name
 field and the position, and nothing is written) and the tenants' quotas are checked for
 the whole call; then the jobs are written to the SQL store, staged in Redis (written and
 counted against the quotas, invisible to the scheduler; a quota refusal there writes
-nothing), and published into intake, ``PUBLISH_CHUNK`` jobs per atomic step. Should
+nothing), and published into intake, ``PUBLISH_CHUNK`` jobs per atomic step (a call of at
+most ``STAGE_CHUNK`` jobs none of which may follow an identical one: one step). Should
 Redis refuse or fail, what was written is withdrawn from Redis (a tombstone stops a late
 copy of the submit) and removed from SQL, and nothing runs. Only when Redis stops
 answering and the withdrawal cannot reach it either does the submit raise
@@ -178,21 +179,27 @@ class Client:
 
     def _enqueue(self, fresh: list[JobSpec], keyed: dict[str, str] | None = None) -> None:
         """Stage every job, then publish them (a cacheable job that finds an identical one
-        pending or running follows it instead); undo everything on any failure."""
+        pending or running follows it instead; jobs that fit one step and may follow
+        nobody are staged and published in that step); undo everything on any failure."""
         ttl, limit = self.settings.payload_ttl_s, self.settings.max_pending_per_tenant
         staged = 0  # jobs Redis holds for sure
         sent = 0  # jobs a step was sent for (a step that failed unseen may have run)
         leading: dict[str, str] = {}
+        # Jobs that all fit one step and follow nobody: staged and published in that step.
+        at_once = not keyed and len(fresh) <= STAGE_CHUNK
         try:
             for start in range(0, len(fresh), STAGE_CHUNK):
                 part = fresh[start:start + STAGE_CHUNK]
                 sent = start + len(part)
-                if self.queue.stage(part, ttl_s=ttl, max_pending=limit) is None:
+                if self.queue.stage(part, ttl_s=ttl, max_pending=limit,
+                                    publish=at_once) is None:
                     self._undo(fresh, fresh[:staged], "over quota")
                     over = next((t for t, n in Counter(s.tenant for s in fresh).items()
                                  if self.queue.pending_count(t) + n > limit), fresh[0].tenant)
                     raise TenantQuotaExceeded(over, limit)
                 staged += len(part)
+            if at_once:
+                return
             publish = fresh
             if keyed:
                 wanted = [s for s in fresh if s.id in keyed]

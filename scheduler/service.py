@@ -116,7 +116,7 @@ class Scheduler:
         self.semantic = SemanticCache(self.r, settings, self.embedder)
         self._last_overview = 0.0
         #: Batches sent and not yet acknowledged: ``(batch id, job ids)``.
-        self._unacked: list[tuple[str, list[str]]] = []
+        self._unacked: list[str] = []
 
     def _new_pool(self) -> Pool:
         horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
@@ -160,8 +160,8 @@ class Scheduler:
         finally:
             if self.active:
                 with contextlib.suppress(redis.RedisError):
-                    for batch_id, job_ids in self._unacked:
-                        self.queue.ack_sent(batch_id, job_ids)
+                    if self._unacked:
+                        self.queue.ack_sent(self._unacked)
                     self.queue.release_lease(self.token)
             self.store.close()
 
@@ -433,7 +433,7 @@ class Scheduler:
         )
         # Acknowledged with the next claim or read (a crash before that re-sends the batch
         # from the outbox, and a batch's second send does not run: ``start_run``).
-        self._unacked.append((batch_id, job_ids))
+        self._unacked.append(batch_id)
         self.sent_batches += 1
         self.sent_jobs += len(job_ids)
 

@@ -48,13 +48,14 @@ def test_claim_is_fenced_by_the_scheduler_lease(r: redis.Redis) -> None:
     now = time.time()
     assert q.claim("someone-else", "b0", "{}", [(s.id, s.tenant)], now, 2) is None
     assert q.claim("me", "b1", '{"cls": 2}', [(s.id, s.tenant)], now, 2) == [s.id]
+    assert r.xlen(keys.INTAKE) == 0  # claimed: out of intake, the batch in the outbox
     assert q.claim("me", "b2", '{"cls": 2}', [(s.id, s.tenant)], now, 2) == []  # once only
     assert q.outbox() == {"b1": ('{"cls": 2}', [s.id])}
     # Counted in flight from the claim on, so a worker that finishes before the
     # scheduler confirms the send cannot leave a stale entry behind.
     assert r.zrange(keys.INFLIGHT, 0, -1) == ["2:b1"]
     q.batch_done("b1", 2)
-    q.ack_sent("b1", [s.id])
+    q.ack_sent(["b1"])
     assert q.outbox() == {} and r.xlen(keys.INTAKE) == 0
     assert r.zcard(keys.INFLIGHT) == 0
 
@@ -72,13 +73,13 @@ def test_claim_with_acks_runs_each_step_once_on_a_server_that_forgot_its_scripts
     assert q.claim("me", "b1", '{"cls": 2}', [(first.id, first.tenant)], now, 2) == [first.id]
     r.script_flush()
     claimed = q.claim("me", "b2", '{"cls": 2}', [(second.id, second.tenant)], now, 2,
-                      acks=[("b1", [first.id])])
+                      acks=["b1"])
     assert claimed == [second.id]
     assert q.outbox() == {"b2": ('{"cls": 2}', [second.id])}  # b1 acknowledged
-    assert r.xlen(keys.INTAKE) == 1  # b1's job left intake; b2's until its own ack
+    assert r.xlen(keys.INTAKE) == 0
+    assert r.hget(keys.job(second.id), "state") == "SCHEDULED"
     r.script_flush()
-    reading = q.read_intake("0-0", 100, None, "0-0", acks=[("b2", [second.id])],
-                            stale_before=0.0)
+    reading = q.read_intake("0-0", 100, None, "0-0", acks=["b2"], stale_before=0.0)
     assert q.outbox() == {} and r.xlen(keys.INTAKE) == 0
     assert sorted(reading.inflight) == ["2:b1", "2:b2"]
 
@@ -238,3 +239,21 @@ def test_results_that_left_redis_are_read_from_the_store_and_unknown_ids_refused
         with pytest.raises(JobNotFound) as err:
             list(client.results([ids[2], "no-such-job"], timeout=10))
         assert "no-such-job" in str(err.value)
+
+
+@pytest.mark.parametrize("n", [3, 1_500])  # one step (staged and published), two stages
+def test_a_submit_is_queued_in_intake_and_counted_once(settings: Settings, r: redis.Redis,
+                                                      n: int) -> None:
+    from jobs import stats
+
+    with Client(settings) as client:
+        ids = client.submit_many([{"prompt": f"q{i}", "priority": "low"} for i in range(n)])
+        spec0 = client.spec(ids[0])
+    assert r.xlen(keys.INTAKE) == n
+    assert {r.hget(keys.job(i), "state") for i in ids} == {"QUEUED"}
+    entries = r.xrange(keys.INTAKE, count=n)
+    assert [fields["id"] for _, fields in entries] == ids  # in submit order
+    assert [r.hget(keys.job(i), "sid") for i in ids] == [sid for sid, _ in entries]
+    label = stats.label(spec0.tenant, spec0.provider, spec0.model)
+    assert r.hget(keys.STATS, f"s|3|{label}") == str(n)
+    assert r.scard(keys.tenant_pending(spec0.tenant)) == n
