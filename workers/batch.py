@@ -53,8 +53,9 @@ class BatchRunner:
     store: JobStore
     provider_for: Callable[[str], Provider]
     caller: Caller | None = None
-    #: Sends one job as its own batch task: (new batch id, job id, class) -> None.
-    resend: Callable[[str, str, int], None] | None = None
+    #: Sends one isolated job of a poison batch: (poison batch id, new batch id, job id,
+    #: class).
+    resend: Callable[[str, str, str, int], None] | None = None
     #: Infrastructure errors waited out (for logs and tests).
     blips: int = 0
     _until: float = field(default=0.0, repr=False)
@@ -157,7 +158,7 @@ class BatchRunner:
                                                                         time.time()))
             for (job_id, new_id, job_cls), ok in zip(moves, moved, strict=True):
                 if ok:
-                    self.resend(new_id, job_id, job_cls)
+                    self.resend(batch_id, new_id, job_id, job_cls)
             return {"batch_id": batch_id, "split": [m[0] for m in moves], "jobs": 0}
         reason = (f"the job killed the worker {crashes} times (a poison job); it will not "
                   "be tried again")

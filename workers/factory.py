@@ -15,7 +15,7 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 from sqlalchemy.exc import SQLAlchemyError
 
 from config import keys
@@ -36,22 +36,26 @@ HEARTBEAT_S = 2.0
 
 
 class _ProcessResources:
-    """Connections and providers of one worker process, created after the fork."""
+    """Connections and providers of one worker process, created after the fork (at the
+    process's start, so that its first batch does not wait for them)."""
 
-    def __init__(self, settings: Settings, url: str) -> None:
+    def __init__(self, settings: Settings, url: str,
+                 resend: Callable[[str, str, str, int], None]) -> None:
         self.settings = settings
         self.url = url
+        self.resend = resend
         self.pid = -1
         self._runner: BatchRunner | None = None
         self._providers: dict[str, Provider] = {}
 
-    def runner(self, resend: Callable[[str, str, int], None]) -> BatchRunner:
+    def runner(self) -> BatchRunner:
         if self._runner is None or self.pid != os.getpid():
             self.pid = os.getpid()
             self._providers = {}
+            # Both connect lazily: a store or Redis that is down does not stop the start.
             self._runner = BatchRunner(self.settings, RedisQueue(connect(self.url)),
                                        JobStore.for_settings(self.settings), self.provider,
-                                       resend=resend)
+                                       resend=self.resend)
         return self._runner
 
     def provider(self, name: str) -> Provider:
@@ -94,7 +98,15 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     settings = settings or Settings()
     url = redis_url or settings.redis_url
     app = build_celery(settings, "promptbatch", url)
-    resources = _ProcessResources(settings, url)
+
+    def resend(poison: str, new_batch: str, job_id: str, job_cls: int) -> None:
+        app.send_task(PROCESS_BATCH, queue=keys.queue(job_cls), task_id=new_batch,
+                      kwargs={"batch_id": new_batch, "send_id": uuid.uuid4().hex,
+                              "job_ids": [job_id], "cls": job_cls},
+                      argsrepr="()", kwargsrepr=batch_repr(job_cls, [job_id]) +
+                      f" (isolated from poison batch {poison})")
+
+    resources = _ProcessResources(settings, url, resend)
     heartbeat = _Heartbeat(url)
 
     @app.task(name=PROCESS_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True,
@@ -103,14 +115,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
                       similarity: float | None = None, cls: int = 2,
                       prefix_hint: int = 0, estimate_s: float = 0.0) -> dict[str, Any]:
         """Run one batch of jobs: one provider call, one stored result per job."""
-        def resend(new_batch: str, job_id: str, job_cls: int) -> None:
-            app.send_task(PROCESS_BATCH, queue=keys.queue(job_cls), task_id=new_batch,
-                          kwargs={"batch_id": new_batch, "send_id": uuid.uuid4().hex,
-                                  "job_ids": [job_id], "cls": job_cls},
-                          argsrepr="()", kwargsrepr=batch_repr(job_cls, [job_id]) +
-                          f" (isolated from poison batch {batch_id})")
-
-        runner = resources.runner(resend)
+        runner = resources.runner()
         try:
             return runner.run(batch_id, send_id, job_ids, similarity, cls, prefix_hint,
                               retries=self.request.retries or 0, estimate_s=estimate_s)
@@ -139,10 +144,14 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
         if sender.app is app:  # before the pool processes fork: they inherit it
             gcpause.tune_for_service()
 
+    def on_process_init(**_: Any) -> None:  # a pool process, after the fork
+        resources.runner()
+
     def on_shutdown(sender: Any, **_: Any) -> None:
         heartbeat.stop.set()
 
     worker_init.connect(on_init, weak=False)
+    worker_process_init.connect(on_process_init, weak=False)
     worker_ready.connect(on_ready, weak=False)
     worker_shutdown.connect(on_shutdown, weak=False)
     app.promptbatch_settings = settings  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ def claimed(client: Client, batch_id: str, n: int, cls: int = 2) -> list[str]:
 
 
 def runner(settings: Settings, client: Client,
-           sent: list[tuple[str, str, int]] | None = None) -> BatchRunner:
+           sent: list[tuple[str, str, str, int]] | None = None) -> BatchRunner:
     return BatchRunner(settings, client.queue, client.store,
                        lambda name: create_provider(name, settings),
                        resend=None if sent is None else lambda *a: sent.append(a))
@@ -73,15 +73,16 @@ def test_a_poison_split_moves_each_job_to_a_batch_of_its_own_counted_in_flight(
         ids = claimed(client, "batch-a", 3, cls=3)
         for _ in range(settings.max_deliveries + 1):  # the batch killed its worker 3 times
             client.queue.start_run("batch-a", "send-1", 0, 60)
-        sent: list[tuple[str, str, int]] = []
+        sent: list[tuple[str, str, str, int]] = []
         run = runner(settings, client, sent)
         assert sorted(run.run("batch-a", "send-1", ids, cls=3)["split"]) == sorted(ids)
-        assert sorted(j for _, j, _ in sent) == sorted(ids) and {c for *_, c in sent} == {3}
+        assert sorted(j for *_, j, _ in sent) == sorted(ids) and {c for *_, c in sent} == {3}
+        assert {old for old, *_ in sent} == {"batch-a"}  # named in the new tasks
         inflight = set(r.zrange(keys.INFLIGHT, 0, -1))
-        assert {keys.inflight_member(3, b) for b, _, _ in sent} <= inflight
+        assert {keys.inflight_member(3, b) for _, b, _, _ in sent} <= inflight
         assert keys.inflight_member(3, "batch-a") not in inflight
         assert run.run("batch-a", "send-1", ids, cls=3)["jobs"] == 0  # not the old batch's
-        for new_batch, job_id, cls in sent:
+        for _, new_batch, job_id, cls in sent:
             assert run.run(new_batch, "send-2", [job_id], cls=cls)["jobs"] == 1
         assert provider_calls(settings.echo_call_log) == Counter(ids)
         assert r.zcard(keys.INFLIGHT) == 0
