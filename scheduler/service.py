@@ -184,8 +184,15 @@ class Scheduler:
                  cap.slots, cap.inflight)
 
     def _wait_for_services(self) -> None:
-        """Wait for Redis and the store; ``SchemaBehind`` or ``StoreMismatch`` go up."""
+        """Wait for Redis and the store (``SchemaBehind`` or ``StoreMismatch`` go up); then
+        set the Celery app up and connect its producer, which Celery otherwise does in the
+        first ``send_task`` (~50-100 ms of imports and configuration, before the first
+        batch could leave)."""
         wait_until_ready(self.queue, self.store, self.url, self._stop)
+        self.celery.finalize()
+        _ = self.celery.amqp.router
+        with contextlib.suppress(Exception), self.celery.producer_or_acquire() as producer:
+            producer.connection.ensure_connection(max_retries=1)  # else: at the first send
 
     def _hold_lease(self) -> bool:
         """Take the lease (standby), or renew it once a third of its time-to-live has
