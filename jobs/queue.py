@@ -164,17 +164,20 @@ class RedisQueue:
         return [int(code) for code, _sid in pipe.execute()]
 
     def stage(self, specs: Sequence[JobSpec], *, ttl_s: int, max_pending: int,
-              publish: bool = False) -> list[int] | None:
+              publish: bool = False, spec_json: Mapping[str, str] | None = None,
+              ) -> list[int] | None:
         """Stage jobs in one atomic step: written and counted against their tenants'
         quotas, invisible to the scheduler until ``publish`` (or, with ``publish``, put
         into intake in the same step). None (nothing written) when a tenant would go over
-        ``max_pending``; else per job 1 staged, 0 already there."""
+        ``max_pending``; else per job 1 staged, 0 already there. ``spec_json``: the specs'
+        JSON by id, when the caller has it."""
         job_keys: list[str] = [keys.INTAKE, keys.STATS, keys.recent(stats.bucket_of(time.time()))]
         args: list[str | int] = [ttl_s, max_pending, "1" if publish else "0",
                                  stats.BUCKET_TTL_S]
         for spec in specs:
             job_keys += [keys.job(spec.id), keys.tenant_pending(spec.tenant)]
-            args += [spec.id, spec.model_dump_json(), int(spec.priority), spec.tenant,
+            text = spec_json.get(spec.id) if spec_json else None
+            args += [spec.id, text or spec.model_dump_json(), int(spec.priority), spec.tenant,
                      "" if spec.deadline is None else repr(spec.deadline),
                      stats.label(spec.tenant, spec.provider, spec.model)]
         reply = self._stage(keys=job_keys, args=args)

@@ -236,10 +236,12 @@ class JobStore:
 
     def insert(self, specs: Sequence[JobSpec],
                final: Mapping[str, JobResult] | None = None,
-               dumped: Mapping[str, str] | None = None) -> dict[str, str]:
+               dumped: Mapping[str, str] | None = None,
+               spec_json: Mapping[str, str] | None = None) -> dict[str, str]:
         """Insert new jobs as QUEUED (or, for those in ``final``, already ended with that
         result: answered from the cache; ``dumped``: their JSON, when the caller has it);
-        return ``{id: stored id}``.
+        return ``{id: stored id}``. ``spec_json``: the specs' JSON by id, when the caller
+        has it (it goes to Redis too).
 
         A job whose (tenant, idempotency key) is already stored is not inserted again: its
         entry maps to the id stored first.
@@ -250,7 +252,7 @@ class JobStore:
         fresh = [s for s in specs if mapping[s.id] == s.id]
         if not fresh:
             return mapping
-        rows = [_row(s) for s in fresh]
+        rows = [_row(s, spec_json.get(s.id) if spec_json else None) for s in fresh]
         if final:  # every row with the same columns (one executemany)
             for row in rows:
                 row.update(result=None, finished_at=None, batch_id=None)
@@ -454,7 +456,7 @@ class JobStore:
             conn.execute(text("SELECT 1"))
 
 
-def _row(spec: JobSpec) -> dict[str, Any]:
+def _row(spec: JobSpec, spec_json: str | None = None) -> dict[str, Any]:
     return {
         "id": spec.id,
         "tenant": spec.tenant,
@@ -464,7 +466,7 @@ def _row(spec: JobSpec) -> dict[str, Any]:
         "priority": int(spec.priority),
         "provider": spec.provider,
         "model": spec.model,
-        "spec": spec.model_dump_json(),
+        "spec": spec_json or spec.model_dump_json(),
         "created_at": spec.created_at,
         "deadline": spec.deadline,
     }

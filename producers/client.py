@@ -145,8 +145,10 @@ class Client:
                     for s in specs if s.id in hits}
         self.check_quota([s for s in specs if s.id not in hits])
         dumped = {job_id: res.model_dump_json() for job_id, res in answered.items()}
+        spec_json = {s.id: s.model_dump_json() for s in specs}  # for SQL and Redis
         try:  # a job the cache answered is stored already ended
-            stored = self.store.insert(specs, final=answered, dumped=dumped)
+            stored = self.store.insert(specs, final=answered, dumped=dumped,
+                                       spec_json=spec_json)
         except Exception as exc:  # SQLAlchemy errors of any kind: the store is unusable
             raise ServiceUnavailable(f"the job store refused the jobs: {exc}") from exc
         fresh = [s for s in specs if stored[s.id] == s.id]
@@ -155,7 +157,7 @@ class Client:
             self._answer(done, answered, dumped)
         rest = [s for s in fresh if s.id not in answered]
         if rest:
-            self._enqueue(rest, keyed)
+            self._enqueue(rest, keyed, spec_json)
         return [(stored[s.id], JobState.SUCCEEDED if stored[s.id] in answered
                  else JobState.QUEUED) for s in specs]
 
@@ -177,7 +179,8 @@ class Client:
             self.queue.publish_answers([answered[s.id] for s in done], done,
                                        result_ttl_s=self.settings.result_ttl_s, dumped=dumped)
 
-    def _enqueue(self, fresh: list[JobSpec], keyed: dict[str, str] | None = None) -> None:
+    def _enqueue(self, fresh: list[JobSpec], keyed: dict[str, str] | None = None,
+                 spec_json: dict[str, str] | None = None) -> None:
         """Stage every job, then publish them (a cacheable job that finds an identical one
         pending or running follows it instead; jobs that fit one step and may follow
         nobody are staged and published in that step); undo everything on any failure."""
@@ -191,8 +194,8 @@ class Client:
             for start in range(0, len(fresh), STAGE_CHUNK):
                 part = fresh[start:start + STAGE_CHUNK]
                 sent = start + len(part)
-                if self.queue.stage(part, ttl_s=ttl, max_pending=limit,
-                                    publish=at_once) is None:
+                if self.queue.stage(part, ttl_s=ttl, max_pending=limit, publish=at_once,
+                                    spec_json=spec_json) is None:
                     self._undo(fresh, fresh[:staged], "over quota")
                     over = next((t for t, n in Counter(s.tenant for s in fresh).items()
                                  if self.queue.pending_count(t) + n > limit), fresh[0].tenant)
