@@ -53,7 +53,7 @@ if limit > 0 then
     if redis.call('SCARD', tk) + k > limit then return {-1} end
   end
 end
-local totals, recent = {}, {}
+local totals, recent, pending = {}, {}, {}
 local function count(t, field) t[field] = (t[field] or 0) + 1 end
 local out = {}
 for i = 1, n do
@@ -78,13 +78,21 @@ for i = 1, n do
                  'p', ARGV[a + 3], 't', ARGV[a + 4], 'd', ARGV[a + 5], 'm', ARGV[a + 6])
     end
     redis.call('EXPIRE', jk, ARGV[1])
-    redis.call('SADD', KEYS[3 + 2 * i], ARGV[a + 1])
+    local tk = KEYS[3 + 2 * i]
+    local members = pending[tk] or {}
+    members[#members + 1] = ARGV[a + 1]
+    pending[tk] = members
     out[i] = 1
   else
     out[i] = 0
   end
 end
-for tk in pairs(adds) do redis.call('EXPIRE', tk, ARGV[1]) end
+for tk, members in pairs(pending) do  -- one SADD per tenant (each is a write to the AOF)
+  for j = 1, #members, 1000 do
+    redis.call('SADD', tk, unpack(members, j, math.min(j + 999, #members)))
+  end
+  redis.call('EXPIRE', tk, ARGV[1])
+end
 for field, k in pairs(totals) do redis.call('HINCRBY', KEYS[2], field, k) end
 for field, k in pairs(recent) do redis.call('HINCRBY', KEYS[3], field, k) end
 if next(recent) then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
@@ -302,7 +310,7 @@ if not won and redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
 FINISH_MANY = """
 local out = {}
 local done = {}
-local totals, recent = {}, {}
+local totals, recent, pending = {}, {}, {}
 local function count(t, field) t[field] = (t[field] or 0) + 1 end
 for i = 1, (#KEYS - 4) / 3 do
   local jk, rk, tk = KEYS[3 * i + 2], KEYS[3 * i + 3], KEYS[3 * i + 4]
@@ -319,7 +327,9 @@ for i = 1, (#KEYS - 4) / 3 do
     if cls == '' then cls = v[2] or '' end
     redis.call('HSET', jk, 'state', ARGV[a + 3])
     redis.call('EXPIRE', jk, ARGV[2])
-    redis.call('SREM', tk, ARGV[a + 1])
+    local members = pending[tk] or {}
+    members[#members + 1] = ARGV[a + 1]
+    pending[tk] = members
     count(totals, 'f|' .. ARGV[a + 3] .. '|' .. cls .. '|' .. ARGV[a + 5])
     count(recent, 'f|' .. ARGV[a + 3] .. '|' .. cls)
     if ARGV[a + 6] == '1' then
@@ -329,6 +339,11 @@ for i = 1, (#KEYS - 4) / 3 do
     out[i] = v[3] or 1
   else
     out[i] = 0
+  end
+end
+for tk, members in pairs(pending) do  -- one SREM per tenant (each is a write to the AOF)
+  for j = 1, #members, 1000 do
+    redis.call('SREM', tk, unpack(members, j, math.min(j + 999, #members)))
   end
 end
 for field, n in pairs(totals) do redis.call('HINCRBY', KEYS[2], field, n) end

@@ -249,11 +249,17 @@ def test_a_submit_is_queued_in_intake_and_counted_once(settings: Settings, r: re
     with Client(settings) as client:
         ids = client.submit_many([{"prompt": f"q{i}", "priority": "low"} for i in range(n)])
         spec0 = client.spec(ids[0])
-    assert r.xlen(keys.INTAKE) == n
-    assert {r.hget(keys.job(i), "state") for i in ids} == {"QUEUED"}
-    entries = r.xrange(keys.INTAKE, count=n)
-    assert [fields["id"] for _, fields in entries] == ids  # in submit order
-    assert [r.hget(keys.job(i), "sid") for i in ids] == [sid for sid, _ in entries]
-    label = stats.label(spec0.tenant, spec0.provider, spec0.model)
-    assert r.hget(keys.STATS, f"s|3|{label}") == str(n)
-    assert r.scard(keys.tenant_pending(spec0.tenant)) == n
+        assert r.xlen(keys.INTAKE) == n
+        assert {r.hget(keys.job(i), "state") for i in ids} == {"QUEUED"}
+        entries = r.xrange(keys.INTAKE, count=n)
+        assert [fields["id"] for _, fields in entries] == ids  # in submit order
+        assert [r.hget(keys.job(i), "sid") for i in ids] == [sid for sid, _ in entries]
+        label = stats.label(spec0.tenant, spec0.provider, spec0.model)
+        assert r.hget(keys.STATS, f"s|3|{label}") == str(n)
+        assert r.scard(keys.tenant_pending(spec0.tenant)) == n
+        # Two end while still in intake (cancelled): out of intake and of the tenant's quota.
+        ended = [JobResult(id=i, state=JobState.CANCELLED) for i in ids[:2]]
+        record_results(client.store, client.queue, ended, [spec0.tenant] * 2, result_ttl_s=60)
+        assert r.xlen(keys.INTAKE) == n - 2
+        assert r.scard(keys.tenant_pending(spec0.tenant)) == n - 2
+        assert not r.sismember(keys.tenant_pending(spec0.tenant), ids[0])
