@@ -437,6 +437,9 @@ class Scheduler:
             routing_key=keys.queue(cls),
             argsrepr="()",
             kwargsrepr=batch_repr(cls, job_ids, dep, similarity),
+            # The task stores no result of its own (each job's is stored): without this,
+            # Celery's Redis backend subscribes to the task's result channel on every send.
+            ignore_result=True,
         )
         # Acknowledged with the next claim or read (a crash before that re-sends the batch
         # from the outbox, and a batch's second send does not run: ``start_run``).

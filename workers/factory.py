@@ -104,7 +104,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
                       kwargs={"batch_id": new_batch, "send_id": uuid.uuid4().hex,
                               "job_ids": [job_id], "cls": job_cls},
                       argsrepr="()", kwargsrepr=batch_repr(job_cls, [job_id]) +
-                      f" (isolated from poison batch {poison})")
+                      f" (isolated from poison batch {poison})", ignore_result=True)
 
     resources = _ProcessResources(settings, url, resend)
     heartbeat = _Heartbeat(url)
