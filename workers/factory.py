@@ -145,7 +145,10 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
             gcpause.tune_for_service()
 
     def on_process_init(**_: Any) -> None:  # a pool process, after the fork
-        resources.runner()
+        try:
+            resources.runner()
+        except Exception:  # the first batch builds it again, and fails with the reason
+            log.exception("could not set up the worker process's connections")
 
     def on_shutdown(sender: Any, **_: Any) -> None:
         heartbeat.stop.set()
