@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+#: Lua helpers prepended to the scripts that use them. ``intake_add``: a job's intake entry
+#: (id, class, tenant, and its deadline when it has one: what the scheduler needs before it
+#: loads the job); returns the entry's id. ``count``: adds one to a counter of a table (the
+#: counters are summed in Lua and written with one ``HINCRBY`` per field).
+_INTAKE_ADD = """
+local function intake_add(intake, id, p, t, d)
+  if d and d ~= '' then
+    return redis.call('XADD', intake, '*', 'id', id, 'p', p, 't', t, 'd', d)
+  end
+  return redis.call('XADD', intake, '*', 'id', id, 'p', p, 't', t)
+end
+"""
+_COUNT = """
+local function count(t, field) t[field] = (t[field] or 0) + 1 end
+"""
+
 #: KEYS: job, intake, tenant pending set.
 #: ARGV: id, spec JSON, ttl, max pending, priority, tenant, deadline ('' for none).
 #: Returns {1, sid} when enqueued, {0, ''} when the job already exists, {-1, ''} over quota.
-#: The intake entry carries what the scheduler needs before it loads the job: its id,
-#: class, tenant and deadline.
-ENQUEUE = """
+ENQUEUE = _INTAKE_ADD + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ''} end
 local limit = tonumber(ARGV[4])
 if limit > 0 and redis.call('SCARD', KEYS[3]) >= limit then return {-1, ''} end
-local sid
-if ARGV[7] ~= '' then
-  sid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'p', ARGV[5], 't', ARGV[6],
-                   'd', ARGV[7])
-else
-  sid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'p', ARGV[5], 't', ARGV[6])
-end
+local sid = intake_add(KEYS[2], ARGV[1], ARGV[5], ARGV[6], ARGV[7])
 redis.call('HSET', KEYS[1], 'spec', ARGV[2], 'state', 'QUEUED', 'sid', sid)
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('SADD', KEYS[3], ARGV[1])
@@ -35,7 +43,7 @@ return {1, sid}
 #: published in the same step (as ``PUBLISH`` would: intake entry, QUEUED, counted as
 #: submitted), for a submit whose jobs all fit one step. Returns, per job, 1 staged or 0
 #: already there (a repeat, or a withdrawn submit's tombstone).
-STAGE = """
+STAGE = _INTAKE_ADD + _COUNT + """
 local limit = tonumber(ARGV[2])
 local now = ARGV[3] == '1'
 local n = (#KEYS - 3) / 2
@@ -54,21 +62,13 @@ if limit > 0 then
   end
 end
 local totals, recent, pending = {}, {}, {}
-local function count(t, field) t[field] = (t[field] or 0) + 1 end
 local out = {}
 for i = 1, n do
   local a = 4 + (i - 1) * 6
   local jk = KEYS[2 + 2 * i]
   if new[i] then
     if now then
-      local sid
-      if ARGV[a + 5] ~= '' then
-        sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[a + 1], 'p', ARGV[a + 3],
-                         't', ARGV[a + 4], 'd', ARGV[a + 5])
-      else
-        sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[a + 1], 'p', ARGV[a + 3],
-                         't', ARGV[a + 4])
-      end
+      local sid = intake_add(KEYS[1], ARGV[a + 1], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5])
       redis.call('HSET', jk, 'spec', ARGV[a + 2], 'state', 'QUEUED', 'sid', sid,
                  'p', ARGV[a + 3], 't', ARGV[a + 4], 'd', ARGV[a + 5], 'm', ARGV[a + 6])
       count(totals, 's|' .. ARGV[a + 3] .. '|' .. ARGV[a + 6])
@@ -103,20 +103,13 @@ return out
 #: job ids. Publishes staged jobs, all in one step: each STAGED job gets its intake entry
 #: and becomes QUEUED, and is counted as submitted (``s|class|label`` in the stats hash,
 #: ``s|class`` in the bucket). Returns how many were published.
-PUBLISH = """
+PUBLISH = _INTAKE_ADD + _COUNT + """
 local done = 0
 local totals, recent = {}, {}
-local function count(t, field) t[field] = (t[field] or 0) + 1 end
 for i = 4, #KEYS do
   local v = redis.call('HMGET', KEYS[i], 'state', 'p', 't', 'd', 'm', 'counted')
   if v[1] == 'STAGED' then
-    local sid
-    if v[4] and v[4] ~= '' then
-      sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[i - 2], 'p', v[2], 't', v[3],
-                       'd', v[4])
-    else
-      sid = redis.call('XADD', KEYS[1], '*', 'id', ARGV[i - 2], 'p', v[2], 't', v[3])
-    end
+    local sid = intake_add(KEYS[1], ARGV[i - 2], v[2], v[3], v[4])
     redis.call('HSET', KEYS[i], 'state', 'QUEUED', 'sid', sid)
     if not v[6] then  -- a released follower was counted when it arrived
       count(totals, 's|' .. v[2] .. '|' .. (v[5] or (v[3] .. '||')))
@@ -195,16 +188,10 @@ return claimed
 #: KEYS: job, intake, tenant pending set. ARGV: id, batch id, priority, tenant, deadline
 #: ('' for none). Puts a job that is still SCHEDULED or RUNNING in ``batch id`` (a batch
 #: that is no longer in flight: its task was lost) back into intake. Returns 1 if it did.
-REQUEUE = """
+REQUEUE = _INTAKE_ADD + """
 local v = redis.call('HMGET', KEYS[1], 'state', 'batch')
 if (v[1] ~= 'SCHEDULED' and v[1] ~= 'RUNNING') or v[2] ~= ARGV[2] then return 0 end
-local sid
-if ARGV[5] ~= '' then
-  sid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'p', ARGV[3], 't', ARGV[4],
-                   'd', ARGV[5])
-else
-  sid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'p', ARGV[3], 't', ARGV[4])
-end
+local sid = intake_add(KEYS[2], ARGV[1], ARGV[3], ARGV[4], ARGV[5])
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'sid', sid)
 redis.call('HDEL', KEYS[1], 'batch')
 redis.call('SADD', KEYS[3], ARGV[1])
@@ -307,11 +294,10 @@ if not won and redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
 #: stored, once. The ids stored go to the stream in one entry. Returns, per job, 1 if its
 #: result was stored (the cache key it leads, for a job identical requests wait for), else
 #: 0.
-FINISH_MANY = """
+FINISH_MANY = _COUNT + """
 local out = {}
 local done = {}
 local totals, recent, pending = {}, {}, {}
-local function count(t, field) t[field] = (t[field] or 0) + 1 end
 for i = 1, (#KEYS - 4) / 3 do
   local jk, rk, tk = KEYS[3 * i + 2], KEYS[3 * i + 3], KEYS[3 * i + 4]
   local a = 4 + (i - 1) * 6

@@ -408,7 +408,7 @@ class JobStore:
         """``(id, tenant, finished_at)`` of jobs that finished at or after ``since``, by
         (finish time, id), after the cursor ``after`` (for writing results back to a result
         backend that lost them; one index range per page; the results themselves, which
-        are rarely missing, through ``results_of``)."""
+        are rarely missing, through ``outcomes``)."""
         done, job_id = after
         stmt = (select(JobRow.id, JobRow.tenant, JobRow.finished_at)
                 .where(JobRow.finished_at >= since, JobRow.state.in_(_FINAL),
@@ -418,20 +418,10 @@ class JobStore:
         with self.engine.connect() as conn:
             return [(r[0], r[1], r[2] or 0.0) for r in conn.execute(stmt)]
 
-    def results_of(self, job_ids: Sequence[str]) -> dict[str, str]:
-        """The stored result JSON of each of ``job_ids`` that has one."""
-        out: dict[str, str] = {}
-        with self.engine.connect() as conn:
-            for chunk in _chunks(list(job_ids), 500):
-                stmt = select(JobRow.id, JobRow.result).where(JobRow.id.in_(chunk),
-                                                               JobRow.result.is_not(None))
-                out.update((job_id, str(raw)) for job_id, raw in conn.execute(stmt))
-        return out
-
     def outcomes(self, job_ids: Sequence[str]) -> dict[str, str | None]:
         """Each known job of ``job_ids``: its stored result JSON, or None while it has none
         (unknown ids are left out). Reads neither specs nor states: a waiting client's
-        check of results that left Redis."""
+        check of results that left Redis, and the reconciler's write-back of them."""
         out: dict[str, str | None] = {}
         with self.engine.connect() as conn:
             for chunk in _chunks(list(job_ids), 500):

@@ -217,9 +217,9 @@ class Reconciler:
         have = self.queue.have_results([r[0] for r in rows])
         lacking = {job_id: tenant for (job_id, tenant, _), h in zip(rows, have, strict=True)
                    if not h}
-        raw = self.store.results_of(list(lacking)) if lacking else {}
+        raw = self.store.outcomes(list(lacking)) if lacking else {}
         missing = [(JobResult.model_validate_json(text), lacking[job_id])
-                   for job_id, text in raw.items()]
+                   for job_id, text in raw.items() if text is not None]
         if missing:
             stored = self.queue.finish([m[0] for m in missing], [m[1] for m in missing],
                                        result_ttl_s=self.settings.result_ttl_s)

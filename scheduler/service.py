@@ -115,7 +115,7 @@ class Scheduler:
         self.metrics = SchedulerMetrics(settings.metrics_tenant_label)
         self.semantic = SemanticCache(self.r, settings, self.embedder)
         self._last_overview = 0.0
-        #: Batches sent and not yet acknowledged: ``(batch id, job ids)``.
+        #: Ids of the batches sent and not yet acknowledged (``RedisQueue.ack_sent``).
         self._unacked: list[str] = []
 
     def _new_pool(self) -> Pool:
@@ -132,6 +132,7 @@ class Scheduler:
     def run(self) -> None:
         """Wait for Redis and SQL, then schedule until stopped; release the lease on exit."""
         self._wait_for_services()
+        self._prepare_sending()
         log.info("scheduler %s started (embedder %s, dim %d)", self.token,
                  self.settings.embedder, self.embedder.dim)
         try:
@@ -184,11 +185,13 @@ class Scheduler:
                  cap.slots, cap.inflight)
 
     def _wait_for_services(self) -> None:
-        """Wait for Redis and the store (``SchemaBehind`` or ``StoreMismatch`` go up); then
-        set the Celery app up and connect its producer, which Celery otherwise does in the
-        first ``send_task`` (~50-100 ms of imports and configuration, before the first
-        batch could leave)."""
+        """Wait for Redis and the store; ``SchemaBehind`` or ``StoreMismatch`` go up."""
         wait_until_ready(self.queue, self.store, self.url, self._stop)
+
+    def _prepare_sending(self) -> None:
+        """Set the Celery app up and connect its producer, which Celery otherwise does in
+        the first ``send_task`` (~50-100 ms of imports and configuration, before the first
+        batch could leave)."""
         self.celery.finalize()
         _ = self.celery.amqp.router
         with contextlib.suppress(Exception), self.celery.producer_or_acquire() as producer:
