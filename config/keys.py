@@ -48,6 +48,17 @@ DONE = f"{PREFIX}done"
 DONE_MAXLEN = 100_000
 #: JSON overview the active scheduler writes every second (``promptbatch status``).
 OVERVIEW = f"{PREFIX}overview"
+#: Sorted set deployment (``provider|model``) -> Unix time its cool-down ends: the
+#: deployments cooling down, read without scanning the keyspace (``cooldown`` is the
+#: flag each batch checks; this is the list the overview shows).
+COOLING = f"{PREFIX}cooling"
+#: Sorted set partition -> Unix time an entry was last stored in it: the result cache's
+#: partitions, so a purge finds their entries without scanning the keyspace.
+CACHE_PARTITIONS = f"{PREFIX}cache:parts"
+#: Sorted set ``{semantic partition}\t{entry key}`` -> Unix time its vector was stored:
+#: every vector of the semantic index, oldest first (the bound evicts from the front; a
+#: scheduler that takes over reloads from it).
+CACHE_VECTOR_ORDER = f"{PREFIX}cache:vorder"
 
 #: Celery's result backend key prefix (celery.backends.base.KeyValueStoreBackend).
 CELERY_RESULT_PREFIX = "celery-task-meta-"

@@ -128,8 +128,13 @@ class Settings(BaseSettings):
         "customers). `promptbatch keys add TENANT --admin` stores one in SQL instead.",
     )
     api_max_body_bytes: int = Field(
-        default=32 * 1024 * 1024, ge=1024,
-        description="Largest request body the API accepts (HTTP 413 above).")
+        default=16 * 1024 * 1024, ge=1024,
+        description="Largest body of POST /v1/jobs and of a file upload (HTTP 413 above, "
+        "checked before the body is read).")
+    api_max_json_depth: int = Field(
+        default=32, ge=4, le=512,
+        description="Deepest nesting of arrays and objects a JSON body or Batch API line may "
+        "have (HTTP 400 deeper).")
     api_max_jobs_per_request: int = Field(
         default=10_000, ge=1, description="Most jobs in one POST /v1/jobs.")
     api_max_wait_s: float = Field(
@@ -429,6 +434,33 @@ class Settings(BaseSettings):
         "guard on numbers, negations and names applies as well).")
     cache_semantic_thresholds: dict[str, float] = Field(
         default_factory=dict, description="Per tenant thresholds of the semantic cache.")
+    cache_semantic_max_entries: int = Field(
+        default=100_000, ge=1, description="Most prompts the semantic index holds (all "
+        "partitions together, in the active scheduler's memory and in Redis); the oldest "
+        "leave first.")
+    cache_semantic_max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="Most bytes of vectors the semantic "
+        "index holds (dimensions x 4 bytes each, plus its key); the oldest leave first.")
+    retention_days: float = Field(
+        default=30.0, ge=0, description="Final jobs, their results, idempotency keys, Batch "
+        "API records and files older than this many days are deleted from the job store by "
+        "the active scheduler (in bounded pages between its ticks; `promptbatch purge "
+        "--older-than DAYS` does it at once). 0: keep everything.")
+    retention_interval_s: float = Field(
+        default=300.0, gt=0, description="How often the active scheduler looks for jobs past "
+        "retention_days.")
+    api_stream_max_s: float = Field(
+        default=600.0, gt=0, description="Longest a streamed response (chat completions with "
+        "stream, GET /v1/jobs/{id}/stream) waits for a job without a deadline; a job with a "
+        "deadline is waited for until then. The job keeps running after.")
+    api_max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024,
+        description="Largest body of a single-job request (chat and text completions, the "
+        "Batch API's JSON requests); HTTP 413 above, checked before the body is read.")
+    shutdown_grace_s: float = Field(
+        default=120.0, ge=0, description="On SIGINT or SIGTERM a worker (and `promptbatch "
+        "up`) starts no new batch and waits this long for the running ones to finish before "
+        "it stops them (they then run again elsewhere). A second Ctrl-C stops at once.")
     metrics_port: int = Field(
         default=0, ge=0, le=65535,
         description="Port of the Prometheus /metrics endpoint of the scheduler or the worker "

@@ -156,23 +156,25 @@ def settle(queue: RedisQueue, results: Sequence[JobResult], stored: Sequence[boo
 
 
 def purge_pattern(tenant: str | None = None, model: str | None = None,
-                  key: str | None = None) -> str:
-    """The glob of the entries to purge: a tenant's (``tenant``, or ``_shared``), a model's
-    (``provider|model``, or a model name of any provider), one key (``partition:hash`` or
-    the hash alone), or their intersection; everything when none is given."""
+                  key: str | None = None) -> tuple[str, str]:
+    """The entries to purge, as globs on their partition and on their hash: a tenant's
+    (``tenant``, or ``_shared``), a model's (``provider|model``, or a model name of any
+    provider), one key (``partition:hash`` or the hash alone), or their intersection;
+    everything when none is given."""
     if key:
-        if ":" in key:  # a whole key: partition:hash
-            return key
-        return f"{tenant or '*'}|*:{key}"
+        if ":" in key:  # a whole key: partition:hash (a hash has no ':'; a model may)
+            part, _, digest = key.rpartition(":")
+            return part, digest
+        return f"{tenant or '*'}|*", key
     if model:
         provider, _, name = model.rpartition("|")
         deployment = f"{provider}|{name}" if provider else f"*|{name}"
     else:
         deployment = "*|*"
-    return f"{tenant or '*'}|{deployment}|*"
+    return f"{tenant or '*'}|{deployment}|*", "*"
 
 
 def purge(queue: RedisQueue, *, tenant: str | None = None, model: str | None = None,
           key: str | None = None) -> int:
     """Delete cached results (see ``purge_pattern``); return how many."""
-    return queue.cache_purge(purge_pattern(tenant, model, key))
+    return queue.cache_purge(*purge_pattern(tenant, model, key))

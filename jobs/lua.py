@@ -405,10 +405,11 @@ return tostring(wait)
 """
 
 
-#: KEYS: entry, partition index, partition sizes, partition bytes. ARGV: entry JSON, ttl,
-#: now, most entries, most bytes. Stores a cached result and keeps the partition within
-#: its bounds: entries past their ttl leave its accounts, then the oldest go until it fits.
-#: (The evicted entries' keys are read from the index.)
+#: KEYS: entry, partition index, partition sizes, partition bytes, the partitions' registry.
+#: ARGV: entry JSON, ttl, now, most entries, most bytes, partition name. Stores a cached
+#: result, registers its partition (so a purge finds it without a keyspace scan) and keeps
+#: the partition within its bounds: entries past their ttl leave its accounts, then the
+#: oldest go until it fits. (The evicted entries' keys are read from the index.)
 CACHE_PUT = """
 local function drop(k)
   local size = tonumber(redis.call('HGET', KEYS[3], k) or '0')
@@ -432,6 +433,7 @@ while redis.call('ZCARD', KEYS[2]) > tonumber(ARGV[4]) or bytes > tonumber(ARGV[
   bytes = drop(first[1])
 end
 for i = 2, 4 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[2]) * 2) end
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[6])
 return bytes
 """
 

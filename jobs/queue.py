@@ -8,6 +8,7 @@ entry per job not yet sent; a job's result lives in Celery's own result key
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import time
 from collections import Counter
@@ -474,8 +475,9 @@ class RedisQueue:
                   max_entries: int, max_bytes: int) -> None:
         """Store an entry, keeping its partition within its bounds."""
         self._cache_put(keys=[keys.cache_entry(key), keys.cache_index(partition),
-                              keys.cache_sizes(partition), keys.cache_bytes(partition)],
-                        args=[entry, ttl_s, now, max_entries, max_bytes])
+                              keys.cache_sizes(partition), keys.cache_bytes(partition),
+                              keys.CACHE_PARTITIONS],
+                        args=[entry, ttl_s, now, max_entries, max_bytes, partition])
 
     def coalesce(self, specs: Sequence[JobSpec], cache_keys: Sequence[str],
                  ttl_s: int) -> list[str]:
@@ -520,43 +522,41 @@ class RedisQueue:
                    if lead is None or checks[2 * i] or checks[2 * i + 1] != lead]
         return self.release_followers(orphans)
 
-    def cache_purge(self, pattern: str) -> int:
-        """Delete the entries whose key matches ``pattern`` (a glob on ``partition:hash``)
-        and the accounts of partitions left empty; return how many entries went. (Their
-        semantic vectors stay until they expire: a lookup passes over a vector whose entry
-        is gone.)"""
+    def cache_purge(self, partitions: str, digests: str = "*") -> int:
+        """Delete the entries of the partitions that match the glob ``partitions`` whose
+        hash matches ``digests``, and the accounts of partitions left empty; return how many
+        entries went. The partitions come from their registry and the entries from each
+        partition's index: no keyspace scan. (Their semantic vectors stay until they
+        leave the semantic index: a lookup passes over a vector whose entry is gone.)"""
         gone = 0
-        partitions: set[str] = set()
         prefix = keys.cache_entry("")
-        batch: list[str] = []
-        for name in self.r.scan_iter(match=keys.cache_entry(pattern), count=1000):
-            batch.append(str(name))
-            if len(batch) >= 500:
-                gone += self._purge_batch(batch, prefix, partitions)
-                batch = []
-        if batch:
-            gone += self._purge_batch(batch, prefix, partitions)
-        for part in partitions:
-            if not self.r.zcard(keys.cache_index(part)):
-                self.r.delete(keys.cache_index(part), keys.cache_sizes(part),
-                              keys.cache_bytes(part))
+        for part in self.r.zrange(keys.CACHE_PARTITIONS, 0, -1):
+            part = str(part)
+            if not fnmatch.fnmatchcase(part, partitions):
+                continue
+            names = [str(n) for n in self.r.zrange(keys.cache_index(part), 0, -1)]
+            chosen = [n for n in names
+                      if fnmatch.fnmatchcase(n[len(prefix):].rpartition(":")[2], digests)]
+            for start in range(0, len(chosen), 500):
+                gone += self._purge_batch(part, chosen[start:start + 500])
+            if len(chosen) == len(names):
+                pipe = self.r.pipeline(transaction=True)
+                pipe.delete(keys.cache_index(part), keys.cache_sizes(part),
+                            keys.cache_bytes(part))
+                pipe.zrem(keys.CACHE_PARTITIONS, part)
+                pipe.execute()
         return gone
 
-    def _purge_batch(self, names: list[str], prefix: str, partitions: set[str]) -> int:
+    def _purge_batch(self, part: str, names: list[str]) -> int:
+        sizes: list[Any] = list(self.r.hmget(keys.cache_sizes(part), names))
         pipe = self.r.pipeline(transaction=False)
-        sizes = self.r.pipeline(transaction=False)
-        parts = [name[len(prefix):].rsplit(":", 1)[0] for name in names]
-        partitions.update(parts)
-        for name, part in zip(names, parts, strict=True):
-            sizes.hget(keys.cache_sizes(part), name)
-        for name, part, size in zip(names, parts, sizes.execute(), strict=True):
-            pipe.delete(name)
-            pipe.zrem(keys.cache_index(part), name)
-            pipe.hdel(keys.cache_sizes(part), name)
-            if size:
-                pipe.decrby(keys.cache_bytes(part), int(size))
-        pipe.execute()
-        return len(names)
+        pipe.delete(*names)
+        pipe.zrem(keys.cache_index(part), *names)
+        pipe.hdel(keys.cache_sizes(part), *names)
+        total = sum(int(x) for x in sizes if x)
+        if total:
+            pipe.decrby(keys.cache_bytes(part), total)
+        return int(pipe.execute()[0])  # entries that still existed (not yet expired)
 
     def done_cursor(self) -> str:
         """The id of the newest entry of the stream of stored results ('0-0' if none)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,9 @@ class JobRow(Base):
     batch_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: When the row was written (a long submit writes its rows well after its jobs'
+    #: ``created_at``): the reconciler's grace counts from here.
+    stored_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class StoreMetaRow(Base):
@@ -161,7 +165,6 @@ def _wal(cur: Any, timeout_s: float) -> None:
     opening the same fresh file may hold for a moment, and SQLite answers "database is
     locked" at once rather than waiting: try again for up to ``timeout_s``."""
     import sqlite3
-    import time
 
     until = time.monotonic() + timeout_s
     while True:
@@ -252,7 +255,8 @@ class JobStore:
         fresh = [s for s in specs if mapping[s.id] == s.id]
         if not fresh:
             return mapping
-        rows = [_row(s, spec_json.get(s.id) if spec_json else None) for s in fresh]
+        now = time.time()
+        rows = [_row(s, spec_json.get(s.id) if spec_json else None, now) for s in fresh]
         if final:  # every row with the same columns (one executemany)
             for row in rows:
                 row.update(result=None, finished_at=None, batch_id=None)
@@ -394,14 +398,17 @@ class JobStore:
             return [_stored(r) for r in conn.execute(stmt).mappings()]
 
     def unfinished_page(self, state: JobState, *, after: str = "", limit: int = 1000,
-                        ) -> list[tuple[str, str, float]]:
-        """``(id, tenant, created_at)`` of jobs in a non-final ``state``, by id, after
-        ``after`` (the reconciler's pages: one index range each, whatever the table size)."""
-        stmt = (select(JobRow.id, JobRow.tenant, JobRow.created_at)
+                        ) -> list[tuple[str, str, float, float]]:
+        """``(id, tenant, created_at, stored)`` of jobs in a non-final ``state``, by id,
+        after ``after`` (the reconciler's pages: one index range each, whatever the table
+        size); ``stored`` is when the row was written (``created_at`` for rows written
+        before that was recorded)."""
+        stmt = (select(JobRow.id, JobRow.tenant, JobRow.created_at, JobRow.stored_at)
                 .where(JobRow.state == state.value, JobRow.id > after)
                 .order_by(JobRow.id).limit(limit))
         with self.engine.connect() as conn:
-            return [(r[0], r[1], r[2]) for r in conn.execute(stmt)]
+            return [(r[0], r[1], r[2], r[3] if r[3] is not None else r[2])
+                    for r in conn.execute(stmt)]
 
     def finished_page(self, since: float, *, after: tuple[float, str] = (0.0, ""),
                       limit: int = 1000) -> list[tuple[str, str, float]]:
@@ -446,7 +453,8 @@ class JobStore:
             conn.execute(text("SELECT 1"))
 
 
-def _row(spec: JobSpec, spec_json: str | None = None) -> dict[str, Any]:
+def _row(spec: JobSpec, spec_json: str | None = None,
+         stored_at: float | None = None) -> dict[str, Any]:
     return {
         "id": spec.id,
         "tenant": spec.tenant,
@@ -459,6 +467,7 @@ def _row(spec: JobSpec, spec_json: str | None = None) -> dict[str, Any]:
         "spec": spec_json or spec.model_dump_json(),
         "created_at": spec.created_at,
         "deadline": spec.deadline,
+        "stored_at": time.time() if stored_at is None else stored_at,
     }
 
 

@@ -669,6 +669,29 @@ def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
     print(new)
 
 
+@app.command()
+def purge(
+    older_than: Annotated[float, typer.Option(
+        "--older-than", min=0, help="Delete final jobs (their results and idempotency keys), "
+        "Batch API records and files older than this many days.")],
+) -> None:
+    """Delete what the job store holds past a retention period, in bounded pages (the
+    active scheduler does the same with PROMPTBATCH_RETENTION_DAYS, 30 by default)."""
+    from jobs.retention import purge_older_than
+    from jobs.store import JobStore
+
+    store = JobStore(_settings().database_url)
+    try:
+        store.check_schema()
+        done = purge_older_than(store, older_than)
+    except PromptBatchError as exc:
+        raise _refuse(exc) from None
+    finally:
+        store.close()
+    print(f"deleted {done.jobs} jobs, {done.batches} batch records and {done.files} files "
+          f"older than {older_than:g} days")
+
+
 cache_app = typer.Typer(help="The result cache.")
 app.add_typer(cache_app, name="cache")
 

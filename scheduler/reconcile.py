@@ -176,7 +176,9 @@ class Reconciler:
                 p.phase = "results"
             return
         p.after = rows[-1][0]
-        old = [r for r in rows if now - r[2] >= self.settings.reconcile_grace_s]
+        # The grace counts from when a row was written: a long submit writes its rows
+        # well after its jobs were created, and must not see them re-enqueued.
+        old = [r[:3] for r in rows if now - r[3] >= self.settings.reconcile_grace_s]
         if not old:
             return
         page = _sort(old, self.queue, now)

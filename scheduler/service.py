@@ -48,6 +48,7 @@ from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
 from jobs.queue import Reading, RedisQueue, connect
 from jobs.readiness import wait_until_ready
+from jobs.retention import Retention
 from jobs.stats import class_name, read_recent, read_totals
 from jobs.store import JobStore
 from scheduler.backlog import Backlog
@@ -99,6 +100,8 @@ class Scheduler:
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=settings.aging_s)
         self.reconciler = Reconciler(self.store, self.queue, settings)
+        self.retention = Retention(self.store, settings.retention_days,
+                                   settings.retention_interval_s)
         self.service = ServiceModel()
         self.active = False
         self.last_sid = "0-0"
@@ -143,6 +146,7 @@ class Scheduler:
                         continue
                     self.tick()
                     self._reconcile_slice()
+                    self._retention_slice()
                     self._report()
                     self._refresh_overview()
                 except LeaseLost:
@@ -171,6 +175,13 @@ class Scheduler:
         now = time.time()
         if self.reconciler.due(now):
             self.reconciler.step(now, RECONCILE_SLICE_S)
+            self._renew()
+
+    def _retention_slice(self) -> None:
+        """A bounded slice of retention's deletes (a page of each table, or ~20 ms)."""
+        now = time.time()
+        if self.retention.due(now):
+            self.retention.step(now, RECONCILE_SLICE_S)
             self._renew()
 
     def _report(self) -> None:
@@ -255,7 +266,7 @@ class Scheduler:
         self._caught_up = False
         self.reconciler.resume()
         if self.settings.cache_enabled and self.settings.cache_semantic_tenants:
-            log.info("semantic cache: %d vectors loaded", self.semantic.load())
+            log.info("semantic cache: %d vectors loaded", self.semantic.load(self._renew))
         log.info("recovered: re-sent %d batches from the outbox; reading %d intake entries",
                  len(outbox), self.queue.r.xlen(keys.INTAKE))
 
@@ -472,11 +483,12 @@ class Scheduler:
         pipe = self.r.pipeline(transaction=False)
         pipe.hgetall(keys.WORKERS)
         pipe.zrange(keys.INFLIGHT, 0, -1)
+        pipe.zremrangebyscore(keys.COOLING, "-inf", now)
+        pipe.zrange(keys.COOLING, 0, -1)
         for name in keys.QUEUES:
             pipe.llen(name)
-        workers_raw, inflight_raw, *queued = pipe.execute()
-        cooling = sorted(str(k)[len(keys.cooldown("")):] for k in
-                         self.r.scan_iter(match=keys.cooldown("*"), count=1000))
+        workers_raw, inflight_raw, _, cooling_raw, *queued = pipe.execute()
+        cooling = sorted(str(k) for k in cooling_raw)
         workers = slots = 0
         for raw in workers_raw.values():
             info = json.loads(raw)

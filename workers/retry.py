@@ -131,8 +131,11 @@ class Health:
             if count >= self.settings.cooldown_failures:
                 log.warning("%s failed %d times in a row: cooling down for %g s", deployment,
                             count, self.settings.cooldown_s)
-                self.client.set(keys.cooldown(deployment), "1",
-                                ex=max(1, int(self.settings.cooldown_s)))
+                pipe = self.client.pipeline(transaction=False)
+                pipe.set(keys.cooldown(deployment), "1",
+                         ex=max(1, int(self.settings.cooldown_s)))
+                pipe.zadd(keys.COOLING, {deployment: time.time() + self.settings.cooldown_s})
+                pipe.execute()
                 metrics.COOLDOWNS.labels(*metrics.deployment_labels(deployment)).inc()
                 self.client.delete(keys.failures(deployment))
         except redis.RedisError as exc:  # health is advice: never fail a batch over it

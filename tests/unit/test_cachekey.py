@@ -103,9 +103,10 @@ def test_the_guard_lets_paraphrases_through(a: str, b: str) -> None:
 
 
 def test_purge_patterns() -> None:
-    assert purge_pattern(tenant="acme") == "acme|*|*|*"
-    assert purge_pattern(model="openai|gpt-4o") == "*|openai|gpt-4o|*"
-    assert purge_pattern(tenant="acme", model="gpt-4o") == "acme|*|gpt-4o|*"
-    assert purge_pattern(key="abc123") == "*|*:abc123"
-    assert purge_pattern(key="acme|echo|echo-1|:abc") == "acme|echo|echo-1|:abc"
-    assert purge_pattern() == "*|*|*|*"
+    assert purge_pattern(tenant="acme") == ("acme|*|*|*", "*")
+    assert purge_pattern(model="openai|gpt-4o") == ("*|openai|gpt-4o|*", "*")
+    assert purge_pattern(tenant="acme", model="gpt-4o") == ("acme|*|gpt-4o|*", "*")
+    assert purge_pattern(key="abc123") == ("*|*", "abc123")
+    assert purge_pattern(key="acme|echo|echo-1|:abc") == ("acme|echo|echo-1|", "abc")
+    assert purge_pattern(key="acme|ollama|llama3:8b|:abc") == ("acme|ollama|llama3:8b|", "abc")
+    assert purge_pattern() == ("*|*|*|*", "*")
