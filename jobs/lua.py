@@ -284,42 +284,49 @@ if not won and redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
 """ + COUNT_DELIVERY
 
 #: KEYS: intake, stats hash, recent stats bucket, stream of stored ids, then per job: job,
-#: celery result key, tenant pending set. ARGV: result ttl, job key ttl, bucket ttl, the
-#: stream's length, then per job: id, Celery meta JSON, final state, class ('' to read it
-#: from the job), stats label (``tenant|provider|model``), missed its deadline ('1' or '0').
+#: celery result key, tenant pending set, the job's output stream. ARGV: result ttl, job
+#: key ttl, bucket ttl, the stream's length, a job stream's length, then per job: id,
+#: Celery meta JSON, final state, class ('' to read it from the job), stats label
+#: (``tenant|provider|model``; the one the job was counted under when submitted wins),
+#: missed its deadline ('1' or '0').
 #: Stores each result unless one exists (first wins), publishes it for Celery's result
-#: consumer, records the final state, drops the job from intake, and counts it as
+#: consumer, records the final state, drops the job from intake, ends the job's output
+#: stream (an ``end`` entry with the state, when the job has a stream) and counts it as
 #: finished (``f|state|class|label``, and ``m|class|label`` when it missed its deadline;
 #: ``f|state|class`` and ``m|class`` in the bucket): a result is counted where it is
-#: stored, once. The ids stored go to the stream in one entry. Returns, per job, 1 if its
-#: result was stored (the cache key it leads, for a job identical requests wait for), else
-#: 0.
+#: stored, once, under the labels it was counted under as submitted. The ids stored go
+#: to the stream of stored ids in one entry. Returns, per job, 1 if its result was
+#: stored (the cache key it leads, for a job identical requests wait for), else 0.
 FINISH_MANY = _COUNT + """
 local out = {}
 local done = {}
 local totals, recent, pending = {}, {}, {}
-for i = 1, (#KEYS - 4) / 3 do
-  local jk, rk, tk = KEYS[3 * i + 2], KEYS[3 * i + 3], KEYS[3 * i + 4]
-  local a = 4 + (i - 1) * 6
+for i = 1, (#KEYS - 4) / 4 do
+  local jk, rk, tk, sk = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]
+  local a = 5 + (i - 1) * 6
   if redis.call('SET', rk, ARGV[a + 2], 'NX', 'EX', ARGV[1]) then
     done[#done + 1] = ARGV[a + 1]
     redis.call('PUBLISH', rk, ARGV[a + 2])
-    local v = redis.call('HMGET', jk, 'sid', 'p', 'leads')
+    local v = redis.call('HMGET', jk, 'sid', 'p', 'leads', 'm')
     if v[1] and v[1] ~= '' then  -- still in intake ('' once claimed)
       redis.call('XDEL', KEYS[1], v[1])
       redis.call('HDEL', jk, 'sid')
     end
     local cls = ARGV[a + 4]
     if cls == '' then cls = v[2] or '' end
+    local label = v[4] or ARGV[a + 5]
     redis.call('HSET', jk, 'state', ARGV[a + 3])
     redis.call('EXPIRE', jk, ARGV[2])
+    if redis.call('EXISTS', sk) == 1 then
+      redis.call('XADD', sk, 'MAXLEN', '~', ARGV[5], '*', 'end', ARGV[a + 3])
+    end
     local members = pending[tk] or {}
     members[#members + 1] = ARGV[a + 1]
     pending[tk] = members
-    count(totals, 'f|' .. ARGV[a + 3] .. '|' .. cls .. '|' .. ARGV[a + 5])
+    count(totals, 'f|' .. ARGV[a + 3] .. '|' .. cls .. '|' .. label)
     count(recent, 'f|' .. ARGV[a + 3] .. '|' .. cls)
     if ARGV[a + 6] == '1' then
-      count(totals, 'm|' .. cls .. '|' .. ARGV[a + 5])
+      count(totals, 'm|' .. cls .. '|' .. label)
       count(recent, 'm|' .. cls)
     end
     out[i] = v[3] or 1

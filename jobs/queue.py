@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from config import keys
-from jobs import lua, stats
+from jobs import lua, stats, streams
 from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 
 #: Celery state and exception type used for each final state.
@@ -403,10 +403,10 @@ class RedisQueue:
                             cls_of[start:start + FINISH_CHUNK], strict=True))
             job_keys: list[str] = [keys.INTAKE, keys.STATS, recent, keys.DONE]
             args: list[str | int] = [result_ttl_s, FINAL_JOB_TTL_S, stats.BUCKET_TTL_S,
-                                     keys.DONE_MAXLEN]
+                                     keys.DONE_MAXLEN, streams.MAXLEN]
             for res, tenant, cls in part:
                 job_keys += [keys.job(res.id), keys.celery_result(res.id),
-                             keys.tenant_pending(tenant)]
+                             keys.tenant_pending(tenant), keys.job_stream(res.id)]
                 args += [res.id, celery_meta(res, dumped.get(res.id) if dumped else None),
                          res.state.value, cls,
                          stats.label(tenant, res.provider, res.model),

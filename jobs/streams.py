@@ -2,31 +2,49 @@
 
 The worker appends as the provider produces: an ``attempt`` entry when a provider attempt
 starts (a reader discards the text of the attempts before it: a retry, or a worker that
-died mid-stream, starts over), ``t`` entries of text, and an ``end`` entry with the final
-state once the result is stored. The stream is bounded (``MAXLEN``) and expires with the
-result; a reader that falls behind the bound is told so (``lost``). Entry ids are the
-SSE event ids, so a reader resumes after the last one it saw (``Last-Event-ID``).
+died mid-stream, starts over) and ``t`` entries of text, each carrying its attempt's id
+(``a``), so that a reader tells attempts apart even when an ``attempt`` entry could not be
+written. The step that stores a job's result (``FINISH_MANY``) appends the ``end`` entry
+with the final state, whatever ended the job (a worker, an expiry, a cancel, the
+reconciler, a coalesced answer). The stream is bounded (``MAXLEN``) and expires with the
+result; a reader that falls behind the bound is told so (``lost``). Entry ids are the SSE
+event ids, so a reader resumes after the last one it saw (``Last-Event-ID``).
+
+What a reader can rely on (``follow``, and the API's asynchronous reader): it ends with
+an ``end`` event carrying the job's real final state within about ``BLOCK_MS`` of the
+result being stored, whether or not the stream has an ``end`` entry, or exists at all (a
+job answered from the cache, or not submitted with ``stream``); with a time bound, it
+ends with a ``timeout`` event when the bound passes first (the job keeps running).
 """
 
 from __future__ import annotations
 
-import json
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import redis
 
 from config import keys
 
 #: Most entries a job's stream keeps.
 MAXLEN = 20_000
+#: How long one read waits in Redis, in milliseconds: a reader of a job whose stream has
+#: no ``end`` entry learns of its result this long after it is stored, at most.
+BLOCK_MS = 500
+#: Entries read per round trip.
+READ_COUNT = 500
+#: A stream entry id (and so an SSE event id): milliseconds, a dash, a sequence number.
+ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 
 
 @dataclass(frozen=True)
 class Event:
-    """One entry of a job's stream: ``kind`` is attempt, chunk, end or lost."""
+    """One event of a job's stream: ``kind`` is attempt, chunk, end, lost or timeout."""
 
     id: str
     kind: str
@@ -39,23 +57,21 @@ class Sink:
     def __init__(self, r: redis.Redis, ttl_s: int) -> None:
         self.r = r
         self.ttl_s = ttl_s
+        #: The attempt under way of each job this sink writes for.
+        self._attempts: dict[str, str] = {}
 
     def begin(self, job_id: str) -> None:
         """A provider attempt starts: readers discard the text of earlier attempts."""
-        self._add(job_id, {"attempt": uuid.uuid4().hex[:8]})
+        attempt = uuid.uuid4().hex[:8]
+        self._attempts[job_id] = attempt
+        if len(self._attempts) > 10_000:  # forget the oldest: those jobs are long done
+            for old in list(self._attempts)[:5_000]:
+                del self._attempts[old]
+        self._add(job_id, {"attempt": attempt})
 
     def chunk(self, job_id: str, text: str) -> None:
         if text:
-            self._add(job_id, {"t": text})
-
-    def end(self, job_ids: list[str], states: list[str]) -> None:
-        """The jobs' results are stored (in one round trip)."""
-        pipe = self.r.pipeline(transaction=False)
-        for job_id, state in zip(job_ids, states, strict=True):
-            pipe.xadd(keys.job_stream(job_id), {"end": state}, maxlen=MAXLEN,
-                      approximate=True)
-            pipe.expire(keys.job_stream(job_id), self.ttl_s)
-        pipe.execute()
+            self._add(job_id, {"t": text, "a": self._attempts.get(job_id, "")})
 
     def _add(self, job_id: str, fields: dict[str, str]) -> None:
         try:
@@ -65,29 +81,7 @@ class Sink:
             pipe.expire(keys.job_stream(job_id), self.ttl_s)
             pipe.execute()
         except redis.RedisError:
-            pass  # a lost chunk costs a reader some text, never the job: the result is whole
-
-
-def read(r: redis.Redis, job_id: str, after: str = "0-0", block_ms: int = 1000, *,
-         check_lost: bool = True) -> list[Event]:
-    """Entries after ``after`` (waiting up to ``block_ms`` for the first); with
-    ``check_lost`` (a reader resuming), a ``lost`` event first when entries after
-    ``after`` were trimmed away."""
-    name = keys.job_stream(job_id)
-    reply: Any = r.xread({name: after}, count=500, block=block_ms)
-    out: list[Event] = []
-    if check_lost and after != "0-0":
-        first: Any = r.xrange(name, count=1)
-        if first and older(after, str(first[0][0])) and not _has(r, name, after):
-            out.append(Event(id=after, kind="lost"))
-    for _, entries in reply or []:
-        for entry_id, fields in entries:
-            out.append(event_of(str(entry_id), fields))
-    return out
-
-
-def _has(r: redis.Redis, name: str, entry_id: str) -> bool:
-    return bool(r.xrange(name, min=entry_id, max=entry_id, count=1))
+            pass  # a lost entry costs a reader some text, never the job: the result is whole
 
 
 def older(a: str, b: str) -> bool:
@@ -97,13 +91,65 @@ def older(a: str, b: str) -> bool:
     return (ta, sa) < (tb, sb)
 
 
-def event_of(entry_id: str, fields: dict[str, str]) -> Event:
-    """The event of a stream entry."""
-    if "t" in fields:
-        return Event(entry_id, "chunk", fields["t"])
-    if "attempt" in fields:
-        return Event(entry_id, "attempt", fields["attempt"])
-    return Event(entry_id, "end", fields.get("end", ""))
+class Cursor:
+    """A reader's position in a job's stream and the attempt it is reading: turns raw
+    entries into events (pure: the sync and the async reader share it). A chunk of
+    another attempt than the one being read starts a new attempt, as an ``attempt``
+    entry does."""
+
+    def __init__(self, after: str = "0-0", attempt: str | None = None) -> None:
+        self.after = after
+        self.attempt = attempt
+        self.ended = False
+
+    def take(self, entries: list[tuple[Any, dict[str, Any]]]) -> list[Event]:
+        """The events of entries read after ``after``; moves past them."""
+        out: list[Event] = []
+        for raw_id, fields in entries:
+            entry_id = str(raw_id)
+            if "t" in fields:
+                attempt = str(fields.get("a") or "")
+                if attempt and attempt != self.attempt:
+                    if self.attempt is not None:  # an attempt entry that was not written
+                        out.append(Event(self.after, "attempt", attempt))
+                    self.attempt = attempt
+                out.append(Event(entry_id, "chunk", str(fields["t"])))
+            elif "attempt" in fields:
+                self.attempt = str(fields["attempt"])
+                out.append(Event(entry_id, "attempt", self.attempt))
+            elif "end" in fields:
+                out.append(Event(entry_id, "end", str(fields["end"])))
+            self.after = entry_id
+            if out and out[-1].kind == "end":
+                self.ended = True
+                return out
+        return out
+
+    def ending(self, meta: str) -> Event:
+        """The ``end`` event of a job whose result is stored (its Celery meta)."""
+        self.ended = True
+        return Event(self.after, "end", final_state(meta))
+
+    @staticmethod
+    def block_ms(until: float | None, now: float) -> int:
+        """How long the next read may wait: ``BLOCK_MS``, less when the bound is near."""
+        if until is None or until <= now:
+            return BLOCK_MS
+        return max(1, min(BLOCK_MS, int((until - now) * 1000)))
+
+    @staticmethod
+    def timed_out(until: float | None, now: float, got: bool) -> bool:
+        """Whether a reader gives up: its bound has passed and the stream went quiet (a
+        job still producing text keeps its reader past the bound)."""
+        return until is not None and now >= until and not got
+
+    @staticmethod
+    def attempt_of(fields: dict[str, Any] | None) -> str | None:
+        """The attempt an entry belongs to (resuming after it)."""
+        if not fields:
+            return None
+        value = fields.get("a") if "t" in fields else fields.get("attempt")
+        return str(value) if value else None
 
 
 def text_of(events: list[Event]) -> str:
@@ -118,26 +164,73 @@ def text_of(events: list[Event]) -> str:
 
 
 def final_state(meta: str | None) -> str:
-    """The final state in a job's Celery result meta ('' if there is none)."""
-    return str(json.loads(meta).get("promptbatch", {}).get("state", "")) if meta else ""
+    """The final state in a job's Celery result meta ('' if there is none). A job that did
+    not succeed has its record under ``promptbatch``; a succeeded job's record is Celery's
+    ``result``."""
+    if not meta:
+        return ""
+    data = orjson.loads(meta)
+    record = data.get("promptbatch")
+    if record is None and data.get("status") == "SUCCESS":
+        record = data.get("result")
+    return str((record or {}).get("state") or "")
 
 
-def follow(r: redis.Redis, job_id: str, after: str = "0-0") -> Iterator[Event]:
-    """Every event from ``after`` on, until the ``end`` event (for a job that ended with
-    no stream, as one answered from the cache, an ``end`` with its final state). Only
-    the first read checks whether ``after`` was trimmed away: a reader that keeps
-    reading stays within the stream's bound."""
-    check = True
+def read(r: redis.Redis, job_id: str, after: str = "0-0", block_ms: int = BLOCK_MS, *,
+         check_lost: bool = True) -> list[Event]:
+    """Entries after ``after`` (waiting up to ``block_ms`` for the first); with
+    ``check_lost`` (a reader resuming), a ``lost`` event first when entries after
+    ``after`` were trimmed away."""
+    cursor, events = _resume(r, job_id, after) if check_lost else (Cursor(after), [])
+    reply: Any = r.xread({keys.job_stream(job_id): cursor.after}, count=READ_COUNT,
+                         block=block_ms)
+    for _, entries in reply or []:
+        events += cursor.take(entries)
+    return events
+
+
+def _resume(r: redis.Redis, job_id: str, after: str) -> tuple[Cursor, list[Event]]:
+    """The cursor of a reader resuming after ``after`` (and a ``lost`` event when the
+    entries after it were trimmed away: it then reads from the oldest entry kept)."""
+    if after == "0-0":
+        return Cursor(), []
+    name = keys.job_stream(job_id)
+    first: Any = r.xrange(name, count=1)
+    at: Any = r.xrange(name, min=after, max=after, count=1)
+    if first and older(after, str(first[0][0])) and not at:
+        return Cursor(), [Event(after, "lost")]
+    return Cursor(after, Cursor.attempt_of(at[0][1] if at else None)), []
+
+
+def follow(r: redis.Redis, job_id: str, after: str = "0-0", *,
+           until: float | None = None) -> Iterator[Event]:
+    """Every event from ``after`` on, until the ``end`` event (for a job whose stream has
+    no ``end`` entry, or no stream at all, an ``end`` with its final state read from its
+    result), or a ``timeout`` event once ``until`` (Unix time) has passed and the stream
+    is quiet."""
+    cursor, first = _resume(r, job_id, after)
+    yield from first
+    name = keys.job_stream(job_id)
+    final: str | None = None  # the result, once stored: then drain what is left, and end
+    got = True
     while True:
-        events = read(r, job_id, after, check_lost=check)
-        check = False
-        for e in events:
-            yield e
-            if e.kind == "end":
-                return
-            after = e.id if e.kind != "lost" else "0-0"  # from the oldest entry kept
-        if not events:
-            raw: Any = r.get(keys.celery_result(job_id))
-            if raw is not None and not r.exists(keys.job_stream(job_id)):
-                yield Event(after, "end", final_state(raw))
-                return
+        now = time.time()
+        if final is None and Cursor.timed_out(until, now, got):
+            yield Event(cursor.after, "timeout")
+            return
+        block = None if final is not None else Cursor.block_ms(until, now)
+        reply: Any = r.xread({name: cursor.after}, count=READ_COUNT, block=block)
+        got = False
+        for _, entries in reply or []:
+            got = got or bool(entries)
+            yield from cursor.take(entries)
+        if cursor.ended:
+            return
+        if got:
+            continue
+        if final is not None:
+            yield cursor.ending(final)
+            return
+        raw: Any = r.get(keys.celery_result(job_id))
+        if raw is not None:  # every chunk was written before the result: read the rest
+            final = str(raw)

@@ -265,13 +265,18 @@ class Client:
 
     # --- reading ------------------------------------------------------------------------
 
-    def stream(self, job_id: str, after: str = "0-0") -> Iterator[streams.Event]:
+    def stream(self, job_id: str, after: str = "0-0", timeout: float | None = None,
+               ) -> Iterator[streams.Event]:
         """A streaming job's events as the provider produces them: ``chunk`` (text),
         ``attempt`` (a new provider attempt: discard the text before it), ``lost`` (this
         reader fell behind; the whole text is in the result) and a last ``end`` (the final
-        state). ``after``: an event id to resume after. ``jobs.streams.text_of`` joins
-        the chunks of the last attempt."""
-        yield from streams.follow(self.r, job_id, after)
+        state, within half a second of the result being stored, whatever ended the job).
+        ``after``: an event id to resume after. With ``timeout`` (seconds), a last
+        ``timeout`` event instead once that long has passed and the stream is quiet (the
+        job keeps running). ``jobs.streams.text_of`` joins the chunks of the last
+        attempt."""
+        until = None if timeout is None else time.time() + timeout
+        yield from streams.follow(self.r, job_id, after, until=until)
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """Wait for a job's final result; ``ResultTimeout`` after ``timeout`` seconds."""

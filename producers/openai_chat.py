@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jobs.errors import InvalidJob
 from jobs.models import JobResult, JobState
 from producers.auth import CallerDep
-from producers.streaming import aio, follow
+from producers.streaming import aio, follow, wait_bound
 from producers.web import ApiError, client_of, read_json
 
 router = APIRouter()
@@ -126,9 +126,12 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
     headers = {"x-promptbatch-job-id": job_id}
     if body.get("stream"):
         options = body.get("stream_options") or {}
+        stored = await run_in_threadpool(client.store.get, job_id)
+        until = wait_bound(stored.spec.deadline if stored else None, time.time(),
+                           request.app.state.settings.api_stream_max_s)
         return StreamingResponse(
             _chunks(request, job_id, str(body.get("model")), chat,
-                    bool(isinstance(options, dict) and options.get("include_usage"))),
+                    bool(isinstance(options, dict) and options.get("include_usage")), until),
             media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
     res = await _wait(request, job_id)
     if res.state is not JobState.SUCCEEDED:
@@ -193,7 +196,7 @@ def _gone(request: Request, job_id: str) -> None:
 
 
 async def _chunks(request: Request, job_id: str, model: str, chat: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  include_usage: bool, until: float) -> AsyncIterator[str]:
     """OpenAI's stream of chunks, from the job's stream, then ``[DONE]``."""
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
@@ -216,37 +219,46 @@ async def _chunks(request: Request, job_id: str, model: str, chat: bool,
     sent = 0
     try:
         yield chunk("", role=True)
-        async for event in follow(aio(request), job_id):
+        async for event in follow(aio(request), job_id, until=until):
             if event.kind == "chunk":
                 sent += len(event.text)
                 yield chunk(event.text)
-            elif event.kind in ("attempt", "lost") and sent:
-                # What was sent cannot be taken back in this format: stop, and say where
-                # the whole answer is.
-                done = True
-                yield _error_event(job_id, "stream_restarted", "the provider call was "
-                                   "restarted after part of the answer was sent; the whole "
-                                   f"answer will be at GET /v1/jobs/{job_id}/result")
+                continue
+            if event.kind in ("attempt", "lost") and not sent:
+                continue  # nothing sent yet: nothing to take back
+            done = True
+            if event.kind != "end":
+                yield _stopped(job_id, event.kind)
                 return
-            elif event.kind == "end":
-                done = True
-                res = (await run_in_threadpool(client_of(request).queue.results,
-                                               [job_id]))[0]
-                if res is None or res.state is not JobState.SUCCEEDED:
-                    state = res.state.value if res else event.text
-                    yield _error_event(job_id, state.lower(),
-                                       (res.error if res else None) or state)
-                    return
-                if not sent and res.text:  # answered without streaming (the cache)
-                    yield chunk(res.text)
-                yield chunk(None, finish="stop")
-                if include_usage:
-                    yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(res)})}\n\n"
-                yield "data: [DONE]\n\n"
+            res = (await run_in_threadpool(client_of(request).queue.results, [job_id]))[0]
+            if res is None or res.state is not JobState.SUCCEEDED:
+                state = res.state.value if res else event.text
+                yield _error_event(job_id, state.lower(), (res.error if res else None) or state)
                 return
+            if not sent and res.text:  # answered without streaming (the cache)
+                yield chunk(res.text)
+            yield chunk(None, finish="stop")
+            if include_usage:
+                yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(res)})}\n\n"
+            yield "data: [DONE]\n\n"
+            return
     finally:
         if not done:
             _gone(request, job_id)
+
+
+def _stopped(job_id: str, kind: str) -> str:
+    """The error event of a stream that stops before the job's end: its wait bound passed
+    (the job keeps running), or the provider call restarted after text was sent (what was
+    sent cannot be taken back in this format)."""
+    if kind == "timeout":
+        return _error_event(job_id, "timeout", f"job {job_id} did not finish within the "
+                            "stream's wait bound (its deadline, else "
+                            "PROMPTBATCH_API_STREAM_MAX_S); it keeps running: "
+                            f"GET /v1/jobs/{job_id}/result")
+    return _error_event(job_id, "stream_restarted", "the provider call was restarted after "
+                        "part of the answer was sent; the whole answer will be at "
+                        f"GET /v1/jobs/{job_id}/result")
 
 
 def _error_event(job_id: str, code: str, message: str) -> str:

@@ -9,6 +9,7 @@ stream's bound is told so (``lost``).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -19,14 +20,11 @@ from fastapi.responses import StreamingResponse
 
 from config import keys
 from jobs.errors import JobNotFound
-from jobs.streams import Event, event_of, final_state, older
+from jobs.streams import ENTRY_ID, READ_COUNT, Cursor, Event, older
 from producers.auth import CallerDep
-from producers.web import client_of
+from producers.web import ApiError, client_of, settings_of
 
 router = APIRouter()
-
-#: How long one read waits in Redis, in milliseconds.
-BLOCK_MS = 1000
 
 
 def aio(request: Request) -> aioredis.Redis:
@@ -38,32 +36,63 @@ def aio(request: Request) -> aioredis.Redis:
     return state.aioredis  # type: ignore[no-any-return]
 
 
-async def follow(r: aioredis.Redis, job_id: str, after: str = "0-0") -> AsyncIterator[Event]:
-    """The job's events after ``after`` until its ``end`` (or, for a job that ended with
-    no stream, an ``end`` with its state from the result)."""
+async def follow(r: aioredis.Redis, job_id: str, after: str = "0-0", *,
+                 until: float | None = None) -> AsyncIterator[Event]:
+    """``jobs.streams.follow`` on the asynchronous client: the job's events after
+    ``after`` until its ``end`` (from its result when the stream has none), or a
+    ``timeout`` event once ``until`` (Unix time) has passed."""
     name = keys.job_stream(job_id)
+    cursor = Cursor()
     if after != "0-0":  # resuming: were the entries after ``after`` trimmed away?
         first: Any = await r.xrange(name, count=1)
-        if first and older(after, str(first[0][0])) and not await r.xrange(
-                name, min=after, max=after, count=1):
+        at: Any = await r.xrange(name, min=after, max=after, count=1)
+        if first and older(after, str(first[0][0])) and not at:
             yield Event(after, "lost")
-            after = "0-0"
+        else:
+            cursor = Cursor(after, Cursor.attempt_of(at[0][1] if at else None))
+    final: str | None = None  # the result, once stored: then drain what is left, and end
+    got = True
     while True:
-        reply: Any = await r.xread({name: after}, count=500, block=BLOCK_MS)
+        now = time.time()
+        if final is None and Cursor.timed_out(until, now, got):
+            yield Event(cursor.after, "timeout")
+            return
+        block = None if final is not None else Cursor.block_ms(until, now)
+        reply: Any = await r.xread({name: cursor.after}, count=READ_COUNT, block=block)
         got = False
         for _, entries in reply or []:
-            for entry_id, fields in entries:
-                got = True
-                event = event_of(str(entry_id), fields)
-                after = event.id
+            got = got or bool(entries)
+            for event in cursor.take(entries):
                 yield event
-                if event.kind == "end":
-                    return
-        if not got:
-            raw: Any = await r.get(keys.celery_result(job_id))
-            if raw is not None and not await r.exists(name):
-                yield Event(after, "end", final_state(raw))
-                return
+        if cursor.ended:
+            return
+        if got:
+            continue
+        if final is not None:
+            yield cursor.ending(final)
+            return
+        raw: Any = await r.get(keys.celery_result(job_id))
+        if raw is not None:  # every chunk was written before the result: read the rest
+            final = str(raw)
+
+
+def resume_point(last_event_id: str | None) -> str:
+    """Where a reader resumes: after ``Last-Event-ID`` (400 if it is not an event id this
+    API gave out), else from the start."""
+    if last_event_id is None or not last_event_id.strip():
+        return "0-0"
+    if not ENTRY_ID.match(last_event_id.strip()):
+        raise ApiError(400, "invalid_request_error", "Last-Event-ID must be the id of an "
+                       "event this stream sent (like 1733140000000-0)",
+                       [{"field": "Last-Event-ID", "message": "not an event id"}])
+    return last_event_id.strip()
+
+
+def wait_bound(deadline: float | None, now: float, max_s: float) -> float:
+    """Until when a streamed response waits for its job: the job's deadline, else
+    ``max_s`` from now (and never longer than that)."""
+    bound = now + max_s
+    return bound if deadline is None else min(bound, deadline)
 
 
 def sse(event: Event) -> str:
@@ -72,7 +101,10 @@ def sse(event: Event) -> str:
             "attempt": {"attempt": event.text, "discard": "the text of earlier attempts"},
             "end": {"state": event.text},
             "lost": {"message": "the reader fell behind the stream's bound; the whole "
-                                "text is in the result"}}[event.kind]
+                                "text is in the result"},
+            "timeout": {"message": "the job did not finish within the stream's time "
+                                   "bound; it keeps running: read its result, or resume "
+                                   "with Last-Event-ID"}}[event.kind]
     return f"id: {event.id}\nevent: {event.kind}\ndata: {json.dumps(data)}\n\n"
 
 
@@ -82,14 +114,16 @@ async def stream_job(job_id: str, request: Request, caller: CallerDep,
                      ) -> StreamingResponse:
     """A streaming job's output as server-sent events (``chunk``, ``attempt``: discard
     the text before it, ``end``); resume with ``Last-Event-ID``."""
+    after = resume_point(last_event_id)
     stored = await run_in_threadpool(client_of(request).store.find, job_id, caller.scope)
     if stored is None:
         raise JobNotFound(job_id)
     real_id = stored.spec.id
-    after = last_event_id if last_event_id and "-" in last_event_id else "0-0"
+    until = wait_bound(stored.spec.deadline, time.time(),
+                       settings_of(request).api_stream_max_s)
 
     async def events() -> AsyncIterator[str]:
-        async for event in follow(aio(request), real_id, after):
+        async for event in follow(aio(request), real_id, after, until=until):
             yield sse(event)
 
     return StreamingResponse(events(), media_type="text/event-stream",

@@ -26,7 +26,6 @@ from jobs.models import JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
-from jobs.streams import Sink
 from workers import metrics
 from workers.providers import Provider, ProviderRequest
 from workers.ratelimit import RateLimiter
@@ -276,11 +275,6 @@ class BatchRunner:
                 mine, [by_id[r.id].tenant for r in mine], result_ttl_s=ttl,
                 classes=[int(by_id[r.id].priority) for r in mine], dumped=dumped))
             metrics.observe_results(mine, [int(by_id[r.id].priority) for r in mine])
-            streamed = [r for r in mine if by_id[r.id].stream]
-            if streamed:  # readers of their streams stop here
-                with contextlib.suppress(*INFRA_ERRORS):
-                    Sink(self.queue.r, ttl).end([r.id for r in streamed],
-                                                [r.state.value for r in streamed])
             if any(isinstance(x, str) for x in stored):  # identical requests waited for these
                 self.steady("followers", lambda: cache.settle(
                     self.queue, mine, stored, lambda res, ts, cs: record_results(
