@@ -129,8 +129,16 @@ class Settings(BaseSettings):
     )
     api_max_body_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024,
-        description="Largest body of POST /v1/jobs and of a file upload (HTTP 413 above, "
-        "checked before the body is read).")
+        description="Largest body of POST /v1/jobs (HTTP 413 above, checked before the body "
+        "is read).")
+    api_max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024,
+        description="Largest body of a single-job request (chat and text completions, the "
+        "Batch API's JSON requests); HTTP 413 above, checked before the body is read.")
+    api_max_file_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=1024,
+        description="Largest file upload (POST /v1/files, the Batch API's input files; "
+        "HTTP 413 above, checked before the body is read).")
     api_max_json_depth: int = Field(
         default=32, ge=4, le=512,
         description="Deepest nesting of arrays and objects a JSON body or Batch API line may "
@@ -453,10 +461,6 @@ class Settings(BaseSettings):
         default=600.0, gt=0, description="Longest a streamed response (chat completions with "
         "stream, GET /v1/jobs/{id}/stream) waits for a job without a deadline; a job with a "
         "deadline is waited for until then. The job keeps running after.")
-    api_max_request_bytes: int = Field(
-        default=4 * 1024 * 1024, ge=1024,
-        description="Largest body of a single-job request (chat and text completions, the "
-        "Batch API's JSON requests); HTTP 413 above, checked before the body is read.")
     shutdown_grace_s: float = Field(
         default=120.0, ge=0, description="On SIGINT or SIGTERM a worker (and `promptbatch "
         "up`) starts no new batch and waits this long for the running ones to finish before "

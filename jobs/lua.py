@@ -349,12 +349,12 @@ return out
 """
 
 #: KEYS: job, events stream. ARGV: id.
-#: Marks a QUEUED, SCHEDULED or FOLLOWING job CANCELLED and tells the scheduler. Returns the state
-#: found ('' when the job is unknown to Redis).
+#: Marks a STAGED, QUEUED, SCHEDULED or FOLLOWING job CANCELLED and tells the scheduler.
+#: Returns the state found ('' when the job is unknown to Redis).
 CANCEL = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if not st then return '' end
-if st == 'QUEUED' or st == 'SCHEDULED' or st == 'FOLLOWING' then
+if st == 'STAGED' or st == 'QUEUED' or st == 'SCHEDULED' or st == 'FOLLOWING' then
   redis.call('HSET', KEYS[1], 'state', 'CANCELLED')
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', '100000', '*', 'cancel', ARGV[1])
 end

@@ -242,6 +242,9 @@ class JobSpec(BaseModel):
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
     cache: CachePolicy = "auto"
     stream: bool = False
+    #: A digest of the request as submitted, for a job with an idempotency key: a repeat
+    #: of the key must carry the same request.
+    request_hash: str | None = None
 
     @property
     def compat_key(self) -> str:

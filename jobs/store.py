@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from config.settings import Settings
+from jobs.errors import IdempotencyConflict
 from jobs.models import FINAL_STATES, JobResult, JobSpec, JobState
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class JobRow(Base):
     #: When the row was written (a long submit writes its rows well after its jobs'
     #: ``created_at``): the reconciler's grace counts from here.
     stored_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: The digest of the request an idempotency key was first used with.
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class StoreMetaRow(Base):
@@ -250,7 +253,12 @@ class JobStore:
         entry maps to the id stored first.
         """
         existing = self._existing_idempotent(specs)
-        mapping = {s.id: existing.get((s.tenant, s.idempotency_key or ""), s.id)
+        for pos, s in enumerate(specs, start=1):
+            first = existing.get((s.tenant, s.idempotency_key or ""))
+            if first is not None and None not in (first[1], s.request_hash) \
+                    and first[1] != s.request_hash:
+                raise IdempotencyConflict(s.idempotency_key or "", first[0], line=pos)
+        mapping = {s.id: existing.get((s.tenant, s.idempotency_key or ""), (s.id, None))[0]
                    for s in specs}
         fresh = [s for s in specs if mapping[s.id] == s.id]
         if not fresh:
@@ -279,7 +287,10 @@ class JobStore:
                     key = (spec.tenant, spec.idempotency_key or "")
                     if key not in again:
                         raise
-                    mapping[spec.id] = again[key]
+                    first_id, digest = again[key]
+                    if None not in (digest, spec.request_hash) and digest != spec.request_hash:
+                        raise IdempotencyConflict(spec.idempotency_key or "", first_id) from None
+                    mapping[spec.id] = first_id
         return mapping
 
     def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
@@ -294,21 +305,23 @@ class JobStore:
                f"VALUES ({', '.join('?' for _ in cols)})")
         conn.exec_driver_sql(sql, [tuple(row[c] for c in cols) for row in rows])
 
-    def _existing_idempotent(self, specs: Sequence[JobSpec]) -> dict[tuple[str, str], str]:
+    def _existing_idempotent(self, specs: Sequence[JobSpec],
+                             ) -> dict[tuple[str, str], tuple[str, str | None]]:
+        """``(tenant, key) -> (job id, request digest)`` of the keys already stored."""
         by_tenant: dict[str, list[str]] = {}
         for s in specs:
             if s.idempotency_key:
                 by_tenant.setdefault(s.tenant, []).append(s.idempotency_key)
         if not by_tenant:
             return {}
-        found: dict[tuple[str, str], str] = {}
+        found: dict[tuple[str, str], tuple[str, str | None]] = {}
         with self.engine.connect() as conn:
             for tenant, idem_keys in by_tenant.items():
                 for chunk in _chunks(idem_keys, 500):
-                    stmt = select(JobRow.id, JobRow.idempotency_key).where(
+                    stmt = select(JobRow.id, JobRow.idempotency_key, JobRow.request_hash).where(
                         JobRow.tenant == tenant, JobRow.idempotency_key.in_(chunk))
-                    for job_id, key in conn.execute(stmt):
-                        found[(tenant, str(key))] = job_id
+                    for job_id, key, digest in conn.execute(stmt):
+                        found[(tenant, str(key))] = (job_id, digest)
         return found
 
     def delete(self, job_ids: Iterable[str]) -> None:
@@ -468,6 +481,7 @@ def _row(spec: JobSpec, spec_json: str | None = None,
         "created_at": spec.created_at,
         "deadline": spec.deadline,
         "stored_at": time.time() if stored_at is None else stored_at,
+        "request_hash": spec.request_hash,
     }
 
 

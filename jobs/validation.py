@@ -5,6 +5,7 @@ Pure: the clock (``now``) and the id are arguments.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,4 +107,12 @@ def resolve(
         idempotency_key=request.idempotency_key,
         client_id=request.client_id,
         metadata=request.metadata, cache=request.cache, stream=request.stream,
+        request_hash=request_digest(request, tenant) if request.idempotency_key else None,
     )
+
+
+def request_digest(request: JobRequest, tenant: str) -> str:
+    """What an idempotency key is bound to: the request as submitted (every field but the
+    key itself) and its tenant."""
+    body = request.model_dump_json(exclude={"idempotency_key"}, exclude_defaults=True)
+    return hashlib.sha256(f"{tenant}\n{body}".encode()).hexdigest()[:32]

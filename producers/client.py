@@ -26,6 +26,7 @@ import redis
 from config.settings import Settings
 from jobs import cache, gcpause, streams
 from jobs.errors import (
+    IdempotencyConflict,
     InvalidJob,
     JobNotFound,
     ResultTimeout,
@@ -44,6 +45,11 @@ from jobs.validation import parse_request, resolve
 STAGE_CHUNK = 1000
 #: Jobs published into intake per atomic Redis step (an API request's jobs: one step).
 PUBLISH_CHUNK = 10_000
+#: Redis states a cancel ends CANCELLED: not started (staged by a submit under way, in
+#: intake, waiting for an identical job, in a batch not yet started), a submit's
+#: withdrawn job (it never runs), cancelled already, or unknown to Redis.
+_CANCELLABLE = frozenset({"STAGED", "QUEUED", "FOLLOWING", "SCHEDULED", "WITHDRAWN",
+                          "CANCELLED", ""})
 
 
 def _sweep_every(pending: int) -> float:
@@ -149,6 +155,8 @@ class Client:
         try:  # a job the cache answered is stored already ended
             stored = self.store.insert(specs, final=answered, dumped=dumped,
                                        spec_json=spec_json)
+        except IdempotencyConflict:
+            raise
         except Exception as exc:  # SQLAlchemy errors of any kind: the store is unusable
             raise ServiceUnavailable(f"the job store refused the jobs: {exc}") from exc
         fresh = [s for s in specs if stored[s.id] == s.id]
@@ -358,7 +366,7 @@ class Client:
         if stored.state.final:
             return stored.state
         found = self.queue.cancel(job_id)
-        if found in (JobState.QUEUED, JobState.SCHEDULED, JobState.CANCELLED, "FOLLOWING", ""):
+        if found in _CANCELLABLE:
             spec = stored.spec
             won = record_results(self.store, self.queue, [JobResult(
                 id=job_id, state=JobState.CANCELLED, created_at=spec.created_at,
@@ -368,7 +376,7 @@ class Client:
             if job_id in won:
                 return JobState.CANCELLED
             return self.status(job_id)
-        return JobState(found)
+        return JobState(found) if found in JobState.__members__ else self.status(job_id)
 
     def spec(self, job_id: str, tenant: str | None = None) -> JobSpec:
         """The accepted job as stored."""

@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Any
 
 from config.settings import Settings
+from jobs import jsonbody
 from jobs.errors import InvalidJob, JobNotFound
 from jobs.ids import new_id
 from jobs.models import JobResult, JobSpec, JobState, Priority
@@ -137,7 +138,7 @@ class BatchService:
                 continue
             custom_id = None
             try:
-                line = json.loads(raw, parse_constant=_no_constant)
+                line = jsonbody.parse(raw, self.settings.api_max_json_depth)
                 if not isinstance(line, dict):
                     raise ValueError("a line must be a JSON object")
                 custom_id = line.get("custom_id") if isinstance(line.get("custom_id"),
@@ -244,10 +245,6 @@ class BatchService:
         else:
             record["status"], record["completed_at"] = "completed", now
         record["finalizing_at"] = now
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not accepted")
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:

@@ -112,7 +112,7 @@ def _usage(res: JobResult) -> dict[str, Any]:
 
 
 async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
-    body = await read_json(request, request.app.state.settings.api_max_body_bytes)
+    body = await read_json(request, request.app.state.settings.api_max_request_bytes)
     item = _job(body, request, chat=chat)
     item["tenant"] = caller.tenant
     client = client_of(request)

@@ -33,7 +33,7 @@ async def batch_error(_: Request, exc: BatchError) -> JSONResponse:
 async def create_file(request: Request, caller: CallerDep) -> dict[str, Any]:
     """Upload a batch input file (multipart: ``purpose``, ``file``)."""
     tenant = caller.tenant
-    limit = request.app.state.settings.api_max_body_bytes
+    limit = request.app.state.settings.api_max_file_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
@@ -67,7 +67,7 @@ async def file_content(file_id: str, request: Request, caller: CallerDep) -> Res
 async def create_batch(request: Request, caller: CallerDep) -> dict[str, Any]:
     """Start a batch from an uploaded file; its jobs run at bulk priority."""
     tenant = caller.tenant
-    body = await read_json(request, request.app.state.settings.api_max_body_bytes)
+    body = await read_json(request, request.app.state.settings.api_max_request_bytes)
     if not isinstance(body, dict) or not isinstance(body.get("input_file_id"), str):
         raise BatchError(422, "input_file_id", "input_file_id is required")
     metadata = body.get("metadata")

@@ -3,7 +3,6 @@ body reader, and the app's settings and client."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -14,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import Settings
+from jobs import jsonbody
 from jobs.errors import (
     InvalidJob,
     JobNotFound,
@@ -48,28 +48,10 @@ def error_response(status: int, kind: str, message: str,
     return JSONResponse({"error": body}, status_code=status)
 
 
-class _Constant:
-    """A NaN or Infinity found in a JSON body."""
-
-
-def _find_constant(value: Any, path: str = "") -> str | None:
-    if isinstance(value, _Constant):
-        return path or "(body)"
-    if isinstance(value, dict):
-        for k, v in value.items():
-            found = _find_constant(v, f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-    if isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _find_constant(v, f"{path}.{i}" if path else str(i))
-            if found:
-                return found
-    return None
-
-
 async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body: 413 over ``limit``, 400 if not UTF-8 JSON, 422 for NaN."""
+    """The request's JSON body: 413 over ``limit`` bytes (a declared length is refused
+    before anything is read), 400 if it is not UTF-8 JSON or nests deeper than
+    ``api_max_json_depth``, 422 for NaN or Infinity."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
@@ -79,20 +61,15 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(400, "invalid_body", f"the body is not UTF-8: {exc.reason}") from exc
-    try:
-        data = json.loads(text, parse_constant=lambda _: _Constant())
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_body", f"the body is not JSON: {exc}") from exc
-    where = _find_constant(data)
-    if where:
-        raise ApiError(422, "invalid_request_error", "NaN and Infinity are not accepted",
-                       [{"field": where, "message": "NaN and Infinity are not accepted"}])
-    return data
+        return jsonbody.parse(b"".join(chunks), settings_of(request).api_max_json_depth)
+    except jsonbody.JsonRefused as exc:
+        if exc.kind == "constant":
+            raise ApiError(422, "invalid_request_error", exc.message,
+                           [{"field": exc.field, "message": exc.message}]) from None
+        raise ApiError(400, "invalid_body", f"the body is {exc.message}"
+                       if exc.kind == "invalid" else exc.message,
+                       [{"field": "(body)", "message": exc.message}]) from None
 
 
 def settings_of(request: Request) -> Settings:
@@ -157,3 +134,23 @@ def install_errors(app: FastAPI) -> None:
     @app.exception_handler(TimeoutError)
     async def timeout(request: Request, exc: TimeoutError) -> Response:
         return await unavailable(request, exc)
+
+    _install_last_resorts(app)
+
+
+def _install_last_resorts(app: FastAPI) -> None:
+    """Whatever a request raises that no route expected: never a bare traceback."""
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        return error_response(400, "invalid_body", "the request nests too deeply",
+                              [{"field": "(body)", "message": "nested too deeply"}])
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug of ours, never the caller's: logged with its traceback here, and answered
+        # in the API's error shape without one.
+        log.error("unexpected error in %s %s", request.method, request.url.path,
+                  exc_info=exc)
+        return error_response(500, "internal_error", "an unexpected error; it was logged. "
+                              "Nothing was changed unless the response said so; try again")

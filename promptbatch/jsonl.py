@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from jobs import jsonbody
 from jobs.errors import InvalidJob
 from jobs.models import JobRequest
 from jobs.validation import parse_request
 
 #: Keys of an input line besides the JobRequest fields.
 LINE_ID = "id"
+#: Deepest nesting of arrays and objects a line may have (a job needs five or so).
+MAX_DEPTH = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,10 +24,6 @@ class InputLine:
     number: int
     custom_id: str | None
     request: JobRequest
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -44,9 +41,10 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
 def parse_line(number: int, text: str) -> InputLine:
     """Validate one JSONL line."""
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as exc:
-        raise InvalidJob([("(line)", f"not valid JSON: {exc}")], line=number) from exc
+        data = jsonbody.parse(text, MAX_DEPTH)
+    except jsonbody.JsonRefused as exc:
+        raise InvalidJob([(exc.field if exc.kind == "constant" else "(line)",
+                           f"not valid JSON: {exc.message}")], line=number) from exc
     if not isinstance(data, dict):
         raise InvalidJob([("(line)", "must be a JSON object")], line=number)
     custom = data.pop(LINE_ID, None)
