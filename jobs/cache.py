@@ -101,7 +101,9 @@ def lookup(queue: RedisQueue, specs: Sequence[JobSpec], settings: Settings,
 
 def put(queue: RedisQueue, settings: Settings, results: Sequence[JobResult],
         specs: dict[str, JobSpec]) -> int:
-    """Store the SUCCEEDED results of cacheable jobs; return how many."""
+    """Store the SUCCEEDED results of cacheable jobs; return how many. An answer is
+    cached under the deployment that produced it: a fallback's answer is an entry of the
+    fallback (a later request for it is a hit), never of the job's own deployment."""
     stored = 0
     now = time.time()
     for res in results:
@@ -109,6 +111,9 @@ def put(queue: RedisQueue, settings: Settings, results: Sequence[JobResult],
         if (spec is None or res.state is not JobState.SUCCEEDED or res.text is None
                 or res.cache is not None or not cachekey.cacheable(spec, settings)):
             continue
+        if (res.provider, res.model) != (spec.provider, spec.model) and res.provider:
+            spec = spec.model_copy(update={"provider": res.provider,
+                                           "model": res.model or spec.model})
         queue.cache_put(cachekey.exact_key(spec, settings), cachekey.partition(spec, settings),
                         entry_json(res, spec), ttl_s=settings.cache_ttl_s, now=now,
                         max_entries=settings.cache_max_entries,

@@ -9,7 +9,7 @@ waits for budget rather than sending into a 429.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -59,22 +59,34 @@ class RateLimiter:
 
     def acquire(self, deployment: str, tenant: str, requests: int, tokens: int,
                 deadline: float | None) -> bool:
+        """Take budget for a call of one tenant's requests (``acquire_shares``)."""
+        return self.acquire_shares(deployment, {tenant: (requests, tokens)}, deadline)
+
+    def acquire_shares(self, deployment: str, shares: Mapping[str, tuple[int, int]],
+                       deadline: float | None) -> bool:
         """Take budget for a call, waiting as long as needed but not past ``deadline``.
+        ``shares``: the requests and tokens of each tenant in the call (a batch mixes
+        tenants): with a per-tenant limit each tenant's bucket is charged its own share,
+        all at once or none; otherwise the deployment's bucket is charged the sum.
 
         Returns False (and takes nothing) when the budget would come too late.
         """
         limit = limit_for(self.settings, deployment)
         if limit is None:
             return True
-        scope = f"{deployment}|{tenant}" if limit.per_tenant else deployment
+        if not limit.per_tenant:
+            shares = {"": (sum(r for r, _ in shares.values()),
+                           sum(t for _, t in shares.values()))}
         bucket_keys: list[str] = []
         args: list[float] = []
-        if limit.rpm:
-            bucket_keys.append(keys.rate_bucket(f"{scope}|requests"))
-            args += [limit.rpm, limit.rpm / 60.0, requests]
-        if limit.tpm:
-            bucket_keys.append(keys.rate_bucket(f"{scope}|tokens"))
-            args += [limit.tpm, limit.tpm / 60.0, tokens]
+        for tenant, (requests, tokens) in sorted(shares.items()):
+            scope = f"{deployment}|{tenant}" if limit.per_tenant else deployment
+            if limit.rpm:
+                bucket_keys.append(keys.rate_bucket(f"{scope}|requests"))
+                args += [limit.rpm, limit.rpm / 60.0, requests]
+            if limit.tpm:
+                bucket_keys.append(keys.rate_bucket(f"{scope}|tokens"))
+                args += [limit.tpm, limit.tpm / 60.0, tokens]
         while True:
             now = self.clock()
             wait = float(self._take(keys=bucket_keys, args=args))

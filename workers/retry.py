@@ -227,16 +227,20 @@ class Caller:
         """Take rate-limit budget for the call; split or fail what cannot get it."""
         if self.limiter is None:
             return True
-        tokens = sum(len(r.text) // 4 + 1 + (r.params.max_tokens or 256) for r in sent)
+        cost = {r.job_id: len(r.text) // 4 + 1 + (r.params.max_tokens or 256) for r in sent}
+        tokens = sum(cost.values())
         if len(sent) > 1 and not self.limiter.fits(deployment, len(sent), tokens):
             metrics.SPLITS.labels(*metrics.deployment_labels(deployment)).inc()
             half = len(sent) // 2
             chunks += [_Chunk(sent[:half]), _Chunk(sent[half:], held=held)]
             return False
         deadlines = [r.deadline for r in sent if r.deadline is not None]
-        tenant = tenants.get(sent[0].job_id, "")
-        if self.limiter.acquire(deployment, tenant, len(sent), tokens,
-                                min(deadlines) if deadlines else None):
+        shares: dict[str, tuple[int, int]] = {}
+        for r in sent:  # each job is charged to its own tenant
+            n, t = shares.get(tenants.get(r.job_id, ""), (0, 0))
+            shares[tenants.get(r.job_id, "")] = (n + 1, t + cost[r.job_id])
+        if self.limiter.acquire_shares(deployment, shares,
+                                       min(deadlines) if deadlines else None):
             return True
         for r in sent:
             final[r.job_id] = self._gave_up(r, attempts, deployment,

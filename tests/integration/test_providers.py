@@ -364,3 +364,42 @@ def test_a_lone_job_whose_long_system_prompt_others_share_is_marked_for_caching(
     assert fake.seen[-1].body["system"][0]["cache_control"] == {"type": "ephemeral"}
     run_batch(s, [one])  # nobody else shares it: no cache write paid for
     assert fake.seen[-1].body["system"] == system
+
+
+def test_a_fallbacks_answer_is_cached_as_the_fallbacks_not_the_primarys(
+        settings: Settings, fake: FakeLLM) -> None:
+    fake.script('"model": "primary-model"', ["500"])
+    s = llm_settings(settings, fake, cooldown_failures=2,
+                     fallbacks={"openai|primary-model": ["openai|backup-model"]})
+    asked = job("what is 2+2?", model="primary-model", params={"temperature": 0})
+    [first] = run_batch(s, [asked])
+    assert (first.state, first.model) == (JobState.SUCCEEDED, "backup-model")
+    with Client(s) as client:
+        # The same request for the primary is not answered by the fallback's answer...
+        [(again, state)] = client.submit_many_states([asked])
+        assert state is JobState.QUEUED and client.queue.results([again]) == [None]
+        # ...while the same request for the fallback itself is.
+        [(direct, state)] = client.submit_many_states([{**asked, "model": "backup-model"}])
+        assert state is JobState.SUCCEEDED
+        hit = client.result(direct, timeout=5)
+        assert (hit.cache, hit.cache_source, hit.model) == ("exact", first.id, "backup-model")
+
+
+def test_a_per_tenant_limit_charges_each_job_to_its_own_tenant(
+        settings: Settings, fake: FakeLLM, r: redis.Redis) -> None:
+    s = llm_settings(settings, fake, rate_limits={
+        "openai|test-model": {"rpm": 100, "tpm": 1_000_000, "per_tenant": 1}},
+        openai_endpoint="completions")  # the batch's prompts in one request
+    results = run_batch(s, [job("acme asks one", tenant="acme"),
+                            job("acme asks two", tenant="acme"),
+                            job("globex asks", tenant="globex")])
+    assert {x.state for x in results} == {JobState.SUCCEEDED}
+    assert len(fake.seen) == 1  # one request carried both tenants' jobs
+
+    def left(tenant: str) -> float:
+        return float(r.hget(keys.rate_bucket(f"openai|test-model|{tenant}|requests"),
+                            "tokens") or "nan")
+
+    # Each tenant's bucket paid for its own jobs (refill since is a fraction of one).
+    assert 97.9 <= left("acme") < 98.5
+    assert 98.9 <= left("globex") < 99.5
