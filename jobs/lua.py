@@ -185,10 +185,43 @@ end
 return claimed
 """
 
-#: KEYS: job, intake, tenant pending set. ARGV: id, batch id, priority, tenant, deadline
-#: ('' for none). Puts a job that is still SCHEDULED or RUNNING in ``batch id`` (a batch
-#: that is no longer in flight: its task was lost) back into intake. Returns 1 if it did.
+#: KEYS: lease, intake, then (job, tenant pending set) pairs. ARGV: lease token, marker
+#: batch id, then job ids. Takes jobs still QUEUED out of intake to expire them, fenced by
+#: the lease like a claim (a paused former scheduler must not expire jobs its successor
+#: sent): each becomes SCHEDULED in the marker batch (never in flight, so should the
+#: caller die before storing the EXPIRED results, the reconciler puts them back and they
+#: expire again). Returns the ids taken, or -1 without the lease.
+TAKE_TO_EXPIRE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local taken, pending, sids = {}, {}, {}
+for i = 3, #ARGV do
+  local jk = KEYS[3 + (i - 3) * 2]
+  local tk = KEYS[4 + (i - 3) * 2]
+  local v = redis.call('HMGET', jk, 'state', 'sid')
+  if v[1] == 'QUEUED' then
+    redis.call('HSET', jk, 'state', 'SCHEDULED', 'batch', ARGV[2], 'sid', '')
+    if v[2] and v[2] ~= '' then sids[#sids + 1] = v[2] end
+    local left = pending[tk] or {}
+    left[#left + 1] = ARGV[i]
+    pending[tk] = left
+    taken[#taken + 1] = ARGV[i]
+  end
+end
+for tk, ids in pairs(pending) do redis.call('SREM', tk, unpack(ids)) end
+for i = 1, #sids, 1000 do
+  redis.call('XDEL', KEYS[2], unpack(sids, i, math.min(i + 999, #sids)))
+end
+return taken
+"""
+
+#: KEYS: job, intake, tenant pending set, lease. ARGV: id, batch id, priority, tenant,
+#: deadline ('' for none), lease token ('' for a tool run without a scheduler).
+#: Puts a job that is still SCHEDULED or RUNNING in ``batch id`` (a batch that is no
+#: longer in flight: its task was lost) back into intake, only while the caller holds the
+#: lease (a paused former scheduler must not re-enqueue what its successor sent). Returns
+#: 1 if it did, -1 without the lease.
 REQUEUE = _INTAKE_ADD + """
+if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then return -1 end
 local v = redis.call('HMGET', KEYS[1], 'state', 'batch')
 if (v[1] ~= 'SCHEDULED' and v[1] ~= 'RUNNING') or v[2] ~= ARGV[2] then return 0 end
 local sid = intake_add(KEYS[2], ARGV[1], ARGV[3], ARGV[4], ARGV[5])
@@ -274,13 +307,17 @@ end
 return out
 """
 
-#: KEYS: deliveries hash, the batch's run key. ARGV: the task's retry number, ttl, send id.
+#: KEYS: deliveries hash, the batch's run key, in-flight set. ARGV: the task's retry
+#: number, ttl, send id, now, the batch's in-flight member.
 #: The start of a batch task: whether this send may run (the first send to arrive wins, and
 #: a re-delivery of that same send, after a worker died, runs again; else -1), and if so
-#: ``COUNT_DELIVERY``'s count, in one step.
+#: its in-flight entry is refreshed to now (a batch that waited in the broker, or was
+#: delivered again after a lost worker, is not taken for lost while it runs) and
+#: ``COUNT_DELIVERY``'s count is returned, in one step.
 START_RUN = """
 local won = redis.call('SET', KEYS[2], ARGV[3], 'NX', 'EX', ARGV[2])
 if not won and redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 """ + COUNT_DELIVERY
 
 #: KEYS: intake, stats hash, recent stats bucket, stream of stored ids, then per job: job,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,9 @@ _CELERY_OUTCOME: dict[JobState, tuple[str, str | None]] = {
     JobState.CANCELLED: ("FAILURE", "JobCancelled"),
 }
 
+#: Redis states of a leader that will still hand its followers their answer: staged by
+#: its submit, waiting, sent, or running.
+_LEADING_STATES = frozenset({"STAGED", "QUEUED", "SCHEDULED", "RUNNING"})
 #: A final job's hash is kept this long after its result, for status reads.
 FINAL_JOB_TTL_S = 24 * 3600
 #: Results stored per Lua step.
@@ -119,6 +123,7 @@ class RedisQueue:
         self._publish = client.register_script(lua.PUBLISH)
         self._withdraw = client.register_script(lua.WITHDRAW)
         self._claim = client.register_script(lua.CLAIM)
+        self._take_to_expire = client.register_script(lua.TAKE_TO_EXPIRE)
         self._running = client.register_script(lua.MARK_RUNNING)
         self._reassign = client.register_script(lua.REASSIGN)
         self._requeue = client.register_script(lua.REQUEUE)
@@ -319,6 +324,21 @@ class RedisQueue:
             return None
         return [str(x) for x in reply]
 
+    def take_to_expire(self, token: str, jobs: Sequence[tuple[str, str]]) -> list[str] | None:
+        """Take ``(job id, tenant)`` pairs still QUEUED out of intake to expire them, fenced
+        by the lease (``TAKE_TO_EXPIRE``); the ids taken, or None without the lease."""
+        if not jobs:
+            return []
+        job_keys: list[str] = []
+        for job_id, tenant in jobs:
+            job_keys += [keys.job(job_id), keys.tenant_pending(tenant)]
+        reply = self._take_to_expire(
+            keys=[keys.SCHEDULER_LEASE, keys.INTAKE, *job_keys],
+            args=[token, f"expired-{uuid.uuid4().hex[:12]}", *(j for j, _ in jobs)])
+        if reply == -1:
+            return None
+        return [str(x) for x in reply]
+
     def ack_sent(self, batch_ids: Sequence[str], client: Any = None) -> None:
         """After the sends: drop the batches from the outbox (in ``client``'s pipeline
         when given). Their jobs left intake when they were claimed."""
@@ -335,14 +355,17 @@ class RedisQueue:
 
     # --- workers ------------------------------------------------------------------------
 
-    def start_run(self, batch_id: str, send_id: str, retries: int, ttl_s: int) -> int | None:
+    def start_run(self, batch_id: str, send_id: str, retries: int, ttl_s: int, cls: int,
+                  now: float) -> int | None:
         """The start of a batch's task, in one round trip: None when another send of the
         batch runs it (the first send to arrive wins, and a re-delivery of that same send,
-        after a worker died, runs again); else how many of its deliveries followed a
-        lost worker (``COUNT_DELIVERY``)."""
+        after a worker died, runs again); else its in-flight entry is refreshed to ``now``
+        and the answer is how many of its deliveries followed a lost worker
+        (``COUNT_DELIVERY``)."""
         lost = int(self._start_run(keys=[keys.batch_deliveries(batch_id),
-                                         keys.batch_run(batch_id)],
-                                   args=[retries, ttl_s, send_id]))
+                                         keys.batch_run(batch_id), keys.INFLIGHT],
+                                   args=[retries, ttl_s, send_id, now,
+                                         keys.inflight_member(cls, batch_id)]))
         return None if lost < 0 else lost
 
     def reassign(self, batch_id: str, moves: Sequence[tuple[str, str, int]],
@@ -508,8 +531,10 @@ class RedisQueue:
         return freed
 
     def release_orphan_followers(self, job_ids: Sequence[str]) -> list[str]:
-        """Followers whose leader is final (or forgotten) but did not hand them over (its
-        worker died in between): they run on their own. Returns them."""
+        """Followers whose leader will never hand them over: it is final (its worker died
+        before handing over, or it finished without its result reaching Redis), withdrawn,
+        gone (its payload expired), or no longer leads their key. They run on their own.
+        Returns them."""
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hmget(keys.job(job_id), "lead", "key")
@@ -517,9 +542,11 @@ class RedisQueue:
         for lead, key in leads:
             pipe.exists(keys.celery_result(lead or "-"))
             pipe.get(keys.cache_lead(key or "-"))
+            pipe.hget(keys.job(lead or "-"), "state")
         checks = pipe.execute()
         orphans = [j for i, (j, (lead, _)) in enumerate(zip(job_ids, leads, strict=True))
-                   if lead is None or checks[2 * i] or checks[2 * i + 1] != lead]
+                   if lead is None or checks[3 * i] or checks[3 * i + 1] != lead
+                   or checks[3 * i + 2] not in _LEADING_STATES]
         return self.release_followers(orphans)
 
     def cache_purge(self, partitions: str, digests: str = "*") -> int:
@@ -601,12 +628,16 @@ class RedisQueue:
         return {b for i, b in enumerate(batch_ids) if any(x is not None
                                                           for x in found[i * n:(i + 1) * n])}
 
-    def requeue(self, spec: JobSpec, batch_id: str) -> bool:
-        """Put a job left SCHEDULED or RUNNING by a lost batch back into intake."""
-        return bool(self._requeue(
-            keys=[keys.job(spec.id), keys.INTAKE, keys.tenant_pending(spec.tenant)],
+    def requeue(self, spec: JobSpec, batch_id: str, token: str = "") -> bool | None:
+        """Put a job left SCHEDULED or RUNNING by a lost batch back into intake; whether it
+        did, or None when ``token`` no longer holds the scheduler lease ('': no fence, for
+        tools run without a scheduler)."""
+        done = int(self._requeue(
+            keys=[keys.job(spec.id), keys.INTAKE, keys.tenant_pending(spec.tenant),
+                  keys.SCHEDULER_LEASE],
             args=[spec.id, batch_id, int(spec.priority), spec.tenant,
-                  "" if spec.deadline is None else repr(spec.deadline)]))
+                  "" if spec.deadline is None else repr(spec.deadline), token]))
+        return None if done < 0 else bool(done)
 
     def have_results(self, job_ids: Sequence[str]) -> list[bool]:
         """Whether the result backend holds each job's result."""

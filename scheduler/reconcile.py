@@ -81,13 +81,20 @@ class PassState:
         return Repairs(self.reenqueued, self.finished, self.written_back, self.requeued)
 
 
-class Reconciler:
-    """Runs passes page by page; ``step`` does a bounded amount of work."""
+class LeaseLost(Exception):
+    """Raised inside a scheduler's step when it finds it no longer holds the lease."""
 
-    def __init__(self, store: JobStore, queue: RedisQueue, settings: Settings) -> None:
+
+class Reconciler:
+    """Runs passes page by page; ``step`` does a bounded amount of work. ``token``: the
+    scheduler lease its writes are fenced by ('' for a tool run without a scheduler)."""
+
+    def __init__(self, store: JobStore, queue: RedisQueue, settings: Settings,
+                 token: str = "") -> None:
         self.store = store
         self.queue = queue
         self.settings = settings
+        self.token = token
         self.current: PassState | None = None
         self.last_finished = 0.0
 
@@ -198,14 +205,22 @@ class Reconciler:
             p.requeued += len(self.queue.release_orphan_followers(page.following))
 
     def _requeue_orphans(self, sent: dict[str, str]) -> int:
-        """Jobs whose batch is no longer in flight go back into intake."""
+        """Jobs whose batch is no longer in flight go back into intake (fenced by the
+        scheduler's lease: ``LeaseLost`` once it is another's)."""
         flying = self.queue.in_flight(sorted(set(sent.values())))
         orphans = {j: b for j, b in sent.items() if b not in flying}
         if not orphans:
             return 0
         stored = self.store.get_many(list(orphans))
-        return sum(self.queue.requeue(stored[j].spec, b) for j, b in orphans.items()
-                   if j in stored and not stored[j].state.final)
+        done = 0
+        for job_id, batch_id in orphans.items():
+            if job_id not in stored or stored[job_id].state.final:
+                continue
+            moved = self.queue.requeue(stored[job_id].spec, batch_id, self.token)
+            if moved is None:
+                raise LeaseLost
+            done += moved
+        return done
 
     def _results_page(self) -> None:
         p = self.current

@@ -56,7 +56,7 @@ from scheduler.embedders import Embedder, create_embedder
 from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
 from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
-from scheduler.reconcile import Reconciler
+from scheduler.reconcile import LeaseLost, Reconciler
 from scheduler.scaling import ClassDemand, desired_slots, rate_cap
 from scheduler.semantic import SemanticCache
 from scheduler.service_time import ServiceModel, deployment
@@ -77,10 +77,6 @@ OVERVIEW_EVERY_S = 1.0
 OVERVIEW_TTL_S = 15
 
 
-class LeaseLost(Exception):
-    """Raised inside a step when the scheduler finds it no longer holds the lease."""
-
-
 class Scheduler:
     """The scheduler loop. ``run()`` blocks until ``stop()``."""
 
@@ -99,7 +95,7 @@ class Scheduler:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=settings.aging_s)
-        self.reconciler = Reconciler(self.store, self.queue, settings)
+        self.reconciler = Reconciler(self.store, self.queue, settings, self.token)
         self.retention = Retention(self.store, settings.retention_days,
                                    settings.retention_interval_s)
         self.service = ServiceModel()
@@ -318,15 +314,8 @@ class Scheduler:
         """Expire what waited past its deadline in the backlog; admit what fits the pool."""
         late = self.backlog.expired(now)
         if late:
-            results = [JobResult(id=e.job_id, state=JobState.EXPIRED, created_at=e.arrived,
-                                 finished_at=now, deadline=e.deadline,
-                                 error="deadline passed before the job could be scheduled")
-                       for e in late]
-            record_results(self.store, self.queue, results, [e.tenant for e in late],
-                           result_ttl_s=self.settings.result_ttl_s,
-                           classes=[e.priority for e in late])
-            for e in late:
-                self.metrics.expired.labels(class_name(str(e.priority))).inc()
+            self._expire_jobs([(e.job_id, e.tenant) for e in late], now,
+                              "deadline passed before the job could be scheduled")
         room = self.settings.max_pool_jobs - len(self.pool)
         if room > 0 and len(self.backlog):
             self._admit(self.backlog.take(min(room, self.settings.scheduler_read_count), now))
@@ -392,16 +381,30 @@ class Scheduler:
                         shared=shared)
 
     def _expire(self, jobs: Sequence[PendingJob], now: float) -> None:
-        results = [JobResult(id=j.id, state=JobState.EXPIRED, created_at=j.created_at,
-                             finished_at=now, deadline=j.deadline,
-                             error="deadline passed (or too close to meet) before the job "
-                                   "could run") for j in jobs]
-        record_results(self.store, self.queue, results, [j.tenant for j in jobs],
-                       result_ttl_s=self.settings.result_ttl_s,
-                       classes=[j.priority for j in jobs])
         self.pool.remove([j.id for j in jobs])
-        for j in jobs:
-            self.metrics.expired.labels(class_name(str(j.priority))).inc()
+        self._expire_jobs([(j.id, j.tenant) for j in jobs], now,
+                          "deadline passed (or too close to meet) before the job could run")
+
+    def _expire_jobs(self, jobs: Sequence[tuple[str, str]], now: float, why: str) -> None:
+        """End ``(id, tenant)`` jobs EXPIRED: taken out of intake under the lease
+        first (a paused former scheduler must not expire what its successor sent;
+        ``LeaseLost`` then), with their deployment as their result's, so the counters of
+        each deployment balance."""
+        taken = self.queue.take_to_expire(self.token, jobs)
+        if taken is None:
+            raise LeaseLost
+        if not taken:
+            return
+        specs = [spec for spec, _ in self.queue.load(taken) if spec is not None]
+        results = [JobResult(id=s.id, state=JobState.EXPIRED, created_at=s.created_at,
+                             finished_at=now, deadline=s.deadline, provider=s.provider,
+                             model=s.model, error=why) for s in specs]
+        # Counted under the class each was submitted in (not the one aging promoted it to).
+        record_results(self.store, self.queue, results, [s.tenant for s in specs],
+                       result_ttl_s=self.settings.result_ttl_s,
+                       classes=[int(s.priority) for s in specs])
+        for s in specs:
+            self.metrics.expired.labels(class_name(str(int(s.priority)))).inc()
 
     def _dispatch(self, batch: PlannedBatch) -> None:
         batch_id = str(uuid.uuid4())

@@ -95,7 +95,7 @@ class BatchRunner:
         self._until = time.monotonic() + max(3.0, self.settings.task_time_limit_s - 6.0)
         ttl = self.settings.result_ttl_s
         lost = self.steady("start", lambda: self.queue.start_run(batch_id, send_id, retries,
-                                                                 ttl))
+                                                                 ttl, cls, time.time()))
         if lost is None:
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
             metrics.BATCHES.labels(metrics.class_name(str(cls)), "duplicate").inc()

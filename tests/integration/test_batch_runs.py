@@ -43,16 +43,20 @@ def test_only_deliveries_after_a_lost_worker_count_toward_poison(r: redis.Redis)
     from jobs.queue import RedisQueue
 
     q = RedisQueue(r)
+
+    def start(batch: str, send: str, retries: int) -> int | None:
+        return q.start_run(batch, send, retries, 60, 2, time.time())
+
     # A batch retried five times by its task (Redis or SQL errors): new messages.
-    assert [q.start_run("blips", "send", n, 60) for n in range(5)] == [0, 0, 0, 0, 0]
+    assert [start("blips", "send", n) for n in range(5)] == [0, 0, 0, 0, 0]
     # A batch whose message came back twice after its worker was lost.
-    assert [q.start_run("crashes", "send", 0, 60) for _ in range(3)] == [0, 1, 2]
-    assert q.start_run("crashes", "send", 1, 60) == 2  # a later retry keeps the count
+    assert [start("crashes", "send", 0) for _ in range(3)] == [0, 1, 2]
+    assert start("crashes", "send", 1) == 2  # a later retry keeps the count
     # A task's start: the first send runs, its re-delivery runs again (one delivery lost),
     # another send of the same batch does not run and is not counted.
-    assert q.start_run("b", "send-1", 0, 60) == 0
-    assert q.start_run("b", "send-2", 0, 60) is None
-    assert q.start_run("b", "send-1", 0, 60) == 1
+    assert start("b", "send-1", 0) == 0
+    assert start("b", "send-2", 0) is None
+    assert start("b", "send-1", 0) == 1
     assert r.hgetall(keys.batch_deliveries("b")) == {"0": "2"}
 
 
@@ -72,7 +76,7 @@ def test_a_poison_split_moves_each_job_to_a_batch_of_its_own_counted_in_flight(
     with Client(settings) as client:
         ids = claimed(client, "batch-a", 3, cls=3)
         for _ in range(settings.max_deliveries + 1):  # the batch killed its worker 3 times
-            client.queue.start_run("batch-a", "send-1", 0, 60)
+            client.queue.start_run("batch-a", "send-1", 0, 60, 3, time.time())
         sent: list[tuple[str, str, str, int]] = []
         run = runner(settings, client, sent)
         assert sorted(run.run("batch-a", "send-1", ids, cls=3)["split"]) == sorted(ids)
