@@ -131,7 +131,7 @@ def run(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     finally:
-        stack.stop()
+        stack.stop(grace_s=base.shutdown_grace_s)
     if out is not None:
         _write_output(out, lines, errors, ids, results)
         console.print(f"wrote {len(lines) + len(errors)} lines to {out}")
@@ -266,33 +266,41 @@ def up(
                       flower_port=flower_port, env=env)
 
     def first_signal(signum: int, frame: FrameType | None) -> None:
-        _hold_signals()  # at once: a second signal must not cut the stop short
+        _hold_signals(service)  # at once: a second signal is the cold stop
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, first_signal)
     signal.signal(signal.SIGINT, first_signal)
+    grace = settings.shutdown_grace_s
     try:
         with console.status("starting promptbatch..."):
             service.start()
         _print_endpoints(service)
         service.watch()
     except KeyboardInterrupt:
-        _hold_signals()
-        console.print("stopping promptbatch...")
+        _hold_signals(service)
+        console.print(f"stopping promptbatch: no new batch starts, running batches finish "
+                      f"(up to {grace:g} s); Ctrl-C again stops at once")
     except (StackError, PromptBatchError) as exc:
-        _hold_signals()
+        _hold_signals(service)
         console.print(f"[red]{exc}[/red]", soft_wrap=True)
-        service.stop()
+        service.stop(grace_s=grace)
         raise typer.Exit(1) from None
-    service.stop()
+    service.stop(grace_s=grace)
     console.print("stopped; the data stays in " + str(settings.data_dir))
 
 
-def _hold_signals() -> None:
-    """While stopping, another Ctrl-C or SIGTERM must not cut the stop short (it would
-    leave the children running): say so instead."""
+def _hold_signals(stack: Any = None) -> None:
+    """While stopping: a second Ctrl-C or SIGTERM is the cold stop (every process killed
+    at once; running batches run again later), which still leaves nothing running."""
     def handler(signum: int, frame: FrameType | None) -> None:
-        console.print("still stopping (waiting for the processes to finish)...")
+        if stack is None:
+            console.print("still stopping (waiting for the processes to finish)...")
+            return
+        console.print("stopping at once: running batches will run again")
+        stack.cold()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

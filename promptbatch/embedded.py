@@ -50,12 +50,14 @@ class EmbeddedRedis:
 
     def __init__(self, data_dir: Path | str, *, port: int | None = None,
                  appendonly: bool = True, password: str | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, keep_fds: tuple[int, ...] = ()) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.appendonly = appendonly
         self.password = password
         self.extra_args = extra_args or []
+        #: Descriptors the server process holds open (``up``'s lock on its data folder).
+        self.keep_fds = keep_fds
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,7 +78,7 @@ class EmbeddedRedis:
             args += ["--requirepass", self.password]
         args += self.extra_args
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, pass_fds=self.keep_fds)
         client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
                              socket_connect_timeout=0.5, socket_timeout=1.0)
         deadline = time.monotonic() + timeout

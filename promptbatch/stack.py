@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,8 @@ class LocalStack:
         self.redis_url = redis_url or ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[object] = []
+        #: Descriptors every child holds open (``up``'s lock on its data folder).
+        self.keep_fds: tuple[int, ...] = ()
 
     def child_env(self) -> dict[str, str]:
         """The environment of the stack's processes."""
@@ -59,7 +62,7 @@ class LocalStack:
         self._logs.append(log)
         self.procs[name] = subprocess.Popen(argv, env=self.child_env(), stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            start_new_session=True, pass_fds=self.keep_fds)
 
     def _wait_for_workers(self, timeout: float) -> None:
         r = connect(self.redis_url)
@@ -80,18 +83,46 @@ class LocalStack:
         raise StackError(f"workers did not start within {timeout} s; see "
                          f"{self.run_dir / 'worker.log'}")
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop workers and scheduler (SIGTERM, then SIGKILL), then the server."""
-        for proc in self.procs.values():
+    def stop(self, timeout: float = 20.0, grace_s: float | None = None) -> None:
+        """Stop everything, warm: the scheduler, the API and Flower get SIGTERM (their
+        process groups), the worker's main process alone gets SIGTERM (Celery's warm
+        shutdown: it takes no new batch and its pool processes finish the running ones;
+        a signal to its process group would kill them mid-batch, to run again later).
+        The worker has ``grace_s`` (``shutdown_grace_s``), the others ``timeout``; then
+        whatever is left is killed, and the server stops last."""
+        worker = self.procs.get("worker")
+        for name, proc in self.procs.items():
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+                if name == "worker":
+                    os.kill(proc.pid, signal.SIGTERM)
+                else:
+                    os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for proc in self.procs.values():
+            until = deadline
+            if proc is worker and grace_s is not None:
+                until = max(deadline, time.monotonic() + grace_s + 10.0)
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                proc.wait(max(0.1, until - time.monotonic()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        self._release()
+
+    def cold(self) -> None:
+        """Stop at once (a second Ctrl-C): every process group is killed; running batches
+        run again later (their tasks are acknowledged only when they finish)."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+    def _release(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
         self.procs.clear()
         for log in self._logs:
             log.close()  # type: ignore[attr-defined]

@@ -5,19 +5,24 @@ start), the job store's migrations (SQLite in ``data_dir`` unless
 ``PROMPTBATCH_DATABASE_URL`` names another), one scheduler, a worker, the HTTP API and
 Flower behind basic auth. Everything it keeps lives in ``data_dir/up``: the server's data,
 ``up.json`` (its port and passwords, mode 600) and ``up.env`` (the variables another
-terminal needs, to ``source``). A second ``up`` on the same folder finds the same data:
-jobs, keys and results. The first start creates an admin API key for the default tenant
-and shows it once (only its SHA-256 is stored).
+terminal needs, to ``source``). A later ``up`` on the same folder finds the same data:
+jobs, keys and results; a second one while the first runs refuses (``UpLock``). The first
+start creates an admin API key for the default tenant and shows it once (only its SHA-256
+is stored). Ctrl-C stops it warm (no new batch, running ones finish within
+``shutdown_grace_s``); a second Ctrl-C stops it at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import secrets
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -68,6 +73,68 @@ class Endpoints:
     metrics: dict[str, str] = field(default_factory=dict)
 
 
+class UpLock:
+    """``up``'s hold on its data folder: an exclusive ``flock`` on ``up.lock``, held by
+    ``up`` and every process it starts (the server among them), so a second ``up`` on the
+    same folder refuses while any of them runs; the kernel releases it when the last one
+    ends, so a crashed ``up`` never leaves it stuck."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / "up.lock"
+        self.fd: int | None = None
+
+    def acquire(self, api_url: str) -> UpLock:
+        """Take the lock (``StackError`` naming the holder if another ``up`` has it) and
+        write who holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise StackError(_already_running(self.path.parent, holder)) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "api": api_url}).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _already_running(home: Path, holder: dict[str, Any]) -> str:
+    pid = holder.get("pid")
+    alive = isinstance(pid, int) and _alive(pid)
+    where = f", API on {holder['api']}" if holder.get("api") else ""
+    if alive:
+        return (f"promptbatch up is already running on {home.parent} (pid {pid}{where}): "
+                "use it, stop it first (Ctrl-C in its terminal), or start another with "
+                "PROMPTBATCH_DATA_DIR set to another folder")
+    return (f"processes of an earlier promptbatch up (pid {pid}, gone) still run on "
+            f"{home.parent}{where}: stop them first (`fuser {home / 'up.lock'}` lists them)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Service(LocalStack):
     """The embedded server, scheduler, worker, API and Flower, started and stopped together."""
 
@@ -81,18 +148,29 @@ class Service(LocalStack):
         self.flower_port = flower_port
         self.metrics_ports: dict[str, int] = {}
         self.state_path = self.home / "up.json"
-        self.state = UpState.load(self.state_path)
+        self.state = UpState()
         self.new_key: str | None = None
+        self.lock = UpLock(self.home)
+
+    def stop(self, timeout: float = 20.0, grace_s: float | None = None) -> None:
+        super().stop(timeout, grace_s)
+        self.lock.release()
 
     def start(self, ready_timeout: float = 90.0) -> Service:
         self.home.mkdir(parents=True, exist_ok=True)
+        # First, before anything is started or written: one ``up`` per data folder.
+        self.lock.acquire(f"http://127.0.0.1:{self.port}")
+        assert self.lock.fd is not None
+        self.keep_fds = (self.lock.fd,)
+        self.state = UpState.load(self.state_path)
         st = self.state
         st.redis_password = st.redis_password or secrets.token_urlsafe(24)
         st.flower_password = st.flower_password or secrets.token_urlsafe(12)
         port = st.redis_port if st.redis_port and _port_free(st.redis_port) else free_port()
         st.redis_port = port
         self.server = EmbeddedRedis(self.home / "valkey", port=port,
-                                    password=st.redis_password).start()
+                                    password=st.redis_password,
+                                    keep_fds=self.keep_fds).start()
         self.redis_url = self.server.url
         self.env["PROMPTBATCH_DATABASE_URL"] = self.settings.database_url
         self.env["PROMPTBATCH_DATA_DIR"] = str(self.settings.data_dir)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -15,7 +16,13 @@ from typing import Any
 import redis
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from config import keys
@@ -93,6 +100,57 @@ class _Heartbeat:
         threading.Thread(target=beat, name="promptbatch-heartbeat", daemon=True).start()
 
 
+def _connect_signals(app: Celery, settings: Settings, resources: _ProcessResources,
+                     heartbeat: _Heartbeat) -> None:
+    """The worker's life: its heartbeat, the collector's set-up before the fork, each
+    pool process's connections, and the grace of a warm shutdown."""
+
+    def on_ready(sender: Any, **_: Any) -> None:
+        if sender.app is not app:
+            return
+        controller = sender.controller
+        heartbeat.start(controller.hostname, int(controller.concurrency))
+
+    def on_init(sender: Any, **_: Any) -> None:
+        if sender.app is app:  # before the pool processes fork: they inherit it
+            gcpause.tune_for_service()
+
+    def on_process_init(**_: Any) -> None:  # a pool process, after the fork
+        try:
+            resources.runner()
+        except Exception:  # the first batch builds it again, and fails with the reason
+            log.exception("could not set up the worker process's connections")
+
+    def on_shutdown(sender: Any, **_: Any) -> None:
+        heartbeat.stop.set()
+
+    def on_shutting_down(sig: str = "", how: str = "", **_: Any) -> None:
+        # A warm shutdown (SIGTERM, a first Ctrl-C) lets the running batches finish, as
+        # Celery does, but for ``shutdown_grace_s`` at most: then a cold one.
+        if how != "Warm":
+            return
+        grace = settings.shutdown_grace_s
+        log.warning("warm shutdown (%s): no new batch starts; waiting up to %g s for the "
+                    "running ones (Ctrl-C again stops at once)", sig, grace)
+        timer = threading.Timer(grace, _go_cold, args=(grace,))
+        timer.daemon = True
+        timer.start()
+
+    worker_init.connect(on_init, weak=False)
+    worker_process_init.connect(on_process_init, weak=False)
+    worker_ready.connect(on_ready, weak=False)
+    worker_shutdown.connect(on_shutdown, weak=False)
+    worker_shutting_down.connect(on_shutting_down, weak=False)
+
+
+def _go_cold(grace: float) -> None:
+    """The grace of a warm shutdown is over: Celery's cold shutdown (SIGQUIT) ends the
+    batches still running; they run again elsewhere."""
+    log.warning("batches still running %g s after the warm shutdown began: stopping them",
+                grace)
+    os.kill(os.getpid(), signal.SIGQUIT)
+
+
 def create_app(settings: Settings | None = None, redis_url: str | None = None) -> Celery:
     """The workers' Celery app: configuration from ``settings``, task ``process_batch``."""
     settings = settings or Settings()
@@ -134,28 +192,6 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
             log.warning("batch %s: %s; retrying in %d s", batch_id, exc, delay)
             raise self.retry(exc=exc, countdown=delay, max_retries=20) from exc
 
-    def on_ready(sender: Any, **_: Any) -> None:
-        if sender.app is not app:
-            return
-        controller = sender.controller
-        heartbeat.start(controller.hostname, int(controller.concurrency))
-
-    def on_init(sender: Any, **_: Any) -> None:
-        if sender.app is app:  # before the pool processes fork: they inherit it
-            gcpause.tune_for_service()
-
-    def on_process_init(**_: Any) -> None:  # a pool process, after the fork
-        try:
-            resources.runner()
-        except Exception:  # the first batch builds it again, and fails with the reason
-            log.exception("could not set up the worker process's connections")
-
-    def on_shutdown(sender: Any, **_: Any) -> None:
-        heartbeat.stop.set()
-
-    worker_init.connect(on_init, weak=False)
-    worker_process_init.connect(on_process_init, weak=False)
-    worker_ready.connect(on_ready, weak=False)
-    worker_shutdown.connect(on_shutdown, weak=False)
+    _connect_signals(app, settings, resources, heartbeat)
     app.promptbatch_settings = settings  # type: ignore[attr-defined]
     return app

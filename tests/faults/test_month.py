@@ -4,16 +4,25 @@ servers)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import psutil
 import pytest
 import redis
 
 from config import keys
 from config.settings import Settings
 from producers.client import Client
+from promptbatch.embedded import free_port
 from tests.conftest import Procs
 from tests.helpers import poll, provider_calls
 
@@ -65,3 +74,104 @@ def test_a_batch_that_waited_in_the_broker_and_runs_past_the_cutoff_runs_once(
     finally:
         beating.clear()
         thread.join(5)
+
+
+def _start_up(data: Path, out: Path, env: dict[str, str],
+              *extra: str) -> subprocess.Popen[bytes]:
+    with out.open("wb") as fh:
+        return subprocess.Popen([sys.executable, "-m", "promptbatch", "up", "--no-flower",
+                                 "--port", str(free_port()), *extra], cwd=data.parent,
+                                env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def _up_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
+    env.update({"PROMPTBATCH_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1",
+                **extra})
+    return env
+
+
+def _ready(proc: subprocess.Popen[bytes], out: Path) -> None:
+    poll(lambda: "Other terminals" in out.read_text(errors="replace"), timeout=120,
+         what="promptbatch up to print its endpoints", proc=proc)
+
+
+def _settings_of(tmp_path: Path, settings: Settings) -> Settings:
+    env = dict(re.findall(r"export (\w+)='([^']*)'",
+                          (tmp_path / "data" / "up" / "up.env").read_text()))
+    return settings.model_copy(update={"redis_url": env["PROMPTBATCH_REDIS_URL"],
+                                       "database_url": env["PROMPTBATCH_DATABASE_URL"]})
+
+
+@pytest.mark.timeout(300)
+def test_ctrl_c_of_up_under_load_lets_running_batches_finish_and_pays_once(
+        tmp_path: Path, settings: Settings) -> None:
+    calls = tmp_path / "calls.jsonl"
+    env = _up_env(tmp_path, PROMPTBATCH_ECHO_TEST_HOOKS="1",
+                  PROMPTBATCH_ECHO_CALL_LOG=str(calls))
+    up = _start_up(tmp_path / "data", tmp_path / "first.out", env, "--workers", "2")
+    try:
+        _ready(up, tmp_path / "first.out")
+        s = _settings_of(tmp_path, settings)
+        with Client(s) as client:
+            ids = client.submit_many({"prompt": f"[echo:sleep=0.5] job {i}"}
+                                     for i in range(1500))
+            poll(lambda: sum(provider_calls(calls).values()) >= 100, timeout=60,
+                 what="batches to be running")
+            up.send_signal(signal.SIGINT)  # Ctrl-C, with batches running
+            assert up.wait(60) == 0
+            called = set(provider_calls(calls))
+            # Every batch that had started finished: each job called has its result.
+            stored = client.store.get_many(sorted(called))
+            assert {s.state.value for s in stored.values()} == {"SUCCEEDED"}
+            assert len(called) < len(ids), "the load was over before the Ctrl-C"
+        up = _start_up(tmp_path / "data", tmp_path / "second.out", env, "--workers", "2")
+        _ready(up, tmp_path / "second.out")
+        with Client(_settings_of(tmp_path, settings)) as client:
+            assert len(list(client.results(ids, timeout=180))) == len(ids)
+        counted = provider_calls(calls)
+        assert set(counted) == set(ids)
+        twice = [j for j, n in counted.items() if n > 1]
+        assert not twice, f"{len(twice)} jobs were sent to the provider twice"
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)
+            up.wait(60)
+
+
+@pytest.mark.timeout(300)
+def test_a_second_up_on_the_same_data_refuses_until_the_first_is_gone(tmp_path: Path) -> None:
+    env = _up_env(tmp_path)
+    first = _start_up(tmp_path / "data", tmp_path / "first.out", env)
+    try:
+        _ready(first, tmp_path / "first.out")
+        env_file = tmp_path / "data" / "up" / "up.env"
+        before = env_file.read_text()
+        second = subprocess.run([sys.executable, "-m", "promptbatch", "up", "--no-flower",
+                                 "--port", str(free_port())], env=env, capture_output=True,
+                                text=True, timeout=60, check=False)
+        assert second.returncode != 0
+        assert "already running" in second.stderr and f"pid {first.pid}" in second.stderr, \
+            second.stderr
+        assert env_file.read_text() == before  # nothing of the first was touched
+        # A crashed up: its processes still run on the data, and still hold it.
+        family = psutil.Process(first.pid).children(recursive=True)
+        first.kill()
+        first.wait(30)
+        third = subprocess.run([sys.executable, "-m", "promptbatch", "up", "--no-flower",
+                                "--port", str(free_port())], env=env, capture_output=True,
+                               text=True, timeout=60, check=False)
+        assert third.returncode != 0 and "still run" in third.stderr, third.stderr
+        for proc in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(family, timeout=30)
+        # Once they are gone, nothing is left stuck: the next up starts.
+        fourth = _start_up(tmp_path / "data", tmp_path / "fourth.out", env)
+        _ready(fourth, tmp_path / "fourth.out")
+        fourth.send_signal(signal.SIGINT)
+        assert fourth.wait(60) == 0
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGINT)
+            first.wait(60)

@@ -39,7 +39,7 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     family = psutil.Process(proc.pid).children(recursive=True)
     assert len(family) >= 5, "fewer processes than server, scheduler, worker, API, Flower"
     proc.send_signal(signal.SIGINT)
-    proc.send_signal(signal.SIGTERM)  # a second signal (Ctrl-C twice) must not cut it short
+    proc.send_signal(signal.SIGTERM)  # a second signal (Ctrl-C twice): at once, nothing left
     assert proc.wait(60) == 0
     _, alive = psutil.wait_procs(family, timeout=30)
     assert alive == [], f"still running after Ctrl-C: {[p.cmdline()[:4] for p in alive]}"
