@@ -55,6 +55,18 @@ class JobNotFound(PromptBatchError):
         super().__init__(f"no job with id {job_id!r}")
 
 
+class AmbiguousJob(PromptBatchError):
+    """Raised when an id names jobs of several tenants (their own ``client_id``), and the
+    caller may read them all: it must say which tenant's it means."""
+
+    def __init__(self, job_id: str, tenants: list[str]) -> None:
+        self.job_id = job_id
+        self.tenants = tenants
+        super().__init__(f"{job_id!r} is the id of jobs of {len(tenants)} tenants "
+                         f"({', '.join(tenants)}): name the tenant (?tenant=NAME in the "
+                         "API, --tenant NAME for promptbatch status)")
+
+
 class ResultTimeout(PromptBatchError):
     """Raised when a job has not finished within the time a caller was willing to wait."""
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -171,8 +172,9 @@ class JobRequest(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
     client_id: str | None = Field(
         default=None, min_length=1, max_length=255,
-        description="Your own id for the job (a JSONL line's `id`); `promptbatch status` and "
-        "`GET /v1/jobs/{id}` find the job by it too.")
+        validation_alias=AliasChoices("client_id", "id"),
+        description="Your own id for the job (also accepted as `id`, as a JSONL line names "
+        "it); `promptbatch status` and `GET /v1/jobs/{id}` find the job by it too.")
     metadata: dict[Annotated[str, Field(max_length=64)], MetadataScalar] = Field(
         default_factory=dict, max_length=64
     )
@@ -212,6 +214,14 @@ class JobRequest(BaseModel):
         if value is not None and not _TENANT.match(value):
             raise ValueError("must be 1-64 letters, digits or ._- and start with a letter or digit")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_own_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "id" in data and "client_id" in data \
+                and data["id"] != data["client_id"]:
+            raise ValueError("give your own id as 'id' or as 'client_id', not both")
+        return data
 
     @model_validator(mode="after")
     def _one_prompt_one_deadline(self) -> JobRequest:

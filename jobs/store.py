@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from config.settings import Settings
-from jobs.errors import IdempotencyConflict
+from jobs.errors import AmbiguousJob, IdempotencyConflict
 from jobs.models import FINAL_STATES, JobResult, JobSpec, JobState
 
 log = logging.getLogger(__name__)
@@ -375,15 +375,23 @@ class JobStore:
 
     def find(self, job_id: str, tenant: str | None = None) -> StoredJob | None:
         """A job by its id, or else by the caller's own id (``client_id``: the newest job
-        with it), scoped to ``tenant`` when given."""
+        with it), scoped to ``tenant`` when given. Unscoped (an admin, an operator), an id
+        that several tenants use as their own raises ``AmbiguousJob`` naming them, rather
+        than answering with one of theirs."""
         found = self.get(job_id, tenant)
         if found is not None:
             return found
-        stmt = select(JobRow).where(JobRow.client_id == job_id)
-        if tenant is not None:
-            stmt = stmt.where(JobRow.tenant == tenant)
-        stmt = stmt.order_by(JobRow.created_at.desc()).limit(1)
         with self.engine.connect() as conn:
+            if tenant is None:
+                owners = sorted(str(t) for t in conn.execute(
+                    select(JobRow.tenant).where(JobRow.client_id == job_id).distinct()
+                    .limit(20)).scalars())
+                if len(owners) > 1:
+                    raise AmbiguousJob(job_id, owners)
+            stmt = select(JobRow).where(JobRow.client_id == job_id)
+            if tenant is not None:
+                stmt = stmt.where(JobRow.tenant == tenant)
+            stmt = stmt.order_by(JobRow.created_at.desc()).limit(1)
             row = conn.execute(stmt).mappings().first()
         return _stored(row) if row is not None else None
 

@@ -15,7 +15,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
@@ -35,6 +35,14 @@ class Unauthorized(Exception):
         self.message = message
 
 
+class Forbidden(Exception):
+    """Raised when a key asks for what only an admin key may do (HTTP 403)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 @dataclass(frozen=True, slots=True)
 class Caller:
     """The tenant a request acts for, and whether its key is an admin key."""
@@ -46,6 +54,16 @@ class Caller:
     def scope(self) -> str | None:
         """The tenant reads are limited to (None: an admin key reads every tenant)."""
         return None if self.admin else self.tenant
+
+    def scope_to(self, tenant: str | None) -> str | None:
+        """The scope of a read that names ``tenant``: an admin key's choice; a tenant key
+        reads only its own (``Forbidden`` for another)."""
+        if tenant is None or tenant == self.tenant:
+            return tenant if self.admin else self.tenant
+        if not self.admin:
+            raise Forbidden(f"this API key belongs to tenant {self.tenant!r}; only an admin "
+                            "key may read another tenant's jobs")
+        return tenant
 
 
 def _match(key: str, table: dict[str, str]) -> str | None:
@@ -78,3 +96,9 @@ async def caller_of(
 
 
 CallerDep = Annotated[Caller, Depends(caller_of)]
+
+#: ``?tenant=``: an admin key's choice of tenant, where an id may name several tenants'
+#: jobs (their own ``client_id``).
+TenantQuery = Annotated[str | None, Query(
+    description="Admin keys: the tenant whose job is meant, when several tenants use the "
+    "same id of their own (client_id).")]

@@ -21,7 +21,7 @@ from jobs.errors import (
 )
 from jobs.models import JobResult, JobState
 from jobs.store import StoredJob
-from producers.auth import Caller, CallerDep
+from producers.auth import Caller, CallerDep, TenantQuery
 from producers.client import Client
 from producers.web import ApiError, client_of, read_json, settings_of
 
@@ -107,10 +107,12 @@ async def submit(request: Request, caller: CallerDep,
 
 
 @router.get("/v1/jobs/{job_id}", tags=["jobs"])
-async def get_job(job_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
-    """A job's state, and its result once final (by its id, or by your ``client_id``)."""
+async def get_job(job_id: str, request: Request, caller: CallerDep,
+                  tenant: TenantQuery = None) -> dict[str, Any]:
+    """A job's state, and its result once final (by its id, or by your ``client_id``;
+    409 listing the tenants when an admin key's id names several tenants' jobs)."""
     client = client_of(request)
-    stored = await run_in_threadpool(client.store.find, job_id, caller.scope)
+    stored = await run_in_threadpool(client.store.find, job_id, caller.scope_to(tenant))
     if stored is None:
         raise JobNotFound(job_id)
     result = None if stored.result else (await run_in_threadpool(
@@ -124,10 +126,11 @@ async def get_job(job_id: str, request: Request, caller: CallerDep) -> dict[str,
 
 @router.get("/v1/jobs/{job_id}/result", tags=["jobs"])
 async def get_result(job_id: str, request: Request, caller: CallerDep,
-                     wait: Annotated[float, Query(ge=0)] = 0.0) -> JSONResponse:
+                     wait: Annotated[float, Query(ge=0)] = 0.0,
+                     tenant: TenantQuery = None) -> JSONResponse:
     """The job's result, waiting up to ``wait`` seconds for it (202 if still pending)."""
     client = client_of(request)
-    stored = await run_in_threadpool(client.store.find, job_id, caller.scope)
+    stored = await run_in_threadpool(client.store.find, job_id, caller.scope_to(tenant))
     if stored is None:
         raise JobNotFound(job_id)
     job_id = stored.spec.id

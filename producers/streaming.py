@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from config import keys
 from jobs.errors import JobNotFound
 from jobs.streams import ENTRY_ID, READ_COUNT, Cursor, Event, older
-from producers.auth import CallerDep
+from producers.auth import CallerDep, TenantQuery
 from producers.web import ApiError, client_of, settings_of
 
 router = APIRouter()
@@ -111,11 +111,12 @@ def sse(event: Event) -> str:
 @router.get("/v1/jobs/{job_id}/stream", tags=["jobs"])
 async def stream_job(job_id: str, request: Request, caller: CallerDep,
                      last_event_id: Annotated[str | None, Header()] = None,
-                     ) -> StreamingResponse:
+                     tenant: TenantQuery = None) -> StreamingResponse:
     """A streaming job's output as server-sent events (``chunk``, ``attempt``: discard
     the text before it, ``end``); resume with ``Last-Event-ID``."""
     after = resume_point(last_event_id)
-    stored = await run_in_threadpool(client_of(request).store.find, job_id, caller.scope)
+    stored = await run_in_threadpool(client_of(request).store.find, job_id,
+                                     caller.scope_to(tenant))
     if stored is None:
         raise JobNotFound(job_id)
     real_id = stored.spec.id

@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from config.settings import Settings
 from jobs import jsonbody
 from jobs.errors import (
+    AmbiguousJob,
     InvalidJob,
     JobNotFound,
     PromptBatchError,
@@ -22,7 +23,7 @@ from jobs.errors import (
     SubmitUnconfirmed,
     TenantQuotaExceeded,
 )
-from producers.auth import Unauthorized
+from producers.auth import Forbidden, Unauthorized
 from producers.client import Client
 
 log = logging.getLogger(__name__)
@@ -82,14 +83,25 @@ def client_of(request: Request) -> Client:
     return request.app.state.client  # type: ignore[no-any-return]
 
 
+#: Errors answered with a status and a type, their message as it is.
+_PLAIN: dict[type[Exception], tuple[int, str]] = {
+    Unauthorized: (401, "authentication_error"),
+    Forbidden: (403, "permission_error"),
+    JobNotFound: (404, "not_found_error"),
+    TenantQuotaExceeded: (429, "rate_limit_error"),
+}
+
+
+def _plain(status: int, kind: str) -> Any:
+    async def handler(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(status, kind, str(exc))
+    return handler
+
+
 def install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def apierror_response(_: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.kind, exc.message, exc.errors)
-
-    @app.exception_handler(Unauthorized)
-    async def unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
-        return error_response(401, "authentication_error", exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameters(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,13 +116,15 @@ def install_errors(app: FastAPI) -> None:
         return error_response(422, "invalid_request_error", str(exc),
                       [{"field": f, "message": m} for f, m in exc.errors])
 
-    @app.exception_handler(JobNotFound)
-    async def not_found(_: Request, exc: JobNotFound) -> JSONResponse:
-        return error_response(404, "not_found_error", str(exc))
+    @app.exception_handler(AmbiguousJob)
+    async def ambiguous(_: Request, exc: AmbiguousJob) -> JSONResponse:
+        return JSONResponse({"error": {
+            "type": "conflict", "message": str(exc), "tenants": exc.tenants,
+            "errors": [{"field": "tenant", "message": "several tenants have a job with this "
+                        "id: add ?tenant=NAME"}]}}, status_code=409)
 
-    @app.exception_handler(TenantQuotaExceeded)
-    async def quota(_: Request, exc: TenantQuotaExceeded) -> JSONResponse:
-        return error_response(429, "rate_limit_error", str(exc))
+    for kind, (status, name) in _PLAIN.items():
+        app.add_exception_handler(kind, _plain(status, name))
 
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("dependency unavailable: %s", exc)

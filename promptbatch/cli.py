@@ -738,6 +738,9 @@ def status(
                                          "--watch.")] = 2.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the overview as JSON (for "
                                           "scripts).")] = False,
+    tenant: Annotated[str | None, typer.Option(help="The tenant whose job is meant, when "
+                                               "several tenants use the same id of their "
+                                               "own.")] = None,
 ) -> None:
     """Print a job's state (and its result once final), or the service's overview: per
     class pending, oldest wait, in flight, finished and missed in the last minute;
@@ -752,7 +755,7 @@ def status(
     try:
         with Client(settings) as client:
             client.check()
-            stored = client.store.find(job_id)  # its id, or the id its input line gave it
+            stored = client.store.find(job_id, tenant)  # its id, or its line's own id
             if stored is None:
                 raise _refuse(PromptBatchError(f"no job with id or client_id {job_id!r} in "
                                                f"the job store {client.store.where}"))
