@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import redis
 
@@ -101,6 +102,7 @@ def test_20_the_compose_topology_survives_a_scheduler_and_a_worker_killed_under_
         "PROMPTBATCH_MAX_PENDING_PER_TENANT": str(JOBS),
         "PROMPTBATCH_LEASE_TTL_S": "2", "PROMPTBATCH_RECONCILE_INTERVAL_S": "10",
         "PROMPTBATCH_VISIBILITY_TIMEOUT_S": "20", "PROMPTBATCH_TASK_TIME_LIMIT_S": "15",
+        "PROMPTBATCH_ECHO_CALL_LOG": str(tmp_path / "calls.jsonl"),
         "PYTHONUNBUFFERED": "1"})
     top = Topology(env, logs)
     r = redis.Redis.from_url(server.url, decode_responses=True)
@@ -144,10 +146,14 @@ def test_20_the_compose_topology_survives_a_scheduler_and_a_worker_killed_under_
         # Kill the active scheduler and a worker mid-run; measure the standby's takeover.
         active = next(n for n, p in top.procs.items()
                       if n.startswith("scheduler") and p.pid == lease_pid(r))
+        killed_pid = top.procs[active].pid
+        # The killed worker's processes: only batches they were running may run twice.
+        lost_pids = {top.procs["worker-a"].pid} | {
+            p.pid for p in psutil.Process(top.procs["worker-a"].pid).children(recursive=True)}
         killed_at = time.monotonic()
         top.kill(active)
         top.kill("worker-a")
-        poll(lambda: lease_pid(r) not in (None, first.pid), timeout=60, interval=0.05,
+        poll(lambda: lease_pid(r) not in (None, killed_pid), timeout=60, interval=0.05,
              what="the standby to take over")
         takeover = time.monotonic() - killed_at
         top.start(active + "-again", "promptbatch", "scheduler")
@@ -165,6 +171,18 @@ def test_20_the_compose_topology_survives_a_scheduler_and_a_worker_killed_under_
                          for start in range(0, JOBS, 5000)),
              timeout=150, interval=1, what="every result in the result backend")
         store.close()
+        # Provider calls, counted where they happen: every job called; a job called
+        # twice only if the worker that was killed had it in hand.
+        calls: dict[str, list[int]] = {}
+        for line in (tmp_path / "calls.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            for job_id in entry["jobs"]:
+                calls.setdefault(job_id, []).append(entry["pid"])
+        assert set(calls) == set(ids)
+        again = {j: pids for j, pids in calls.items() if len(pids) > 1}
+        assert all(set(pids[:-1]) <= lost_pids for pids in again.values()), \
+            "a job was called twice though no worker that had it was killed"
+        print(f"\n{len(again)} jobs called twice, all held by the killed worker")
         assert _answers(f"http://127.0.0.1:{flower_port}/") == 401
         assert _answers(f"http://127.0.0.1:{flower_port}/", ("ops", "deploy-flower")) == 200
         print(f"\nstandby scheduler took over {takeover:.2f} s after the active one was "
