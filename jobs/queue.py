@@ -39,7 +39,8 @@ _CELERY_OUTCOME: dict[JobState, tuple[str, str | None]] = {
 #: Redis states of a leader that will still hand its followers their answer: staged by
 #: its submit, waiting, sent, or running.
 _LEADING_STATES = frozenset({"STAGED", "QUEUED", "SCHEDULED", "RUNNING"})
-#: A final job's hash is kept this long after its result, for status reads.
+#: A final job's hash is kept this long after its result, for status reads (never longer
+#: than the result itself).
 FINAL_JOB_TTL_S = 24 * 3600
 #: Results stored per Lua step.
 FINISH_CHUNK = 500
@@ -425,7 +426,8 @@ class RedisQueue:
                             tenants[start:start + FINISH_CHUNK],
                             cls_of[start:start + FINISH_CHUNK], strict=True))
             job_keys: list[str] = [keys.INTAKE, keys.STATS, recent, keys.DONE]
-            args: list[str | int] = [result_ttl_s, FINAL_JOB_TTL_S, stats.BUCKET_TTL_S,
+            args: list[str | int] = [result_ttl_s, min(FINAL_JOB_TTL_S, result_ttl_s),
+                                     stats.BUCKET_TTL_S,
                                      keys.DONE_MAXLEN, streams.MAXLEN]
             for res, tenant, cls in part:
                 job_keys += [keys.job(res.id), keys.celery_result(res.id),
