@@ -98,7 +98,7 @@ def rss_of(procs: dict[str, psutil.Process]) -> dict[str, int]:
     return out
 
 
-def main() -> None:  # noqa: C901 (a benchmark's script, read top to bottom)
+def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--keys", type=int, default=10_000_000)
