@@ -25,6 +25,7 @@ growth under 10%); SQL rows, the SQLite file and Redis's memory at the end.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -194,7 +195,7 @@ def main() -> None:
             batches = conn.execute(text("SELECT COUNT(*) FROM batches")).scalar_one()
         store.close()
         memory = r.info("memory")
-        rates = [tenth / (b[0] - a[0]) for a, b in zip(marks, marks[1:], strict=False)]
+        rates = [tenth / (b[0] - a[0]) for a, b in itertools.pairwise(marks)]
         table(f"soak: {args.jobs:,} bulk jobs and {interactive.sent:,} interactive "
               f"({interactive.streamed:,} streamed, {interactive.ended:,} ended), "
               f"{args.keys:,} other keys in Redis, {args.workers} worker processes",
