@@ -52,3 +52,36 @@ def test_the_reconcilers_results_pages_are_one_index_range(settings: Settings) -
     assert "ix_jobs_finished" in plan and "TEMP B-TREE" not in plan, plan
     store.engine.connect = real  # type: ignore[method-assign]
     store.close()
+
+
+def test_retentions_pages_are_one_index_range(settings: Settings) -> None:
+    from jobs.retention import purge_page
+
+    store = JobStore(settings.database_url)
+    captured: list[object] = []
+    real = store.engine.begin
+
+    class Spy:
+        def __init__(self) -> None:
+            self.ctx = real()
+
+        def __enter__(self) -> object:
+            conn = self.ctx.__enter__()
+            execute = conn.execute
+
+            def record(stmt: object, *a: object, **k: object) -> object:
+                captured.append(stmt)
+                return execute(stmt, *a, **k)  # type: ignore[arg-type]
+
+            conn.execute = record  # type: ignore[method-assign]
+            return conn
+
+        def __exit__(self, *exc: object) -> None:
+            self.ctx.__exit__(*exc)  # type: ignore[arg-type]
+
+    store.engine.begin = Spy  # type: ignore[assignment,method-assign]
+    purge_page(store, time.time(), time.time())
+    store.engine.begin = real  # type: ignore[method-assign]
+    plan = _plan(store, captured[0])
+    assert "ix_jobs_finished" in plan and "TEMP B-TREE" not in plan, plan
+    store.close()
