@@ -611,6 +611,15 @@ class RedisQueue:
         raws: Any = self.r.mget([keys.celery_result(j) for j in job_ids])
         return [result_from_meta(raw) if raw else None for raw in raws]
 
+    def forget(self, job_ids: Sequence[str]) -> None:
+        """Delete final jobs from Redis at once (their hash, result and stream), for a
+        caller that owns this Redis and has read the results (``promptbatch run``: the SQL
+        store keeps them), so that Redis holds only the work in flight."""
+        for start in range(0, len(job_ids), 1000):
+            part = job_ids[start:start + 1000]
+            self.r.unlink(*(name for j in part for name in
+                            (keys.job(j), keys.celery_result(j), keys.job_stream(j))))
+
     def states_and_batches(self, job_ids: Sequence[str],
                            ) -> list[tuple[str | None, str | None]]:
         """``(state, batch id)`` of each job in Redis (None where it has none)."""

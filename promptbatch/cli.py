@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import shutil
 import signal
@@ -23,7 +24,7 @@ from config.settings import PRIORITY_NAMES, Settings
 from jobs.errors import InvalidJob, PromptBatchError
 from jobs.models import JobResult
 from promptbatch.jsonl import InputLine, load_file
-from promptbatch.summary import Summary, summarize
+from promptbatch.summary import Summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="promptbatch: a task queue for LLM prompts with similarity batching.")
@@ -93,18 +94,34 @@ def run(
     workers: Annotated[int, typer.Option(min=1, max=64, help="Worker pool processes.")] = 2,
     skip_invalid: Annotated[bool, typer.Option(help="Submit the valid lines of a file with "
                                                "invalid ones.")] = False,
-    timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")]
-    = 3600.0,
+    timeout: Annotated[float, typer.Option(help="Give up when no job has finished for this "
+                                           "many seconds.")] = 600.0,
+    window: Annotated[int, typer.Option(min=1, help="Most jobs pending at once (the memory "
+                                        "of the run and of the services is bounded by it, "
+                                        "not by the file).")] = 40_000,
 ) -> None:
-    """Run FILE on a local stack (embedded server, SQLite, scheduler, workers) and report."""
+    """Run FILE on a local stack (embedded server, SQLite, scheduler, workers) and report.
+
+    Any size of file: it is read twice (validated, then submitted in chunks while at most
+    --window jobs are pending), never held in memory. Interrupted, the same command again
+    resumes: it submits only the lines not yet submitted and completes the output."""
     from producers.client import Client
+    from promptbatch.bulk import BulkRun, file_digest
     from promptbatch.stack import LocalStack
 
     setup_logging("WARNING")
-    lines, errors = _load(file, skip_invalid)
+    if not file.is_file():
+        console.print(f"[red]{file} is not a file[/red]")
+        raise typer.Exit(2)
     base = _settings()
-    run_dir = base.data_dir / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    digest = file_digest(file)
+    key = hashlib.sha256(f"{digest}|{provider or ''}".encode()).hexdigest()[:16]
+    run_dir = base.data_dir / "run" / key
+    resuming = (run_dir / "scanned").exists()
+    if not resuming:
+        _scan_or_refuse(file, skip_invalid)
+        _clear_runs(base.data_dir / "run")
+        run_dir.mkdir(parents=True)
     env = {"PROMPTBATCH_DATABASE_URL": f"sqlite:///{(run_dir / 'promptbatch.db').resolve()}"}
     if "PROMPTBATCH_DATABASE_URL" in _explicit_env():
         env.pop("PROMPTBATCH_DATABASE_URL")
@@ -116,27 +133,76 @@ def run(
         with console.status("starting the local stack..."):
             _migrate_quietly(env.get("PROMPTBATCH_DATABASE_URL", base.database_url))
             stack.start()
+        (run_dir / "scanned").touch()
         settings = _settings(redis_url=stack.redis_url,
                              database_url=env.get("PROMPTBATCH_DATABASE_URL"),
                              default_provider=provider)
         with Client(settings) as client:
-            started = time.time()
-            ids = client.submit_many([line.request for line in lines])
-            results = _collect(client, ids, timeout)
-            wall = time.time() - started
+            job = BulkRun(client, file, run_dir / "output", digest, window=window,
+                          skip_invalid=skip_invalid, forget=not base.redis_url,
+                          provider=provider)
+            before = job.resume()
+            if before:
+                console.print(f"resuming: {before} lines were submitted before, "
+                              f"{job.progress.finished} of them have finished")
+            summary = _run_with_progress(job, timeout)
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: stopping the local stack[/yellow]")
+        console.print("[yellow]interrupted: stopping the local stack (run the same command "
+                      "again to resume)[/yellow]")
         raise typer.Exit(130) from None
-    except PromptBatchError as exc:
-        console.print(f"[red]{exc}[/red]")
+    except (PromptBatchError, TimeoutError) as exc:
+        console.print(f"[red]{exc}[/red] (run the same command again to resume)")
         raise typer.Exit(1) from exc
     finally:
         stack.stop(grace_s=base.shutdown_grace_s)
+    written = job.spool.write(out, job.last_line) if out is not None else 0
+    job.spool.close()
     if out is not None:
-        _write_output(out, lines, errors, ids, results)
-        console.print(f"wrote {len(lines) + len(errors)} lines to {out}")
-    priorities = [int(line.request.priority) for line in lines]
-    _print_summary(summarize([results[i] for i in ids], priorities, wall))
+        console.print(f"wrote {written} lines to {out}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    _print_summary(summary)
+
+
+def _scan_or_refuse(file: Path, skip_invalid: bool) -> None:
+    """The first pass over a file: every line validated, one at a time; invalid lines
+    reported (and, without --skip-invalid, nothing submitted)."""
+    from promptbatch.bulk import scan
+
+    with console.status(f"checking {file}..."):
+        found = scan(file)
+    if found.invalid:
+        _report_invalid(found.errors)
+        if found.invalid > len(found.errors):
+            console.print(f"... and {found.invalid - len(found.errors)} more invalid lines")
+        if not skip_invalid:
+            console.print(f"[red]{found.invalid} invalid line(s): nothing was submitted.[/red] "
+                          "Fix them, or pass --skip-invalid to submit the valid lines.")
+            raise typer.Exit(2)
+
+
+def _clear_runs(runs: Path) -> None:
+    """Forget earlier runs' folders (of other files: one run is resumable at a time)."""
+    if runs.is_dir():
+        for old in runs.iterdir():
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+
+
+def _run_with_progress(job: Any, timeout: float) -> Summary:
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        sent = bar.add_task("submitted", total=None)
+        done = bar.add_task("finished", total=None)
+
+        def show(progress: Any) -> None:
+            bar.update(sent, completed=progress.submitted)
+            bar.update(done, completed=progress.finished, total=progress.submitted)
+
+        summary: Summary = job.run(show, timeout)
+        show(job.progress)
+        return summary
 
 
 def _migrate_quietly(database_url: str) -> None:
@@ -583,11 +649,11 @@ def submit(
 
 def _submit_remote(file: Path, lines: list[InputLine], errors: list[InvalidJob], url: str,
                    api_key: str | None, wait: bool, out: Path | None, chunk: int) -> None:
+    from promptbatch.bulk import file_digest
     from promptbatch.remote import (
         RemoteClient,
         RemoteError,
         StateFile,
-        file_digest,
         submit_file,
         wait_all,
     )

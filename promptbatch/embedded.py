@@ -77,8 +77,11 @@ class EmbeddedRedis:
         if self.password:
             args += ["--requirepass", self.password]
         args += self.extra_args
+        # A session of its own: a terminal's Ctrl-C reaches the command that started it,
+        # which stops it last (after the workers have stored their results), not at once.
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, pass_fds=self.keep_fds)
+                                     stderr=subprocess.PIPE, pass_fds=self.keep_fds,
+                                     start_new_session=True)
         client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
                              socket_connect_timeout=0.5, socket_timeout=1.0)
         deadline = time.monotonic() + timeout

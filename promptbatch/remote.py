@@ -9,7 +9,6 @@ key, so the API creates nothing twice), and the output file is completed in inpu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -32,15 +31,6 @@ class RemoteError(RuntimeError):
     def __init__(self, message: str, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-def file_digest(path: Path) -> str:
-    """A short digest of the file's bytes (the idempotency keys' prefix)."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:20]
 
 
 class StateFile:

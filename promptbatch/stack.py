@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from config import keys
 from jobs.queue import connect
@@ -19,6 +21,127 @@ from promptbatch.embedded import EmbeddedRedis
 
 class StackError(RuntimeError):
     """Raised when a part of the local stack does not start."""
+
+
+class UpLock:
+    """A hold on a stack's folder: an exclusive ``flock`` on ``up.lock``, held by the
+    command (``up``, ``run``) and every process it starts (the server among them), so a
+    second command on the same folder finds it held while any of them runs; the kernel
+    releases it when the last one ends, so a crashed command never leaves it stuck."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / "up.lock"
+        self.fd: int | None = None
+
+    def holder(self) -> dict[str, Any]:
+        """What the holder wrote (``pid``, ``api``, ``groups``), if the file exists."""
+        if not self.path.exists():
+            return {}
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            return _read_holder(fd)
+        finally:
+            os.close(fd)
+
+    def record_groups(self, pids: list[int]) -> None:
+        """Write the process groups of the stack's children (for ``reclaim``)."""
+        if self.fd is None:
+            return
+        data = _read_holder(self.fd)
+        data["groups"] = pids
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(data).encode(), 0)
+
+    def reclaim(self, timeout: float = 30.0) -> list[int]:
+        """Kill the processes an interrupted command left holding the folder (their
+        process groups, as recorded) and wait for the lock to be free; return them."""
+        groups = [int(g) for g in self.holder().get("groups", [])]
+        for pid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return groups
+            except BlockingIOError:
+                time.sleep(0.05)
+            finally:
+                os.close(fd)
+        raise StackError(f"processes of an interrupted run still hold {self.path.parent}: "
+                         f"`fuser {self.path}` lists them")
+
+    def acquire(self, api_url: str = "") -> UpLock:
+        """Take the lock (``StackError`` naming the holder if another ``up`` has it) and
+        write who holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise StackError(_already_running(self.path.parent, holder)) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "api": api_url}).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _already_running(home: Path, holder: dict[str, Any]) -> str:
+    pid = holder.get("pid")
+    alive = isinstance(pid, int) and _alive(pid)
+    where = f", API on {holder['api']}" if holder.get("api") else ""
+    if alive:
+        return (f"promptbatch is already running on {home.parent} (pid {pid}{where}): "
+                "use it, stop it first (Ctrl-C in its terminal), or start another with "
+                "PROMPTBATCH_DATA_DIR set to another folder")
+    return (f"processes of an earlier promptbatch (pid {pid}, gone) still run on "
+            f"{home.parent}{where}: stop them first (`fuser {home / 'up.lock'}` lists them)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def restore_unacked(redis_url: str) -> int:
+    """Put the batch tasks that workers had taken and not finished back into their queues,
+    at once. Only for a stack that owns its server and holds its folder's lock: every
+    worker that could have taken them is gone (an interrupted ``run``, an ``up`` stopped
+    cold or killed), and the broker would otherwise hand them out again only after its
+    visibility timeout (360 s). Returns how many."""
+    from config.celery import build_celery
+    from config.settings import Settings
+
+    app = build_celery(Settings(redis_url=redis_url, _env_file=None),  # type: ignore[call-arg]
+                       "promptbatch-restore", redis_url)
+    with app.connection_for_write() as conn:
+        channel: Any = conn.default_channel
+        tags = list(channel.client.hkeys(channel.unacked_key))
+        for tag in tags:
+            channel.qos.restore_by_tag(tag)
+    return len(tags)
 
 
 class LocalStack:
@@ -36,8 +159,9 @@ class LocalStack:
         self.redis_url = redis_url or ""
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[object] = []
-        #: Descriptors every child holds open (``up``'s lock on its data folder).
+        #: Descriptors every child holds open (the lock on the stack's folder).
         self.keep_fds: tuple[int, ...] = ()
+        self.lock: UpLock | None = None
 
     def child_env(self) -> dict[str, str]:
         """The environment of the stack's processes."""
@@ -46,16 +170,37 @@ class LocalStack:
         return env
 
     def start(self, ready_timeout: float = 60.0) -> LocalStack:
-        """Start the server (unless a URL was given), the scheduler and the workers."""
+        """Start the server (unless a URL was given), the scheduler and the workers, all
+        holding the folder's lock (processes an interrupted run left on it are stopped
+        first: they are this folder's, and two servers must never share its data)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = UpLock(self.run_dir)
+        try:
+            lock.acquire()
+        except StackError:
+            lock.reclaim()
+            lock.acquire()
+        self.lock = lock
+        assert lock.fd is not None
+        self.keep_fds = (lock.fd,)
         if not self.redis_url:
-            self.server = EmbeddedRedis(self.run_dir / "valkey").start()
+            self.server = EmbeddedRedis(self.run_dir / "valkey", keep_fds=self.keep_fds).start()
             self.redis_url = self.server.url
+            restore_unacked(self.redis_url)
         self._spawn("scheduler", [sys.executable, "-m", "promptbatch", "scheduler"])
         self._spawn("worker", [sys.executable, "-m", "promptbatch", "worker",
                                "--concurrency", str(self.workers), "--name", "local"])
+        self.record_groups()
         self._wait_for_workers(ready_timeout)
         return self
+
+    def record_groups(self) -> None:
+        """Write every child's process group into the lock file (to reclaim them)."""
+        if self.lock is not None:
+            groups = [p.pid for p in self.procs.values()]
+            if self.server is not None and self.server.proc is not None:
+                groups.append(self.server.proc.pid)
+            self.lock.record_groups(groups)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = (self.run_dir / f"{name}.log").open("ab")
@@ -130,6 +275,9 @@ class LocalStack:
         if self.server is not None:
             self.server.stop()
             self.server = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def __enter__(self) -> LocalStack:
         return self.start()

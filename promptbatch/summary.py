@@ -54,38 +54,107 @@ class Summary:
     from_cache: dict[str, int] = field(default_factory=dict)
 
 
+class Quantiles:
+    """Percentiles of a stream of values in bounded memory: exact (nearest rank) up to
+    ``exact_up_to`` values, then from a histogram of 1%-wide logarithmic buckets (each
+    value is then known to within 1%)."""
+
+    GROWTH = 1.01
+
+    def __init__(self, exact_up_to: int = 20_000) -> None:
+        self.exact_up_to = exact_up_to
+        self.values: list[float] | None = []
+        self.buckets: dict[int, int] = {}
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        if self.values is not None:
+            self.values.append(value)
+            if len(self.values) <= self.exact_up_to:
+                return
+            for v in self.values:
+                self._bucket(v)
+            self.values = None
+            return
+        self._bucket(value)
+
+    def _bucket(self, value: float) -> None:
+        k = math.floor(math.log(max(value, 1e-3), self.GROWTH))
+        self.buckets[k] = self.buckets.get(k, 0) + 1
+
+    def percentile(self, q: float) -> float | None:
+        if self.values is not None:
+            return percentile(self.values, q)
+        rank = max(1, min(self.count, math.ceil(q / 100.0 * self.count)))
+        seen = 0
+        for k in sorted(self.buckets):
+            seen += self.buckets[k]
+            if seen >= rank:
+                return float(self.GROWTH ** (k + 1))
+        return None
+
+
+class SummaryBuilder:
+    """A run's summary built result by result, in memory bounded by the number of
+    classes, not of jobs (``summarize`` for a list). Batches are counted without
+    remembering their ids: each result of a batch of k contributes 1/k."""
+
+    def __init__(self) -> None:
+        self.jobs = 0
+        self.batch_share = 0.0
+        self.similarity_share = 0.0
+        self.similar_batches = 0.0
+        self.in_batches = 0
+        self.states: Counter[JobState] = Counter()
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.latency = [Quantiles() for _ in PRIORITY_NAMES]
+        self.with_deadline = 0
+        self.missed_deadline = 0
+        self.from_cache: Counter[str] = Counter()
+
+    def add(self, r: JobResult, priority: int) -> None:
+        self.jobs += 1
+        if r.batch_id and r.batch_size:
+            self.in_batches += 1
+            self.batch_share += 1.0 / r.batch_size
+            if r.batch_similarity is not None:
+                self.similarity_share += r.batch_similarity / r.batch_size
+                self.similar_batches += 1.0 / r.batch_size
+        self.states[r.state] += 1
+        if r.usage is not None:
+            self.prompt_tokens += r.usage.prompt_tokens
+            self.cached_tokens += r.usage.cached_tokens
+        if r.latency_ms is not None and 0 <= priority < len(self.latency):
+            self.latency[priority].add(r.latency_ms)
+        if r.deadline is not None:
+            self.with_deadline += 1
+            self.missed_deadline += r.missed_deadline
+        if r.cache:
+            self.from_cache[r.cache] += 1
+
+    def build(self, wall_s: float) -> Summary:
+        batches = round(self.batch_share)
+        classes = [ClassLatency(name, q.count, q.percentile(50), q.percentile(99))
+                   for name, q in zip(PRIORITY_NAMES, self.latency, strict=True) if q.count]
+        return Summary(
+            jobs=self.jobs, batches=batches,
+            mean_batch_size=self.in_batches / self.batch_share if self.batch_share else 0.0,
+            mean_similarity=(self.similarity_share / self.similar_batches
+                             if self.similar_batches else None),
+            jobs_per_s=self.jobs / wall_s if wall_s > 0 else 0.0, wall_s=wall_s,
+            succeeded=self.states[JobState.SUCCEEDED], failed=self.states[JobState.FAILED],
+            expired=self.states[JobState.EXPIRED], cancelled=self.states[JobState.CANCELLED],
+            prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
+            classes=classes, with_deadline=self.with_deadline,
+            missed_deadline=self.missed_deadline,
+            from_cache=dict(sorted(self.from_cache.items())))
+
+
 def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: float) -> Summary:
     """Summarise results; ``priorities[i]`` is the class of ``results[i]``."""
-    batches: dict[str, tuple[int, float | None]] = {}
-    for r in results:
-        if r.batch_id:
-            batches[r.batch_id] = (r.batch_size or 0, r.batch_similarity)
-    sims = [s for _, s in batches.values() if s is not None]
-    counted = [r for r in results if r.batch_id]
-    per_class: list[ClassLatency] = []
-    for cls, name in enumerate(PRIORITY_NAMES):
-        lat = [r.latency_ms for r, p in zip(results, priorities, strict=True)
-               if p == cls and r.latency_ms is not None]
-        if lat:
-            per_class.append(ClassLatency(name, len(lat), percentile(lat, 50),
-                                          percentile(lat, 99)))
-    states = [r.state for r in results]
-    usage = [r.usage for r in results if r.usage is not None]
-    return Summary(
-        jobs=len(results),
-        batches=len(batches),
-        mean_batch_size=(len(counted) / len(batches)) if batches else 0.0,
-        mean_similarity=(sum(sims) / len(sims)) if sims else None,
-        jobs_per_s=len(results) / wall_s if wall_s > 0 else 0.0,
-        wall_s=wall_s,
-        succeeded=states.count(JobState.SUCCEEDED),
-        failed=states.count(JobState.FAILED),
-        expired=states.count(JobState.EXPIRED),
-        cancelled=states.count(JobState.CANCELLED),
-        prompt_tokens=sum(u.prompt_tokens for u in usage),
-        cached_tokens=sum(u.cached_tokens for u in usage),
-        classes=per_class,
-        with_deadline=sum(1 for r in results if r.deadline is not None),
-        missed_deadline=sum(1 for r in results if r.deadline is not None and r.missed_deadline),
-        from_cache=dict(sorted(Counter(r.cache for r in results if r.cache).items())),
-    )
+    builder = SummaryBuilder()
+    for r, p in zip(results, priorities, strict=True):
+        builder.add(r, p)
+    return builder.build(wall_s)

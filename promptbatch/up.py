@@ -14,15 +14,12 @@ is stored). Ctrl-C stops it warm (no new batch, running ones finish within
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import secrets
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 
@@ -30,7 +27,7 @@ from config.settings import Settings
 from jobs.store import JobStore
 from producers.accounts import Accounts
 from promptbatch.embedded import EmbeddedRedis, free_port
-from promptbatch.stack import LocalStack, StackError
+from promptbatch.stack import LocalStack, StackError, UpLock, restore_unacked
 
 
 @dataclass
@@ -73,68 +70,6 @@ class Endpoints:
     metrics: dict[str, str] = field(default_factory=dict)
 
 
-class UpLock:
-    """``up``'s hold on its data folder: an exclusive ``flock`` on ``up.lock``, held by
-    ``up`` and every process it starts (the server among them), so a second ``up`` on the
-    same folder refuses while any of them runs; the kernel releases it when the last one
-    ends, so a crashed ``up`` never leaves it stuck."""
-
-    def __init__(self, home: Path) -> None:
-        self.path = home / "up.lock"
-        self.fd: int | None = None
-
-    def acquire(self, api_url: str) -> UpLock:
-        """Take the lock (``StackError`` naming the holder if another ``up`` has it) and
-        write who holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
-            os.close(fd)
-            raise StackError(_already_running(self.path.parent, holder)) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "api": api_url}).encode())
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def _read_holder(fd: int) -> dict[str, Any]:
-    try:
-        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _already_running(home: Path, holder: dict[str, Any]) -> str:
-    pid = holder.get("pid")
-    alive = isinstance(pid, int) and _alive(pid)
-    where = f", API on {holder['api']}" if holder.get("api") else ""
-    if alive:
-        return (f"promptbatch up is already running on {home.parent} (pid {pid}{where}): "
-                "use it, stop it first (Ctrl-C in its terminal), or start another with "
-                "PROMPTBATCH_DATA_DIR set to another folder")
-    return (f"processes of an earlier promptbatch up (pid {pid}, gone) still run on "
-            f"{home.parent}{where}: stop them first (`fuser {home / 'up.lock'}` lists them)")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Service(LocalStack):
     """The embedded server, scheduler, worker, API and Flower, started and stopped together."""
 
@@ -150,16 +85,13 @@ class Service(LocalStack):
         self.state_path = self.home / "up.json"
         self.state = UpState()
         self.new_key: str | None = None
-        self.lock = UpLock(self.home)
-
-    def stop(self, timeout: float = 20.0, grace_s: float | None = None) -> None:
-        super().stop(timeout, grace_s)
-        self.lock.release()
+        self.up_lock = UpLock(self.home)
 
     def start(self, ready_timeout: float = 90.0) -> Service:
         self.home.mkdir(parents=True, exist_ok=True)
-        # First, before anything is started or written: one ``up`` per data folder.
-        self.lock.acquire(f"http://127.0.0.1:{self.port}")
+        # First, before anything is started or written: one ``up`` per data folder (a
+        # second refuses, naming the first; it never reclaims another's folder).
+        self.lock = self.up_lock.acquire(f"http://127.0.0.1:{self.port}")
         assert self.lock.fd is not None
         self.keep_fds = (self.lock.fd,)
         self.state = UpState.load(self.state_path)
@@ -172,6 +104,7 @@ class Service(LocalStack):
                                     password=st.redis_password,
                                     keep_fds=self.keep_fds).start()
         self.redis_url = self.server.url
+        restore_unacked(self.redis_url)  # what a worker stopped cold or killed had in hand
         self.env["PROMPTBATCH_DATABASE_URL"] = self.settings.database_url
         self.env["PROMPTBATCH_DATA_DIR"] = str(self.settings.data_dir)
         store = JobStore(self.settings.database_url)
@@ -195,6 +128,7 @@ class Service(LocalStack):
             self.env["PROMPTBATCH_FLOWER_BASIC_AUTH"] = f"{st.flower_user}:{st.flower_password}"
             self._spawn("flower", [sys.executable, "-m", "promptbatch", "flower",
                                    "--port", str(self.flower_port), "--address", "127.0.0.1"])
+        self.record_groups()
         self._wait_for_workers(ready_timeout)
         self._wait_for_api(ready_timeout)
         return self

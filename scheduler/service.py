@@ -43,7 +43,7 @@ from celery import Celery
 from config import keys
 from config.celery import PROCESS_BATCH, batch_repr, build_celery
 from config.settings import PRIORITY_NAMES, Settings
-from jobs import cache
+from jobs import cache, gcpause
 from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
 from jobs.queue import Reading, RedisQueue, connect
@@ -69,6 +69,8 @@ WORKER_STALE_S = 15.0
 PROMOTE_EVERY_S = 0.5
 #: How often the active scheduler logs its state, in seconds.
 REPORT_EVERY_S = 10.0
+#: How often the scheduler gives freed memory back to the system, in seconds.
+TRIM_EVERY_S = 60.0
 #: Time the reconciler may take per tick while a pass is under way, in seconds.
 RECONCILE_SLICE_S = 0.02
 #: How often the active scheduler refreshes the overview (metrics, ``promptbatch status``).
@@ -110,6 +112,7 @@ class Scheduler:
         self.sent_jobs = 0
         self.first_sent_at: float | None = None
         self._last_report = 0.0
+        self._last_trim = time.monotonic()
         self._last_capacity = Capacity(slots=0)
         self.metrics = SchedulerMetrics(settings.metrics_tenant_label)
         self.semantic = SemanticCache(self.r, settings, self.embedder)
@@ -185,6 +188,9 @@ class Scheduler:
         if now - self._last_report < REPORT_EVERY_S:
             return
         self._last_report = now
+        if now - self._last_trim >= TRIM_EVERY_S:
+            self._last_trim = now
+            gcpause.release_free_memory()
         cap = self._last_capacity
         log.info("pool %d pending in %d groups, %d more waiting in the backlog; sent %d jobs "
                  "in %d batches; workers %d slots, %d batches in flight", len(self.pool),

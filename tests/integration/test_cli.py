@@ -94,9 +94,11 @@ def test_ctrl_c_stops_everything_the_run_started(tmp_path: Path,
     # Running: the server, the scheduler and a worker with its pool are all up.
     children = poll(lambda: (c := me.children(recursive=True)) and len(c) >= 4 and c,
                     timeout=60, what="the local stack to start", proc=proc)
-    poll(lambda: (tmp_path / "var" / "run" / "worker.log").exists()
-         and b"ready" in (tmp_path / "var" / "run" / "worker.log").read_bytes(),
-         timeout=60, what="the worker to be ready", proc=proc)
+    def worker_ready() -> bool:
+        logs = list((tmp_path / "var" / "run").glob("*/worker.log"))
+        return bool(logs) and b"ready" in logs[0].read_bytes()
+
+    poll(worker_ready, timeout=60, what="the worker to be ready", proc=proc)
     children = me.children(recursive=True)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == 130

@@ -58,3 +58,17 @@ def test_the_summary_counts_jobs_answered_without_their_own_call() -> None:
                          cache="exact", cache_source="a")]
     s = summarize(results, [2, 2, 2, 2], wall_s=1.0)
     assert s.from_cache == {"coalesced": 1, "exact": 2}
+
+
+def test_percentiles_past_the_exact_range_are_within_one_percent() -> None:
+    from promptbatch.summary import Quantiles
+
+    q = Quantiles(exact_up_to=100)
+    values = [float(v) for v in range(1, 100_001)]
+    for v in values:
+        q.add(v)
+    assert q.values is None and q.count == 100_000  # folded into the histogram
+    for p in (50, 90, 99):
+        exact = percentile(values, p)
+        assert exact is not None and abs(q.percentile(p) - exact) / exact < 0.011  # type: ignore[operator]
+    assert len(q.buckets) < 1200  # bounded by the range of values, not their number

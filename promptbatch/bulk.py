@@ -1,0 +1,359 @@
+"""A JSONL file of any size through promptbatch, in memory bounded by the work in flight.
+
+``promptbatch run`` (and ``promptbatch submit --wait``) read the file twice, never holding
+it: a first pass validates every line (a bad line is reported with its number and field
+before anything is submitted), a second submits the lines in chunks while at most
+``window`` jobs are pending (so neither this process nor the services hold more than
+that), and collects results as they finish. Each result is appended, in the order it
+finishes, to a spool file beside an index of fixed-size slots by line number; the output
+file is then written in input order from them (``Spool.write``), without sorting or holding
+the rows. The summary is built result by result (``SummaryBuilder``).
+
+What it keeps in its run folder makes it resumable: ``submitted.tsv`` (line number and job
+id, appended once a chunk is accepted) and the spool. Started again on the same file
+after an interruption, it skips the lines submitted (without parsing them), waits for
+their jobs still pending, and submits the rest; every line has an idempotency key derived
+from the file's digest and its number, so a chunk cut short is matched to the jobs it
+created, never submitted twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from jobs.errors import InvalidJob, JobNotFound
+from jobs.models import JobResult
+from promptbatch.jsonl import InputLine, parse_line, read_lines
+from promptbatch.summary import Summary, SummaryBuilder
+
+#: Lines submitted per call (one SQL insert and one atomic Redis step each).
+CHUNK = 1000
+#: Jobs pending at most (submitted, not yet final) by default.
+WINDOW = 40_000
+#: Invalid lines kept for the report (the rest are counted).
+REPORTED = 20
+#: Seconds between two reads of every pending result in Redis, and in the SQL store.
+SWEEP_S = 1.0
+SQL_SWEEP_S = 30.0
+_SLOT = struct.Struct("<QI")  # offset, length of a line's row in the spool
+
+
+@dataclass
+class Scan:
+    """The first pass: how many lines are valid, and the first invalid ones."""
+
+    valid: int = 0
+    invalid: int = 0
+    errors: list[InvalidJob] = field(default_factory=list)
+    last_line: int = 0
+
+
+def file_digest(path: Path) -> str:
+    """A short digest of the file's bytes (its lines' idempotency keys' prefix, and the
+    name of its run folder)."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:20]
+
+
+def scan(path: Path) -> Scan:
+    """Validate every line of the file, one at a time (constant memory)."""
+    out = Scan()
+    try:
+        for number, text in read_lines(path):
+            out.last_line = number
+            try:
+                parse_line(number, text)
+                out.valid += 1
+            except InvalidJob as exc:
+                out.invalid += 1
+                if len(out.errors) < REPORTED:
+                    out.errors.append(exc)
+    except InvalidJob as exc:  # a line that is not UTF-8 ends the file's reading
+        out.invalid += 1
+        if len(out.errors) < REPORTED:
+            out.errors.append(exc)
+    return out
+
+
+class Spool:
+    """Output rows in the order they come, and where each line's row is: ``put`` appends
+    the row and writes its slot (offset, length) at ``line * 12`` of the index; ``write``
+    copies the rows to the output in line order."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.rows: BinaryIO = (folder / "spool.jsonl").open("a+b")
+        self.index: BinaryIO = (folder / "spool.index").open("a+b")
+        self.index.close()
+        self.index = (folder / "spool.index").open("r+b")
+        self.rows.seek(0, os.SEEK_END)
+        #: The rows' size when opened: a slot pointing past it was written by a run that
+        #: died before its rows reached the file, and does not count.
+        self._kept = self.rows.tell()
+
+    def put(self, line: int, row: dict[str, Any]) -> None:
+        data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
+        offset = self.rows.tell()
+        self.rows.write(data)
+        self.index.seek(line * _SLOT.size)
+        self.index.write(_SLOT.pack(offset, len(data)))
+
+    def has(self, line: int) -> bool:
+        self.index.seek(line * _SLOT.size)
+        raw = self.index.read(_SLOT.size)
+        if len(raw) < _SLOT.size:
+            return False
+        offset, length = _SLOT.unpack(raw)
+        return bool(length > 0 and offset + length <= self._kept)
+
+    def flush(self) -> None:
+        self.rows.flush()
+        self.index.flush()
+
+    def write(self, out: Path, last_line: int) -> int:
+        """Write every spooled row to ``out`` in line order (through a temporary file, so
+        ``out`` is whole or absent); return how many."""
+        self.flush()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        written = 0
+        self.index.seek(0)
+        with tmp.open("wb") as fh, open(self.rows.name, "rb") as rows:
+            for _ in range(last_line + 1):
+                raw = self.index.read(_SLOT.size)
+                if len(raw) < _SLOT.size:
+                    break
+                offset, length = _SLOT.unpack(raw)
+                if length:
+                    rows.seek(offset)
+                    fh.write(rows.read(length))
+                    written += 1
+        tmp.replace(out)
+        return written
+
+    def close(self) -> None:
+        self.rows.close()
+        self.index.close()
+
+
+class Ledger:
+    """``submitted.tsv``: each accepted line's number and job id, appended per chunk."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "submitted.tsv"
+
+    def read(self) -> Iterator[tuple[int, str, int, str | None]]:
+        """``(line, job id, class, the line's own id)`` of every line recorded."""
+        if not self.path.exists():
+            return
+        with self.path.open(encoding="utf-8") as fh:
+            for raw in fh:
+                if not raw.endswith("\n"):
+                    return  # a record cut short by a crash: its chunk is submitted again
+                number, job_id, cls, custom = raw[:-1].split("\t", 3)
+                yield int(number), job_id, int(cls), json.loads(custom)
+
+    def append(self, rows: list[tuple[int, str, int, str | None]]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write("".join(f"{n}\t{j}\t{c}\t{json.dumps(o)}\n" for n, j, c, o in rows))
+
+
+def output_row(number: int, custom_id: str | None, job_id: str | None,
+               res: JobResult | None, error: str | None = None) -> dict[str, Any]:
+    """One line of the output file (``res`` None: an invalid line, with its ``error``)."""
+    if res is None:
+        return {"id": None, "job_id": None, "line": number, "state": "REJECTED",
+                "text": None, "usage": None, "batch_id": None, "batch_size": None,
+                "queued_ms": None, "latency_ms": None, "error": error}
+    return {"id": custom_id or job_id, "job_id": job_id,
+            "line": number, "state": res.state.value, "text": res.text,
+            "usage": res.usage.model_dump() if res.usage else None,
+            "batch_id": res.batch_id, "batch_size": res.batch_size,
+            "queued_ms": _ms(res.queued_ms), "latency_ms": _ms(res.latency_ms),
+            "error": res.error}
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+@dataclass
+class Progress:
+    """What a bulk run has done so far."""
+
+    submitted: int = 0
+    finished: int = 0
+
+
+class BulkRun:
+    """The second pass: submit in chunks within the window, collect, spool.
+
+    ``client``: a ``producers.client.Client``. ``forget``: the run owns its Redis (the
+    local stack): a collected result and its job's keys are deleted from Redis at once
+    (the SQL store keeps them), so Redis holds only the work in flight.
+    """
+
+    def __init__(self, client: Any, path: Path, folder: Path, digest: str, *,
+                 window: int = WINDOW, chunk: int = CHUNK, skip_invalid: bool = False,
+                 forget: bool = False, provider: str | None = None) -> None:
+        self.client = client
+        self.path = path
+        self.digest = digest
+        self.window = window
+        self.chunk = chunk
+        self.skip_invalid = skip_invalid
+        self.forget = forget
+        self.provider = provider
+        self.spool = Spool(folder)
+        self.ledger = Ledger(folder)
+        self.summary = SummaryBuilder()
+        self.progress = Progress()
+        #: job id -> (line, class, its own id) of the jobs pending.
+        self.pending: dict[str, tuple[int, int, str | None]] = {}
+        self.last_submitted = 0
+        #: The last line of the file read (for writing the output).
+        self.last_line = 0
+        self.cursor = "0-0"
+
+    def resume(self) -> int:
+        """Take up what an interrupted run left: the lines submitted, and the jobs of
+        those still pending. Returns how many lines were submitted already."""
+        done = 0
+        for number, job_id, cls, custom in self.ledger.read():
+            self.last_submitted = max(self.last_submitted, number)
+            done += 1
+            if not self.spool.has(number):
+                self.pending[job_id] = (number, cls, custom)
+        self.progress.submitted = done
+        self.progress.finished = done - len(self.pending)
+        return done
+
+    def run(self, on_progress: Callable[[Progress], None],
+            stall_timeout: float) -> Summary:
+        """Submit what is left, collect every result; the summary of what this call saw
+        finish (a resumed run's earlier results are in the output, not the summary)."""
+        started = time.time()
+        self.cursor = self.client.queue.done_cursor()
+        lines = self._lines()
+        exhausted = False
+        last_progress = time.monotonic()
+        next_sweep = next_sql = 0.0  # both at once first: a resumed run's jobs may be done
+        while not exhausted or self.pending:
+            while not exhausted and len(self.pending) < self.window:
+                exhausted = not self._submit_chunk(lines)
+                on_progress(self.progress)
+            now = time.monotonic()
+            sweep, sql = now >= next_sweep, now >= next_sql
+            if sweep:
+                next_sweep = now + SWEEP_S
+            if sql:
+                next_sql = now + SQL_SWEEP_S
+            got = self._collect(sweep, sql)
+            if got:
+                last_progress = time.monotonic()
+                on_progress(self.progress)
+            elif time.monotonic() - last_progress > stall_timeout:
+                raise TimeoutError(f"no job finished for {stall_timeout:g} s; "
+                                   f"{len(self.pending)} still pending")
+        self.spool.flush()
+        return self.summary.build(time.time() - started)
+
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        for number, text in read_lines(self.path):
+            self.last_line = number
+            if number > self.last_submitted:
+                yield number, text
+
+    def _submit_chunk(self, lines: Iterator[tuple[int, str]]) -> bool:
+        """Submit the next chunk of valid lines (spooling the invalid ones, with
+        ``skip_invalid``); False once the file is read."""
+        parsed: list[InputLine] = []
+        for number, text in lines:
+            try:
+                parsed.append(parse_line(number, text))
+            except InvalidJob as exc:
+                if not self.skip_invalid:
+                    raise
+                self.spool.put(number, output_row(number, None, None, None, str(exc)))
+            if len(parsed) >= self.chunk:
+                break
+        if not parsed:
+            return False
+        requests = []
+        for ln in parsed:
+            update: dict[str, Any] = {}
+            if ln.request.idempotency_key is None:
+                update["idempotency_key"] = f"run:{self.digest}:{ln.number}"
+            if ln.request.provider is None and self.provider:
+                update["provider"] = self.provider
+            requests.append(ln.request.model_copy(update=update) if update else ln.request)
+        ids = self.client.submit_many(requests)
+        rows = [(ln.number, job_id, int(ln.request.priority), ln.custom_id)
+                for ln, job_id in zip(parsed, ids, strict=True)]
+        self.ledger.append(rows)
+        for ln, job_id in zip(parsed, ids, strict=True):
+            self.pending[job_id] = (ln.number, int(ln.request.priority), ln.custom_id)
+        self.last_submitted = parsed[-1].number
+        self.progress.submitted += len(parsed)
+        return True
+
+    def _collect(self, sweep: bool, sql: bool) -> int:
+        """Results of pending jobs that finished: those the stream of stored ids names;
+        with ``sweep``, every pending job's in Redis too (results stored without an entry
+        there: answers from the cache at submit); with ``sql``, the SQL store's of the ones
+        Redis does not hold (it expired or lost them). Spools them; returns how many."""
+        queue = self.client.queue
+        self.cursor, done = queue.wait_done(self.cursor, 100)
+        ids = [j for j in dict.fromkeys(done) if j in self.pending]
+        found = [r for r in self._results(ids) if r is not None] if ids else []
+        if (sweep or sql) and self.pending:
+            have = {r.id for r in found}
+            rest = [j for j in self.pending if j not in have]
+            stored = [r for r in self._results(rest) if r is not None]
+            found += stored
+            if sql:
+                seen = {r.id for r in stored}
+                missing = [j for j in rest if j not in seen]
+                if missing:
+                    found += self._from_sql(missing)
+        for res in found:
+            entry = self.pending.pop(res.id, None)
+            if entry is None:
+                continue
+            number, cls, custom = entry
+            self.spool.put(number, output_row(number, custom, res.id, res))
+            self.summary.add(res, cls)
+            self.progress.finished += 1
+        if found and self.forget:
+            queue.forget([r.id for r in found])
+        return len(found)
+
+    def _results(self, ids: list[str]) -> list[JobResult | None]:
+        out: list[JobResult | None] = []
+        for start in range(0, len(ids), 2000):
+            out += self.client.queue.results(ids[start:start + 2000])
+        return out
+
+    def _from_sql(self, ids: list[str]) -> list[JobResult]:
+        """Results that left Redis (it expired them, or lost them): the SQL store's."""
+        out: list[JobResult] = []
+        for start in range(0, len(ids), 2000):
+            part = ids[start:start + 2000]
+            stored = self.client.store.outcomes(part)
+            unknown = set(part) - stored.keys()
+            if unknown:
+                raise JobNotFound(sorted(unknown)[0])
+            out += [JobResult.model_validate_json(raw) for raw in stored.values()
+                    if raw is not None]
+        return out
