@@ -448,6 +448,17 @@ class JobStore:
         with self.engine.connect() as conn:
             return [(r[0], r[1], r[2] or 0.0) for r in conn.execute(stmt)]
 
+    def owned(self, job_ids: Sequence[str], tenant: str | None) -> set[str]:
+        """The ids of ``job_ids`` the store holds (of ``tenant``'s jobs, when given)."""
+        out: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(job_ids), 500):
+                stmt = select(JobRow.id).where(JobRow.id.in_(chunk))
+                if tenant is not None:
+                    stmt = stmt.where(JobRow.tenant == tenant)
+                out.update(str(r[0]) for r in conn.execute(stmt))
+        return out
+
     def outcomes(self, job_ids: Sequence[str]) -> dict[str, str | None]:
         """Each known job of ``job_ids``: its stored result JSON, or None while it has none
         (unknown ids are left out). Reads neither specs nor states: a waiting client's

@@ -149,6 +149,47 @@ async def get_result(job_id: str, request: Request, caller: CallerDep,
         delay = min(delay * 2, 0.1)
 
 
+@router.post("/v1/jobs/results", tags=["jobs"])
+async def many_results(request: Request, caller: CallerDep) -> dict[str, Any]:
+    """The results of many jobs at once: ``{"ids": [...], "wait": seconds}`` (up to
+    ``api_max_jobs_per_request`` ids). Answers as soon as at least one of them is final
+    (or after ``wait``, at most ``api_max_wait_s``): ``data`` holds the final ones'
+    results, ``pending`` the others, ``unknown`` the ids the caller has no job of."""
+    settings = settings_of(request)
+    body = await read_json(request, settings.api_max_body_bytes)
+    ids = body.get("ids") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or not ids:
+        raise ApiError(422, "invalid_request_error", "'ids' must be a non-empty list of job ids",
+                       [{"field": "ids", "message": "a non-empty list of job ids"}])
+    if len(ids) > settings.api_max_jobs_per_request:
+        raise ApiError(413, "request_too_large",
+                       f"at most {settings.api_max_jobs_per_request} ids per request")
+    wait = body.get("wait", 0)
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
+        raise ApiError(422, "invalid_request_error", "'wait' must be a number of seconds",
+                       [{"field": "wait", "message": "a number of seconds, 0 or more"}])
+    client = client_of(request)
+    mine = await run_in_threadpool(client.store.owned, ids, caller.scope)
+    wanted = [i for i in dict.fromkeys(ids) if i in mine]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(float(wait), settings.api_max_wait_s)
+    delay = 0.005
+    checked_sql = False
+    while True:
+        found = [r for r in await run_in_threadpool(client.queue.results, wanted) if r]
+        if not found and not checked_sql:  # results that left Redis: the store's
+            checked_sql = True
+            stored = await run_in_threadpool(client.store.outcomes, wanted)
+            found = [JobResult.model_validate_json(raw) for raw in stored.values() if raw]
+        if found or loop.time() >= deadline:
+            done = {r.id for r in found}
+            return {"object": "list", "data": [r.public() for r in found],
+                    "pending": [i for i in wanted if i not in done],
+                    "unknown": [i for i in dict.fromkeys(ids) if i not in mine]}
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 @router.delete("/v1/jobs/{job_id}", tags=["jobs"])
 async def cancel(job_id: str, request: Request, caller: CallerDep) -> JSONResponse:
     """Cancel a job that has not started (409 with its state if too late)."""

@@ -24,13 +24,13 @@ import json
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from jobs.errors import InvalidJob, JobNotFound
-from jobs.models import JobResult
+from jobs.models import JobRequest, JobResult
 from promptbatch.jsonl import InputLine, parse_line, read_lines
 from promptbatch.summary import Summary, SummaryBuilder
 
@@ -40,7 +40,7 @@ CHUNK = 1000
 WINDOW = 40_000
 #: Invalid lines kept for the report (the rest are counted).
 REPORTED = 20
-#: Seconds between two reads of every pending result in Redis, and in the SQL store.
+#: Seconds between two looks at every pending job's result, and at the SQL store's.
 SWEEP_S = 1.0
 SQL_SWEEP_S = 30.0
 _SLOT = struct.Struct("<QI")  # offset, length of a line's row in the spool
@@ -124,12 +124,19 @@ class Spool:
     def write(self, out: Path, last_line: int) -> int:
         """Write every spooled row to ``out`` in line order (through a temporary file, so
         ``out`` is whole or absent); return how many."""
-        self.flush()
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(out.suffix + ".tmp")
+        with tmp.open("wb") as fh:
+            written = self.copy_to(fh, last_line)
+        tmp.replace(out)
+        return written
+
+    def copy_to(self, fh: BinaryIO, last_line: int) -> int:
+        """Copy every spooled row up to ``last_line`` to ``fh`` in line order."""
+        self.flush()
         written = 0
         self.index.seek(0)
-        with tmp.open("wb") as fh, open(self.rows.name, "rb") as rows:
+        with open(self.rows.name, "rb") as rows:
             for _ in range(last_line + 1):
                 raw = self.index.read(_SLOT.size)
                 if len(raw) < _SLOT.size:
@@ -139,7 +146,7 @@ class Spool:
                     rows.seek(offset)
                     fh.write(rows.read(length))
                     written += 1
-        tmp.replace(out)
+        fh.flush()
         return written
 
     def close(self) -> None:
@@ -196,24 +203,92 @@ class Progress:
     finished: int = 0
 
 
-class BulkRun:
-    """The second pass: submit in chunks within the window, collect, spool.
+class Backend(Protocol):
+    """Where a bulk run sends its jobs and reads their results."""
 
-    ``client``: a ``producers.client.Client``. ``forget``: the run owns its Redis (the
-    local stack): a collected result and its job's keys are deleted from Redis at once
-    (the SQL store keeps them), so Redis holds only the work in flight.
-    """
+    def submit(self, requests: list[JobRequest]) -> list[str]:
+        """Submit jobs (all or none); their ids, in order."""
+        ...
 
-    def __init__(self, client: Any, path: Path, folder: Path, digest: str, *,
-                 window: int = WINDOW, chunk: int = CHUNK, skip_invalid: bool = False,
-                 forget: bool = False, provider: str | None = None) -> None:
+    def collect(self, pending: Collection[str], *, sweep: bool,
+                sql: bool) -> list[JobResult]:
+        """Results of pending jobs that finished since the last call (``sweep``: look at
+        every pending job, not only the news; ``sql``: also where Redis lost them)."""
+        ...
+
+    def collected(self, job_ids: list[str]) -> None:
+        """The results of these jobs are spooled: the backend may let them go."""
+        ...
+
+
+class LocalBackend:
+    """Redis and the SQL store directly (``producers.client.Client``). ``forget``: the
+    run owns its Redis (the local stack): a collected result and its job's keys are
+    deleted from Redis at once (the SQL store keeps them), so that Redis holds only the
+    work in flight."""
+
+    def __init__(self, client: Any, forget: bool = False) -> None:
         self.client = client
+        self.forget = forget
+        self.cursor = self.client.queue.done_cursor()
+
+    def submit(self, requests: list[JobRequest]) -> list[str]:
+        return list(self.client.submit_many(requests))
+
+    def collect(self, pending: Collection[str], *, sweep: bool,
+                sql: bool) -> list[JobResult]:
+        queue = self.client.queue
+        self.cursor, done = queue.wait_done(self.cursor, 100)
+        ids = [j for j in dict.fromkeys(done) if j in pending]
+        found = [r for r in self._results(ids) if r is not None] if ids else []
+        if (sweep or sql) and pending:
+            have = {r.id for r in found}
+            rest = [j for j in pending if j not in have]
+            stored = [r for r in self._results(rest) if r is not None]
+            found += stored
+            if sql:
+                seen = {r.id for r in stored}
+                missing = [j for j in rest if j not in seen]
+                if missing:
+                    found += self._from_sql(missing)
+        return found
+
+    def collected(self, job_ids: list[str]) -> None:
+        if self.forget and job_ids:
+            self.client.queue.forget(job_ids)
+
+    def _results(self, ids: list[str]) -> list[JobResult | None]:
+        out: list[JobResult | None] = []
+        for start in range(0, len(ids), 2000):
+            out += self.client.queue.results(ids[start:start + 2000])
+        return out
+
+    def _from_sql(self, ids: list[str]) -> list[JobResult]:
+        """Results that left Redis (it expired them, or lost them): the SQL store's."""
+        out: list[JobResult] = []
+        for start in range(0, len(ids), 2000):
+            part = ids[start:start + 2000]
+            stored = self.client.store.outcomes(part)
+            unknown = set(part) - stored.keys()
+            if unknown:
+                raise JobNotFound(sorted(unknown)[0])
+            out += [JobResult.model_validate_json(raw) for raw in stored.values()
+                    if raw is not None]
+        return out
+
+
+class BulkRun:
+    """The second pass: submit in chunks within the window, collect, spool."""
+
+    def __init__(self, backend: Backend, path: Path, folder: Path, digest: str, *,
+                 window: int = WINDOW, chunk: int = CHUNK, skip_invalid: bool = False,
+                 provider: str | None = None) -> None:
+        self.backend = backend
         self.path = path
         self.digest = digest
         self.window = window
         self.chunk = chunk
         self.skip_invalid = skip_invalid
-        self.forget = forget
         self.provider = provider
         self.spool = Spool(folder)
         self.ledger = Ledger(folder)
@@ -224,7 +299,7 @@ class BulkRun:
         self.last_submitted = 0
         #: The last line of the file read (for writing the output).
         self.last_line = 0
-        self.cursor = "0-0"
+        self._source: Iterator[tuple[int, str]] | None = None
 
     def resume(self) -> int:
         """Take up what an interrupted run left: the lines submitted, and the jobs of
@@ -244,14 +319,12 @@ class BulkRun:
         """Submit what is left, collect every result; the summary of what this call saw
         finish (a resumed run's earlier results are in the output, not the summary)."""
         started = time.time()
-        self.cursor = self.client.queue.done_cursor()
-        lines = self._lines()
         exhausted = False
         last_progress = time.monotonic()
         next_sweep = next_sql = 0.0  # both at once first: a resumed run's jobs may be done
         while not exhausted or self.pending:
             while not exhausted and len(self.pending) < self.window:
-                exhausted = not self._submit_chunk(lines)
+                exhausted = not self.submit_next()
                 on_progress(self.progress)
             now = time.monotonic()
             sweep, sql = now >= next_sweep, now >= next_sql
@@ -268,6 +341,12 @@ class BulkRun:
                                    f"{len(self.pending)} still pending")
         self.spool.flush()
         return self.summary.build(time.time() - started)
+
+    def submit_next(self) -> bool:
+        """Submit the next chunk of lines; False once every line is submitted."""
+        if self._source is None:
+            self._source = self._lines()
+        return self._submit_chunk(self._source)
 
     def _lines(self) -> Iterator[tuple[int, str]]:
         for number, text in read_lines(self.path):
@@ -298,7 +377,7 @@ class BulkRun:
             if ln.request.provider is None and self.provider:
                 update["provider"] = self.provider
             requests.append(ln.request.model_copy(update=update) if update else ln.request)
-        ids = self.client.submit_many(requests)
+        ids = self.backend.submit(requests)
         rows = [(ln.number, job_id, int(ln.request.priority), ln.custom_id)
                 for ln, job_id in zip(parsed, ids, strict=True)]
         self.ledger.append(rows)
@@ -309,24 +388,9 @@ class BulkRun:
         return True
 
     def _collect(self, sweep: bool, sql: bool) -> int:
-        """Results of pending jobs that finished: those the stream of stored ids names;
-        with ``sweep``, every pending job's in Redis too (results stored without an entry
-        there: answers from the cache at submit); with ``sql``, the SQL store's of the ones
-        Redis does not hold (it expired or lost them). Spools them; returns how many."""
-        queue = self.client.queue
-        self.cursor, done = queue.wait_done(self.cursor, 100)
-        ids = [j for j in dict.fromkeys(done) if j in self.pending]
-        found = [r for r in self._results(ids) if r is not None] if ids else []
-        if (sweep or sql) and self.pending:
-            have = {r.id for r in found}
-            rest = [j for j in self.pending if j not in have]
-            stored = [r for r in self._results(rest) if r is not None]
-            found += stored
-            if sql:
-                seen = {r.id for r in stored}
-                missing = [j for j in rest if j not in seen]
-                if missing:
-                    found += self._from_sql(missing)
+        """Spool the results of pending jobs that finished; return how many."""
+        found = self.backend.collect(self.pending, sweep=sweep, sql=sql)
+        taken: list[str] = []
         for res in found:
             entry = self.pending.pop(res.id, None)
             if entry is None:
@@ -335,25 +399,6 @@ class BulkRun:
             self.spool.put(number, output_row(number, custom, res.id, res))
             self.summary.add(res, cls)
             self.progress.finished += 1
-        if found and self.forget:
-            queue.forget([r.id for r in found])
-        return len(found)
-
-    def _results(self, ids: list[str]) -> list[JobResult | None]:
-        out: list[JobResult | None] = []
-        for start in range(0, len(ids), 2000):
-            out += self.client.queue.results(ids[start:start + 2000])
-        return out
-
-    def _from_sql(self, ids: list[str]) -> list[JobResult]:
-        """Results that left Redis (it expired them, or lost them): the SQL store's."""
-        out: list[JobResult] = []
-        for start in range(0, len(ids), 2000):
-            part = ids[start:start + 2000]
-            stored = self.client.store.outcomes(part)
-            unknown = set(part) - stored.keys()
-            if unknown:
-                raise JobNotFound(sorted(unknown)[0])
-            out += [JobResult.model_validate_json(raw) for raw in stored.values()
-                    if raw is not None]
-        return out
+            taken.append(res.id)
+        self.backend.collected(taken)
+        return len(taken)

@@ -7,8 +7,8 @@ import hashlib
 import json
 import shutil
 import signal
+import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -22,8 +22,6 @@ from config import keys
 from config.logging import setup_logging
 from config.settings import PRIORITY_NAMES, Settings
 from jobs.errors import InvalidJob, PromptBatchError
-from jobs.models import JobResult
-from promptbatch.jsonl import InputLine, load_file
 from promptbatch.summary import Summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -72,20 +70,6 @@ def _report_invalid(errors: list[InvalidJob], limit: int = 20) -> None:
         console.print(f"... and {len(errors) - limit} more invalid lines")
 
 
-def _load(file: Path, skip_invalid: bool) -> tuple[list[InputLine], list[InvalidJob]]:
-    if not file.is_file():
-        console.print(f"[red]{file} is not a file[/red]")
-        raise typer.Exit(2)
-    lines, errors = load_file(file)
-    if errors:
-        _report_invalid(errors)
-        if not skip_invalid:
-            console.print(f"[red]{len(errors)} invalid line(s): nothing was submitted.[/red] "
-                          "Fix them, or pass --skip-invalid to submit the valid lines.")
-            raise typer.Exit(2)
-    return lines, errors
-
-
 @app.command()
 def run(
     file: Annotated[Path, typer.Argument(help="JSONL file, one prompt per line.")],
@@ -106,7 +90,7 @@ def run(
     --window jobs are pending), never held in memory. Interrupted, the same command again
     resumes: it submits only the lines not yet submitted and completes the output."""
     from producers.client import Client
-    from promptbatch.bulk import BulkRun, file_digest
+    from promptbatch.bulk import BulkRun, LocalBackend, file_digest
     from promptbatch.stack import LocalStack
 
     setup_logging("WARNING")
@@ -138,9 +122,9 @@ def run(
                              database_url=env.get("PROMPTBATCH_DATABASE_URL"),
                              default_provider=provider)
         with Client(settings) as client:
-            job = BulkRun(client, file, run_dir / "output", digest, window=window,
-                          skip_invalid=skip_invalid, forget=not base.redis_url,
-                          provider=provider)
+            job = BulkRun(LocalBackend(client, forget=not base.redis_url), file,
+                          run_dir / "output", digest, window=window,
+                          skip_invalid=skip_invalid, provider=provider)
             before = job.resume()
             if before:
                 console.print(f"resuming: {before} lines were submitted before, "
@@ -231,47 +215,6 @@ def _install_sigterm() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-
-
-def _collect(client: Any, ids: list[str], timeout: float) -> dict[str, JobResult]:
-    results: dict[str, JobResult] = {}
-    with Progress(TextColumn("[bold]results"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("results", total=len(ids))
-        for res in client.results(ids, timeout=timeout):
-            results[res.id] = res
-            bar.advance(task)
-    return results
-
-
-def _write_output(out: Path, lines: list[InputLine], errors: list[InvalidJob], ids: list[str],
-                  results: dict[str, JobResult]) -> None:
-    rows: list[tuple[int, dict[str, Any]]] = []
-    for line, job_id in zip(lines, ids, strict=True):
-        res = results[job_id]
-        rows.append((line.number, {
-            "id": line.custom_id or job_id, "job_id": job_id, "line": line.number,
-            "state": res.state.value, "text": res.text,
-            "usage": res.usage.model_dump() if res.usage else None,
-            "batch_id": res.batch_id, "batch_size": res.batch_size,
-            "queued_ms": _ms(res.queued_ms), "latency_ms": _ms(res.latency_ms),
-            "error": res.error}))
-    for err in errors:
-        rows.append((err.line or 0, {
-            "id": None, "job_id": None, "line": err.line, "state": "REJECTED", "text": None,
-            "usage": None, "batch_id": None, "batch_size": None, "queued_ms": None,
-            "latency_ms": None, "error": str(err)}))
-    rows.sort(key=lambda r: r[0])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for _, row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
 
 
 def _print_summary(s: Summary) -> None:
@@ -610,86 +553,94 @@ def submit(
                                              "input order (implies --wait).")] = None,
     skip_invalid: Annotated[bool, typer.Option(help="Submit only the valid lines.")] = False,
     chunk: Annotated[int, typer.Option(min=1, max=10_000, help="Lines per request.")] = 1000,
+    window: Annotated[int, typer.Option(min=1, help="With --wait: most jobs pending at "
+                                        "once.")] = 40_000,
     provider: Provider = None,
 ) -> None:
-    """Submit FILE; print the job ids, or wait and write the results.
+    """Submit FILE; print the job ids, or wait and write the results (without --out, the
+    same lines as --out would write, on standard output).
 
-    With --url, the same command run again after an interruption submits only the lines
-    not yet acknowledged and completes the output file.
+    Any size of file, in bounded memory. The same command run again after an interruption
+    submits only the lines not yet acknowledged and completes the output (its state is
+    kept in OUT.promptbatch-state, or FILE.promptbatch-state, until it ends).
     """
+    from promptbatch.bulk import BulkRun, file_digest
+
     setup_logging("WARNING")
-    lines, errors = _load(file, skip_invalid)
-    if provider:  # for the lines that name none
-        lines = [replace(ln, request=ln.request.model_copy(update={"provider": provider}))
-                 if ln.request.provider is None else ln for ln in lines]
-    if url:
-        _submit_remote(file, lines, errors, url, api_key, wait or out is not None, out, chunk)
-        return
-    from producers.client import Client
-
-    settings = _settings()
-    _need_redis(settings)
-    try:
-        with Client(settings) as client:
-            ids = client.submit_many([line.request for line in lines])
-            if not (wait or out):
-                for job_id in ids:
-                    print(job_id)
-                return
-            results = _collect(client, ids, 24 * 3600.0)
-    except PromptBatchError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
-    if out is not None:
-        _write_output(out, lines, errors, ids, results)
-    else:
-        for job_id in ids:
-            print(json.dumps(results[job_id].public()))
-
-
-def _submit_remote(file: Path, lines: list[InputLine], errors: list[InvalidJob], url: str,
-                   api_key: str | None, wait: bool, out: Path | None, chunk: int) -> None:
-    from promptbatch.bulk import file_digest
-    from promptbatch.remote import (
-        RemoteClient,
-        RemoteError,
-        StateFile,
-        submit_file,
-        wait_all,
-    )
-
-    if not api_key:
-        console.print("[red]give --api-key or set PROMPTBATCH_API_KEY[/red]")
+    if not file.is_file():
+        console.print(f"[red]{file} is not a file[/red]")
         raise typer.Exit(2)
-    digest = file_digest(file)
-    state = StateFile(Path(f"{out or file}.promptbatch-state.json"), digest)
-    client = RemoteClient(url, api_key)
+    waiting = wait or out is not None
+    backend, closing = _backend(url, api_key)
+    folder = Path(f"{out or file}.promptbatch-state")
+    resumable = (folder / "scanned").exists()
+    if not resumable:
+        _scan_or_refuse(file, skip_invalid)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "scanned").touch()
+    from promptbatch.remote import RemoteError
+
     try:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                      MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-            sent = bar.add_task("submitted", total=len(lines))
-            ids = submit_file(client, lines, digest, state, lambda n: bar.advance(sent, n),
-                              chunk=chunk)
-            if not wait:
-                bar.stop()
-                for job_id in ids:
-                    print(job_id)
-                return
-            done = bar.add_task("finished", total=len(ids))
-            raw = wait_all(client, ids, lambda: bar.advance(done))
+        job = BulkRun(backend, file, folder, file_digest(file),
+                      window=window if waiting else 2**62, chunk=chunk,
+                      skip_invalid=skip_invalid, provider=provider)
+        job.resume()
+        if not waiting:
+            _submit_only(job)
+        else:
+            _run_with_progress(job, 24 * 3600.0)
+            if out is not None:
+                console.print(f"wrote {job.spool.write(out, job.last_line)} lines to {out}")
+            else:
+                job.spool.copy_to(sys.stdout.buffer, job.last_line)
     except RemoteError as exc:
         hint = " (run the same command again to resume)" if exc.retryable else ""
         console.print(f"[red]{exc}[/red]{hint}", soft_wrap=True)
         raise typer.Exit(1) from exc
+    except PromptBatchError as exc:
+        console.print(f"[red]{exc}[/red] (run the same command again to resume)")
+        raise typer.Exit(1) from exc
     finally:
+        closing()
+    job.spool.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _backend(url: str | None, api_key: str | None) -> tuple[Any, Any]:
+    """Where ``submit`` sends jobs (the API at ``url``, else Redis and the store), and
+    what closes it."""
+    from promptbatch.bulk import LocalBackend
+
+    if url:
+        from promptbatch.remote import RemoteBackend, RemoteClient
+
+        if not api_key:
+            console.print("[red]give --api-key or set PROMPTBATCH_API_KEY[/red]")
+            raise typer.Exit(2)
+        remote = RemoteClient(url, api_key)
+        return RemoteBackend(remote), remote.close
+    from producers.client import Client
+
+    settings = _settings()
+    _need_redis(settings)
+    client = Client(settings)
+    try:
+        client.check()
+    except PromptBatchError as exc:
         client.close()
-    results = {k: JobResult.model_validate(v) for k, v in raw.items()}
-    if out is not None:
-        _write_output(out, lines, errors, ids, results)
-        console.print(f"wrote {len(lines) + len(errors)} lines to {out}")
-    else:
-        for job_id in ids:
-            print(json.dumps(raw[job_id]))
+        raise _refuse(exc) from None
+    return LocalBackend(client), client.close
+
+
+def _submit_only(job: Any) -> None:
+    """Submit every line not yet submitted; print every line's job id in order."""
+    from promptbatch.bulk import Ledger
+
+    with console.status("submitting..."):
+        while job.submit_next():
+            pass
+    for _, job_id, _, _ in Ledger(job.ledger.path.parent).read():
+        print(job_id)
 
 
 @app.command()

@@ -1,26 +1,29 @@
 """``promptbatch submit --url``: a JSONL file through the HTTP API, resumable.
 
-Each line's idempotency key is derived from the file's content and the line number, and
-the ids the API returns are recorded in a state file beside the output as chunks are
-acknowledged. Run the same command again after an interruption: lines with a recorded
-id are not sent again (and a line sent but not recorded is matched by its idempotency
-key, so the API creates nothing twice), and the output file is completed in input order.
+The bulk run of ``promptbatch.bulk`` over HTTP: chunks of lines posted to
+``POST /v1/jobs`` while at most a window of jobs is pending, results read many at a time
+through ``POST /v1/jobs/results``. Each line's idempotency key is derived from the
+file's content and the line number, and the ids the API returns are recorded in a state
+folder beside the output as chunks are acknowledged. Run the same command again after an
+interruption: lines with a recorded id are not sent again (and a line sent but not
+recorded is matched by its idempotency key, so the API creates nothing twice), and the
+output file is completed in input order.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
 import httpx
 
-from promptbatch.jsonl import InputLine
+from jobs.models import JobRequest, JobResult
 
-#: Lines per POST /v1/jobs.
-CHUNK = 1000
+#: Ids per POST /v1/jobs/results.
+RESULTS_PER_CALL = 1000
+#: Tries of a request while the API is unreachable or busy, after the first.
+RETRIES = 5
 
 
 class RemoteError(RuntimeError):
@@ -31,24 +34,6 @@ class RemoteError(RuntimeError):
     def __init__(self, message: str, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-class StateFile:
-    """Line number -> job id, saved after every acknowledged chunk."""
-
-    def __init__(self, path: Path, digest: str) -> None:
-        self.path = path
-        self.digest = digest
-        self.ids: dict[int, str] = {}
-        if path.exists():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("file") == digest:
-                self.ids = {int(k): v for k, v in data["ids"].items()}
-
-    def save(self) -> None:
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"file": self.digest, "ids": self.ids}), encoding="utf-8")
-        tmp.replace(self.path)
 
 
 class RemoteClient:
@@ -70,69 +55,80 @@ class RemoteClient:
                               retryable=resp.status_code >= 500 or resp.status_code == 429)
         return resp.json()
 
-    def submit(self, jobs: list[dict[str, Any]]) -> list[str]:
-        try:
-            resp = self.http.post("/v1/jobs", json={"jobs": jobs})
-        except httpx.HTTPError as exc:
-            raise RemoteError(f"cannot reach the API: {exc}") from exc
-        return list(self._check(resp)["ids"])
+    def _post(self, path: str, body: dict[str, Any], timeout: float = 60.0) -> Any:
+        """POST, tried again (``RETRIES`` times, honouring Retry-After) while the API is
+        unreachable or answers 429 or 502-504: every request here is idempotent."""
+        for attempt in range(RETRIES + 1):
+            try:
+                resp = self.http.post(path, json=body, timeout=timeout)
+                if resp.status_code not in (429, 502, 503, 504) or attempt == RETRIES:
+                    return self._check(resp)
+                pause = _retry_after(resp) or min(8.0, 0.5 * 2 ** attempt)
+            except httpx.HTTPError as exc:
+                if attempt == RETRIES:
+                    raise RemoteError(f"cannot reach the API: {exc}") from exc
+                pause = min(8.0, 0.5 * 2 ** attempt)
+            time.sleep(pause)  # backing off before the next try
+        raise AssertionError("unreachable")
 
-    def result(self, job_id: str, wait: float) -> dict[str, Any] | None:
-        try:
-            resp = self.http.get(f"/v1/jobs/{job_id}/result", params={"wait": wait},
-                                 timeout=wait + 30)
-        except httpx.HTTPError as exc:
-            raise RemoteError(f"cannot reach the API: {exc}") from exc
-        if resp.status_code == 202:
-            return None
-        return self._check(resp)  # type: ignore[no-any-return]
+    def submit(self, jobs: list[dict[str, Any]]) -> list[str]:
+        return list(self._post("/v1/jobs", {"jobs": jobs})["ids"])
+
+    def results(self, ids: list[str], wait: float) -> tuple[list[dict[str, Any]], list[str]]:
+        """The finished ones' results, and the ids the API does not know for this key."""
+        body = self._post("/v1/jobs/results", {"ids": ids, "wait": wait},
+                          timeout=wait + 60.0)
+        return list(body["data"]), list(body["unknown"])
 
     def close(self) -> None:
         self.http.close()
 
 
-def submit_file(client: RemoteClient, lines: list[InputLine], digest: str, state: StateFile,
-                on_progress: Callable[[int], None], chunk: int = CHUNK) -> list[str]:
-    """Submit the lines without a recorded id; return every line's id, in order."""
-    missing = [ln for ln in lines if ln.number not in state.ids]
-    on_progress(len(lines) - len(missing))
-    for start in range(0, len(missing), chunk):
-        part = missing[start:start + chunk]
+def _retry_after(resp: httpx.Response) -> float | None:
+    try:
+        return min(30.0, float(resp.headers.get("retry-after", "")))
+    except ValueError:
+        return None
+
+
+class RemoteBackend:
+    """A bulk run through the HTTP API (``promptbatch.bulk.Backend``): chunks posted to
+    ``POST /v1/jobs``, results read ``RESULTS_PER_CALL`` at a time through
+    ``POST /v1/jobs/results``: the oldest pending first, and the others in turn."""
+
+    def __init__(self, client: RemoteClient) -> None:
+        self.client = client
+        self._turn = 0
+
+    def submit(self, requests: list[JobRequest]) -> list[str]:
         jobs = []
-        for ln in part:
-            job = ln.request.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-            job["idempotency_key"] = ln.request.idempotency_key or f"{digest}:{ln.number}"
-            if ln.request.params:
-                job["params"] = ln.request.params.model_dump(exclude_none=True)
+        for req in requests:
+            job = req.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+            if req.params:
+                job["params"] = req.params.model_dump(exclude_none=True)
             jobs.append(job)
-        ids = client.submit(jobs)
-        state.ids.update({ln.number: job_id for ln, job_id in zip(part, ids, strict=True)})
-        state.save()
-        on_progress(len(part))
-    return [state.ids[ln.number] for ln in lines]
+        return self.client.submit(jobs)
 
+    def collect(self, pending: Collection[str], *, sweep: bool,
+                sql: bool) -> list[JobResult]:
+        if not pending:
+            return []
+        ids = list(pending)
+        asks = [ids[:RESULTS_PER_CALL]]  # the oldest, waiting briefly for news
+        if sweep and len(ids) > RESULTS_PER_CALL:  # and, in turn, one more slice
+            rest = ids[RESULTS_PER_CALL:]
+            self._turn %= len(rest)
+            asks.append(rest[self._turn:self._turn + RESULTS_PER_CALL])
+            self._turn += RESULTS_PER_CALL
+        found: list[JobResult] = []
+        for n, part in enumerate(asks):
+            data, unknown = self.client.results(part, wait=0.5 if n == 0 else 0.0)
+            if unknown:
+                raise RemoteError(f"the API does not know job {unknown[0]} (another "
+                                  "tenant's key, or a job store that forgot it)",
+                                  retryable=False)
+            found += [JobResult.model_validate(d) for d in data]
+        return found
 
-def wait_all(client: RemoteClient, ids: list[str], on_done: Callable[[], None],
-             known: dict[str, dict[str, Any]] | None = None,
-             timeout: float = 24 * 3600.0) -> dict[str, dict[str, Any]]:
-    """Results of the jobs (long-polling each in turn), as they finish."""
-    results = dict(known or {})
-    for _ in results:
-        on_done()
-    pending = [i for i in ids if i not in results]
-    deadline = time.monotonic() + timeout
-    while pending:
-        still = []
-        for job_id in pending:
-            res = client.result(job_id, wait=0 if len(pending) > 1 else 10)
-            if res is None:
-                still.append(job_id)
-            else:
-                results[job_id] = res
-                on_done()
-        pending = still
-        if pending:
-            if time.monotonic() > deadline:
-                raise RemoteError(f"{len(pending)} jobs did not finish within {timeout} s")
-            time.sleep(0.2)
-    return results
+    def collected(self, job_ids: list[str]) -> None:
+        return None

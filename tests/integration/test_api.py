@@ -260,8 +260,8 @@ def test_submit_cli_resumes_after_being_killed(api: Api, procs: Procs, r: redis.
     env = {**settings_env(api.settings), "PROMPTBATCH_API_KEY": KEY_A}
     first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    state = Path(f"{out}.promptbatch-state.json")
-    poll(lambda: state.exists() and len(json.loads(state.read_text())["ids"]) >= 10,
+    ledger = Path(f"{out}.promptbatch-state") / "submitted.tsv"
+    poll(lambda: ledger.exists() and len(ledger.read_text().splitlines()) >= 10,
          timeout=60, what="the first chunk to be acknowledged", proc=first)
     os.killpg(first.pid, signal.SIGKILL)  # no workers yet: it cannot have finished
     first.wait()
