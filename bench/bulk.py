@@ -59,9 +59,9 @@ def role(proc: psutil.Process, root: int) -> str:
     for name in ("scheduler", "valkey"):
         if name in cmd:
             return name
-    if "worker" in cmd:
+    if "promptbatch worker" in cmd:
         parent = proc.parent()
-        return "worker pool" if parent is not None and "worker" in " ".join(
+        return "worker pool" if parent is not None and "promptbatch worker" in " ".join(
             parent.cmdline()) else "worker"
     return "other"
 

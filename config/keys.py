@@ -41,11 +41,13 @@ SERVICE_TIMES = f"{PREFIX}service_times"
 #: finished after the deadline (or expired). ``jobs.stats`` reads them.
 STATS = f"{PREFIX}stats"
 #: Stream of the ids whose results were just stored (one entry per store step, field
-#: ``ids``, comma-separated; capped): a client waiting for many results reads it instead
-#: of polling every pending result key.
+#: ``ids``, comma-separated): a client waiting for many results reads it instead of
+#: polling every pending result key.
 DONE = f"{PREFIX}done"
-#: Entries kept in ``DONE`` (approximately).
-DONE_MAXLEN = 100_000
+#: Seconds of entries kept in ``DONE`` (approximately; older ones are trimmed by time, so
+#: its size follows the rate of results, not how many there have been): a reader that
+#: falls further behind finds its results by reading them (every reader also sweeps).
+DONE_KEEP_S = 120
 #: JSON overview the active scheduler writes every second (``promptbatch status``).
 OVERVIEW = f"{PREFIX}overview"
 #: Sorted set deployment (``provider|model``) -> Unix time its cool-down ends: the

@@ -233,6 +233,11 @@ class Settings(BaseSettings):
         description="The reconciler leaves jobs younger than this alone: their producer may "
         "be between its SQL write and its Redis write.",
     )
+    reconcile_write_back: bool = Field(
+        default=True,
+        description="The reconciler writes results the result backend lacks back to it "
+        "(off: for a stack whose one reader falls back to the job store and deletes what it "
+        "has read, as `promptbatch run`'s).")
     reconcile_interval_s: float = Field(
         default=60.0,
         gt=0,

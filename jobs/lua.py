@@ -322,7 +322,8 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 
 #: KEYS: intake, stats hash, recent stats bucket, stream of stored ids, then per job: job,
 #: celery result key, tenant pending set, the job's output stream. ARGV: result ttl, job
-#: key ttl, bucket ttl, the stream's length, a job stream's length, then per job: id,
+#: key ttl, bucket ttl, the oldest entry id the stream of stored ids keeps (a time in
+#: ms: ``MINID``), a job stream's length, then per job: id,
 #: Celery meta JSON, final state, class ('' to read it from the job), stats label
 #: (``tenant|provider|model``; the one the job was counted under when submitted wins),
 #: missed its deadline ('1' or '0').
@@ -380,7 +381,7 @@ for field, n in pairs(totals) do redis.call('HINCRBY', KEYS[2], field, n) end
 for field, n in pairs(recent) do redis.call('HINCRBY', KEYS[3], field, n) end
 redis.call('EXPIRE', KEYS[3], ARGV[3])
 if #done > 0 then
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'ids', table.concat(done, ','))
+  redis.call('XADD', KEYS[4], 'MINID', '~', ARGV[4], '*', 'ids', table.concat(done, ','))
 end
 return out
 """

@@ -219,6 +219,13 @@ class RedisQueue:
         """Mark a QUEUED or SCHEDULED job CANCELLED; return the state found ('' if unknown)."""
         return str(self._cancel(keys=[keys.job(job_id), keys.EVENTS], args=[job_id]))
 
+    def cancel_many(self, job_ids: Sequence[str]) -> list[str]:
+        """``cancel`` of each job, in one round trip; the states found."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            self._cancel(keys=[keys.job(job_id), keys.EVENTS], args=[job_id], client=pipe)
+        return [str(x) for x in self._at_once(pipe)] if job_ids else []
+
     def _at_once(self, pipe: Any) -> list[Any]:
         """Run ``pipe`` (a non-transactional pipeline) in one round trip and return its
         replies (the first error is raised).
@@ -428,7 +435,8 @@ class RedisQueue:
             job_keys: list[str] = [keys.INTAKE, keys.STATS, recent, keys.DONE]
             args: list[str | int] = [result_ttl_s, min(FINAL_JOB_TTL_S, result_ttl_s),
                                      stats.BUCKET_TTL_S,
-                                     keys.DONE_MAXLEN, streams.MAXLEN]
+                                     int((time.time() - keys.DONE_KEEP_S) * 1000),
+                                     streams.MAXLEN]
             for res, tenant, cls in part:
                 job_keys += [keys.job(res.id), keys.celery_result(res.id),
                              keys.tenant_pending(tenant), keys.job_stream(res.id)]

@@ -115,6 +115,19 @@ class Accounts:
                 BatchRow.id == batch_id, BatchRow.tenant == tenant)).scalar_one_or_none()
         return json.loads(raw) if raw else None
 
+    def batch_states(self, tenant: str, batch_id: str) -> dict[str, int]:
+        """Jobs of a Batch API batch per state, counted in SQL (one range of the
+        ``(tenant, idempotency_key)`` index: the batch's jobs carry ``{batch id}:`` keys)."""
+        from sqlalchemy import func
+
+        from jobs.store import JobRow
+
+        stmt = (select(JobRow.state, func.count()).where(
+            JobRow.tenant == tenant, JobRow.idempotency_key >= f"{batch_id}:",
+            JobRow.idempotency_key < f"{batch_id};").group_by(JobRow.state))
+        with self.engine.connect() as conn:
+            return {str(state): int(n) for state, n in conn.execute(stmt)}
+
     def list_batches(self, tenant: str, limit: int, after: str | None) -> list[dict[str, Any]]:
         stmt = select(BatchRow.data).where(BatchRow.tenant == tenant)
         if after:

@@ -10,11 +10,15 @@ written.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
 import json
 import re
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 from config.settings import Settings
@@ -32,6 +36,8 @@ _PARAMS = ("temperature", "top_p", "max_tokens", "stop", "seed", "presence_penal
            "frequency_penalty")
 #: Batch states that still change.
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
+#: Lines submitted per step (each all or nothing), and results read per query.
+CHUNK = 1000
 
 
 class BatchError(Exception):
@@ -95,6 +101,11 @@ class BatchService:
 
     def create_batch(self, tenant: str, input_file_id: str, endpoint: str,
                      completion_window: str, metadata: dict[str, str] | None) -> dict[str, Any]:
+        """Validate and submit the input file's lines, ``CHUNK`` at a time (each chunk
+        all or nothing; the file is read line by line, never parsed whole). The batch is
+        recorded first (``validating``): should a chunk be refused (Redis or the store
+        down, the tenant over its quota), the jobs accepted so far are cancelled, the
+        batch ends ``failed`` with the reason, and the error goes up."""
         if endpoint not in ENDPOINTS:
             raise BatchError(422, "endpoint", f"endpoint must be one of {', '.join(ENDPOINTS)}")
         window = _WINDOW.match(completion_window or "")
@@ -106,34 +117,53 @@ class BatchService:
         now = time.time()
         batch_id = f"batch_{uuid.uuid4().hex}"
         deadline = now + int(window.group(1)) * 3600
-        specs, jobs, invalid = self._read_lines(source.content, endpoint, batch_id, tenant,
-                                                now, deadline)
         record: dict[str, Any] = {
             "id": batch_id, "object": "batch", "endpoint": endpoint, "errors": None,
             "input_file_id": input_file_id, "completion_window": completion_window,
-            "status": "in_progress", "output_file_id": None, "error_file_id": None,
-            "created_at": int(now), "in_progress_at": int(now), "expires_at": int(deadline),
+            "status": "validating", "output_file_id": None, "error_file_id": None,
+            "created_at": int(now), "in_progress_at": None, "expires_at": int(deadline),
             "finalizing_at": None, "completed_at": None, "failed_at": None,
             "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-            "request_counts": {"total": len(jobs) + len(invalid), "completed": 0,
-                               "failed": len(invalid)},
-            "metadata": metadata or None, "_jobs": jobs, "_invalid": invalid,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": metadata or None, "_jobs_file": None, "_invalid": 0,
         }
-        if specs:
-            self.client.check_quota(specs)
-            ids = self.client.submit_specs(specs)
-            record["_jobs"] = [[cid, job_id] for (cid, _), job_id in zip(jobs, ids, strict=True)]
         self.accounts.put_batch(batch_id, tenant, record)
+        listing = io.BytesIO()  # line, custom_id, job id or None, error or None
+        accepted = invalid = 0
+        try:
+            for chunk, rows in self._chunks(source.content, endpoint, batch_id, tenant, now,
+                                            deadline):
+                if chunk:
+                    self.client.check_quota(chunk)
+                    ids = iter(self.client.submit_specs(chunk))
+                    rows = [[n, cid, next(ids), None] if err is None else [n, cid, None, err]
+                            for n, cid, _, err in rows]
+                for row in rows:
+                    listing.write(json.dumps(row).encode() + b"\n")
+                accepted += len(chunk)
+                invalid += sum(1 for row in rows if row[3] is not None)
+        except Exception as exc:
+            self._fail(tenant, record, listing, exc)
+            raise
+        jobs_file = self.accounts.put_file(f"file-{uuid.uuid4().hex}", tenant, "batch_jobs",
+                                           f"{batch_id}_jobs.jsonl", listing.getvalue())
+        record.update(status="in_progress", in_progress_at=int(time.time()),
+                      _jobs_file=jobs_file["id"], _invalid=invalid,
+                      request_counts={"total": accepted + invalid, "completed": 0,
+                                      "failed": invalid})
+        self.accounts.update_batch(batch_id, record)
         return self.refresh(tenant, record)
 
-    def _read_lines(self, content: bytes, endpoint: str, batch_id: str, tenant: str,
-                    now: float, deadline: float,
-                    ) -> tuple[list[JobSpec], list[list[str]], list[list[Any]]]:
+    def _chunks(self, content: bytes, endpoint: str, batch_id: str, tenant: str,
+                now: float, deadline: float,
+                ) -> Iterator[tuple[list[JobSpec], list[list[Any]]]]:
+        """The input's lines, ``CHUNK`` valid ones at a time: their specs, and a row per
+        line read (``[line, custom_id, None, error or None]``)."""
         specs: list[JobSpec] = []
-        jobs: list[list[str]] = []
-        invalid: list[list[Any]] = []
+        rows: list[list[Any]] = []
         seen: set[str] = set()
-        for number, raw in enumerate(content.decode("utf-8", "replace").splitlines(), 1):
+        for number, raw_line in enumerate(io.BytesIO(content), 1):
+            raw = raw_line.decode("utf-8", "replace")
             if not raw.strip():
                 continue
             custom_id = None
@@ -153,17 +183,39 @@ class BatchService:
                 request = parse_request(fields, line=number)
                 spec = resolve(request, job_id=new_id(), now=now,
                                settings=self.settings, tenant=tenant, line=number)
-                spec = spec.model_copy(update={"deadline": deadline})
+                specs.append(spec.model_copy(update={"deadline": deadline}))
+                rows.append([number, custom_id, None, None])
+                seen.add(str(custom_id))
             except InvalidJob as exc:  # its message already names the line
-                invalid.append([number, custom_id, str(exc)])
-                continue
+                rows.append([number, custom_id, None, str(exc)])
             except ValueError as exc:
-                invalid.append([number, custom_id, f"line {number}: {exc}"])
-                continue
-            seen.add(str(custom_id))
-            specs.append(spec)
-            jobs.append([str(custom_id), spec.id])
-        return specs, jobs, invalid
+                rows.append([number, custom_id, None, f"line {number}: {exc}"])
+            if len(specs) >= CHUNK:
+                yield specs, rows
+                specs, rows = [], []
+        if specs or rows:
+            yield specs, rows
+
+    def _fail(self, tenant: str, record: dict[str, Any], listing: io.BytesIO,
+              exc: Exception) -> None:
+        """A chunk was refused: cancel what was accepted; the batch ends failed."""
+        with contextlib.suppress(Exception):  # best effort: the store or Redis may be down
+            ids = [row[2] for row in _rows(listing.getvalue()) if row[2]]
+            for start in range(0, len(ids), CHUNK):
+                self.client.cancel_many(ids[start:start + CHUNK], tenant)
+        now = int(time.time())
+        record.update(status="failed", failed_at=now, errors={"object": "list", "data": [
+            {"code": type(exc).__name__, "message": str(exc), "param": None, "line": None}]})
+        with contextlib.suppress(Exception):
+            self.accounts.update_batch(record["id"], record)
+
+    def _listing(self, tenant: str, record: dict[str, Any]) -> Iterator[list[Any]]:
+        """The batch's rows (line, custom_id, job id, error), in input order."""
+        if not record.get("_jobs_file"):
+            return
+        row = self.accounts.get_file(record["_jobs_file"], tenant)
+        if row is not None:
+            yield from _rows(row.content)
 
     def get(self, tenant: str, batch_id: str) -> dict[str, Any]:
         record = self.accounts.get_batch(batch_id, tenant)
@@ -176,8 +228,9 @@ class BatchService:
         if record is None:
             raise JobNotFound(batch_id)
         if record["status"] in OPEN:
-            for _, job_id in record["_jobs"]:
-                self.client.cancel(job_id, tenant)
+            ids = [row[2] for row in self._listing(tenant, record) if row[2]]
+            for start in range(0, len(ids), CHUNK):
+                self.client.cancel_many(ids[start:start + CHUNK], tenant)
             record["status"] = "cancelling"
             record["cancelling_at"] = int(time.time())
             self.accounts.update_batch(batch_id, record)
@@ -192,59 +245,71 @@ class BatchService:
                 "last_id": data[-1]["id"] if data else None}
 
     def refresh(self, tenant: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Bring an open batch's counts and status up to date; write its files when done."""
-        if record["status"] not in OPEN:
+        """Bring an open batch's counts and status up to date (its jobs counted per state in
+        SQL, nothing loaded); write its files when every job is final."""
+        if record["status"] not in OPEN or record["status"] == "validating":
             return record
-        ids = [job_id for _, job_id in record["_jobs"]]
-        stored = self.client.store.get_many(ids)
-        states = Counter(s.state for s in stored.values())
-        invalid = len(record["_invalid"])
+        states = Counter({JobState(k): n for k, n in
+                          self.accounts.batch_states(tenant, record["id"]).items()})
+        invalid = int(record.get("_invalid", 0))
+        jobs = record["request_counts"]["total"] - invalid
+        final = sum(n for st, n in states.items() if st.final)
         record["request_counts"] = {
-            "total": len(ids) + invalid, "completed": states[JobState.SUCCEEDED],
-            "failed": invalid + sum(n for st, n in states.items()
-                                    if st.final and st is not JobState.SUCCEEDED)}
-        if all(s.state.final for s in stored.values()) and len(stored) == len(ids):
-            self._finish(tenant, record, stored)
+            "total": jobs + invalid, "completed": states[JobState.SUCCEEDED],
+            "failed": invalid + final - states[JobState.SUCCEEDED]}
+        if final >= jobs:
+            self._finish(tenant, record, states)
         self.accounts.update_batch(record["id"], record)
         return record
 
-    def _finish(self, tenant: str, record: dict[str, Any], stored: dict[str, Any]) -> None:
+    def _finish(self, tenant: str, record: dict[str, Any], states: Counter[JobState]) -> None:
+        """Write the output and error files: the listing read in order, the jobs' results
+        ``CHUNK`` at a time (their result JSON only)."""
         now = int(time.time())
-        out_lines, err_lines = [], []
-        by_line = sorted([(-1, cid, jid) for cid, jid in record["_jobs"]]
-                         + [(n, cid, None) for n, cid, _ in record["_invalid"]],
-                         key=lambda t: t[0])
-        messages = {n: m for n, _, m in record["_invalid"]}
-        for number, custom_id, job_id in by_line:
-            if job_id is None:
-                err_lines.append({"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
-                                  "response": None, "error": {"code": "invalid_request",
-                                                              "message": messages[number]}})
-                continue
-            result: JobResult | None = stored[job_id].result
-            if result is not None and result.state is JobState.SUCCEEDED:
-                out_lines.append(output_line(custom_id, result))
-            else:
-                state = result.state.value if result else "FAILED"
-                err_lines.append({"id": f"batch_req_{job_id}", "custom_id": custom_id,
-                                  "response": None, "error": {
-                                      "code": state.lower(),
-                                      "message": (result.error if result else None) or state}})
-        for kind, lines in (("output_file_id", out_lines), ("error_file_id", err_lines)):
-            if lines:
-                content = "".join(json.dumps(x) + "\n" for x in lines).encode()
+        out, err = io.BytesIO(), io.BytesIO()
+        listing = self._listing(tenant, record)
+        while True:
+            rows: list[list[Any]] = list(itertools.islice(listing, CHUNK))
+            if not rows:
+                break
+            raw = self.client.store.outcomes([r[2] for r in rows if r[2]])
+            for _number, custom_id, job_id, error in rows:
+                if job_id is None:
+                    err.write(json.dumps({
+                        "id": f"batch_req_{uuid.uuid4().hex}", "custom_id": custom_id,
+                        "response": None, "error": {"code": "invalid_request",
+                                                    "message": error}}).encode() + b"\n")
+                    continue
+                text = raw.get(job_id)
+                result = JobResult.model_validate_json(text) if text else None
+                if result is not None and result.state is JobState.SUCCEEDED:
+                    out.write(json.dumps(output_line(custom_id, result)).encode() + b"\n")
+                else:
+                    state = result.state.value if result else "FAILED"
+                    err.write(json.dumps({"id": f"batch_req_{job_id}", "custom_id": custom_id,
+                                          "response": None, "error": {
+                                              "code": state.lower(),
+                                              "message": (result.error if result else None)
+                                              or state}}).encode() + b"\n")
+        for kind, buf in (("output_file_id", out), ("error_file_id", err)):
+            if buf.tell():
                 row = self.accounts.put_file(f"file-{uuid.uuid4().hex}", tenant,
                                              "batch_output", f"{record['id']}_{kind}.jsonl",
-                                             content)
+                                             buf.getvalue())
                 record[kind] = row["id"]
-        states = {s.state for s in stored.values()}
         if record["status"] == "cancelling":
             record["status"], record["cancelled_at"] = "cancelled", now
-        elif JobState.EXPIRED in states:
+        elif states[JobState.EXPIRED]:
             record["status"], record["expired_at"] = "expired", now
         else:
             record["status"], record["completed_at"] = "completed", now
         record["finalizing_at"] = now
+
+
+def _rows(content: bytes) -> Iterator[list[Any]]:
+    for line in io.BytesIO(content):
+        if line.strip():
+            yield json.loads(line)
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:

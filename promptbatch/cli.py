@@ -109,6 +109,9 @@ def run(
     env = {"PROMPTBATCH_DATABASE_URL": f"sqlite:///{(run_dir / 'promptbatch.db').resolve()}"}
     if "PROMPTBATCH_DATABASE_URL" in _explicit_env():
         env.pop("PROMPTBATCH_DATABASE_URL")
+    if not base.redis_url:  # its own server: results leave Redis once read (the store
+        # keeps them), so Redis holds the work in flight whatever the file's size
+        env.update(PROMPTBATCH_RECONCILE_WRITE_BACK="0", PROMPTBATCH_RESULT_TTL_S="3600")
     if provider:
         env["PROMPTBATCH_DEFAULT_PROVIDER"] = provider
     stack = LocalStack(run_dir, workers=workers, env=env, redis_url=base.redis_url or None)

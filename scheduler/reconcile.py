@@ -180,7 +180,7 @@ class Reconciler:
         if not rows:
             p.state, p.after = p.state + 1, ""
             if p.state >= len(_SCANNED):
-                p.phase = "results"
+                p.phase = "results" if self.settings.reconcile_write_back else "done"
             return
         p.after = rows[-1][0]
         # The grace counts from when a row was written: a long submit writes its rows
