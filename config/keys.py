@@ -12,8 +12,10 @@ PREFIX = "pb:"
 
 #: Stream of job ids waiting for the scheduler (one entry per accepted, unsent job).
 INTAKE = f"{PREFIX}intake"
-#: Stream of events for the scheduler (cancellations), capped.
+#: Stream of events for the scheduler (cancellations, batches done), capped.
 EVENTS = f"{PREFIX}events"
+#: Seconds of batch-done events kept in ``EVENTS`` (trimmed by time as they are added).
+EVENTS_KEEP_S = 120
 #: Hash batch id -> JSON of a batch claimed by the scheduler and not yet confirmed sent.
 OUTBOX = f"{PREFIX}outbox"
 #: Sorted set ``{class}:{batch id}`` -> time claimed, of batches claimed and not yet
@@ -47,7 +49,7 @@ DONE = f"{PREFIX}done"
 #: Seconds of entries kept in ``DONE`` (approximately; older ones are trimmed by time, so
 #: its size follows the rate of results, not how many there have been): a reader that
 #: falls further behind finds its results by reading them (every reader also sweeps).
-DONE_KEEP_S = 120
+DONE_KEEP_S = 60
 #: JSON overview the active scheduler writes every second (``promptbatch status``).
 OVERVIEW = f"{PREFIX}overview"
 #: Sorted set deployment (``provider|model``) -> Unix time its cool-down ends: the

@@ -404,8 +404,12 @@ class RedisQueue:
         the scheduler the event wakes finds the room to send the next batch)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.zrem(keys.INFLIGHT, keys.inflight_member(cls, batch_id))
+        # Its run and delivery records are done with: a late second send of the batch
+        # finds every job final and calls nobody.
+        pipe.unlink(keys.batch_run(batch_id), keys.batch_deliveries(batch_id))
         if event:
-            pipe.xadd(keys.EVENTS, event, maxlen=100_000, approximate=True)  # type: ignore[arg-type]
+            oldest = int((time.time() - keys.EVENTS_KEEP_S) * 1000)
+            pipe.xadd(keys.EVENTS, event, minid=oldest, approximate=True)  # type: ignore[arg-type]
         pipe.execute()
 
     # --- everyone -----------------------------------------------------------------------

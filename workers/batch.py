@@ -103,6 +103,9 @@ class BatchRunner:
                     "skipped": "duplicate send", "jobs": 0}
         retrying = False
         event: Event | None = None
+        if lost:
+            log.warning("batch %s: delivered again after its worker was lost (%d time(s))",
+                        batch_id, lost)
         try:
             if lost >= self.settings.max_deliveries:
                 metrics.BATCHES.labels(metrics.class_name(str(cls)), "poison").inc()

@@ -369,8 +369,8 @@ def test_17_redis_outages_during_a_batch_are_not_counted_as_poison(own: Own) -> 
     store.close()
     assert outages >= 1
     assert provider_calls(s.echo_call_log)[job_id] == 1, "an outage made the call run again"
-    (deliveries,) = [k for k in r.scan_iter(keys.PREFIX + "batch:*:deliveries")]
-    assert all(int(n) == 1 for n in r.hvals(deliveries)), "a delivery was counted as lost"
+    # A delivery counted as following a lost worker is logged by the worker that gets it.
+    assert "after its worker was lost" not in procs.logs(), "a delivery was counted as lost"
 
 
 def test_18_redis_paused_in_the_middle_of_a_submit_leaves_no_phantom_job(own: Own) -> None:
