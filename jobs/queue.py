@@ -119,27 +119,27 @@ class RedisQueue:
 
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
-        self._enqueue = client.register_script(lua.ENQUEUE)
-        self._stage = client.register_script(lua.STAGE)
-        self._publish = client.register_script(lua.PUBLISH)
-        self._withdraw = client.register_script(lua.WITHDRAW)
-        self._claim = client.register_script(lua.CLAIM)
-        self._take_to_expire = client.register_script(lua.TAKE_TO_EXPIRE)
-        self._running = client.register_script(lua.MARK_RUNNING)
-        self._reassign = client.register_script(lua.REASSIGN)
-        self._requeue = client.register_script(lua.REQUEUE)
-        self._start_run = client.register_script(lua.START_RUN)
-        self._missing = client.register_script(lua.MISSING)
-        self._load = client.register_script(lua.LOAD)
-        self._finish_many = client.register_script(lua.FINISH_MANY)
-        self._cache_put = client.register_script(lua.CACHE_PUT)
-        self._coalesce = client.register_script(lua.COALESCE)
-        self._take_followers = client.register_script(lua.TAKE_FOLLOWERS)
-        self._release_followers = client.register_script(lua.RELEASE_FOLLOWERS)
-        self._cancel = client.register_script(lua.CANCEL)
-        self._set_results = client.register_script(lua.SET_RESULTS)
-        self._lease = client.register_script(lua.LEASE)
-        self._release = client.register_script(lua.RELEASE)
+        self._enqueue = client.register_script(lua.source("enqueue"))
+        self._stage = client.register_script(lua.source("stage"))
+        self._publish = client.register_script(lua.source("publish"))
+        self._withdraw = client.register_script(lua.source("withdraw"))
+        self._claim = client.register_script(lua.source("claim"))
+        self._take_to_expire = client.register_script(lua.source("take_to_expire"))
+        self._running = client.register_script(lua.source("mark_running"))
+        self._reassign = client.register_script(lua.source("reassign"))
+        self._requeue = client.register_script(lua.source("requeue"))
+        self._start_run = client.register_script(lua.source("start_run"))
+        self._missing = client.register_script(lua.source("missing"))
+        self._load = client.register_script(lua.source("load"))
+        self._finish_many = client.register_script(lua.source("finish_many"))
+        self._cache_put = client.register_script(lua.source("cache_put"))
+        self._coalesce = client.register_script(lua.source("coalesce"))
+        self._take_followers = client.register_script(lua.source("take_followers"))
+        self._release_followers = client.register_script(lua.source("release_followers"))
+        self._cancel = client.register_script(lua.source("cancel"))
+        self._set_results = client.register_script(lua.source("set_results"))
+        self._lease = client.register_script(lua.source("lease"))
+        self._release = client.register_script(lua.source("release"))
 
     # --- everyone, at start ------------------------------------------------------------
 
@@ -511,10 +511,12 @@ class RedisQueue:
     def cache_put(self, key: str, partition: str, entry: str, *, ttl_s: int, now: float,
                   max_entries: int, max_bytes: int) -> None:
         """Store an entry, keeping its partition within its bounds."""
-        self._cache_put(keys=[keys.cache_entry(key), keys.cache_index(partition),
-                              keys.cache_sizes(partition), keys.cache_bytes(partition),
-                              keys.CACHE_PARTITIONS],
-                        args=[entry, ttl_s, now, max_entries, max_bytes, partition])
+        evicted = self._cache_put(keys=[keys.cache_entry(key), keys.cache_index(partition),
+                                        keys.cache_sizes(partition), keys.cache_bytes(partition),
+                                        keys.CACHE_PARTITIONS],
+                                  args=[entry, ttl_s, now, max_entries, max_bytes, partition])
+        if evicted:  # out of the partition's accounts already; each also expires on its own
+            self.r.delete(*evicted)
 
     def coalesce(self, specs: Sequence[JobSpec], cache_keys: Sequence[str],
                  ttl_s: int) -> list[str]:

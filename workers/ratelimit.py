@@ -46,7 +46,7 @@ class RateLimiter:
                  clock: Callable[[], float] = time.time,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.settings = settings
-        self._take = client.register_script(lua.TAKE_TOKENS)
+        self._take = client.register_script(lua.source("take_tokens"))
         self.clock = clock
         self.sleep = sleep
 

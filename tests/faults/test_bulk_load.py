@@ -53,13 +53,13 @@ def _peak_rss_of_run(src: Path, data: Path, window: int) -> tuple[int, int]:
 @pytest.mark.timeout(900)
 def test_the_run_process_memory_does_not_grow_with_the_file(tmp_path: Path) -> None:
     small, large = tmp_path / "small.jsonl", tmp_path / "large.jsonl"
-    _generate(small, 20_000)
-    _generate(large, 200_000)
+    _generate(small, 10_000)
+    _generate(large, 100_000)
     small_peak, small_lines = _peak_rss_of_run(small, tmp_path / "data-small", 5_000)
     large_peak, large_lines = _peak_rss_of_run(large, tmp_path / "data-large", 5_000)
-    assert (small_lines, large_lines) == (20_000, 200_000)
-    print(f"\nrun process peak RSS: {small_peak} MB at 20,000 lines, {large_peak} MB at "
-          "200,000")
+    assert (small_lines, large_lines) == (10_000, 100_000)
+    print(f"\nrun process peak RSS: {small_peak} MB at 10,000 lines, {large_peak} MB at "
+          "100,000")
     assert large_peak <= small_peak * 1.2, (small_peak, large_peak)
 
 
