@@ -15,9 +15,16 @@ Time is compressed so that what a month accumulates happens here: results and ca
 answers live ``--ttl`` seconds in Redis, and the job store keeps final jobs for
 ``--retention`` minutes (the active scheduler deletes older ones between its ticks).
 
+The measured million starts after a warm-up of ``--ttl`` seconds (or ``--retention``,
+if longer) plus a minute: until then results only accumulate (nothing has expired and
+nothing is old enough to purge), so the service does less work per job than it will for
+the rest of its life, and a first tenth taken then would not compare like with like
+(the warm-up's rate is printed too).
+
 Printed: the jobs/s of each tenth of the jobs and the last against the first (target
-at least 0.9); each process's RSS at the end of the first and of the last tenth (target:
-growth under 10%); SQL rows, the SQLite file and Redis's memory at the end.
+at least 0.9); each process's RSS sampled every second, its median and peak over the
+first and over the last tenth (target: growth under 10%); SQL rows, the SQLite file and
+Redis's memory at the end.
 
     .venv/bin/python bench/soak.py [--jobs 1000000] [--keys 10000000] [--workers 2]
 """
@@ -28,6 +35,7 @@ import argparse
 import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -88,6 +96,32 @@ class Interactive(threading.Thread):
                 self.stop.wait(self.every_s)
 
 
+class Sampler(threading.Thread):
+    """Samples each process's RSS every second; ``cut`` returns the median and peak of
+    the samples since the last cut, in MB."""
+
+    def __init__(self, procs: dict[str, psutil.Process], stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.procs = procs
+        self.stop = stop
+        self.lock = threading.Lock()
+        self.samples: dict[str, list[int]] = {k: [] for k in procs}
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            now = rss_of(self.procs)
+            with self.lock:
+                for k, v in now.items():
+                    self.samples[k].append(v)
+
+    def cut(self) -> dict[str, tuple[int, int]]:
+        with self.lock:
+            out = {k: (int(statistics.median(v)) if v else -1, max(v, default=-1))
+                   for k, v in self.samples.items()}
+            self.samples = {k: [] for k in self.procs}
+        return out
+
+
 def rss_of(procs: dict[str, psutil.Process]) -> dict[str, int]:
     """Resident memory of each process, in MB (the worker's pool processes by position)."""
     out: dict[str, int] = {}
@@ -106,8 +140,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--window", type=int, default=20_000,
                         help="most bulk jobs pending at once")
-    parser.add_argument("--ttl", type=int, default=300, help="result and cache TTL, s")
-    parser.add_argument("--retention", type=float, default=3.0, help="minutes")
+    parser.add_argument("--ttl", type=int, default=120, help="result and cache TTL, s")
+    parser.add_argument("--retention", type=float, default=2.0, help="minutes")
     parser.add_argument("--interactive-every", type=float, default=0.05,
                         help="seconds between two interactive requests")
     args = parser.parse_args()
@@ -122,7 +156,8 @@ def main() -> None:
     r = redis.Redis.from_url(s.redis_url, decode_responses=True, socket_timeout=600)
     t0 = time.perf_counter()
     if args.keys:
-        r.execute_command("DEBUG", "POPULATE", args.keys, "celery-task-meta-week", 200)
+        r.execute_command(  # type: ignore[no-untyped-call]
+            "DEBUG", "POPULATE", args.keys, "celery-task-meta-week", 200)
     print(f"filled Redis with {args.keys:,} keys in {time.perf_counter() - t0:.0f} s; "
           f"used memory {int(r.info('memory')['used_memory']) // 2**20} MB", flush=True)
     env = child_env(s, PROMPTBATCH_RETENTION_DAYS=str(args.retention / 1440),
@@ -158,24 +193,36 @@ def main() -> None:
         interactive.start()
         settings = s.model_copy(update={"max_pending_per_tenant": args.window * 2})
         tenth = args.jobs // 10
-        marks: list[tuple[float, int]] = [(time.perf_counter(), finished_total(r))]
-        rss: list[dict[str, int]] = []
+        warmup_s = max(args.ttl, args.retention * 60) + 60
+        sampler = Sampler(procs, stop)
+        sampler.start()
+        started = time.perf_counter()
+        marks: list[tuple[float, int]] = []
+        rss: list[dict[str, tuple[int, int]]] = []
         submitted = 0
         det = {"params": {"temperature": 0}}
         with Client(settings) as client:
             while True:
                 done = finished_total(r)
-                if done - marks[0][1] >= tenth * len(marks):
-                    marks.append((time.perf_counter(), done))
-                    rss.append(rss_of(procs))
+                now = time.perf_counter()
+                if not marks and now - started >= warmup_s:
+                    marks.append((now, done))
+                    sampler.cut()
+                    print(f"warm-up: {done:,} jobs in {now - started:.0f} s "
+                          f"({done / (now - started):,.0f} jobs/s); measuring the next "
+                          f"{args.jobs:,}", flush=True)
+                elif marks and done - marks[0][1] >= tenth * len(marks):
+                    marks.append((now, done))
+                    rss.append(sampler.cut())
                     rate = tenth / (marks[-1][0] - marks[-2][0])
-                    print(f"tenth {len(marks) - 1}: {rate:,.0f} jobs/s; RSS "
-                          + ", ".join(f"{k} {v}" for k, v in rss[-1].items()), flush=True)
+                    print(f"tenth {len(marks) - 1}: {rate:,.0f} jobs/s; RSS median/peak "
+                          + ", ".join(f"{k} {a}/{b}" for k, (a, b) in rss[-1].items()),
+                          flush=True)
                     if len(marks) > 10:
                         break
                 total = submitted + interactive.sent
-                if submitted < args.jobs and total - done < args.window:
-                    n = min(1000, args.jobs - submitted)
+                if total - done < args.window:
+                    n = 1000
                     client.submit_many(
                         ({"prompt": f"Repeat question {i % 50}", "priority": "bulk",
                           "tenant": "batch", **det} if i % 50 == 0 else
@@ -196,15 +243,17 @@ def main() -> None:
         store.close()
         memory = r.info("memory")
         rates = [tenth / (b[0] - a[0]) for a, b in itertools.pairwise(marks)]
-        table(f"soak: {args.jobs:,} bulk jobs and {interactive.sent:,} interactive "
+        table(f"soak: {args.jobs:,} jobs measured after the warm-up, "
+              f"{interactive.sent:,} interactive "
               f"({interactive.streamed:,} streamed, {interactive.ended:,} ended), "
               f"{args.keys:,} other keys in Redis, {args.workers} worker processes",
               ["tenth", "jobs/s"], [(str(i + 1), rate) for i, rate in enumerate(rates)])
         print(f"last tenth / first tenth: {rates[-1] / rates[0]:.2f} (target >= 0.9)")
         first, last = rss[0], rss[-1]
-        table("RSS (MB) at the end of the first and of the last tenth",
-              ["process", "first tenth", "last tenth", "growth"],
-              [(k, first[k], last[k], f"{100.0 * (last[k] - first[k]) / max(1, first[k]):+.1f}%")
+        table("RSS (MB) over the first and the last tenth, median and peak of 1 s samples",
+              ["process", "first: median", "peak", "last: median", "peak", "growth"],
+              [(k, first[k][0], first[k][1], last[k][0], last[k][1],
+                f"{100.0 * (last[k][0] - first[k][0]) / max(1, first[k][0]):+.1f}%")
                for k in first])
         table("at the end", ["what", "value"], [
             ("SQL job rows", str(sum(rows.values()))), ("SQL rows by state", json.dumps(rows)),

@@ -23,9 +23,9 @@ OUTBOX = f"{PREFIX}outbox"
 INFLIGHT = f"{PREFIX}inflight"
 #: Hash worker hostname -> JSON {concurrency, queues, ts}, refreshed by worker heartbeats.
 WORKERS = f"{PREFIX}workers"
-#: The scheduler lease (value: the holder's token) and its fencing counter.
+#: The scheduler lease (value: the holder's token; the steps that change what the
+#: scheduler owns check it: fencing).
 SCHEDULER_LEASE = f"{PREFIX}scheduler:lease"
-SCHEDULER_EPOCH = f"{PREFIX}scheduler:epoch"
 #: Set once by the first scheduler; gone means Redis lost its data (the reconciler then
 #: writes back every recent result).
 ALIVE = f"{PREFIX}alive"
@@ -81,11 +81,6 @@ def batch_run(batch_id: str) -> str:
 def batch_deliveries(batch_id: str) -> str:
     """How many times a batch's task was delivered to a worker (poison detection)."""
     return f"{PREFIX}batch:{batch_id}:deliveries"
-
-
-def idempotency(tenant: str, key: str) -> str:
-    """Job id of a tenant's idempotency key."""
-    return f"{PREFIX}idem:{tenant}:{key}"
 
 
 def tenant_pending(tenant: str) -> str:

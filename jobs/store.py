@@ -12,88 +12,25 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
     Connection,
-    Engine,
-    Float,
-    Index,
-    Integer,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    event,
     select,
     tuple_,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from config.settings import Settings
 from jobs.errors import AmbiguousJob, IdempotencyConflict
 from jobs.models import FINAL_STATES, JobResult, JobSpec, JobState
+from jobs.tables import JOBS, Base, JobRow, StoreMetaRow, make_engine
 
 log = logging.getLogger(__name__)
 
 _FINAL = tuple(s.value for s in FINAL_STATES)
 
-
-class Base(DeclarativeBase):
-    """Declarative base of the store's tables."""
-
-
-class JobRow(Base):
-    """One accepted job."""
-
-    __tablename__ = "jobs"
-    __table_args__ = (
-        UniqueConstraint("tenant", "idempotency_key", name="uq_jobs_tenant_idem"),
-        Index("ix_jobs_tenant_created", "tenant", "created_at"),
-        Index("ix_jobs_state_id", "state", "id"),
-        Index("ix_jobs_finished", "finished_at", "id"),
-        Index("ix_jobs_tenant_client", "tenant", "client_id"),
-        Index("ix_jobs_client", "client_id"),
-    )
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(64))
-    idempotency_key: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    client_id: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    state: Mapped[str] = mapped_column(String(16))
-    priority: Mapped[int] = mapped_column(Integer)
-    provider: Mapped[str] = mapped_column(String(64))
-    model: Mapped[str] = mapped_column(String(128))
-    spec: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[float] = mapped_column(Float)
-    deadline: Mapped[float | None] = mapped_column(Float, nullable=True)
-    batch_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
-    result: Mapped[str | None] = mapped_column(Text, nullable=True)
-    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    #: When the row was written (a long submit writes its rows well after its jobs'
-    #: ``created_at``): the reconciler's grace counts from here.
-    stored_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    #: The digest of the request an idempotency key was first used with.
-    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
-
-
-class StoreMetaRow(Base):
-    """Facts about the store itself (``store_id``: its identity)."""
-
-    __tablename__ = "store_meta"
-
-    key: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(String(255))
-
-
-_JOBS: Table = JobRow.__table__  # type: ignore[assignment]
-
-
-#: Results written per UPDATE statement.
 FINALIZE_CHUNK = 200
 
 
@@ -128,58 +65,6 @@ class StoredJob:
     spec: JobSpec
     state: JobState
     result: JobResult | None
-
-
-def make_engine(database_url: str, busy_timeout_s: float = 30.0, *, pool_size: int = 5,
-                max_overflow: int = 10, statement_timeout_s: float = 30.0) -> Engine:
-    """An engine for ``database_url``.
-
-    SQLite: the file's folder is created, WAL is on, and a locked database is waited for
-    ``busy_timeout_s`` at most. PostgreSQL: a pool of ``pool_size`` connections (plus
-    ``max_overflow``) per process, connections checked before use (a restarted server
-    costs one failed query, not a broken pool), connecting waits ``busy_timeout_s`` at
-    most and a statement ``statement_timeout_s``.
-    """
-    if database_url.startswith("sqlite:///") and database_url != "sqlite:///:memory:":
-        Path(database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    if database_url.startswith("postgresql"):
-        engine = create_engine(
-            database_url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
-            pool_timeout=max(busy_timeout_s, 1.0), pool_recycle=1800,
-            connect_args={"connect_timeout": max(1, int(busy_timeout_s)),
-                          "options": f"-c statement_timeout={int(statement_timeout_s * 1000)}",
-                          "application_name": "promptbatch"})
-        return engine
-    engine = create_engine(database_url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
-
-        def pragmas(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-            _wal(cur, busy_timeout_s)
-            cur.execute("PRAGMA synchronous=NORMAL")
-            cur.close()
-
-        event.listen(engine, "connect", pragmas)
-    return engine
-
-
-def _wal(cur: Any, timeout_s: float) -> None:
-    """Switch a SQLite database to WAL. The switch takes a lock that another process
-    opening the same fresh file may hold for a moment, and SQLite answers "database is
-    locked" at once rather than waiting: try again for up to ``timeout_s``."""
-    import sqlite3
-
-    until = time.monotonic() + timeout_s
-    while True:
-        try:
-            cur.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > until:
-                raise
-            time.sleep(0.01)
-
 
 class JobStore:
     """Reads and writes of the ``jobs`` table."""
@@ -282,7 +167,7 @@ class JobStore:
             for spec, row in zip(fresh, rows, strict=True):
                 try:
                     with self.engine.begin() as conn:
-                        conn.execute(_JOBS.insert(), [row])
+                        conn.execute(JOBS.insert(), [row])
                 except IntegrityError:
                     again = self._existing_idempotent([spec])
                     key = (spec.tenant, spec.idempotency_key or "")
@@ -299,10 +184,10 @@ class JobStore:
         driver's ``executemany`` (SQLAlchemy's per-row parameter processing cost as much
         as SQLite's insert itself); elsewhere as SQLAlchemy batches it."""
         if self.engine.dialect.name != "sqlite":
-            conn.execute(_JOBS.insert(), rows)
+            conn.execute(JOBS.insert(), rows)
             return
         cols = list(rows[0])
-        sql = (f"INSERT INTO {_JOBS.name} ({', '.join(cols)}) "
+        sql = (f"INSERT INTO {JOBS.name} ({', '.join(cols)}) "
                f"VALUES ({', '.join('?' for _ in cols)})")
         conn.exec_driver_sql(sql, [tuple(row[c] for c in cols) for row in rows])
 
@@ -330,7 +215,7 @@ class JobStore:
         ids = list(job_ids)
         with self.engine.begin() as conn:
             for chunk in _chunks(ids, 500):
-                conn.execute(_JOBS.delete().where(JobRow.id.in_(chunk)))
+                conn.execute(JOBS.delete().where(JobRow.id.in_(chunk)))
 
     def finalize(self, results: Sequence[JobResult],
                  dumped: Mapping[str, str] | None = None) -> list[str]:
@@ -517,4 +402,5 @@ def _chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
         yield items[i:i + size]
 
 
-__all__ = ["JobRow", "JobStore", "OperationalError", "StoredJob", "make_engine"]
+__all__ = ["Base", "JobRow", "JobStore", "OperationalError", "StoreMetaRow", "StoredJob",
+           "make_engine"]

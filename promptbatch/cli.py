@@ -366,8 +366,10 @@ def scheduler(metrics_port: MetricsPort = None) -> None:
     """Run the scheduler against PROMPTBATCH_REDIS_URL (one is active; others stand by)."""
     settings = _settings()
     _need_redis(settings)
+    from jobs import gcpause
     from scheduler.service import Scheduler
 
+    gcpause.map_large_allocations()  # before the scheduler's first large allocation
     setup_logging()
     service = Scheduler(settings)
     port = settings.metrics_port if metrics_port is None else metrics_port
@@ -379,8 +381,6 @@ def scheduler(metrics_port: MetricsPort = None) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    from jobs import gcpause
-
     gcpause.tune_for_service()
     try:
         service.run()

@@ -1,21 +1,23 @@
 """The scheduler service: the thin loop around the pure policy.
 
-One scheduler is active at a time: it holds a lease in Redis (renewed every tick, with a
-short TTL) and every claim is fenced by it, so a scheduler that lost its lease cannot
-send anything. Standbys poll until the lease is free.
+One scheduler is active at a time: it holds a lease in Redis (a short TTL, renewed once a
+third of it has passed, checked every tick and between the steps of long work) and the
+steps that change what it owns (claim, expire, requeue) are fenced by it, so a scheduler
+that lost its lease cannot send anything. Standbys poll until the lease is free.
 
 Each tick: read new intake entries and events (blocking briefly, so a new job or a
 finished batch wakes the loop at once) into the backlog, admit from it as many jobs as
 the pool has room for (``max_pool_jobs``; highest class first, tenants in turn), embed
 them in one vectorised call, promote aged jobs, ask ``plan`` what to send, expire what
 must be expired, and send each batch as one Celery task. Then a slice of the
-reconciler's pass runs. Every step is bounded (``scheduler_read_count`` entries, one
-page of the reconciler), and the lease is renewed between steps, so no amount of work
-waiting costs the scheduler its lease. A batch is claimed in Redis (jobs marked
-SCHEDULED, the batch written to the outbox) before it is sent and dropped from intake
-only after; a scheduler killed in between leaves the batch in the outbox, and the next
-active scheduler sends it again. Workers run a batch once per claim, whichever send
-arrives first (``pb:batch:{id}:run``), so a batch sent twice still runs once.
+reconciler's pass and of retention's deletes runs. Every step is bounded
+(``scheduler_read_count`` entries, one page of the reconciler), so no amount of work
+waiting costs the scheduler its lease. A batch is claimed in Redis before it is sent
+(``jobs/lua/claim.lua``: its jobs SCHEDULED and out of intake, the batch in the outbox
+and in flight) and leaves the outbox once sent (acknowledged with the next claim or
+read); a scheduler killed in between leaves the batch in the outbox, and the next active
+scheduler sends it again. Workers run a batch once per claim, whichever send arrives
+first (``jobs/lua/start_run.lua``), so a batch sent twice still runs once.
 
 A scheduler that becomes active (at start, or taking over) re-sends the outbox and then
 reads intake from its start through the same ticks: it sends its first batch after one
@@ -70,7 +72,7 @@ PROMOTE_EVERY_S = 0.5
 #: How often the active scheduler logs its state, in seconds.
 REPORT_EVERY_S = 10.0
 #: How often the scheduler gives freed memory back to the system, in seconds.
-TRIM_EVERY_S = 60.0
+TRIM_EVERY_S = 10.0
 #: Time the reconciler may take per tick while a pass is under way, in seconds.
 RECONCILE_SLICE_S = 0.02
 #: How often the active scheduler refreshes the overview (metrics, ``promptbatch status``).

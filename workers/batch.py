@@ -29,7 +29,7 @@ from jobs.store import JobStore
 from workers import metrics
 from workers.providers import Provider, ProviderRequest
 from workers.ratelimit import RateLimiter
-from workers.retry import Caller, Health, Outcome
+from workers.retry import Health, Outcome, ProviderCaller
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class BatchRunner:
     queue: RedisQueue
     store: JobStore
     provider_for: Callable[[str], Provider]
-    caller: Caller | None = None
+    caller: ProviderCaller | None = None
     #: Sends one isolated job of a poison batch: (poison batch id, new batch id, job id,
     #: class).
     resend: Callable[[str, str, str, int], None] | None = None
@@ -61,7 +61,7 @@ class BatchRunner:
 
     def __post_init__(self) -> None:
         if self.caller is None:
-            self.caller = Caller(self.settings, self.provider_for,
+            self.caller = ProviderCaller(self.settings, self.provider_for,
                                  RateLimiter(self.queue.r, self.settings),
                                  Health(self.queue.r, self.settings))
 

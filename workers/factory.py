@@ -68,7 +68,7 @@ class _ProcessResources:
     def provider(self, name: str) -> Provider:
         if name not in self._providers:
             provider = create_provider(name, self.settings)
-            if hasattr(provider, "sink"):  # it can stream: chunks go to the jobs' streams
+            if provider.streams:  # chunks go to the jobs' streams
                 provider.sink = Sink(connect(self.url), self.settings.result_ttl_s)
             self._providers[name] = provider
         return self._providers[name]

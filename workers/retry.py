@@ -1,4 +1,4 @@
-"""The one retry layer: every provider call of a batch goes through ``Caller.call``.
+"""The one retry layer: every provider call of a batch goes through ``ProviderCaller.call``.
 
 Providers never retry, and their HTTP clients are built with ``retries=0``, so a request
 is retried here or nowhere:
@@ -142,7 +142,7 @@ class Health:
             log.warning("could not record the health of %s: %s", deployment, exc)
 
 
-class Caller:
+class ProviderCaller:
     """Calls providers for a batch's requests, with retries, limits and fallbacks."""
 
     def __init__(self, settings: Settings, provider_for: Callable[[str], Provider],

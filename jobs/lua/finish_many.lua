@@ -34,7 +34,7 @@ for i = 1, (#KEYS - 4) / 4 do
   if redis.call('SET', result, meta, 'NX', 'EX', result_ttl) then
     done[#done + 1] = id
     redis.call('PUBLISH', result, meta)
-    local v = redis.call('HMGET', job, 'sid', 'p', 'leads', 'm')
+    local v = redis.call('HMGET', job, 'sid', 'p', 'leads', 'label')
     if v[1] and v[1] ~= '' then  -- still in intake ('' once claimed)
       redis.call('XDEL', intake, v[1])
       redis.call('HDEL', job, 'sid')

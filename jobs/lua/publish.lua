@@ -17,7 +17,7 @@ local done = 0
 local totals, recent = {}, {}
 for i = 4, #KEYS do
   local job = KEYS[i]
-  local v = redis.call('HMGET', job, 'state', 'p', 't', 'd', 'm', 'counted')
+  local v = redis.call('HMGET', job, 'state', 'p', 't', 'd', 'label', 'counted')
   local state, class, tenant, deadline, label, counted = v[1], v[2], v[3], v[4], v[5], v[6]
   if state == 'STAGED' then
     local sid = intake_add(intake, ARGV[i - 2], class, tenant, deadline)

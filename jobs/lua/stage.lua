@@ -13,6 +13,10 @@
 --       tombstone) is left alone. A published job is counted as submitted once
 --       (s|class|label in stats, s|class in recent).
 -- Returns {-1} over the quota, else per job 1 staged (or published) or 0 already there.
+--
+-- The job hash (pb:job:{id}) written here: spec, state, p (class), t (tenant), d (deadline),
+-- label (tenant|provider|model, what the job is counted under), and sid (its intake entry,
+-- when published). Later steps add batch (claim), leads / lead / key / counted (coalesce).
 --@include _intake_add
 --@include _count
 local intake, stats, recent_key = KEYS[1], KEYS[2], KEYS[3]
@@ -44,12 +48,12 @@ for i = 1, n do
     if publish_now then
       local sid = intake_add(intake, id, class, tenant, deadline)
       redis.call('HSET', jk, 'spec', spec, 'state', 'QUEUED', 'sid', sid,
-                 'p', class, 't', tenant, 'd', deadline, 'm', label)
+                 'p', class, 't', tenant, 'd', deadline, 'label', label)
       count(totals, 's|' .. class .. '|' .. label)
       count(recent, 's|' .. class)
     else
       redis.call('HSET', jk, 'spec', spec, 'state', 'STAGED',
-                 'p', class, 't', tenant, 'd', deadline, 'm', label)
+                 'p', class, 't', tenant, 'd', deadline, 'label', label)
     end
     redis.call('EXPIRE', jk, ttl)
     local members = pending[tk] or {}

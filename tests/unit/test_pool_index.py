@@ -17,7 +17,7 @@ def _drifting(rng: np.random.Generator, start: int, n: int, dim: int) -> np.ndar
     centre = np.zeros(dim, dtype=np.float32)
     centre[(start // 5_000) % dim] = 3.0
     v = rng.standard_normal((n, dim)).astype(np.float32) + centre
-    return v / np.linalg.norm(v, axis=1, keepdims=True)
+    return np.asarray(v / np.linalg.norm(v, axis=1, keepdims=True), dtype=np.float32)
 
 
 def test_a_bulk_stream_rebuilds_its_index_and_still_finds_its_jobs() -> None:

@@ -49,6 +49,7 @@ class AnthropicProvider:
 
     name = "anthropic"
     probe_first = True
+    streams = True
 
     def __init__(self, settings: Settings, *, base_url: str | None = None,
                  api_key: str | None = None) -> None:

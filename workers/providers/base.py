@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from jobs.models import GenerationParams, JobSpec, Message, Usage
+
+if TYPE_CHECKING:
+    from jobs.streams import Sink
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +70,16 @@ class Provider(Protocol):
 
     ``probe_first``: a remote service, which may be down: while a deployment has no recent
     success, the retry layer sends one request of a batch first and the rest only once
-    it answered.
+    it answered. ``streams``: it can stream a reply as it is generated; the worker then
+    gives it a ``sink`` (``jobs.streams.Sink``) that it writes each streamed job's chunks
+    to. Adding a provider: a module with a class of this shape, and a line in
+    ``workers.providers.create_provider``.
     """
 
     name: str
     probe_first: bool
+    streams: bool
+    sink: Sink | None
 
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
         """One reply per request, in the order given."""

@@ -40,6 +40,7 @@ class EchoProvider:
 
     name = "echo"
     probe_first = False
+    streams = True
 
     def __init__(self, *, hooks: bool = False, call_log: Path | None = None) -> None:
         self.hooks = hooks

@@ -47,6 +47,7 @@ class OpenAIProvider:
 
     name = "openai"
     probe_first = True
+    streams = True
 
     def __init__(self, settings: Settings, *, base_url: str | None = None,
                  api_key: str | None = None) -> None:

@@ -29,10 +29,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from config.settings import Settings
 from jobs.models import Usage
 from workers.providers.base import ProviderReply, ProviderRequest
+
+if TYPE_CHECKING:
+    from jobs.streams import Sink
 
 #: Tokens per cache block.
 BLOCK_TOKENS = 16
@@ -110,6 +114,8 @@ class SimulatedProvider:
 
     name = "simulated"
     probe_first = False
+    streams = False
+    sink: Sink | None = None  # it does not stream
 
     def __init__(self, model: CostModel | None = None) -> None:
         self.model = model or CostModel()

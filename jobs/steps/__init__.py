@@ -1,0 +1,1 @@
+"""The queue's steps in Redis, one module per role (see ``jobs.queue``)."""
