@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ class Interactive(threading.Thread):
         self.stop = stop
         self.every_s = every_s
         self.sent = self.streamed = self.ended = self.errors = 0
+        self.refused: Counter[int] = Counter()  #: answers other than 201, by status
 
     def run(self) -> None:
         with httpx.Client(base_url=self.api, headers={"Authorization": f"Bearer {KEY}"},
@@ -86,6 +88,7 @@ class Interactive(threading.Thread):
                 resp = http.post("/v1/jobs", json=body)
                 if resp.status_code != 201:
                     self.errors += 1
+                    self.refused[resp.status_code] += 1
                     continue
                 self.sent += 1
                 if stream:
@@ -215,7 +218,9 @@ def main() -> None:
                     marks.append((now, done))
                     rss.append(sampler.cut())
                     rate = tenth / (marks[-1][0] - marks[-2][0])
-                    print(f"tenth {len(marks) - 1}: {rate:,.0f} jobs/s; RSS median/peak "
+                    waiting = r.scard(keys.tenant_pending("batch"))
+                    print(f"tenth {len(marks) - 1}: {rate:,.0f} jobs/s; {waiting:,} bulk jobs "
+                          "waiting; RSS median/peak "
                           + ", ".join(f"{k} {a}/{b}" for k, (a, b) in rss[-1].items()),
                           flush=True)
                     if len(marks) > 10:
@@ -224,7 +229,7 @@ def main() -> None:
                 if total - done < args.window:
                     n = 1000
                     client.submit_many(
-                        ({"prompt": f"Repeat question {i % 50}", "priority": "bulk",
+                        ({"prompt": f"Repeat question {(i // 50) % 20}", "priority": "bulk",
                           "tenant": "batch", **det} if i % 50 == 0 else
                          {"prompt": f"Summarise ticket {submitted + i}: printer jam on floor "
                                     f"{i % 9}", "priority": "bulk", "tenant": "batch"})
@@ -261,7 +266,8 @@ def main() -> None:
             ("SQLite file MB", str((tmp / "jobs.db").stat().st_size // 2**20)),
             ("Redis used memory MB", str(int(memory["used_memory"]) // 2**20)),
             ("Redis keys", f"{r.dbsize():,}"),
-            ("interactive errors", str(interactive.errors)),
+            ("interactive requests refused", f"{interactive.errors} "
+                                             f"{dict(interactive.refused)}"),
             ("keys SCAN/KEYS calls", str(sum(int(v.get("calls", 0)) for k, v in
                                            r.info("commandstats").items()
                                            if k in ("cmdstat_scan", "cmdstat_keys")))),

@@ -124,7 +124,7 @@ def put(queue: RedisQueue, settings: Settings, results: Sequence[JobResult],
 
 def settle(queue: RedisQueue, results: Sequence[JobResult], stored: Sequence[bool | str],
            record: Recorder) -> None:
-    """``results`` were stored (``stored``: what ``RedisQueue.finish_leading`` answered for
+    """``results`` were stored (``stored``: what ``RedisQueue.finish`` answered for
     each); the ones identical requests waited for (a cache key there) are final: their
     followers end with the leader's answer, or, if it did not succeed, run on their own."""
     leaders = {r.id: x for r, x in zip(results, stored, strict=True) if isinstance(x, str)}
@@ -154,10 +154,7 @@ def settle(queue: RedisQueue, results: Sequence[JobResult], stored: Sequence[boo
             tenants.append(spec.tenant)
             classes.append(int(spec.priority))
         if out:
-            record(out, tenants, classes)
-            ended = {r.id for r in out}
-            queue.count_cache_hits("coalesced", [s for s, _ in loaded
-                                                 if s is not None and s.id in ended])
+            record(out, tenants, classes)  # counted as coalesced cache hits there
 
 
 def purge_pattern(tenant: str | None = None, model: str | None = None,

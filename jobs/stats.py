@@ -6,6 +6,9 @@ process did it, a Python client as well as the API. ``pb:stats`` holds the total
 Prometheus counters); ``pb:recent:{bucket}`` holds 10-second buckets of the last few
 minutes (for rates in ``promptbatch status``). Only the active scheduler exports them, so
 they are never counted twice across instances.
+
+The fields are written in one place, the Lua helpers of ``jobs/lua/_count.lua`` (which
+lists them), and read here; Python only builds their ``tenant|provider|model`` label.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from jobs import gcpause
 from jobs.errors import (
     InvalidJob,
     JobNotFound,
@@ -259,7 +260,8 @@ def _submit(client: Client, items: list[Any], caller: Caller, header_key: str | 
                 item["idempotency_key"] = f"{header_key}:{i}" if many else header_key
         requests.append(item)
     try:
-        return client.submit_many_states(requests)
+        with gcpause.paused():
+            return client.submitter.submit_requests(requests)
     except InvalidJob as exc:
         if many and exc.line is not None:
             raise InvalidJob([(f"jobs.{exc.line - 1}.{f}", m) for f, m in exc.errors]) from exc

@@ -134,8 +134,8 @@ class BatchService:
             for chunk, rows in self._chunks(source.content, endpoint, batch_id, tenant, now,
                                             deadline):
                 if chunk:
-                    self.client.check_quota(chunk)
-                    ids = iter(self.client.submit_specs(chunk))
+                    self.client.submitter.check_quota(chunk)
+                    ids = iter(self.client.submitter.submit_specs(chunk))
                     rows = [[n, cid, next(ids), None] if err is None else [n, cid, None, err]
                             for n, cid, _, err in rows]
                 for row in rows:

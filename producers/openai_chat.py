@@ -117,7 +117,7 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
     item["tenant"] = caller.tenant
     client = client_of(request)
     try:
-        [(job_id, _)] = await run_in_threadpool(client.submit_many_states, [item])
+        [(job_id, _)] = await run_in_threadpool(client.submitter.submit_requests, [item])
     except InvalidJob as exc:
         if exc.errors and exc.errors[0][0] in ("provider", "model"):
             raise ApiError(404, "model_not_found", f"model {body.get('model')!r}: "

@@ -225,8 +225,15 @@ class Reconciler:
     def _results_page(self) -> None:
         p = self.current
         assert p is not None
-        rows = self.store.finished_page(p.results_since, after=(p.done_at, p.done_id),
-                                        limit=PAGE)
+        # Only results that would still be in the result backend had they been stored
+        # there: a result lives result_ttl_s from its storing, which is no earlier than
+        # its finish. A pass that pages through many rows reaches its first rows minutes
+        # after it began; by then the oldest have expired as they should, and writing
+        # them back would bring them back (and count them as finished again).
+        ttl = self.settings.result_ttl_s
+        alive = time.time() - ttl + min(60.0, ttl / 10)
+        rows = self.store.finished_page(max(p.results_since, alive),
+                                        after=(p.done_at, p.done_id), limit=PAGE)
         if not rows:
             p.phase = "done"
             return
@@ -238,9 +245,9 @@ class Reconciler:
         missing = [(JobResult.model_validate_json(text), lacking[job_id])
                    for job_id, text in raw.items() if text is not None]
         if missing:
-            stored = self.queue.finish([m[0] for m in missing], [m[1] for m in missing],
-                                       result_ttl_s=self.settings.result_ttl_s)
-            p.written_back += sum(stored)
+            p.written_back += len(record_results(
+                self.store, self.queue, [m[0] for m in missing], [m[1] for m in missing],
+                result_ttl_s=self.settings.result_ttl_s, in_sql=True))
 
 
 #: Redis states that end a job CANCELLED in SQL, with the reason.

@@ -365,8 +365,7 @@ class Scheduler:
                                     round(found.hits[s.id].similarity, 4)) for s in answered]
         record_results(self.store, self.queue, results, [s.tenant for s in answered],
                        result_ttl_s=self.settings.result_ttl_s,
-                       classes=[int(s.priority) for s in answered])
-        self.queue.count_cache_hits("semantic", answered)
+                       classes=[int(s.priority) for s in answered], hit="semantic")
         return [s for s in specs if s.id not in found.hits]
 
     def _on_events(self, events: Sequence[tuple[str, dict[str, str]]]) -> None:

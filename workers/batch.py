@@ -252,36 +252,32 @@ class BatchRunner:
         stored = self.store.get_many(missing)
         found = [(s.result, specs[j]) for j, s in stored.items() if s.result is not None]
         if found:
-            self.queue.finish([r for r, _ in found], [sp.tenant for _, sp in found],
-                              result_ttl_s=self.settings.result_ttl_s,
-                              classes=[int(sp.priority) for _, sp in found])
+            record_results(self.store, self.queue, [r for r, _ in found],
+                           [sp.tenant for _, sp in found],
+                           result_ttl_s=self.settings.result_ttl_s,
+                           classes=[int(sp.priority) for _, sp in found], in_sql=True)
             log.info("copied %d results stored by a worker that died to the result backend",
                      len(found))
 
     def _record(self, results: list[JobResult], specs: list[JobSpec]) -> None:
-        """SQL first (it decides the first result), then the result backend; each step
+        """The one path (``jobs.outcomes.record_results``): SQL first (it decides the
+        first result), the exact cache, then the result backend and the rest; each step
         waits out a Redis or SQL outage, so the first write is never repeated in vain."""
         if not results:
             return
         dumped = {r.id: r.model_dump_json() for r in results}  # for SQL and for Redis
-        won = set(self.steady("store", lambda: self.store.finalize(results, dumped)))
         by_id = {s.id: s for s in specs}
-        mine = [r for r in results if r.id in won]
+        put = ((lambda mine: cache.put(self.queue, self.settings, mine, by_id))
+               if self.settings.cache_enabled else None)
+        won = record_results(self.store, self.queue, results, [by_id[r.id].tenant for r in results],
+                             result_ttl_s=self.settings.result_ttl_s,
+                             classes=[int(by_id[r.id].priority) for r in results],
+                             dumped=dumped, before_publish=put, steady=self.steady)
         lost = [r.id for r in results if r.id not in won]
         if lost:  # final in SQL already: a worker died between its two writes?
             self.steady("copy", lambda: self._copy_stored(lost, by_id))
-        if mine:
-            ttl = self.settings.result_ttl_s
-            if self.settings.cache_enabled:  # before the followers and the callers see it
-                self.steady("cache", lambda: cache.put(self.queue, self.settings, mine, by_id))
-            stored = self.steady("publish", lambda: self.queue.finish_leading(
-                mine, [by_id[r.id].tenant for r in mine], result_ttl_s=ttl,
-                classes=[int(by_id[r.id].priority) for r in mine], dumped=dumped))
-            metrics.observe_results(mine, [int(by_id[r.id].priority) for r in mine])
-            if any(isinstance(x, str) for x in stored):  # identical requests waited for these
-                self.steady("followers", lambda: cache.settle(
-                    self.queue, mine, stored, lambda res, ts, cs: record_results(
-                        self.store, self.queue, res, ts, result_ttl_s=ttl, classes=cs)))
+        mine = [r for r in results if r.id in won]
+        metrics.observe_results(mine, [int(by_id[r.id].priority) for r in mine])
 
 
 def _result(spec: JobSpec, outcome: Outcome, started: float, finished: float,

@@ -9,6 +9,7 @@
 -- Guarantees a follower is counted as submitted once, here (its hash holds `counted`,
 --       so publish does not count it again when it is released).
 -- Returns the leader's id (the job's own when it leads).
+--@include _count
 local lead, followers, job, stats, recent = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local id, ttl, bucket_ttl, class, label, key =
   ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
@@ -23,7 +24,9 @@ if redis.call('HGET', job, 'state') ~= 'STAGED' then return id end
 redis.call('SADD', followers, id)
 redis.call('EXPIRE', followers, ttl)
 redis.call('HSET', job, 'state', 'FOLLOWING', 'lead', leader, 'key', key, 'counted', '1')
-redis.call('HINCRBY', stats, 's|' .. class .. '|' .. label, 1)
-redis.call('HINCRBY', recent, 's|' .. class, 1)
+local totals, minute = {}, {}
+count_submitted(totals, minute, class, label)
+add_counts(stats, totals)
+add_counts(recent, minute)
 redis.call('EXPIRE', recent, bucket_ttl)
 return leader

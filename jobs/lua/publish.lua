@@ -23,8 +23,7 @@ for i = 4, #KEYS do
     local sid = intake_add(intake, ARGV[i - 2], class, tenant, deadline)
     redis.call('HSET', job, 'state', 'QUEUED', 'sid', sid)
     if not counted then
-      count(totals, 's|' .. class .. '|' .. (label or (tenant .. '||')))
-      count(recent, 's|' .. class)
+      count_submitted(totals, recent, class, label or (tenant .. '||'))
     end
     done = done + 1
   end

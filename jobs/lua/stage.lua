@@ -49,8 +49,7 @@ for i = 1, n do
       local sid = intake_add(intake, id, class, tenant, deadline)
       redis.call('HSET', jk, 'spec', spec, 'state', 'QUEUED', 'sid', sid,
                  'p', class, 't', tenant, 'd', deadline, 'label', label)
-      count(totals, 's|' .. class .. '|' .. label)
-      count(recent, 's|' .. class)
+      count_submitted(totals, recent, class, label)
     else
       redis.call('HSET', jk, 'spec', spec, 'state', 'STAGED',
                  'p', class, 't', tenant, 'd', deadline, 'label', label)

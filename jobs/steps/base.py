@@ -34,7 +34,6 @@ class Steps:
         self._take_followers = client.register_script(lua.source("take_followers"))
         self._release_followers = client.register_script(lua.source("release_followers"))
         self._cancel = client.register_script(lua.source("cancel"))
-        self._set_results = client.register_script(lua.source("set_results"))
         self._lease = client.register_script(lua.source("lease"))
         self._release = client.register_script(lua.source("release"))
 

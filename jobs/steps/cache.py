@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,19 +20,6 @@ _LEADING_STATES = frozenset({"STAGED", "QUEUED", "SCHEDULED", "RUNNING"})
 
 class CacheSteps(Submit):
     """CacheSteps: see the module."""
-
-    def count_cache_hits(self, kind: str, specs: Sequence[JobSpec]) -> None:
-        """Count jobs answered without a provider call of their own (``semantic``,
-        ``coalesced``; ``publish_answers`` counts the ``exact`` ones) in the cluster's
-        stats: one HINCRBY per distinct counter."""
-        if not specs:
-            return
-        fields = Counter(f"c|{kind}|{int(s.priority)}|"
-                         f"{stats.label(s.tenant, s.provider, s.model)}" for s in specs)
-        pipe = self.r.pipeline(transaction=False)
-        for name, n in fields.items():
-            pipe.hincrby(keys.STATS, name, n)
-        pipe.execute()
 
     def cache_get(self, cache_keys: Sequence[str]) -> list[str | None]:
         """Cached entries (JSON) of exact keys."""

@@ -4,13 +4,12 @@ results back, and the answers of jobs the cache answered at submit."""
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from config import keys
 from jobs import stats, streams
-from jobs.models import JobResult, JobSpec
+from jobs.models import JobResult
 from jobs.steps.base import Steps
 from jobs.steps.meta import celery_meta, result_from_meta
 
@@ -25,20 +24,18 @@ class Results(Steps):
     """Results: see the module."""
 
     def finish(self, results: Sequence[JobResult], tenants: Sequence[str], *,
-               result_ttl_s: int, classes: Sequence[int] | None = None) -> list[bool]:
-        """Store final results (first wins), ``FINISH_CHUNK`` per Lua step; return, per
-        result, whether it was stored. Each stored result is counted in the cluster's
-        stats (``jobs.stats``) under its class (``classes``; else the class Redis holds
-        for the job)."""
-        return [bool(x) for x in self.finish_leading(results, tenants, result_ttl_s=result_ttl_s,
-                                                     classes=classes)]
-
-    def finish_leading(self, results: Sequence[JobResult], tenants: Sequence[str], *,
-                       result_ttl_s: int, classes: Sequence[int] | None = None,
-                       dumped: Mapping[str, str] | None = None) -> list[bool | str]:
-        """``finish``, telling apart the stored results of jobs that identical requests
-        wait for: their cache key instead of True. ``dumped``: the results' JSON by id,
-        when the caller has it already."""
+               result_ttl_s: int, classes: Sequence[int] | None = None,
+               dumped: Mapping[str, str] | None = None, submitted: bool = False,
+               hit: str = "") -> list[bool | str]:
+        """Store final results (first wins), ``FINISH_CHUNK`` per Lua step
+        (``jobs/lua/finish_many.lua``): the result backend, the job's state, its stream's
+        end, the stream of stored ids and the counters, under each job's class
+        (``classes``; else the class Redis holds for the job). Per result: False when a
+        result was there, else True, or the cache key the job leads (identical requests
+        wait for it). ``submitted``: jobs answered at their submit (no job hash; counted
+        as submitted here); ``hit``: the cache that answered them. ``dumped``: the
+        results' JSON by id, when the caller has it already. Callers go through
+        ``jobs.outcomes.record_results``."""
         out: list[bool | str] = []
         recent = keys.recent(stats.bucket_of(time.time()))
         cls_of = [str(c) for c in classes] if classes is not None else [""] * len(results)
@@ -57,45 +54,10 @@ class Results(Steps):
                 args += [res.id, celery_meta(res, dumped.get(res.id) if dumped else None),
                          res.state.value, cls,
                          stats.label(tenant, res.provider, res.model),
-                         "1" if res.missed_deadline else "0"]
+                         "1" if res.missed_deadline else "0", "1" if submitted else "0", hit]
             out += [x if isinstance(x, str) else bool(x)
                     for x in self._finish_many(keys=job_keys, args=args)]
         return out
-
-    def publish_answers(self, results: Sequence[JobResult], specs: Sequence[JobSpec], *,
-                        result_ttl_s: int, kind: str = "exact",
-                        dumped: Mapping[str, str] | None = None) -> None:
-        """Results of new jobs the cache answered at submit (their store rows are final;
-        they have no job hash and no intake entry): the result keys, and the counters
-        (submitted, finished, cache hits), in one round trip. ``dumped``: each result's
-        JSON when the caller has it already."""
-        pipe = self.r.pipeline(transaction=False)
-        for start in range(0, len(results), 1000):
-            part = results[start:start + 1000]
-            metas = [celery_meta(r, dumped.get(r.id) if dumped else None) for r in part]
-            self._set_results(keys=[keys.celery_result(r.id) for r in part],
-                              args=[result_ttl_s, *metas], client=pipe)
-        groups = Counter((int(spec.priority), spec.tenant, spec.provider, spec.model,
-                          res.state.value, res.missed_deadline)
-                         for res, spec in zip(results, specs, strict=True))
-        fields: Counter[str] = Counter()
-        per_class: Counter[str] = Counter()
-        for (cls, tenant, provider, model, state, missed), n in groups.items():
-            rest = f"{cls}|{stats.label(tenant, provider, model)}"
-            fields[f"s|{rest}"] += n
-            fields[f"f|{state}|{rest}"] += n
-            fields[f"c|{kind}|{rest}"] += n
-            if missed:
-                fields[f"m|{rest}"] += n
-            per_class[f"s|{cls}"] += n
-            per_class[f"f|{state}|{cls}"] += n
-        for name, n in fields.items():
-            pipe.hincrby(keys.STATS, name, n)
-        recent = keys.recent(stats.bucket_of(time.time()))
-        for name, n in per_class.items():
-            pipe.hincrby(recent, name, n)
-        pipe.expire(recent, stats.BUCKET_TTL_S)
-        pipe.execute()
 
     def done_cursor(self) -> str:
         """The id of the newest entry of the stream of stored results ('0-0' if none)."""

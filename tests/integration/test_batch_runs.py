@@ -164,3 +164,28 @@ def test_results_in_sql_that_the_backend_lost_are_written_back_once(
         assert repairs.written_back == 2
         assert [x.text for x in client.queue.results(ids)] == ["a0", "a1", "a2"]  # type: ignore[union-attr]
         assert reconcile(client.store, client.queue, s, time.time()).written_back == 0
+
+
+def test_a_result_that_expired_is_not_written_back_nor_counted_again(
+        settings: Settings, r: redis.Redis) -> None:
+    from jobs.models import JobResult, JobState
+    from jobs.stats import read_totals
+    from scheduler.reconcile import reconcile
+
+    s = settings.model_copy(update={"reconcile_grace_s": 0.0, "result_ttl_s": 600})
+    with Client(s) as client:
+        ids = client.submit_many({"prompt": f"q{i}"} for i in range(2))
+        now = time.time()
+        old, recent = (JobResult(id=ids[0], state=JobState.SUCCEEDED, text="old",
+                                 finished_at=now - 700),
+                       JobResult(id=ids[1], state=JobState.SUCCEEDED, text="recent",
+                                 finished_at=now - 5))
+        # Both final in SQL only: the result backend never got them (it was down). The
+        # old one would have expired by now (700 s ago, a 600 s TTL) anyway.
+        client.store.finalize([old, recent])
+        finished = sum(c.value for c in read_totals(r) if c.kind == "finished")
+        # A pass over many rows reaches these minutes after it began: one begun 200 s ago.
+        repairs = reconcile(client.store, client.queue, s, time.time() - 200)
+        assert repairs.written_back == 1
+        assert [x.text if x else None for x in client.queue.results(ids)] == [None, "recent"]
+        assert sum(c.value for c in read_totals(r) if c.kind == "finished") == finished + 1
