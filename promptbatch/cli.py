@@ -369,7 +369,6 @@ def scheduler(metrics_port: MetricsPort = None) -> None:
     from jobs import gcpause
     from scheduler.service import Scheduler
 
-    gcpause.map_large_allocations()  # before the scheduler's first large allocation
     setup_logging()
     service = Scheduler(settings)
     port = settings.metrics_port if metrics_port is None else metrics_port

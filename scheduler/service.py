@@ -71,8 +71,9 @@ WORKER_STALE_S = 15.0
 PROMOTE_EVERY_S = 0.5
 #: How often the active scheduler logs its state, in seconds.
 REPORT_EVERY_S = 10.0
-#: How often the scheduler gives freed memory back to the system, in seconds.
-TRIM_EVERY_S = 10.0
+#: How often the scheduler collects its garbage in full and gives freed memory back to
+#: the system, in seconds (``gcpause.collect_and_release``).
+TRIM_EVERY_S = 30.0
 #: Time the reconciler may take per tick while a pass is under way, in seconds.
 RECONCILE_SLICE_S = 0.02
 #: How often the active scheduler refreshes the overview (metrics, ``promptbatch status``).
@@ -192,7 +193,9 @@ class Scheduler:
         self._last_report = now
         if now - self._last_trim >= TRIM_EVERY_S:
             self._last_trim = now
-            gcpause.release_free_memory()
+            took = gcpause.collect_and_release()
+            if took > 0.2:
+                log.info("a full garbage collection took %.0f ms", took * 1000)
         cap = self._last_capacity
         log.info("pool %d pending in %d groups, %d more waiting in the backlog; sent %d jobs "
                  "in %d batches; workers %d slots, %d batches in flight", len(self.pool),
