@@ -17,6 +17,7 @@ system is compared with a small pure model of where each job must be:
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections import Counter
@@ -51,6 +52,8 @@ from scheduler.reconcile import Reconciler
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 FINAL = {"SUCCEEDED", "FAILED", "EXPIRED", "CANCELLED"}
+#: Runs of up to 40 steps; a longer search: PROMPTBATCH_MODEL_EXAMPLES=2000.
+EXAMPLES = int(os.environ.get("PROMPTBATCH_MODEL_EXAMPLES", "60"))
 TENANTS = ("acme", "globex")
 TTL = 3600
 
@@ -413,5 +416,5 @@ def test_the_protocol_against_its_model(settings: Settings) -> None:
                                     "cache_enabled": True})
     run_state_machine_as_test(
         lambda: Protocol(s),  # type: ignore[arg-type]  # a factory is accepted
-        settings=hsettings(max_examples=60, stateful_step_count=40, deadline=None,
+        settings=hsettings(max_examples=EXAMPLES, stateful_step_count=40, deadline=None,
                            suppress_health_check=list(HealthCheck)))
