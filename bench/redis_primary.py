@@ -7,9 +7,9 @@ CPU of its main thread over the run (``INFO cpu``: the thread every command runs
 and ``INFO commandstats`` per command (Lua steps, the broker's and the result backend's
 commands; a command a script runs is counted under its own name as well as in the
 script's ``evalsha``, and reading and writing the network and the AOF are in no
-command: the main thread's CPU is the measure). One primary, single-threaded, carries at most a million over the main thread's
-microseconds per job jobs/s. Printed beside the
-jobs/s the one scheduler actually sent in the same run: the headroom a team has on one
+command: the main thread's CPU is the measure). One primary, single-threaded, carries
+at most a million over the main thread's microseconds per job jobs/s. Printed beside
+the jobs/s the one scheduler actually sent in the same run: the headroom a team has on one
 primary before the scheduler, not Redis, is the limit.
 
     .venv/bin/python bench/redis_primary.py [--jobs 100000] [--workers 2]
