@@ -11,7 +11,8 @@ from jobs import lua
 #: redis.call('CMD', FIRST, ...): the command and its first argument.
 CALL = re.compile(r"redis\.call\('(?P<cmd>[A-Z]+)'(?:,\s*(?P<first>[^,)]+))?")
 #: Helpers whose first parameter is a key, and their calls.
-HELPERS = re.compile(r"\b(?P<fn>intake_add|count_delivery|add_counts)\((?P<first>[^,)]+)")
+HELPERS = re.compile(r"\b(?P<fn>intake_add|count_delivery|add_counts|take_queued)"
+                     r"\((?P<first>[^,)]+)")
 #: Commands that take no key.
 KEYLESS = {"TIME"}
 #: Names of the helpers' own key parameters.
