@@ -14,6 +14,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from config import keys
+from config.redisaddr import SentinelAddress, is_sentinel
 from config.settings import PRIORITY_NAMES, Settings
 
 #: Name of the batch task, used by the scheduler's ``send_task``.
@@ -54,10 +55,17 @@ def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str,
     # and other schemes keep kombu's own.
     transport = {"broker_transport": "config.transport:Transport"} if url.startswith(
         "redis://") else {}
+    sentinel: dict[str, object] = {}
+    backend = url
+    if is_sentinel(url):  # kombu's and Celery's own Sentinel support, as they spell it
+        address = SentinelAddress.parse(url)
+        url = backend = address.kombu_url()
+        transport = {"broker_transport": "config.transport:SentinelTransport"}
+        sentinel = address.transport_options()
     return {
         **transport,
         "broker_url": url,
-        "result_backend": url,
+        "result_backend": backend,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -84,8 +92,9 @@ def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str,
             "unacked_restore_interval": 5,
             "unacked_restore_throttle": 1,
             **redis_options,
+            **sentinel,
         },
-        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}, **sentinel},
         "redis_socket_timeout": redis_options["socket_timeout"],
         "redis_socket_connect_timeout": redis_options["socket_connect_timeout"],
         "redis_retry_on_timeout": True,

@@ -21,6 +21,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from config.redisaddr import SentinelAddress, is_sentinel, parse_sentinels
+
 #: Priority class names, highest first. Their index is the numeric priority (0 highest).
 PRIORITY_NAMES: tuple[str, ...] = ("critical", "high", "normal", "low", "bulk")
 
@@ -68,6 +70,30 @@ class Settings(BaseSettings):
         description="Redis/Valkey URL for broker, result backend and intake. Empty means: "
         "`promptbatch run` starts an embedded Valkey server on a free loopback port.",
     )
+    redis_sentinels: str = Field(
+        default="",
+        description="Find the Redis primary through Sentinel: the sentinels as "
+        "'host:port,host:port,...' (with redis_sentinel_master). Every process then follows "
+        "a failover without a restart. Replaces redis_url (which may then be left empty).")
+    redis_sentinel_master: str = Field(
+        default="", description="The name the sentinels know the primary by (their "
+        "'sentinel monitor NAME ...').")
+    redis_password: SecretStr | None = Field(
+        default=None, description="Password of the Redis primary and its replicas, under "
+        "Sentinel (or PROMPTBATCH_REDIS_PASSWORD_FILE). A plain redis_url carries its own.")
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None, description="Password of the sentinels themselves, when their "
+        "configuration sets one (or PROMPTBATCH_REDIS_SENTINEL_PASSWORD_FILE).")
+    redis_wait_replicas: int | None = Field(
+        default=None, ge=0, le=16,
+        description="Replicas that must hold a batch's start before its provider call "
+        "(Redis WAIT): a failover then never starts that batch again. Default: 1 under "
+        "Sentinel, 0 (no wait) otherwise.")
+    redis_wait_ms: int = Field(
+        default=500, ge=1, le=60_000,
+        description="Longest a worker waits for redis_wait_replicas; past it the call goes "
+        "ahead (a replica that lags must not stop the service) and is counted in "
+        "promptbatch_unreplicated_starts_total.")
     database_url: str = Field(
         default="",
         description="SQLAlchemy URL of the durable job store. Empty: the SQLite file "
@@ -514,6 +540,8 @@ class Settings(BaseSettings):
         data = dict(data)
         folder = Path(data.get("data_dir") or default_data_dir()).expanduser().absolute()
         data["data_dir"] = folder
+        if data.get("redis_sentinels"):
+            data["redis_url"] = _sentinel_url(data)
         if not data.get("database_url"):
             data["database_url"] = f"sqlite:///{folder / 'promptbatch.db'}"
         return data
@@ -536,6 +564,14 @@ class Settings(BaseSettings):
             raise ValueError(f"max_wait_ms must be >= 0 for every class, got {self.max_wait_ms}")
         return self
 
+    @property
+    def wait_replicas(self) -> int:
+        """Replicas a batch's start waits for (``redis_wait_replicas``, else 1 under
+        Sentinel, else 0)."""
+        if self.redis_wait_replicas is not None:
+            return self.redis_wait_replicas
+        return 1 if is_sentinel(self.redis_url) else 0
+
     def may_use(self, tenant: str, provider: str, model: str) -> tuple[bool, bool]:
         """Whether ``tenant`` may use ``provider`` at all, and ``provider|model``."""
         entries = self.tenant_providers.get(tenant, self.tenant_providers.get("*", []))
@@ -547,3 +583,25 @@ class Settings(BaseSettings):
     def max_wait_s(self, priority: int) -> float:
         """The longest wait of class ``priority`` (0 highest), in seconds."""
         return self.max_wait_ms[priority] / 1000.0
+
+
+def _secret(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
+def _sentinel_url(data: dict[str, Any]) -> str:
+    """The ``redis+sentinel://`` URL of the Sentinel settings in ``data`` (a plain
+    redis_url beside them is refused: which one would be meant?)."""
+    url = str(data.get("redis_url") or "")
+    if url and not is_sentinel(url):
+        raise ValueError("PROMPTBATCH_REDIS_URL and PROMPTBATCH_REDIS_SENTINELS are both set: "
+                         "unset PROMPTBATCH_REDIS_URL to find the primary through Sentinel")
+    master = str(data.get("redis_sentinel_master") or "")
+    if not master:
+        raise ValueError("PROMPTBATCH_REDIS_SENTINELS is set but PROMPTBATCH_REDIS_SENTINEL_"
+                         "MASTER is not: set it to the name the sentinels monitor")
+    sentinels = parse_sentinels(str(data["redis_sentinels"]))
+    return SentinelAddress(sentinels, master, password=_secret(data.get("redis_password")),
+                           sentinel_password=_secret(data.get("redis_sentinel_password"))).url()

@@ -9,18 +9,11 @@ import threading
 import redis
 from sqlalchemy.exc import OperationalError
 
+from config.redisaddr import safe_url
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
 
 log = logging.getLogger(__name__)
-
-
-def safe_url(url: str) -> str:
-    """A URL without its password, for logs and messages."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
 def wait_until_ready(queue: RedisQueue, store: JobStore, redis_url: str,

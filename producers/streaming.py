@@ -20,6 +20,7 @@ from fastapi.responses import StreamingResponse
 
 from config import keys
 from jobs.errors import JobNotFound
+from jobs.queue import aconnect
 from jobs.streams import ENTRY_ID, READ_COUNT, Cursor, Event, older
 from producers.auth import CallerDep, TenantQuery
 from producers.web import ApiError, client_of, settings_of
@@ -31,8 +32,7 @@ def aio(request: Request) -> aioredis.Redis:
     """The API's asynchronous Redis client (created on first use)."""
     state = request.app.state
     if getattr(state, "aioredis", None) is None:
-        state.aioredis = aioredis.Redis.from_url(state.settings.redis_url,
-                                                 decode_responses=True)
+        state.aioredis = aconnect(state.settings.redis_url)
     return state.aioredis  # type: ignore[no-any-return]
 
 

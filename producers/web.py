@@ -41,6 +41,10 @@ class ApiError(Exception):
         self.errors = errors or []
 
 
+#: Retry-After of a 503 (a Sentinel failover takes a few seconds; a restart about as long).
+UNAVAILABLE_RETRY_AFTER_S = "2"
+
+
 def error_response(status: int, kind: str, message: str,
            errors: list[dict[str, Any]] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"type": kind, "message": message}
@@ -128,8 +132,10 @@ def install_errors(app: FastAPI) -> None:
 
     async def unavailable(_: Request, exc: Exception) -> JSONResponse:
         log.warning("dependency unavailable: %s", exc)
-        return error_response(503, "service_unavailable", "Redis or the job store is unavailable; "
-                      "nothing was changed, try again shortly")
+        reply = error_response(503, "service_unavailable", "Redis or the job store is "
+                               "unavailable; nothing was changed, try again shortly")
+        reply.headers["Retry-After"] = UNAVAILABLE_RETRY_AFTER_S
+        return reply
 
     for kind in (ServiceUnavailable, redis.RedisError, SQLAlchemyError):
         app.add_exception_handler(kind, unavailable)
@@ -139,7 +145,8 @@ def install_errors(app: FastAPI) -> None:
         log.warning("submit unconfirmed: %s", exc)
         body = {"error": {"type": "service_unavailable", "message": str(exc),
                           "ids": exc.job_ids}}
-        return JSONResponse(body, status_code=503)
+        return JSONResponse(body, status_code=503,
+                            headers={"Retry-After": UNAVAILABLE_RETRY_AFTER_S})
 
     @app.exception_handler(PromptBatchError)
     async def other(_: Request, exc: PromptBatchError) -> JSONResponse:

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import redis
 
@@ -129,6 +130,183 @@ class EmbeddedRedis:
                 self.proc.stderr.close()
 
     def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+class EmbeddedSentinel:
+    """A Valkey server in sentinel mode (``valkey-server FILE --sentinel``) on 127.0.0.1,
+    watching the primary ``master`` at ``primary_port``."""
+
+    def __init__(self, data_dir: Path | str, primary_port: int, *, master: str = "pb",
+                 port: int | None = None, quorum: int = 2, password: str | None = None,
+                 down_after_ms: int = 1000, failover_timeout_ms: int = 5000) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.primary_port = primary_port
+        self.master = master
+        self.quorum = quorum
+        self.password = password
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> EmbeddedSentinel:
+        """Write its configuration (the sentinel rewrites it as it learns) and start it."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        conf = self.data_dir / "sentinel.conf"
+        lines = [f"port {self.port}", "bind 127.0.0.1", "protected-mode no",
+                 f"dir {self.data_dir.resolve()}",
+                 f"logfile {(self.data_dir / 'sentinel.log').resolve()}",
+                 f"sentinel monitor {self.master} 127.0.0.1 {self.primary_port} {self.quorum}",
+                 f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}",
+                 f"sentinel failover-timeout {self.master} {self.failover_timeout_ms}",
+                 f"sentinel parallel-syncs {self.master} 1"]
+        if self.password:
+            lines.append(f"sentinel auth-pass {self.master} {self.password}")
+        conf.write_text("\n".join(lines) + "\n")
+        self.proc = subprocess.Popen([str(server_binary()), str(conf), "--sentinel"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5,
+                             socket_timeout=1.0)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    log = self.data_dir / "sentinel.log"
+                    raise EmbeddedServerError(
+                        f"the sentinel exited with code {self.proc.returncode}: "
+                        f"{log.read_text()[-2000:] if log.exists() else ''}")
+                try:
+                    client.ping()
+                    return self
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise EmbeddedServerError(f"the sentinel did not answer on port "
+                                                  f"{self.port} within {timeout} s") from None
+                    time.sleep(0.01)
+        finally:
+            client.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the sentinel and wait for it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+
+
+class SentinelGroup:
+    """A primary, ``replicas`` replicas and ``sentinels`` sentinels on loopback, from the
+    embedded binary: a Sentinel deployment in miniature, for tests and benchmarks.
+    ``url`` is its ``redis+sentinel://`` address (``config.redisaddr``)."""
+
+    def __init__(self, data_dir: Path | str, *, replicas: int = 1, sentinels: int = 3,
+                 master: str = "pb", password: str | None = None,
+                 down_after_ms: int = 1000) -> None:
+        self.data_dir = Path(data_dir)
+        self.master = master
+        self.password = password
+        self.primary_port = free_port()
+        auth = ["--masterauth", password] if password else []
+        self.servers = [EmbeddedRedis(self.data_dir / "primary", port=self.primary_port,
+                                      password=password, extra_args=auth)]
+        for i in range(replicas):
+            self.servers.append(EmbeddedRedis(
+                self.data_dir / f"replica{i}", password=password,
+                extra_args=[*auth, "--replicaof", "127.0.0.1", str(self.primary_port)]))
+        self.sentinels = [EmbeddedSentinel(self.data_dir / f"sentinel{i}", self.primary_port,
+                                           master=master, password=password,
+                                           quorum=max(1, sentinels // 2 + 1),
+                                           down_after_ms=down_after_ms)
+                          for i in range(sentinels)]
+
+    @property
+    def url(self) -> str:
+        """The group's ``redis+sentinel://`` address."""
+        from config.redisaddr import SentinelAddress
+
+        return SentinelAddress(tuple(("127.0.0.1", s.port) for s in self.sentinels),
+                               self.master, password=self.password).url()
+
+    def primary(self) -> EmbeddedRedis:
+        """The server the sentinels name as primary now."""
+        port = self.primary_port_now()
+        return next(s for s in self.servers if s.port == port)
+
+    def primary_port_now(self) -> int:
+        """The primary's port, as the first sentinel that answers names it."""
+        for s in self.sentinels:
+            if s.proc is None or s.proc.poll() is not None:
+                continue
+            client = redis.Redis(host="127.0.0.1", port=s.port, socket_timeout=1.0,
+                                 decode_responses=True)
+            try:
+                found: Any = client.sentinel_get_master_addr_by_name(self.master)
+                return int(found[1])
+            except (redis.RedisError, TypeError, ValueError):
+                continue
+            finally:
+                client.close()
+        raise EmbeddedServerError("no sentinel answers")
+
+    def start(self, timeout: float = 30.0) -> SentinelGroup:
+        """Start every server and sentinel; return once the replicas are in sync and every
+        sentinel knows them all."""
+        for server in self.servers:
+            server.start()
+        for sentinel in self.sentinels:
+            sentinel.start()
+        deadline = time.monotonic() + timeout
+        while not self._settled():
+            if time.monotonic() > deadline:
+                self.stop()
+                raise EmbeddedServerError("the Sentinel group did not settle within "
+                                          f"{timeout} s")
+            time.sleep(0.05)
+        return self
+
+    def _settled(self) -> bool:
+        primary = redis.Redis(host="127.0.0.1", port=self.primary_port, password=self.password,
+                              socket_timeout=1.0, decode_responses=True)
+        try:
+            info = primary.info("replication")
+            online = sum(1 for k, v in info.items()
+                         if k.startswith("slave") and isinstance(v, dict)
+                         and v.get("state") == "online")
+            if online < len(self.servers) - 1:
+                return False
+        finally:
+            primary.close()
+        for s in self.sentinels:
+            client = redis.Redis(host="127.0.0.1", port=s.port, socket_timeout=1.0,
+                                 decode_responses=True)
+            try:
+                fields: Any = client.sentinel_master(self.master)
+                if (int(fields.get("num-slaves", 0)) < len(self.servers) - 1
+                        or int(fields.get("num-other-sentinels", 0)) < len(self.sentinels) - 1):
+                    return False
+            finally:
+                client.close()
+        return True
+
+    def stop(self) -> None:
+        """Stop every sentinel and server."""
+        for sentinel in self.sentinels:
+            sentinel.stop()
+        for server in self.servers:
+            server.stop()
+
+    def __enter__(self) -> SentinelGroup:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

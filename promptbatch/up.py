@@ -98,12 +98,15 @@ class Service(LocalStack):
         st = self.state
         st.redis_password = st.redis_password or secrets.token_urlsafe(24)
         st.flower_password = st.flower_password or secrets.token_urlsafe(12)
-        port = st.redis_port if st.redis_port and _port_free(st.redis_port) else free_port()
-        st.redis_port = port
-        self.server = EmbeddedRedis(self.home / "valkey", port=port,
-                                    password=st.redis_password,
-                                    keep_fds=self.keep_fds).start()
-        self.redis_url = self.server.url
+        if self.settings.redis_sentinels:  # the team's own Redis, found through Sentinel
+            self.redis_url = self.settings.redis_url
+        else:
+            port = st.redis_port if st.redis_port and _port_free(st.redis_port) else free_port()
+            st.redis_port = port
+            self.server = EmbeddedRedis(self.home / "valkey", port=port,
+                                        password=st.redis_password,
+                                        keep_fds=self.keep_fds).start()
+            self.redis_url = self.server.url
         restore_unacked(self.redis_url)  # what a worker stopped cold or killed had in hand
         self.env["PROMPTBATCH_DATABASE_URL"] = self.settings.database_url
         self.env["PROMPTBATCH_DATA_DIR"] = str(self.settings.data_dir)

@@ -36,6 +36,7 @@ from config.settings import Settings
 from jobs import cachekey
 from jobs.cache import Entry, parse_entry
 from jobs.models import JobSpec
+from jobs.queue import twin
 from scheduler.embedders import Embedder, Vectors
 
 #: Candidates checked per lookup (the best first).
@@ -184,10 +185,7 @@ class SemanticCache:
 
     def _binary(self) -> redis.Redis:
         """A client of the same server whose replies stay bytes."""
-        pool = self.r.connection_pool
-        kwargs = {**pool.connection_kwargs, "decode_responses": False}
-        return redis.Redis(connection_pool=redis.ConnectionPool(
-            connection_class=pool.connection_class, **kwargs))
+        return twin(self.r, decode_responses=False)
 
     # --- the index -----------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ import redis
 
 from config import keys
 from config.settings import Settings
+from jobs.queue import connect
 from jobs.store import JobStore
 from promptbatch.embedded import EmbeddedRedis
 from tests.helpers import poll
@@ -144,8 +145,8 @@ class Procs:
         """Start a scheduler; unless ``wait`` is false, wait until it holds the lease."""
         proc = self.spawn("scheduler", **env)
         if wait:
-            client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
-            poll(lambda: (client.get(keys.SCHEDULER_LEASE) or "").split(":")[1:2]
+            client = connect(self.settings.redis_url)
+            poll(lambda: str(client.get(keys.SCHEDULER_LEASE) or "").split(":")[1:2]
                  == [str(proc.pid)], timeout=60, what="the scheduler to become active",
                  proc=proc)
             client.close()
@@ -157,8 +158,9 @@ class Procs:
         worker_name = name or f"w{next(self._count)}"
         proc = self.spawn("worker", "--concurrency", str(concurrency), "--name", worker_name,
                           "--loglevel", "warning", **env)
-        client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
-        poll(lambda: any(k.startswith(f"{worker_name}@") for k in client.hkeys(keys.WORKERS)),
+        client = connect(self.settings.redis_url)
+        poll(lambda: any(str(k).startswith(f"{worker_name}@")
+                         for k in client.hkeys(keys.WORKERS)),
              timeout=60, what=f"worker {worker_name} to start", proc=proc)
         client.close()
         return proc

@@ -38,6 +38,9 @@ T = TypeVar("T")
 Event = dict[str, str | int | float]
 
 #: Errors of Redis or the SQL store: retried in place, never held against the batch.
+#: After a start that no replica acknowledged in time, starts do not wait for this long.
+NO_REPLICA_PAUSE_S = 5.0
+
 INFRA_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, SQLAlchemyError)
 #: Longest pause between two tries of a step while Redis or SQL is down, in seconds.
 STEADY_MAX_PAUSE_S = 5.0
@@ -58,6 +61,7 @@ class BatchRunner:
     #: Infrastructure errors waited out (for logs and tests).
     blips: int = 0
     _until: float = field(default=0.0, repr=False)
+    _no_replica_until: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
         if self.caller is None:
@@ -82,20 +86,39 @@ class BatchRunner:
 
     def run(self, batch_id: str, send_id: str, job_ids: Sequence[str],
             similarity: float | None = None, cls: int = 2, prefix_hint: int = 0,
-            retries: int = 0, estimate_s: float = 0.0) -> dict[str, Any]:
+            retries: int = 0, estimate_s: float = 0.0,
+            redelivered: bool = True) -> dict[str, Any]:
         """Run the batch; return a summary (for the worker's log: the task stores no
         result of its own; each job's result is stored under the job's id).
 
         ``retries``: the task's retry number (a retry asked for by the task itself is a
         new message, not a re-delivery after a lost worker). ``estimate_s``: the
         scheduler's estimate of the batch's time; a job whose deadline no longer leaves
-        that much when the batch starts is expired instead of sent.
+        that much when the batch starts is expired instead of sent. ``redelivered``: the
+        broker marked the message as delivered before (its worker was lost).
+
+        Under Sentinel the start waits until a replica holds it (``redis_wait_replicas``,
+        ``redis_wait_ms``), so that a failover cannot start the batch a second time; past
+        the wait it goes ahead and is counted (a lagging replica must not stop the
+        service), and a primary lost before the replica had it is an error like any other
+        (the start is tried again on the new primary, with the same delivery token).
         """
         # Wait out outages until just before the task's soft time limit (time limit - 5 s).
         self._until = time.monotonic() + max(3.0, self.settings.task_time_limit_s - 6.0)
         ttl = self.settings.result_ttl_s
-        lost = self.steady("start", lambda: self.queue.start_run(batch_id, send_id, retries,
-                                                                 ttl, cls, time.time()))
+        token = uuid.uuid4().hex
+        replicas, wait_ms = self.settings.wait_replicas, self.settings.redis_wait_ms
+        skip = replicas > 0 and time.monotonic() < self._no_replica_until
+        lost, held = self.steady("start", lambda: self.queue.start_run_replicated(
+            batch_id, send_id, retries, ttl, cls, time.time(), token=token,
+            redelivered=redelivered, replicas=0 if skip else replicas, wait_ms=wait_ms))
+        if skip or not held:
+            metrics.UNREPLICATED_STARTS.inc()
+        if not held:  # no replica (after a failover, until one joins): stop waiting a while
+            self._no_replica_until = time.monotonic() + NO_REPLICA_PAUSE_S
+            log.warning("batch %s: no replica acknowledged its start within %d ms; running it "
+                        "anyway (and not waiting for %.0f s)", batch_id, wait_ms,
+                        NO_REPLICA_PAUSE_S)
         if lost is None:
             log.info("batch %s: another send of this batch already ran; skipping", batch_id)
             metrics.BATCHES.labels(metrics.class_name(str(cls)), "duplicate").inc()

@@ -175,8 +175,10 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
         """Run one batch of jobs: one provider call, one stored result per job."""
         runner = resources.runner()
         try:
+            delivery = self.request.delivery_info or {}
             return runner.run(batch_id, send_id, job_ids, similarity, cls, prefix_hint,
-                              retries=self.request.retries or 0, estimate_s=estimate_s)
+                              retries=self.request.retries or 0, estimate_s=estimate_s,
+                              redelivered=bool(delivery.get("redelivered")))
         except SoftTimeLimitExceeded:
             limit = settings.task_time_limit_s
             failed = runner.fail_running(batch_id, job_ids, f"the provider call took longer "

@@ -56,6 +56,10 @@ REQUEST_SECONDS = Histogram(
 RETRIES = Counter(
     "promptbatch_provider_retries", "Jobs' requests sent again after a transient error.",
     ["provider", "model"])
+UNREPLICATED_STARTS = Counter(
+    "promptbatch_unreplicated_starts_total",
+    "Batches whose start no replica acknowledged within redis_wait_ms (under Sentinel): "
+    "run anyway; a failover at that moment could start them again.")
 SPLITS = Counter(
     "promptbatch_provider_splits", "Requests split in halves (refused or failing as a "
     "whole, or too big for the rate limit).", ["provider", "model"])

@@ -4,6 +4,7 @@ RUNNING, split a poison batch, and end the run."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,17 +17,37 @@ class Runs(Steps):
     """Runs: see the module."""
 
     def start_run(self, batch_id: str, send_id: str, retries: int, ttl_s: int, cls: int,
-                  now: float) -> int | None:
-        """The start of a batch's task, in one round trip: None when another send of the
-        batch runs it (the first send to arrive wins, and a re-delivery of that same send,
-        after a worker died, runs again); else its in-flight entry is refreshed to ``now``
-        and the answer is how many of its deliveries followed a lost worker
-        (``COUNT_DELIVERY``)."""
-        lost = int(self._start_run(keys=[keys.batch_deliveries(batch_id),
-                                         keys.batch_run(batch_id), keys.INFLIGHT],
-                                   args=[retries, ttl_s, send_id, now,
-                                         keys.inflight_member(cls, batch_id)]))
-        return None if lost < 0 else lost
+                  now: float, *, token: str | None = None, redelivered: bool = True,
+                  ) -> int | None:
+        """The start of a batch's task, in one round trip: None when this delivery may not
+        run (another send of the batch won, or another worker runs this same delivery);
+        else its in-flight entry is refreshed to ``now`` and the answer is how many of its
+        deliveries followed a lost worker (``COUNT_DELIVERY``).
+
+        ``token``: this delivery's own id (the same for a start tried again after a Redis
+        error; a new one by default). ``redelivered``: the broker marked the message as
+        delivered before (its worker was lost), so it takes the run over."""
+        return self.start_run_replicated(batch_id, send_id, retries, ttl_s, cls, now,
+                                         token=token, redelivered=redelivered)[0]
+
+    def start_run_replicated(self, batch_id: str, send_id: str, retries: int, ttl_s: int,
+                             cls: int, now: float, *, token: str | None = None,
+                             redelivered: bool = True, replicas: int = 0,
+                             wait_ms: int = 0) -> tuple[int | None, bool]:
+        """``start_run``, then (on the same connection, in the same round trip) Redis
+        ``WAIT`` for ``replicas`` replicas up to ``wait_ms``: whether they hold the start.
+        A primary that dies before they do raises a connection error, never a "yes"."""
+        pipe = self.r.pipeline(transaction=False)
+        self._start_run(keys=[keys.batch_deliveries(batch_id), keys.batch_run(batch_id),
+                              keys.INFLIGHT],
+                        args=[retries, ttl_s, send_id, now, keys.inflight_member(cls, batch_id),
+                              token or uuid.uuid4().hex, "1" if redelivered else "0"],
+                        client=pipe)
+        if replicas > 0:
+            pipe.execute_command("WAIT", replicas, wait_ms)  # type: ignore[no-untyped-call]
+        replies = self._at_once(pipe)
+        lost = int(replies[0])
+        return (None if lost < 0 else lost), replicas <= 0 or int(replies[1]) >= replicas
 
     def reassign(self, batch_id: str, moves: Sequence[tuple[str, str, int]],
                  now: float) -> list[bool]:
