@@ -60,6 +60,27 @@ def test_only_deliveries_after_a_lost_worker_count_toward_poison(r: redis.Redis)
     assert r.hgetall(keys.batch_deliveries("b")) == {"0": "2"}
 
 
+def test_a_copy_of_a_running_delivery_does_not_run_but_a_redelivery_takes_over(
+        r: redis.Redis) -> None:
+    """A broker failover can hand out a message a second time, unmarked (its pop was lost
+    with the old primary): that copy must not call the provider while the first runs."""
+    from jobs.queue import RedisQueue
+
+    q = RedisQueue(r)
+
+    def start(token: str, redelivered: bool, retries: int = 0) -> int | None:
+        return q.start_run("b", "send-1", retries, 60, 2, time.time(), token=token,
+                           redelivered=redelivered)
+
+    assert start("first", redelivered=False) == 0
+    assert start("copy", redelivered=False) is None  # another worker's copy: not run
+    assert start("first", redelivered=False) == 0  # its own start again: runs, not counted
+    assert start("after-loss", redelivered=True) == 1  # the broker says: worker lost
+    assert start("first", redelivered=False) is None  # the lost one no longer runs it
+    assert start("retry", redelivered=False, retries=1) == 1  # the task's own retry
+    assert r.hgetall(keys.batch_deliveries("b")) == {"0": "2", "1": "1"}
+
+
 def test_a_job_runs_only_in_the_batch_that_claimed_it(settings: Settings) -> None:
     with Client(settings) as client:
         ids = claimed(client, "batch-a", 2)
