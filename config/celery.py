@@ -57,11 +57,19 @@ def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str,
         "redis://") else {}
     sentinel: dict[str, object] = {}
     backend = url
+    broker_options: dict[str, Any] = {}
     if is_sentinel(url):  # kombu's and Celery's own Sentinel support, as they spell it
         address = SentinelAddress.parse(url)
         url = backend = address.kombu_url()
         transport = {"broker_transport": "config.transport:SentinelTransport"}
         sentinel = address.transport_options()
+    if settings.amqp:
+        # RabbitMQ carries the batch tasks; Redis keeps everything else. Durable queues and
+        # persistent messages survive a broker restart; a publish returns once the broker
+        # has it (confirms); a lost worker's unacknowledged batch is delivered again as
+        # soon as its connection closes (no visibility timeout).
+        url, transport = settings.broker_url, {}
+        broker_options = {"confirm_publish": True}
     return {
         **transport,
         "broker_url": url,
@@ -74,7 +82,7 @@ def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_queues": [Queue(q, exchange, routing_key=q) for q in keys.QUEUES],
+        "task_queues": [Queue(q, exchange, routing_key=q, durable=True) for q in keys.QUEUES],
         "task_default_queue": keys.queue(2),
         "task_default_exchange": "promptbatch",
         "task_default_routing_key": keys.queue(2),
@@ -86,7 +94,7 @@ def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str,
         "task_track_started": False,  # Flower sees STARTED from the events
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
-        "broker_transport_options": {
+        "broker_transport_options": broker_options if settings.amqp else {
             "visibility_timeout": settings.visibility_timeout_s,
             "queue_order_strategy": "priority",
             "unacked_restore_interval": 5,

@@ -23,6 +23,9 @@ from pydantic_settings import (
 
 from config.redisaddr import SentinelAddress, is_sentinel, parse_sentinels
 
+#: URL schemes of a RabbitMQ broker (``broker_url``).
+AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
+
 #: Priority class names, highest first. Their index is the numeric priority (0 highest).
 PRIORITY_NAMES: tuple[str, ...] = ("critical", "high", "normal", "low", "bulk")
 
@@ -70,6 +73,12 @@ class Settings(BaseSettings):
         description="Redis/Valkey URL for broker, result backend and intake. Empty means: "
         "`promptbatch run` starts an embedded Valkey server on a free loopback port.",
     )
+    broker_url: str = Field(
+        default="",
+        description="Celery broker of the batch tasks. Empty: the Redis of redis_url. "
+        "amqp://user:password@host:5672/vhost: RabbitMQ (durable queues, one per class, "
+        "publisher confirms, late acks: a lost worker's batch is delivered again at once); "
+        "job state, results and the cache stay in Redis.")
     redis_sentinels: str = Field(
         default="",
         description="Find the Redis primary through Sentinel: the sentinels as "
@@ -560,9 +569,18 @@ class Settings(BaseSettings):
                 if entry != "*" and not entry.split("|", 1)[0]:
                     raise ValueError(f"tenant_providers[{tenant!r}]: {entry!r} is not "
                                      "'provider', 'provider|model' or '*'")
+        if self.broker_url and not self.broker_url.startswith(AMQP_SCHEMES):
+            raise ValueError(f"broker_url: {self.broker_url.split('://')[0]!r} is not a "
+                             "RabbitMQ URL (amqp://user:password@host:5672/vhost); leave it "
+                             "empty to use the Redis of redis_url")
         if any(w < 0 for w in self.max_wait_ms):
             raise ValueError(f"max_wait_ms must be >= 0 for every class, got {self.max_wait_ms}")
         return self
+
+    @property
+    def amqp(self) -> bool:
+        """Whether the batch tasks go through RabbitMQ (``broker_url``)."""
+        return bool(self.broker_url)
 
     @property
     def wait_replicas(self) -> int:

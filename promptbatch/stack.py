@@ -130,12 +130,15 @@ def restore_unacked(redis_url: str) -> int:
     at once. Only for a stack that owns its server and holds its folder's lock: every
     worker that could have taken them is gone (an interrupted ``run``, an ``up`` stopped
     cold or killed), and the broker would otherwise hand them out again only after its
-    visibility timeout (360 s). Returns how many."""
+    visibility timeout (360 s). Returns how many (none with a RabbitMQ broker, which does
+    this by itself)."""
     from config.celery import build_celery
     from config.settings import Settings
 
-    app = build_celery(Settings(redis_url=redis_url, _env_file=None),  # type: ignore[call-arg]
-                       "promptbatch-restore", redis_url)
+    settings = Settings(redis_url=redis_url, _env_file=None)  # type: ignore[call-arg]
+    if settings.amqp:  # RabbitMQ gives a lost worker's tasks back by itself
+        return 0
+    app = build_celery(settings, "promptbatch-restore", redis_url)
     with app.connection_for_write() as conn:
         channel: Any = conn.default_channel
         tags = list(channel.client.hkeys(channel.unacked_key))

@@ -130,12 +130,15 @@ class Procs:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
         self._count = itertools.count()
+        #: Environment every child gets besides the settings' (``PROMPTBATCH_BROKER_URL``).
+        self.extra: dict[str, str] = {}
 
     def spawn(self, kind: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
         """Start ``promptbatch <kind> <args>``; its output goes to a log file."""
         log = (self.log_dir / f"{kind}-{next(self._count)}.log").open("wb")
         proc = subprocess.Popen([sys.executable, "-m", "promptbatch", kind, *args],
-                                env=settings_env(self.settings, **env), stdout=log,
+                                env=settings_env(self.settings, **{**self.extra, **env}),
+                                stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.procs.append(proc)

@@ -33,6 +33,8 @@ from jobs.store import JobStore
 from promptbatch.embedded import EmbeddedRedis, free_port
 from tests.helpers import poll
 from tests.pg import PostgresServer, create_database
+from tests.rabbit import RabbitServer
+from tests.rabbit import bindir as rabbit_bindir
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults, pytest.mark.load]
 
@@ -85,10 +87,14 @@ def lease_pid(r: redis.Redis) -> int | None:
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.skipif(
+    rabbit_bindir() is None, reason="RabbitMQ is not installed here (apt-get install "
+    "rabbitmq-server; .ci/run installs it)"))])
 def test_20_the_compose_topology_survives_a_scheduler_and_a_worker_killed_under_load(
-        tmp_path: Path) -> None:
+        tmp_path: Path, broker: str) -> None:
     pg = PostgresServer().start()
     server = EmbeddedRedis(tmp_path / "redis", password="deploy-secret").start()
+    rabbit = RabbitServer().start() if broker == "rabbitmq" else None
     tenants = {f"key-{i}": f"tenant-{i}" for i in range(CLIENTS)}
     api_port, flower_port = free_port(), free_port()
     logs = tmp_path / "logs"
@@ -104,6 +110,8 @@ def test_20_the_compose_topology_survives_a_scheduler_and_a_worker_killed_under_
         "PROMPTBATCH_VISIBILITY_TIMEOUT_S": "20", "PROMPTBATCH_TASK_TIME_LIMIT_S": "15",
         "PROMPTBATCH_ECHO_CALL_LOG": str(tmp_path / "calls.jsonl"),
         "PYTHONUNBUFFERED": "1"})
+    if rabbit is not None:
+        env["PROMPTBATCH_BROKER_URL"] = rabbit.vhost()
     top = Topology(env, logs)
     r = redis.Redis.from_url(server.url, decode_responses=True)
     try:
@@ -196,6 +204,8 @@ def test_20_the_compose_topology_survives_a_scheduler_and_a_worker_killed_under_
         r.close()
         server.stop()
         pg.stop()
+        if rabbit is not None:
+            rabbit.stop()
 
 
 def _answers(url: str, auth: tuple[str, str] | None = None) -> int | None:
