@@ -98,6 +98,12 @@ def inflight_member(cls: int, batch_id: str) -> str:
     return f"{cls}:{batch_id}"
 
 
+def replica(deployment: str, url: str) -> str:
+    """A replica's name, under which its health and cool-down are kept (``Health``), its
+    metrics labelled and ``status`` shows it: ``provider|model@host:port/path``."""
+    return f"{deployment}@{url.split('://', 1)[-1]}"
+
+
 def recent(bucket: int) -> str:
     """Counters of one 10-second bucket (``s|class``, ``f|state|class``, ``m|class``), kept
     a few minutes, for rates over the last minute."""

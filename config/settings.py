@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -22,6 +22,9 @@ from pydantic_settings import (
 )
 
 from config.redisaddr import SentinelAddress, is_sentinel, parse_sentinels
+
+#: Providers that may have replicas (HTTP providers with a base URL).
+REPLICATED_PROVIDERS = ("openai", "anthropic")
 
 #: URL schemes of a RabbitMQ broker (``broker_url``).
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
@@ -53,6 +56,16 @@ class FileSecretsSource(EnvSettingsSource):
         except OSError as exc:
             raise ValueError(f"{env_name}_FILE={path}: cannot read it ({exc.strerror})") from exc
         return content, field_name, self.field_is_complex(field)
+
+
+class ReplicaEntry(BaseModel):
+    """One replica of an HTTP provider (``provider_replicas``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0)
+    cache_tokens: int | None = Field(default=None, ge=0)
 
 
 class Settings(BaseSettings):
@@ -363,7 +376,9 @@ class Settings(BaseSettings):
     )
     openai_base_url: str = Field(
         default="https://api.openai.com/v1",
-        description="openai: base URL of any OpenAI-compatible server (include /v1).",
+        description="openai: base URL of any OpenAI-compatible server (include /v1). A "
+        "comma-separated list names replicas of one deployment (several vLLM, SGLang or "
+        "llama.cpp servers of one model): batches are routed over them by prefix and load.",
     )
     openai_api_key: SecretStr = Field(
         default=SecretStr(""), description="openai: API key, never logged or stored."
@@ -376,8 +391,30 @@ class Settings(BaseSettings):
     )
     anthropic_base_url: str = Field(
         default="https://api.anthropic.com",
-        description="anthropic: base URL of the Messages API.",
+        description="anthropic: base URL of the Messages API (a comma-separated list: "
+        "replicas, as for openai_base_url).",
     )
+    provider_replicas: dict[str, list[ReplicaEntry]] = Field(
+        default_factory=dict,
+        description="Replicas of an HTTP provider with a weight and a prompt cache size each "
+        "(JSON): provider -> [{\"url\": ..., \"weight\": 1, \"cache_tokens\": 100000}]. "
+        "Without it, a comma-separated base URL lists replicas of weight 1 and "
+        "routing_cache_tokens each. Batches are routed to the replica most likely to hold "
+        "their prefix (README: Replicas and routing).")
+    routing_cache_tokens: int = Field(
+        default=100_000, ge=0,
+        description="Prompt-cache tokens a replica is taken to hold, when its entry names none "
+        "(llama-server: its --cache-ram over the model's KV bytes per token; vLLM: its KV "
+        "blocks times block size).")
+    routing_imbalance_batches: float = Field(
+        default=4.0, ge=0,
+        description="A replica holding a batch's prefix keeps it while its outstanding work is "
+        "at most this many batches above the least loaded replica's (measured: "
+        "bench/routing.py).")
+    routing_idle_batches: float = Field(
+        default=1.0, ge=0,
+        description="...unless the least loaded replica has less than this many batches of "
+        "work: an idle replica then takes the batch (affinity never leaves capacity idle).")
     anthropic_api_key: SecretStr = Field(
         default=SecretStr(""), description="anthropic: API key, never logged or stored."
     )
@@ -569,6 +606,10 @@ class Settings(BaseSettings):
                 if entry != "*" and not entry.split("|", 1)[0]:
                     raise ValueError(f"tenant_providers[{tenant!r}]: {entry!r} is not "
                                      "'provider', 'provider|model' or '*'")
+        for provider in self.provider_replicas:
+            if provider not in REPLICATED_PROVIDERS:
+                raise ValueError(f"provider_replicas: {provider!r} has no replicas; only "
+                                 f"{', '.join(REPLICATED_PROVIDERS)} (HTTP providers) do")
         if self.broker_url and not self.broker_url.startswith(AMQP_SCHEMES):
             raise ValueError(f"broker_url: {self.broker_url.split('://')[0]!r} is not a "
                              "RabbitMQ URL (amqp://user:password@host:5672/vhost); leave it "
@@ -576,6 +617,19 @@ class Settings(BaseSettings):
         if any(w < 0 for w in self.max_wait_ms):
             raise ValueError(f"max_wait_ms must be >= 0 for every class, got {self.max_wait_ms}")
         return self
+
+    def replicas(self, provider: str) -> list[tuple[str, float, int]]:
+        """The replicas of ``provider`` as ``(url, weight, cache tokens)``, or an empty
+        list when it has one address (no routing)."""
+        entries = self.provider_replicas.get(provider)
+        if entries:
+            return [(e.url.rstrip("/"), e.weight,
+                     self.routing_cache_tokens if e.cache_tokens is None else e.cache_tokens)
+                    for e in entries]
+        base = {"openai": self.openai_base_url, "anthropic": self.anthropic_base_url}.get(
+            provider, "")
+        urls = [u.strip().rstrip("/") for u in base.split(",") if u.strip()]
+        return [(u, 1.0, self.routing_cache_tokens) for u in urls] if len(urls) > 1 else []
 
     @property
     def amqp(self) -> bool:

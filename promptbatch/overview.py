@@ -62,7 +62,7 @@ def render(data: dict[str, Any]) -> Group:
                       str(row["submitted_last_min"]), str(row["finished_last_min"]),
                       Text(str(missed), style="red" if missed else ""))
     cooling = ", ".join(data["cooling"]) or "none"
-    lines = [
+    lines: list[Table | Text] = [
         Text(f"throughput {data['throughput']:.1f} jobs/s over the last minute; "
              f"{data['inflight']} batches in flight (one takes about "
              f"{_duration(data['batch_seconds'])})"),
@@ -71,6 +71,22 @@ def render(data: dict[str, Any]) -> Group:
              style="yellow" if data["desired_slots"] > data["slots"] else ""),
         Text(f"deployments cooling down: {cooling}", style="red" if data["cooling"] else ""),
     ]
+    replicas = data.get("replicas") or []
+    if replicas:
+        table_r = Table(title="replicas (cache-aware routing)", title_justify="left",
+                        box=box.SIMPLE_HEAD, pad_edge=False)
+        for name in ("deployment", "replica", "in flight", "work", "latency", "affinity",
+                     "health"):
+            table_r.add_column(name, justify="left" if name in ("deployment", "replica")
+                               else "right", no_wrap=True)
+        for row in replicas:
+            hits, misses = row["affinity_hits"], row["affinity_misses"]
+            table_r.add_row(row["deployment"], row["replica"].split("://", 1)[-1],
+                            str(row["outstanding"]), _duration(row["outstanding_s"]),
+                            f"{row['latency_ratio']:.2f}x",
+                            f"{hits}/{hits + misses}" if hits + misses else "-",
+                            Text("cooling", style="red") if row["cooling"] else Text("ok"))
+        lines.insert(0, table_r)
     if data.get("catching_up"):
         lines.append(Text("the scheduler is still reading intake: pending counts will grow",
                           style="yellow"))

@@ -143,3 +143,32 @@ class SchedulerMetrics:
                                        buckets=SIMILARITY_BUCKETS, registry=reg)
         self.cluster = ClusterView(tenant_label)
         reg.register(self.cluster)
+        labels = ["deployment", "replica"]
+        self.replica_outstanding = Gauge(
+            "promptbatch_replica_outstanding_batches", "Batches sent to a replica and not "
+            "finished (cache-aware routing).", labels, registry=reg)
+        self.replica_outstanding_s = Gauge(
+            "promptbatch_replica_outstanding_seconds", "Estimated seconds of work sent to a "
+            "replica and not finished, scaled by its learned latency ratio.", labels,
+            registry=reg)
+        self.replica_latency = Gauge(
+            "promptbatch_replica_latency_ratio", "A replica's measured over estimated batch "
+            "time, learned (1: as the scheduler estimates).", labels, registry=reg)
+        self.replica_affinity = Gauge(
+            "promptbatch_replica_affinity", "Batches routed to a replica because it held "
+            "their prefix (hit) or not (miss), since the scheduler became active.",
+            [*labels, "outcome"], registry=reg)
+        self.replica_healthy = Gauge(
+            "promptbatch_replica_healthy", "0 while a replica cools down after failures, "
+            "else 1.", labels, registry=reg)
+
+    def replicas(self, rows: list[dict[str, Any]]) -> None:
+        """Set the replica gauges from ``Routing.snapshot()``."""
+        for row in rows:
+            labels = (row["deployment"], row["replica"].split("://", 1)[-1])
+            self.replica_outstanding.labels(*labels).set(row["outstanding"])
+            self.replica_outstanding_s.labels(*labels).set(row["outstanding_s"])
+            self.replica_latency.labels(*labels).set(row["latency_ratio"])
+            self.replica_affinity.labels(*labels, "hit").set(row["affinity_hits"])
+            self.replica_affinity.labels(*labels, "miss").set(row["affinity_misses"])
+            self.replica_healthy.labels(*labels).set(0 if row["cooling"] else 1)

@@ -23,6 +23,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from config import keys
+from config.settings import Settings
+from scheduler.pool import PendingJob, family_of
+
+#: Characters per token, as the scheduler estimates them.
+CHARS_PER_TOKEN = 4
+
 
 @dataclass(frozen=True, slots=True)
 class ReplicaSpec:
@@ -190,3 +197,63 @@ class Router:
                  "families": sum(1 for k in r.families if k >= 0),
                  "cached_tokens": r.held_tokens}
                 for r in self.replicas]
+
+
+class Routing:
+    """The routers of the deployments that have replicas (``Settings.replicas``), as the
+    scheduler uses them: a batch's replicas in the order to try, its end, and what
+    ``status`` and the metrics show."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rules = RoutingRules(imbalance_batches=settings.routing_imbalance_batches,
+                                  idle_batches=settings.routing_idle_batches)
+        self.routers: dict[str, tuple[Router, list[str]] | None] = {}
+        #: Replica names (``keys.replica``) cooling down, as the scheduler last read them.
+        self.cooling: set[str] = set()
+
+    def _router(self, dep: str) -> tuple[Router, list[str]] | None:
+        if dep not in self.routers:
+            replicas = self.settings.replicas(dep.split("|", 1)[0])
+            self.routers[dep] = None if not replicas else (
+                Router([ReplicaSpec(url, weight, cache) for url, weight, cache in replicas],
+                       self.rules),
+                [keys.replica(dep, url) for url, _, _ in replicas])
+        return self.routers[dep]
+
+    def route(self, batch_id: str, jobs: Sequence[PendingJob], shared_prefix_chars: int,
+              estimate_s: float, dep: str, now: float) -> list[int] | None:
+        """The replicas of ``dep`` in the order the batch should try them (None: the
+        deployment has one address)."""
+        found = self._router(dep)
+        if found is None:
+            return None
+        router, names = found
+        family = family_of(jobs[0]) if jobs else None
+        prefix = shared_prefix_chars // CHARS_PER_TOKEN
+        other = max(0, sum(j.tokens for j in jobs) - len(jobs) * prefix)
+        down = [i for i, name in enumerate(names) if name in self.cooling]
+        choice = router.choose(family, prefix, estimate_s, down)
+        router.sent(batch_id, choice, family, prefix, estimate_s, now, other)
+        return list(choice.order)
+
+    def done(self, dep: str, batch_id: str, seconds: float, replica: int | None) -> None:
+        found = self.routers.get(dep)
+        if found is not None:
+            found[0].done(batch_id, seconds, replica)
+
+    def forget_before(self, cutoff: float) -> None:
+        for found in self.routers.values():
+            if found is not None:
+                found[0].forget_before(cutoff)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every replica of every routed deployment, with whether it cools down."""
+        rows = []
+        for dep, found in sorted(self.routers.items()):
+            if found is None:
+                continue
+            router, names = found
+            for name, row in zip(names, router.snapshot(), strict=True):
+                rows.append({"deployment": dep, **row, "cooling": name in self.cooling})
+        return rows

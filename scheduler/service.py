@@ -59,6 +59,7 @@ from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
 from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
 from scheduler.reconcile import LeaseLost, Reconciler
+from scheduler.routing import Routing
 from scheduler.scaling import ClassDemand, desired_slots, rate_cap
 from scheduler.semantic import SemanticCache
 from scheduler.service_time import ServiceModel, deployment
@@ -122,6 +123,8 @@ class Scheduler:
         self._last_overview = 0.0
         #: Ids of the batches sent and not yet acknowledged (``RedisQueue.ack_sent``).
         self._unacked: list[str] = []
+        #: Deployments with replicas: where each batch goes (``scheduler.routing``).
+        self.routing = Routing(settings)
 
     def _new_pool(self) -> Pool:
         horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
@@ -265,7 +268,7 @@ class Scheduler:
             log.info("re-sending batch %s (%d jobs) left in the outbox", batch_id, len(job_ids))
             self._send(batch_id, job_ids, int(info["cls"]), info.get("similarity"),
                        int(info.get("prefix", 0)), float(info.get("estimate", 0.0)),
-                       info.get("deployment", ""))
+                       info.get("deployment", ""))  # any replica: the worker picks
             self._renew()
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
@@ -378,6 +381,8 @@ class Scheduler:
         for _, f in events:
             if "done" in f and "deployment" in f:
                 self.service.observe(f["deployment"], int(f["size"]), float(f["seconds"]))
+                self.routing.done(f["deployment"], f["done"], float(f["seconds"]),
+                                  int(f["replica"]) if "replica" in f else None)
 
     def _capacity(self, reading: Reading, now: float) -> Capacity:
         inflight = reading.inflight
@@ -432,8 +437,12 @@ class Scheduler:
             return
         self.pool.remove([j.id for j in batch.jobs])
         if claimed:
+            order = self.routing.route(
+                batch_id, batch.jobs, batch.shared_prefix_chars,
+                batch.estimate_s or self.service.estimate(batch.key, len(batch.jobs)), dep,
+                time.time())
             self._send(batch_id, claimed, batch.cls, batch.similarity,
-                       batch.pending_prefix_chars, batch.estimate_s, dep)
+                       batch.pending_prefix_chars, batch.estimate_s, dep, order)
             self._observe_batch(batch, len(claimed))
 
     def _observe_batch(self, batch: PlannedBatch, size: int) -> None:
@@ -450,7 +459,8 @@ class Scheduler:
 
     def _send(self, batch_id: str, job_ids: list[str], cls: int,
               similarity: float | None, prefix_hint: int = 0,
-              estimate_s: float = 0.0, dep: str = "") -> None:
+              estimate_s: float = 0.0, dep: str = "",
+              replicas: list[int] | None = None) -> None:
         if self.first_sent_at is None:
             self.first_sent_at = time.time()
             log.info("first batch sent")
@@ -458,7 +468,8 @@ class Scheduler:
             PROCESS_BATCH,
             kwargs={"batch_id": batch_id, "send_id": uuid.uuid4().hex, "job_ids": job_ids,
                     "similarity": similarity, "cls": cls, "prefix_hint": prefix_hint,
-                    "estimate_s": round(estimate_s, 4)},
+                    "estimate_s": round(estimate_s, 4),
+                    **({"replicas": replicas} if replicas else {})},
             task_id=batch_id,
             queue=keys.queue(cls),
             routing_key=keys.queue(cls),
@@ -488,6 +499,7 @@ class Scheduler:
         self.metrics.pool_jobs.set(len(self.pool))
         self.metrics.backlog_jobs.set(len(self.backlog))
         self.metrics.cluster.update(overview, read_totals(self.r))
+        self.metrics.replicas(overview["replicas"])
 
     def overview(self, now: float) -> dict[str, Any]:
         """Pending work per class, workers, in flight, the scaling signal, cooling
@@ -502,6 +514,8 @@ class Scheduler:
             pipe.llen(name)
         workers_raw, inflight_raw, _, cooling_raw, *queued = pipe.execute()
         cooling = sorted(str(k) for k in cooling_raw)
+        self.routing.cooling = set(cooling)
+        self.routing.forget_before(now - self.settings.visibility_timeout_s)
         workers = slots = 0
         for raw in workers_raw.values():
             info = json.loads(raw)
@@ -573,4 +587,4 @@ class Scheduler:
                 "desired_slots": scale.desired, "scale_reason": scale.reason,
                 "batch_seconds": round(batch_s, 4), "cooling": cooling,
                 "catching_up": not self._caught_up, "sent_batches": self.sent_batches,
-                "sent_jobs": self.sent_jobs}
+                "sent_jobs": self.sent_jobs, "replicas": self.routing.snapshot()}

@@ -87,7 +87,8 @@ class BatchRunner:
     def run(self, batch_id: str, send_id: str, job_ids: Sequence[str],
             similarity: float | None = None, cls: int = 2, prefix_hint: int = 0,
             retries: int = 0, estimate_s: float = 0.0,
-            redelivered: bool = True) -> dict[str, Any]:
+            redelivered: bool = True, replicas: Sequence[int] | None = None,
+            ) -> dict[str, Any]:
         """Run the batch; return a summary (for the worker's log: the task stores no
         result of its own; each job's result is stored under the job's id).
 
@@ -96,6 +97,8 @@ class BatchRunner:
         scheduler's estimate of the batch's time; a job whose deadline no longer leaves
         that much when the batch starts is expired instead of sent. ``redelivered``: the
         broker marked the message as delivered before (its worker was lost).
+        ``replicas``: the order in which to try the provider's replicas (the scheduler's
+        choice first, ``scheduler.routing``).
 
         Under Sentinel the start waits until a replica holds it (``redis_wait_replicas``,
         ``redis_wait_ms``), so that a failover cannot start the batch a second time; past
@@ -107,11 +110,11 @@ class BatchRunner:
         self._until = time.monotonic() + max(3.0, self.settings.task_time_limit_s - 6.0)
         ttl = self.settings.result_ttl_s
         token = uuid.uuid4().hex
-        replicas, wait_ms = self.settings.wait_replicas, self.settings.redis_wait_ms
-        skip = replicas > 0 and time.monotonic() < self._no_replica_until
+        wait_for, wait_ms = self.settings.wait_replicas, self.settings.redis_wait_ms
+        skip = wait_for > 0 and time.monotonic() < self._no_replica_until
         lost, held = self.steady("start", lambda: self.queue.start_run_replicated(
             batch_id, send_id, retries, ttl, cls, time.time(), token=token,
-            redelivered=redelivered, replicas=0 if skip else replicas, wait_ms=wait_ms))
+            redelivered=redelivered, replicas=0 if skip else wait_for, wait_ms=wait_ms))
         if skip or not held:
             metrics.UNREPLICATED_STARTS.inc()
         if not held:  # no replica (after a failover, until one joins): stop waiting a while
@@ -135,7 +138,7 @@ class BatchRunner:
                 return self._poisoned(batch_id, job_ids, cls, lost)
             metrics.BATCHES.labels(metrics.class_name(str(cls)), "ran").inc()
             summary, event = self._run(batch_id, job_ids, similarity, prefix_hint,
-                                       estimate_s, cls)
+                                       estimate_s, cls, replicas)
             return summary
         except INFRA_ERRORS:
             retrying = True  # the task runs the batch again: it stays in flight
@@ -192,7 +195,7 @@ class BatchRunner:
 
     def _run(self, batch_id: str, job_ids: Sequence[str], similarity: float | None,
              prefix_hint: int = 0, estimate_s: float = 0.0, cls: int = 2,
-             ) -> tuple[dict[str, Any], Event | None]:
+             replicas: Sequence[int] | None = None) -> tuple[dict[str, Any], Event | None]:
         """Run the batch's live jobs; return the summary, and the timing of the provider
         call for the scheduler (None when nothing was called)."""
         started = time.time()
@@ -231,7 +234,7 @@ class BatchRunner:
             results.extend(done)
 
         if runnable:
-            self._call(runnable, on_final, prefix_hint)
+            self._call(runnable, on_final, prefix_hint, replicas)
         finished = time.time()
         event: Event | None = None
         if runnable:
@@ -241,6 +244,8 @@ class BatchRunner:
             # An observation for the scheduler, sent with the batch's end (``run``).
             event = {"done": batch_id, "deployment": f"{provider}|{model}",
                      "size": len(runnable), "seconds": round(finished - started, 6)}
+            if self.caller is not None and self.caller.replica is not None:
+                event["replica"] = self.caller.replica  # the one that answered
         # What Flower shows as the task's result (and the worker logs): counts, not ids.
         usage = [r.usage for r in results if r.usage is not None]
         summary = {"class": metrics.class_name(str(cls)), "size": len(job_ids),
@@ -254,14 +259,14 @@ class BatchRunner:
         return summary, event
 
     def _call(self, specs: list[JobSpec], on_final: Callable[[dict[str, Outcome]], None],
-              prefix_hint: int) -> None:
+              prefix_hint: int, replicas: Sequence[int] | None = None) -> None:
         """Call the provider for the batch, in an order where shared prefixes travel
         together, through the one retry layer; ``on_final`` gets each outcome."""
         assert self.caller is not None
         order = sorted(specs, key=lambda s: s.text)
         requests = [ProviderRequest.from_spec(s, prefix_hint) for s in order]
         self.caller.call(requests, specs[0].provider, {s.id: s.tenant for s in specs},
-                         on_final=on_final)
+                         on_final=on_final, replicas=replicas)
 
     def _copy_stored(self, job_ids: list[str], specs: dict[str, JobSpec]) -> None:
         """Jobs this run found already final in SQL: a re-delivered batch whose first

@@ -171,14 +171,16 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
               ignore_result=True)
     def process_batch(self: Task[Any, Any], batch_id: str, send_id: str, job_ids: list[str],
                       similarity: float | None = None, cls: int = 2,
-                      prefix_hint: int = 0, estimate_s: float = 0.0) -> dict[str, Any]:
+                      prefix_hint: int = 0, estimate_s: float = 0.0,
+                      replicas: list[int] | None = None) -> dict[str, Any]:
         """Run one batch of jobs: one provider call, one stored result per job."""
         runner = resources.runner()
         try:
             delivery = self.request.delivery_info or {}
             return runner.run(batch_id, send_id, job_ids, similarity, cls, prefix_hint,
                               retries=self.request.retries or 0, estimate_s=estimate_s,
-                              redelivered=bool(delivery.get("redelivered")))
+                              redelivered=bool(delivery.get("redelivered")),
+                              replicas=replicas)
         except SoftTimeLimitExceeded:
             limit = settings.task_time_limit_s
             failed = runner.fail_running(batch_id, job_ids, f"the provider call took longer "

@@ -56,6 +56,10 @@ REQUEST_SECONDS = Histogram(
 RETRIES = Counter(
     "promptbatch_provider_retries", "Jobs' requests sent again after a transient error.",
     ["provider", "model"])
+REPLICA_REQUESTS = Counter(
+    "promptbatch_replica_calls",
+    "Provider calls per replica of a deployment (a batch, or a part of one retried).",
+    ["deployment", "replica"])
 UNREPLICATED_STARTS = Counter(
     "promptbatch_unreplicated_starts_total",
     "Batches whose start no replica acknowledged within redis_wait_ms (under Sentinel): "

@@ -159,14 +159,22 @@ class ProviderCaller:
         self.rng = rng or random.Random()
         self._last: dict[str, str] = {}
         self._strikes: dict[str, int] = {}
+        #: The replicas to try, in order (the scheduler's choice first), and those that
+        #: failed during this call.
+        self._order: list[int] = []
+        self._failed: set[int] = set()
+        #: The replica (index) that last answered, for the batch's timing event.
+        self.replica: int | None = None
 
     def call(self, requests: Sequence[ProviderRequest], provider: str,
              tenants: dict[str, str] | None = None,
              on_final: Callable[[dict[str, Outcome]], None] | None = None,
-             ) -> dict[str, Outcome]:
+             replicas: Sequence[int] | None = None) -> dict[str, Outcome]:
         """Call until every request has a final reply; return them by job id. Each
-        outcome is also handed to ``on_final`` as soon as it is final."""
+        outcome is also handed to ``on_final`` as soon as it is final. ``replicas``: the
+        order in which to try the provider's replicas (the scheduler's choice first)."""
         primary = f"{provider}|{requests[0].model}" if requests else provider
+        self._order, self._failed, self.replica = list(replicas or []), set(), None
         attempts = {r.job_id: 0 for r in requests}
         self._strikes = {r.job_id: 0 for r in requests}
         self._last = {r.job_id: "" for r in requests}
@@ -200,8 +208,9 @@ class ProviderCaller:
             return
         deployment = self._pick(primary)
         name, model = deployment.split("|", 1)
+        target, replica, health = self._target(name, deployment)
         if (len(chunk.requests) > 1 and getattr(self.provider_for(name), "probe_first", False)
-                and not self.health.recently_ok(deployment)):
+                and not self.health.recently_ok(health)):
             # No recent success: one request first, the rest once it was answered.
             chunk.held = chunk.requests[1:] + chunk.held
             chunk.requests = chunk.requests[:1]
@@ -209,17 +218,62 @@ class ProviderCaller:
                 for r in chunk.requests]  # (``replace`` costs ~9 us: only when it changes)
         if not self._budget(deployment, sent, tenants, chunks, final, attempts, chunk.held):
             return
-        replies = self._complete(name, sent)
-        chunks += self._settle(chunk.requests, replies, attempts, final, deployment, chunk)
+        replies = self._complete(name, sent, target)
+        again = self._settle(chunk.requests, replies, attempts, final, deployment, chunk,
+                             health)
+        if replica is not None:
+            if any(r.transient for r in replies):
+                self._failed.add(replica)
+                if self._next_replica(deployment, name) is not None:
+                    for c in again:  # another replica is there: no backoff
+                        c.not_before = min(c.not_before, self.clock())
+            else:
+                self.replica = replica
+        chunks += again
+
+    def _target(self, name: str, deployment: str) -> tuple[Provider, int | None, str]:
+        """The provider to call for ``deployment``, the replica (index) it is, and the name
+        its health is kept under: a replica of its own when the provider has several."""
+        provider = self.provider_for(name)
+        members: list[Provider] | None = getattr(provider, "members", None)
+        if not members:
+            return provider, None, deployment
+        i = self._next_replica(deployment, name)
+        if i is None:  # every replica failed or cools down: the scheduler's first again
+            i = self._order[0] if self._order and self._order[0] < len(members) else 0
+            self._failed.clear()
+        name_i = keys.replica(deployment, getattr(provider, "urls", [])[i])
+        metrics.REPLICA_REQUESTS.labels(deployment, name_i.split("@", 1)[1]).inc()
+        return members[i], i, name_i
+
+    def _next_replica(self, deployment: str, name: str) -> int | None:
+        """The first replica in the batch's order that neither failed in this call nor
+        cools down."""
+        urls: list[str] = getattr(self.provider_for(name), "urls", [])
+        order = [i for i in self._order if 0 <= i < len(urls)]
+        order += [i for i in range(len(urls)) if i not in order]
+        for i in order:
+            if i not in self._failed and not self.health.cooling(
+                    keys.replica(deployment, urls[i])):
+                return i
+        return None
 
     def _pick(self, primary: str) -> str:
         """The primary deployment, or the first alternative not cooling down."""
         for candidate in [primary, *self.settings.fallbacks.get(primary, [])]:
-            if not self.health.cooling(candidate):
+            if not self._cooling(candidate):
                 if candidate != primary:
                     metrics.FALLBACKS.labels(primary, candidate).inc()
                 return candidate
         return primary
+
+    def _cooling(self, deployment: str) -> bool:
+        """Whether the deployment cools down: every one of its replicas, if it has them."""
+        urls: list[str] | None = getattr(
+            self.provider_for(deployment.split("|", 1)[0]), "urls", None)
+        if urls:
+            return all(self.health.cooling(keys.replica(deployment, u)) for u in urls)
+        return self.health.cooling(deployment)
 
     def _budget(self, deployment: str, sent: list[ProviderRequest], tenants: dict[str, str],
                 chunks: list[_Chunk], final: dict[str, Outcome],
@@ -249,10 +303,11 @@ class ProviderCaller:
             chunks.append(_Chunk(held))
         return False
 
-    def _complete(self, name: str, sent: list[ProviderRequest]) -> list[ProviderReply]:
+    def _complete(self, name: str, sent: list[ProviderRequest],
+                  target: Provider | None = None) -> list[ProviderReply]:
         started = time.monotonic()
         try:
-            replies = self.provider_for(name).complete(sent)
+            replies = (target or self.provider_for(name)).complete(sent)
         except SoftTimeLimitExceeded:
             raise  # the task's time is up: the worker fails the batch, no retry here
         except Exception as exc:  # a provider bug or outage fails this call, transiently
@@ -268,15 +323,17 @@ class ProviderCaller:
 
     def _settle(self, live: list[ProviderRequest], replies: list[ProviderReply],
                 attempts: dict[str, int], final: dict[str, Outcome], deployment: str,
-                chunk: _Chunk) -> list[_Chunk]:
-        """Record final replies; return what is to be tried again, and when."""
+                chunk: _Chunk, health: str | None = None) -> list[_Chunk]:
+        """Record final replies; return what is to be tried again, and when. ``health``:
+        the name the call's health is kept under (a replica's), else the deployment."""
+        health = health or deployment
         whole = len(live) > 1 and all(r.transient for r in replies)
         if len(live) > 1 and all(r.whole_request for r in replies):
             # The request of several jobs was refused as a whole: halves, at once.
             for req in live:
                 attempts[req.job_id] += 1
                 self._last[req.job_id] = replies[0].error or ""
-            self.health.record(deployment, ok=True)  # it answered
+            self.health.record(health, ok=True)  # it answered
             metrics.SPLITS.labels(*metrics.deployment_labels(deployment)).inc()
             half = len(live) // 2
             return [_Chunk(live[:half], self.clock()),
@@ -301,7 +358,7 @@ class ProviderCaller:
                 again.append(req)
                 if reply.retry_after is not None:
                     worst_after = max(worst_after or 0.0, reply.retry_after)
-        self.health.record(deployment, ok=len(again) < len(live))
+        self.health.record(health, ok=len(again) < len(live))
         held = chunk.held
         released: list[_Chunk] = []
         if held and not probe:  # the deployment answered: send what was held back
@@ -316,18 +373,18 @@ class ProviderCaller:
             return released + ([_Chunk(held, self.clock())] if held else [])
         metrics.RETRIES.labels(*metrics.deployment_labels(deployment)).inc(len(again))
         return released + self._retry(again, held, worst_after, attempts, final, deployment,
-                                      chunk, whole or probe)
+                                      chunk, whole or probe, health)
 
     def _retry(self, again: list[ProviderRequest], held: list[ProviderRequest],
                worst_after: float | None, attempts: dict[str, int],
                final: dict[str, Outcome], deployment: str, chunk: _Chunk,
-               whole: bool) -> list[_Chunk]:
+               whole: bool, health: str | None = None) -> list[_Chunk]:
         """The chunks that try ``again`` (and what is held behind them) after a backoff."""
         attempt = max(attempts[r.job_id] for r in again)
         wait = backoff(attempt, worst_after, base=self.settings.provider_retry_base_s,
                        cap=self.settings.provider_retry_max_s, rng=self.rng)
         if wait is None:  # the server asks for longer than we wait: the deployment fails
-            self.health.record(deployment, ok=False)
+            self.health.record(health or deployment, ok=False)
             wait = self.settings.provider_retry_max_s
         when = self.clock() + wait
         keep = []

@@ -28,14 +28,17 @@ def create_provider(name: str, settings: Settings) -> Provider:
         from workers.providers.echo import EchoProvider
 
         return EchoProvider(hooks=settings.echo_test_hooks, call_log=settings.echo_call_log)
-    if chosen is ProviderName.OPENAI:
-        from workers.providers.openai import OpenAIProvider
-
-        return OpenAIProvider(settings)
-    if chosen is ProviderName.ANTHROPIC:
+    if chosen in (ProviderName.OPENAI, ProviderName.ANTHROPIC):
         from workers.providers.anthropic import AnthropicProvider
+        from workers.providers.openai import OpenAIProvider
+        from workers.providers.replicas import Replicas
 
-        return AnthropicProvider(settings)
+        kind = OpenAIProvider if chosen is ProviderName.OPENAI else AnthropicProvider
+        replicas = settings.replicas(chosen.value)
+        if not replicas:
+            return kind(settings)
+        return Replicas([kind(settings, base_url=url) for url, _, _ in replicas],
+                        [url for url, _, _ in replicas])
     from workers.providers.simulated import CostModel, SimulatedProvider
 
     return SimulatedProvider(CostModel.from_settings(settings))

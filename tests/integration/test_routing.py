@@ -1,0 +1,98 @@
+"""Cache-aware routing over two OpenAI-compatible replicas on loopback (real HTTP servers,
+a real scheduler and worker): a prefix family stays on one replica while both carry load;
+a replica that dies is ejected and its batch goes to the other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from config import keys
+from config.settings import Settings
+from jobs.models import JobState
+from producers.client import Client
+from tests.conftest import Procs
+from tests.fake_llm import FakeLLM, FakeServer
+from tests.helpers import poll
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+FAMILIES = ("alpha", "bravo", "charlie", "delta")
+
+
+def template(name: str) -> str:
+    """A system prompt of its own family (the first 256 characters differ)."""
+    return (f"You are the {name} desk's assistant. " + f"Follow the {name} handbook. " * 12)
+
+
+def jobs(wave: int, per_family: int = 6) -> list[dict[str, object]]:
+    return [{"prompt": f"{template(f)}\n\nQuestion {wave}-{i} for {f}: what now?",
+             "provider": "openai", "model": "gpt-test"}
+            for i in range(per_family) for f in FAMILIES]
+
+
+def families_seen(fake: FakeLLM) -> dict[str, int]:
+    """How many requests of each family this replica answered."""
+    out: dict[str, int] = {}
+    for seen in fake.seen:
+        for f in FAMILIES:
+            if f"the {f} desk" in seen.text:
+                out[f] = out.get(f, 0) + 1
+    return out
+
+
+def env_for(*fakes: FakeLLM, **extra: str) -> dict[str, str]:
+    # Batches of one family each (6 jobs), so that each batch is routed on its own.
+    return {"PROMPTBATCH_OPENAI_BASE_URL": ",".join(f"{f.url}/v1" for f in fakes),
+            "PROMPTBATCH_OPENAI_PREFIX_STRATEGY": "parallel",
+            "PROMPTBATCH_MAX_BATCH_SIZE": "6", **extra}
+
+
+def test_each_family_stays_on_one_replica_while_both_carry_load(
+        settings: Settings, procs: Procs) -> None:
+    with FakeServer() as one, FakeServer() as two:
+        env = env_for(one, two)
+        procs.scheduler(**env)
+        procs.worker(2, **env)
+        with Client(settings) as client:
+            for wave in range(3):  # later waves find their family where the first left it
+                ids = client.submit_many(jobs(wave))
+                results = list(client.results(ids, timeout=60))
+                assert {r.state for r in results} == {JobState.SUCCEEDED}
+        a, b = families_seen(one), families_seen(two)
+        assert a and b, (a, b)  # both replicas carried load
+        assert not set(a) & set(b), f"a family was split over the replicas: {a} {b}"
+        assert sum(a.values()) + sum(b.values()) == 3 * 6 * len(FAMILIES)
+
+
+def test_a_replica_that_dies_is_ejected_and_its_batches_go_to_the_other(
+        settings: Settings, procs: Procs, r: redis.Redis) -> None:
+    with FakeServer() as alive:
+        dead = FakeServer()
+        doomed = dead.state
+        dead.thread.start()
+        env = env_for(doomed, alive, PROMPTBATCH_COOLDOWN_FAILURES="1",
+                      PROMPTBATCH_COOLDOWN_S="60")
+        procs.scheduler(**env)
+        procs.worker(2, **env)
+        dead.__exit__()  # the first replica is gone before anything is sent
+        with Client(settings) as client:
+            ids = client.submit_many(jobs(0))
+            results = list(client.results(ids, timeout=60))
+            assert {r.state for r in results} == {JobState.SUCCEEDED}
+            assert sum(families_seen(alive).values()) == len(ids)
+            # Ejected: cooling down, as the scheduler shows it, and not tried again.
+            name = keys.replica("openai|gpt-test", f"{doomed.url}/v1")
+            poll(lambda: r.exists(keys.cooldown(name)), timeout=10, what="the cool-down")
+
+            def cooling_in_overview() -> bool:
+                data = json.loads(r.get(keys.OVERVIEW) or "{}")
+                return any(row["cooling"] and row["replica"].endswith(doomed.url + "/v1")
+                           for row in data.get("replicas", []))
+
+            poll(cooling_in_overview, timeout=10, what="the overview to show it cooling")
+            more = client.submit_many(jobs(1))
+            assert {x.state for x in client.results(more, timeout=60)} == {JobState.SUCCEEDED}
+        assert sum(families_seen(alive).values()) == len(ids) + len(more)

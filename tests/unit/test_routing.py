@@ -1,0 +1,89 @@
+"""The cache-aware routing rules (pure): affinity, the load that overrides it, idle
+replicas, the cache bound, learned latency, replicas cooling down."""
+
+from __future__ import annotations
+
+from scheduler.routing import Choice, ReplicaSpec, Router, RoutingRules
+
+
+def router(n: int = 2, cache: int = 10_000, **rules: float) -> Router:
+    return Router([ReplicaSpec(f"r{i}", cache_tokens=cache) for i in range(n)],
+                  RoutingRules(**rules))
+
+
+def send(r: Router, batch: str, family: int | None, est: float = 1.0, prefix: int = 1000,
+         other: int = 0, unavailable: tuple[int, ...] = ()) -> Choice:
+    choice = r.choose(family, prefix, est, unavailable)
+    r.sent(batch, choice, family, prefix, est, now=0.0, other_tokens=other)
+    return choice
+
+
+def test_a_family_returns_to_the_replica_that_holds_it_while_both_carry_load() -> None:
+    r = router()
+    first = send(r, "a1", family=1)
+    second = send(r, "b1", family=2)  # a new family goes to the least loaded
+    assert first.replica != second.replica and not first.affinity
+    again = send(r, "a2", family=1)
+    assert again.replica == first.replica and again.affinity
+    assert send(r, "b2", family=2).replica == second.replica
+
+
+def test_load_well_above_the_least_loaded_overrides_affinity() -> None:
+    r = router(imbalance_batches=2, imbalance_s=0.0, idle_batches=0)
+    home = send(r, "a0", family=1).replica
+    send(r, "x", family=9, est=0.5)  # the other replica carries a little
+    for i in range(1, 3):  # up to two batches more than the other: stays home
+        assert send(r, f"a{i}", family=1).replica == home
+    moved = send(r, "a3", family=1)
+    assert moved.replica != home and not moved.affinity
+    # From then on both hold the family: the less loaded of them gets it.
+    assert send(r, "a4", family=1).affinity
+
+
+def test_an_idle_replica_takes_work_from_a_busy_holder() -> None:
+    r = router(imbalance_batches=100)
+    home = send(r, "a0", family=1).replica
+    other = send(r, "a1", family=1)  # the holder has a batch, the other none: balance
+    assert other.replica != home
+
+
+def test_the_record_is_bounded_by_the_cache_oldest_out_churn_included() -> None:
+    r = router(n=1, cache=3000)
+    for fam in (1, 2, 3):
+        send(r, f"b{fam}", family=fam, prefix=1000)
+    snap = r.snapshot()[0]
+    assert snap["families"] == 3 and snap["cached_tokens"] == 3000
+    send(r, "b4", family=4, prefix=1000)  # family 1 leaves
+    assert 1 not in r.replicas[0].families and 4 in r.replicas[0].families
+    send(r, "q", family=None, prefix=0, other=2500)  # prompts nobody shares push out more
+    assert [k for k in r.replicas[0].families if k >= 0] == []
+
+
+def test_done_frees_the_work_and_teaches_each_replica_its_speed() -> None:
+    r = router(idle_batches=0, imbalance_batches=0, imbalance_s=0.0, latency_alpha=1.0)
+    a = send(r, "a", family=1, est=1.0)
+    assert r.snapshot()[a.replica]["outstanding"] == 1
+    r.done("a", seconds=3.0)  # measured at three times the estimate
+    assert r.snapshot()[a.replica]["outstanding"] == 0
+    assert r.replicas[a.replica].ratio == 3.0
+    # One batch on each: the slow replica's counts triple, so the next goes to the other.
+    send(r, "s", family=5, est=1.0, unavailable=(1 - a.replica,))
+    send(r, "f", family=6, est=1.0, unavailable=(a.replica,))
+    assert send(r, "t", family=7, est=1.0).replica == 1 - a.replica
+
+
+def test_a_cooling_replica_is_skipped_and_listed_last_unless_all_are() -> None:
+    r = router(n=3)
+    home = send(r, "a", family=1).replica
+    choice = send(r, "b", family=1, unavailable=(home,))
+    assert choice.replica != home and choice.order[-1] == home
+    assert send(r, "c", family=2, unavailable=(0, 1, 2)).replica in (0, 1, 2)
+
+
+def test_batches_that_never_report_are_forgotten() -> None:
+    r = router()
+    choice = r.choose(1, 100, 1.0)
+    r.sent("lost", choice, 1, 100, 1.0, now=10.0)
+    assert r.forget_before(5.0) == 0
+    assert r.forget_before(11.0) == 1
+    assert r.snapshot()[choice.replica]["outstanding"] == 0
