@@ -13,11 +13,17 @@ one after another) runs all three, against a fresh llama-server with 4 slots eac
 * FIFO batches: the benchmark cuts the jobs into batches of 32 in arrival order and
   sends each as one ``process_batch`` task (celery-batches style);
 * one task per prompt: one ``process_batch`` task per job.
+
+The baselines form their batches through the scheduler's own claim path (the benchmark
+holds the scheduler's lease and claims each batch's jobs, as a scheduler would, then
+sends it): a job runs only in the batch that claimed it. Each mode has a time limit
+(``--timeout``); a mode that exceeds it stops the benchmark with a message naming it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import tempfile
@@ -33,6 +39,7 @@ from bench.workload import customer_system_prompt, sharegpt_questions
 from config import keys
 from config.celery import PROCESS_BATCH, build_celery
 from config.settings import Settings
+from jobs.errors import ResultTimeout
 from jobs.models import JobResult
 from producers.client import Client
 from promptbatch.embedded import EmbeddedRedis
@@ -41,14 +48,19 @@ from promptbatch.summary import percentile
 SIZE = 32
 
 
-def workload(n: int, templates: int, seed: int = 3) -> list[dict[str, object]]:
-    questions = [q[:400] for q in sharegpt_questions()]
+class ModeTimedOut(RuntimeError):
+    """A mode of the benchmark did not finish within its time limit."""
+
+
+def workload(n: int, templates: int, seed: int = 3,
+             questions: list[str] | None = None) -> list[dict[str, object]]:
+    questions = questions or [q[:400] for q in sharegpt_questions()]
     rng = random.Random(seed)
     systems = [customer_system_prompt(i) for i in range(templates)]
-    jobs = []
+    jobs: list[dict[str, object]] = []
     for i in range(n):
         jobs.append({"messages": [{"role": "system", "content": systems[i % templates]},
-                                  {"role": "user", "content": questions[i]}],
+                                  {"role": "user", "content": questions[i % len(questions)]}],
                      "provider": "openai", "model": MODEL_NAME,
                      "params": {"max_tokens": 8, "temperature": 0}})
     rng.shuffle(jobs)
@@ -66,18 +78,26 @@ def summarise(name: str, results: list[JobResult], wall: float) -> tuple[object,
 
 
 def run(mode: str, jobs: list[dict[str, object]], workers: int, tmp: Path,
-        cache_ram: int | None) -> tuple[object, ...]:
+        cache_ram: int | None, timeout: float) -> tuple[object, ...]:
+    """One mode against a fresh llama-server."""
     run_dir = tmp / mode
     run_dir.mkdir()
-    with EmbeddedRedis(run_dir / "redis") as server, \
-            LlamaServer(run_dir / "llama.log", slots=4, cache_ram_mib=cache_ram) as llama:
+    with LlamaServer(run_dir / "llama.log", slots=4, cache_ram_mib=cache_ram) as llama:
+        return run_on(mode, jobs, workers, run_dir, llama.base_url, timeout)
+
+
+def run_on(mode: str, jobs: list[dict[str, object]], workers: int, run_dir: Path,
+           base_url: str, timeout: float) -> tuple[object, ...]:
+    """One mode against the OpenAI-compatible server at ``base_url``."""
+    run_dir.mkdir(exist_ok=True)
+    with EmbeddedRedis(run_dir / "redis") as server:
         s = Settings(redis_url=server.url, database_url=f"sqlite:///{run_dir / 'jobs.db'}",
-                     openai_base_url=llama.base_url, openai_prefix_strategy="auto",
+                     openai_base_url=base_url, openai_prefix_strategy="auto",
                      max_batch_size=SIZE, provider_read_timeout_s=300,
                      provider_total_timeout_s=600, task_time_limit_s=3000,
                      visibility_timeout_s=3600, _env_file=None)  # type: ignore[call-arg]
         migrated(s)
-        env = child_env(s, PROMPTBATCH_OPENAI_BASE_URL=llama.base_url,
+        env = child_env(s, PROMPTBATCH_OPENAI_BASE_URL=base_url,
                         PROMPTBATCH_OPENAI_PREFIX_STRATEGY="auto",
                         PROMPTBATCH_MAX_BATCH_SIZE=str(SIZE),
                         PROMPTBATCH_PROVIDER_READ_TIMEOUT_S="300",
@@ -95,17 +115,44 @@ def run(mode: str, jobs: list[dict[str, object]], workers: int, tmp: Path,
                 t0 = time.perf_counter()
                 ids = client.submit_many(jobs)
                 if mode != "promptbatch":
-                    app = build_celery(s, "bench", s.redis_url)
-                    size = SIZE if mode == "FIFO batches" else 1
-                    for start in range(0, len(ids), size):
-                        app.send_task(PROCESS_BATCH, queue=keys.queue(2), kwargs={
-                            "batch_id": str(uuid.uuid4()), "send_id": "bench",
-                            "job_ids": ids[start:start + size]})
-                results = list(client.results(ids, timeout=3600))
+                    send_baseline(client, s, ids, SIZE if mode == "FIFO batches" else 1)
+                try:
+                    results = list(client.results(ids, timeout=timeout))
+                except ResultTimeout as exc:
+                    raise ModeTimedOut(
+                        f"mode {mode!r}: not every job finished within {timeout:.0f} s "
+                        f"({exc}); the server at {base_url} is too slow for this many "
+                        "prompts, or it stopped answering (see its log under "
+                        f"{run_dir})") from None
                 wall = time.perf_counter() - t0
         finally:
             kids.stop()
     return summarise(mode, results, wall)
+
+
+def send_baseline(client: Client, s: Settings, ids: list[str], size: int) -> None:
+    """Send ``ids`` in batches of ``size`` in arrival order, each claimed first through
+    the scheduler's claim path (holding its lease, as a scheduler does)."""
+    token = f"bench:{uuid.uuid4().hex[:8]}"
+    if not client.queue.acquire_lease(token, 3600):
+        raise RuntimeError("a scheduler holds the lease: the baseline cannot claim jobs")
+    tenant = s.default_tenant
+    app = build_celery(s, "bench", s.redis_url)
+    try:
+        for start in range(0, len(ids), size):
+            batch_id = str(uuid.uuid4())
+            meta = json.dumps({"cls": 2, "deployment": f"openai|{MODEL_NAME}"})
+            claimed = client.queue.claim(token, batch_id, meta,
+                                         [(j, tenant) for j in ids[start:start + size]],
+                                         time.time(), 2)
+            if not claimed:
+                raise RuntimeError(f"batch {batch_id}: the claim took no job")
+            app.send_task(PROCESS_BATCH, queue=keys.queue(2), task_id=batch_id, kwargs={
+                "batch_id": batch_id, "send_id": uuid.uuid4().hex, "job_ids": claimed,
+                "cls": 2})
+            client.queue.ack_sent([batch_id])
+    finally:
+        client.queue.release_lease(token)
 
 
 def main() -> None:
@@ -114,6 +161,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=240)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--templates", type=int, default=6)
+    parser.add_argument("--timeout", type=float, default=3600,
+                        help="seconds each mode may take before the benchmark stops, "
+                        "naming it")
     parser.add_argument("--cache-ram", type=int, default=None,
                         help="llama-server --cache-ram in MiB (default: its own, 8 GiB; 0: "
                         "each slot keeps only its own prompt cache)")
@@ -122,7 +172,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="pb-llm-") as d:
         for mode in ("promptbatch", "FIFO batches", "one task per prompt"):
-            rows.append(run(mode, jobs, args.workers, Path(d), args.cache_ram))
+            rows.append(run(mode, jobs, args.workers, Path(d), args.cache_ram, args.timeout))
             print(rows[-1], flush=True)
     ours = float(str(rows[0][2]))
     rows = [(*r, f"{ours / float(str(r[2])):.2f}x") for r in rows]
