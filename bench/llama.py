@@ -25,7 +25,7 @@ class LlamaServer:
     """``llama-server`` with ``slots`` parallel slots, each with its own prompt cache."""
 
     def __init__(self, log: Path, slots: int = 4, context: int = 8192,
-                 cache_ram_mib: int | None = None) -> None:
+                 cache_ram_mib: int | None = None, threads: int = 2) -> None:
         """``context``: tokens of KV cache in all (shared by the slots); ``cache_ram_mib``:
         llama.cpp's host-memory prompt cache (None: its default, 8 GiB; 0: off, so each
         slot keeps only its own prompt)."""
@@ -37,6 +37,7 @@ class LlamaServer:
         self.slots = slots
         self.context = context
         self.log = log
+        self.threads = threads
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -49,7 +50,7 @@ class LlamaServer:
         self.proc = subprocess.Popen(
             [str(BINARY), "-m", str(MODEL), "-a", MODEL_NAME, "--host", "127.0.0.1",
              "--port", str(self.port), "-c", str(self.context),
-             "-np", str(self.slots), "-t", "2", "--metrics", "--no-webui",
+             "-np", str(self.slots), "-t", str(self.threads), "--metrics", "--no-webui",
              *([] if self.cache_ram_mib is None else ["--cache-ram", str(self.cache_ram_mib)])],
             stdout=out, stderr=subprocess.STDOUT)
         out.close()

@@ -401,6 +401,12 @@ class Settings(BaseSettings):
         "Without it, a comma-separated base URL lists replicas of weight 1 and "
         "routing_cache_tokens each. Batches are routed to the replica most likely to hold "
         "their prefix (README: Replicas and routing).")
+    routing_policy: Literal["cache_aware", "round_robin", "least_outstanding"] = Field(
+        default="cache_aware",
+        description="How batches are spread over a deployment's replicas: cache_aware (to the "
+        "replica holding their prefix, within the load bounds below), round_robin, or "
+        "least_outstanding (fewest batches in flight); the last two as a load balancer "
+        "would, for comparison.")
     routing_cache_tokens: int = Field(
         default=100_000, ge=0,
         description="Prompt-cache tokens a replica is taken to hold, when its entry names none "

@@ -111,12 +111,14 @@ class Router:
     """Routes the batches of one deployment over its replicas (see the module)."""
 
     def __init__(self, replicas: Sequence[ReplicaSpec], rules: RoutingRules | None = None,
-                 ) -> None:
+                 policy: str = "cache_aware") -> None:
         if not replicas:
             raise ValueError("a router needs at least one replica")
         self.replicas = [_Replica(spec) for spec in replicas]
         self.rules = rules or RoutingRules()
+        self.policy = policy
         self._where: dict[str, int] = {}
+        self._turn = 0
 
     def choose(self, family: int | None, prefix_tokens: int, estimate_s: float,
                unavailable: Iterable[int] = ()) -> Choice:
@@ -129,7 +131,15 @@ class Router:
         loads = {i: self.replicas[i].load() for i in candidates}
         least = min(candidates, key=lambda i: (loads[i], -self._free(i), i))
         chosen, affinity = least, False
-        if family is not None:
+        if self.policy == "round_robin":
+            self._turn += 1
+            chosen = candidates[self._turn % len(candidates)]
+        elif self.policy == "least_outstanding":
+            few = min(len(self.replicas[i].outstanding) for i in candidates)
+            ties = [i for i in candidates if len(self.replicas[i].outstanding) == few]
+            self._turn += 1
+            chosen = ties[self._turn % len(ties)]
+        elif family is not None:
             holders = [i for i in candidates if family in self.replicas[i].families]
             if holders:
                 best = min(holders, key=lambda i: (loads[i], i))
@@ -217,7 +227,7 @@ class Routing:
             replicas = self.settings.replicas(dep.split("|", 1)[0])
             self.routers[dep] = None if not replicas else (
                 Router([ReplicaSpec(url, weight, cache) for url, weight, cache in replicas],
-                       self.rules),
+                       self.rules, self.settings.routing_policy),
                 [keys.replica(dep, url) for url, _, _ in replicas])
         return self.routers[dep]
 

@@ -87,3 +87,13 @@ def test_batches_that_never_report_are_forgotten() -> None:
     assert r.forget_before(5.0) == 0
     assert r.forget_before(11.0) == 1
     assert r.snapshot()[choice.replica]["outstanding"] == 0
+
+
+def test_the_load_balancer_policies_ignore_prefixes() -> None:
+    rr = Router([ReplicaSpec("a"), ReplicaSpec("b")], policy="round_robin")
+    picks = [rr.choose(1, 1000, 1.0).replica for _ in range(4)]
+    assert sorted(picks) == [0, 0, 1, 1]
+    lo = Router([ReplicaSpec("a"), ReplicaSpec("b")], policy="least_outstanding")
+    first = lo.choose(1, 1000, 1.0)
+    lo.sent("x", first, 1, 1000, 1.0, now=0.0)
+    assert lo.choose(1, 1000, 1.0).replica != first.replica  # the same family, elsewhere
