@@ -98,6 +98,30 @@ class Accounts:
             return session.scalars(select(FileRow).where(
                 FileRow.id == file_id, FileRow.tenant == tenant)).first()
 
+    def list_files(self, tenant: str, limit: int, after: str | None,
+                   purpose: str | None = None) -> list[tuple[str, int, float, str, str]]:
+        """The tenant's files, newest first: ``(id, bytes, created_at, filename,
+        purpose)`` (never their content), after the file ``after``."""
+        stmt = select(FileRow.id, FileRow.size, FileRow.created_at, FileRow.filename,
+                      FileRow.purpose).where(FileRow.tenant == tenant)
+        if purpose:
+            stmt = stmt.where(FileRow.purpose == purpose)
+        with self.engine.connect() as conn:
+            if after:
+                created = conn.execute(select(FileRow.created_at).where(
+                    FileRow.id == after, FileRow.tenant == tenant)).scalar_one_or_none()
+                if created is not None:
+                    stmt = stmt.where(FileRow.created_at < created)
+            rows = conn.execute(stmt.order_by(FileRow.created_at.desc()).limit(limit))
+            return [(str(i), int(n), float(at), str(f), str(p)) for i, n, at, f, p in rows]
+
+    def delete_file(self, file_id: str, tenant: str) -> bool:
+        """Delete one of the tenant's files; whether it was there."""
+        with self.engine.begin() as conn:
+            done = conn.execute(FileRow.__table__.delete().where(  # type: ignore[attr-defined]
+                FileRow.id == file_id, FileRow.tenant == tenant))
+        return bool(done.rowcount)
+
     def put_batch(self, batch_id: str, tenant: str, data: dict[str, Any]) -> None:
         with self.engine.begin() as conn:
             conn.execute(BatchRow.__table__.insert(), [{  # type: ignore[attr-defined]

@@ -29,6 +29,7 @@ from jobs.models import JobResult, JobSpec, JobState, Priority
 from jobs.validation import parse_request, resolve
 from producers.accounts import Accounts
 from producers.client import Client
+from producers.models import resolve_model
 
 ENDPOINTS = ("/v1/chat/completions",)
 _WINDOW = re.compile(r"^([1-9][0-9]{0,3})h$")
@@ -96,6 +97,19 @@ class BatchService:
         if row is None:
             raise JobNotFound(file_id)
         return file_object(row.id, row.size, row.created_at, row.filename, row.purpose)
+
+    def list_files(self, tenant: str, limit: int, after: str | None,
+                   purpose: str | None) -> dict[str, Any]:
+        rows = self.accounts.list_files(tenant, limit + 1, after, purpose)
+        data = [file_object(i, n, at, name, p) for i, n, at, name, p in rows[:limit]]
+        return {"object": "list", "data": data, "has_more": len(rows) > limit,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None}
+
+    def delete_file(self, tenant: str, file_id: str) -> dict[str, Any]:
+        if not self.accounts.delete_file(file_id, tenant):
+            raise JobNotFound(file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
 
     # --- batches ------------------------------------------------------------------------
 
@@ -176,8 +190,11 @@ class BatchService:
                 if custom_id in seen:
                     raise ValueError(f"custom_id {custom_id!r} is used twice")
                 fields = _request_of(line, endpoint)
+                target = resolve_model(self.settings, fields.pop("model"))
+                if self.settings.batch_provider and "provider" not in target:
+                    target["provider"] = self.settings.batch_provider
+                fields.update(target)
                 fields.update(priority=Priority.BULK, deadline=None,
-                              provider=self.settings.batch_provider or None,
                               idempotency_key=f"{batch_id}:{custom_id}",
                               metadata={"batch_id": batch_id, "custom_id": custom_id})
                 request = parse_request(fields, line=number)

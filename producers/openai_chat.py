@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jobs.errors import InvalidJob
 from jobs.models import JobResult, JobState
 from producers.auth import CallerDep
+from producers.models import resolve_model
 from producers.streaming import aio, follow, wait_bound
 from producers.web import ApiError, client_of, read_json
 
@@ -71,11 +72,7 @@ def _job(body: Any, request: Request, *, chat: bool) -> dict[str, Any]:
         raise InvalidJob(errors)
     item: dict[str, Any] = ({"messages": body["messages"]} if chat
                             else {"prompt": body["prompt"]})
-    target = request.app.state.settings.model_aliases.get(body["model"], body["model"])
-    if "|" in target:
-        item["provider"], item["model"] = target.split("|", 1)
-    else:
-        item["model"] = target
+    item.update(resolve_model(request.app.state.settings, body["model"]))
     params = {k: body[k] for k in _PARAMS if body.get(k) is not None}
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None:

@@ -50,6 +50,22 @@ async def create_file(request: Request, caller: CallerDep) -> dict[str, Any]:
     return await run_in_threadpool(service(request).create_file, tenant, purpose,
                                    upload.filename or "input.jsonl", content)
 
+@router.get("/v1/files", tags=["openai"])
+async def list_files(request: Request, caller: CallerDep,
+                     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+                     after: str | None = None,
+                     purpose: str | None = None) -> dict[str, Any]:
+    """The caller's files, newest first (their descriptions, not their content)."""
+    return await run_in_threadpool(service(request).list_files, caller.tenant, limit, after,
+                                   purpose)
+
+
+@router.delete("/v1/files/{file_id}", tags=["openai"])
+async def delete_file(file_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
+    """Delete one of the caller's files."""
+    return await run_in_threadpool(service(request).delete_file, caller.tenant, file_id)
+
+
 @router.get("/v1/files/{file_id}", tags=["openai"])
 async def get_file(file_id: str, request: Request, caller: CallerDep) -> dict[str, Any]:
     """A file's description."""
