@@ -12,6 +12,7 @@ from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
+from kombu.transport import TRANSPORT_ALIASES
 
 from config import keys
 from config.redisaddr import SentinelAddress, is_sentinel
@@ -36,6 +37,13 @@ def batch_repr(cls: int, job_ids: list[str], deployment: str = "",
             f"jobs {shown}{more}")
 
 
+#: kombu resolves these schemes to promptbatch's transports, so a broker URL keeps its own
+#: scheme everywhere it is shown or parsed (Flower's Broker tab reads the scheme).
+_ALIASES = {"redis": "config.transport:Transport",
+            "sentinel": "config.transport:SentinelTransport"}
+TRANSPORT_ALIASES.update(_ALIASES)
+
+
 def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str, Any]:
     """The Celery settings for ``settings`` (``redis_url`` overrides ``settings.redis_url``)."""
     url = redis_url or settings.redis_url
@@ -51,27 +59,24 @@ def celery_config(settings: Settings, redis_url: str | None = None) -> dict[str,
         "health_check_interval": 10,
         "retry_on_timeout": True,
     }
-    # kombu's Redis transport, publishing through one client (``config.transport``); TLS
-    # and other schemes keep kombu's own.
-    transport = {"broker_transport": "config.transport:Transport"} if url.startswith(
-        "redis://") else {}
+    # kombu's Redis transport, publishing through one client (``config.transport``),
+    # which the ``redis://`` and ``sentinel://`` schemes name (``_ALIASES``); TLS and other
+    # schemes keep kombu's own.
     sentinel: dict[str, object] = {}
     backend = url
     broker_options: dict[str, Any] = {}
     if is_sentinel(url):  # kombu's and Celery's own Sentinel support, as they spell it
         address = SentinelAddress.parse(url)
         url = backend = address.kombu_url()
-        transport = {"broker_transport": "config.transport:SentinelTransport"}
         sentinel = address.transport_options()
     if settings.amqp:
         # RabbitMQ carries the batch tasks; Redis keeps everything else. Durable queues and
         # persistent messages survive a broker restart; a publish returns once the broker
         # has it (confirms); a lost worker's unacknowledged batch is delivered again as
         # soon as its connection closes (no visibility timeout).
-        url, transport = settings.broker_url, {}
+        url = settings.broker_url
         broker_options = {"confirm_publish": True}
     return {
-        **transport,
         "broker_url": url,
         "result_backend": backend,
         "task_serializer": "json",

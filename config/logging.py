@@ -16,5 +16,5 @@ def setup_logging(level: str | None = None) -> None:
         logging.basicConfig(level=chosen, format=_FORMAT)
     else:
         root.setLevel(chosen)
-    for noisy in ("httpx", "httpcore", "alembic.runtime.migration"):
+    for noisy in ("httpx", "httpcore", "alembic.runtime.migration", "alembic.runtime.plugins"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

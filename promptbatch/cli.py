@@ -24,7 +24,7 @@ from config.settings import PRIORITY_NAMES, Settings
 from jobs.errors import InvalidJob, PromptBatchError
 from promptbatch.summary import Summary
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="markdown",
                   help="promptbatch: a task queue for LLM prompts with similarity batching.")
 console = Console(stderr=True)
 
@@ -41,7 +41,7 @@ NO_REDIS = ("PROMPTBATCH_REDIS_URL is not set: point it at the service's Redis (
 def _need_redis(settings: Settings) -> str:
     """The Redis URL, or exit 2 with one line that says what to set."""
     if not settings.redis_url:
-        console.print(f"[red]{NO_REDIS.format(env=settings.data_dir / 'up.env')}[/red]",
+        console.print(f"[red]{NO_REDIS.format(env=settings.data_dir / 'up' / 'up.env')}[/red]",
                       soft_wrap=True)
         raise typer.Exit(2)
     return settings.redis_url
@@ -256,6 +256,13 @@ def up(
     flower_port: Annotated[int, typer.Option(help="Port of Flower.")] = 5555,
     no_flower: Annotated[bool, typer.Option("--no-flower", help="Do not start Flower.")]
     = False,
+    scheduler_metrics_port: Annotated[int, typer.Option(
+        min=1, max=65535, envvar="PROMPTBATCH_UP_SCHEDULER_METRICS_PORT",
+        help="Port of the scheduler's Prometheus /metrics (stable, for a scrape target).")]
+    = 9464,
+    worker_metrics_port: Annotated[int, typer.Option(
+        min=1, max=65535, envvar="PROMPTBATCH_UP_WORKER_METRICS_PORT",
+        help="Port of the worker's Prometheus /metrics.")] = 9465,
     providers: Annotated[str | None, typer.Option(
         help="Providers the service offers, comma-separated, the first the default (for "
         "example echo,simulated). Default: PROMPTBATCH_DEFAULT_PROVIDER and "
@@ -275,7 +282,9 @@ def up(
         env["PROMPTBATCH_DEFAULT_PROVIDER"] = names[0]
         env["PROMPTBATCH_TENANT_PROVIDERS"] = json.dumps({"*": names})
     service = Service(settings, workers=workers, port=port, flower=not no_flower,
-                      flower_port=flower_port, env=env)
+                      flower_port=flower_port, env=env,
+                      metrics_ports={"scheduler": scheduler_metrics_port,
+                                     "worker": worker_metrics_port})
 
     def first_signal(signum: int, frame: FrameType | None) -> None:
         _hold_signals(service)  # at once: a second signal is the cold stop
@@ -327,8 +336,8 @@ def _print_endpoints(service: Any) -> None:
         out.print(f"  API key      {e.new_key}   (admin key of tenant 'default', shown once: "
                   "keep it; send it as 'Authorization: Bearer <key>')", highlight=False)
     else:
-        out.print("  API key      created on the first start (a new one: `promptbatch keys add "
-                  "default --admin`)", highlight=False)
+        out.print("  API key      created on the first start: PROMPTBATCH_API_KEY in the file "
+                  "below (another: `promptbatch keys add default --admin`)", highlight=False)
     if e.flower_url:
         out.print(f"  Flower       {e.flower_url}   user {e.flower_user}, password "
                   f"{e.flower_password}", highlight=False)
@@ -340,7 +349,8 @@ def _print_endpoints(service: Any) -> None:
     out.print(f"  Job store    PROMPTBATCH_DATABASE_URL={e.database_url}", highlight=False)
     out.print(f"  Other terminals: source {e.env_file}   (then promptbatch submit / worker / "
               "status join this service)", highlight=False)
-    out.print(f'  Try: curl -s {e.api_url}/v1/jobs -H "Authorization: Bearer <key>" '
+    out.print(f'  Try: curl -s {e.api_url}/v1/jobs -H "Authorization: Bearer '
+              '$PROMPTBATCH_API_KEY" '
               """-H 'Content-Type: application/json' -d '{"prompt": "Hello"}'""",
               highlight=False)
 
@@ -407,8 +417,11 @@ def _ready(settings: Settings) -> None:
 
 @app.command()
 def health(
-    role: Annotated[str, typer.Option(envvar="PROMPTBATCH_ROLE", help="api, scheduler, worker "
-                                      "or flower (the container's role).")] = "api",
+    which: Annotated[str | None, typer.Argument(
+        metavar="ROLE", help="api, scheduler, worker or flower (default: --role, else "
+        "PROMPTBATCH_ROLE, else api).", show_default=False)] = None,
+    role: Annotated[str, typer.Option(envvar="PROMPTBATCH_ROLE", help="The same as ROLE "
+                                      "(the container's role).")] = "api",
     port: Annotated[int, typer.Option(envvar="PROMPTBATCH_PORT", help="Port of the API (or "
                                       "of Flower).")] = 8000,
 ) -> None:
@@ -416,6 +429,11 @@ def health(
     import socket
 
     import httpx
+
+    role = which or role
+    if role not in ("api", "scheduler", "worker", "flower"):
+        console.print(f"[red]unknown role {role!r}: api, scheduler, worker or flower[/red]")
+        raise typer.Exit(2)
 
     if role in ("api", "flower"):
         path = "/readyz" if role == "api" else "/healthcheck"
@@ -669,7 +687,7 @@ def api(
                 log_level="info", access_log=True, proxy_headers=False)
 
 
-keys_app = typer.Typer(help="API keys of the HTTP API.")
+keys_app = typer.Typer(help="API keys of the HTTP API.", rich_markup_mode="markdown")
 app.add_typer(keys_app, name="keys")
 
 
@@ -719,7 +737,7 @@ def purge(
           f"older than {older_than:g} days")
 
 
-cache_app = typer.Typer(help="The result cache.")
+cache_app = typer.Typer(help="The result cache.", rich_markup_mode="markdown")
 app.add_typer(cache_app, name="cache")
 
 

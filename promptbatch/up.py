@@ -39,6 +39,8 @@ class UpState:
     flower_user: str = "admin"
     flower_password: str = ""
     key_created: bool = False
+    #: The admin key of the default tenant that ``up.env`` exports (PROMPTBATCH_API_KEY).
+    api_key: str = ""
 
     @classmethod
     def load(cls, path: Path) -> UpState:
@@ -74,14 +76,16 @@ class Service(LocalStack):
     """The embedded server, scheduler, worker, API and Flower, started and stopped together."""
 
     def __init__(self, settings: Settings, *, workers: int, port: int, flower: bool,
-                 flower_port: int, env: dict[str, str]) -> None:
+                 flower_port: int, env: dict[str, str],
+                 metrics_ports: dict[str, int] | None = None) -> None:
         self.home = settings.data_dir / "up"
         super().__init__(self.home, workers=workers, env=env)
         self.settings = settings
         self.port = port
         self.flower = flower
         self.flower_port = flower_port
-        self.metrics_ports: dict[str, int] = {}
+        #: Where the scheduler and the worker serve /metrics: stable, for Prometheus.
+        self.metrics_ports: dict[str, int] = dict(metrics_ports or {})
         self.state_path = self.home / "up.json"
         self.state = UpState()
         self.new_key: str | None = None
@@ -113,13 +117,19 @@ class Service(LocalStack):
         store = JobStore(self.settings.database_url)
         try:
             store.migrate()
-            self.new_key = None if st.key_created else self._first_key(store)
+            # The key ``up.env`` exports: made on the first start (and printed once).
+            self.new_key = None if st.api_key else self._first_key(store)
         finally:
             store.close()
+        st.api_key = st.api_key or self.new_key or ""
         st.key_created = True
         st.save(self.state_path)
         self._write_env()
-        self.metrics_ports = {"scheduler": free_port(), "worker": free_port()}
+        for role in ("scheduler", "worker"):
+            if not _port_free(self.metrics_ports.get(role, 0)):
+                raise StackError(
+                    f"the {role}'s metrics port {self.metrics_ports.get(role)} is in use: "
+                    f"choose another with --{role}-metrics-port")
         self._spawn("scheduler", [sys.executable, "-m", "promptbatch", "scheduler",
                                   "--metrics-port", str(self.metrics_ports["scheduler"])])
         self._spawn("worker", [sys.executable, "-m", "promptbatch", "worker",
@@ -145,7 +155,9 @@ class Service(LocalStack):
         path = self.home / "up.env"
         path.write_text(f"export PROMPTBATCH_REDIS_URL='{self.redis_url}'\n"
                         f"export PROMPTBATCH_DATABASE_URL='{self.settings.database_url}'\n"
-                        f"export PROMPTBATCH_DATA_DIR='{self.settings.data_dir}'\n",
+                        f"export PROMPTBATCH_DATA_DIR='{self.settings.data_dir}'\n"
+                        f"export PROMPTBATCH_API_KEY='{self.state.api_key}'\n"
+                        f"export PROMPTBATCH_URL='http://127.0.0.1:{self.port}'\n",
                         encoding="utf-8")
         path.chmod(0o600)
 

@@ -87,7 +87,8 @@ def _start_up(data: Path, out: Path, env: dict[str, str],
 def _up_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
     env.update({"PROMPTBATCH_DATA_DIR": str(tmp_path / "data"), "PYTHONUNBUFFERED": "1",
-                **extra})
+                "PROMPTBATCH_UP_SCHEDULER_METRICS_PORT": str(free_port()),
+                "PROMPTBATCH_UP_WORKER_METRICS_PORT": str(free_port()), **extra})
     return env
 
 

@@ -32,6 +32,6 @@ def test_a_mode_that_does_not_finish_says_which_and_why(tmp_path: Path) -> None:
     jobs = llm.workload(2, 1, questions=["slow?", "slower?"])
     with FakeServer() as fake:
         fake.delay_s = 30
-        with pytest.raises(llm.ModeTimedOut, match="mode 'one task per prompt'.*2 s"):
+        with pytest.raises(llm.ModeTimedOut, match=r"mode 'one task per prompt'.*2 s"):
             llm.run_on("one task per prompt", jobs, 1, tmp_path / "run", f"{fake.url}/v1",
                        timeout=2)

@@ -59,6 +59,11 @@ def test_flower_lists_the_worker_and_process_batch_tasks(settings: Settings, pro
 
             tasks = poll(seen, timeout=60, interval=0.5, what="Flower to list worker and tasks")
         assert any(t.get("state") == "SUCCESS" for t in tasks.values())  # type: ignore[attr-defined]
+        # The Broker tab: the class queues and their lengths, read from Redis.
+        queues = httpx.get(f"{base}/api/queues/length", timeout=10)
+        assert queues.status_code == 200, queues.text
+        names = {q["name"] for q in queues.json()["active_queues"]}
+        assert {"pb.critical", "pb.normal", "pb.bulk"} <= names
     finally:
         os.killpg(flower.pid, signal.SIGTERM)
         flower.wait(15)

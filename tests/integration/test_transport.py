@@ -30,7 +30,16 @@ def test_messages_are_published_through_one_client_and_arrive(settings: Settings
     app.close()
 
 
-def test_tls_brokers_keep_kombus_own_transport(settings: Settings) -> None:
+def test_tls_brokers_keep_kombus_own_transport_and_urls_keep_their_scheme(
+        settings: Settings) -> None:
+    from kombu.transport.redis import Transport as KombuTransport
+
     tls = settings.redis_url.replace("redis://", "rediss://")
-    assert "broker_transport" not in celery_config(settings, tls)
-    assert celery_config(settings)["broker_transport"] == "config.transport:Transport"
+    app = build_celery(settings, redis_url=tls)
+    with app.connection() as conn:
+        assert type(conn.transport) is KombuTransport
+    app = build_celery(settings)
+    with app.connection() as conn:  # what Flower's Broker tab parses
+        assert conn.as_uri().startswith("redis://")
+        assert isinstance(conn.transport, Transport)
+    assert "broker_transport" not in celery_config(settings)

@@ -25,6 +25,8 @@ def start_up(tmp_path: Path, api_port: int, flower_port: int,
              name: str) -> tuple[subprocess.Popen[bytes], Path]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
     env["PROMPTBATCH_DATA_DIR"] = str(tmp_path / "data")
+    env["PROMPTBATCH_UP_SCHEDULER_METRICS_PORT"] = str(free_port())
+    env["PROMPTBATCH_UP_WORKER_METRICS_PORT"] = str(free_port())
     out = tmp_path / f"{name}.out"
     with out.open("wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "promptbatch", "up", "--workers", "1",
@@ -82,6 +84,10 @@ def test_up_serves_a_job_sent_with_curl_shows_it_in_flower_and_keeps_it(tmp_path
              timeout=60, interval=0.5, what="Flower to list the job's batch")
         env_file = (tmp_path / "data" / "up" / "up.env").read_text()
         assert "PROMPTBATCH_REDIS_URL=" in env_file
+        # The README's commands use the key and the URL from up.env.
+        exported = dict(re.findall(r"export (\w+)='([^']*)'", env_file))
+        assert exported["PROMPTBATCH_API_KEY"] == key.group(1)
+        assert exported["PROMPTBATCH_URL"] == api
     finally:
         if proc.poll() is None:
             stop(proc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from config.celery import celery_config
+from config.celery import build_celery, celery_config
 from config.redisaddr import AddressError, SentinelAddress, parse_sentinels, safe_url
 from config.settings import Settings
 
@@ -47,7 +47,10 @@ def test_celery_gets_kombus_sentinel_urls_and_the_masters_name() -> None:
     conf = celery_config(s)
     assert conf["broker_url"] == "sentinel://:pw@a:1/0;sentinel://:pw@b:2/0"
     assert conf["result_backend"] == conf["broker_url"]
-    assert conf["broker_transport"] == "config.transport:SentinelTransport"
+    from config.transport import SentinelTransport
+
+    with build_celery(s).connection() as conn:
+        assert type(conn.transport) is SentinelTransport
     for options in (conf["broker_transport_options"],
                     conf["result_backend_transport_options"]):
         assert options["master_name"] == "pb"
