@@ -6,9 +6,20 @@ import builtins
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Boolean, Float, Integer, LargeBinary, String, Text, select
+from sqlalchemy import (
+    Boolean,
+    Float,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from jobs.store import Base, JobStore
@@ -24,6 +35,37 @@ class ApiKeyRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     #: An admin key may act for any tenant (submit in their name, read their jobs).
     admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The key's first characters, shown by ``keys list`` and accepted by ``keys revoke``.
+    prefix: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+#: Characters of a key kept as its prefix ("pb-" and eight more).
+PREFIX_CHARS = 11
+#: A key's last use is written at most this often (seconds), not on every request.
+LAST_USED_EVERY_S = 60.0
+
+
+class KeyError_(LookupError):
+    """A key to revoke that is unknown, or a prefix that names several keys."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """A stored key as ``keys list`` shows it (never the key itself)."""
+
+    prefix: str
+    tenant: str
+    admin: bool
+    created_at: float
+    last_used_at: float | None
+    expires_at: float | None
+    revoked_at: float | None
+
+    def active(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
 
 
 class FileRow(Base):
@@ -56,24 +98,90 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _info(r: ApiKeyRow) -> KeyInfo:
+    return KeyInfo(r.prefix or "(unknown)", r.tenant, bool(r.admin), r.created_at,
+                   r.last_used_at, r.expires_at, r.revoked_at)
+
+
 class Accounts:
     """API keys, files and batches in the job store's database."""
 
     def __init__(self, store: JobStore) -> None:
         self.engine = store.engine
+        self._used: dict[str, float] = {}
 
-    def tenant_of(self, key: str) -> tuple[str, bool] | None:
-        """``(tenant, admin)`` of a key, or None for an unknown key."""
+    def tenant_of(self, key: str, now: float | None = None) -> tuple[str, bool] | None:
+        """``(tenant, admin)`` of a key, or None for an unknown, revoked or expired key
+        (read from SQL on every call: a revocation holds at once in every process)."""
+        now = time.time() if now is None else now
+        digest = key_hash(key)
         with self.engine.connect() as conn:
             row = conn.execute(select(ApiKeyRow.tenant, ApiKeyRow.admin).where(
-                ApiKeyRow.key_sha256 == key_hash(key))).first()
-        return None if row is None else (str(row[0]), bool(row[1]))
+                ApiKeyRow.key_sha256 == digest, ApiKeyRow.revoked_at.is_(None),
+                or_(ApiKeyRow.expires_at.is_(None), ApiKeyRow.expires_at > now))).first()
+        if row is None:
+            return None
+        if now - self._used.get(digest, 0.0) >= LAST_USED_EVERY_S:
+            self._used[digest] = now
+            with self.engine.begin() as conn:
+                conn.execute(update(ApiKeyRow).where(ApiKeyRow.key_sha256 == digest)
+                             .values(last_used_at=now))
+        return str(row[0]), bool(row[1])
 
-    def add_key(self, key: str, tenant: str, admin: bool = False) -> None:
+    def add_key(self, key: str, tenant: str, admin: bool = False,
+                expires_at: float | None = None) -> None:
         with self.engine.begin() as conn:
             conn.execute(ApiKeyRow.__table__.insert(), [{  # type: ignore[attr-defined]
                 "key_sha256": key_hash(key), "tenant": tenant, "created_at": time.time(),
-                "admin": admin}])
+                "admin": admin, "prefix": key[:PREFIX_CHARS], "expires_at": expires_at}])
+
+    def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
+        """Every stored key (of ``tenant``), oldest first."""
+        stmt = select(ApiKeyRow).order_by(ApiKeyRow.created_at)
+        if tenant is not None:
+            stmt = stmt.where(ApiKeyRow.tenant == tenant)
+        with Session(self.engine) as session:
+            return [_info(r) for r in session.scalars(stmt)]
+
+    def revoke(self, key_or_prefix: str, now: float | None = None) -> KeyInfo:
+        """Revoke one key, named by itself or by its prefix (``KeyError_`` when none or
+        several match)."""
+        now = time.time() if now is None else now
+        with self.engine.begin() as conn:
+            rows = conn.execute(select(ApiKeyRow.key_sha256).where(
+                ApiKeyRow.key_sha256 == key_hash(key_or_prefix))).all()
+            if not rows and len(key_or_prefix) >= 6:
+                rows = conn.execute(select(ApiKeyRow.key_sha256).where(
+                    ApiKeyRow.prefix.startswith(key_or_prefix[:PREFIX_CHARS]),
+                    ApiKeyRow.revoked_at.is_(None))).all()
+            if not rows:
+                raise KeyError_(f"no key is {key_or_prefix!r} or starts with it (a prefix "
+                                "needs 6 characters or more; `promptbatch keys list` shows "
+                                "them)")
+            if len(rows) > 1:
+                raise KeyError_(f"{len(rows)} keys start with {key_or_prefix!r}: give more of "
+                                "it, or the whole key")
+            digest = rows[0][0]
+            conn.execute(update(ApiKeyRow).where(ApiKeyRow.key_sha256 == digest)
+                         .values(revoked_at=now))
+        with Session(self.engine) as session:
+            return _info(session.get_one(ApiKeyRow, digest))
+
+    def rotate(self, tenant: str, new_key: str, grace_s: float, admin: bool = False,
+               now: float | None = None) -> int:
+        """Add ``new_key`` for ``tenant``; the tenant's other active keys of the same kind
+        (admin or not) expire ``grace_s`` from now (sooner if they already did). Returns
+        how many were given that grace."""
+        now = time.time() if now is None else now
+        until = now + grace_s
+        with self.engine.begin() as conn:
+            done = conn.execute(update(ApiKeyRow).where(
+                ApiKeyRow.tenant == tenant, ApiKeyRow.admin == admin,
+                ApiKeyRow.revoked_at.is_(None),
+                or_(ApiKeyRow.expires_at.is_(None), ApiKeyRow.expires_at > until))
+                .values(expires_at=until))
+        self.add_key(new_key, tenant, admin)
+        return int(done.rowcount)
 
     def count_keys(self, tenant: str | None = None) -> int:
         """API keys stored (of ``tenant``)."""

@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if getattr(app.state, "aioredis", None) is not None:
             await app.state.aioredis.aclose()
 
+    from producers.keys_routes import router as keys_router
     from producers.models import router as models_router
     from producers.openai_routes import batch_error
     from producers.openai_routes import router as batch_router
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(stream_router)
     app.include_router(models_router)
+    app.include_router(keys_router)
     if settings.api_metrics:
         from producers.metrics import MetricsMiddleware, metrics_endpoint
 

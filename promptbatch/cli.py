@@ -691,16 +691,7 @@ keys_app = typer.Typer(help="API keys of the HTTP API.", rich_markup_mode="markd
 app.add_typer(keys_app, name="keys")
 
 
-@keys_app.command("add")
-def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
-             key: Annotated[str | None, typer.Option(help="The key (default: a new random "
-                                                     "one, printed once).")] = None,
-             admin: Annotated[bool, typer.Option(help="An admin key: it may submit for any "
-                                                 "tenant and read every tenant's jobs.")]
-             = False) -> None:
-    """Add an API key for TENANT to the SQL store (only its SHA-256 is stored)."""
-    import secrets
-
+def _accounts() -> Any:
     from jobs.store import JobStore
     from producers.accounts import Accounts
 
@@ -709,8 +700,81 @@ def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
         store.check_schema()
     except PromptBatchError as exc:
         raise _refuse(exc) from None
+    return Accounts(store)
+
+
+ExpiresIn = Annotated[float | None, typer.Option(
+    "--expires-in", min=0, help="Days until the key stops working (default: never).")]
+
+
+@keys_app.command("add")
+def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
+             key: Annotated[str | None, typer.Option(help="The key (default: a new random "
+                                                     "one, printed once).")] = None,
+             admin: Annotated[bool, typer.Option(help="An admin key: it may submit for any "
+                                                 "tenant and read every tenant's jobs.")]
+             = False,
+             expires_in: ExpiresIn = None) -> None:
+    """Add an API key for TENANT to the SQL store (only its SHA-256 is stored)."""
+    import secrets
+
     new = key or f"pb-{secrets.token_urlsafe(24)}"
-    Accounts(store).add_key(new, tenant, admin=admin)
+    until = None if expires_in is None else time.time() + expires_in * 86400
+    _accounts().add_key(new, tenant, admin=admin, expires_at=until)
+    print(new)
+
+
+def _when(at: float | None) -> str:
+    return "-" if at is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(at))
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")]
+              = None) -> None:
+    """The stored keys: prefix, tenant, admin, created, last used, expiry, state (never
+    the keys themselves). Keys set in PROMPTBATCH_API_KEYS are not listed."""
+    from rich.table import Table
+
+    now = time.time()
+    table = Table(box=None, pad_edge=False)
+    for name in ("prefix", "tenant", "admin", "created (UTC)", "last used", "expires",
+                 "state"):
+        table.add_column(name, no_wrap=True)
+    for k in _accounts().list_keys(tenant):
+        state = ("revoked" if k.revoked_at is not None
+                 else "expired" if not k.active(now) else "active")
+        table.add_row(k.prefix, k.tenant, "yes" if k.admin else "no", _when(k.created_at),
+                      _when(k.last_used_at), _when(k.expires_at), state)
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(
+        metavar="KEY_OR_PREFIX", help="The key, or its prefix as `keys list` shows it.")],
+) -> None:
+    """Revoke a key: every API process refuses it from its next request."""
+    from producers.accounts import KeyError_
+
+    try:
+        info = _accounts().revoke(key)
+    except KeyError_ as exc:
+        console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(1) from None
+    print(f"revoked {info.prefix} (tenant {info.tenant})")
+
+
+@keys_app.command("rotate")
+def keys_rotate(tenant: Annotated[str, typer.Argument(help="The tenant whose key to rotate.")],
+                grace: Annotated[float, typer.Option(
+                    "--grace", min=0, help="Hours the old keys keep working.")] = 24.0,
+                admin: Annotated[bool, typer.Option(help="Rotate the tenant's admin keys.")]
+                = False) -> None:
+    """A new key for TENANT (printed once); its old keys keep working for --grace hours."""
+    import secrets
+
+    new = f"pb-{secrets.token_urlsafe(24)}"
+    old = _accounts().rotate(tenant, new, grace * 3600, admin=admin)
+    console.print(f"{old} old key(s) of {tenant!r} stop working in {grace:g} h")
     print(new)
 
 

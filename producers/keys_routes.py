@@ -1,0 +1,89 @@
+"""Admin routes for API keys: list, create, rotate and revoke, as `promptbatch keys` does.
+Only an admin key may call them; a revoked key is refused by every API process from its
+next request (keys are read from SQL on each request)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+
+from producers.accounts import Accounts, KeyError_, KeyInfo
+from producers.auth import Caller, CallerDep, Forbidden
+from producers.web import ApiError
+
+router = APIRouter(prefix="/v1/admin/keys", tags=["keys"])
+
+
+class NewKey(BaseModel):
+    """A key to create."""
+
+    tenant: str = Field(min_length=1, max_length=64)
+    admin: bool = False
+    expires_in_days: float | None = Field(default=None, gt=0)
+
+
+class Rotation(BaseModel):
+    """A tenant whose keys to rotate."""
+
+    tenant: str = Field(min_length=1, max_length=64)
+    admin: bool = False
+    grace_hours: float = Field(default=24.0, ge=0)
+
+
+def _admin(caller: Caller, request: Request) -> Accounts:
+    if not caller.admin:
+        raise Forbidden("only an admin key may manage API keys")
+    return request.app.state.accounts  # type: ignore[no-any-return]
+
+
+def _shown(k: KeyInfo) -> dict[str, Any]:
+    return {"prefix": k.prefix, "tenant": k.tenant, "admin": k.admin,
+            "created_at": k.created_at, "last_used_at": k.last_used_at,
+            "expires_at": k.expires_at, "revoked_at": k.revoked_at,
+            "active": k.active(time.time())}
+
+
+@router.get("")
+async def list_keys(request: Request, caller: CallerDep,
+                    tenant: str | None = None) -> dict[str, Any]:
+    """Every stored key (never the keys themselves)."""
+    accounts = _admin(caller, request)
+    keys = await run_in_threadpool(accounts.list_keys, tenant)
+    return {"object": "list", "data": [_shown(k) for k in keys]}
+
+
+@router.post("", status_code=201)
+async def create_key(body: NewKey, request: Request, caller: CallerDep) -> dict[str, Any]:
+    """A new key, returned once."""
+    accounts = _admin(caller, request)
+    key = f"pb-{secrets.token_urlsafe(24)}"
+    until = None if body.expires_in_days is None else time.time() + body.expires_in_days * 86400
+    await run_in_threadpool(accounts.add_key, key, body.tenant, body.admin, until)
+    return {"key": key, "tenant": body.tenant, "admin": body.admin, "expires_at": until}
+
+
+@router.post("/rotate", status_code=201)
+async def rotate_keys(body: Rotation, request: Request, caller: CallerDep) -> dict[str, Any]:
+    """A new key for the tenant; its old keys work for ``grace_hours`` more."""
+    accounts = _admin(caller, request)
+    key = f"pb-{secrets.token_urlsafe(24)}"
+    old = await run_in_threadpool(accounts.rotate, body.tenant, key, body.grace_hours * 3600,
+                                  body.admin)
+    return {"key": key, "tenant": body.tenant, "admin": body.admin, "old_keys": old,
+            "old_keys_expire_at": time.time() + body.grace_hours * 3600}
+
+
+@router.delete("/{key_or_prefix}")
+async def revoke_key(key_or_prefix: str, request: Request, caller: CallerDep) -> dict[str, Any]:
+    """Revoke a key named by itself or its prefix."""
+    accounts = _admin(caller, request)
+    try:
+        info = await run_in_threadpool(accounts.revoke, key_or_prefix)
+    except KeyError_ as exc:
+        raise ApiError(404, "not_found", str(exc)) from None
+    return _shown(info)

@@ -1,0 +1,107 @@
+"""Keys an operator can manage: list, revoke (by prefix), rotate with a grace period,
+expiry; from the CLI and through the API's admin routes. A revoked key is refused by
+every API process within a second."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from config.settings import Settings
+from jobs.store import JobStore
+from producers.accounts import Accounts
+from promptbatch.embedded import free_port
+from tests.conftest import Procs, settings_env
+from tests.helpers import poll
+
+pytestmark = pytest.mark.integration
+
+
+def cli(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "promptbatch", "keys", *argv],
+                          env=settings_env(settings), capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def status(api: str, key: str) -> int:
+    return httpx.get(f"{api}/v1/jobs", headers={"Authorization": f"Bearer {key}"},
+                     timeout=10).status_code
+
+
+@pytest.mark.slow
+def test_a_revoked_key_is_refused_by_every_api_process_within_a_second(
+        settings: Settings, procs: Procs) -> None:
+    key = cli(settings, "add", "acme").stdout.strip()
+    port = free_port()
+    api = procs.spawn("api", "--port", str(port), "--workers", "2")
+    base = f"http://127.0.0.1:{port}"
+    poll(lambda: _ready(base), timeout=60, interval=0.1, what="the API", proc=api)
+    assert all(status(base, key) == 200 for _ in range(10))
+    listed = cli(settings, "list").stdout
+    assert key[:11] in listed and "acme" in listed and key not in listed
+    revoked = cli(settings, "revoke", key[:11])
+    assert revoked.returncode == 0, revoked.stderr
+    at = time.monotonic()
+    # Ten requests in a row, over both processes, all refused: within a second.
+    poll(lambda: all(status(base, key) == 401 for _ in range(10)), timeout=5, interval=0.05,
+         what="every process to refuse the revoked key")
+    assert time.monotonic() - at < 1.0
+    assert "revoked" in cli(settings, "list").stdout
+    again = cli(settings, "revoke", key[:11])  # nothing left to revoke under that prefix
+    assert again.returncode == 1 and "no key" in again.stderr
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_rotation_keeps_the_old_key_for_its_grace_and_expiry_ends_a_key(
+        settings: Settings) -> None:
+    store = JobStore(settings.database_url)
+    accounts = Accounts(store)
+    accounts.add_key("pb-old-key-000000", "acme")
+    now = time.time()
+    assert accounts.rotate("acme", "pb-new-key-000000", grace_s=3600, now=now) == 1
+    assert accounts.tenant_of("pb-old-key-000000", now=now + 3599) == ("acme", False)
+    assert accounts.tenant_of("pb-old-key-000000", now=now + 3601) is None
+    assert accounts.tenant_of("pb-new-key-000000", now=now + 10**6) == ("acme", False)
+    accounts.add_key("pb-short-lived-00", "acme", expires_at=now + 5)
+    assert accounts.tenant_of("pb-short-lived-00", now=now + 4) is not None
+    assert accounts.tenant_of("pb-short-lived-00", now=now + 6) is None
+    used = {k.prefix: k.last_used_at for k in accounts.list_keys("acme")}
+    assert used["pb-new-key-"] is not None  # its use was recorded
+    store.close()
+
+
+def test_admin_keys_manage_keys_through_the_api(settings: Settings) -> None:
+    from tests.integration.test_api import Api
+
+    api = Api(settings, api_admin_keys={"admin-key": "ops"}).start()
+    try:
+        admin = httpx.Client(base_url=api.url, headers={"Authorization": "Bearer admin-key"})
+        assert api.a.get("/v1/admin/keys").status_code == 403  # a tenant key may not
+        made = admin.post("/v1/admin/keys", json={"tenant": "acme", "expires_in_days": 1})
+        assert made.status_code == 201, made.text
+        key = made.json()["key"]
+        assert status(api.url, key) == 200
+        listed = admin.get("/v1/admin/keys", params={"tenant": "acme"}).json()["data"]
+        assert [k["prefix"] for k in listed] == [key[:11]] and listed[0]["active"]
+        rotated = admin.post("/v1/admin/keys/rotate",
+                             json={"tenant": "acme", "grace_hours": 0}).json()
+        assert rotated["old_keys"] == 1
+        assert status(api.url, key) == 401 and status(api.url, rotated["key"]) == 200
+        gone = admin.delete(f"/v1/admin/keys/{rotated['key'][:11]}")
+        assert gone.status_code == 200 and gone.json()["revoked_at"] is not None
+        assert status(api.url, rotated["key"]) == 401
+        assert admin.delete("/v1/admin/keys/pb-nothing").status_code == 404
+        assert api.a.get("/v1/jobs").status_code == 200  # other tenants' keys unharmed
+        admin.close()
+    finally:
+        api.stop()
