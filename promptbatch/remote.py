@@ -12,13 +12,11 @@ output file is completed in input order.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Collection
 from typing import Any
 
-import httpx
-
 from jobs.models import JobRequest, JobResult
+from promptbatch.http import ApiError, Client
 
 #: Ids per POST /v1/jobs/results.
 RESULTS_PER_CALL = 1000
@@ -37,58 +35,37 @@ class RemoteError(RuntimeError):
 
 
 class RemoteClient:
-    """A small client of the promptbatch HTTP API."""
+    """The bulk run's view of the HTTP SDK (``promptbatch.http.Client``): its errors as
+    ``RemoteError``, saying whether running the command again may help."""
 
     def __init__(self, url: str, api_key: str, timeout: float = 60.0) -> None:
-        self.http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
-                                 headers={"Authorization": f"Bearer {api_key}"})
-
-    def _check(self, resp: httpx.Response) -> Any:
-        if resp.status_code >= 400:
-            try:
-                err = resp.json()["error"]
-                detail = "; ".join(f"{e['field']}: {e['message']}"
-                                   for e in err.get("errors", [])) or err["message"]
-            except (ValueError, KeyError, TypeError):
-                detail = resp.text[:500]
-            raise RemoteError(f"the API answered {resp.status_code}: {detail}",
-                              retryable=resp.status_code >= 500 or resp.status_code == 429)
-        return resp.json()
-
-    def _post(self, path: str, body: dict[str, Any], timeout: float = 60.0) -> Any:
-        """POST, tried again (``RETRIES`` times, honouring Retry-After) while the API is
-        unreachable or answers 429 or 502-504: every request here is idempotent."""
-        for attempt in range(RETRIES + 1):
-            try:
-                resp = self.http.post(path, json=body, timeout=timeout)
-                if resp.status_code not in (429, 502, 503, 504) or attempt == RETRIES:
-                    return self._check(resp)
-                pause = _retry_after(resp) or min(8.0, 0.5 * 2 ** attempt)
-            except httpx.HTTPError as exc:
-                if attempt == RETRIES:
-                    raise RemoteError(f"cannot reach the API: {exc}") from exc
-                pause = min(8.0, 0.5 * 2 ** attempt)
-            time.sleep(pause)  # backing off before the next try
-        raise AssertionError("unreachable")
+        self.sdk = Client(url, api_key, timeout=timeout, max_retries=RETRIES)
 
     def submit(self, jobs: list[dict[str, Any]]) -> list[str]:
-        return list(self._post("/v1/jobs", {"jobs": jobs})["ids"])
+        try:  # every job carries its own idempotency key: a retried chunk is accepted once
+            return self.sdk.submit_many(jobs, chunk=max(1, len(jobs)))
+        except ApiError as exc:
+            raise _remote(exc) from exc
 
     def results(self, ids: list[str], wait: float) -> tuple[list[dict[str, Any]], list[str]]:
         """The finished ones' results, and the ids the API does not know for this key."""
-        body = self._post("/v1/jobs/results", {"ids": ids, "wait": wait},
-                          timeout=wait + 60.0)
-        return list(body["data"]), list(body["unknown"])
+        try:
+            found, unknown = self.sdk.poll_results(ids, wait)
+        except ApiError as exc:
+            raise _remote(exc) from exc
+        return [r.model_dump(mode="json") for r in found], unknown
 
     def close(self) -> None:
-        self.http.close()
+        self.sdk.close()
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
-    try:
-        return min(30.0, float(resp.headers.get("retry-after", "")))
-    except ValueError:
-        return None
+def _remote(exc: ApiError) -> RemoteError:
+    if exc.status == 0:
+        return RemoteError(f"cannot reach the API: {exc.message}")
+    detail = "; ".join(f"{e.get('field')}: {e.get('message')}" for e in exc.errors) \
+        or exc.message
+    return RemoteError(f"the API answered {exc.status}: {detail}",
+                       retryable=exc.status >= 500 or exc.status == 429)
 
 
 class RemoteBackend:
