@@ -4,11 +4,12 @@
     .venv/bin/python bench/llm_routing.py [--runs 3] [--waves 8] [--templates 13]
 
 Two replicas of SmolLM2-135M (``llama-server``, one thread and ``--slots`` slots each, as
-2 cores allow), each with its host prompt cache scaled down (``--cache-ram`` MiB): a
-template of about 780 tokens takes about 17 MiB of KV cache (SmolLM2-135M: 30 layers, 3
-KV heads of 64, f16: 22.5 KiB a token), so one replica holds about ``cache_ram / 17``
-templates beside the one prompt each slot keeps, and ``--templates`` are more than one
-replica holds and fewer than both do. The jobs come in ``--waves`` waves of two jobs
+2 cores allow), each with its host prompt cache scaled down (``--cache-ram`` MiB).
+llama.cpp keeps whole prompts there: a template of about 780 tokens and its question
+(about 1,100 tokens) take about 27 MiB (SmolLM2-135M: 30 layers, 3 KV heads of 64, f16),
+so with 224 MiB a replica holds about 8 prompts beside the one each slot keeps (10 in
+all): the 13 templates' working set is over one replica's cache (13 > 10) and under
+both (20). The jobs come in ``--waves`` waves of two jobs
 per template (ShareGPT questions behind the templates, ``max_tokens`` 8, shuffled), each
 wave submitted when the last has finished, as a service's traffic does: a template's
 jobs then come back again and again in small batches, and whether they find their prefix
@@ -70,7 +71,10 @@ def run(policy: str, jobs: list[list[dict[str, object]]], args: argparse.Namespa
         env = child_env(s, PROMPTBATCH_OPENAI_BASE_URL=urls,
                         PROMPTBATCH_OPENAI_PREFIX_STRATEGY="auto",
                         PROMPTBATCH_ROUTING_POLICY=policy,
-                        PROMPTBATCH_ROUTING_CACHE_TOKENS=str(args.cache_ram * 1024 // 23),
+                        # What a replica holds: its host cache (a prompt of ~1,100 tokens
+                        # takes ~27 MiB there) and one prompt per slot.
+                        PROMPTBATCH_ROUTING_CACHE_TOKENS=str(
+                            args.cache_ram * 1024 // 24 + args.slots * 1100),
                         PROMPTBATCH_PROVIDER_READ_TIMEOUT_S="300",
                         PROMPTBATCH_TASK_TIME_LIMIT_S="1200",
                         PROMPTBATCH_VISIBILITY_TIMEOUT_S="1800")
@@ -102,11 +106,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--waves", type=int, default=8)
+    parser.add_argument("--waves", type=int, default=4)
     parser.add_argument("--templates", type=int, default=13)
     parser.add_argument("--per-template", type=int, default=2)
     parser.add_argument("--slots", type=int, default=2)
-    parser.add_argument("--cache-ram", type=int, default=128)
+    parser.add_argument("--cache-ram", type=int, default=224)
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args()
     rows = []
