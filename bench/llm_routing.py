@@ -14,7 +14,10 @@ per template (ShareGPT questions behind the templates, ``max_tokens`` 8, shuffle
 wave submitted when the last has finished, as a service's traffic does: a template's
 jobs then come back again and again in small batches, and whether they find their prefix
 cached depends on where they are sent. The same scheduler and worker run both; only
-``PROMPTBATCH_ROUTING_POLICY`` differs. Fresh servers for every run.
+``PROMPTBATCH_ROUTING_POLICY`` differs. Batches hold one template's jobs of a wave
+(``PROMPTBATCH_MAX_BATCH_SIZE`` = ``--per-template``): small batches, as steady traffic
+forms them; with whole waves packed into a few large batches of many templates, where a
+batch goes says little about its templates. Fresh servers for every run.
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ def run(policy: str, jobs: list[list[dict[str, object]]], args: argparse.Namespa
         env = child_env(s, PROMPTBATCH_OPENAI_BASE_URL=urls,
                         PROMPTBATCH_OPENAI_PREFIX_STRATEGY="auto",
                         PROMPTBATCH_ROUTING_POLICY=policy,
+                        # One template per batch, as a service's steady traffic forms them
+                        # (a wave's batches would otherwise pack several templates).
+                        PROMPTBATCH_MAX_BATCH_SIZE=str(args.per_template),
                         # What a replica holds: its host cache (a prompt of ~1,100 tokens
                         # takes ~27 MiB there) and one prompt per slot.
                         PROMPTBATCH_ROUTING_CACHE_TOKENS=str(
