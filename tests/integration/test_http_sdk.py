@@ -12,7 +12,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -93,8 +93,8 @@ def test_the_async_client_runs_jobs(api: Api) -> None:
 class Scripted(BaseHTTPRequestHandler):
     """Answers ``POST /v1/jobs`` with the statuses in ``script``, then 201."""
 
-    script: list[int] = []
-    seen: list[tuple[str, str | None]] = []
+    script: ClassVar[list[int]] = []
+    seen: ClassVar[list[tuple[str, str | None]]] = []
 
     def log_message(self, *args: Any) -> None:
         return None
