@@ -85,7 +85,8 @@ class Service(LocalStack):
         self.flower = flower
         self.flower_port = flower_port
         #: Where the scheduler and the worker serve /metrics: stable, for Prometheus.
-        self.metrics_ports: dict[str, int] = dict(metrics_ports or {})
+        self.metrics_ports: dict[str, int] = {"scheduler": 9464, "worker": 9465,
+                                              **(metrics_ports or {})}
         self.state_path = self.home / "up.json"
         self.state = UpState()
         self.new_key: str | None = None
