@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -44,6 +45,48 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _await_answer(proc: subprocess.Popen[bytes], port: int, password: str | None,
+                  timeout: float, what: str, log: Path, stop: Callable[[], None]) -> None:
+    """Wait until ``proc`` answers PING on ``port``; ``EmbeddedServerError`` with its
+    stderr and the end of its ``log`` if it exits, or (stopped first) if it does not
+    answer within ``timeout`` seconds."""
+    client = redis.Redis(host="127.0.0.1", port=port, password=password,
+                         socket_connect_timeout=0.5, socket_timeout=1.0)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                err = (proc.stderr.read() if proc.stderr else b"").decode()
+                tail = log.read_text()[-2000:] if log.exists() else ""
+                raise EmbeddedServerError(f"{what} exited with code {proc.returncode}: "
+                                          f"{err.strip()} {tail.strip()}")
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    stop()
+                    raise EmbeddedServerError(f"{what} did not answer on port {port} within "
+                                              f"{timeout} s") from None
+                time.sleep(0.01)  # the process is starting: ask again shortly
+    finally:
+        client.close()
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``; wait for it; close its stderr."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+    if proc.stderr:
+        proc.stderr.close()
 
 
 class EmbeddedRedis:
@@ -83,43 +126,13 @@ class EmbeddedRedis:
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, pass_fds=self.keep_fds,
                                      start_new_session=True)
-        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
-                             socket_connect_timeout=0.5, socket_timeout=1.0)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    err = (self.proc.stderr.read() if self.proc.stderr else b"").decode()
-                    log = self.data_dir / "server.log"
-                    tail = log.read_text()[-2000:] if log.exists() else ""
-                    raise EmbeddedServerError(
-                        f"the embedded server exited with code {self.proc.returncode}: "
-                        f"{err.strip()} {tail.strip()}")
-                try:
-                    client.ping()
-                    return self
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise EmbeddedServerError(
-                            f"the embedded server did not answer on port {self.port} within "
-                            f"{timeout} s") from None
-                    time.sleep(0.01)
-        finally:
-            client.close()
+        _await_answer(self.proc, self.port, self.password, timeout, "the embedded server",
+                      self.data_dir / "server.log", self.stop)
+        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL) and wait for it."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        _terminate(self.proc, timeout)
 
     def kill(self) -> None:
         """SIGKILL the server (for fault tests)."""
@@ -171,38 +184,13 @@ class EmbeddedSentinel:
         self.proc = subprocess.Popen([str(server_binary()), str(conf), "--sentinel"],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5,
-                             socket_timeout=1.0)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    log = self.data_dir / "sentinel.log"
-                    raise EmbeddedServerError(
-                        f"the sentinel exited with code {self.proc.returncode}: "
-                        f"{log.read_text()[-2000:] if log.exists() else ''}")
-                try:
-                    client.ping()
-                    return self
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise EmbeddedServerError(f"the sentinel did not answer on port "
-                                                  f"{self.port} within {timeout} s") from None
-                    time.sleep(0.01)
-        finally:
-            client.close()
+        _await_answer(self.proc, self.port, None, timeout, "the sentinel",
+                      self.data_dir / "sentinel.log", self.stop)
+        return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the sentinel and wait for it."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout)
+        _terminate(self.proc, timeout)
 
 
 class SentinelGroup:

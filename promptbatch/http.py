@@ -104,8 +104,6 @@ class _Request:
     params: dict[str, Any] | None = None
     headers: dict[str, str] | None = None
     timeout: float | None = None
-    #: Safe to send again after a dropped connection or a 429/5xx.
-    repeatable: bool = True
 
 
 _Plan = Generator[_Request, httpx.Response, T]
@@ -190,7 +188,7 @@ class _Plans:
 
     @staticmethod
     def cancel(job_id: str) -> _Plan[str]:
-        resp = yield _Request("DELETE", f"/v1/jobs/{job_id}", repeatable=True)
+        resp = yield _Request("DELETE", f"/v1/jobs/{job_id}")
         return str(resp.json()["state"])
 
     @staticmethod
@@ -259,10 +257,32 @@ class _Base:
         return {"json": req.json, "params": req.params, "headers": req.headers,
                 "timeout": req.timeout or self.timeout}
 
-    def _should_retry(self, req: _Request, resp: httpx.Response | None, attempt: int) -> bool:
-        if attempt >= self.max_retries or not req.repeatable:
-            return False
-        return resp is None or resp.status_code in RETRYABLE
+    def _verdict(self, req: _Request, resp: httpx.Response | None,
+                 error: httpx.TransportError | None, attempt: int) -> float | None:
+        """After one try of ``req`` (its response, or the error that cut it): None when
+        the response is the answer, else the seconds to wait before the next try. Raises
+        ``ApiError`` when there is to be none (every request here is safe to repeat:
+        reads, cancels, and submits that carry an idempotency key)."""
+        if resp is not None and (resp.status_code < 400 or (
+                resp.status_code == 409 and req.method == "DELETE")):  # a late cancel: its state
+            return None
+        if attempt < self.max_retries and (resp is None or resp.status_code in RETRYABLE):
+            return _retry_after(resp, attempt)
+        if resp is None:
+            raise ApiError(0, None, f"cannot reach the API at {self.url}: {error}") from error
+        raise _error(resp)
+
+    def _stream_pause(self, job_id: str, resp: httpx.Response | None,
+                      error: httpx.TransportError | None, attempt: int) -> float:
+        """A stream refused (``resp``, read) or dropped (``error``; or closed before its
+        end): the seconds to wait before resuming it, or ``ApiError``."""
+        if resp is not None:
+            if resp.status_code in RETRYABLE and attempt < self.max_retries:
+                return _retry_after(resp, attempt)
+            raise _error(resp)
+        if error is not None and attempt >= self.max_retries:
+            raise ApiError(0, None, f"the stream of {job_id} dropped: {error}") from error
+        return _retry_after(None, attempt)
 
 
 class Client(_Base):
@@ -297,20 +317,16 @@ class Client(_Base):
         attempt = 0
         while True:
             resp: httpx.Response | None = None
+            error: httpx.TransportError | None = None
             try:
                 resp = self.http.request(req.method, req.path, **self._kwargs(req))
             except httpx.TransportError as exc:
-                if not self._should_retry(req, None, attempt):
-                    raise ApiError(0, None, f"cannot reach the API at {self.url}: "
-                                   f"{exc}") from exc
-            if resp is not None and resp.status_code < 400:
-                return resp
-            if resp is not None and resp.status_code == 409 and req.method == "DELETE":
-                return resp  # a cancel too late: its state is the answer
-            if not self._should_retry(req, resp, attempt):
+                error = exc
+            pause = self._verdict(req, resp, error, attempt)
+            if pause is None:
                 assert resp is not None
-                raise _error(resp)
-            time.sleep(_retry_after(resp, attempt))
+                return resp
+            time.sleep(pause)
             attempt += 1
 
     def submit(self, prompt: str | None = None, *, idempotency_key: str | None = None,
@@ -369,28 +385,26 @@ class Client(_Base):
         while True:
             headers = {"Last-Event-ID": after} if after else {}
             parser = _SSE()
+            refused: httpx.Response | None = None
+            error: httpx.TransportError | None = None
             try:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers,
                                       timeout=httpx.Timeout(self.timeout, read=None)) as resp:
                     if resp.status_code >= 400:
                         resp.read()
-                        if resp.status_code in RETRYABLE and attempt < self.max_retries:
-                            time.sleep(_retry_after(resp, attempt))
-                            attempt += 1
-                            continue
-                        raise _error(resp)
-                    for line in resp.iter_lines():
-                        event = parser.feed(line)
-                        if event is None:
-                            continue
-                        after = event.id or after
-                        yield event
-                        if event.kind in _FINAL_EVENTS:
-                            return
+                        refused = resp
+                    else:
+                        for line in resp.iter_lines():
+                            event = parser.feed(line)
+                            if event is None:
+                                continue
+                            after = event.id or after
+                            yield event
+                            if event.kind in _FINAL_EVENTS:
+                                return
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries:
-                    raise ApiError(0, None, f"the stream of {job_id} dropped: {exc}") from exc
-            time.sleep(_retry_after(None, attempt))  # dropped (or closed early): resume
+                error = exc
+            time.sleep(self._stream_pause(job_id, refused, error, attempt))
             attempt += 1
 
     def cancel(self, job_id: str) -> str:
@@ -440,20 +454,16 @@ class AsyncClient(_Base):
         attempt = 0
         while True:
             resp: httpx.Response | None = None
+            error: httpx.TransportError | None = None
             try:
                 resp = await self.http.request(req.method, req.path, **self._kwargs(req))
             except httpx.TransportError as exc:
-                if not self._should_retry(req, None, attempt):
-                    raise ApiError(0, None, f"cannot reach the API at {self.url}: "
-                                   f"{exc}") from exc
-            if resp is not None and resp.status_code < 400:
-                return resp
-            if resp is not None and resp.status_code == 409 and req.method == "DELETE":
-                return resp
-            if not self._should_retry(req, resp, attempt):
+                error = exc
+            pause = self._verdict(req, resp, error, attempt)
+            if pause is None:
                 assert resp is not None
-                raise _error(resp)
-            await asyncio.sleep(_retry_after(resp, attempt))
+                return resp
+            await asyncio.sleep(pause)
             attempt += 1
 
     async def submit(self, prompt: str | None = None, *, idempotency_key: str | None = None,
@@ -505,6 +515,8 @@ class AsyncClient(_Base):
         while True:
             headers = {"Last-Event-ID": after} if after else {}
             parser = _SSE()
+            refused: httpx.Response | None = None
+            error: httpx.TransportError | None = None
             try:
                 async with self.http.stream("GET", f"/v1/jobs/{job_id}/stream",
                                             headers=headers,
@@ -512,23 +524,19 @@ class AsyncClient(_Base):
                                             ) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
-                        if resp.status_code in RETRYABLE and attempt < self.max_retries:
-                            await asyncio.sleep(_retry_after(resp, attempt))
-                            attempt += 1
-                            continue
-                        raise _error(resp)
-                    async for line in resp.aiter_lines():
-                        event = parser.feed(line)
-                        if event is None:
-                            continue
-                        after = event.id or after
-                        yield event
-                        if event.kind in _FINAL_EVENTS:
-                            return
+                        refused = resp
+                    else:
+                        async for line in resp.aiter_lines():
+                            event = parser.feed(line)
+                            if event is None:
+                                continue
+                            after = event.id or after
+                            yield event
+                            if event.kind in _FINAL_EVENTS:
+                                return
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries:
-                    raise ApiError(0, None, f"the stream of {job_id} dropped: {exc}") from exc
-            await asyncio.sleep(_retry_after(None, attempt))
+                error = exc
+            await asyncio.sleep(self._stream_pause(job_id, refused, error, attempt))
             attempt += 1
 
     async def cancel(self, job_id: str) -> str:

@@ -81,7 +81,6 @@ class _Replica:
     sent: int = 0
     hits: int = 0
     misses: int = 0
-    learned: int = 0
     _churn: int = 0
 
     def load(self) -> float:
@@ -185,7 +184,6 @@ class Router:
         if seconds is not None and est > 0 and seconds > 0:
             a = self.rules.latency_alpha
             ran.ratio = (1 - a) * ran.ratio + a * min(max(seconds / est, 0.05), 20.0)
-            ran.learned += 1
 
     def forget_before(self, cutoff: float) -> int:
         """Drop batches sent before ``cutoff`` that never reported (their worker was lost;

@@ -494,7 +494,12 @@ class Scheduler:
         if not self.active or now - self._last_overview < OVERVIEW_EVERY_S:
             return
         self._last_overview = now
-        overview = self.overview(time.time())
+        at = time.time()
+        overview = self.overview(at)
+        # The router learns which replicas cool down from the overview's read of them.
+        self.routing.cooling = set(overview["cooling"])
+        self.routing.forget_before(at - self.settings.visibility_timeout_s)
+        overview["replicas"] = self.routing.snapshot()
         self.r.set(keys.OVERVIEW, json.dumps(overview), ex=OVERVIEW_TTL_S)
         self.metrics.pool_jobs.set(len(self.pool))
         self.metrics.backlog_jobs.set(len(self.backlog))
@@ -514,8 +519,6 @@ class Scheduler:
             pipe.llen(name)
         workers_raw, inflight_raw, _, cooling_raw, *queued = pipe.execute()
         cooling = sorted(str(k) for k in cooling_raw)
-        self.routing.cooling = set(cooling)
-        self.routing.forget_before(now - self.settings.visibility_timeout_s)
         workers = slots = 0
         for raw in workers_raw.values():
             info = json.loads(raw)
@@ -587,4 +590,4 @@ class Scheduler:
                 "desired_slots": scale.desired, "scale_reason": scale.reason,
                 "batch_seconds": round(batch_s, 4), "cooling": cooling,
                 "catching_up": not self._caught_up, "sent_batches": self.sent_batches,
-                "sent_jobs": self.sent_jobs, "replicas": self.routing.snapshot()}
+                "sent_jobs": self.sent_jobs}
