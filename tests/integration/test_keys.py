@@ -45,11 +45,9 @@ def test_a_revoked_key_is_refused_by_every_api_process_within_a_second(
     assert key[:11] in listed and "acme" in listed and key not in listed
     revoked = cli(settings, "revoke", key[:11])
     assert revoked.returncode == 0, revoked.stderr
-    at = time.monotonic()
-    # Ten requests in a row, over both processes, all refused: within a second.
-    poll(lambda: all(status(base, key) == 401 for _ in range(10)), timeout=5, interval=0.05,
-         what="every process to refuse the revoked key")
-    assert time.monotonic() - at < 1.0
+    # Keys are read from SQL on every request: the very next requests, over both
+    # processes, are all refused (well within the second the issue allows), none accepted.
+    assert [status(base, key) for _ in range(10)] == [401] * 10
     assert "revoked" in cli(settings, "list").stdout
     again = cli(settings, "revoke", key[:11])  # nothing left to revoke under that prefix
     assert again.returncode == 1 and "no key" in again.stderr
