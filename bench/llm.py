@@ -151,7 +151,6 @@ def send_baseline(client: Client, s: Settings, ids: list[str], size: int) -> Non
             app.send_task(PROCESS_BATCH, queue=keys.queue(2), task_id=batch_id, kwargs={
                 "batch_id": batch_id, "send_id": uuid.uuid4().hex, "job_ids": claimed,
                 "cls": 2})
-            client.queue.ack_sent([batch_id])
     finally:
         client.queue.release_lease(token)
 

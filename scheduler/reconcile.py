@@ -110,6 +110,10 @@ class Reconciler:
         elif raw.get("finished"):
             self.last_finished = float(raw["finished"])
 
+    def now(self) -> None:
+        """Start a pass at the next step, unless one is under way (after a failover)."""
+        self.last_finished = 0.0
+
     def _save(self) -> None:
         if self.current is not None:
             self.queue.r.hset(keys.RECONCILE, "pass", json.dumps(asdict(self.current)))

@@ -14,15 +14,17 @@ reconciler's pass and of retention's deletes runs. Every step is bounded
 (``scheduler_read_count`` entries, one page of the reconciler), so no amount of work
 waiting costs the scheduler its lease. A batch is claimed in Redis before it is sent
 (``jobs/lua/claim.lua``: its jobs SCHEDULED and out of intake, the batch in the outbox
-and in flight) and leaves the outbox once sent (acknowledged with the next claim or
-read); a scheduler killed in between leaves the batch in the outbox, and the next active
-scheduler sends it again. Workers run a batch once per claim, whichever send arrives
-first (``jobs/lua/start_run.lua``), so a batch sent twice still runs once.
+and in flight) and leaves the outbox when a send of it starts on a worker
+(``jobs/lua/start_run.lua``). Workers run a batch once per claim, whichever send arrives
+first, so a batch sent twice still runs once.
 
-A scheduler that becomes active (at start, or taking over) re-sends the outbox and then
-reads intake from its start through the same ticks: it sends its first batch after one
-tick, however long the backlog, and continues the reconciler's pass where the previous
-scheduler left it.
+A scheduler that becomes active (at start, or taking over) re-sends the outbox, so a
+batch whose send was lost with its scheduler is sent again, and then reads intake from
+its start through the same ticks: it sends its first batch after one tick, however long
+the backlog, and continues the reconciler's pass where the previous scheduler left it.
+It does the same when it finds itself talking to another Redis server (a Sentinel
+failover or a restart: the new one may lack the old one's last writes, a send or a
+claim among them), and starts a reconciler pass at once.
 """
 
 from __future__ import annotations
@@ -121,8 +123,9 @@ class Scheduler:
         self.metrics = SchedulerMetrics(settings.metrics_tenant_label)
         self.semantic = SemanticCache(self.r, settings, self.embedder)
         self._last_overview = 0.0
-        #: Ids of the batches sent and not yet acknowledged (``RedisQueue.ack_sent``).
-        self._unacked: list[str] = []
+        #: The Redis server this scheduler talks to (its ``run_id``): another one after a
+        #: failover or a restart, which may have lost the last writes (``_hold_lease``).
+        self._server = ""
         #: Deployments with replicas: where each batch goes (``scheduler.routing``).
         self.routing = Routing(settings)
 
@@ -170,8 +173,6 @@ class Scheduler:
         finally:
             if self.active:
                 with contextlib.suppress(redis.RedisError):
-                    if self._unacked:
-                        self.queue.ack_sent(self._unacked)
                     self.queue.release_lease(self.token)
             self.store.close()
 
@@ -225,13 +226,25 @@ class Scheduler:
         if self.active and time.monotonic() - self._renewed < self.settings.lease_ttl_s / 3:
             return True
         held = self.queue.acquire_lease(self.token, self.settings.lease_ttl_s)
+        server = ""
         if held:
             self._renewed = time.monotonic()
+            server = self.queue.server_id()
         if held and not self.active:
             log.info("scheduler %s is active", self.token)
             self.active = True
             self.metrics.active.set(1)
+            self._server = server
             self._recover()
+        elif held and server != self._server:
+            # A failover (or a restart) in between: the server now answering may lack the
+            # last writes of the one before (replication and AOF are asynchronous), such as
+            # a batch's send or a claim. Recover as a new scheduler would.
+            log.warning("Redis is another server now (a failover or a restart): re-sending "
+                        "the batches not started and reading intake again")
+            self._server = server
+            self._recover()
+            self.reconciler.now()
         elif not held and self.active:
             log.warning("scheduler %s lost its lease; standing by", self.token)
             self._step_down()
@@ -249,7 +262,6 @@ class Scheduler:
 
     def _step_down(self) -> None:
         self.active = False
-        self._unacked = []  # the outbox holds them: the next active scheduler re-sends them
         self.metrics.active.set(0)
         self.metrics.cluster.update(None, [])
         self.pool = self._new_pool()
@@ -258,14 +270,20 @@ class Scheduler:
         self._caught_up = False
 
     def _recover(self) -> None:
-        """On becoming active: re-send the outbox, then read intake from its start (in
-        the ticks that follow, a bounded number of entries each) and continue the
-        reconciler's pass where it was."""
+        """On becoming active, or finding another Redis server: re-send the outbox (the
+        batches claimed and not started: a send may have been lost with a scheduler or a
+        Redis; a second send does not run), then read intake from its start (in the ticks
+        that follow, a bounded number of entries each) and continue the reconciler's pass
+        where it was."""
         self.last_event = self.queue.last_event_id()
         outbox = self.queue.outbox()
+        flying = self.queue.in_flight(sorted(outbox))
+        self.queue.drop_from_outbox([b for b in outbox if b not in flying])  # taken for lost
         for batch_id, (meta, job_ids) in outbox.items():
+            if batch_id not in flying:
+                continue
             info = json.loads(meta)
-            log.info("re-sending batch %s (%d jobs) left in the outbox", batch_id, len(job_ids))
+            log.info("re-sending batch %s (%d jobs), not started", batch_id, len(job_ids))
             self._send(batch_id, job_ids, int(info["cls"]), info.get("similarity"),
                        int(info.get("prefix", 0)), float(info.get("estimate", 0.0)),
                        info.get("deployment", ""))  # any replica: the worker picks
@@ -278,7 +296,7 @@ class Scheduler:
         if self.settings.cache_enabled and self.settings.cache_semantic_tenants:
             log.info("semantic cache: %d vectors loaded", self.semantic.load(self._renew))
         log.info("recovered: re-sent %d batches from the outbox; reading %d intake entries",
-                 len(outbox), self.queue.r.xlen(keys.INTAKE))
+                 len(flying), self.queue.r.xlen(keys.INTAKE))
 
     # --- one tick -----------------------------------------------------------------------
 
@@ -290,11 +308,10 @@ class Scheduler:
         block = None if busy else int(self.settings.scheduler_tick_ms)
         count = self.settings.scheduler_read_count
         now = time.time()
-        # The acks of the last tick's sends, the read and the capacity: one round trip.
+        # The read and the capacity: one round trip.
         reading = self.queue.read_intake(
-            self.last_sid, count, block, self.last_event, acks=self._unacked,
+            self.last_sid, count, block, self.last_event,
             stale_before=now - self.settings.visibility_timeout_s - self.settings.task_time_limit_s)
-        self._unacked = []
         entries, events = reading.entries, reading.events
         if entries:
             self.backlog.add(entries)
@@ -429,8 +446,7 @@ class Scheduler:
                            "estimate": batch.estimate_s, "deployment": dep})
         claimed = self.queue.claim(self.token, batch_id, meta,
                                    [(j.id, j.tenant) for j in batch.jobs], time.time(),
-                                   batch.cls, acks=self._unacked)
-        self._unacked = []
+                                   batch.cls)
         if claimed is None:
             log.warning("lease lost while claiming batch %s; standing by", batch_id)
             self._step_down()
@@ -479,9 +495,8 @@ class Scheduler:
             # Celery's Redis backend subscribes to the task's result channel on every send.
             ignore_result=True,
         )
-        # Acknowledged with the next claim or read (a crash before that re-sends the batch
-        # from the outbox, and a batch's second send does not run: ``start_run``).
-        self._unacked.append(batch_id)
+        # In the outbox until a send of it starts (``start_run``): a scheduler that takes
+        # over, or finds another Redis, sends it again; a second send does not run.
         self.sent_batches += 1
         self.sent_jobs += len(job_ids)
 

@@ -1,6 +1,6 @@
 """Dispatch: the scheduler's steps. Read intake and events, hold the lease, claim jobs for
-a batch (fenced by the lease), acknowledge a batch sent, take jobs to expire, put a lost
-batch's jobs back, and what is in flight."""
+a batch (fenced by the lease; the batch stays in the outbox until it starts), take jobs
+to expire, put a lost batch's jobs back, and what is in flight."""
 
 from __future__ import annotations
 
@@ -32,22 +32,20 @@ class Dispatch(Steps):
     """Dispatch: see the module."""
 
     def read_intake(self, after: str, count: int, block_ms: int | None, events_after: str,
-                    *, stale_before: float, acks: Sequence[str] = ()) -> Reading:
+                    *, stale_before: float) -> Reading:
         """Intake entries after ``after`` and events ``(sid, fields)`` after ``events_after``,
         blocking up to ``block_ms`` until either stream has something new; in the same
-        round trip, first ``ack_sent`` of the batches ``acks``, and
-        after the read the cluster's capacity (workers, batches in flight, once those
-        started before ``stale_before`` are dropped, and the broker's queue lengths)."""
+        round trip, after the read, the cluster's capacity (workers, batches in flight,
+        once those started before ``stale_before`` are dropped, and the broker's queue
+        lengths)."""
         pipe = self.r.pipeline(transaction=False)
-        if acks:
-            self.ack_sent(acks, client=pipe)
         pipe.xread({keys.INTAKE: after, keys.EVENTS: events_after}, count=count, block=block_ms)
         pipe.hgetall(keys.WORKERS)
         pipe.zremrangebyscore(keys.INFLIGHT, "-inf", stale_before)
         pipe.zrange(keys.INFLIGHT, 0, -1)
         for name in keys.QUEUES:
             pipe.llen(name)
-        read, workers, _, inflight, *queued = self._at_once(pipe)[1 if acks else 0:]
+        read, workers, _, inflight, *queued = self._at_once(pipe)
         entries: list[IntakeEntry] = []
         events: list[tuple[str, dict[str, str]]] = []
         for stream, items in read or []:
@@ -80,6 +78,12 @@ class Dispatch(Steps):
                 out.append((JobSpec.model_validate_json(spec) if spec else None, state, batch))
         return out
 
+    def server_id(self) -> str:
+        """The ``run_id`` of the Redis server answering: another after a failover or a
+        restart."""
+        info: Any = self.r.info("server")
+        return str(info.get("run_id", ""))
+
     def acquire_lease(self, token: str, ttl_s: float) -> bool:
         """Take or renew the scheduler lease."""
         return bool(self._lease(keys=[keys.SCHEDULER_LEASE], args=[token, int(ttl_s * 1000)]))
@@ -89,21 +93,16 @@ class Dispatch(Steps):
         self._release(keys=[keys.SCHEDULER_LEASE], args=[token])
 
     def claim(self, token: str, batch_id: str, meta: str, jobs: Sequence[tuple[str, str]],
-              now: float, cls: int, *, acks: Sequence[str] = ()) -> list[str] | None:
+              now: float, cls: int) -> list[str] | None:
         """Claim ``(job id, tenant)`` pairs still QUEUED for a batch (out of intake, the
-        batch into the outbox); None without the lease. ``acks``: ``ack_sent`` of these
-        batches first, in the same round trip."""
+        batch into the outbox until one of its sends starts); None without the lease."""
         job_keys: list[str] = []
         for job_id, tenant in jobs:
             job_keys += [keys.job(job_id), keys.tenant_pending(tenant)]
-        pipe = self.r.pipeline(transaction=False)
-        if acks:
-            self.ack_sent(acks, client=pipe)
-        self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, keys.INFLIGHT, keys.INTAKE,
-                          *job_keys],
-                    args=[token, batch_id, meta, now, keys.inflight_member(cls, batch_id),
-                          *(j for j, _ in jobs)], client=pipe)
-        reply = self._at_once(pipe)[-1]
+        reply = self._claim(keys=[keys.SCHEDULER_LEASE, keys.OUTBOX, keys.INFLIGHT, keys.INTAKE,
+                                  *job_keys],
+                            args=[token, batch_id, meta, now, keys.inflight_member(cls, batch_id),
+                                  *(j for j, _ in jobs)])
         if reply == -1:
             return None
         return [str(x) for x in reply]
@@ -123,13 +122,14 @@ class Dispatch(Steps):
             return None
         return [str(x) for x in reply]
 
-    def ack_sent(self, batch_ids: Sequence[str], client: Any = None) -> None:
-        """After the sends: drop the batches from the outbox (in ``client``'s pipeline
-        when given). Their jobs left intake when they were claimed."""
-        (client or self.r).hdel(keys.OUTBOX, *batch_ids)
+    def drop_from_outbox(self, batch_ids: Sequence[str]) -> None:
+        """Batches that will not be sent again (no longer in flight) leave the outbox."""
+        if batch_ids:
+            self.r.hdel(keys.OUTBOX, *batch_ids)
 
     def outbox(self) -> dict[str, tuple[str, list[str]]]:
-        """Batches claimed but not confirmed sent: ``{batch id: (meta JSON, job ids)}``."""
+        """Batches claimed and not started (sent or not): ``{batch id: (meta JSON, job
+        ids)}``."""
         out: dict[str, tuple[str, list[str]]] = {}
         raw: Any = self.r.hgetall(keys.OUTBOX)
         for batch_id, value in raw.items():

@@ -39,9 +39,10 @@ class Runs(Steps):
         A primary that dies before they do raises a connection error, never a "yes"."""
         pipe = self.r.pipeline(transaction=False)
         self._start_run(keys=[keys.batch_deliveries(batch_id), keys.batch_run(batch_id),
-                              keys.INFLIGHT],
+                              keys.INFLIGHT, keys.OUTBOX],
                         args=[retries, ttl_s, send_id, now, keys.inflight_member(cls, batch_id),
-                              token or uuid.uuid4().hex, "1" if redelivered else "0"],
+                              token or uuid.uuid4().hex, "1" if redelivered else "0",
+                              batch_id],
                         client=pipe)
         if replicas > 0:
             pipe.execute_command("WAIT", replicas, wait_ms)  # type: ignore[no-untyped-call]
@@ -52,14 +53,15 @@ class Runs(Steps):
     def reassign(self, batch_id: str, moves: Sequence[tuple[str, str, int]],
                  now: float) -> list[bool]:
         """Move jobs of a batch to new batches ``(job id, new batch id, class)``, each
-        counted in flight; return, per move, whether the job was still the batch's."""
+        counted in flight and in the outbox until it starts; return, per move, whether the
+        job was still the batch's."""
         if not moves:
             return []
         args: list[str | float] = [batch_id, now]
-        for _, new_id, cls in moves:
-            args += [new_id, keys.inflight_member(cls, new_id)]
-        reply = self._reassign(keys=[keys.INFLIGHT, *(keys.job(j) for j, _, _ in moves)],
-                               args=args)
+        for job_id, new_id, cls in moves:
+            args += [new_id, keys.inflight_member(cls, new_id), f'{{"cls": {cls}}}\n{job_id}']
+        reply = self._reassign(keys=[keys.INFLIGHT, keys.OUTBOX,
+                                     *(keys.job(j) for j, _, _ in moves)], args=args)
         return [bool(x) for x in reply]
 
     def load_and_mark(self, batch_id: str, job_ids: Sequence[str],
@@ -77,6 +79,7 @@ class Runs(Steps):
         the scheduler the event wakes finds the room to send the next batch)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.zrem(keys.INFLIGHT, keys.inflight_member(cls, batch_id))
+        pipe.hdel(keys.OUTBOX, batch_id)  # ended without a start (a lost worker's batch)
         # Its run and delivery records are done with: a late second send of the batch
         # finds every job final and calls nobody.
         pipe.unlink(keys.batch_run(batch_id), keys.batch_deliveries(batch_id))

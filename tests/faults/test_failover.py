@@ -14,7 +14,6 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -186,8 +185,12 @@ def _check(load: Load, store: JobStore, settings: Settings, at_kill: set[str],
            killed: float, first_after: float) -> None:
     ids = load.accepted()
     assert len(ids) == JOBS and len(set(ids)) == JOBS
-    poll(lambda: _finished(store) >= JOBS, timeout=300, interval=0.2,
-         what="every job to end")
+    try:
+        poll(lambda: _finished(store) >= JOBS, timeout=300, interval=0.2,
+             what="every job to end")
+    except AssertionError:
+        print(_unfinished(store, settings, ids))
+        raise
 
     # Exactly one final state per job in SQL: no job lost, none added by a retried chunk.
     counts = store.count_by_state()
@@ -239,6 +242,20 @@ def _finished(store: JobStore) -> int:
         return 0
 
 
-def _final_ids(store: JobStore, ids: list[str]) -> set[str]:
-    got: dict[str, Any] = store.get_many(ids)
-    return {j for j, row in got.items() if row.state.value in FINAL}
+def _unfinished(store: JobStore, settings: Settings, ids: list[str]) -> str:
+    """What SQL and Redis hold of the jobs that did not end (for a failure's report)."""
+    rows = store.get_many(ids)
+    left = [j for j in ids if j not in rows or not rows[j].state.final]
+    r = connect(settings.redis_url)
+    lines = [f"{len(left)} jobs did not end"]
+    for job_id in left[:20]:
+        state, batch = r.hmget(keys.job(job_id), "state", "batch")
+        where = ""
+        if batch:
+            flying = [m for m in r.zrange(keys.INFLIGHT, 0, -1) if m.endswith(batch)]
+            where = (f" in flight={flying}"
+                     f" outbox={r.hexists(keys.OUTBOX, batch)}"
+                     f" run={r.get(keys.batch_run(batch))!r}")
+        sql = rows[job_id].state.value if job_id in rows else None
+        lines.append(f"  {job_id}: SQL {sql}, Redis {state} batch {batch}{where}")
+    return "\n".join(lines)

@@ -469,3 +469,39 @@ def test_19_postgresql_restarted_under_load_the_api_answers_503_and_no_job_is_lo
             procs.stop_all()
     finally:
         server.stop()
+
+
+def test_20_a_send_lost_with_its_redis_is_sent_again_when_another_server_answers(
+        own: Own) -> None:
+    """A failover can lose a batch's send (the replica had the claim, not the message in
+    the broker queue). The scheduler that finds another server behind its address sends
+    the batches that did not start again, long before their in-flight entry would go
+    stale (visibility timeout + time limit: 660 s by default, left as they are here)."""
+    server, s, procs = own
+    quick = {"PROMPTBATCH_RECONCILE_INTERVAL_S": "2", "PROMPTBATCH_LEASE_TTL_S": "2"}
+    procs.scheduler(**quick)
+    procs.worker(concurrency=1, **quick)
+    store = JobStore(s.database_url)
+    with Client(s) as client:
+        # One batch runs on the only pool process; the next waits in the broker queue.
+        first = client.submit("keeps the worker busy [echo:sleep=4]")
+        poll(lambda: client.queue.states([first]) == ["RUNNING"], what="the first batch")
+        ids = client.submit_many({"prompt": f"then job {i}"} for i in range(3))
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        poll(lambda: sum(r.llen(q) for q in keys.QUEUES) > 0, timeout=30,
+             what="the next batch to wait in the broker queue")
+        assert set(client.queue.states(ids)) == {"SCHEDULED"}
+        assert r.hlen(keys.OUTBOX) == 1  # sent and not started
+        r.delete(*keys.QUEUES)  # the send is lost, as with a primary that died too soon
+        server.server.stop()
+        server.restart()  # another server (another run_id), with the claim and no send
+        client.r.connection_pool.disconnect()
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        every = [first, *ids]
+        poll(lambda: all(j.state.final for j in store.get_many(every).values()), timeout=45,
+             what="every job to end (the lost send sent again)")
+        assert_exactly_one_final_result(client, every, r)
+        assert r.hlen(keys.OUTBOX) == 0
+    store.close()
+    calls = provider_calls(s.echo_call_log)
+    assert {j: calls[j] for j in every} == {j: 1 for j in every}

@@ -28,7 +28,6 @@ def claimed(client: Client, batch_id: str, n: int, cls: int = 2) -> list[str]:
                              [(i, client.settings.default_tenant) for i in ids], time.time(),
                              cls)
     assert got == ids
-    client.queue.ack_sent([batch_id])  # sent: out of the outbox
     return ids
 
 

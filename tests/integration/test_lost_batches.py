@@ -5,8 +5,11 @@ their own (real server, real SQLite file)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -18,6 +21,7 @@ from jobs.queue import RedisQueue
 from jobs.store import JobStore
 from producers.client import Client
 from scheduler.reconcile import LeaseLost, Reconciler, reconcile
+from tests.helpers import poll
 
 pytestmark = pytest.mark.integration
 
@@ -119,3 +123,37 @@ def test_a_follower_whose_leader_is_gone_is_released_by_the_reconciler(
         repairs = reconcile(client.store, client.queue, s, time.time())
         assert repairs.requeued >= 1
         assert client.queue.states([follower]) == ["QUEUED"]  # it runs on its own
+
+
+def test_a_scheduler_that_finds_another_server_sends_what_did_not_start_again(
+        settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A failover the scheduler's client rode through (it reconnects and retries on its
+    own): the lease is renewed on another server, one that lacks a send the old one had."""
+    from promptbatch.embedded import EmbeddedRedis, free_port
+    from scheduler.service import Scheduler
+
+    server = EmbeddedRedis(tmp_path / "own", port=free_port()).start()
+    s = settings.model_copy(update={"redis_url": server.url, "lease_ttl_s": 0.3})
+    sched = Scheduler(s)
+    try:
+        with Client(s) as client:
+            job_id = client.submit("in a batch whose send is lost")
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        # A worker's heartbeat, so the scheduler has room to send (no worker takes it).
+        r.hset(keys.WORKERS, "w@test", json.dumps({"concurrency": 1, "ts": time.time(),
+                                                   "pid": 0}))
+        assert sched._hold_lease()
+        poll(lambda: (sched.tick(), sum(r.llen(q) for q in keys.QUEUES))[1] > 0,
+             what="the batch's send")
+        assert RedisQueue(r).states([job_id]) == ["SCHEDULED"] and r.hlen(keys.OUTBOX) == 1
+        r.delete(*keys.QUEUES)  # the send is lost with the old server
+        server.stop()
+        server = EmbeddedRedis(tmp_path / "own", port=server.port).start()
+        caplog.set_level(logging.WARNING, "scheduler.service")
+        poll(lambda: sched._hold_lease() and sum(r.llen(q) for q in keys.QUEUES) > 0,
+             what="the batch sent again")
+        assert "Redis is another server now" in caplog.text
+        assert r.hlen(keys.OUTBOX) == 1  # until a send of it starts
+    finally:
+        sched.store.close()
+        server.stop()

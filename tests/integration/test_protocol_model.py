@@ -17,6 +17,7 @@ system is compared with a small pure model of where each job must be:
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -208,7 +209,6 @@ class Protocol(RuleBasedStateMachine):
         assert got is not None
         expected = [j.id for j in chosen if j.state == "QUEUED"]
         assert got == expected
-        self.queue.ack_sent([batch.id])
         for job_id in got:
             j = self.jobs[job_id]
             j.state, j.batch, j.waiting = "SCHEDULED", batch.id, False
@@ -379,6 +379,15 @@ class Protocol(RuleBasedStateMachine):
                 assert row.state.value == j.final
                 assert res is not None and res.state.value == j.final
                 assert row.result is not None and row.result.text == res.text == j.text
+
+    @invariant()
+    def the_outbox_holds_the_batches_not_started(self) -> None:
+        """What a scheduler that takes over (or finds another Redis) sends again."""
+        outbox = self.queue.outbox()
+        assert set(outbox) == {b.id for b in self.batches.values() if not b.started}
+        for batch_id, (meta, job_ids) in outbox.items():
+            b = self.batches[batch_id]
+            assert job_ids == b.jobs and json.loads(meta)["cls"] == b.cls
 
     @invariant()
     def no_job_in_two_batches(self) -> None:
