@@ -110,7 +110,7 @@ class Reconciler:
         elif raw.get("finished"):
             self.last_finished = float(raw["finished"])
 
-    def now(self) -> None:
+    def start_soon(self) -> None:
         """Start a pass at the next step, unless one is under way (after a failover)."""
         self.last_finished = 0.0
 

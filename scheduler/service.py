@@ -244,7 +244,7 @@ class Scheduler:
                         "the batches not started and reading intake again")
             self._server = server
             self._recover()
-            self.reconciler.now()
+            self.reconciler.start_soon()
         elif not held and self.active:
             log.warning("scheduler %s lost its lease; standing by", self.token)
             self._step_down()

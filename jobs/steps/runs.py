@@ -79,7 +79,9 @@ class Runs(Steps):
         the scheduler the event wakes finds the room to send the next batch)."""
         pipe = self.r.pipeline(transaction=False)
         pipe.zrem(keys.INFLIGHT, keys.inflight_member(cls, batch_id))
-        pipe.hdel(keys.OUTBOX, batch_id)  # ended without a start (a lost worker's batch)
+        # Out of the outbox (its start took it out already; this keeps the outbox exact
+        # for a caller that ends a batch that never started, as a tool may).
+        pipe.hdel(keys.OUTBOX, batch_id)
         # Its run and delivery records are done with: a late second send of the batch
         # finds every job final and calls nobody.
         pipe.unlink(keys.batch_run(batch_id), keys.batch_deliveries(batch_id))
