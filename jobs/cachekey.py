@@ -68,7 +68,7 @@ def exact_key(spec: JobSpec, settings: Settings) -> str:
 def semantic_partition(spec: JobSpec, settings: Settings) -> str:
     """The FAISS index a semantic lookup searches: the exact partition plus the
     parameters and the system prompt (only the last user turn may differ)."""
-    system = [m.content for m in spec.messages or () if m.role in ("system", "developer")]
+    system = [m.text for m in spec.messages or () if m.role in ("system", "developer")]
     extra = hashlib.sha256(json.dumps(
         [spec.params.model_dump(mode="json", exclude_none=True), system]).encode()).hexdigest()
     return f"{partition(spec, settings)}:{extra[:16]}"
@@ -78,7 +78,7 @@ def semantic_text(spec: JobSpec) -> str:
     """What a semantic lookup compares: the conversation without its system prompt."""
     if spec.prompt is not None:
         return spec.prompt
-    return "\n".join(m.content for m in spec.messages or ()
+    return "\n".join(m.text for m in spec.messages or ()
                      if m.role not in ("system", "developer"))
 
 

@@ -8,6 +8,7 @@ one final outcome of a job.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +30,21 @@ from pydantic import (
 )
 
 from config.settings import PRIORITY_NAMES
+from jobs.chat import (
+    FinishReason,
+    Message,
+    ResponseFormat,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    canonical,
+    check_tool_answers,
+    raise_at,
+)
+
+__all__ = ["FINAL_STATES", "CachePolicy", "GenerationParams", "IntakeEntry", "JobRequest",
+           "JobResult", "JobSpec", "JobState", "Message", "Priority", "PriorityField",
+           "Usage"]
 
 
 class Priority(IntEnum):
@@ -96,15 +112,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 _TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class Message(BaseModel):
-    """One chat message."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str = Field(max_length=400_000)
-
-
 class GenerationParams(BaseModel):
     """Generation parameters passed to the provider. Jobs share a batch only if equal."""
 
@@ -119,6 +126,16 @@ class GenerationParams(BaseModel):
     seed: int | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    #: Return the log probabilities of the answer's tokens (providers that serve them).
+    logprobs: bool | None = None
+    #: With ``logprobs``: how many most likely tokens to list at each position (0-20).
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> GenerationParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -185,6 +202,18 @@ class JobRequest(BaseModel):
         default="auto", description="Result cache: 'auto' (deterministic requests only: "
         "temperature 0 or a seed), 'off', 'exact' (any request), 'semantic' (also a similar "
         "enough earlier prompt, when the tenant allows it).")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="The answer's shape, as OpenAI takes it: {'type': 'text'}, "
+        "{'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'name', 'schema', "
+        "'strict'}}. A JSON answer is checked (and asked again once) before the job succeeds.")
+    tools: list[Tool] | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="Functions the model may call (OpenAI's function tools).")
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="'auto', 'none', 'required' or "
+        "{'type': 'function', 'function': {'name': ...}}.")
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="Whether the model may call several tools in one answer.")
 
     @field_validator("prompt")
     @classmethod
@@ -196,7 +225,8 @@ class JobRequest(BaseModel):
     @field_validator("messages")
     @classmethod
     def _messages_not_blank(cls, value: list[Message] | None) -> list[Message] | None:
-        if value is not None and not any(m.content.strip() for m in value):
+        if value is not None and not any(m.text.strip() or m.images or m.tool_calls
+                                         for m in value):
             raise ValueError("every message is empty or only whitespace")
         return value
 
@@ -231,6 +261,25 @@ class JobRequest(BaseModel):
             raise ValueError("give at most one of 'deadline' or 'timeout_s'")
         return self
 
+    @model_validator(mode="after")
+    def _tools_consistent(self) -> JobRequest:
+        errors = check_tool_answers(self.messages or [])
+        if self.tool_choice is not None and self.tools is None and self.tool_choice != "none":
+            errors.append(("tool_choice", "needs tools"))
+        if self.parallel_tool_calls is not None and self.tools is None:
+            errors.append(("parallel_tool_calls", "needs tools"))
+        if not isinstance(self.tool_choice, str | None):
+            names = [t.function.name for t in self.tools or ()]
+            if self.tool_choice.function.name not in names:
+                errors.append(("tool_choice.function.name",
+                               f"{self.tool_choice.function.name!r} is not one of the tools "
+                               f"({', '.join(names)})"))
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            errors.append(("tools", "two tools have the same name"))
+        raise_at("JobRequest", errors)
+        return self
+
 
 class JobSpec(BaseModel):
     """A resolved, accepted job: what crosses Redis and what workers run."""
@@ -252,21 +301,41 @@ class JobSpec(BaseModel):
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
     cache: CachePolicy = "auto"
     stream: bool = False
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     #: A digest of the request as submitted, for a job with an idempotency key: a repeat
     #: of the key must carry the same request.
     request_hash: str | None = None
 
     @property
     def compat_key(self) -> str:
-        """Jobs share a batch only when these are equal: provider, model and parameters."""
-        return f"{self.provider}|{self.model}|{self.params.canonical()}"
+        """Jobs share a batch only when these are equal: provider, model, parameters and,
+        when set, a digest of the response format and the tools (a provider takes one of
+        each per call)."""
+        key = f"{self.provider}|{self.model}|{self.params.canonical()}"
+        shape = self.shape_key
+        return f"{key}|{shape}" if shape else key
+
+    @property
+    def shape_key(self) -> str:
+        """A digest of what shapes the answer (response format, tools, tool choice,
+        parallel tool calls); '' when none is set."""
+        parts = (canonical(self.response_format), canonical(self.tools),
+                 canonical(self.tool_choice),
+                 "" if self.parallel_tool_calls is None else str(self.parallel_tool_calls))
+        if not any(parts):
+            return ""
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     @property
     def text(self) -> str:
-        """The prompt as one string (chat messages joined as ``role: content`` lines)."""
+        """The prompt as one string (chat messages as ``role: text`` lines, images and
+        tool calls marked: ``Message.rendered``). What similarity is computed from."""
         if self.prompt is not None:
             return self.prompt
-        return "\n".join(f"{m.role}: {m.content}" for m in self.messages or ())
+        return "\n".join(m.rendered() for m in self.messages or ())
 
 
 class Usage(BaseModel):
@@ -283,11 +352,28 @@ class Usage(BaseModel):
 
 
 class JobResult(BaseModel):
-    """The one final outcome of a job."""
+    """The one final outcome of a job.
+
+    A SUCCEEDED job's answer is the message as the provider gave it: ``text`` (its
+    content), ``tool_calls``, ``refusal``, ``finish_reason``, ``logprobs`` when asked, and
+    for a JSON response format the ``parsed`` value (validated against the schema). A job
+    FAILED for its answer (``error_code`` ``invalid_output``) keeps the raw answer in
+    ``text``.
+    """
 
     id: str
     state: JobState
     text: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    refusal: str | None = None
+    finish_reason: FinishReason | None = None
+    logprobs: dict[str, Any] | None = Field(
+        default=None, description="OpenAI's choice.logprobs object, when asked.")
+    parsed: Any = Field(default=None, description="The answer as JSON, for a json_object or "
+                        "json_schema response format (it validates against the schema).")
+    error_code: str | None = Field(
+        default=None, description="What kind of failure: 'invalid_output' (the answer did "
+        "not validate, after the retries), else None.")
     usage: Usage | None = None
     error: str | None = None
     provider: str | None = None

@@ -24,11 +24,17 @@ PROVIDER_DEFAULT_MODELS: dict[str, str] = {
 }
 
 
+#: Branch names pydantic puts in an error's location inside a union (never a field of ours).
+_UNION_TAGS = frozenset({"str", "list", "int", "float", "bool", "none", "dict"})
+
+
 def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
     """``(field, message)`` pairs of a pydantic error, the field as a dotted path."""
     out: list[tuple[str, str]] = []
     for err in exc.errors():
-        loc = ".".join(str(part) for part in err["loc"]) or "(body)"
+        # Without the tags pydantic puts in a location for a union's branch.
+        loc = ".".join(str(part) for part in err["loc"]
+                       if part not in _UNION_TAGS and "[" not in str(part)) or "(body)"
         msg = err["msg"].removeprefix("Value error, ")
         out.append((loc, msg))
     return out
@@ -80,7 +86,7 @@ def resolve(
             errors.append(("model", f"tenant {tenant!r} may not use model {model!r} of "
                            f"provider {provider!r} (tenant_providers)"))
     text_len = len(request.prompt) if request.prompt is not None else sum(
-        len(m.content) for m in request.messages or ())
+        len(m.text) for m in request.messages or ())
     if text_len > settings.max_prompt_chars:
         errors.append(("prompt" if request.prompt is not None else "messages",
                        f"{text_len} characters is over the limit of {settings.max_prompt_chars}"))

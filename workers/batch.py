@@ -315,5 +315,8 @@ def _result(spec: JobSpec, outcome: Outcome, started: float, finished: float,
     provider, model = outcome.deployment.split("|", 1)
     return JobResult(id=spec.id, state=state, text=reply.text, usage=reply.usage,
                      error=reply.error, provider=provider, model=model,
+                     tool_calls=list(reply.tool_calls) if reply.tool_calls else None,
+                     refusal=reply.refusal, finish_reason=reply.finish_reason,
+                     logprobs=reply.logprobs,
                      attempts=outcome.attempts, created_at=spec.created_at,
                      deadline=spec.deadline, started_at=started, finished_at=finished, **base)

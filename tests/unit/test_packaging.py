@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 OURS = {"config", "jobs", "producers", "scheduler", "workers", "promptbatch"}
 #: Imports that a declared dependency guarantees (FastAPI is built on Starlette).
-PROVIDED_BY = {"starlette": "fastapi"}
+PROVIDED_BY = {"starlette": "fastapi", "pydantic_core": "pydantic"}
 #: Modules allowed to import an optional extra (they are only loaded when it is chosen).
 EXTRA_USERS = {"scheduler/minilm.py": "semantic"}
 

@@ -38,8 +38,8 @@ def _split(req: ProviderRequest) -> tuple[str, list[dict[str, str]]]:
     """System text and the user/assistant turns of a request."""
     if req.messages is None:
         return "", [{"role": "user", "content": req.prompt or ""}]
-    system = "\n\n".join(m.content for m in req.messages if m.role in ("system", "developer"))
-    turns = [{"role": "assistant" if m.role == "assistant" else "user", "content": m.content}
+    system = "\n\n".join(m.text for m in req.messages if m.role in ("system", "developer"))
+    turns = [{"role": "assistant" if m.role == "assistant" else "user", "content": m.text}
              for m in req.messages if m.role not in ("system", "developer")]
     return system, turns or [{"role": "user", "content": ""}]
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+from jobs.chat import FinishReason, ResponseFormat, Tool, ToolCall, ToolChoice
 from jobs.models import GenerationParams, JobSpec, Message, Usage
 
 if TYPE_CHECKING:
@@ -28,6 +29,13 @@ class ProviderRequest:
     pending_prefix_chars: int = 0
     #: Whether the job's output is streamed (the provider hands its chunks to its sink).
     stream: bool = False
+    #: The answer's shape (OpenAI's ``response_format``), when the job asks for one.
+    response_format: ResponseFormat | None = None
+    #: Functions the model may call, and how (OpenAI's ``tools``, ``tool_choice``,
+    #: ``parallel_tool_calls``).
+    tools: tuple[Tool, ...] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @classmethod
     def from_spec(cls, spec: JobSpec, pending_prefix_chars: int = 0) -> ProviderRequest:
@@ -35,7 +43,10 @@ class ProviderRequest:
         return cls(job_id=spec.id, model=spec.model, params=spec.params, prompt=spec.prompt,
                    messages=tuple(spec.messages) if spec.messages is not None else None,
                    deadline=spec.deadline, text=spec.text,
-                   pending_prefix_chars=pending_prefix_chars, stream=spec.stream)
+                   pending_prefix_chars=pending_prefix_chars, stream=spec.stream,
+                   response_format=spec.response_format,
+                   tools=tuple(spec.tools) if spec.tools is not None else None,
+                   tool_choice=spec.tool_choice, parallel_tool_calls=spec.parallel_tool_calls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +66,12 @@ class ProviderReply:
     text: str | None = None
     usage: Usage | None = None
     error: str | None = None
+    #: The answer's tool calls, refusal, why it stopped and its log probabilities (OpenAI's
+    #: ``choice.logprobs``), as the provider gave them.
+    tool_calls: tuple[ToolCall, ...] | None = None
+    refusal: str | None = None
+    finish_reason: FinishReason | None = None
+    logprobs: dict[str, Any] | None = None
     transient: bool = False
     retry_after: float | None = None
     whole_request: bool = False

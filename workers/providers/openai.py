@@ -96,7 +96,7 @@ class OpenAIProvider:
         return {k: p[k] for k in _PARAMS if k in p}
 
     def _chat(self, req: ProviderRequest, key: str | None) -> ProviderReply:
-        messages = ([{"role": m.role, "content": m.content} for m in req.messages]
+        messages = ([m.payload() for m in req.messages]
                     if req.messages is not None else [{"role": "user", "content": req.prompt}])
         payload: dict[str, Any] = {"model": req.model, "messages": messages, **self._params(req)}
         if key:
