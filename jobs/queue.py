@@ -78,7 +78,7 @@ def connect(url: str, *, socket_timeout: float = 10.0,
     }
     if is_sentinel(url):
         address = SentinelAddress.parse(url)
-        client: redis.Redis = _sentinel(  # type: ignore[no-untyped-call]
+        client: redis.Redis = _sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             address, socket_timeout, connect_timeout).master_for(
             address.master, redis_class=redis.Redis, db=address.db, username=address.username,
             password=address.password, **options)
@@ -90,7 +90,7 @@ def aconnect(url: str) -> aioredis.Redis:
     """``connect`` for asyncio (the API's streams)."""
     if is_sentinel(url):
         address = SentinelAddress.parse(url)
-        sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = aiosentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
             address.sentinels, sentinel_kwargs=_sentinel_kwargs(address, 10.0, 5.0),
             socket_timeout=10.0, socket_connect_timeout=5.0)
         aclient: aioredis.Redis = sentinel.master_for(
@@ -108,7 +108,7 @@ def twin(client: redis.Redis, **overrides: Any) -> redis.Redis:
     if isinstance(pool, SentinelConnectionPool):
         kwargs.pop("connection_pool", None)
         kwargs.pop("connection_class", None)
-        return redis.Redis(connection_pool=SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        return redis.Redis(connection_pool=SentinelConnectionPool(  # type: ignore[no-untyped-call, unused-ignore]
             pool.service_name, pool.sentinel_manager, **kwargs))
     return redis.Redis(connection_pool=redis.ConnectionPool(
         connection_class=pool.connection_class, **kwargs))
@@ -125,7 +125,7 @@ def _sentinel_kwargs(address: SentinelAddress, socket_timeout: float,
 
 def _sentinel(address: SentinelAddress, socket_timeout: float,
               connect_timeout: float) -> Sentinel:
-    return Sentinel(address.sentinels,  # type: ignore[no-untyped-call]
+    return Sentinel(address.sentinels,  # type: ignore[no-untyped-call, unused-ignore]
                     sentinel_kwargs=_sentinel_kwargs(address, socket_timeout, connect_timeout))
 
 
