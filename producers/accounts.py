@@ -16,6 +16,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    func,
     or_,
     select,
     update,
@@ -98,6 +99,10 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _utc(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
 def _info(r: ApiKeyRow) -> KeyInfo:
     return KeyInfo(r.prefix or "(unknown)", r.tenant, bool(r.admin), r.created_at,
                    r.last_used_at, r.expires_at, r.revoked_at)
@@ -143,21 +148,40 @@ class Accounts:
         with Session(self.engine) as session:
             return [_info(r) for r in session.scalars(stmt)]
 
+    def refusal(self, key: str, now: float | None = None) -> str | None:
+        """Why a stored key is refused, for its holder: revoked or expired, and when; None
+        for a key the store does not hold (or that works)."""
+        now = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ApiKeyRow.revoked_at, ApiKeyRow.expires_at).where(
+                ApiKeyRow.key_sha256 == key_hash(key))).first()
+        if row is None:
+            return None
+        revoked_at, expires_at = row
+        if revoked_at is not None:
+            return (f"this API key was revoked on {_utc(revoked_at)}; ask the operator of "
+                    "this service for a new key")
+        if expires_at is not None and expires_at <= now:
+            return (f"this API key expired on {_utc(expires_at)}; ask the operator of this "
+                    "service for a new key")
+        return None
+
     def revoke(self, key_or_prefix: str, now: float | None = None) -> KeyInfo:
         """Revoke one key, named by itself or by its prefix (``KeyError_`` when none or
-        several match)."""
+        several match). A prefix is 6 to ``PREFIX_CHARS`` characters and matches exactly:
+        case counts, and ``_`` and ``%`` are characters like the others."""
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
             rows = conn.execute(select(ApiKeyRow.key_sha256).where(
                 ApiKeyRow.key_sha256 == key_hash(key_or_prefix))).all()
-            if not rows and len(key_or_prefix) >= 6:
+            if not rows and 6 <= len(key_or_prefix) <= PREFIX_CHARS:
                 rows = conn.execute(select(ApiKeyRow.key_sha256).where(
-                    ApiKeyRow.prefix.startswith(key_or_prefix[:PREFIX_CHARS]),
+                    func.substr(ApiKeyRow.prefix, 1, len(key_or_prefix)) == key_or_prefix,
                     ApiKeyRow.revoked_at.is_(None))).all()
             if not rows:
-                raise KeyError_(f"no key is {key_or_prefix!r} or starts with it (a prefix "
-                                "needs 6 characters or more; `promptbatch keys list` shows "
-                                "them)")
+                raise KeyError_(f"no key is {key_or_prefix!r} or starts with it (a prefix is "
+                                f"6 to {PREFIX_CHARS} characters; `promptbatch keys list` "
+                                "shows them)")
             if len(rows) > 1:
                 raise KeyError_(f"{len(rows)} keys start with {key_or_prefix!r}: give more of "
                                 "it, or the whole key")
@@ -185,8 +209,6 @@ class Accounts:
 
     def count_keys(self, tenant: str | None = None) -> int:
         """API keys stored (of ``tenant``)."""
-        from sqlalchemy import func
-
         stmt = select(func.count()).select_from(ApiKeyRow)
         if tenant is not None:
             stmt = stmt.where(ApiKeyRow.tenant == tenant)
@@ -250,8 +272,6 @@ class Accounts:
     def batch_states(self, tenant: str, batch_id: str) -> dict[str, int]:
         """Jobs of a Batch API batch per state, counted in SQL (one range of the
         ``(tenant, idempotency_key)`` index: the batch's jobs carry ``{batch id}:`` keys)."""
-        from sqlalchemy import func
-
         from jobs.store import JobRow
 
         stmt = (select(JobRow.state, func.count()).where(
