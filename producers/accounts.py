@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     Float,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -70,9 +71,10 @@ class KeyInfo:
 
 
 class FileRow(Base):
-    """An uploaded file (OpenAI Files API) or a batch's output."""
+    """An uploaded file (OpenAI Files API), a batch's listing of its jobs or its output."""
 
     __tablename__ = "files"
+    __table_args__ = (Index("ix_files_created", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
@@ -87,11 +89,16 @@ class BatchRow(Base):
     """An OpenAI-style batch: its JSON record (jobs, counts, status, file ids)."""
 
     __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_created", "tenant", "created_at"),
+                      Index("ix_batches_created", "created_at", "id"),
+                      Index("ix_batches_input_file", "input_file_id"))
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
     data: Mapped[str] = mapped_column(Text)
+    #: The file the batch was made from (retention keeps it while the batch is open).
+    input_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 def key_hash(key: str) -> str:
@@ -256,7 +263,7 @@ class Accounts:
         with self.engine.begin() as conn:
             conn.execute(BatchRow.__table__.insert(), [{  # type: ignore[attr-defined]
                 "id": batch_id, "tenant": tenant, "created_at": data["created_at"],
-                "data": json.dumps(data)}])
+                "data": json.dumps(data), "input_file_id": data.get("input_file_id")}])
 
     def update_batch(self, batch_id: str, data: dict[str, Any]) -> None:
         with self.engine.begin() as conn:
