@@ -277,13 +277,19 @@ class Accounts:
         return json.loads(raw) if raw else None
 
     def batch_states(self, tenant: str, batch_id: str) -> dict[str, int]:
-        """Jobs of a Batch API batch per state, counted in SQL (one range of the
-        ``(tenant, idempotency_key)`` index: the batch's jobs carry ``{batch id}:`` keys)."""
+        """Jobs of a Batch API batch per state, counted in SQL (one range of an index on
+        ``(tenant, idempotency_key)``: the batch's jobs carry ``{batch id}:`` keys). The
+        range is in byte order (``:`` just before ``;``): on PostgreSQL under the "C"
+        collation, whatever the database's (en_US sorts ``;`` before ``:``, and the range
+        would be empty), through the index migration 0007 makes for it."""
         from jobs.store import JobRow
 
+        key = JobRow.idempotency_key
+        if self.engine.dialect.name == "postgresql":
+            key = key.collate("C")  # type: ignore[assignment]
         stmt = (select(JobRow.state, func.count()).where(
-            JobRow.tenant == tenant, JobRow.idempotency_key >= f"{batch_id}:",
-            JobRow.idempotency_key < f"{batch_id};").group_by(JobRow.state))
+            JobRow.tenant == tenant, key >= f"{batch_id}:", key < f"{batch_id};")
+            .group_by(JobRow.state))
         with self.engine.connect() as conn:
             return {str(state): int(n) for state, n in conn.execute(stmt)}
 

@@ -3,6 +3,11 @@ column (``input_file_id``, indexed: which open batches still use a file is one i
 lookup), filled in from the batches' records; and the age indexes of batches and files
 by (age, id), so retention's pages can go on after the rows they keep.
 
+On PostgreSQL, an index of the jobs' ``(tenant, idempotency_key)`` in byte order
+(``COLLATE "C"``): a batch's jobs are counted as the range of keys from ``{batch id}:``
+to ``{batch id};``, which a database under a language's collation (en_US: ``;`` sorts
+before ``:``) would find empty.
+
 Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-08
@@ -47,9 +52,14 @@ def upgrade() -> None:
     op.create_index("ix_batches_created", "batches", ["created_at", "id"])
     op.drop_index("ix_files_created", table_name="files")
     op.create_index("ix_files_created", "files", ["created_at", "id"])
+    if conn.dialect.name == "postgresql":
+        op.create_index("ix_jobs_tenant_idem_c", "jobs",
+                        ["tenant", sa.text('idempotency_key COLLATE "C"')])
 
 
 def downgrade() -> None:
+    if op.get_bind().dialect.name == "postgresql":
+        op.drop_index("ix_jobs_tenant_idem_c", table_name="jobs")
     op.drop_index("ix_files_created", table_name="files")
     op.create_index("ix_files_created", "files", ["created_at"])
     op.drop_index("ix_batches_created", table_name="batches")
