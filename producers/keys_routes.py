@@ -1,10 +1,13 @@
 """Admin routes for API keys: list, create, rotate and revoke, as `promptbatch keys` does.
 Only an admin key may call them; a revoked key is refused by every API process from its
 next request (keys are read from SQL on each request). A key is revoked by its prefix,
-never by the whole key in a URL (access logs keep URLs)."""
+never by the whole key in a URL (access logs keep URLs: one sent by mistake is refused,
+and the access log keeps only its prefix)."""
 
 from __future__ import annotations
 
+import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -18,6 +21,28 @@ from producers.auth import Caller, CallerDep, Forbidden
 from producers.web import ApiError
 
 router = APIRouter(prefix="/v1/admin/keys", tags=["keys"])
+
+#: A revoking URL's last segment when it is longer than a prefix (a whole key, sent by
+#: mistake): the access log keeps only its prefix.
+_WHOLE_KEY_PATH = re.compile(rf"(/v1/admin/keys/[^/?#]{{{PREFIX_CHARS}}})[^/?#]+")
+
+
+class _HideKeys(logging.Filter):
+    """Cuts a whole key in a revoking URL down to its prefix in uvicorn's access log
+    (whose records carry ``(client, method, path, http version, status)``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) > 2 and isinstance(args[2], str):
+            record.args = (*args[:2], _WHOLE_KEY_PATH.sub(r"\1...", args[2]), *args[3:])
+        return True
+
+
+def hide_keys_in_access_log() -> None:
+    """Install ``_HideKeys`` on uvicorn's access log (once; after logging is set up)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _HideKeys) for f in access.filters):
+        access.addFilter(_HideKeys())
 
 
 class NewKey(BaseModel):

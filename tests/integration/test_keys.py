@@ -192,3 +192,29 @@ def test_a_refused_key_is_told_what_is_wrong(settings: Settings) -> None:
         assert "unknown API key" in refusal(Authorization="Bearer pb-never-made-0000")
     finally:
         api.stop()
+
+
+@pytest.mark.slow
+def test_a_whole_key_sent_to_the_revoking_url_stays_out_of_the_access_log(
+        settings: Settings, procs: Procs) -> None:
+    key = "pb-Xy7_kQ2mAbCdEfGhIjKlMnOpQrStUv"
+    store = JobStore(settings.database_url)
+    Accounts(store).add_key(key, "acme")
+    store.close()
+    port = free_port()
+    api = procs.spawn("api", "--port", str(port),
+                      PROMPTBATCH_API_ADMIN_KEYS='{"admin-key": "ops"}')
+    base = f"http://127.0.0.1:{port}"
+    poll(lambda: _ready(base), timeout=60, interval=0.1, what="the API", proc=api)
+    admin = {"Authorization": "Bearer admin-key"}
+    assert httpx.delete(f"{base}/v1/admin/keys/{key}", headers=admin).status_code == 422
+    assert httpx.delete(f"{base}/v1/admin/keys/{key[:11]}", headers=admin).status_code == 200
+
+    def logged() -> str:
+        return "".join(p.read_text(errors="replace") for p in procs.log_dir.glob("api-*.log"))
+
+    poll(lambda: logged().count("/v1/admin/keys/pb-Xy7_kQ2m") >= 2, timeout=10,
+         interval=0.1, what="the access log to show both requests")
+    text = logged()
+    assert f"DELETE /v1/admin/keys/{key[:11]}... HTTP/1.1\" 422" in text, text[-2000:]
+    assert key[11:] not in text
