@@ -23,7 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from config.settings import Settings
-from jobs.errors import AmbiguousJob, IdempotencyConflict
+from jobs.errors import AmbiguousJob
+from jobs.idempotency import first_of_each_key, holders
 from jobs.models import FINAL_STATES, JobResult, JobSpec, JobState
 from jobs.tables import JOBS, Base, JobRow, StoreMetaRow, make_engine
 
@@ -144,11 +145,11 @@ class JobStore:
         concurrent submit that takes one of the keys first makes the transaction fail
         whole; the keys are read again and the insert tried again.
         """
-        firsts = _first_of_each_key(specs)
+        firsts = first_of_each_key(specs)
         existing = self._existing_idempotent(specs)
         attempts = 0
         while True:
-            mapping = _mapping(specs, firsts, existing)
+            mapping = holders(specs, firsts, existing)
             fresh = [s for s in specs if mapping[s.id] == s.id]
             if not fresh:
                 return mapping
@@ -357,41 +358,6 @@ class JobStore:
 
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-
-
-def _first_of_each_key(specs: Sequence[JobSpec]) -> dict[tuple[str, str], JobSpec]:
-    """The first job of each (tenant, idempotency key) in a call; ``IdempotencyConflict``
-    (naming both lines) when a later job reuses a key with another request."""
-    firsts: dict[tuple[str, str], tuple[int, JobSpec]] = {}
-    for pos, s in enumerate(specs, start=1):
-        if not s.idempotency_key:
-            continue
-        key = (s.tenant, s.idempotency_key)
-        seen = firsts.setdefault(key, (pos, s))
-        first_pos, first = seen
-        if first is not s and None not in (first.request_hash, s.request_hash) \
-                and first.request_hash != s.request_hash:
-            raise IdempotencyConflict(s.idempotency_key, first.id, line=pos,
-                                      first_line=first_pos)
-    return {key: first for key, (_, first) in firsts.items()}
-
-
-def _mapping(specs: Sequence[JobSpec], firsts: Mapping[tuple[str, str], JobSpec],
-             existing: Mapping[tuple[str, str], tuple[str, str | None]]) -> dict[str, str]:
-    """``{id: id that holds its key}``: the stored job's for a key stored already (after
-    checking the request is the same: ``IdempotencyConflict``), the call's first job's
-    for a key used again within the call, its own otherwise."""
-    mapping: dict[str, str] = {}
-    for pos, s in enumerate(specs, start=1):
-        key = (s.tenant, s.idempotency_key or "")
-        stored = existing.get(key) if s.idempotency_key else None
-        if stored is not None:
-            if None not in (stored[1], s.request_hash) and stored[1] != s.request_hash:
-                raise IdempotencyConflict(s.idempotency_key or "", stored[0], line=pos)
-            mapping[s.id] = stored[0]
-        else:
-            mapping[s.id] = firsts[key].id if s.idempotency_key else s.id
-    return mapping
 
 
 def _rows(fresh: Sequence[JobSpec], final: Mapping[str, JobResult] | None,
