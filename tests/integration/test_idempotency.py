@@ -146,3 +146,4 @@ def test_two_submits_racing_on_one_key_with_one_request_share_its_job(
                                        ("QUEUED", "second-own")]
         assert r.xlen(keys.INTAKE) == 3
         assert _reconciled(client, settings) == 0
+        assert r.xlen(keys.INTAKE) == 3
