@@ -27,12 +27,14 @@ class IdempotencyConflict(InvalidJob):
     """Raised when an idempotency key is used again with a different request (the first
     request's job keeps the key; nothing of the second is accepted)."""
 
-    def __init__(self, key: str, job_id: str, *, line: int | None = None) -> None:
+    def __init__(self, key: str, job_id: str, *, line: int | None = None,
+                 first_line: int | None = None) -> None:
         self.key = key
         self.job_id = job_id
-        super().__init__([("idempotency_key", f"{key!r} was already used for job {job_id} "
-                           "with a different request; use a new key for a new request")],
-                         line=line)
+        used = (f"is used by line {first_line} of the same call" if first_line is not None
+                else f"was already used for job {job_id}")
+        super().__init__([("idempotency_key", f"{key!r} {used} with a different request; "
+                           "use a new key for a new request")], line=line)
 
 
 class TenantQuotaExceeded(PromptBatchError):

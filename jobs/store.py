@@ -23,7 +23,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from config.settings import Settings
-from jobs.errors import AmbiguousJob, IdempotencyConflict
+from jobs.errors import AmbiguousJob
+from jobs.idempotency import first_of_each_key, holders
 from jobs.models import FINAL_STATES, JobResult, JobSpec, JobState
 from jobs.tables import JOBS, Base, JobRow, StoreMetaRow, make_engine
 
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 _FINAL = tuple(s.value for s in FINAL_STATES)
 
 FINALIZE_CHUNK = 200
+#: Tries of an insert whose idempotency keys a concurrent submit keeps taking.
+INSERT_ATTEMPTS = 5
 
 
 def _finalize_many(results: Sequence[JobResult], mark: str,
@@ -135,49 +138,34 @@ class JobStore:
         return ``{id: stored id}``. ``spec_json``: the specs' JSON by id, when the caller
         has it (it goes to Redis too).
 
-        A job whose (tenant, idempotency key) is already stored is not inserted again: its
-        entry maps to the id stored first.
+        All or nothing: the new rows go in one transaction, or none does. A job whose
+        (tenant, idempotency key) is already stored, or taken by an earlier job of the same
+        call, is not inserted again: its entry maps to the id that holds the key. A key used
+        again with another request raises ``IdempotencyConflict`` and writes nothing. A
+        concurrent submit that takes one of the keys first makes the transaction fail
+        whole; the keys are read again and the insert tried again.
         """
+        firsts = first_of_each_key(specs)
         existing = self._existing_idempotent(specs)
-        for pos, s in enumerate(specs, start=1):
-            first = existing.get((s.tenant, s.idempotency_key or ""))
-            if first is not None and None not in (first[1], s.request_hash) \
-                    and first[1] != s.request_hash:
-                raise IdempotencyConflict(s.idempotency_key or "", first[0], line=pos)
-        mapping = {s.id: existing.get((s.tenant, s.idempotency_key or ""), (s.id, None))[0]
-                   for s in specs}
-        fresh = [s for s in specs if mapping[s.id] == s.id]
-        if not fresh:
-            return mapping
-        now = time.time()
-        rows = [_row(s, spec_json.get(s.id) if spec_json else None, now) for s in fresh]
-        if final:  # every row with the same columns (one executemany)
-            for row in rows:
-                row.update(result=None, finished_at=None, batch_id=None)
-                res = final.get(row["id"])
-                if res is not None:
-                    text = dumped.get(res.id) if dumped else None
-                    row.update(state=res.state.value, result=text or res.model_dump_json(),
-                               finished_at=res.finished_at, batch_id=res.batch_id)
-        try:
-            with self.engine.begin() as conn:
-                self._insert_rows(conn, rows)
-        except IntegrityError:
-            # A concurrent submit took one of the idempotency keys: insert one by one.
-            for spec, row in zip(fresh, rows, strict=True):
-                try:
-                    with self.engine.begin() as conn:
-                        conn.execute(JOBS.insert(), [row])
-                except IntegrityError:
-                    again = self._existing_idempotent([spec])
-                    key = (spec.tenant, spec.idempotency_key or "")
-                    if key not in again:
-                        raise
-                    first_id, digest = again[key]
-                    if None not in (digest, spec.request_hash) and digest != spec.request_hash:
-                        raise IdempotencyConflict(spec.idempotency_key or "", first_id) from None
-                    mapping[spec.id] = first_id
-        return mapping
+        attempts = 0
+        while True:
+            mapping = holders(specs, firsts, existing)
+            fresh = [s for s in specs if mapping[s.id] == s.id]
+            if not fresh:
+                return mapping
+            rows = _rows(fresh, final, dumped, spec_json)
+            try:
+                with self.engine.begin() as conn:
+                    self._insert_rows(conn, rows)
+                return mapping
+            except IntegrityError:
+                # A concurrent submit took one of the keys: nothing of this call was
+                # written; read the keys again (a conflict with it raises above).
+                attempts += 1
+                again = self._existing_idempotent(specs)
+                if again == existing or attempts >= INSERT_ATTEMPTS:
+                    raise  # not a key taken meanwhile
+                existing = again
 
     def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Insert rows that all have the same columns. On SQLite straight through the
@@ -370,6 +358,24 @@ class JobStore:
 
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+
+def _rows(fresh: Sequence[JobSpec], final: Mapping[str, JobResult] | None,
+          dumped: Mapping[str, str] | None,
+          spec_json: Mapping[str, str] | None) -> list[dict[str, Any]]:
+    """The rows of new jobs, all with the same columns (one executemany); the ones in
+    ``final`` already ended with their result."""
+    now = time.time()
+    rows = [_row(s, spec_json.get(s.id) if spec_json else None, now) for s in fresh]
+    if final:
+        for row in rows:
+            row.update(result=None, finished_at=None, batch_id=None)
+            res = final.get(row["id"])
+            if res is not None:
+                text = dumped.get(res.id) if dumped else None
+                row.update(state=res.state.value, result=text or res.model_dump_json(),
+                           finished_at=res.finished_at, batch_id=res.batch_id)
+    return rows
 
 
 def _row(spec: JobSpec, spec_json: str | None = None,

@@ -12,10 +12,12 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     Float,
+    Index,
     Integer,
     LargeBinary,
     String,
     Text,
+    func,
     or_,
     select,
     update,
@@ -69,9 +71,10 @@ class KeyInfo:
 
 
 class FileRow(Base):
-    """An uploaded file (OpenAI Files API) or a batch's output."""
+    """An uploaded file (OpenAI Files API), a batch's listing of its jobs or its output."""
 
     __tablename__ = "files"
+    __table_args__ = (Index("ix_files_created", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), index=True)
@@ -86,16 +89,25 @@ class BatchRow(Base):
     """An OpenAI-style batch: its JSON record (jobs, counts, status, file ids)."""
 
     __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_tenant_created", "tenant", "created_at"),
+                      Index("ix_batches_created", "created_at", "id"),
+                      Index("ix_batches_input_file", "input_file_id"))
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[float] = mapped_column(Float)
     data: Mapped[str] = mapped_column(Text)
+    #: The file the batch was made from (retention keeps it while the batch is open).
+    input_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 def key_hash(key: str) -> str:
     """The stored form of an API key."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _utc(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
 def _info(r: ApiKeyRow) -> KeyInfo:
@@ -143,21 +155,40 @@ class Accounts:
         with Session(self.engine) as session:
             return [_info(r) for r in session.scalars(stmt)]
 
+    def refusal(self, key: str, now: float | None = None) -> str | None:
+        """Why a stored key is refused, for its holder: revoked or expired, and when; None
+        for a key the store does not hold (or that works)."""
+        now = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ApiKeyRow.revoked_at, ApiKeyRow.expires_at).where(
+                ApiKeyRow.key_sha256 == key_hash(key))).first()
+        if row is None:
+            return None
+        revoked_at, expires_at = row
+        if revoked_at is not None:
+            return (f"this API key was revoked on {_utc(revoked_at)}; ask the operator of "
+                    "this service for a new key")
+        if expires_at is not None and expires_at <= now:
+            return (f"this API key expired on {_utc(expires_at)}; ask the operator of this "
+                    "service for a new key")
+        return None
+
     def revoke(self, key_or_prefix: str, now: float | None = None) -> KeyInfo:
         """Revoke one key, named by itself or by its prefix (``KeyError_`` when none or
-        several match)."""
+        several match). A prefix is 6 to ``PREFIX_CHARS`` characters and matches exactly:
+        case counts, and ``_`` and ``%`` are characters like the others."""
         now = time.time() if now is None else now
         with self.engine.begin() as conn:
             rows = conn.execute(select(ApiKeyRow.key_sha256).where(
                 ApiKeyRow.key_sha256 == key_hash(key_or_prefix))).all()
-            if not rows and len(key_or_prefix) >= 6:
+            if not rows and 6 <= len(key_or_prefix) <= PREFIX_CHARS:
                 rows = conn.execute(select(ApiKeyRow.key_sha256).where(
-                    ApiKeyRow.prefix.startswith(key_or_prefix[:PREFIX_CHARS]),
+                    func.substr(ApiKeyRow.prefix, 1, len(key_or_prefix)) == key_or_prefix,
                     ApiKeyRow.revoked_at.is_(None))).all()
             if not rows:
-                raise KeyError_(f"no key is {key_or_prefix!r} or starts with it (a prefix "
-                                "needs 6 characters or more; `promptbatch keys list` shows "
-                                "them)")
+                raise KeyError_(f"no key is {key_or_prefix!r} or starts with it (a prefix is "
+                                f"6 to {PREFIX_CHARS} characters; `promptbatch keys list` "
+                                "shows them)")
             if len(rows) > 1:
                 raise KeyError_(f"{len(rows)} keys start with {key_or_prefix!r}: give more of "
                                 "it, or the whole key")
@@ -185,8 +216,6 @@ class Accounts:
 
     def count_keys(self, tenant: str | None = None) -> int:
         """API keys stored (of ``tenant``)."""
-        from sqlalchemy import func
-
         stmt = select(func.count()).select_from(ApiKeyRow)
         if tenant is not None:
             stmt = stmt.where(ApiKeyRow.tenant == tenant)
@@ -234,7 +263,7 @@ class Accounts:
         with self.engine.begin() as conn:
             conn.execute(BatchRow.__table__.insert(), [{  # type: ignore[attr-defined]
                 "id": batch_id, "tenant": tenant, "created_at": data["created_at"],
-                "data": json.dumps(data)}])
+                "data": json.dumps(data), "input_file_id": data.get("input_file_id")}])
 
     def update_batch(self, batch_id: str, data: dict[str, Any]) -> None:
         with self.engine.begin() as conn:
@@ -248,15 +277,19 @@ class Accounts:
         return json.loads(raw) if raw else None
 
     def batch_states(self, tenant: str, batch_id: str) -> dict[str, int]:
-        """Jobs of a Batch API batch per state, counted in SQL (one range of the
-        ``(tenant, idempotency_key)`` index: the batch's jobs carry ``{batch id}:`` keys)."""
-        from sqlalchemy import func
-
+        """Jobs of a Batch API batch per state, counted in SQL (one range of an index on
+        ``(tenant, idempotency_key)``: the batch's jobs carry ``{batch id}:`` keys). The
+        range is in byte order (``:`` just before ``;``): on PostgreSQL under the "C"
+        collation, whatever the database's (en_US sorts ``;`` before ``:``, and the range
+        would be empty), through the index migration 0007 makes for it."""
         from jobs.store import JobRow
 
+        key = JobRow.idempotency_key
+        if self.engine.dialect.name == "postgresql":
+            key = key.collate("C")  # type: ignore[assignment]
         stmt = (select(JobRow.state, func.count()).where(
-            JobRow.tenant == tenant, JobRow.idempotency_key >= f"{batch_id}:",
-            JobRow.idempotency_key < f"{batch_id};").group_by(JobRow.state))
+            JobRow.tenant == tenant, key >= f"{batch_id}:", key < f"{batch_id};")
+            .group_by(JobRow.state))
         with self.engine.connect() as conn:
             return {str(state): int(n) for state, n in conn.execute(stmt)}
 

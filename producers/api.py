@@ -39,9 +39,11 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API application for ``settings``."""
     settings = settings or Settings()
+    from producers.keys_routes import hide_keys_in_access_log
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hide_keys_in_access_log()
         store = JobStore.for_settings(settings, timeout_s=settings.api_dependency_timeout_s)
         client = Client(settings, store=store, fail_fast=True)
         app.state.settings = settings

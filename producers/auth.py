@@ -12,6 +12,7 @@ read any tenant's jobs.
 from __future__ import annotations
 
 import hmac
+import re
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -27,8 +28,13 @@ api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, scheme_name="a
                               description="Your promptbatch API key, as `X-API-Key: <key>`.")
 
 
+#: An Authorization scheme safe to name in a message: a short word of letters (Basic,
+#: Token, ...); anything else may be a key, and is not repeated.
+_SCHEME = re.compile(r"[A-Za-z]{1,12}")
+
+
 class Unauthorized(Exception):
-    """Raised when a request carries no key, or an unknown one."""
+    """Raised when a request carries no key, or one that is unknown, revoked or expired."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -81,7 +87,7 @@ async def caller_of(
     """The caller of a request; ``Unauthorized`` (HTTP 401) without a known key."""
     key = credentials.credentials if credentials is not None else (header_key or "")
     if not key:
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        raise Unauthorized(_missing(request.headers.get("authorization")))
     settings: Settings = request.app.state.settings
     tenant = _match(key, settings.api_admin_keys)
     if tenant is not None:
@@ -89,10 +95,30 @@ async def caller_of(
     tenant = _match(key, settings.api_keys)
     if tenant is not None:
         return Caller(tenant)
-    found = await run_in_threadpool(request.app.state.accounts.tenant_of, key)
+    accounts = request.app.state.accounts
+    found = await run_in_threadpool(accounts.tenant_of, key)
     if found is None:
-        raise Unauthorized("unknown API key")
+        why = await run_in_threadpool(accounts.refusal, key)
+        raise Unauthorized(why or "unknown API key: check the key you send, or ask the "
+                           "operator of this service for one")
     return Caller(found[0], admin=found[1])
+
+
+def _missing(authorization: str | None) -> str:
+    """What is wrong with a request that brought no key: no header, or an Authorization
+    header in another form than ``Bearer <key>`` (never echoing what may be a key)."""
+    send = "send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+    if not authorization or not authorization.strip():
+        return f"missing API key: {send}"
+    parts = authorization.split(None, 1)
+    if len(parts) == 1:
+        if parts[0].lower() == "bearer":
+            return f"the Authorization header has the Bearer scheme but no key: {send}"
+        return ("the Authorization header has no scheme: put 'Bearer' and a space before "
+                f"the key ({send})")
+    scheme = parts[0]
+    named = f" {scheme!r}" if _SCHEME.fullmatch(scheme) else ""
+    return f"the Authorization header's scheme{named} is not Bearer: {send}"
 
 
 CallerDep = Annotated[Caller, Depends(caller_of)]

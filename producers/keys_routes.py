@@ -1,9 +1,13 @@
 """Admin routes for API keys: list, create, rotate and revoke, as `promptbatch keys` does.
 Only an admin key may call them; a revoked key is refused by every API process from its
-next request (keys are read from SQL on each request)."""
+next request (keys are read from SQL on each request). A key is revoked by its prefix,
+never by the whole key in a URL (access logs keep URLs: one sent by mistake is refused,
+and the access log keeps only its prefix)."""
 
 from __future__ import annotations
 
+import logging
+import re
 import secrets
 import time
 from typing import Any
@@ -12,11 +16,33 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field
 
-from producers.accounts import Accounts, KeyError_, KeyInfo
+from producers.accounts import PREFIX_CHARS, Accounts, KeyError_, KeyInfo
 from producers.auth import Caller, CallerDep, Forbidden
 from producers.web import ApiError
 
 router = APIRouter(prefix="/v1/admin/keys", tags=["keys"])
+
+#: A revoking URL's last segment when it is longer than a prefix (a whole key, sent by
+#: mistake): the access log keeps only its prefix.
+_WHOLE_KEY_PATH = re.compile(rf"(/v1/admin/keys/[^/?#]{{{PREFIX_CHARS}}})[^/?#]+")
+
+
+class _HideKeys(logging.Filter):
+    """Cuts a whole key in a revoking URL down to its prefix in uvicorn's access log
+    (whose records carry ``(client, method, path, http version, status)``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) > 2 and isinstance(args[2], str):
+            record.args = (*args[:2], _WHOLE_KEY_PATH.sub(r"\1...", args[2]), *args[3:])
+        return True
+
+
+def hide_keys_in_access_log() -> None:
+    """Install ``_HideKeys`` on uvicorn's access log (once; after logging is set up)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _HideKeys) for f in access.filters):
+        access.addFilter(_HideKeys())
 
 
 class NewKey(BaseModel):
@@ -78,12 +104,19 @@ async def rotate_keys(body: Rotation, request: Request, caller: CallerDep) -> di
             "old_keys_expire_at": time.time() + body.grace_hours * 3600}
 
 
-@router.delete("/{key_or_prefix}")
-async def revoke_key(key_or_prefix: str, request: Request, caller: CallerDep) -> dict[str, Any]:
-    """Revoke a key named by itself or its prefix."""
+@router.delete("/{prefix}")
+async def revoke_key(prefix: str, request: Request, caller: CallerDep) -> dict[str, Any]:
+    """Revoke a key named by its prefix (6 to 11 characters, as the list shows it). A
+    whole key is refused: a URL is written to access logs."""
     accounts = _admin(caller, request)
+    if len(prefix) > PREFIX_CHARS:
+        raise ApiError(422, "invalid_request_error", (
+            f"DELETE /v1/admin/keys/{{prefix}} takes a key's prefix (at most {PREFIX_CHARS} "
+            "characters, as GET /v1/admin/keys lists them), never a whole key: a URL is "
+            "written to access logs. Nothing was revoked; send DELETE "
+            f"/v1/admin/keys/{prefix[:PREFIX_CHARS]} to revoke the key that starts so"))
     try:
-        info = await run_in_threadpool(accounts.revoke, key_or_prefix)
+        info = await run_in_threadpool(accounts.revoke, prefix)
     except KeyError_ as exc:
         raise ApiError(404, "not_found", str(exc)) from None
     return _shown(info)

@@ -48,7 +48,7 @@ class JobsRequest(BaseModel):
 
 
 #: Errors every authenticated route may answer.
-_COMMON = {"401": "No API key, or an unknown one.",
+_COMMON = {"401": "No API key, or one that is unknown, revoked or expired.",
            "422": "Invalid input; `errors` names each field.",
            "503": "Redis or the job store is unavailable; nothing was changed."}
 _SPECIFIC = {("/v1/jobs", "post"): {"413": "The body or the number of jobs is over the limit.",

@@ -13,9 +13,9 @@ import pytest
 
 from config.settings import Settings
 from jobs.store import JobStore
-from producers.accounts import Accounts
+from producers.accounts import Accounts, KeyError_
 from promptbatch.embedded import free_port
-from tests.conftest import Procs, settings_env
+from tests.conftest import BOTH_STORES, Procs, settings_env
 from tests.helpers import poll
 
 pytestmark = pytest.mark.integration
@@ -103,3 +103,118 @@ def test_admin_keys_manage_keys_through_the_api(settings: Settings) -> None:
         admin.close()
     finally:
         api.stop()
+
+
+#: A key whose prefix holds an underscore (token_urlsafe's alphabet has '-' and '_').
+WILD = "pb-Xy7_kQ2mAbCdEfGhIjKlMnOpQrStUv"
+
+
+@BOTH_STORES
+def test_a_prefix_revokes_only_the_keys_it_begins_exactly(settings: Settings) -> None:
+    store = JobStore(settings.database_url)
+    accounts = Accounts(store)
+    try:
+        accounts.add_key(WILD, "acme")
+        # '_' and '%' are characters, not wildcards; case counts (SQLite's LIKE ignores it).
+        for other in ("pb-____", "pb-%", "pb-Xy7%", "pb-xy7_", "PB-XY7_KQ2M", "pb-Xy7_kQ2mA",
+                      "pb-Xy7_kQ2mAbCdEfGhIjKlMnOpQrStUX"):
+            with pytest.raises(KeyError_, match="no key"):
+                accounts.revoke(other)
+        assert accounts.tenant_of(WILD) == ("acme", False)  # none of them revoked it
+        assert accounts.revoke("pb-Xy7_").tenant == "acme"
+        assert accounts.tenant_of(WILD) is None
+    finally:
+        store.close()
+
+
+def test_the_cli_revokes_a_key_by_its_prefix_or_by_the_whole_key(settings: Settings) -> None:
+    store = JobStore(settings.database_url)
+    first, second = WILD, "pb-a-whole-key-given-to-the-cli"
+    for key in (first, second):
+        Accounts(store).add_key(key, "acme")
+    by_prefix = cli(settings, "revoke", first[:11])
+    assert by_prefix.returncode == 0, by_prefix.stderr
+    by_key = cli(settings, "revoke", second)
+    assert by_key.returncode == 0, by_key.stderr
+    assert f"revoked {second[:11]}" in by_key.stdout
+    assert [k.revoked_at is not None for k in Accounts(store).list_keys("acme")] == [True, True]
+    store.close()
+
+
+def test_the_api_refuses_a_whole_key_in_the_revoking_url_and_revokes_nothing(
+        settings: Settings) -> None:
+    from tests.integration.test_api import Api
+
+    api = Api(settings, api_admin_keys={"admin-key": "ops"}).start()
+    try:
+        admin = httpx.Client(base_url=api.url, headers={"Authorization": "Bearer admin-key"})
+        key = admin.post("/v1/admin/keys", json={"tenant": "acme"}).json()["key"]
+        whole = admin.delete(f"/v1/admin/keys/{key}")
+        assert whole.status_code == 422, whole.text
+        message = whole.json()["error"]["message"]
+        assert "never a whole key" in message and f"/v1/admin/keys/{key[:11]}" in message
+        assert key not in message
+        assert status(api.url, key) == 200  # nothing was revoked
+        assert admin.delete(f"/v1/admin/keys/{key[:11]}").status_code == 200
+        assert status(api.url, key) == 401
+        admin.close()
+    finally:
+        api.stop()
+
+
+def test_a_refused_key_is_told_what_is_wrong(settings: Settings) -> None:
+    from tests.integration.test_api import KEY_A, Api
+
+    store = JobStore(settings.database_url)
+    accounts = Accounts(store)
+    now = time.time()
+    accounts.add_key("pb-revoked-000000", "acme")
+    revoked_at = accounts.revoke("pb-revoked-000000", now=now - 3600).revoked_at
+    accounts.add_key("pb-expired-000000", "acme", expires_at=now - 60)
+    store.close()
+    api = Api(settings).start()
+
+    def refusal(**headers: str) -> str:
+        got = httpx.get(f"{api.url}/v1/jobs", headers=headers, timeout=10)
+        assert got.status_code == 401, got.text
+        return str(got.json()["error"]["message"])
+
+    try:
+        assert "missing API key" in refusal()
+        no_scheme = refusal(Authorization=KEY_A)
+        assert "no scheme" in no_scheme and "Bearer" in no_scheme and KEY_A not in no_scheme
+        assert "scheme 'Basic' is not Bearer" in refusal(Authorization="Basic dXNlcjpwYXNz")
+        assert "no key" in refusal(Authorization="Bearer")
+        assert time.strftime("revoked on %Y-%m-%d %H:%M:%S UTC", time.gmtime(revoked_at)) in \
+            refusal(Authorization="Bearer pb-revoked-000000")
+        assert time.strftime("expired on %Y-%m-%d %H:%M:%S UTC", time.gmtime(now - 60)) in \
+            refusal(**{"X-API-Key": "pb-expired-000000"})
+        assert "unknown API key" in refusal(Authorization="Bearer pb-never-made-0000")
+    finally:
+        api.stop()
+
+
+@pytest.mark.slow
+def test_a_whole_key_sent_to_the_revoking_url_stays_out_of_the_access_log(
+        settings: Settings, procs: Procs) -> None:
+    key = "pb-Xy7_kQ2mAbCdEfGhIjKlMnOpQrStUv"
+    store = JobStore(settings.database_url)
+    Accounts(store).add_key(key, "acme")
+    store.close()
+    port = free_port()
+    api = procs.spawn("api", "--port", str(port),
+                      PROMPTBATCH_API_ADMIN_KEYS='{"admin-key": "ops"}')
+    base = f"http://127.0.0.1:{port}"
+    poll(lambda: _ready(base), timeout=60, interval=0.1, what="the API", proc=api)
+    admin = {"Authorization": "Bearer admin-key"}
+    assert httpx.delete(f"{base}/v1/admin/keys/{key}", headers=admin).status_code == 422
+    assert httpx.delete(f"{base}/v1/admin/keys/{key[:11]}", headers=admin).status_code == 200
+
+    def logged() -> str:
+        return "".join(p.read_text(errors="replace") for p in procs.log_dir.glob("api-*.log"))
+
+    poll(lambda: logged().count("/v1/admin/keys/pb-Xy7_kQ2m") >= 2, timeout=10,
+         interval=0.1, what="the access log to show both requests")
+    text = logged()
+    assert f"DELETE /v1/admin/keys/{key[:11]}... HTTP/1.1\" 422" in text, text[-2000:]
+    assert key[11:] not in text

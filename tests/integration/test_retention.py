@@ -3,6 +3,7 @@ may grow, on a real SQLite file and a real server."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from jobs.retention import PAGE, purge_older_than, purge_page
 from jobs.store import JobStore
 from producers.accounts import Accounts
 from producers.client import Client
-from tests.conftest import Procs, settings_env
+from tests.conftest import BOTH_STORES, Procs, settings_env
 from tests.helpers import poll
 
 pytestmark = pytest.mark.integration
@@ -92,9 +93,9 @@ def test_a_page_deletes_at_most_page_rows(settings: Settings) -> None:
         store.insert(specs)
         store.finalize([JobResult(id=s.id, state=JobState.FAILED, error="x",
                                   finished_at=now - 40 * DAY) for s in specs])
-        assert purge_page(store, now - 30 * DAY, now).jobs == PAGE
-        assert purge_page(store, now - 30 * DAY, now).jobs == 5
-        assert purge_page(store, now - 30 * DAY, now).jobs == 0
+        assert purge_page(store, now - 30 * DAY).jobs == PAGE
+        assert purge_page(store, now - 30 * DAY).jobs == 5
+        assert purge_page(store, now - 30 * DAY).jobs == 0
     finally:
         store.close()
 
@@ -188,3 +189,125 @@ def test_a_reload_renews_the_lease_page_by_page(settings: Settings) -> None:
     assert SemanticCache(r, s, embedder).load(lambda: calls.append(1)) == n
     assert len(calls) == 4  # once per page
     r.close()
+
+
+# --- what an open Batch API batch needs -------------------------------------------------
+
+def _counts(store: JobStore) -> dict[str, int]:
+    """Rows per table, counted in SQL."""
+    from sqlalchemy import text
+
+    with store.engine.connect() as conn:
+        return {name: int(conn.execute(text(f"SELECT COUNT(*) FROM {name}")).scalar_one())
+                for name in ("jobs", "batches", "files")}
+
+
+def _batch_of_three(client: Client, window: str) -> tuple[Any, dict[str, Any], bytes,
+                                                          list[str]]:
+    """A Batch API batch of three requests made from an uploaded file: its service, its
+    record, its input and its job ids (in input order)."""
+    from jobs.store import JobRow
+    from producers.openai_batch import BatchService
+
+    service = BatchService(client.settings, client, Accounts(client.store))
+    content = "".join(json.dumps({
+        "custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "echo-1", "messages": [{"role": "user", "content": f"q{i}"}]}})
+        + "\n" for i in range(3)).encode()
+    source = service.create_file("acme", "batch", "in.jsonl", content)
+    record = service.create_batch("acme", source["id"], "/v1/chat/completions", window, None)
+    with client.store.engine.connect() as conn:
+        from sqlalchemy import select
+
+        keyed = dict(conn.execute(select(JobRow.idempotency_key, JobRow.id).where(
+            JobRow.idempotency_key.like(f"{record['id']}:%"))).all())
+    return service, record, content, [keyed[f"{record['id']}:req-{i}"] for i in range(3)]
+
+
+def _end(client: Client, job_ids: list[str], at: float) -> None:
+    from jobs.outcomes import record_results
+
+    record_results(client.store, client.queue,
+                   [JobResult(id=j, state=JobState.SUCCEEDED, text=f"answer of {j}",
+                              finished_at=at) for j in job_ids],
+                   ["acme"] * len(job_ids), result_ttl_s=60)
+
+
+@BOTH_STORES
+def test_an_open_batch_keeps_its_files_and_jobs_past_the_period_until_it_is_final(
+        settings: Settings) -> None:
+    with Client(settings) as client:
+        # A window of 2,000 h (83 days) under a retention of 30 days.
+        service, record, content, jobs = _batch_of_three(client, "2000h")
+        now = time.time()
+        _end(client, jobs[:2], now)
+        later = now + 40 * DAY  # every row is past the period; the batch is still open
+        done = purge_older_than(client.store, 30, later)
+        assert (done.jobs, done.batches, done.files) == (0, 0, 0)
+        assert done.kept == 2 + 1 + 2  # two final jobs, the record, input and listing
+        assert _counts(client.store) == {"jobs": 3, "batches": 1, "files": 2}
+        _end(client, jobs[2:], now)
+        final = service.get("acme", record["id"])
+        assert final["status"] == "completed"
+        assert final["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+        out = service.file_content("acme", final["output_file_id"]).decode().splitlines()
+        assert [(o["custom_id"], o["response"]["body"]["choices"][0]["message"]["content"])
+                for o in map(json.loads, out)] == [
+            (f"req-{i}", f"answer of {jobs[i]}") for i in range(3)]
+        assert service.file_content("acme", record["input_file_id"]) == content
+        # Final now: its rows age as any other, and go.
+        done = purge_older_than(client.store, 30, later)
+        assert (done.jobs, done.batches, done.files, done.kept) == (3, 1, 3, 0)
+        assert _counts(client.store) == {"jobs": 0, "batches": 0, "files": 0}
+
+
+def test_a_batch_nobody_asks_about_goes_whole_once_its_window_is_past_the_period(
+        settings: Settings) -> None:
+    with Client(settings) as client:
+        _, record, _, jobs = _batch_of_three(client, "48h")
+        _end(client, jobs, time.time())  # its record still says in_progress
+        closed = float(record["expires_at"])
+        assert not purge_older_than(client.store, 30, closed + 29 * DAY)
+        assert _counts(client.store) == {"jobs": 3, "batches": 1, "files": 2}
+        done = purge_older_than(client.store, 30, closed + 31 * DAY)
+        assert (done.jobs, done.batches, done.files) == (3, 1, 2)
+        assert _counts(client.store) == {"jobs": 0, "batches": 0, "files": 0}
+
+
+@BOTH_STORES
+def test_rows_kept_for_an_open_batch_never_hold_up_the_rows_after_them(
+        settings: Settings) -> None:
+    from jobs.retention import Retention
+
+    now = time.time()
+    store = JobStore(settings.database_url)
+    try:
+        batch_id = f"batch_{uuid.uuid4().hex}"
+        Accounts(store).put_batch(batch_id, "acme", {
+            "id": batch_id, "created_at": now, "status": "in_progress",
+            "expires_at": now + 400 * DAY})
+        held = [_spec(now - 50 * DAY, idem=f"{batch_id}:req-{i}") for i in range(PAGE + 5)]
+        other = [_spec(now - 50 * DAY, idem=f"other-{i}") for i in range(5)]
+        store.insert(held + other)
+        store.finalize([JobResult(id=s.id, state=JobState.SUCCEEDED, text="x",
+                                  finished_at=now - 45 * DAY) for s in held])
+        store.finalize([JobResult(id=s.id, state=JobState.SUCCEEDED, text="x",
+                                  finished_at=now - 44 * DAY) for s in other])
+        # The scheduler's steps, one page each: the second goes on after the first's
+        # page of kept rows, and the third ends the pass.
+        retention = Retention(store, 30, interval_s=60)
+        assert retention.step(now, budget_s=0).jobs == 0
+        assert retention.step(now, budget_s=0).jobs == 5
+        assert retention.next_at == 0.0
+        retention.step(now, budget_s=0)
+        assert retention.next_at == now + 60
+        assert set(store.get_many([s.id for s in held + other])) == {s.id for s in held}
+        # A whole pass (the purge command) likewise.
+        late = [_spec(now - 50 * DAY, idem=f"late-{i}") for i in range(3)]
+        store.insert(late)
+        store.finalize([JobResult(id=s.id, state=JobState.FAILED, error="x",
+                                  finished_at=now - 40 * DAY) for s in late])
+        done = purge_older_than(store, 30, now)
+        assert (done.jobs, done.kept) == (3, PAGE + 5)  # the record is recent
+    finally:
+        store.close()
