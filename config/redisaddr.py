@@ -14,7 +14,8 @@ their configuration), when they have one. Pure: parsing and formatting only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from urllib.parse import parse_qs, quote, unquote, urlencode
 
 #: The scheme of a Sentinel address.
@@ -54,8 +55,8 @@ class SentinelAddress:
     master: str
     db: int = 0
     username: str | None = None
-    password: str | None = None
-    sentinel_password: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sentinel_password: str | None = field(default=None, repr=False)
 
     def url(self) -> str:
         """The address as a ``redis+sentinel://`` URL."""
@@ -70,23 +71,30 @@ class SentinelAddress:
 
     @classmethod
     def parse(cls, url: str) -> SentinelAddress:
-        """Read a ``redis+sentinel://`` URL (``AddressError`` naming what is wrong)."""
+        """Read a ``redis+sentinel://`` URL (``AddressError`` naming what is wrong).
+
+        A password may hold ``/``, ``?``, ``@`` or ``#`` unencoded: the sentinels' part is
+        found after the ``@`` that leaves a valid ``host:port,...`` behind it. No message
+        quotes anything before that ``@``."""
         scheme, sep, rest = url.partition("://")
         if scheme != SCHEME or not sep:
             raise AddressError(f"{url.split('://')[0]!r} is not a {SCHEME}:// address")
-        rest, _, query = rest.partition("?")
-        netloc, _, path = rest.partition("/")
-        auth, at, hosts = netloc.rpartition("@")
+        auth, found = _split_auth(rest)
+        if found is None:
+            raise AddressError(
+                f"the Sentinel address is not {SCHEME}://[:password@]host:port,host:port/DB"
+                "?master=NAME (its text is not shown: it may hold a password)")
         username = password = None
-        if at:
+        if auth is not None:
             user, _, pw = auth.partition(":")
             username, password = unquote(user) or None, unquote(pw)
-        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        hosts, db, query = found.group("hosts"), found.group("db"), found.group("query")
+        params = {k: v[-1] for k, v in parse_qs(query or "").items()}
         master = params.get("master", "")
         if not master:
             raise AddressError("the Sentinel address names no master: set "
                                "PROMPTBATCH_REDIS_SENTINEL_MASTER")
-        db = path.strip("/") or "0"
+        db = (db or "").strip("/") or "0"
         if not db.isdigit():
             raise AddressError(f"the Sentinel address's database {db!r} is not a number")
         return cls(parse_sentinels(hosts, "the Sentinel address"), master, int(db), username,
@@ -112,6 +120,42 @@ class SentinelAddress:
         """The address without its passwords, for logs and messages."""
         hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
         return f"{SCHEME}://{hosts}/{self.db}?master={self.master}"
+
+
+#: What follows a Sentinel address's credentials: the sentinels, the database, the query.
+_AFTER_AUTH = re.compile(r"(?P<hosts>[^@/?]*)(?:/(?P<db>[^?]*))?(?:\?(?P<query>.*))?")
+#: One sentinel: a host name, an IPv4 address or a bracketed IPv6 one, and a port.
+_HOST = re.compile(r"(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?")
+
+
+def _split_auth(rest: str) -> tuple[str | None, re.Match[str] | None]:
+    """``rest`` (the address after ``://``) as its credentials (None: none) and the match
+    of what follows them: the whole of it when it holds no ``@``; else, with no
+    credentials or after the first ``@`` that does, sentinels, a database number and a
+    master (a password may hold ``@ / ?`` unencoded). ``AddressError`` when no ``@``
+    leaves a master behind but one leaves sentinels (no text of the address shown)."""
+    if "@" not in rest:  # nothing to hide: a bad sentinel is named in the message
+        return None, _AFTER_AUTH.fullmatch(rest)
+    masterless = False
+    for at in [-1, *(i for i, c in enumerate(rest) if c == "@")]:
+        found = _AFTER_AUTH.fullmatch(rest, at + 1)
+        if found is None or not _looks_like_hosts(found.group("hosts")):
+            continue
+        if not (found.group("db") or "0").isdigit():
+            continue
+        if "master" not in parse_qs(found.group("query") or ""):
+            masterless = True
+            continue
+        return (None if at < 0 else rest[:at]), found
+    if masterless:
+        raise AddressError("the Sentinel address names no master: set "
+                           "PROMPTBATCH_REDIS_SENTINEL_MASTER")
+    return None, None
+
+
+def _looks_like_hosts(text: str) -> bool:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    return bool(items) and all(_HOST.fullmatch(item) for item in items)
 
 
 def is_sentinel(url: str) -> bool:

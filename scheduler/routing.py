@@ -1,4 +1,4 @@
-"""Cache-aware routing of whole batches over the replicas of one deployment. Pure.
+"""Cache-aware routing of whole batches over a replica set (a provider's replicas). Pure.
 
 A replica's prefix cache holds what it computed recently, oldest out first. The router
 keeps, per replica, an approximate record of the same: the prefix families (``family_of``:
@@ -207,48 +207,72 @@ class Router:
                 for r in self.replicas]
 
 
+def model_family(model: str, family: int | None) -> int | None:
+    """A prefix family as one replica's cache holds it: per model (a prefix computed for
+    one model is not cached for another), never negative (the record's anonymous entries
+    are)."""
+    return None if family is None else hash((model, family)) & FAMILY_MASK
+
+
+#: Keeps a family key non-negative (``model_family``).
+FAMILY_MASK = (1 << 62) - 1
+
+
 class Routing:
-    """The routers of the deployments that have replicas (``Settings.replicas``), as the
+    """The routers of the replica sets (``Settings.replicas``, per provider), as the
     scheduler uses them: a batch's replicas in the order to try, its end, and what
-    ``status`` and the metrics show."""
+    ``status`` and the metrics show.
+
+    One router per replica set, whatever the model: two models served by the same
+    replicas share their load. Prefix families stay per model (``model_family``), and
+    so do the names of cool-downs (``keys.replica``, kept by the workers per deployment).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.rules = RoutingRules(imbalance_batches=settings.routing_imbalance_batches,
                                   idle_batches=settings.routing_idle_batches)
+        #: Per provider: its router and replica URLs (None: the provider has one address).
         self.routers: dict[str, tuple[Router, list[str]] | None] = {}
+        #: Per provider: the deployments routed over its replicas so far.
+        self.deployments: dict[str, set[str]] = {}
         #: Replica names (``keys.replica``) cooling down, as the scheduler last read them.
         self.cooling: set[str] = set()
 
-    def _router(self, dep: str) -> tuple[Router, list[str]] | None:
-        if dep not in self.routers:
-            replicas = self.settings.replicas(dep.split("|", 1)[0])
-            self.routers[dep] = None if not replicas else (
+    def _router(self, provider: str) -> tuple[Router, list[str]] | None:
+        if provider not in self.routers:
+            replicas = self.settings.replicas(provider)
+            self.routers[provider] = None if not replicas else (
                 Router([ReplicaSpec(url, weight, cache) for url, weight, cache in replicas],
                        self.rules, self.settings.routing_policy),
-                [keys.replica(dep, url) for url, _, _ in replicas])
-        return self.routers[dep]
+                [url for url, _, _ in replicas])
+        return self.routers[provider]
 
     def route(self, batch_id: str, jobs: Sequence[PendingJob], shared_prefix_chars: int,
               estimate_s: float, dep: str, now: float) -> list[int] | None:
         """The replicas of ``dep`` in the order the batch should try them (None: the
         deployment has one address)."""
-        found = self._router(dep)
+        provider, _, model = dep.partition("|")
+        found = self._router(provider)
         if found is None:
             return None
-        router, names = found
-        family = family_of(jobs[0]) if jobs else None
+        router, urls = found
+        self.deployments.setdefault(provider, set()).add(dep)
+        family = model_family(model, family_of(jobs[0]) if jobs else None)
         prefix = shared_prefix_chars // CHARS_PER_TOKEN
         other = max(0, sum(j.tokens for j in jobs) - len(jobs) * prefix)
-        down = [i for i, name in enumerate(names) if name in self.cooling]
+        down = [i for i, url in enumerate(urls) if keys.replica(dep, url) in self.cooling]
         choice = router.choose(family, prefix, estimate_s, down)
         router.sent(batch_id, choice, family, prefix, estimate_s, now, other)
         return list(choice.order)
 
-    def done(self, dep: str, batch_id: str, seconds: float, replica: int | None) -> None:
-        found = self.routers.get(dep)
-        if found is not None:
-            found[0].done(batch_id, seconds, replica)
+    def done(self, batch_id: str, seconds: float | None = None,
+             replica: int | None = None) -> None:
+        """The batch ended (``seconds``: its provider call's time, when it made one; None
+        when it ran nothing or ended early): its work leaves its replica."""
+        for found in self.routers.values():  # one per provider: few
+            if found is not None:
+                found[0].done(batch_id, seconds, replica)
 
     def forget_before(self, cutoff: float) -> None:
         for found in self.routers.values():
@@ -256,12 +280,15 @@ class Routing:
                 found[0].forget_before(cutoff)
 
     def snapshot(self) -> list[dict[str, Any]]:
-        """Every replica of every routed deployment, with whether it cools down."""
+        """Every replica of every routed provider (``deployment`` names the replica set),
+        with whether it cools down (for any model routed over it)."""
         rows = []
-        for dep, found in sorted(self.routers.items()):
+        for provider, found in sorted(self.routers.items()):
             if found is None:
                 continue
-            router, names = found
-            for name, row in zip(names, router.snapshot(), strict=True):
-                rows.append({"deployment": dep, **row, "cooling": name in self.cooling})
+            router, urls = found
+            deps = self.deployments.get(provider, set())
+            for url, row in zip(urls, router.snapshot(), strict=True):
+                cooling = any(keys.replica(dep, url) in self.cooling for dep in deps)
+                rows.append({"deployment": provider, **row, "cooling": cooling})
         return rows

@@ -396,10 +396,15 @@ class Scheduler:
         if cancelled:
             self.pool.remove(cancelled)
         for _, f in events:
-            if "done" in f and "deployment" in f:
-                self.service.observe(f["deployment"], int(f["size"]), float(f["seconds"]))
-                self.routing.done(f["deployment"], f["done"], float(f["seconds"]),
-                                  int(f["replica"]) if "replica" in f else None)
+            if "done" not in f:
+                continue
+            # A batch's end: with the timing of its provider call, or (``ended``) without
+            # one, when it ran nothing, was split as poison or raised.
+            seconds = float(f["seconds"]) if "seconds" in f else None
+            if seconds is not None and "deployment" in f:
+                self.service.observe(f["deployment"], int(f["size"]), seconds)
+            self.routing.done(f["done"], seconds,
+                              int(f["replica"]) if "replica" in f else None)
 
     def _capacity(self, reading: Reading, now: float) -> Capacity:
         inflight = reading.inflight

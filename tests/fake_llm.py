@@ -15,6 +15,7 @@ server-sent events: the answer word by word, ``token_delay_s`` apart, the usage 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -202,7 +203,8 @@ def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(payload)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(payload)  # the client may have given up (a time limit)
 
         def do_GET(self) -> None:
             if self.path == "/props" and state.props:

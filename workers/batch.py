@@ -34,7 +34,9 @@ from workers.retry import Health, Outcome, ProviderCaller
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-#: What a worker tells the scheduler of a finished provider call (``pb:events`` fields).
+#: What a worker tells the scheduler of a batch's end (``pb:events`` fields): ``done`` (the
+#: batch id) with, after a provider call, its ``deployment``, ``size``, ``seconds`` and
+#: ``replica``; else ``ended`` (why no call's timing is given).
 Event = dict[str, str | int | float]
 
 #: Errors of Redis or the SQL store: retried in place, never held against the batch.
@@ -129,27 +131,35 @@ class BatchRunner:
                     "skipped": "duplicate send", "jobs": 0}
         retrying = False
         event: Event | None = None
+        ended = "raised"  # how it ended, when no provider call's timing tells it
         if lost:
             log.warning("batch %s: delivered again after its worker was lost (%d time(s))",
                         batch_id, lost)
         try:
             if lost >= self.settings.max_deliveries:
                 metrics.BATCHES.labels(metrics.class_name(str(cls)), "poison").inc()
-                return self._poisoned(batch_id, job_ids, cls, lost)
+                summary = self._poisoned(batch_id, job_ids, cls, lost)
+                ended = "poison"
+                return summary
             metrics.BATCHES.labels(metrics.class_name(str(cls)), "ran").inc()
             summary, event = self._run(batch_id, job_ids, similarity, prefix_hint,
                                        estimate_s, cls, replicas)
+            ended = "nothing to run"
             return summary
         except INFRA_ERRORS:
             retrying = True  # the task runs the batch again: it stays in flight
             raise
         finally:
+            # Every ending but a retry tells the scheduler, which then stops counting the
+            # batch's work on its replica (a duplicate send returned above: the send that
+            # runs tells it).
             if not retrying:
-                self.batch_done(batch_id, cls, event)
+                self.batch_done(batch_id, cls, event or {"done": batch_id, "ended": ended})
 
     def batch_done(self, batch_id: str, cls: int, event: Event | None = None) -> None:
-        """The batch is over: it leaves the scheduler's in-flight count (with ``event``,
-        the timing of its provider call, when it made one)."""
+        """The batch is over: it leaves the scheduler's in-flight count, and ``event``
+        tells the scheduler (the timing of its provider call when it made one, else how
+        it ended: ``ended`` "nothing to run", "poison" or "raised")."""
         with contextlib.suppress(*INFRA_ERRORS):
             self.steady("done", lambda: self.queue.batch_done(batch_id, cls, event))
 

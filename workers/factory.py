@@ -42,6 +42,24 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 2.0
 
 
+class JobsFailed(Exception):
+    """Raised by a batch's task, once every result is stored, when some of its jobs
+    failed: Celery then records the task as failed (Flower shows it red, with the counts,
+    and lists it under Failed). Its message is acknowledged as on success; nothing runs
+    again."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        counts = ", ".join(f"{k} {summary[k]}" for k in ("succeeded", "expired", "skipped")
+                           if summary.get(k))
+        timed = " (the task's time limit)" if summary.get("timed_out") else ""
+        super().__init__(f"{summary.get('failed')} of {summary.get('size')} jobs failed"
+                         f"{timed}" + (f"; {counts}" if counts else ""))
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[Any, ...]:  # rebuilt from its summary across the pool
+        return (JobsFailed, (self.summary,))
+
+
 class _ProcessResources:
     """Connections and providers of one worker process, created after the fork (at the
     process's start, so that its first batch does not wait for them)."""
@@ -167,27 +185,31 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
     resources = _ProcessResources(settings, url, resend)
     heartbeat = _Heartbeat(url)
 
+    # ``throws``: a batch with failed jobs ends as an expected failure (logged without a
+    # traceback). ``acks_on_failure``: its message is acknowledged as a success's is (it
+    # is over: nothing runs again).
     @app.task(name=PROCESS_BATCH, bind=True, acks_late=True, reject_on_worker_lost=True,
-              ignore_result=True)
+              ignore_result=True, throws=(JobsFailed,), acks_on_failure=True)
     def process_batch(self: Task[Any, Any], batch_id: str, send_id: str, job_ids: list[str],
                       similarity: float | None = None, cls: int = 2,
                       prefix_hint: int = 0, estimate_s: float = 0.0,
                       replicas: list[int] | None = None) -> dict[str, Any]:
-        """Run one batch of jobs: one provider call, one stored result per job."""
+        """Run one batch of jobs: one provider call, one stored result per job. Returns
+        the batch's counts; raises ``JobsFailed`` with them when a job failed."""
         runner = resources.runner()
         try:
             delivery = self.request.delivery_info or {}
-            return runner.run(batch_id, send_id, job_ids, similarity, cls, prefix_hint,
-                              retries=self.request.retries or 0, estimate_s=estimate_s,
-                              redelivered=bool(delivery.get("redelivered")),
-                              replicas=replicas)
+            summary = runner.run(batch_id, send_id, job_ids, similarity, cls, prefix_hint,
+                                 retries=self.request.retries or 0, estimate_s=estimate_s,
+                                 redelivered=bool(delivery.get("redelivered")),
+                                 replicas=replicas)
         except SoftTimeLimitExceeded:
             limit = settings.task_time_limit_s
             failed = runner.fail_running(batch_id, job_ids, f"the provider call took longer "
                                          f"than the task time limit ({limit} s)")
             log.warning("batch %s hit the time limit; %d jobs failed", batch_id, failed)
-            return {"class": class_name(str(cls)), "size": len(job_ids), "failed": failed,
-                    "jobs": 0, "timed_out": True}
+            summary = {"class": class_name(str(cls)), "size": len(job_ids), "failed": failed,
+                       "jobs": 0, "timed_out": True}
         except (redis.RedisError, SQLAlchemyError) as exc:
             # Redis or the SQL store stayed down longer than the batch could wait: run it
             # again later (the same send, so it may; results already stored are kept; a
@@ -195,6 +217,9 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
             delay = min(30, 2 ** self.request.retries)
             log.warning("batch %s: %s; retrying in %d s", batch_id, exc, delay)
             raise self.retry(exc=exc, countdown=delay, max_retries=20) from exc
+        if summary.get("failed"):
+            raise JobsFailed(summary)
+        return summary
 
     _connect_signals(app, settings, resources, heartbeat)
     app.promptbatch_settings = settings  # type: ignore[attr-defined]

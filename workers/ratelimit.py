@@ -52,10 +52,17 @@ class RateLimiter:
 
     def fits(self, deployment: str, requests: int, tokens: int) -> bool:
         """Whether one take of this size can ever succeed (else: send fewer at once)."""
+        return self.fits_shares(deployment, {"": (requests, tokens)})
+
+    def fits_shares(self, deployment: str, shares: Mapping[str, tuple[int, int]]) -> bool:
+        """Whether one take of a call with these ``shares`` (``acquire_shares``) can ever
+        succeed: under a per-tenant limit, each tenant's share against its own bucket."""
         limit = limit_for(self.settings, deployment)
         if limit is None:
             return True
-        return (not limit.rpm or requests <= limit.rpm) and (not limit.tpm or tokens <= limit.tpm)
+        return all((not limit.rpm or requests <= limit.rpm)
+                   and (not limit.tpm or tokens <= limit.tpm)
+                   for requests, tokens in _scoped(limit, shares).values())
 
     def acquire(self, deployment: str, tenant: str, requests: int, tokens: int,
                 deadline: float | None) -> bool:
@@ -74,12 +81,9 @@ class RateLimiter:
         limit = limit_for(self.settings, deployment)
         if limit is None:
             return True
-        if not limit.per_tenant:
-            shares = {"": (sum(r for r, _ in shares.values()),
-                           sum(t for _, t in shares.values()))}
         bucket_keys: list[str] = []
         args: list[float] = []
-        for tenant, (requests, tokens) in sorted(shares.items()):
+        for tenant, (requests, tokens) in sorted(_scoped(limit, shares).items()):
             scope = f"{deployment}|{tenant}" if limit.per_tenant else deployment
             if limit.rpm:
                 bucket_keys.append(keys.rate_bucket(f"{scope}|requests"))
@@ -97,3 +101,12 @@ class RateLimiter:
             pause = min(wait, 1.0)
             metrics.RATE_LIMIT_WAIT.labels(*metrics.deployment_labels(deployment)).inc(pause)
             self.sleep(pause)
+
+
+def _scoped(limit: Limit, shares: Mapping[str, tuple[int, int]],
+            ) -> Mapping[str, tuple[int, int]]:
+    """What each bucket is charged: each tenant its own share under a per-tenant limit,
+    else the deployment's one bucket the sum."""
+    if limit.per_tenant:
+        return shares
+    return {"": (sum(r for r, _ in shares.values()), sum(t for _, t in shares.values()))}

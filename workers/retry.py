@@ -282,17 +282,16 @@ class ProviderCaller:
         if self.limiter is None:
             return True
         cost = {r.job_id: len(r.text) // 4 + 1 + (r.params.max_tokens or 256) for r in sent}
-        tokens = sum(cost.values())
-        if len(sent) > 1 and not self.limiter.fits(deployment, len(sent), tokens):
+        shares: dict[str, tuple[int, int]] = {}
+        for r in sent:  # each job is charged to its own tenant
+            n, t = shares.get(tenants.get(r.job_id, ""), (0, 0))
+            shares[tenants.get(r.job_id, "")] = (n + 1, t + cost[r.job_id])
+        if len(sent) > 1 and not self.limiter.fits_shares(deployment, shares):
             metrics.SPLITS.labels(*metrics.deployment_labels(deployment)).inc()
             half = len(sent) // 2
             chunks += [_Chunk(sent[:half]), _Chunk(sent[half:], held=held)]
             return False
         deadlines = [r.deadline for r in sent if r.deadline is not None]
-        shares: dict[str, tuple[int, int]] = {}
-        for r in sent:  # each job is charged to its own tenant
-            n, t = shares.get(tenants.get(r.job_id, ""), (0, 0))
-            shares[tenants.get(r.job_id, "")] = (n + 1, t + cost[r.job_id])
         if self.limiter.acquire_shares(deployment, shares,
                                        min(deadlines) if deadlines else None):
             return True

@@ -41,3 +41,9 @@ def steps() -> list[str]:
     """The names of the steps (not the helpers), sorted."""
     return sorted(p.name[:-4] for p in files(__name__).iterdir()
                   if p.name.endswith(".lua") and not p.name.startswith("_"))
+
+
+def helpers() -> list[str]:
+    """The names of the helpers (``_NAME``, included by the steps), sorted."""
+    return sorted(p.name[:-4] for p in files(__name__).iterdir()
+                  if p.name.endswith(".lua") and p.name.startswith("_"))

@@ -10,6 +10,10 @@ from redis.exceptions import NoScriptError
 
 from jobs import lua
 
+#: Commands that answer for the writes sent before them on their connection: run again
+#: after the scripts of their pipeline that had to be loaded first (``Steps._at_once``).
+AFTER_WRITES = frozenset({"WAIT", "WAITAOF"})
+
 
 class Steps:
     """The Redis client and the queue's Lua steps (``jobs/lua/``), registered once."""
@@ -43,8 +47,11 @@ class Steps:
 
         redis-py first asks the server whether a pipeline's Lua scripts exist (a round trip
         of its own); here they run by their SHA1 straight away, and only on a server that
-        lost them (a restart) are they loaded and the commands they failed run again, after
-        the others: each command runs once."""
+        lost them (a restart, a new primary after a failover) are they loaded and the
+        commands they failed run again, after the others: each command runs once. A
+        ``WAIT`` that followed a failed script runs again after it too: its first answer
+        was about the writes before the script, which had not run (with a replica down, a
+        start read as replicated at once)."""
         scripts = list(pipe.scripts)
         pipe.scripts.clear()
         commands = list(pipe.command_stack)
@@ -53,11 +60,15 @@ class Steps:
         if missing:
             for script in scripts:
                 script.sha = str(self.r.script_load(script.script))
+            # In their order, on one connection: a WAIT answers for the writes before it.
+            failed = set(missing)
+            redo = [i for i in range(missing[0], len(commands)) if i in failed
+                    or str(commands[i][0][0]).upper() in AFTER_WRITES]
             again = self.r.pipeline(transaction=False)
-            for i in missing:
+            for i in redo:
                 args, options = commands[i]
                 again.execute_command(*args, **options)  # type: ignore[no-untyped-call]
-            for i, reply in zip(missing, again.execute(raise_on_error=False), strict=True):
+            for i, reply in zip(redo, again.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
         for reply in replies:
             if isinstance(reply, Exception):

@@ -35,6 +35,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.faults, pyt
 JOBS = 5000
 #: Jobs per request (API) or per submit_many (Python client).
 CHUNK = 25
+#: The API's last chunks wait for the kill: sent while there is no primary, for certain.
+HELD_CHUNKS = 10
 #: Each batch's provider call lasts this long (the echo provider's test hook).
 PROMPT = "[echo:sleep=0.3] failover {who} job {i}: say something short"
 FINAL = {s.value for s in FINAL_STATES}
@@ -82,6 +84,11 @@ class Load:
         self.lock = threading.Lock()
         self.statuses: list[tuple[float, int, str | None]] = []  # (time, status, Retry-After)
         self.errors: list[str] = []
+        #: Set when the primary is killed: the API's last chunks are sent then.
+        self.killed = threading.Event()
+        self.killed_at = 0.0
+        #: The first answer to a request sent after the kill: (time, status).
+        self.first_after_kill: tuple[float, int] | None = None
 
     def accepted(self) -> list[str]:
         with self.lock:
@@ -90,14 +97,21 @@ class Load:
     def via_api(self) -> None:
         with httpx.Client(base_url=self.base, headers={"Authorization": "Bearer key-f"},
                           timeout=30) as http:
-            for chunk in range(JOBS // 2 // CHUNK):
+            chunks = JOBS // 2 // CHUNK
+            for chunk in range(chunks):
+                if chunk == chunks - HELD_CHUNKS:
+                    self.killed.wait(600)
                 body = {"jobs": [{"prompt": PROMPT.format(who="api", i=chunk * CHUNK + k),
                                   "provider": "echo"} for k in range(CHUNK)]}
                 while True:  # the same key each time: a retried chunk is accepted once
+                    sent = time.time()
                     reply = http.post("/v1/jobs", json=body,
                                       headers={"Idempotency-Key": f"api-chunk-{chunk}"})
                     self.statuses.append((time.time(), reply.status_code,
                                           reply.headers.get("retry-after")))
+                    if (self.killed.is_set() and sent >= self.killed_at
+                            and self.first_after_kill is None):
+                        self.first_after_kill = (time.time(), reply.status_code)
                     if reply.status_code == 201:
                         with self.lock:
                             self.ids.extend(reply.json()["ids"])
@@ -142,7 +156,14 @@ def _under_load(group: SentinelGroup, settings: Settings, store: JobStore,
                   threading.Thread(target=load.via_client)]
     for t in submitters:
         t.start()
+    try:
+        _fail_over(group, settings, store, load, submitters)
+    finally:
+        load.killed.set()  # never leave the API's submitter waiting
 
+
+def _fail_over(group: SentinelGroup, settings: Settings, store: JobStore, load: Load,
+               submitters: list[threading.Thread]) -> None:
     # About a third finished: note what is claimed or running and what has a result, then
     # SIGKILL the primary.
     poll(lambda: _finished(store) >= JOBS // 3, timeout=180, interval=0.05,
@@ -159,7 +180,8 @@ def _under_load(group: SentinelGroup, settings: Settings, store: JobStore,
     had_result = {j for j, got in zip(seen, replies[1::2], strict=True) if got}
     old = group.primary()
     old.kill()
-    killed = time.time()
+    killed = load.killed_at = time.time()
+    load.killed.set()  # the API's held chunks go now, before a sentinel can name another
 
     def first_result() -> bool:  # a result stored on the new primary since the kill
         with contextlib.suppress(Exception):
@@ -218,9 +240,12 @@ def _check(load: Load, store: JobStore, settings: Settings, at_kill: set[str],
     codes = Counter(code for _, code, _ in load.statuses)
     assert set(codes) <= {201, 503}, codes
     assert all(after for _, code, after in load.statuses if code == 503)
+    # The held chunks went at the kill: their first answer came while no primary was
+    # named (a sentinel waits down_after_ms, 1 s, before it acts), and was a 503.
     during = [code for at, code, _ in load.statuses if killed <= at <= killed + first_after]
-    if during:  # a request sent while there was no primary
-        assert 503 in during
+    assert load.first_after_kill is not None and during, "no request during the failover"
+    at, first = load.first_after_kill
+    assert first == 503 and at - killed < first_after and 503 in during, (first, during)
     assert load.statuses[-1][1] == 201
     print(f"\nfailover: first result {first_after:.2f} s after the SIGKILL; "
           f"{len(at_kill)} jobs claimed or running at the kill, {len(repeated)} called "

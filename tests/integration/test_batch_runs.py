@@ -209,3 +209,36 @@ def test_a_result_that_expired_is_not_written_back_nor_counted_again(
         assert repairs.written_back == 1
         assert [x.text if x else None for x in client.queue.results(ids)] == [None, "recent"]
         assert sum(c.value for c in read_totals(r) if c.kind == "finished") == finished + 1
+
+
+def ends(r: redis.Redis, batch_id: str) -> list[dict[str, str]]:
+    """What the scheduler was told of ``batch_id``'s end (``pb:events``)."""
+    return [f for _, f in r.xrange(keys.EVENTS) if f.get("done") == batch_id]
+
+
+def test_every_ending_of_a_batch_tells_the_scheduler_but_a_second_send_and_a_retry(
+        settings: Settings, r: redis.Redis) -> None:
+    with Client(settings) as client:
+        run = runner(settings, client, sent=[])
+        # Nothing to run: every job was cancelled while the batch waited in the broker.
+        ids = claimed(client, "cancelled", 2)
+        assert client.cancel_many(ids) == dict.fromkeys(ids, JobState.CANCELLED)
+        assert run.run("cancelled", "send-1", ids)["jobs"] == 0
+        assert ends(r, "cancelled") == [{"done": "cancelled", "ended": "nothing to run"}]
+        # A poison batch split into batches of one job each.
+        ids = claimed(client, "poison", 2)
+        for _ in range(settings.max_deliveries + 1):
+            client.queue.start_run("poison", "send-1", 0, 60, 2, time.time())
+        assert run.run("poison", "send-1", ids)["split"]
+        assert ends(r, "poison") == [{"done": "poison", "ended": "poison"}]
+        # A second send of a batch that another worker runs: that worker tells.
+        ids = claimed(client, "running", 1)
+        assert client.queue.start_run("running", "send-1", 0, 60, 2, time.time()) == 0
+        assert run.run("running", "send-2", ids)["skipped"] == "duplicate send"
+        assert ends(r, "running") == []
+        # A batch that ran: its call's timing.
+        ids = claimed(client, "ran", 2)
+        assert run.run("ran", "send-1", ids)["jobs"] == 2
+        (told,) = ends(r, "ran")
+        assert told["deployment"] == "echo|echo-1" and told["size"] == "2"
+        assert float(told["seconds"]) > 0 and "ended" not in told

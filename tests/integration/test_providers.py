@@ -403,3 +403,37 @@ def test_a_per_tenant_limit_charges_each_job_to_its_own_tenant(
     # Each tenant's bucket paid for its own jobs (refill since is a fraction of one).
     assert 97.9 <= left("acme") < 98.5
     assert 98.9 <= left("globex") < 99.5
+
+
+def test_a_per_tenant_limit_splits_a_mixed_batch_only_when_a_tenants_share_is_too_big(
+        settings: Settings, fake: FakeLLM, r: redis.Redis) -> None:
+    # A job costs 1,004 tokens (4 of prompt, 1,000 to answer): two per tenant fit a
+    # tenant's 3,000 a minute; the four together would not fit one bucket. (The sizes
+    # keep each split's wait for budget under a second.)
+    def ask(tenant: str, i: int) -> dict[str, object]:
+        return job(f"{tenant} asks {i}", tenant=tenant, params={"max_tokens": 1000})
+
+    limits = {"openai|test-model": {"rpm": 100, "tpm": 3000, "per_tenant": 1}}
+    s = llm_settings(settings, fake, rate_limits=limits,
+                     openai_endpoint="completions")  # the batch's prompts in one request
+    mixed = [ask(t, i) for t in ("acme", "globex") for i in range(2)]
+    assert {x.state for x in run_batch(s, mixed)} == {JobState.SUCCEEDED}
+    assert len(fake.seen) == 1, "a mixed batch was split though each share fits its bucket"
+
+    def left(tenant: str) -> float:
+        return float(r.hget(keys.rate_bucket(f"openai|test-model|{tenant}|tokens"),
+                            "tokens") or "nan")
+
+    assert 3000 - 2 * 1004 <= left("acme") < 3000 - 2 * 1004 + 50  # refilled since: < 1 s
+    assert 3000 - 2 * 1004 <= left("globex") < 3000 - 2 * 1004 + 50
+    # One tenant's share alone too big for its bucket: split, as before.
+    fake.seen.clear()
+    assert {x.state for x in run_batch(s, [ask("initech", i) for i in range(3)])} == {
+        JobState.SUCCEEDED}
+    assert len(fake.seen) == 2
+    # The same four jobs under one bucket for the deployment: the sum counts, split.
+    fake.seen.clear()
+    shared = llm_settings(settings, fake, openai_endpoint="completions", rate_limits={
+        "openai|test-model": {"rpm": 100, "tpm": 4000}})
+    assert {x.state for x in run_batch(shared, mixed)} == {JobState.SUCCEEDED}
+    assert len(fake.seen) == 2

@@ -96,3 +96,30 @@ def test_a_replica_that_dies_is_ejected_and_its_batches_go_to_the_other(
             more = client.submit_many(jobs(1))
             assert {x.state for x in client.results(more, timeout=60)} == {JobState.SUCCEEDED}
         assert sum(families_seen(alive).values()) == len(ids) + len(more)
+
+
+def _outstanding(r: redis.Redis) -> int | None:
+    """Batches the scheduler counts on the replicas, as its overview shows them."""
+    data = json.loads(r.get(keys.OVERVIEW) or "{}")
+    rows = data.get("replicas")
+    return None if not rows else sum(int(row["outstanding"]) for row in rows)
+
+
+def test_a_batch_that_ends_without_a_timing_leaves_its_replica_at_once(
+        settings: Settings, procs: Procs, r: redis.Redis) -> None:
+    # Each call outlasts the task's soft time limit (1 s): the batch ends by raising, its
+    # jobs fail, and no call's timing comes back; the scheduler must still stop counting
+    # its work on the replica (it used to wait for the visibility timeout, 360 s).
+    with FakeServer(FakeLLM(delay_s=3.0)) as one, FakeServer(FakeLLM(delay_s=3.0)) as two:
+        env = env_for(one, two, PROMPTBATCH_TASK_TIME_LIMIT_S="6")
+        procs.scheduler(**env)
+        procs.worker(2, **env)
+        with Client(settings) as client:
+            ids = client.submit_many(jobs(0, per_family=6)[:6])  # one family: one batch
+            poll(lambda: _outstanding(r) == 1, timeout=30, what="the batch on a replica")
+            results = list(client.results(ids, timeout=60))
+            assert {x.state for x in results} == {JobState.FAILED}
+            assert all("time limit" in (x.error or "") for x in results)
+        assert len(one.seen) + len(two.seen) >= 1  # the call was made, and outlived the task
+        poll(lambda: _outstanding(r) == 0, timeout=15,
+             what="the scheduler to stop counting the batch on its replica")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -55,3 +57,32 @@ def test_celery_gets_kombus_sentinel_urls_and_the_masters_name() -> None:
                     conf["result_backend_transport_options"]):
         assert options["master_name"] == "pb"
         assert options["sentinel_kwargs"] == {"password": "spw"}
+
+
+@pytest.mark.parametrize("password", ["Zq7/Wk9", "Zq7?Wk9", "Zq7@Wk9/Xr?Yt", "Zq/Wk?Xr@Yt#Vu",
+                                      "Zq:1?Wk", "Zq7@10.0.0.9:1/Wk"])
+def test_a_raw_password_with_slash_or_question_mark_is_read_and_never_shown(
+        password: str) -> None:
+    url = f"redis+sentinel://:{password}@10.0.0.5:26379,sentinel-b/2?master=pb"
+    a = SentinelAddress.parse(url)
+    assert (a.password, a.master, a.db) == (password, "pb", 2)
+    assert a.sentinels == (("10.0.0.5", 26379), ("sentinel-b", 26379))
+    assert SentinelAddress.parse(a.url()) == a  # and the quoted form reads the same
+    pieces = [p for p in re.split(r"[/?@#:.]", password) if len(p) >= 2 and p[0].isalpha()]
+    assert not any(p in safe_url(url) or p in repr(a) for p in pieces)
+    # A broken address: the message says what is wrong and shows none of the password.
+    for bad in (url.replace("26379,", "26379x,"), url.replace("?master=pb", ""),
+                url.replace("/2?", "/two?"), url.replace("@10.0.0.5:26379,", "@:1,")):
+        with pytest.raises(AddressError) as refused:
+            SentinelAddress.parse(bad)
+        assert not any(p in str(refused.value) for p in pieces), str(refused.value)
+
+
+def test_a_bad_sentinel_without_a_password_is_named() -> None:
+    with pytest.raises(AddressError, match="'a:x' is not host:port"):
+        SentinelAddress.parse("redis+sentinel://a:x/0?master=pb")
+    assert SentinelAddress.parse(
+        "redis+sentinel://a:1/0?master=pb&sentinel_password=s@p").sentinel_password == "s@p"
+    with_auth = SentinelAddress.parse(
+        "redis+sentinel://:pw@a:1/0?master=pb&sentinel_password=s@p")
+    assert (with_auth.password, with_auth.sentinel_password) == ("pw", "s@p")

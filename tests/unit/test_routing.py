@@ -3,7 +3,10 @@ replicas, the cache bound, learned latency, replicas cooling down."""
 
 from __future__ import annotations
 
-from scheduler.routing import Choice, ReplicaSpec, Router, RoutingRules
+from config import keys
+from config.settings import Settings
+from scheduler.pool import PendingJob, prefix_signature
+from scheduler.routing import Choice, ReplicaSpec, Router, Routing, RoutingRules
 
 
 def router(n: int = 2, cache: int = 10_000, **rules: float) -> Router:
@@ -77,7 +80,12 @@ def test_a_cooling_replica_is_skipped_and_listed_last_unless_all_are() -> None:
     home = send(r, "a", family=1).replica
     choice = send(r, "b", family=1, unavailable=(home,))
     assert choice.replica != home and choice.order[-1] == home
-    assert send(r, "c", family=2, unavailable=(0, 1, 2)).replica in (0, 1, 2)
+    # Every one cooling: the rule is the least loaded of all, which is the third (the
+    # other two carry a batch each), listed first; the others follow by load.
+    third = ({0, 1, 2} - {home, choice.replica}).pop()
+    every = send(r, "c", family=2, unavailable=(0, 1, 2))
+    assert every.replica == third and not every.affinity
+    assert sorted(every.order) == [0, 1, 2]
 
 
 def test_batches_that_never_report_are_forgotten() -> None:
@@ -97,3 +105,77 @@ def test_the_load_balancer_policies_ignore_prefixes() -> None:
     first = lo.choose(1, 1000, 1.0)
     lo.sent("x", first, 1, 1000, 1.0, now=0.0)
     assert lo.choose(1, 1000, 1.0).replica != first.replica  # the same family, elsewhere
+
+
+TEMPLATE = "You are the help desk's assistant. Follow the handbook. " * 8
+
+
+def pending(n: int, model: str, text: str = TEMPLATE) -> list[PendingJob]:
+    return [PendingJob(id=f"{model}-{i}", key=f"openai|{model}|{{}}", priority=2,
+                       tenant="t", created_at=0.0, deadline=None, tokens=len(text) // 4,
+                       prefix=prefix_signature(f"{text} question {i}"))
+            for i in range(n)]
+
+
+def routing(replicas: int = 2, **rules: object) -> Routing:
+    urls = ",".join(f"http://10.0.0.{i}:8000/v1" for i in range(replicas))
+    return Routing(Settings(openai_base_url=urls, _env_file=None,  # type: ignore[call-arg]
+                            **rules))
+
+
+def route(rt: Routing, batch: str, model: str, est: float = 1.0) -> int:
+    order = rt.route(batch, pending(4, model), 256, est, f"openai|{model}", now=0.0)
+    assert order is not None
+    return order[0]
+
+
+def outstanding(rt: Routing) -> list[int]:
+    return [row["outstanding"] for row in rt.snapshot()]
+
+
+def test_two_models_on_one_replica_set_see_each_others_load() -> None:
+    rt = routing()
+    first = route(rt, "a", "model-a")
+    # The other model's batch goes to the other replica: the first one is busy.
+    assert route(rt, "b", "model-b") == 1 - first
+    assert outstanding(rt) == [1, 1]
+    assert {row["deployment"] for row in rt.snapshot()} == {"openai"}  # one replica set
+
+
+def test_a_prefix_family_is_held_per_model() -> None:
+    rt = routing()
+    home = route(rt, "a1", "model-a")
+    rt.done("a1", 1.0)
+    # The same prompts for another model: not cached anywhere (no affinity); for the
+    # first model again: back home, by affinity.
+    order = rt.route("b1", pending(4, "model-b"), 256, 1.0, "openai|model-b", now=0.0)
+    router = rt.routers["openai"]
+    assert router is not None and order is not None
+    assert router[0].replicas[order[0]].misses == 1
+    rt.done("b1", 1.0)
+    assert route(rt, "a2", "model-a") == home
+    assert router[0].replicas[home].hits == 1
+    # Two families, one per model, each counted (negative keys are the record's
+    # anonymous entries: a family must never look like one).
+    assert sum(row["families"] for row in rt.snapshot()) == 2
+
+
+def test_a_batch_that_ended_without_a_timing_leaves_its_replica() -> None:
+    rt = routing()
+    route(rt, "ran", "model-a")
+    route(rt, "nothing", "model-b")
+    assert sum(outstanding(rt)) == 2
+    rt.done("nothing", None)  # no call: nothing learned, the work is gone
+    assert sum(outstanding(rt)) == 1
+    rt.done("ran", 2.0, replica=0)
+    assert outstanding(rt) == [0, 0]
+    rt.done("unknown", None)  # a batch it never routed (or forgot): nothing happens
+
+
+def test_a_replica_cooling_for_one_model_is_skipped_for_that_model_only() -> None:
+    rt = routing()
+    rt.cooling = {keys.replica("openai|model-a", "http://10.0.0.0:8000/v1")}
+    assert route(rt, "a", "model-a") == 1
+    rt.done("a", None)
+    assert route(rt, "b", "model-b") == 0
+    assert [row["cooling"] for row in rt.snapshot()] == [True, False]
