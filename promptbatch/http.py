@@ -346,7 +346,10 @@ class Client(_Base):
 
     def submit(self, prompt: str | None = None, *, idempotency_key: str | None = None,
                **fields: Any) -> str:
-        """Submit one job; its id. Fields as in ``JobRequest``."""
+        """Submit one job; its id. Fields as in ``JobRequest`` (``messages`` with content
+        parts and tool calls, ``tools``, ``response_format``..., as dictionaries or our
+        types: ``Message``, ``Tool``, ``ResponseFormat``); ``response_format`` may also be
+        a pydantic model class (a ``json_schema`` format of its schema)."""
         return self._run(_Plans.submit(_job_body(prompt, fields),
                                        idempotency_key or uuid.uuid4().hex))
 
