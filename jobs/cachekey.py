@@ -2,8 +2,11 @@
 
 The exact key is a hash of the canonical request inside its partition: the tenant (or
 the shared partition a tenant opts into), the provider, the model and its version, every
-generation parameter that changes the output, and the full messages, the system prompt
-included. Only a deterministic request is cached unless the job asks otherwise.
+generation parameter that changes the output (log probabilities included), the full
+messages (the system prompt, tool calls and tool results included; an image by its
+digest), and the response format, tools, tool choice and ``parallel_tool_calls``. Only a
+deterministic request is cached unless the job asks otherwise; a job with tools or a
+response format is no exception (its key holds them, and the whole conversation).
 
 The semantic guard: a similar prompt is not the same question when the two disagree on a
 number, a negation, a polar word (enable / disable), a quoted string or a capitalised
@@ -15,10 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from typing import Any
 
 import orjson
 
 from config.settings import Settings
+from jobs.chat import Message, canonical
 from jobs.models import JobSpec
 
 #: The partition of tenants that share their cache.
@@ -50,12 +55,30 @@ def partition(spec: JobSpec, settings: Settings) -> str:
     return f"{owner}|{deployment}|{settings.cache_model_versions.get(deployment, '')}"
 
 
+def _message(m: Message) -> dict[str, Any]:
+    """A message as a key holds it: an image by its digest, never its bytes."""
+    data = m.model_dump(mode="json", exclude_none=True)
+    if m.images and isinstance(m.content, list):
+        data["content"] = [
+            {"type": "image_url", "image_url": {"digest": p.image_url.digest,
+                                                "detail": p.image_url.detail}}
+            if p.image_url is not None else p.model_dump(mode="json", exclude_none=True)
+            for p in m.content]
+    return data
+
+
 def request_body(spec: JobSpec) -> str:
-    """The canonical request: parameters and the whole conversation (system prompt too)."""
+    """The canonical request: parameters, the whole conversation (system prompt, tool calls
+    and results, images by digest) and, when set, the response format, the tools, the tool
+    choice and ``parallel_tool_calls``: everything that changes the answer."""
     messages = ([{"role": "user", "content": spec.prompt}] if spec.prompt is not None
-                else [m.model_dump(mode="json", exclude_none=True) for m in spec.messages or ()])
-    return orjson.dumps({"params": spec.params.model_dump(mode="json", exclude_none=True),
-                         "messages": messages}, option=orjson.OPT_SORT_KEYS).decode()
+                else [_message(m) for m in spec.messages or ()])
+    body: dict[str, Any] = {"params": spec.params.model_dump(mode="json", exclude_none=True),
+                            "messages": messages}
+    if spec.shape_key:  # left out when unset: the keys of plain requests stay as they were
+        body["shape"] = [canonical(spec.response_format), canonical(spec.tools),
+                         canonical(spec.tool_choice), spec.parallel_tool_calls]
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def exact_key(spec: JobSpec, settings: Settings) -> str:
@@ -67,19 +90,34 @@ def exact_key(spec: JobSpec, settings: Settings) -> str:
 
 def semantic_partition(spec: JobSpec, settings: Settings) -> str:
     """The FAISS index a semantic lookup searches: the exact partition plus the
-    parameters and the system prompt (only the last user turn may differ)."""
+    parameters and the system prompt (only the last user turn may differ) and, when set,
+    what shapes the answer (``JobSpec.shape_key``: response format, tools, tool choice)
+    and the images by digest. A job with tools, a response format or images so is only
+    ever answered by a similar job that had the same ones."""
     system = [m.text for m in spec.messages or () if m.role in ("system", "developer")]
-    extra = hashlib.sha256(json.dumps(
-        [spec.params.model_dump(mode="json", exclude_none=True), system]).encode()).hexdigest()
+    same: list[Any] = [spec.params.model_dump(mode="json", exclude_none=True), system]
+    images = [img.digest for m in spec.messages or () for img in m.images]
+    if spec.shape_key or images:  # left out when unset: plain partitions stay as they were
+        same += [spec.shape_key, images]
+    extra = hashlib.sha256(json.dumps(same).encode()).hexdigest()
     return f"{partition(spec, settings)}:{extra[:16]}"
 
 
 def semantic_text(spec: JobSpec) -> str:
-    """What a semantic lookup compares: the conversation without its system prompt."""
+    """What a semantic lookup compares: the conversation without its system prompt (an
+    assistant's tool calls as ``name(arguments)``, so that the guard sees their numbers
+    and names)."""
     if spec.prompt is not None:
         return spec.prompt
-    return "\n".join(m.text for m in spec.messages or ()
+    return "\n".join(_said(m) for m in spec.messages or ()
                      if m.role not in ("system", "developer"))
+
+
+def _said(m: Message) -> str:
+    if not m.tool_calls:
+        return m.text
+    calls = " ".join(f"{c.function.name}({c.function.arguments})" for c in m.tool_calls)
+    return f"{m.text} {calls}" if m.text else calls
 
 
 # --- the semantic guard -------------------------------------------------------------------

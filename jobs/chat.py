@@ -139,6 +139,13 @@ class ContentPart(_Frozen):
     text: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
     image_url: ImageURL | None = None
 
+    @field_validator("type", mode="before")
+    @classmethod
+    def _served_kinds(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("text", "image_url"):
+            raise ValueError(f"only 'text' and 'image_url' parts are served, not {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _one_kind(self) -> ContentPart:
         if self.type == "text":
@@ -269,6 +276,23 @@ def image_tokens(messages: list[Message] | tuple[Message, ...] | None) -> int:
     return sum(IMAGE_TOKENS[img.detail] for m in messages or () for img in m.images)
 
 
+#: Characters a token counts for in estimates of text (the scheduler's rule).
+CHARS_PER_TOKEN = 4
+
+
+def extra_tokens(messages: list[Message] | tuple[Message, ...] | None,
+                 tools: list[Tool] | tuple[Tool, ...] | None,
+                 response_format: ResponseFormat | None) -> int:
+    """Prompt tokens a request counts for beyond its text (``JobSpec.text``, where an
+    image is only an ``[image]`` mark): its images by ``IMAGE_TOKENS``, never by their
+    bytes, and the tools' definitions and the response schema as the JSON text a provider
+    reads (``CHARS_PER_TOKEN`` characters a token)."""
+    chars = len(canonical(list(tools))) if tools else 0
+    if response_format is not None and response_format.json_schema is not None:
+        chars += len(canonical(response_format.json_schema))
+    return image_tokens(messages) + chars // CHARS_PER_TOKEN
+
+
 def raise_at(title: str, errors: list[tuple[str, str]]) -> None:
     """Raise a pydantic ``ValidationError`` with each ``(dotted field, message)`` at its
     own location (a model validator's checks across fields then name the field)."""
@@ -312,6 +336,13 @@ class Tool(_Frozen):
 
     type: Literal["function"]
     function: FunctionDef
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _functions_only(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "function":
+            raise ValueError(f"only 'function' tools are served, not {value!r}")
+        return value
 
 
 class NamedFunction(_Frozen):
@@ -374,6 +405,23 @@ class ResponseFormat(_Frozen):
 
 #: Why a provider stopped: OpenAI's values.
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter"]
+
+
+def schema_format(model: type[BaseModel], *, strict: bool | None = None) -> ResponseFormat:
+    """A ``json_schema`` response format asking for JSON that validates as ``model`` (a
+    pydantic model class), named after it: what the SDKs make of
+    ``response_format=Model``."""
+    name = re.sub(r"[^a-zA-Z0-9_-]", "_", model.__name__)[:64] or "answer"
+    return ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(
+        name=name, schema=model.model_json_schema(), strict=strict))
+
+
+def as_response_format(value: Any) -> Any:
+    """``value`` as a request's ``response_format``: a pydantic model class becomes its
+    ``schema_format``; anything else is left for validation."""
+    if isinstance(value, type) and issubclass(value, BaseModel):
+        return schema_format(value)
+    return value
 
 
 def canonical(value: BaseModel | list[Any] | str | None) -> str:

@@ -12,6 +12,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from config.settings import Settings
+from jobs.capabilities import unserved
+from jobs.chat import as_response_format
 from jobs.errors import InvalidJob
 from jobs.models import JobRequest, JobSpec
 
@@ -46,6 +48,8 @@ def parse_request(data: Any, *, line: int | None = None) -> JobRequest:
         return data
     if not isinstance(data, Mapping):
         raise InvalidJob([("(body)", "a job must be a JSON object")], line=line)
+    if isinstance(data.get("response_format"), type):  # a pydantic model class
+        data = {**data, "response_format": as_response_format(data["response_format"])}
     try:
         return JobRequest.model_validate(data)
     except ValidationError as exc:
@@ -85,6 +89,7 @@ def resolve(
         elif not model_ok:
             errors.append(("model", f"tenant {tenant!r} may not use model {model!r} of "
                            f"provider {provider!r} (tenant_providers)"))
+        errors += unserved(provider, request.params, request.messages)
     text_len = len(request.prompt) if request.prompt is not None else sum(
         len(m.text) for m in request.messages or ())
     if text_len > settings.max_prompt_chars:
@@ -113,6 +118,8 @@ def resolve(
         idempotency_key=request.idempotency_key,
         client_id=request.client_id,
         metadata=request.metadata, cache=request.cache, stream=request.stream,
+        response_format=request.response_format, tools=request.tools,
+        tool_choice=request.tool_choice, parallel_tool_calls=request.parallel_tool_calls,
         request_hash=request_digest(request, tenant) if request.idempotency_key else None,
     )
 

@@ -76,7 +76,10 @@ class Client:
     # --- submitting ---------------------------------------------------------------------
 
     def submit(self, prompt: str | None = None, **fields: Any) -> str:
-        """Submit one job; return its id. Fields as in ``JobRequest``."""
+        """Submit one job; return its id. Fields as in ``JobRequest`` (``messages`` with
+        content parts and tool calls, ``tools``, ``response_format``..., as dictionaries
+        or our types: ``Message``, ``Tool``, ``ResponseFormat``); ``response_format`` may
+        also be a pydantic model class (a ``json_schema`` format of its schema)."""
         if prompt is not None:
             fields["prompt"] = prompt
         return self.submit_many([fields])[0]

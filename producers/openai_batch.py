@@ -30,11 +30,10 @@ from jobs.validation import parse_request, resolve
 from producers.accounts import Accounts
 from producers.client import Client
 from producers.models import resolve_model
+from producers.openai_request import job_fields, openai_errors
 
 ENDPOINTS = ("/v1/chat/completions",)
 _WINDOW = re.compile(r"^([1-9][0-9]{0,3})h$")
-_PARAMS = ("temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty",
-           "frequency_penalty")
 #: Batch states that still change.
 OPEN = ("validating", "in_progress", "finalizing", "cancelling")
 #: Lines submitted per step (each all or nothing), and results read per query.
@@ -52,7 +51,9 @@ class BatchError(Exception):
 
 
 def _request_of(line: dict[str, Any], endpoint: str) -> dict[str, Any]:
-    """The JobRequest fields of one batch input line (raises ValueError with a reason)."""
+    """The JobRequest fields of one batch input line, its ``model`` as written (raises
+    ValueError with a reason, ``InvalidJob`` naming ``body.<field>``): the body is read as
+    the chat endpoint reads one (``producers.openai_request``), without our own fields."""
     if not isinstance(line.get("custom_id"), str) or not line["custom_id"]:
         raise ValueError("custom_id must be a non-empty string")
     if line.get("method", "POST") != "POST":
@@ -62,10 +63,12 @@ def _request_of(line: dict[str, Any], endpoint: str) -> dict[str, Any]:
     body = line.get("body")
     if not isinstance(body, dict):
         raise ValueError("body must be an object")
-    params = {k: body[k] for k in _PARAMS if k in body}
-    if "max_completion_tokens" in body:
-        params["max_tokens"] = body["max_completion_tokens"]
-    return {"messages": body.get("messages"), "model": body.get("model"), "params": params}
+    try:
+        fields = job_fields(body, ours=False, batch=True)
+    except InvalidJob as exc:
+        raise openai_errors(exc, body, "body.") from exc
+    fields["model"] = body["model"]
+    return fields
 
 
 class BatchService:
@@ -197,14 +200,18 @@ class BatchService:
                 fields.update(priority=Priority.BULK, deadline=None,
                               idempotency_key=f"{batch_id}:{custom_id}",
                               metadata={"batch_id": batch_id, "custom_id": custom_id})
-                request = parse_request(fields, line=number)
-                spec = resolve(request, job_id=new_id(), now=now,
-                               settings=self.settings, tenant=tenant, line=number)
+                try:
+                    request = parse_request(fields, line=number)
+                    spec = resolve(request, job_id=new_id(), now=now,
+                                   settings=self.settings, tenant=tenant, line=number)
+                except InvalidJob as exc:
+                    raise openai_errors(exc, line["body"], "body.") from exc
                 specs.append(spec.model_copy(update={"deadline": deadline}))
                 rows.append([number, custom_id, None, None])
                 seen.add(str(custom_id))
-            except InvalidJob as exc:  # its message already names the line
-                rows.append([number, custom_id, None, str(exc)])
+            except InvalidJob as exc:  # its fields as the line names them (body.<field>)
+                rows.append([number, custom_id, None, str(InvalidJob(exc.errors,
+                                                                     line=number))])
             except ValueError as exc:
                 rows.append([number, custom_id, None, f"line {number}: {exc}"])
             if len(specs) >= CHUNK:

@@ -29,64 +29,25 @@ from jobs.errors import InvalidJob
 from jobs.models import JobResult, JobState
 from producers.auth import CallerDep
 from producers.models import resolve_model
+from producers.openai_request import job_fields, openai_errors
 from producers.streaming import aio, follow, wait_bound
 from producers.web import ApiError, client_of, read_json
 
 router = APIRouter()
 
-#: OpenAI request fields that map to our generation parameters.
-_PARAMS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
-#: OpenAI fields we accept and do not use (they do not change the answer we give).
-_IGNORED = {"user", "logit_bias", "n", "stream_options", "parallel_tool_calls",
-            "service_tier", "store", "logprobs", "top_logprobs"}
-#: Our own job fields a body may carry beside OpenAI's.
-_OURS = ("priority", "timeout_s", "deadline", "idempotency_key", "cache", "metadata",
-         "client_id")
 _HEADERS = {"x-priority": "priority", "x-timeout-s": "timeout_s", "x-deadline": "deadline",
             "idempotency-key": "idempotency_key", "x-cache": "cache"}
 
 
-def _refusals(body: dict[str, Any], chat: bool) -> list[tuple[str, str]]:
-    """What an OpenAI call asks that is not served, or leaves out, by field."""
-    errors: list[tuple[str, str]] = []
-    if body.get("n", 1) != 1:
-        errors.append(("n", "only n=1 is served"))
-    known = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stream",
-             *_PARAMS, *_IGNORED, *_OURS}
-    errors += [(k, "unknown field") for k in body if k not in known]
-    if not isinstance(body.get("model"), str) or not body.get("model"):
-        errors.append(("model", "required: a model name"))
-    if chat and "messages" not in body:
-        errors.append(("messages", "required"))
-    if not chat and not isinstance(body.get("prompt"), str):
-        errors.append(("prompt", "a string (lists of prompts are not served)"))
-    return errors
-
-
 def _job(body: Any, request: Request, *, chat: bool) -> dict[str, Any]:
-    """The ``/v1/jobs`` request of an OpenAI call (errors name the OpenAI field)."""
-    if not isinstance(body, dict):
-        raise InvalidJob([("(body)", "must be a JSON object")])
-    errors = _refusals(body, chat)
-    if errors:
-        raise InvalidJob(errors)
-    item: dict[str, Any] = ({"messages": body["messages"]} if chat
-                            else {"prompt": body["prompt"]})
+    """The ``/v1/jobs`` request of an OpenAI call (``producers.openai_request``; errors
+    name the OpenAI field), with its model resolved and its headers applied."""
+    item = job_fields(body, chat=chat)
     item.update(resolve_model(request.app.state.settings, body["model"]))
-    params = {k: body[k] for k in _PARAMS if body.get(k) is not None}
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if limit is not None:
-        params["max_tokens"] = limit
-    item["params"] = params
-    if body.get("stream"):
-        item["stream"] = True
     for header, field in _HEADERS.items():
         value = request.headers.get(header)
         if value is not None and field not in body:
             item[field] = float(value) if field == "timeout_s" and _number(value) else value
-    for field in _OURS:
-        if field in body:
-            item[field] = body[field]
     return item
 
 
@@ -119,7 +80,7 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
         if exc.errors and exc.errors[0][0] in ("provider", "model"):
             raise ApiError(404, "model_not_found", f"model {body.get('model')!r}: "
                            f"{exc.errors[0][1]}") from exc
-        raise
+        raise openai_errors(InvalidJob(exc.errors), body) from exc
     headers = {"x-promptbatch-job-id": job_id}
     if body.get("stream"):
         options = body.get("stream_options") or {}

@@ -66,14 +66,15 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def scan(path: Path) -> Scan:
-    """Validate every line of the file, one at a time (constant memory)."""
+def scan(path: Path, provider: str | None = None) -> Scan:
+    """Validate every line of the file, one at a time (constant memory); with
+    ``provider``, the one the lines go to unless they name their own (``parse_line``)."""
     out = Scan()
     try:
         for number, text in read_lines(path):
             out.last_line = number
             try:
-                parse_line(number, text)
+                parse_line(number, text, provider)
                 out.valid += 1
             except InvalidJob as exc:
                 out.invalid += 1
@@ -360,7 +361,7 @@ class BulkRun:
         parsed: list[InputLine] = []
         for number, text in lines:
             try:
-                parsed.append(parse_line(number, text))
+                parsed.append(parse_line(number, text, self.provider))
             except InvalidJob as exc:
                 if not self.skip_invalid:
                     raise

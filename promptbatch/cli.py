@@ -103,7 +103,7 @@ def run(
     run_dir = base.data_dir / "run" / key
     resuming = (run_dir / "scanned").exists()
     if not resuming:
-        _scan_or_refuse(file, skip_invalid)
+        _scan_or_refuse(file, skip_invalid, provider or base.default_provider)
         _clear_runs(base.data_dir / "run")
         run_dir.mkdir(parents=True)
     env = {"PROMPTBATCH_DATABASE_URL": f"sqlite:///{(run_dir / 'promptbatch.db').resolve()}"}
@@ -150,13 +150,14 @@ def run(
     _print_summary(summary)
 
 
-def _scan_or_refuse(file: Path, skip_invalid: bool) -> None:
-    """The first pass over a file: every line validated, one at a time; invalid lines
+def _scan_or_refuse(file: Path, skip_invalid: bool, provider: str | None = None) -> None:
+    """The first pass over a file: every line validated, one at a time (also for what
+    ``provider``, the lines' provider unless they name one, cannot serve); invalid lines
     reported (and, without --skip-invalid, nothing submitted)."""
     from promptbatch.bulk import scan
 
     with console.status(f"checking {file}..."):
-        found = scan(file)
+        found = scan(file, provider)
     if found.invalid:
         _report_invalid(found.errors)
         if found.invalid > len(found.errors):
@@ -595,7 +596,7 @@ def submit(
     folder = Path(f"{out or file}.promptbatch-state")
     resumable = (folder / "scanned").exists()
     if not resumable:
-        _scan_or_refuse(file, skip_invalid)
+        _scan_or_refuse(file, skip_invalid, provider)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "scanned").touch()
     from promptbatch.remote import RemoteError

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
+from jobs.chat import as_response_format
 from jobs.models import JobRequest, JobResult
 
 #: Jobs per ``POST /v1/jobs`` of ``submit_many`` (the API takes up to 10,000).
@@ -116,10 +117,24 @@ def _job_body(prompt: str | None, fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def _jsonable(item: JobRequest | Mapping[str, Any]) -> dict[str, Any]:
+    """A job as the API takes it: a ``JobRequest``, or fields as ``JobRequest`` names them,
+    whose values may be our types (``Message``, ``Tool``, ``ResponseFormat``...), a
+    pydantic model class as ``response_format`` (its JSON Schema), or datetimes."""
     if isinstance(item, JobRequest):
         return item.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
-    body: dict[str, Any] = json.loads(json.dumps(dict(item), default=str))  # dates as text
+    fields = dict(item)
+    if "response_format" in fields:
+        fields["response_format"] = as_response_format(fields["response_format"])
+    body: dict[str, Any] = json.loads(json.dumps(fields, default=_plain))
     return body
+
+
+def _plain(value: Any) -> Any:
+    """A value ``json`` cannot write: a pydantic model as its JSON (by alias, unset fields
+    left out), anything else (dates) as text."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_none=True)
+    return str(value)
 
 
 def _error(resp: httpx.Response) -> ApiError:
@@ -331,7 +346,10 @@ class Client(_Base):
 
     def submit(self, prompt: str | None = None, *, idempotency_key: str | None = None,
                **fields: Any) -> str:
-        """Submit one job; its id. Fields as in ``JobRequest``."""
+        """Submit one job; its id. Fields as in ``JobRequest`` (``messages`` with content
+        parts and tool calls, ``tools``, ``response_format``..., as dictionaries or our
+        types: ``Message``, ``Tool``, ``ResponseFormat``); ``response_format`` may also be
+        a pydantic model class (a ``json_schema`` format of its schema)."""
         return self._run(_Plans.submit(_job_body(prompt, fields),
                                        idempotency_key or uuid.uuid4().hex))
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import jsonbody
+from jobs.capabilities import unserved
 from jobs.errors import InvalidJob
 from jobs.models import JobRequest
 from jobs.validation import parse_request
@@ -38,8 +39,10 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
-def parse_line(number: int, text: str) -> InputLine:
-    """Validate one JSONL line."""
+def parse_line(number: int, text: str, provider: str | None = None) -> InputLine:
+    """Validate one JSONL line. With ``provider`` (the one its jobs go to unless a line
+    names its own), a line is also refused for what that provider cannot serve
+    (``jobs.capabilities``), as a submit would refuse it."""
     try:
         data = jsonbody.parse(text, MAX_DEPTH)
     except jsonbody.JsonRefused as exc:
@@ -52,18 +55,24 @@ def parse_line(number: int, text: str) -> InputLine:
         raise InvalidJob([(LINE_ID, "must be a string or an integer")], line=number)
     if custom is not None:  # the caller's own id: the job can be found by it
         data.setdefault("client_id", str(custom))
-    return InputLine(number, None if custom is None else str(custom),
-                     parse_request(data, line=number))
+    request = parse_request(data, line=number)
+    target = request.provider or provider
+    errors = unserved(target, request.params, request.messages) if target else []
+    if errors:
+        raise InvalidJob(errors, line=number)
+    return InputLine(number, None if custom is None else str(custom), request)
 
 
-def load_file(path: Path) -> tuple[list[InputLine], list[InvalidJob]]:
-    """Every line of the file, validated. Errors are collected, not raised."""
+def load_file(path: Path, provider: str | None = None,
+              ) -> tuple[list[InputLine], list[InvalidJob]]:
+    """Every line of the file, validated (``parse_line``). Errors are collected, not
+    raised."""
     good: list[InputLine] = []
     bad: list[InvalidJob] = []
     try:
         for number, text in read_lines(path):
             try:
-                good.append(parse_line(number, text))
+                good.append(parse_line(number, text, provider))
             except InvalidJob as exc:
                 bad.append(exc)
     except InvalidJob as exc:

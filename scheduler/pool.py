@@ -24,6 +24,8 @@ import faiss
 import numpy as np
 from sortedcontainers import SortedList
 
+from jobs.chat import CHARS_PER_TOKEN, extra_tokens
+from jobs.models import JobSpec
 from scheduler.embedders import Vectors
 
 #: Prompt lengths, in characters, at which prefix hashes are taken.
@@ -79,7 +81,18 @@ def shared_prefix_chars(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 
 def estimate_tokens(text: str) -> int:
     """A quick estimate of a prompt's tokens (about four characters each)."""
-    return len(text) // 4 + 1
+    return len(text) // CHARS_PER_TOKEN + 1
+
+
+def estimate_job_tokens(spec: JobSpec, text: str) -> int:
+    """A quick estimate of a job's prompt tokens: its text (``spec.text``, where an image
+    is an ``[image]`` mark) as ``estimate_tokens``, plus each image by its stated token
+    rule (``jobs.chat.IMAGE_TOKENS``, never its bytes) and the tools' definitions and the
+    response schema as text (``jobs.chat.extra_tokens``)."""
+    if spec.messages is None and spec.tools is None and spec.response_format is None:
+        return estimate_tokens(text)
+    return estimate_tokens(text) + extra_tokens(spec.messages, spec.tools,
+                                                spec.response_format)
 
 
 @dataclass(slots=True, eq=False)

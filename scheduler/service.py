@@ -59,7 +59,7 @@ from scheduler.backlog import Backlog
 from scheduler.embedders import Embedder, create_embedder
 from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
-from scheduler.pool import PendingJob, Pool, estimate_tokens, prefix_signature
+from scheduler.pool import PendingJob, Pool, estimate_job_tokens, prefix_signature
 from scheduler.reconcile import LeaseLost, Reconciler
 from scheduler.routing import Routing
 from scheduler.scaling import ClassDemand, desired_slots, rate_cap
@@ -367,7 +367,7 @@ class Scheduler:
         vectors = self.embedder.embed(texts)
         jobs = [PendingJob(id=s.id, key=s.compat_key, priority=int(s.priority), tenant=s.tenant,
                            created_at=s.created_at, deadline=s.deadline,
-                           tokens=estimate_tokens(t), prefix=prefix_signature(t))
+                           tokens=estimate_job_tokens(s, t), prefix=prefix_signature(t))
                 for s, t in zip(specs, texts, strict=True)]
         self.pool.add(jobs, vectors)
 

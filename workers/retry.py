@@ -48,6 +48,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from config import keys
 from config.settings import Settings
+from jobs.capabilities import serves
+from jobs.chat import extra_tokens
 from workers import metrics
 from workers.providers import Provider
 from workers.providers.base import ProviderReply, ProviderRequest
@@ -206,7 +208,7 @@ class ProviderCaller:
             chunk.requests, chunk.held = chunk.held[:1], chunk.held[1:]
         if not chunk.requests:
             return
-        deployment = self._pick(primary)
+        deployment = self._pick(primary, chunk.all())
         name, model = deployment.split("|", 1)
         target, replica, health = self._target(name, deployment)
         if (len(chunk.requests) > 1 and getattr(self.provider_for(name), "probe_first", False)
@@ -258,9 +260,15 @@ class ProviderCaller:
                 return i
         return None
 
-    def _pick(self, primary: str) -> str:
-        """The primary deployment, or the first alternative not cooling down."""
+    def _pick(self, primary: str, requests: Sequence[ProviderRequest] = ()) -> str:
+        """The primary deployment, or the first alternative not cooling down that serves
+        every request (a fallback never drops a field its provider cannot serve:
+        ``jobs.capabilities``)."""
         for candidate in [primary, *self.settings.fallbacks.get(primary, [])]:
+            if candidate != primary and not all(
+                    serves(candidate.split("|", 1)[0], r.params, r.messages)
+                    for r in requests):
+                continue
             if not self._cooling(candidate):
                 if candidate != primary:
                     metrics.FALLBACKS.labels(primary, candidate).inc()
@@ -281,7 +289,8 @@ class ProviderCaller:
         """Take rate-limit budget for the call; split or fail what cannot get it."""
         if self.limiter is None:
             return True
-        cost = {r.job_id: len(r.text) // 4 + 1 + (r.params.max_tokens or 256) for r in sent}
+        cost = {r.job_id: len(r.text) // 4 + 1 + (r.params.max_tokens or 256)
+                + extra_tokens(r.messages, r.tools, r.response_format) for r in sent}
         shares: dict[str, tuple[int, int]] = {}
         for r in sent:  # each job is charged to its own tenant
             n, t = shares.get(tenants.get(r.job_id, ""), (0, 0))
