@@ -465,6 +465,13 @@ class Settings(BaseSettings):
         "with up to 25% jitter.")
     provider_retry_max_s: float = Field(
         default=30.0, ge=0, description="Longest backoff, and the longest Retry-After honoured.")
+    schema_retries: int = Field(
+        default=1, ge=0, le=5,
+        description="Times an answer that does not validate (not JSON, or not what the "
+        "job's json_schema or a tool's parameters ask) is asked again, within the job's "
+        "deadline, with the validation error; then the job ends FAILED with error_code "
+        "'invalid_output' and the raw answer kept.",
+    )
     provider_split_after: int = Field(
         default=2, ge=1,
         description="A group of requests that fails as a whole this many times in a row is "

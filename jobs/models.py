@@ -374,6 +374,10 @@ class JobResult(BaseModel):
     error_code: str | None = Field(
         default=None, description="What kind of failure: 'invalid_output' (the answer did "
         "not validate, after the retries), else None.")
+    schema_retries: int | None = Field(
+        default=None, description="For a job with a JSON response format or tools: how "
+        "many times its answer was asked again because it did not validate (0: valid at "
+        "the first answer). None when nothing was checked.")
     usage: Usage | None = None
     error: str | None = None
     provider: str | None = None

@@ -317,6 +317,7 @@ def _result(spec: JobSpec, outcome: Outcome, started: float, finished: float,
                      error=reply.error, provider=provider, model=model,
                      tool_calls=list(reply.tool_calls) if reply.tool_calls else None,
                      refusal=reply.refusal, finish_reason=reply.finish_reason,
-                     logprobs=reply.logprobs,
+                     logprobs=reply.logprobs, parsed=reply.parsed,
+                     error_code=reply.error_code, schema_retries=outcome.schema_retries,
                      attempts=outcome.attempts, created_at=spec.created_at,
                      deadline=spec.deadline, started_at=started, finished_at=finished, **base)
