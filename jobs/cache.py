@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -36,12 +36,14 @@ Recorder = Callable[[list[JobResult], list[str], list[int]], set[str]]
 class Entry:
     """A cached answer."""
 
-    text: str
+    text: str | None
     usage: Usage | None
     source: str
     provider: str
     model: str
     prompt: str = ""
+    #: The answer's other fields (``JobResult.answer``): tool calls, parsed value, ...
+    answer: dict[str, Any] = field(default_factory=dict)
 
 
 def entry_json(result: JobResult, spec: JobSpec) -> str:
@@ -50,7 +52,8 @@ def entry_json(result: JobResult, spec: JobSpec) -> str:
     return json.dumps({"text": result.text, "usage": result.usage.model_dump()
                        if result.usage else None, "source": result.cache_source or result.id,
                        "provider": result.provider, "model": result.model,
-                       "prompt": cachekey.semantic_text(spec), "at": time.time()})
+                       "prompt": cachekey.semantic_text(spec), "at": time.time(),
+                       "answer": result.answer()})
 
 
 def parse_entry(raw: str) -> Entry:
@@ -58,7 +61,7 @@ def parse_entry(raw: str) -> Entry:
     usage = Usage.model_validate(data["usage"]) if data.get("usage") else None
     return Entry(text=data["text"], usage=usage, source=data["source"],
                  provider=data["provider"], model=data["model"],
-                 prompt=str(data.get("prompt") or ""))
+                 prompt=str(data.get("prompt") or ""), answer=data.get("answer") or {})
 
 
 def hit_result(spec: JobSpec, entry: Entry, now: float, similarity: float | None = None,
@@ -69,7 +72,8 @@ def hit_result(spec: JobSpec, entry: Entry, now: float, similarity: float | None
                      model=spec.model, created_at=spec.created_at, deadline=spec.deadline,
                      started_at=now, finished_at=now,
                      cache="exact" if similarity is None else "semantic",
-                     cache_source=entry.source, cache_similarity=similarity, attempts=0)
+                     cache_source=entry.source, cache_similarity=similarity, attempts=0,
+                     **entry.answer)
 
 
 def _no_new_tokens(usage: Usage | None) -> Usage | None:
@@ -108,8 +112,9 @@ def put(queue: RedisQueue, settings: Settings, results: Sequence[JobResult],
     now = time.time()
     for res in results:
         spec = specs.get(res.id)
-        if (spec is None or res.state is not JobState.SUCCEEDED or res.text is None
-                or res.cache is not None or not cachekey.cacheable(spec, settings)):
+        if (spec is None or res.state is not JobState.SUCCEEDED
+                or (res.text is None and not res.tool_calls) or res.cache is not None
+                or not cachekey.cacheable(spec, settings)):
             continue
         if (res.provider, res.model) != (spec.provider, spec.model) and res.provider:
             spec = spec.model_copy(update={"provider": res.provider,
@@ -150,7 +155,7 @@ def settle(queue: RedisQueue, results: Sequence[JobResult], stored: Sequence[boo
                                  model=res.model, created_at=spec.created_at,
                                  deadline=spec.deadline, started_at=res.started_at,
                                  finished_at=now, cache="coalesced", cache_source=leader,
-                                 attempts=0))
+                                 attempts=0, **res.answer()))
             tenants.append(spec.tenant)
             classes.append(int(spec.priority))
         if out:

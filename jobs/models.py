@@ -423,6 +423,17 @@ class JobResult(BaseModel):
         """The result as callers see it (JSON-ready, with the derived timings)."""
         return self.model_dump(mode="json")
 
+    def answer(self) -> dict[str, Any]:
+        """The answer's fields besides ``text`` (tool calls, refusal, finish reason,
+        logprobs, parsed value), JSON-ready, for a job answered with this one's answer
+        (the cache, a coalesced call): ``schema_retries`` is 0 there when it was checked
+        (that job was not asked again)."""
+        out = self.model_dump(mode="json", include={"tool_calls", "refusal", "finish_reason",
+                                                    "logprobs", "parsed"}, exclude_none=True)
+        if self.schema_retries is not None:
+            out["schema_retries"] = 0
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class IntakeEntry:

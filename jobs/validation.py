@@ -113,6 +113,8 @@ def resolve(
         idempotency_key=request.idempotency_key,
         client_id=request.client_id,
         metadata=request.metadata, cache=request.cache, stream=request.stream,
+        response_format=request.response_format, tools=request.tools,
+        tool_choice=request.tool_choice, parallel_tool_calls=request.parallel_tool_calls,
         request_hash=request_digest(request, tenant) if request.idempotency_key else None,
     )
 
