@@ -8,7 +8,9 @@ check what they get):
   (``workers.providers.instances``); its id is ``call_`` and a digest of the request's
   text and the function; ``finish_reason`` is ``tool_calls`` and the content null;
 * with a ``json_schema`` response format: JSON that validates against the schema; with
-  ``json_object``: ``{"answer": <the plain answer>}``;
+  ``json_object``: an instance of the JSON Schema the system (or developer) message
+  gives, as a model would follow it (instructor's JSON mode writes the schema there),
+  else ``{"answer": <the plain answer>}``;
 * else the provider's plain answer (``finish_reason`` ``stop``, or ``length`` when it was
   cut to ``max_tokens``).
 
@@ -26,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.chat import FinishReason, FunctionCall, ToolCall
+from jobs.chat import FinishReason, FunctionCall, ToolCall, check_schema
 from workers.providers.base import ProviderRequest
 from workers.providers.instances import instance
 
@@ -93,10 +95,35 @@ def answer(req: ProviderRequest, plain: str, *, cut: bool = False) -> Answer:
     if fmt is not None and fmt.type == "json_schema":
         text = json.dumps(instance(fmt.answer_schema, words), ensure_ascii=False)
     elif fmt is not None and fmt.type == "json_object":
-        text = json.dumps({"answer": plain}, ensure_ascii=False)
+        schema = schema_in_system(req)
+        value = instance(schema, words) if schema is not None else {"answer": plain}
+        text = json.dumps(value, ensure_ascii=False)
     else:
         return Answer(plain, None, "length" if cut else "stop", _logprobs(req, plain))
     return Answer(text, None, "stop", _logprobs(req, text), shaped=True)
+
+
+def schema_in_system(req: ProviderRequest) -> dict[str, Any] | None:
+    """The first JSON Schema of an object written in the system or developer messages
+    (an object with ``properties`` that is a valid schema), or None."""
+    text = "\n".join(m.text for m in req.messages or () if m.role in ("system", "developer"))
+    decoder = json.JSONDecoder()
+    at = text.find("{")
+    for _ in range(64):  # a bounded search: the first objects only
+        if at < 0:
+            return None
+        try:
+            value, end = decoder.raw_decode(text, at)
+        except ValueError:
+            at = text.find("{", at + 1)
+            continue
+        if isinstance(value, dict) and isinstance(value.get("properties"), dict):
+            try:
+                return check_schema(value)
+            except ValueError:
+                pass
+        at = text.find("{", end)
+    return None
 
 
 def _logprobs(req: ProviderRequest, text: str | None) -> dict[str, Any] | None:
