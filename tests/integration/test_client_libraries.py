@@ -70,7 +70,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     root = tmp_path_factory.mktemp("clients")
     with EmbeddedRedis(root / "redis") as server:
         settings = Settings(redis_url=server.url, database_url=f"sqlite:///{root / 'jobs.db'}",
-                            data_dir=root / "var", _env_file=None)  # type: ignore[call-arg]
+                            data_dir=root / "var", _env_file=None)
         store = JobStore(settings.database_url)
         store.migrate()
         store.close()
@@ -145,7 +145,7 @@ def test_json_object_answers_a_json_object(sdk: openai.OpenAI, stack: Api) -> No
 def test_tools_with_tool_choice_required_give_typed_tool_calls(sdk: openai.OpenAI,
                                                               stack: Api) -> None:
     chat = sdk.chat.completions.create(
-        model=MODEL, tools=[WEATHER_TOOL], tool_choice="required",  # type: ignore[list-item]
+        model=MODEL, tools=[WEATHER_TOOL], tool_choice="required",
         messages=[{"role": "user", "content": "Weather in Oslo this week?"}])
     choice = chat.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -153,7 +153,7 @@ def test_tools_with_tool_choice_required_give_typed_tool_calls(sdk: openai.OpenA
     assert isinstance(call, openai.types.chat.ChatCompletionMessageFunctionToolCall)
     assert call.id.startswith("call_") and call.function.name == "get_weather"
     args = json.loads(call.function.arguments)
-    assert valid(args, WEATHER_TOOL["function"]["parameters"])  # type: ignore[index]
+    assert valid(args, WEATHER_TOOL["function"]["parameters"])
     result = stored(stack, chat.id)
     assert result["tool_calls"][0]["function"]["arguments"] == call.function.arguments
     assert result["finish_reason"] == "tool_calls"
@@ -162,14 +162,14 @@ def test_tools_with_tool_choice_required_give_typed_tool_calls(sdk: openai.OpenA
 def test_a_conversation_with_a_tool_result_gets_an_answer(sdk: openai.OpenAI) -> None:
     # echo: its answer shows what reached the provider.
     first = sdk.chat.completions.create(
-        model="echo|echo-1", tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        model="echo|echo-1", tools=[WEATHER_TOOL],
         messages=[{"role": "user", "content": "Weather in Oslo?"}])
     [call] = first.choices[0].message.tool_calls or []
     assert first.choices[0].finish_reason == "tool_calls"  # auto: the first tool
     second = sdk.chat.completions.create(
-        model="echo|echo-1", tools=[WEATHER_TOOL],  # type: ignore[list-item]
+        model="echo|echo-1", tools=[WEATHER_TOOL],
         messages=[{"role": "user", "content": "Weather in Oslo?"},
-                  first.choices[0].message.model_dump(exclude_none=True),  # type: ignore[list-item]
+                  first.choices[0].message.model_dump(exclude_none=True),
                   {"role": "tool", "tool_call_id": call.id, "content": "4 C, rain"}])
     assert second.choices[0].finish_reason == "stop"
     assert second.choices[0].message.tool_calls is None
@@ -194,7 +194,7 @@ def test_content_parts_with_an_image_count_its_tokens(sdk: openai.OpenAI) -> Non
 
 def test_a_streamed_tool_call_comes_as_openai_streams_it(sdk: openai.OpenAI) -> None:
     chunks = list(sdk.chat.completions.create(
-        model=MODEL, tools=[WEATHER_TOOL], tool_choice="required",  # type: ignore[list-item]
+        model=MODEL, tools=[WEATHER_TOOL], tool_choice="required",
         stream=True, messages=[{"role": "user", "content": "Weather in Lima?"}]))
     deltas = [c.choices[0].delta.tool_calls[0] for c in chunks
               if c.choices and c.choices[0].delta.tool_calls]
@@ -203,7 +203,7 @@ def test_a_streamed_tool_call_comes_as_openai_streams_it(sdk: openai.OpenAI) -> 
     assert head.function is not None and head.function.name == "get_weather"
     assert head.function.arguments == "" and len(rest) > 1
     arguments = "".join((d.function.arguments or "") for d in rest if d.function)
-    assert valid(json.loads(arguments), WEATHER_TOOL["function"]["parameters"])  # type: ignore[index]
+    assert valid(json.loads(arguments), WEATHER_TOOL["function"]["parameters"])
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -262,13 +262,13 @@ def test_instructor_returns_the_response_model(sdk: openai.OpenAI,
 
 @pytest.fixture
 def llm(stack: Api) -> ChatOpenAI:
-    return ChatOpenAI(model=MODEL, base_url=f"{stack.url}/v1", api_key=KEY_A,  # type: ignore[arg-type]
+    return ChatOpenAI(model=MODEL, base_url=f"{stack.url}/v1", api_key=KEY_A,
                       max_retries=0)
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
 def test_langchain_with_structured_output(llm: ChatOpenAI, method: str) -> None:
-    person = llm.with_structured_output(Person, method=method).invoke(DOC)  # type: ignore[arg-type]
+    person = llm.with_structured_output(Person, method=method).invoke(DOC)
     assert isinstance(person, Person)
 
 
@@ -280,7 +280,7 @@ def test_langchain_bind_tools_gives_tool_calls_on_the_message(llm: ChatOpenAI) -
     chunks = list(llm.bind_tools([GetWeather], tool_choice="GetWeather").stream("Rome?"))
     merged = chunks[0]
     for c in chunks[1:]:
-        merged = merged + c  # type: ignore[assignment]
+        merged = merged + c
     assert isinstance(merged, AIMessageChunk)
     assert merged.tool_calls and merged.tool_calls[0]["name"] == "GetWeather"
 
