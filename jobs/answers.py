@@ -20,6 +20,7 @@ Pure: no I/O, no clock.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,14 +74,14 @@ def needs_check(response_format: ResponseFormat | None,
 @functools.lru_cache(maxsize=256)
 def _validator(schema_json: str) -> Validator:
     """A validator of the schema (built once per schema: a bulk run has one)."""
-    schema = orjson.loads(schema_json)
+    schema = json.loads(schema_json)
     cls = validator_for(schema)
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
 def validate(value: Any, schema: dict[str, Any], field: str) -> Problem | None:
     """The most relevant error of ``value`` against ``schema``, or None."""
-    key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
+    key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
     error = best_match(_validator(key).iter_errors(value))
     if error is None:
         return None

@@ -87,7 +87,7 @@ def answer(req: ProviderRequest, plain: str, *, cut: bool = False) -> Answer:
     words = user_text(req)
     if name is not None:
         tool = next(t for t in req.tools or () if t.function.name == name)
-        args = instance(tool.function.parameters, f"{name}\n{words}")
+        args = instance(tool.function.parameters, words, seed=f"{name}\n{words}")
         call = ToolCall(id=call_id(req.text, name), function=FunctionCall(
             name=name, arguments=json.dumps(args, ensure_ascii=False)))
         return Answer(None, (call,), "tool_calls", _logprobs(req, None), shaped=True)

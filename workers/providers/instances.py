@@ -259,14 +259,15 @@ def _seeds(seed: str) -> Iterator[str]:
         yield f"{seed}#{i}"
 
 
-def instance(schema: dict[str, Any] | None, text: str) -> Any:
-    """A value for ``schema`` (None: any JSON object) drawn from ``text``: the first of a
-    few seeds that validates (see the module docstring)."""
+def instance(schema: dict[str, Any] | None, text: str, seed: str | None = None) -> Any:
+    """A value for ``schema`` (None: any JSON object) drawn from the words of ``text``
+    (choices seeded by ``seed``, else the text): the first of a few seeds that validates
+    (see the module docstring)."""
     schema = schema if schema is not None else {"type": "object"}
     words = prompt_words(text)
     value: Any = None
-    for seed in _seeds(text):
-        value = _Gen(schema, words, seed).value(schema, "$", 0)
+    for each in _seeds(text if seed is None else seed):
+        value = _Gen(schema, words, each).value(schema, "$", 0)
         if validate(value, schema, "content") is None:
             return value
     return value
