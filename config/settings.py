@@ -374,6 +374,13 @@ class Settings(BaseSettings):
         description="simulated: factor on every modelled duration (0 reports the usage "
         "without sleeping).",
     )
+    simulated_invalid_rate: float = Field(
+        default=0.0, ge=0, le=1,
+        description="simulated: share of its JSON answers (response formats, tool "
+        "arguments) cut in half, as a model without constrained decoding may answer; drawn "
+        "from a digest of the request, so a request asked again draws anew. For trying the "
+        "schema promise (schema_retries) at scale.",
+    )
     openai_base_url: str = Field(
         default="https://api.openai.com/v1",
         description="openai: base URL of any OpenAI-compatible server (include /v1). A "

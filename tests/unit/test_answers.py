@@ -119,3 +119,16 @@ def test_asking_again_carries_the_answer_and_the_error() -> None:
     assert again[1].tool_calls == bad
     assert again[2].tool_call_id == "call_1" and "Not run" in again[2].text
     assert again[3].tool_call_id == "call_2" and "'city' is a required" in again[3].text
+
+
+def test_a_schema_with_an_integer_past_64_bits_is_served() -> None:
+    from jobs.models import JobRequest
+
+    big = 2 ** 70
+    request = JobRequest.model_validate({"prompt": "x", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "n", "schema": {"enum": [big]}}}})
+    fmt = request.response_format
+    assert check_answer(str(big), None, None, response_format=fmt, tools=None,
+                        tool_choice=None).parsed == big
+    assert check_answer("1", None, None, response_format=fmt, tools=None,
+                        tool_choice=None).problem is not None

@@ -133,3 +133,16 @@ def test_simulated_counts_images_tools_and_schemas_by_its_rule() -> None:
     assert reply.tool_calls is not None and reply.usage is not None
     call = reply.tool_calls[0].function
     assert reply.usage.completion_tokens == len(call.name + call.arguments) // 4 + 1
+
+
+def test_simulated_cuts_a_stated_share_of_its_json_answers() -> None:
+    sim = SimulatedProvider(CostModel(time_scale=0, invalid_rate=0.3))
+    reqs = [request(f"j{i}", response_format=PERSON, messages=[
+        {"role": "user", "content": f"Person number {i}"}]) for i in range(400)]
+    replies = sim.complete(reqs)
+    bad = [r for q, r in zip(reqs, replies, strict=True) if not checks(q, r.text, None)]
+    assert 0.2 < len(bad) / len(reqs) < 0.4
+    assert [r.text for r in sim.complete(reqs)] == [r.text for r in replies]  # the same again
+    calls = SimulatedProvider(CostModel(time_scale=0, invalid_rate=1.0)).complete(
+        [request(tools=[WEATHER])])[0].tool_calls
+    assert calls is not None and not checks(request(tools=[WEATHER]), None, calls)

@@ -16,6 +16,9 @@ The model, with its settings (``PROMPTBATCH_SIMULATED_*``):
 * At most ``concurrency`` calls run at once in one worker process; the modelled server
   and its cache live in each worker process.
 * Every modelled duration is multiplied by ``time_scale`` and really slept.
+* A share ``invalid_rate`` of the answers in JSON (below) is cut in half, as a model
+  without constrained decoding may answer: drawn from a digest of the request's text, so
+  the same request is cut again and one asked again (a longer conversation) draws anew.
 
 Tokens are counted by one stated rule (``prompt_tokens``, ``completion_tokens``): the
 prompt's text at four characters a token, plus each image by its ``detail``
@@ -31,6 +34,8 @@ OpenAI does: ``prompt_tokens``, ``completion_tokens``,
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -66,6 +71,7 @@ class CostModel:
     cache_tokens: int = 200_000
     concurrency: int = 4
     time_scale: float = 1.0
+    invalid_rate: float = 0.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> CostModel:
@@ -76,7 +82,8 @@ class CostModel:
                    decode_group=s.simulated_decode_group,
                    cache_tokens=s.simulated_cache_tokens,
                    concurrency=s.simulated_concurrency,
-                   time_scale=s.simulated_time_scale)
+                   time_scale=s.simulated_time_scale,
+                   invalid_rate=s.simulated_invalid_rate)
 
 
 def block_hashes(text: str) -> list[int]:
@@ -165,7 +172,8 @@ class SimulatedProvider:
         return seconds, usages
 
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
-        answers = [answer(r, f"[{r.model}] answer to: {r.text[:60]}") for r in requests]
+        answers = [self._maybe_cut(r, answer(r, f"[{r.model}] answer to: {r.text[:60]}"))
+                   for r in requests]
         with self._slots:
             seconds, usages = self.cost(requests, answers)
             if self.model.time_scale > 0:
@@ -173,6 +181,20 @@ class SimulatedProvider:
         return [ProviderReply(job_id=r.job_id, usage=u, text=a.text, tool_calls=a.tool_calls,
                               finish_reason=a.finish_reason, logprobs=a.logprobs)
                 for r, u, a in zip(requests, usages, answers, strict=True)]
+
+    def _maybe_cut(self, req: ProviderRequest, said: Answer) -> Answer:
+        """The answer, or its JSON cut in half (``invalid_rate``)."""
+        if not said.shaped or self.model.invalid_rate <= 0:
+            return said
+        digest = hashlib.blake2b(req.text.encode(), digest_size=8).digest()
+        if int.from_bytes(digest, "big") / 2 ** 64 >= self.model.invalid_rate:
+            return said
+        calls = tuple(c.model_copy(update={"function": c.function.model_copy(update={
+            "arguments": c.function.arguments[:len(c.function.arguments) // 2]})})
+            for c in said.tool_calls or ())
+        return dataclasses.replace(
+            said, text=said.text[:len(said.text) // 2] if said.text else said.text,
+            tool_calls=calls or None)
 
     def close(self) -> None:
         return None
