@@ -30,7 +30,7 @@ from jsonschema.exceptions import best_match
 from jsonschema.protocols import Validator
 from jsonschema.validators import validator_for
 
-from jobs.chat import Message, ResponseFormat, Tool, ToolCall, ToolChoice
+from jobs.chat import Message, ResponseFormat, Tool, ToolCall, ToolChoice, schema_key
 
 #: The error code of a job whose answer never validated.
 INVALID_OUTPUT = "invalid_output"
@@ -81,8 +81,7 @@ def _validator(schema_json: str) -> Validator:
 
 def validate(value: Any, schema: dict[str, Any], field: str) -> Problem | None:
     """The most relevant error of ``value`` against ``schema``, or None."""
-    key = json.dumps(schema, sort_keys=True, separators=(",", ":"))
-    error = best_match(_validator(key).iter_errors(value))
+    error = best_match(_validator(schema_key(schema)).iter_errors(value))
     if error is None:
         return None
     message = error.message

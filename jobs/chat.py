@@ -69,13 +69,21 @@ def check_schema(schema: Any) -> dict[str, Any]:
     way, and a bulk run's jobs share one schema."""
     if not isinstance(schema, dict):
         raise ValueError("must be a JSON Schema object")
-    key = json.dumps(schema, sort_keys=True, separators=(",", ":"))  # any integer size
+    key = schema_key(schema)
     if len(key.encode()) > MAX_SCHEMA_BYTES:
         raise ValueError(f"a schema may have at most {MAX_SCHEMA_BYTES} bytes of JSON")
     problem = _schema_problem(key)
     if problem is not None:
         raise ValueError(problem)
     return schema
+
+
+def schema_key(schema: dict[str, Any]) -> str:
+    """The schema's canonical JSON (sorted keys): what caches of schemas key on."""
+    try:
+        return orjson.dumps(schema, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:  # an integer past 64 bits (JSON allows it; orjson does not)
+        return json.dumps(schema, sort_keys=True, separators=(",", ":"))
 
 
 @functools.lru_cache(maxsize=1024)
