@@ -27,9 +27,10 @@ from jobs.outcomes import record_results
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
 from workers import metrics
+from workers.health import Health
 from workers.providers import Provider, ProviderRequest
 from workers.ratelimit import RateLimiter
-from workers.retry import Health, Outcome, ProviderCaller
+from workers.retry import Outcome, ProviderCaller
 
 log = logging.getLogger(__name__)
 
