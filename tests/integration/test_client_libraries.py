@@ -192,6 +192,15 @@ def test_content_parts_with_an_image_count_its_tokens(sdk: openai.OpenAI) -> Non
     assert chat.usage.prompt_tokens - plain.usage.prompt_tokens >= 85  # a low-detail image
 
 
+def test_logprobs_come_when_asked(sdk: openai.OpenAI) -> None:
+    chat = sdk.chat.completions.create(model=MODEL, logprobs=True, top_logprobs=2,
+                                       messages=[{"role": "user", "content": "Hello there"}])
+    logprobs = chat.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert "".join(t.token for t in logprobs.content) == chat.choices[0].message.content
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in logprobs.content)
+
+
 def test_a_streamed_tool_call_comes_as_openai_streams_it(sdk: openai.OpenAI) -> None:
     chunks = list(sdk.chat.completions.create(
         model=MODEL, tools=[WEATHER_TOOL], tool_choice="required",
