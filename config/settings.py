@@ -374,6 +374,13 @@ class Settings(BaseSettings):
         description="simulated: factor on every modelled duration (0 reports the usage "
         "without sleeping).",
     )
+    simulated_invalid_rate: float = Field(
+        default=0.0, ge=0, le=1,
+        description="simulated: share of its JSON answers (response formats, tool "
+        "arguments) cut in half, as a model without constrained decoding may answer; drawn "
+        "from a digest of the request, so a request asked again draws anew. For trying the "
+        "schema promise (schema_retries) at scale.",
+    )
     openai_base_url: str = Field(
         default="https://api.openai.com/v1",
         description="openai: base URL of any OpenAI-compatible server (include /v1). A "
@@ -465,6 +472,13 @@ class Settings(BaseSettings):
         "with up to 25% jitter.")
     provider_retry_max_s: float = Field(
         default=30.0, ge=0, description="Longest backoff, and the longest Retry-After honoured.")
+    schema_retries: int = Field(
+        default=1, ge=0, le=5,
+        description="Times an answer that does not validate (not JSON, or not what the "
+        "job's json_schema or a tool's parameters ask) is asked again, within the job's "
+        "deadline, with the validation error; then the job ends FAILED with error_code "
+        "'invalid_output' and the raw answer kept.",
+    )
     provider_split_after: int = Field(
         default=2, ge=1,
         description="A group of requests that fails as a whole this many times in a row is "

@@ -32,11 +32,6 @@ from jobs.queue import RedisQueue
 Recorder = Callable[[list[JobResult], list[str], list[int]], set[str]]
 
 
-#: The fields of a result that make its answer beside its text: a hit or a follower gets
-#: them as the source job had them.
-ANSWER_FIELDS = ("tool_calls", "refusal", "finish_reason", "logprobs", "parsed")
-
-
 @dataclass(frozen=True)
 class Entry:
     """A cached answer."""
@@ -47,27 +42,19 @@ class Entry:
     provider: str
     model: str
     prompt: str = ""
-    #: The answer beyond its text (``ANSWER_FIELDS`` that were set), as JSON.
+    #: The answer's other fields (``JobResult.answer``): tool calls, parsed value, ...
     answer: dict[str, Any] = field(default_factory=dict)
-
-
-def answer_of(result: JobResult) -> dict[str, Any]:
-    """The ``ANSWER_FIELDS`` a result has set, as JSON."""
-    return result.model_dump(mode="json", include=set(ANSWER_FIELDS), exclude_none=True)
 
 
 def entry_json(result: JobResult, spec: JobSpec) -> str:
     """What the cache keeps of a result: the answer (its text, tool calls, refusal, finish
     reason, log probabilities, parsed value), its usage and its source job (and the
     prompt, for the semantic guard)."""
-    entry: dict[str, Any] = {
-        "text": result.text, "usage": result.usage.model_dump() if result.usage else None,
-        "source": result.cache_source or result.id, "provider": result.provider,
-        "model": result.model, "prompt": cachekey.semantic_text(spec), "at": time.time()}
-    answer = answer_of(result)
-    if answer:
-        entry["answer"] = answer
-    return json.dumps(entry)
+    return json.dumps({"text": result.text, "usage": result.usage.model_dump()
+                       if result.usage else None, "source": result.cache_source or result.id,
+                       "provider": result.provider, "model": result.model,
+                       "prompt": cachekey.semantic_text(spec), "at": time.time(),
+                       "answer": result.answer()})
 
 
 def parse_entry(raw: str) -> Entry:
@@ -127,8 +114,8 @@ def put(queue: RedisQueue, settings: Settings, results: Sequence[JobResult],
     for res in results:
         spec = specs.get(res.id)
         if (spec is None or res.state is not JobState.SUCCEEDED
-                or (res.text is None and not res.tool_calls)
-                or res.cache is not None or not cachekey.cacheable(spec, settings)):
+                or (res.text is None and not res.tool_calls) or res.cache is not None
+                or not cachekey.cacheable(spec, settings)):
             continue
         if (res.provider, res.model) != (spec.provider, spec.model) and res.provider:
             spec = spec.model_copy(update={"provider": res.provider,
@@ -158,7 +145,6 @@ def settle(queue: RedisQueue, results: Sequence[JobResult], stored: Sequence[boo
             continue
         loaded = queue.load(followers)
         now = time.time()
-        answer = answer_of(res)
         out: list[JobResult] = []
         tenants: list[str] = []
         classes: list[int] = []
@@ -170,7 +156,7 @@ def settle(queue: RedisQueue, results: Sequence[JobResult], stored: Sequence[boo
                                  model=res.model, created_at=spec.created_at,
                                  deadline=spec.deadline, started_at=res.started_at,
                                  finished_at=now, cache="coalesced", cache_source=leader,
-                                 attempts=0, **answer))
+                                 attempts=0, **res.answer()))
             tenants.append(spec.tenant)
             classes.append(int(spec.priority))
         if out:

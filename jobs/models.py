@@ -374,6 +374,10 @@ class JobResult(BaseModel):
     error_code: str | None = Field(
         default=None, description="What kind of failure: 'invalid_output' (the answer did "
         "not validate, after the retries), else None.")
+    schema_retries: int | None = Field(
+        default=None, description="For a job with a JSON response format or tools: how "
+        "many times its answer was asked again because it did not validate (0: valid at "
+        "the first answer). None when nothing was checked.")
     usage: Usage | None = None
     error: str | None = None
     provider: str | None = None
@@ -418,6 +422,17 @@ class JobResult(BaseModel):
     def public(self) -> dict[str, Any]:
         """The result as callers see it (JSON-ready, with the derived timings)."""
         return self.model_dump(mode="json")
+
+    def answer(self) -> dict[str, Any]:
+        """The answer's fields besides ``text`` (tool calls, refusal, finish reason,
+        logprobs, parsed value), JSON-ready, for a job answered with this one's answer
+        (the cache, a coalesced call): ``schema_retries`` is 0 there when it was checked
+        (that job was not asked again)."""
+        out = self.model_dump(mode="json", include={"tool_calls", "refusal", "finish_reason",
+                                                    "logprobs", "parsed"}, exclude_none=True)
+        if self.schema_retries is not None:
+            out["schema_retries"] = 0
+        return out
 
 
 @dataclass(frozen=True, slots=True)

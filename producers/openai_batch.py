@@ -30,6 +30,7 @@ from jobs.validation import parse_request, resolve
 from producers.accounts import Accounts
 from producers.client import Client
 from producers.models import resolve_model
+from producers.openai_answer import completion
 from producers.openai_request import job_fields, openai_errors
 
 ENDPOINTS = ("/v1/chat/completions",)
@@ -310,9 +311,10 @@ class BatchService:
                     out.write(json.dumps(output_line(custom_id, result)).encode() + b"\n")
                 else:
                     state = result.state.value if result else "FAILED"
+                    code = (result.error_code if result else None) or state.lower()
                     err.write(json.dumps({"id": f"batch_req_{job_id}", "custom_id": custom_id,
                                           "response": None, "error": {
-                                              "code": state.lower(),
+                                              "code": code,
                                               "message": (result.error if result else None)
                                               or state}}).encode() + b"\n")
         for kind, buf in (("output_file_id", out), ("error_file_id", err)):
@@ -349,18 +351,9 @@ def file_object(file_id: str, size: int, created_at: float, filename: str,
 
 
 def output_line(custom_id: str, result: JobResult) -> dict[str, Any]:
-    """One line of a batch's output file, as OpenAI writes it."""
-    usage = result.usage
-    body = {
-        "id": f"chatcmpl-{result.id}", "object": "chat.completion",
-        "created": int(result.finished_at), "model": result.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": "stop"}],
-        "usage": None if usage is None else {
-            "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}},
-    }
+    """One line of a batch's output file, as OpenAI writes it (the body is the
+    ``chat.completion`` the endpoint answers: ``producers.openai_answer``)."""
+    body = completion(result, result.model or "", int(result.finished_at))
     return {"id": f"batch_req_{result.id}", "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": result.id, "body": body},
             "error": None}

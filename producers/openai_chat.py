@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jobs.errors import InvalidJob
 from jobs.models import JobResult, JobState
+from producers import openai_answer as answer
 from producers.auth import CallerDep
 from producers.models import resolve_model
 from producers.openai_request import job_fields, openai_errors
@@ -59,16 +60,6 @@ def _number(text: str) -> bool:
     return True
 
 
-def _usage(res: JobResult) -> dict[str, Any]:
-    u = res.usage
-    if u is None:
-        return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-                "prompt_tokens_details": {"cached_tokens": 0}}
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
-
-
 async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
     body = await read_json(request, request.app.state.settings.api_max_request_bytes)
     item = _job(body, request, chat=chat)
@@ -97,25 +88,21 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
                         JobState.CANCELLED: (409, "cancelled")}.get(
                             res.state, (502, "provider_error"))
         return JSONResponse({"error": {"type": kind, "message": res.error or res.state.value,
-                                       "code": res.state.value.lower(), "param": None,
-                                       "job_id": job_id}},
+                                       "code": res.error_code or res.state.value.lower(),
+                                       "param": None, "job_id": job_id}},
                             status_code=status, headers={**headers, "x-should-retry": "false"})
     created = int(res.created_at or time.time())
     model = str(body.get("model"))
-    text = res.text or ""
+    extra = {"promptbatch": {"job_id": job_id, "cache": res.cache,
+                             "batch_size": res.batch_size}}
     if chat:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None,
-                                  "message": {"role": "assistant", "content": text,
-                                              "refusal": None}}
-        kind, prefix = "chat.completion", "chatcmpl-"
-    else:
-        choice = {"index": 0, "finish_reason": "stop", "logprobs": None, "text": text}
-        kind, prefix = "text_completion", "cmpl-"
-    return JSONResponse({"id": prefix + job_id, "object": kind, "created": created,
-                         "model": model, "choices": [choice], "usage": _usage(res),
-                         "system_fingerprint": None,
-                         "promptbatch": {"job_id": job_id, "cache": res.cache,
-                                         "batch_size": res.batch_size}},
+        return JSONResponse({**answer.completion(res, model, created), **extra},
+                            headers=headers)
+    choice = {"index": 0, "finish_reason": answer.finish_reason(res),
+              "logprobs": None, "text": res.text or ""}
+    return JSONResponse({"id": "cmpl-" + job_id, "object": "text_completion",
+                         "created": created, "model": model, "choices": [choice],
+                         "usage": answer.usage(res), "system_fingerprint": None, **extra},
                         headers=headers)
 
 
@@ -155,32 +142,22 @@ def _gone(request: Request, job_id: str) -> None:
 
 async def _chunks(request: Request, job_id: str, model: str, chat: bool,
                   include_usage: bool, until: float) -> AsyncIterator[str]:
-    """OpenAI's stream of chunks, from the job's stream, then ``[DONE]``."""
-    created = int(time.time())
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    base = {"id": ("chatcmpl-" if chat else "cmpl-") + job_id, "object": kind,
-            "created": created, "model": model, "system_fingerprint": None}
+    """OpenAI's stream of chunks, from the job's stream, then ``[DONE]`` (the chat
+    chunks: ``producers.openai_answer``)."""
+    kind = answer.ChunkStream if chat else answer.TextChunkStream
+    stream = kind(job_id, model, int(time.time()))
 
-    def chunk(text: str | None, finish: str | None = None, role: bool = False) -> str:
-        if chat:
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish,
-                                      "logprobs": None}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish,
-                      "logprobs": None}
-        return f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+    def data(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
 
     done = False
     sent = 0
     try:
-        yield chunk("", role=True)
+        yield data(stream.start())
         async for event in follow(aio(request), job_id, until=until):
             if event.kind == "chunk":
                 sent += len(event.text)
-                yield chunk(event.text)
+                yield data(stream.content(event.text))
                 continue
             if event.kind in ("attempt", "lost") and not sent:
                 continue  # nothing sent yet: nothing to take back
@@ -193,11 +170,11 @@ async def _chunks(request: Request, job_id: str, model: str, chat: bool,
                 state = res.state.value if res else event.text
                 yield _error_event(job_id, state.lower(), (res.error if res else None) or state)
                 return
-            if not sent and res.text:  # answered without streaming (the cache)
-                yield chunk(res.text)
-            yield chunk(None, finish="stop")
+            # The content when none was streamed (the cache), tool calls, the end.
+            for part in stream.rest(res, content=not sent):
+                yield data(part)
             if include_usage:
-                yield f"data: {json.dumps({**base, 'choices': [], 'usage': _usage(res)})}\n\n"
+                yield data(stream.usage(res))
             yield "data: [DONE]\n\n"
             return
     finally:

@@ -43,6 +43,8 @@ REPORTED = 20
 #: Seconds between two looks at every pending job's result, and at the SQL store's.
 SWEEP_S = 1.0
 SQL_SWEEP_S = 30.0
+#: A result's answer fields besides its text, as output lines carry them.
+ANSWER_FIELDS = ("tool_calls", "refusal", "finish_reason", "logprobs", "parsed")
 _SLOT = struct.Struct("<QI")  # offset, length of a line's row in the spool
 
 
@@ -179,17 +181,26 @@ class Ledger:
 
 def output_row(number: int, custom_id: str | None, job_id: str | None,
                res: JobResult | None, error: str | None = None) -> dict[str, Any]:
-    """One line of the output file (``res`` None: an invalid line, with its ``error``)."""
+    """One line of the output file (``res`` None: an invalid line, with its ``error``):
+    the answer (``text``, ``tool_calls``, ``refusal``, ``finish_reason``, ``logprobs``,
+    ``parsed`` for a JSON response format), its usage and batch, on failure the ``error``
+    and its ``error_code``, and how often an answer that did not validate was asked
+    again (``schema_retries``)."""
     if res is None:
         return {"id": None, "job_id": None, "line": number, "state": "REJECTED",
-                "text": None, "usage": None, "batch_id": None, "batch_size": None,
-                "queued_ms": None, "latency_ms": None, "error": error}
+                "text": None, **dict.fromkeys(ANSWER_FIELDS), "usage": None,
+                "batch_id": None, "batch_size": None, "queued_ms": None,
+                "latency_ms": None, "error": error, "error_code": None,
+                "schema_retries": None}
+    answer = res.model_dump(mode="json", include=set(ANSWER_FIELDS))
     return {"id": custom_id or job_id, "job_id": job_id,
             "line": number, "state": res.state.value, "text": res.text,
+            **{k: answer[k] for k in ANSWER_FIELDS},
             "usage": res.usage.model_dump() if res.usage else None,
             "batch_id": res.batch_id, "batch_size": res.batch_size,
             "queued_ms": _ms(res.queued_ms), "latency_ms": _ms(res.latency_ms),
-            "error": res.error}
+            "error": res.error, "error_code": res.error_code,
+            "schema_retries": res.schema_retries}
 
 
 def _ms(value: float | None) -> float | None:

@@ -244,6 +244,8 @@ def _print_summary(s: Summary) -> None:
     if s.from_cache:
         table.add_row("answered without a provider call of their own",
                       ", ".join(f"{kind} {n}" for kind, n in s.from_cache.items()))
+    if (checked := s.schema_row()) is not None:
+        table.add_row(*checked)
     for c in s.classes:
         table.add_row(f"latency {c.name} ({c.jobs} jobs) p50 / p99",
                       f"{c.p50_ms or 0:.0f} / {c.p99_ms or 0:.0f} ms")

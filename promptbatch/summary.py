@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from config.settings import PRIORITY_NAMES
+from jobs.answers import INVALID_OUTPUT
 from jobs.models import JobResult, JobState
 
 
@@ -52,6 +53,23 @@ class Summary:
     missed_deadline: int = 0
     #: Jobs answered without a provider call of their own, by how (exact, coalesced, ...).
     from_cache: dict[str, int] = field(default_factory=dict)
+    #: Jobs whose answer was checked against a JSON response format or tools: valid at
+    #: the first answer, valid after being asked again (repaired), FAILED invalid_output.
+    valid_first: int = 0
+    repaired: int = 0
+    invalid: int = 0
+
+    @property
+    def checked(self) -> int:
+        """Jobs whose answers were checked (see ``valid_first``)."""
+        return self.valid_first + self.repaired + self.invalid
+
+    def schema_row(self) -> tuple[str, str] | None:
+        """The summary's line about checked answers (None when no job asked for one)."""
+        if not self.checked:
+            return None
+        return ("answers checked: valid at first answer / repaired / failed",
+                f"{self.valid_first} / {self.repaired} / {self.invalid}")
 
 
 class Quantiles:
@@ -113,6 +131,7 @@ class SummaryBuilder:
         self.with_deadline = 0
         self.missed_deadline = 0
         self.from_cache: Counter[str] = Counter()
+        self.checked: Counter[str] = Counter()
 
     def add(self, r: JobResult, priority: int) -> None:
         self.jobs += 1
@@ -133,6 +152,10 @@ class SummaryBuilder:
             self.missed_deadline += r.missed_deadline
         if r.cache:
             self.from_cache[r.cache] += 1
+        if r.error_code == INVALID_OUTPUT:
+            self.checked["invalid"] += 1
+        elif r.state is JobState.SUCCEEDED and r.schema_retries is not None:
+            self.checked["repaired" if r.schema_retries else "valid_first"] += 1
 
     def build(self, wall_s: float) -> Summary:
         batches = round(self.batch_share)
@@ -149,7 +172,9 @@ class SummaryBuilder:
             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
             classes=classes, with_deadline=self.with_deadline,
             missed_deadline=self.missed_deadline,
-            from_cache=dict(sorted(self.from_cache.items())))
+            from_cache=dict(sorted(self.from_cache.items())),
+            valid_first=self.checked["valid_first"], repaired=self.checked["repaired"],
+            invalid=self.checked["invalid"])
 
 
 def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: float) -> Summary:

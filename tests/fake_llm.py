@@ -8,9 +8,11 @@ with HTTP 500 and the third normally. Actions: ``ok``, an HTTP status (``"429"``
 silence), ``reset`` (the connection is dropped), ``malformed`` (a 200 whose body is cut
 off), ``empty`` (a reply without text), ``nochoices`` (``choices: []``), ``filtered`` (a
 content-filter finish without text), ``context`` (a context-length 400), ``invalid`` (a
-400 ``invalid_request_error``). A chat request with ``stream: true`` is answered with
-server-sent events: the answer word by word, ``token_delay_s`` apart, the usage last when
-``stream_options.include_usage`` is set, then ``[DONE]``.
+400 ``invalid_request_error``), ``say:TEXT`` (a normal answer whose content is TEXT: the
+answers a model gives, such as JSON that does not validate). A chat request with
+``stream: true`` is answered with server-sent events: the answer word by word,
+``token_delay_s`` apart, the usage last when ``stream_options.include_usage`` is set,
+then ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -91,6 +93,17 @@ def _answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
                       "prompt_tokens_details": {"cached_tokens": 8}}}
 
 
+def _said(path: str, body: dict[str, Any], text: str) -> dict[str, Any]:
+    """A normal answer whose content (or each prompt's text) is ``text``."""
+    usage = {"prompt_tokens": 12, "completion_tokens": len(text) // 4 + 1,
+             "prompt_tokens_details": {"cached_tokens": 0}}
+    if path.endswith("/completions") and "prompt" in body:
+        return {"choices": [{"index": i, "text": text, "finish_reason": "stop"}
+                            for i in range(len(body["prompt"]))], "usage": usage}
+    return {"choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": text}}], "usage": usage}
+
+
 #: Fixed replies: a truncated body, an empty answer, a context-length refusal.
 _CANNED: dict[str, tuple[int, bytes]] = {
     "malformed": (200, b'{"choices": [{"message": {"content": "cut off'),
@@ -108,6 +121,13 @@ _CANNED: dict[str, tuple[int, bytes]] = {
         "message": "Invalid prompt: the prompt contains an invalid token sequence",
     }}).encode()),
 }
+
+
+def _canned(action: str, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
+    """The status and body of a fixed reply, or of a ``say:`` answer."""
+    if action.startswith("say:"):
+        return 200, json.dumps(_said(path, body, action[4:])).encode()
+    return _CANNED[action]
 
 
 def _drop(handler: BaseHTTPRequestHandler, *, stall: bool) -> None:
@@ -228,9 +248,8 @@ def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
         def _act(self, action: str, body: dict[str, Any]) -> None:
             if action == "ok":
                 _ok(self, state, body)
-            elif action in _CANNED:
-                status, payload = _CANNED[action]
-                self._send(status, payload)
+            elif action in _CANNED or action.startswith("say:"):
+                self._send(*_canned(action, self.path, body))
             elif action in ("stall", "reset"):
                 _drop(self, stall=action == "stall")
             else:

@@ -27,9 +27,10 @@ from jobs.outcomes import record_results
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
 from workers import metrics
+from workers.health import Health
 from workers.providers import Provider, ProviderRequest
 from workers.ratelimit import RateLimiter
-from workers.retry import Health, Outcome, ProviderCaller
+from workers.retry import Outcome, ProviderCaller
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +328,7 @@ def _result(spec: JobSpec, outcome: Outcome, started: float, finished: float,
                      error=reply.error, provider=provider, model=model,
                      tool_calls=list(reply.tool_calls) if reply.tool_calls else None,
                      refusal=reply.refusal, finish_reason=reply.finish_reason,
-                     logprobs=reply.logprobs,
+                     logprobs=reply.logprobs, parsed=reply.parsed,
+                     error_code=reply.error_code, schema_retries=outcome.schema_retries,
                      attempts=outcome.attempts, created_at=spec.created_at,
                      deadline=spec.deadline, started_at=started, finished_at=finished, **base)

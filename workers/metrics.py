@@ -64,6 +64,12 @@ UNREPLICATED_STARTS = Counter(
     "promptbatch_unreplicated_starts_total",
     "Batches whose start no replica acknowledged within redis_wait_ms (under Sentinel): "
     "run anyway; a failover at that moment could start them again.")
+INVALID_OUTPUTS = Counter(
+    "promptbatch_invalid_outputs",
+    "Answers that did not validate against the job's response format or tools "
+    "(workers.promise), by outcome: retried (asked again), repaired (a job valid after "
+    "being asked again), failed (a job ended FAILED with invalid_output).",
+    ["provider", "model", "outcome"])
 SPLITS = Counter(
     "promptbatch_provider_splits", "Requests split in halves (refused or failing as a "
     "whole, or too big for the rate limit).", ["provider", "model"])

@@ -32,6 +32,9 @@ is retried here or nowhere:
   down for ``cooldown_s`` (shared in Redis), and its jobs go to the next of
   ``Settings.fallbacks`` meanwhile.
 * Shared rate limits are taken before each call (``workers.ratelimit``).
+* Every final answer is checked against what its job asked for (a JSON response format,
+  tools) before it is handed on; one that does not validate is asked again in the next
+  round, at most ``schema_retries`` times (``workers.promise``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from config import keys
@@ -51,6 +53,8 @@ from config.settings import Settings
 from jobs.capabilities import serves
 from jobs.chat import extra_tokens
 from workers import metrics
+from workers.health import Health
+from workers.promise import SchemaPromise
 from workers.providers import Provider
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.ratelimit import RateLimiter
@@ -76,6 +80,8 @@ class Outcome:
     reply: ProviderReply
     attempts: int
     deployment: str
+    #: Times the answer was asked again for not validating (None: nothing checked).
+    schema_retries: int | None = None
 
 
 @dataclass
@@ -88,60 +94,6 @@ class _Chunk:
 
     def all(self) -> list[ProviderRequest]:
         return self.requests + self.held
-
-
-@dataclass
-class Health:
-    """Failures in a row and cool-downs of deployments, shared by all workers in Redis."""
-
-    client: redis.Redis | None
-    settings: Settings
-    _local: dict[str, int] = field(default_factory=dict)
-
-    def cooling(self, deployment: str) -> bool:
-        if self.client is None:
-            return False
-        try:
-            return bool(self.client.exists(keys.cooldown(deployment)))
-        except redis.RedisError:
-            return False
-
-    def recently_ok(self, deployment: str) -> bool:
-        """Whether the deployment answered within ``provider_health_window_s``."""
-        if self.client is None:
-            return True
-        try:
-            return bool(self.client.exists(keys.healthy(deployment)))
-        except redis.RedisError:
-            return True
-
-    def record(self, deployment: str, ok: bool) -> None:
-        if self.client is None:
-            return
-        try:
-            if ok:
-                pipe = self.client.pipeline()
-                pipe.delete(keys.failures(deployment))
-                pipe.set(keys.healthy(deployment), "1",
-                         ex=max(1, int(self.settings.provider_health_window_s)))
-                pipe.execute()
-                return
-            pipe = self.client.pipeline()
-            pipe.incr(keys.failures(deployment))
-            pipe.expire(keys.failures(deployment), int(self.settings.cooldown_s) + 1)
-            count = int(pipe.execute()[0])
-            if count >= self.settings.cooldown_failures:
-                log.warning("%s failed %d times in a row: cooling down for %g s", deployment,
-                            count, self.settings.cooldown_s)
-                pipe = self.client.pipeline(transaction=False)
-                pipe.set(keys.cooldown(deployment), "1",
-                         ex=max(1, int(self.settings.cooldown_s)))
-                pipe.zadd(keys.COOLING, {deployment: time.time() + self.settings.cooldown_s})
-                pipe.execute()
-                metrics.COOLDOWNS.labels(*metrics.deployment_labels(deployment)).inc()
-                self.client.delete(keys.failures(deployment))
-        except redis.RedisError as exc:  # health is advice: never fail a batch over it
-            log.warning("could not record the health of %s: %s", deployment, exc)
 
 
 class ProviderCaller:
@@ -167,6 +119,9 @@ class ProviderCaller:
         self._failed: set[int] = set()
         #: The replica (index) that last answered, for the batch's timing event.
         self.replica: int | None = None
+        self.promise = SchemaPromise(settings, clock)
+        #: Requests asking again for an answer that did not validate (the next round).
+        self._reask: list[ProviderRequest] = []
 
     def call(self, requests: Sequence[ProviderRequest], provider: str,
              tenants: dict[str, str] | None = None,
@@ -180,6 +135,8 @@ class ProviderCaller:
         attempts = {r.job_id: 0 for r in requests}
         self._strikes = {r.job_id: 0 for r in requests}
         self._last = {r.job_id: "" for r in requests}
+        self.promise.start(requests)
+        self._reask = []
         final: dict[str, Outcome] = {}
         reported: set[str] = set()
         chunks = [_Chunk(list(requests))]
@@ -223,6 +180,9 @@ class ProviderCaller:
         replies = self._complete(name, sent, target)
         again = self._settle(chunk.requests, replies, attempts, final, deployment, chunk,
                              health)
+        if self._reask:  # answers that did not validate: asked again in the next round
+            again.append(_Chunk(self._reask, self.clock()))
+            self._reask = []
         if replica is not None:
             if any(r.transient for r in replies):
                 self._failed.add(replica)
@@ -350,19 +310,7 @@ class ProviderCaller:
         again: list[ProviderRequest] = []
         worst_after: float | None = None
         for req, reply in zip(live, replies, strict=True):
-            attempts[req.job_id] += 1
-            self._last[req.job_id] = reply.error or ""
-            if reply.transient and not (whole or probe):
-                self._strikes[req.job_id] += 1
-            if not reply.transient:
-                final[req.job_id] = Outcome(
-                    dataclasses.replace(reply, whole_request=False) if reply.whole_request
-                    else reply, attempts[req.job_id], deployment)
-            elif self._strikes[req.job_id] >= self.settings.provider_max_attempts:
-                final[req.job_id] = Outcome(dataclasses.replace(
-                    reply, transient=False, error=f"gave up after {attempts[req.job_id]} "
-                    f"attempts: {reply.error}"), attempts[req.job_id], deployment)
-            else:
+            if self._take(req, reply, attempts, final, deployment, strike=not (whole or probe)):
                 again.append(req)
                 if reply.retry_after is not None:
                     worst_after = max(worst_after or 0.0, reply.retry_after)
@@ -382,6 +330,30 @@ class ProviderCaller:
         metrics.RETRIES.labels(*metrics.deployment_labels(deployment)).inc(len(again))
         return released + self._retry(again, held, worst_after, attempts, final, deployment,
                                       chunk, whole or probe, health)
+
+    def _take(self, req: ProviderRequest, reply: ProviderReply, attempts: dict[str, int],
+              final: dict[str, Outcome], deployment: str, *, strike: bool) -> bool:
+        """Count the call of ``req`` and take its reply: final (once the schema promise
+        checked it, or asked again: ``_reask``), or to be tried again (True). ``strike``:
+        a transient error counts against the job's own attempts."""
+        attempts[req.job_id] += 1
+        self._last[req.job_id] = reply.error or ""
+        if reply.transient and strike:
+            self._strikes[req.job_id] += 1
+        if not reply.transient:
+            verdict = self.promise.judge(req, dataclasses.replace(
+                reply, whole_request=False) if reply.whole_request else reply, deployment)
+            if isinstance(verdict, ProviderRequest):
+                self._reask.append(verdict)
+            else:
+                final[req.job_id] = self._outcome(verdict, attempts, deployment)
+            return False
+        if self._strikes[req.job_id] >= self.settings.provider_max_attempts:
+            final[req.job_id] = self._outcome(dataclasses.replace(
+                reply, transient=False, error=f"gave up after {attempts[req.job_id]} "
+                f"attempts: {reply.error}"), attempts, deployment)
+            return False
+        return True
 
     def _retry(self, again: list[ProviderRequest], held: list[ProviderRequest],
                worst_after: float | None, attempts: dict[str, int],
@@ -413,13 +385,23 @@ class ProviderCaller:
             return [_Chunk(keep[:half], when, failures), _Chunk(keep[half:], when, failures)]
         return [_Chunk(keep, when, failures)]
 
+    def _outcome(self, reply: ProviderReply, attempts: dict[str, int],
+                 deployment: str) -> Outcome:
+        return Outcome(reply, attempts[reply.job_id], deployment,
+                       self.promise.retries(reply.job_id))
+
     def _gave_up(self, req: ProviderRequest, attempts: dict[str, int], deployment: str,
                  why: str) -> Outcome:
+        """A job given up on: FAILED with ``why``, or, when its last answer did not
+        validate, FAILED ``invalid_output`` with that answer."""
+        invalid = self.promise.invalid(req.job_id, f"; {why} before it was asked again")
+        if invalid is not None:
+            return self._outcome(invalid, attempts, deployment)
         last = self._last.get(req.job_id)
         detail = f"; last error: {last}" if last else ""
-        return Outcome(ProviderReply(job_id=req.job_id, error=f"{why} after "
-                                     f"{attempts[req.job_id]} attempt(s){detail}"),
-                       attempts[req.job_id], deployment)
+        return self._outcome(ProviderReply(job_id=req.job_id, error=f"{why} after "
+                                           f"{attempts[req.job_id]} attempt(s){detail}"),
+                             attempts, deployment)
 
 
 def _observe_call(provider: str, model: str, replies: Sequence[ProviderReply],

@@ -72,3 +72,19 @@ def test_percentiles_past_the_exact_range_are_within_one_percent() -> None:
         exact = percentile(values, p)
         assert exact is not None and abs(q.percentile(p) - exact) / exact < 0.011  # type: ignore[operator]
     assert len(q.buckets) < 1200  # bounded by the range of values, not their number
+
+
+def test_checked_answers_are_counted_valid_at_first_repaired_or_failed() -> None:
+    results = [
+        JobResult(id="first", state=JobState.SUCCEEDED, schema_retries=0),
+        JobResult(id="again", state=JobState.SUCCEEDED, schema_retries=1),
+        JobResult(id="bad", state=JobState.FAILED, schema_retries=1,
+                  error_code="invalid_output"),
+        JobResult(id="plain", state=JobState.SUCCEEDED),
+        JobResult(id="down", state=JobState.FAILED, schema_retries=1, error="HTTP 500"),
+    ]
+    s = summarize(results, [2] * 5, wall_s=1.0)
+    assert (s.valid_first, s.repaired, s.invalid, s.checked) == (1, 1, 1, 3)
+    assert s.schema_row() == ("answers checked: valid at first answer / repaired / failed",
+                              "1 / 1 / 1")
+    assert summarize(results[3:4], [2], wall_s=1.0).schema_row() is None

@@ -72,6 +72,11 @@ class ProviderReply:
     refusal: str | None = None
     finish_reason: FinishReason | None = None
     logprobs: dict[str, Any] | None = None
+    #: Set where the worker checks the answer (``workers.promise``): the content parsed as
+    #: JSON (a JSON response format), and the kind of a failure of the answer itself
+    #: (``invalid_output``).
+    parsed: Any = None
+    error_code: str | None = None
     transient: bool = False
     retry_after: float | None = None
     whole_request: bool = False

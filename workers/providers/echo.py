@@ -1,5 +1,10 @@
 """``echo``: deterministic and instant; for tests and for measuring the pipeline itself.
 
+It answers ``echo: <prompt>`` (cut to ``max_tokens`` tokens of four characters), or in
+kind when the job asks for JSON or gives tools (``workers.providers.inkind``: JSON that
+validates against the schema, tool calls whose arguments fit the tool's parameters;
+never cut), with logprobs when asked.
+
 Test hooks, written in the prompt, obeyed only when the ``echo_test_hooks`` setting is on
 (never by default: they let whoever submits a job stall or kill a worker):
 ``[echo:sleep=SECONDS]`` makes the call last that long (a batch's call lasts the longest
@@ -24,6 +29,7 @@ from pathlib import Path
 from jobs.models import Usage
 from jobs.streams import Sink
 from workers.providers.base import ProviderReply, ProviderRequest
+from workers.providers.inkind import answer
 
 _SLEEP = re.compile(r"\[echo:sleep=([0-9.]+)\]")
 _CHUNK_MS = re.compile(r"\[echo:chunk_ms=([0-9.]+)\]")
@@ -36,7 +42,8 @@ def _tokens(text: str) -> int:
 
 
 class EchoProvider:
-    """Answers each prompt with ``echo: <prompt>``, cut to ``max_tokens`` tokens if set."""
+    """Answers each prompt with ``echo: <prompt>`` (or in kind), cut to ``max_tokens``
+    tokens if set."""
 
     name = "echo"
     probe_first = False
@@ -69,12 +76,18 @@ class EchoProvider:
         replies: list[ProviderReply] = []
         for req in requests:
             text = f"echo: {req.text}"
-            if req.params.max_tokens is not None:
-                text = text[: req.params.max_tokens * 4]
+            limit = req.params.max_tokens
+            cut = limit is not None and len(text) > limit * 4
+            if limit is not None:
+                text = text[: limit * 4]
+            said = answer(req, text, cut=cut)
             if req.stream and self.sink is not None:
-                self._stream(req, text)
-            usage = Usage(prompt_tokens=_tokens(req.text), completion_tokens=_tokens(text))
-            replies.append(ProviderReply(job_id=req.job_id, text=text, usage=usage))
+                self._stream(req, said.text or "")
+            usage = Usage(prompt_tokens=_tokens(req.text),
+                          completion_tokens=_tokens(said.emitted))
+            replies.append(ProviderReply(
+                job_id=req.job_id, text=said.text, usage=usage, tool_calls=said.tool_calls,
+                finish_reason=said.finish_reason, logprobs=said.logprobs))
         return replies
 
     def _stream(self, req: ProviderRequest, text: str) -> None:

@@ -16,14 +16,26 @@ The model, with its settings (``PROMPTBATCH_SIMULATED_*``):
 * At most ``concurrency`` calls run at once in one worker process; the modelled server
   and its cache live in each worker process.
 * Every modelled duration is multiplied by ``time_scale`` and really slept.
+* A share ``invalid_rate`` of the answers in JSON (below) is cut in half, as a model
+  without constrained decoding may answer: drawn from a digest of the request's text, so
+  the same request is cut again and one asked again (a longer conversation) draws anew.
 
-Answers have ``max_tokens`` tokens (32 when unset, at most 256). Usage is reported as
+Tokens are counted by one stated rule (``prompt_tokens``, ``completion_tokens``): the
+prompt's text at four characters a token, plus each image by its ``detail``
+(``jobs.chat.image_tokens``: 85 low, 765 high or auto), plus the tool definitions and a
+``json_schema`` response format as text (their JSON, four characters a token). Only the
+text goes through the prefix cache. A plain answer has ``max_tokens`` tokens (32 when
+unset, at most 256); an answer in kind (JSON for a response format, or tool calls:
+``workers.providers.inkind``) has the tokens of what it writes (its JSON, or each
+call's function name and arguments), four characters a token. Usage is reported as
 OpenAI does: ``prompt_tokens``, ``completion_tokens``,
 ``prompt_tokens_details.cached_tokens`` (here ``Usage.cached_tokens``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import threading
 import time
 from collections import OrderedDict
@@ -32,8 +44,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from config.settings import Settings
+from jobs.chat import canonical, image_tokens
 from jobs.models import Usage
 from workers.providers.base import ProviderReply, ProviderRequest
+from workers.providers.inkind import Answer, answer
 
 if TYPE_CHECKING:
     from jobs.streams import Sink
@@ -57,6 +71,7 @@ class CostModel:
     cache_tokens: int = 200_000
     concurrency: int = 4
     time_scale: float = 1.0
+    invalid_rate: float = 0.0
 
     @classmethod
     def from_settings(cls, s: Settings) -> CostModel:
@@ -67,7 +82,8 @@ class CostModel:
                    decode_group=s.simulated_decode_group,
                    cache_tokens=s.simulated_cache_tokens,
                    concurrency=s.simulated_concurrency,
-                   time_scale=s.simulated_time_scale)
+                   time_scale=s.simulated_time_scale,
+                   invalid_rate=s.simulated_invalid_rate)
 
 
 def block_hashes(text: str) -> list[int]:
@@ -104,9 +120,20 @@ class PrefixCache:
         return hits
 
 
-def answer_tokens(req: ProviderRequest) -> int:
-    """How many tokens the modelled server answers."""
+def answer_tokens(req: ProviderRequest, said: Answer | None = None) -> int:
+    """How many tokens the modelled server answers (see the module docstring)."""
+    if said is not None and said.shaped:
+        return len(said.emitted) // CHARS_PER_TOKEN + 1
     return min(req.params.max_tokens or DEFAULT_ANSWER_TOKENS, MAX_ANSWER_TOKENS)
+
+
+def prompt_tokens(req: ProviderRequest) -> int:
+    """How many tokens the prompt counts for (see the module docstring)."""
+    shape = canonical(list(req.tools)) if req.tools else ""
+    if req.response_format is not None and req.response_format.json_schema is not None:
+        shape += canonical(req.response_format.json_schema)
+    return ((len(req.text) + len(shape)) // CHARS_PER_TOKEN + 1
+            + image_tokens(req.messages))
 
 
 class SimulatedProvider:
@@ -123,32 +150,51 @@ class SimulatedProvider:
         self._slots = threading.BoundedSemaphore(self.model.concurrency)
         self._lock = threading.Lock()
 
-    def cost(self, requests: Sequence[ProviderRequest]) -> tuple[float, list[Usage]]:
-        """Modelled seconds of one call, and the usage of each request (fills the cache)."""
+    def cost(self, requests: Sequence[ProviderRequest],
+             answers: Sequence[Answer] | None = None) -> tuple[float, list[Usage]]:
+        """Modelled seconds of one call, and the usage of each request (fills the cache);
+        ``answers``: what each request is answered (else a plain answer)."""
         m = self.model
         seconds = m.call_overhead_s
         usages: list[Usage] = []
+        said: Sequence[Answer | None] = answers or [None] * len(requests)
         with self._lock:
-            for req in requests:
-                prompt_tokens = len(req.text) // CHARS_PER_TOKEN + 1
-                cached = min(prompt_tokens,
+            for req, ans in zip(requests, said, strict=True):
+                tokens = prompt_tokens(req)
+                cached = min(tokens,
                              self.cache.lookup_and_fill(block_hashes(req.text)) * BLOCK_TOKENS)
-                seconds += (prompt_tokens - cached) * m.prefill_s_per_token
-                usages.append(Usage(prompt_tokens=prompt_tokens,
-                                    completion_tokens=answer_tokens(req), cached_tokens=cached))
+                seconds += (tokens - cached) * m.prefill_s_per_token
+                usages.append(Usage(prompt_tokens=tokens, completion_tokens=answer_tokens(
+                    req, ans), cached_tokens=cached))
         for start in range(0, len(requests), m.decode_group):
-            group = requests[start:start + m.decode_group]
-            seconds += max(answer_tokens(r) for r in group) * m.decode_s_per_step
+            group = usages[start:start + m.decode_group]
+            seconds += max(u.completion_tokens for u in group) * m.decode_s_per_step
         return seconds, usages
 
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
+        answers = [self._maybe_cut(r, answer(r, f"[{r.model}] answer to: {r.text[:60]}"))
+                   for r in requests]
         with self._slots:
-            seconds, usages = self.cost(requests)
+            seconds, usages = self.cost(requests, answers)
             if self.model.time_scale > 0:
                 time.sleep(seconds * self.model.time_scale)
-        return [ProviderReply(job_id=r.job_id, usage=u,
-                              text=f"[{r.model}] answer to: {r.text[:60]}")
-                for r, u in zip(requests, usages, strict=True)]
+        return [ProviderReply(job_id=r.job_id, usage=u, text=a.text, tool_calls=a.tool_calls,
+                              finish_reason=a.finish_reason, logprobs=a.logprobs)
+                for r, u, a in zip(requests, usages, answers, strict=True)]
+
+    def _maybe_cut(self, req: ProviderRequest, said: Answer) -> Answer:
+        """The answer, or its JSON cut in half (``invalid_rate``)."""
+        if not said.shaped or self.model.invalid_rate <= 0:
+            return said
+        digest = hashlib.blake2b(req.text.encode(), digest_size=8).digest()
+        if int.from_bytes(digest, "big") / 2 ** 64 >= self.model.invalid_rate:
+            return said
+        calls = tuple(c.model_copy(update={"function": c.function.model_copy(update={
+            "arguments": c.function.arguments[:len(c.function.arguments) // 2]})})
+            for c in said.tool_calls or ())
+        return dataclasses.replace(
+            said, text=said.text[:len(said.text) // 2] if said.text else said.text,
+            tool_calls=calls or None)
 
     def close(self) -> None:
         return None
