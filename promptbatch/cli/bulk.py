@@ -1,0 +1,313 @@
+"""Bulk work: the commands that take a JSONL file of prompts through promptbatch. ``run``
+starts a local stack of its own (embedded server, SQLite, scheduler, workers) for the file
+and reports; ``submit`` sends the file to a running service (its Redis, or its HTTP API)
+and prints the job ids or waits for the results. Both read a file of any size in bounded
+memory and resume where an interrupted run stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from config.logging import setup_logging
+from jobs.errors import PromptBatchError
+from promptbatch.cli.common import (
+    Provider,
+    console,
+    need_redis,
+    refuse,
+    report_invalid,
+    settings_or_exit,
+)
+from promptbatch.summary import Summary
+
+
+def run(
+    file: Annotated[Path, typer.Argument(help="JSONL file, one prompt per line.")],
+    out: Annotated[Path | None, typer.Option(help="Where to write one result per line.")] = None,
+    provider: Provider = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker pool processes.")] = 2,
+    skip_invalid: Annotated[bool, typer.Option(help="Submit the valid lines of a file with "
+                                               "invalid ones.")] = False,
+    timeout: Annotated[float, typer.Option(help="Give up when no job has finished for this "
+                                           "many seconds.")] = 600.0,
+    window: Annotated[int, typer.Option(min=1, help="Most jobs pending at once (the memory "
+                                        "of the run and of the services is bounded by it, "
+                                        "not by the file).")] = 40_000,
+) -> None:
+    """Run FILE on a local stack (embedded server, SQLite, scheduler, workers) and report.
+
+    Any size of file: it is read twice (validated, then submitted in chunks while at most
+    --window jobs are pending), never held in memory. Interrupted, the same command again
+    resumes: it submits only the lines not yet submitted and completes the output."""
+    from producers.client import Client
+    from promptbatch.bulk import BulkRun, LocalBackend, file_digest
+    from promptbatch.stack import LocalStack
+
+    setup_logging("WARNING")
+    if not file.is_file():
+        console.print(f"[red]{file} is not a file[/red]")
+        raise typer.Exit(2)
+    base = settings_or_exit()
+    digest = file_digest(file)
+    key = hashlib.sha256(f"{digest}|{provider or ''}".encode()).hexdigest()[:16]
+    run_dir = base.data_dir / "run" / key
+    resuming = (run_dir / "scanned").exists()
+    if not resuming:
+        _scan_or_refuse(file, skip_invalid)
+        _clear_runs(base.data_dir / "run")
+        run_dir.mkdir(parents=True)
+    env = {"PROMPTBATCH_DATABASE_URL": f"sqlite:///{(run_dir / 'promptbatch.db').resolve()}"}
+    if "PROMPTBATCH_DATABASE_URL" in _explicit_env():
+        env.pop("PROMPTBATCH_DATABASE_URL")
+    if not base.redis_url:  # its own server: results leave Redis once read (the store
+        # keeps them), so Redis holds the work in flight whatever the file's size
+        env.update(PROMPTBATCH_RECONCILE_WRITE_BACK="0", PROMPTBATCH_RESULT_TTL_S="3600")
+    if provider:
+        env["PROMPTBATCH_DEFAULT_PROVIDER"] = provider
+    stack = LocalStack(run_dir, workers=workers, env=env, redis_url=base.redis_url or None)
+    _install_sigterm()
+    try:
+        with console.status("starting the local stack..."):
+            _migrate_quietly(env.get("PROMPTBATCH_DATABASE_URL", base.database_url))
+            stack.start()
+        (run_dir / "scanned").touch()
+        settings = settings_or_exit(redis_url=stack.redis_url,
+                             database_url=env.get("PROMPTBATCH_DATABASE_URL"),
+                             default_provider=provider)
+        with Client(settings) as client:
+            job = BulkRun(LocalBackend(client, forget=not base.redis_url), file,
+                          run_dir / "output", digest, window=window,
+                          skip_invalid=skip_invalid, provider=provider)
+            before = job.resume()
+            if before:
+                console.print(f"resuming: {before} lines were submitted before, "
+                              f"{job.progress.finished} of them have finished")
+            summary = _run_with_progress(job, timeout)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping the local stack (run the same command "
+                      "again to resume)[/yellow]")
+        raise typer.Exit(130) from None
+    except (PromptBatchError, TimeoutError) as exc:
+        console.print(f"[red]{exc}[/red] (run the same command again to resume)")
+        raise typer.Exit(1) from exc
+    finally:
+        stack.stop(grace_s=base.shutdown_grace_s)
+    written = job.spool.write(out, job.last_line) if out is not None else 0
+    job.spool.close()
+    if out is not None:
+        console.print(f"wrote {written} lines to {out}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    _print_summary(summary)
+
+
+def _scan_or_refuse(file: Path, skip_invalid: bool) -> None:
+    """The first pass over a file: every line validated, one at a time; invalid lines
+    reported (and, without --skip-invalid, nothing submitted)."""
+    from promptbatch.bulk import scan
+
+    with console.status(f"checking {file}..."):
+        found = scan(file)
+    if found.invalid:
+        report_invalid(found.errors)
+        if found.invalid > len(found.errors):
+            console.print(f"... and {found.invalid - len(found.errors)} more invalid lines")
+        if not skip_invalid:
+            console.print(f"[red]{found.invalid} invalid line(s): nothing was submitted.[/red] "
+                          "Fix them, or pass --skip-invalid to submit the valid lines.")
+            raise typer.Exit(2)
+
+
+def _clear_runs(runs: Path) -> None:
+    """Forget earlier runs' folders (of other files: one run is resumable at a time)."""
+    if runs.is_dir():
+        for old in runs.iterdir():
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+
+
+def _run_with_progress(job: Any, timeout: float) -> Summary:
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        sent = bar.add_task("submitted", total=None)
+        done = bar.add_task("finished", total=None)
+
+        def show(progress: Any) -> None:
+            bar.update(sent, completed=progress.submitted)
+            bar.update(done, completed=progress.finished, total=progress.submitted)
+
+        summary: Summary = job.run(show, timeout)
+        show(job.progress)
+        return summary
+
+
+def _migrate_quietly(database_url: str) -> None:
+    """Bring a store this command owns up to date."""
+    from jobs.store import JobStore
+
+    store = JobStore(database_url)
+    try:
+        store.migrate()
+    finally:
+        store.close()
+
+
+def _explicit_env() -> set[str]:
+    import os
+
+    return {k for k in os.environ if k.startswith("PROMPTBATCH_")}
+
+
+def _install_sigterm() -> None:
+    """Ctrl-C and SIGTERM both stop the run. SIGINT's handler is installed explicitly: a
+    process started with SIGINT ignored (a background job of a non-interactive shell)
+    has none."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _print_summary(s: Summary) -> None:
+    table = Table(title="promptbatch run", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("jobs", str(s.jobs))
+    table.add_row("batches", str(s.batches))
+    table.add_row("mean batch size", f"{s.mean_batch_size:.1f}")
+    table.add_row("mean similarity inside batches",
+                  "-" if s.mean_similarity is None else f"{s.mean_similarity:.3f}")
+    table.add_row("jobs/s", f"{s.jobs_per_s:.1f}")
+    table.add_row("wall time", f"{s.wall_s:.2f} s")
+    table.add_row("succeeded / failed / expired / cancelled",
+                  f"{s.succeeded} / {s.failed} / {s.expired} / {s.cancelled}")
+    if s.with_deadline:
+        table.add_row("deadline misses (expired or late)",
+                      f"{s.missed_deadline} of {s.with_deadline}")
+    if s.prompt_tokens:
+        table.add_row("prompt tokens cached",
+                      f"{s.cached_tokens} of {s.prompt_tokens} "
+                      f"({100.0 * s.cached_tokens / s.prompt_tokens:.0f}%)")
+    if s.from_cache:
+        table.add_row("answered without a provider call of their own",
+                      ", ".join(f"{kind} {n}" for kind, n in s.from_cache.items()))
+    for c in s.classes:
+        table.add_row(f"latency {c.name} ({c.jobs} jobs) p50 / p99",
+                      f"{c.p50_ms or 0:.0f} / {c.p99_ms or 0:.0f} ms")
+    Console().print(table)
+
+
+def submit(
+    file: Annotated[Path, typer.Argument(help="JSONL file, one prompt per line.")],
+    url: Annotated[str | None, typer.Option(help="Base URL of a promptbatch API; without "
+                                            "it, jobs go to PROMPTBATCH_REDIS_URL.")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="PROMPTBATCH_API_KEY",
+                                                help="API key (or PROMPTBATCH_API_KEY).")]
+    = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the results.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Where to write one result per line, in "
+                                             "input order (implies --wait).")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Submit only the valid lines.")] = False,
+    chunk: Annotated[int, typer.Option(min=1, max=10_000, help="Lines per request.")] = 1000,
+    window: Annotated[int, typer.Option(min=1, help="With --wait: most jobs pending at "
+                                        "once.")] = 40_000,
+    provider: Provider = None,
+) -> None:
+    """Submit FILE; print the job ids, or wait and write the results (without --out, the
+    same lines as --out would write, on standard output).
+
+    Any size of file, in bounded memory. The same command run again after an interruption
+    submits only the lines not yet acknowledged and completes the output (its state is
+    kept in OUT.promptbatch-state, or FILE.promptbatch-state, until it ends).
+    """
+    from promptbatch.bulk import BulkRun, file_digest
+
+    setup_logging("WARNING")
+    if not file.is_file():
+        console.print(f"[red]{file} is not a file[/red]")
+        raise typer.Exit(2)
+    waiting = wait or out is not None
+    backend, closing = _backend(url, api_key)
+    folder = Path(f"{out or file}.promptbatch-state")
+    resumable = (folder / "scanned").exists()
+    if not resumable:
+        _scan_or_refuse(file, skip_invalid)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "scanned").touch()
+    from promptbatch.remote import RemoteError
+
+    try:
+        job = BulkRun(backend, file, folder, file_digest(file),
+                      window=window if waiting else 2**62, chunk=chunk,
+                      skip_invalid=skip_invalid, provider=provider)
+        job.resume()
+        if not waiting:
+            _submit_only(job)
+        else:
+            _run_with_progress(job, 24 * 3600.0)
+            if out is not None:
+                console.print(f"wrote {job.spool.write(out, job.last_line)} lines to {out}")
+            else:
+                job.spool.copy_to(sys.stdout.buffer, job.last_line)
+    except RemoteError as exc:
+        hint = " (run the same command again to resume)" if exc.retryable else ""
+        console.print(f"[red]{exc}[/red]{hint}", soft_wrap=True)
+        raise typer.Exit(1) from exc
+    except PromptBatchError as exc:
+        console.print(f"[red]{exc}[/red] (run the same command again to resume)")
+        raise typer.Exit(1) from exc
+    finally:
+        closing()
+    job.spool.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _backend(url: str | None, api_key: str | None) -> tuple[Any, Any]:
+    """Where ``submit`` sends jobs (the API at ``url``, else Redis and the store), and
+    what closes it."""
+    from promptbatch.bulk import LocalBackend
+
+    if url:
+        from promptbatch.remote import RemoteBackend, RemoteClient
+
+        if not api_key:
+            console.print("[red]give --api-key or set PROMPTBATCH_API_KEY[/red]")
+            raise typer.Exit(2)
+        remote = RemoteClient(url, api_key)
+        return RemoteBackend(remote), remote.close
+    from producers.client import Client
+
+    settings = settings_or_exit()
+    need_redis(settings)
+    client = Client(settings)
+    try:
+        client.check()
+    except PromptBatchError as exc:
+        client.close()
+        raise refuse(exc) from None
+    return LocalBackend(client), client.close
+
+
+def _submit_only(job: Any) -> None:
+    """Submit every line not yet submitted; print every line's job id in order."""
+    from promptbatch.bulk import Ledger
+
+    with console.status("submitting..."):
+        while job.submit_next():
+            pass
+    for _, job_id, _, _ in Ledger(job.ledger.path.parent).read():
+        print(job_id)
+
