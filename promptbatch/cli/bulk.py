@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from config.logging import setup_logging
+from config.settings import Settings
 from jobs.errors import PromptBatchError
 from promptbatch.cli.common import (
     Provider,
@@ -50,9 +51,9 @@ def run(
     Any size of file: it is read twice (validated, then submitted in chunks while at most
     --window jobs are pending), never held in memory. Interrupted, the same command again
     resumes: it submits only the lines not yet submitted and completes the output."""
-    from producers.client import Client
-    from promptbatch.bulk import BulkRun, LocalBackend, file_digest
-    from promptbatch.stack import LocalStack
+    from promptbatch.bulk import file_digest
+    from promptbatch.runs import RunFolders
+    from promptbatch.stack import StackError
 
     setup_logging("WARNING")
     if not file.is_file():
@@ -61,12 +62,47 @@ def run(
     base = settings_or_exit()
     digest = file_digest(file)
     key = hashlib.sha256(f"{digest}|{provider or ''}".encode()).hexdigest()[:16]
-    run_dir = base.data_dir / "run" / key
-    resuming = (run_dir / "scanned").exists()
-    if not resuming:
+    runs = RunFolders(base.data_dir / "run")
+    run_dir = runs.folder(key)
+    checked = not (run_dir / "scanned").exists()
+    if checked:  # before anything is written: a refused file leaves nothing behind
         _scan_or_refuse(file, skip_invalid)
-        _clear_runs(base.data_dir / "run")
-        run_dir.mkdir(parents=True)
+    try:
+        runs.take(file)  # one run at a time on a data folder: a second one refuses
+    except StackError as exc:
+        raise refuse(exc) from None
+    try:
+        if not (run_dir / "scanned").exists():  # a new run: earlier runs are forgotten
+            if not checked:
+                _scan_or_refuse(file, skip_invalid)
+            runs.clear()
+            run_dir.mkdir(parents=True, exist_ok=True)
+        job, summary = _run_on_stack(file, run_dir, base, digest, provider=provider,
+                                     workers=workers, skip_invalid=skip_invalid,
+                                     timeout=timeout, window=window)
+        written = job.spool.write(out, job.last_line) if out is not None else 0
+        job.spool.close()
+        if out is not None:
+            console.print(f"wrote {written} lines to {out}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        runs.release()
+    _print_summary(summary)
+
+
+def _run_on_stack(file: Path, run_dir: Path, base: Settings, digest: str, *,
+                  provider: str | None, workers: int, skip_invalid: bool, timeout: float,
+                  window: int) -> tuple[Any, Summary]:
+    """Start the run's stack, submit the file and collect every result (or exit with one
+    line that says what happened); the stack is stopped in every case."""
+    from redis import RedisError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from producers.client import Client
+    from promptbatch.bulk import BulkRun, LocalBackend
+    from promptbatch.embedded import EmbeddedServerError
+    from promptbatch.stack import LocalStack, StackError
+
     env = {"PROMPTBATCH_DATABASE_URL": f"sqlite:///{(run_dir / 'promptbatch.db').resolve()}"}
     if "PROMPTBATCH_DATABASE_URL" in _explicit_env():
         env.pop("PROMPTBATCH_DATABASE_URL")
@@ -75,7 +111,8 @@ def run(
         env.update(PROMPTBATCH_RECONCILE_WRITE_BACK="0", PROMPTBATCH_RESULT_TTL_S="3600")
     if provider:
         env["PROMPTBATCH_DEFAULT_PROVIDER"] = provider
-    stack = LocalStack(run_dir, workers=workers, env=env, redis_url=base.redis_url or None)
+    stack = LocalStack(run_dir, workers=workers, env=env, redis_url=base.redis_url or None,
+                       file=str(file.resolve()))
     _install_sigterm()
     try:
         with console.status("starting the local stack..."):
@@ -83,8 +120,8 @@ def run(
             stack.start()
         (run_dir / "scanned").touch()
         settings = settings_or_exit(redis_url=stack.redis_url,
-                             database_url=env.get("PROMPTBATCH_DATABASE_URL"),
-                             default_provider=provider)
+                                    database_url=env.get("PROMPTBATCH_DATABASE_URL"),
+                                    default_provider=provider)
         with Client(settings) as client:
             job = BulkRun(LocalBackend(client, forget=not base.redis_url), file,
                           run_dir / "output", digest, window=window,
@@ -93,22 +130,34 @@ def run(
             if before:
                 console.print(f"resuming: {before} lines were submitted before, "
                               f"{job.progress.finished} of them have finished")
-            summary = _run_with_progress(job, timeout)
+            return job, _run_with_progress(job, timeout)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping the local stack (run the same command "
                       "again to resume)[/yellow]")
         raise typer.Exit(130) from None
-    except (PromptBatchError, TimeoutError) as exc:
-        console.print(f"[red]{exc}[/red] (run the same command again to resume)")
-        raise typer.Exit(1) from exc
+    except (PromptBatchError, TimeoutError, StackError, EmbeddedServerError) as exc:
+        console.print(f"[red]{exc}[/red] (run the same command again to resume)",
+                      soft_wrap=True)
+        raise typer.Exit(1) from None
+    except (RedisError, SQLAlchemyError) as exc:  # a server of the stack is gone
+        console.print(f"[red]lost the local stack's {_server(exc)}: "
+                      f"{type(exc).__name__}: {_first_line(exc)}[/red] (its logs are in "
+                      f"{run_dir}; run the same command again to resume)", soft_wrap=True)
+        raise typer.Exit(1) from None
     finally:
         stack.stop(grace_s=base.shutdown_grace_s)
-    written = job.spool.write(out, job.last_line) if out is not None else 0
-    job.spool.close()
-    if out is not None:
-        console.print(f"wrote {written} lines to {out}")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    _print_summary(summary)
+
+
+def _server(exc: Exception) -> str:
+    from redis import RedisError
+
+    return "Redis server" if isinstance(exc, RedisError) else "job store"
+
+
+def _first_line(exc: Exception) -> str:
+    """An error's message without what a driver appends on further lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
 
 
 def _scan_or_refuse(file: Path, skip_invalid: bool) -> None:
@@ -126,16 +175,6 @@ def _scan_or_refuse(file: Path, skip_invalid: bool) -> None:
             console.print(f"[red]{found.invalid} invalid line(s): nothing was submitted.[/red] "
                           "Fix them, or pass --skip-invalid to submit the valid lines.")
             raise typer.Exit(2)
-
-
-def _clear_runs(runs: Path) -> None:
-    """Forget earlier runs' folders (of other files: one run is resumable at a time)."""
-    if runs.is_dir():
-        for old in runs.iterdir():
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
 
 
 def _run_with_progress(job: Any, timeout: float) -> Summary:
@@ -247,6 +286,9 @@ def submit(
         _scan_or_refuse(file, skip_invalid)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "scanned").touch()
+    from redis import RedisError
+    from sqlalchemy.exc import SQLAlchemyError
+
     from promptbatch.remote import RemoteError
 
     try:
@@ -269,6 +311,12 @@ def submit(
     except PromptBatchError as exc:
         console.print(f"[red]{exc}[/red] (run the same command again to resume)")
         raise typer.Exit(1) from exc
+    except (RedisError, SQLAlchemyError) as exc:  # the service's Redis or store is gone
+        console.print(f"[red]lost the service's {_server(exc)}: {type(exc).__name__}: "
+                      f"{_first_line(exc)}[/red] (check PROMPTBATCH_REDIS_URL and "
+                      "PROMPTBATCH_DATABASE_URL, then run the same command again to resume)",
+                      soft_wrap=True)
+        raise typer.Exit(1) from None
     finally:
         closing()
     job.spool.close()
