@@ -14,7 +14,8 @@ id, appended once a chunk is accepted) and the spool. Started again on the same 
 after an interruption, it skips the lines submitted (without parsing them), waits for
 their jobs still pending, and submits the rest; every line has an idempotency key derived
 from the file's digest and its number, so a chunk cut short is matched to the jobs it
-created, never submitted twice.
+created, never submitted twice. The digest covers the options that change a job too
+(``work_digest``): the same file with another ``--provider`` is a new run.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -57,13 +58,25 @@ class Scan:
 
 
 def file_digest(path: Path) -> str:
-    """A short digest of the file's bytes (its lines' idempotency keys' prefix, and the
-    name of its run folder)."""
+    """A short digest of the file's bytes."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:20]
+
+
+def work_digest(path: Path, options: Mapping[str, Any]) -> str:
+    """A short digest of a bulk run's work: the file's bytes and every option that changes
+    its jobs (a default provider, ...; None: not given). It is the prefix of its lines'
+    idempotency keys and names its state, so the same file with other options is another
+    run, never matched to the first one's jobs. Without options, the file's digest."""
+    given = {k: v for k, v in options.items() if v is not None}
+    digest = file_digest(path)
+    if not given:
+        return digest
+    text = json.dumps({"file": digest, "options": given}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def scan(path: Path) -> Scan:

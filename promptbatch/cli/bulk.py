@@ -6,7 +6,6 @@ memory and resume where an interrupted run stopped."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import signal
 import sys
@@ -51,7 +50,6 @@ def run(
     Any size of file: it is read twice (validated, then submitted in chunks while at most
     --window jobs are pending), never held in memory. Interrupted, the same command again
     resumes: it submits only the lines not yet submitted and completes the output."""
-    from promptbatch.bulk import file_digest
     from promptbatch.runs import RunFolders
     from promptbatch.stack import StackError
 
@@ -60,10 +58,9 @@ def run(
         console.print(f"[red]{file} is not a file[/red]")
         raise typer.Exit(2)
     base = settings_or_exit()
-    digest = file_digest(file)
-    key = hashlib.sha256(f"{digest}|{provider or ''}".encode()).hexdigest()[:16]
+    digest = _work_digest(file, provider=provider)
     runs = RunFolders(base.data_dir / "run")
-    run_dir = runs.folder(key)
+    run_dir = runs.folder(digest)
     checked = not (run_dir / "scanned").exists()
     if checked:  # before anything is written: a refused file leaves nothing behind
         _scan_or_refuse(file, skip_invalid)
@@ -136,16 +133,24 @@ def _run_on_stack(file: Path, run_dir: Path, base: Settings, digest: str, *,
                       "again to resume)[/yellow]")
         raise typer.Exit(130) from None
     except (PromptBatchError, TimeoutError, StackError, EmbeddedServerError) as exc:
-        console.print(f"[red]{exc}[/red] (run the same command again to resume)",
-                      soft_wrap=True)
+        console.print(f"[red]{exc}[/red]{_hint(exc)}", soft_wrap=True)
         raise typer.Exit(1) from None
-    except (RedisError, SQLAlchemyError) as exc:  # a server of the stack is gone
+    except (RedisError, SQLAlchemyError) as exc:  # a server of the stack is gone: a warm
+        stack.cold()  # stop would wait on workers that cannot store what they finish
         console.print(f"[red]lost the local stack's {_server(exc)}: "
                       f"{type(exc).__name__}: {_first_line(exc)}[/red] (its logs are in "
                       f"{run_dir}; run the same command again to resume)", soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         stack.stop(grace_s=base.shutdown_grace_s)
+
+
+def _hint(exc: Exception) -> str:
+    """What to do after an error that ended a bulk run: run it again, unless the error
+    says a job is refused as it is (running it again would be refused the same way)."""
+    from jobs.errors import InvalidJob
+
+    return "" if isinstance(exc, InvalidJob) else " (run the same command again to resume)"
 
 
 def _server(exc: Exception) -> str:
@@ -272,27 +277,24 @@ def submit(
     submits only the lines not yet acknowledged and completes the output (its state is
     kept in OUT.promptbatch-state, or FILE.promptbatch-state, until it ends).
     """
-    from promptbatch.bulk import BulkRun, file_digest
+    from promptbatch.bulk import BulkRun
 
     setup_logging("WARNING")
     if not file.is_file():
         console.print(f"[red]{file} is not a file[/red]")
         raise typer.Exit(2)
     waiting = wait or out is not None
-    backend, closing = _backend(url, api_key)
+    digest = _work_digest(file, provider=provider)
     folder = Path(f"{out or file}.promptbatch-state")
-    resumable = (folder / "scanned").exists()
-    if not resumable:
-        _scan_or_refuse(file, skip_invalid)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "scanned").touch()
+    _prepare_state(folder, file, digest, skip_invalid)
+    backend, closing = _backend(url, api_key)
     from redis import RedisError
     from sqlalchemy.exc import SQLAlchemyError
 
     from promptbatch.remote import RemoteError
 
     try:
-        job = BulkRun(backend, file, folder, file_digest(file),
+        job = BulkRun(backend, file, folder, digest,
                       window=window if waiting else 2**62, chunk=chunk,
                       skip_invalid=skip_invalid, provider=provider)
         job.resume()
@@ -309,7 +311,7 @@ def submit(
         console.print(f"[red]{exc}[/red]{hint}", soft_wrap=True)
         raise typer.Exit(1) from exc
     except PromptBatchError as exc:
-        console.print(f"[red]{exc}[/red] (run the same command again to resume)")
+        console.print(f"[red]{exc}[/red]{_hint(exc)}", soft_wrap=True)
         raise typer.Exit(1) from exc
     except (RedisError, SQLAlchemyError) as exc:  # the service's Redis or store is gone
         console.print(f"[red]lost the service's {_server(exc)}: {type(exc).__name__}: "
@@ -321,6 +323,34 @@ def submit(
         closing()
     job.spool.close()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def _prepare_state(folder: Path, file: Path, digest: str, skip_invalid: bool) -> None:
+    """The state folder of a submit: kept if it is of the same work (resumed), else made
+    afresh after the file is checked (a state of other work, the same file with other
+    options or another file at the same path, is dropped: its jobs stay in the service)."""
+    from promptbatch.bulk import file_digest
+
+    if (folder / "scanned").exists():
+        mark = folder / "digest"  # absent: a state kept before options counted
+        kept = mark.read_text().strip() if mark.exists() else file_digest(file)
+        if kept == digest:
+            return
+        console.print(f"{folder} holds an unfinished submit of other work (another file or "
+                      "other options): starting this one afresh", soft_wrap=True)
+    _scan_or_refuse(file, skip_invalid)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    (folder / "digest").write_text(digest + "\n")
+    (folder / "scanned").touch()
+
+
+def _work_digest(file: Path, *, provider: str | None) -> str:
+    """The digest of a bulk run's work: the file and every option that changes a job (an
+    option of that kind belongs here: a run with other options is a new run)."""
+    from promptbatch.bulk import work_digest
+
+    return work_digest(file, {"provider": provider})
 
 
 def _backend(url: str | None, api_key: str | None) -> tuple[Any, Any]:
