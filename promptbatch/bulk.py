@@ -102,7 +102,13 @@ def scan(path: Path) -> Scan:
 class Spool:
     """Output rows in the order they come, and where each line's row is: ``put`` appends
     the row and writes its slot (offset, length) at ``line * 12`` of the index; ``write``
-    copies the rows to the output in line order."""
+    copies the rows to the output in line order.
+
+    A process killed at any point leaves it consistent for the next one: the index may
+    have reached the disk before the rows (a slot is written at once, rows are buffered),
+    so opening clears every slot that points past the rows the file holds. Those lines
+    count as not spooled (``has``), are spooled again, and no slot points into the rows
+    appended after them."""
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -111,9 +117,26 @@ class Spool:
         self.index.close()
         self.index = (folder / "spool.index").open("r+b")
         self.rows.seek(0, os.SEEK_END)
-        #: The rows' size when opened: a slot pointing past it was written by a run that
-        #: died before its rows reached the file, and does not count.
-        self._kept = self.rows.tell()
+        self._clear_lost(self.rows.tell())
+
+    def _clear_lost(self, kept: int) -> None:
+        """Zero every slot whose row does not lie whole within the first ``kept`` bytes of
+        the rows (a run died before its rows reached the file), reading the index once."""
+        block_size = _SLOT.size * 8192
+        at = 0
+        while True:
+            self.index.seek(at)
+            block = self.index.read(block_size)
+            whole = len(block) - len(block) % _SLOT.size
+            if not whole:
+                break
+            lost = [n for n, (offset, length) in enumerate(_SLOT.iter_unpack(block[:whole]))
+                    if length and offset + length > kept]
+            for n in lost:
+                self.index.seek(at + n * _SLOT.size)
+                self.index.write(bytes(_SLOT.size))
+            at += whole
+        self.index.flush()
 
     def put(self, line: int, row: dict[str, Any]) -> None:
         data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
@@ -127,8 +150,7 @@ class Spool:
         raw = self.index.read(_SLOT.size)
         if len(raw) < _SLOT.size:
             return False
-        offset, length = _SLOT.unpack(raw)
-        return bool(length > 0 and offset + length <= self._kept)
+        return bool(_SLOT.unpack(raw)[1])
 
     def flush(self) -> None:
         self.rows.flush()
@@ -313,6 +335,9 @@ class BulkRun:
         #: The last line of the file read (for writing the output).
         self.last_line = 0
         self._source: Iterator[tuple[int, str]] | None = None
+        #: Where an interrupted run had got to, and its lines still pending then.
+        self._resumed_to = 0
+        self._resumed_pending: set[int] = set()
 
     def resume(self) -> int:
         """Take up what an interrupted run left: the lines submitted, and the jobs of
@@ -325,6 +350,8 @@ class BulkRun:
                 self.pending[job_id] = (number, cls, custom)
         self.progress.submitted = done
         self.progress.finished = done - len(self.pending)
+        self._resumed_to = self.last_submitted
+        self._resumed_pending = {number for number, _, _ in self.pending.values()}
         return done
 
     def run(self, on_progress: Callable[[Progress], None],
@@ -362,9 +389,13 @@ class BulkRun:
         return self._submit_chunk(self._source)
 
     def _lines(self) -> Iterator[tuple[int, str]]:
+        """The lines still to submit: those past where an interrupted run had got to, and
+        those before it that it neither submitted nor spooled for good (an invalid line
+        whose row it lost)."""
         for number, text in read_lines(self.path):
             self.last_line = number
-            if number > self.last_submitted:
+            if number > self._resumed_to or not (number in self._resumed_pending
+                                                 or self.spool.has(number)):
                 yield number, text
 
     def _submit_chunk(self, lines: Iterator[tuple[int, str]]) -> bool:
@@ -375,8 +406,8 @@ class BulkRun:
             try:
                 parsed.append(parse_line(number, text))
             except InvalidJob as exc:
-                if not self.skip_invalid:
-                    raise
+                if not self.skip_invalid and number > self._resumed_to:
+                    raise  # (before it: a line the interrupted run skipped)
                 self.spool.put(number, output_row(number, None, None, None, str(exc)))
             if len(parsed) >= self.chunk:
                 break
@@ -396,7 +427,7 @@ class BulkRun:
         self.ledger.append(rows)
         for ln, job_id in zip(parsed, ids, strict=True):
             self.pending[job_id] = (ln.number, int(ln.request.priority), ln.custom_id)
-        self.last_submitted = parsed[-1].number
+        self.last_submitted = max(self.last_submitted, parsed[-1].number)
         self.progress.submitted += len(parsed)
         return True
 
