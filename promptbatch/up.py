@@ -15,6 +15,7 @@ is stored). Ctrl-C stops it warm (no new batch, running ones finish within
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 import time
@@ -49,10 +50,19 @@ class UpState:
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2), encoding="utf-8")
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        write_private(path, json.dumps(self.__dict__, indent=2))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (mode 600 from its creation on: it holds
+    passwords), whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o600)  # whatever the umask
+    tmp.replace(path)
 
 
 @dataclass
@@ -153,14 +163,12 @@ class Service(LocalStack):
         return key
 
     def _write_env(self) -> None:
-        path = self.home / "up.env"
-        path.write_text(f"export PROMPTBATCH_REDIS_URL='{self.redis_url}'\n"
-                        f"export PROMPTBATCH_DATABASE_URL='{self.settings.database_url}'\n"
-                        f"export PROMPTBATCH_DATA_DIR='{self.settings.data_dir}'\n"
-                        f"export PROMPTBATCH_API_KEY='{self.state.api_key}'\n"
-                        f"export PROMPTBATCH_URL='http://127.0.0.1:{self.port}'\n",
-                        encoding="utf-8")
-        path.chmod(0o600)
+        write_private(self.home / "up.env",
+                      f"export PROMPTBATCH_REDIS_URL='{self.redis_url}'\n"
+                      f"export PROMPTBATCH_DATABASE_URL='{self.settings.database_url}'\n"
+                      f"export PROMPTBATCH_DATA_DIR='{self.settings.data_dir}'\n"
+                      f"export PROMPTBATCH_API_KEY='{self.state.api_key}'\n"
+                      f"export PROMPTBATCH_URL='http://127.0.0.1:{self.port}'\n")
 
     def _wait_for_api(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

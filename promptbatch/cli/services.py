@@ -17,6 +17,7 @@ from rich.console import Console
 
 from config import keys
 from config.logging import setup_logging
+from config.redisaddr import safe_url
 from config.settings import Settings
 from jobs.errors import PromptBatchError
 from promptbatch.cli.common import console, need_redis, refuse, settings_or_exit
@@ -117,14 +118,27 @@ def _print_endpoints(service: Any) -> None:
               highlight=False)
     out.print("  Status       promptbatch status --watch   (after sourcing the file below)",
               highlight=False)
-    out.print(f"  Redis        PROMPTBATCH_REDIS_URL={e.redis_url}", highlight=False)
-    out.print(f"  Job store    PROMPTBATCH_DATABASE_URL={e.database_url}", highlight=False)
+    out.print(f"  Redis        PROMPTBATCH_REDIS_URL={safe_url(e.redis_url)}", highlight=False)
+    out.print(f"  Job store    PROMPTBATCH_DATABASE_URL={_hidden(e.database_url)}",
+              highlight=False)
     out.print(f"  Other terminals: source {e.env_file}   (then promptbatch submit / worker / "
-              "status join this service)", highlight=False)
+              "status join this service; it holds the URLs with their passwords and the API "
+              "key, readable by you alone: mode 600)", highlight=False)
     out.print(f'  Try: curl -s {e.api_url}/v1/jobs -H "Authorization: Bearer '
               '$PROMPTBATCH_API_KEY" '
               """-H 'Content-Type: application/json' -d '{"prompt": "Hello"}'""",
               highlight=False)
+
+
+def _hidden(database_url: str) -> str:
+    """A database URL without its password (``***``), for the terminal."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(database_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not a database URL)"
 
 
 MetricsPort = Annotated[int | None, typer.Option(
