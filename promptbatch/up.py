@@ -116,7 +116,7 @@ class Service(LocalStack):
         if self.settings.redis_sentinels:  # the team's own Redis, found through Sentinel
             self.redis_url = self.settings.redis_url
         else:
-            port = st.redis_port if st.redis_port and _port_free(st.redis_port) else free_port()
+            port = st.redis_port if st.redis_port and port_free(st.redis_port) else free_port()
             st.redis_port = port
             self.server = EmbeddedRedis(self.home / "valkey", port=port,
                                         password=st.redis_password,
@@ -137,7 +137,7 @@ class Service(LocalStack):
         st.save(self.state_path)
         self._write_env()
         for role in ("scheduler", "worker"):
-            if not _port_free(self.metrics_ports.get(role, 0)):
+            if not port_free(self.metrics_ports.get(role, 0)):
                 raise StackError(
                     f"the {role}'s metrics port {self.metrics_ports.get(role)} is in use: "
                     f"choose another with --{role}-metrics-port")
@@ -211,10 +211,15 @@ class Service(LocalStack):
             time.sleep(every)  # checking on the children, not waiting for a result
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether a server can listen on ``port`` of 127.0.0.1 now. The trial binds as the
+    servers do, with ``SO_REUSEADDR``: a connection of a stopped server left in TIME_WAIT
+    (a scrape of its /metrics, for a minute after) does not hold the port; a listener
+    does."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
