@@ -6,6 +6,7 @@ container's health check. Commands about accounts and money belong here too."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Annotated, Any
 
@@ -80,21 +81,36 @@ def _when(at: float | None) -> str:
 @keys_app.command("list")
 def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")]
               = None) -> None:
-    """The stored keys: prefix, tenant, admin, created, last used, expiry, state (never
+    """The stored keys: prefix, state, tenant, admin, created, last used, expiry (never
     the keys themselves). Keys set in PROMPTBATCH_API_KEYS are not listed."""
     from rich.table import Table
 
     now = time.time()
-    table = Table(box=None, pad_edge=False)
-    for name in ("prefix", "tenant", "admin", "created (UTC)", "last used", "expires",
-                 "state"):
-        table.add_column(name, no_wrap=True)
+    rows = []
     for k in _accounts().list_keys(tenant):
         state = ("revoked" if k.revoked_at is not None
                  else "expired" if not k.active(now) else "active")
-        table.add_row(k.prefix, k.tenant, "yes" if k.admin else "no", _when(k.created_at),
-                      _when(k.last_used_at), _when(k.expires_at), state)
-    Console().print(table)
+        rows.append((k.prefix, state, k.tenant, "yes" if k.admin else "no",
+                     _when(k.created_at), _when(k.last_used_at), _when(k.expires_at)))
+    # What a user types back (the prefix, to revoke) and reads first (the state) is never
+    # cut: on a narrow terminal a date wraps into its day and its time, a tenant or a
+    # header folds, and what still does not fit is at the end of the line.
+    table = Table(box=None, pad_edge=False, padding=(0, 1, 0, 0))
+    whole = ("prefix", "admin", "state")
+    for n, name in enumerate(("prefix", "state", "tenant", "admin", "created (UTC)",
+                              "last used", "expires")):
+        longest = max((len(row[n]) for row in rows), default=0)
+        widest_word = max(len(w) for w in name.split())
+        least = (max(longest, len(name)) if name in whole else min(longest, 24)
+                 if name == "tenant" else min(longest, len("YYYY-MM-DD")))
+        table.add_column(name, no_wrap=name in whole, overflow="fold",
+                         min_width=max(least, widest_word))
+    for row in rows:
+        table.add_row(*row)
+    out = Console()
+    if not out.is_terminal and "COLUMNS" not in os.environ:  # a pipe or a file: each row
+        out = Console(width=100_000)  # on one line, however long
+    out.print(table)
 
 
 @keys_app.command("revoke")

@@ -62,8 +62,9 @@ def run(
     runs = RunFolders(base.data_dir / "run")
     run_dir = runs.folder(digest)
     checked = not (run_dir / "scanned").exists()
+    total = None
     if checked:  # before anything is written: a refused file leaves nothing behind
-        _scan_or_refuse(file, skip_invalid)
+        total = _scan_or_refuse(file, skip_invalid)
     try:
         runs.take(file)  # one run at a time on a data folder: a second one refuses
     except StackError as exc:
@@ -71,12 +72,14 @@ def run(
     try:
         if not (run_dir / "scanned").exists():  # a new run: earlier runs are forgotten
             if not checked:
-                _scan_or_refuse(file, skip_invalid)
+                total = _scan_or_refuse(file, skip_invalid)
             runs.clear()
             run_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            total = _scanned(run_dir)
         job, summary = _run_on_stack(file, run_dir, base, digest, provider=provider,
                                      workers=workers, skip_invalid=skip_invalid,
-                                     timeout=timeout, window=window)
+                                     timeout=timeout, window=window, total=total)
         written = job.spool.write(out, job.last_line) if out is not None else 0
         job.spool.close()
         if out is not None:
@@ -89,7 +92,7 @@ def run(
 
 def _run_on_stack(file: Path, run_dir: Path, base: Settings, digest: str, *,
                   provider: str | None, workers: int, skip_invalid: bool, timeout: float,
-                  window: int) -> tuple[Any, Summary]:
+                  window: int, total: int | None) -> tuple[Any, Summary]:
     """Start the run's stack, submit the file and collect every result (or exit with one
     line that says what happened); the stack is stopped in every case."""
     from redis import RedisError
@@ -115,7 +118,7 @@ def _run_on_stack(file: Path, run_dir: Path, base: Settings, digest: str, *,
         with console.status("starting the local stack..."):
             _migrate_quietly(env.get("PROMPTBATCH_DATABASE_URL", base.database_url))
             stack.start()
-        (run_dir / "scanned").touch()
+        _mark_scanned(run_dir, total)
         settings = settings_or_exit(redis_url=stack.redis_url,
                                     database_url=env.get("PROMPTBATCH_DATABASE_URL"),
                                     default_provider=provider)
@@ -127,7 +130,7 @@ def _run_on_stack(file: Path, run_dir: Path, base: Settings, digest: str, *,
             if before:
                 console.print(f"resuming: {before} lines were submitted before, "
                               f"{job.progress.finished} of them have finished")
-            return job, _run_with_progress(job, timeout)
+            return job, _run_with_progress(job, timeout, total)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping the local stack (run the same command "
                       "again to resume)[/yellow]")
@@ -165,9 +168,10 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else repr(exc)
 
 
-def _scan_or_refuse(file: Path, skip_invalid: bool) -> None:
+def _scan_or_refuse(file: Path, skip_invalid: bool) -> int:
     """The first pass over a file: every line validated, one at a time; invalid lines
-    reported (and, without --skip-invalid, nothing submitted)."""
+    reported (and, without --skip-invalid, nothing submitted). Returns how many lines
+    are valid (the jobs the run will submit)."""
     from promptbatch.bulk import scan
 
     with console.status(f"checking {file}..."):
@@ -180,17 +184,31 @@ def _scan_or_refuse(file: Path, skip_invalid: bool) -> None:
             console.print(f"[red]{found.invalid} invalid line(s): nothing was submitted.[/red] "
                           "Fix them, or pass --skip-invalid to submit the valid lines.")
             raise typer.Exit(2)
+    return found.valid
 
 
-def _run_with_progress(job: Any, timeout: float) -> Summary:
+def _mark_scanned(folder: Path, total: int | None) -> None:
+    """Note in a run's folder that its file was checked, and how many jobs it makes."""
+    (folder / "scanned").write_text("" if total is None else f"{total}\n")
+
+
+def _scanned(folder: Path) -> int | None:
+    """How many jobs a checked file makes, as ``_mark_scanned`` noted (None: not noted)."""
+    text = (folder / "scanned").read_text().strip()
+    return int(text) if text.isdigit() else None
+
+
+def _run_with_progress(job: Any, timeout: float, total: int | None) -> Summary:
+    """Run the bulk job with two bars, submitted and finished, out of the jobs the file
+    makes (``total``, counted by the first pass; unknown: out of those submitted)."""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as bar:
-        sent = bar.add_task("submitted", total=None)
-        done = bar.add_task("finished", total=None)
+        sent = bar.add_task("submitted", total=total)
+        done = bar.add_task("finished", total=total)
 
         def show(progress: Any) -> None:
             bar.update(sent, completed=progress.submitted)
-            bar.update(done, completed=progress.finished, total=progress.submitted)
+            bar.update(done, completed=progress.finished, total=total or progress.submitted)
 
         summary: Summary = job.run(show, timeout)
         show(job.progress)
@@ -286,7 +304,7 @@ def submit(
     waiting = wait or out is not None
     digest = _work_digest(file, provider=provider)
     folder = Path(f"{out or file}.promptbatch-state")
-    _prepare_state(folder, file, digest, skip_invalid)
+    total = _prepare_state(folder, file, digest, skip_invalid)
     backend, closing = _backend(url, api_key)
     from redis import RedisError
     from sqlalchemy.exc import SQLAlchemyError
@@ -301,7 +319,7 @@ def submit(
         if not waiting:
             _submit_only(job)
         else:
-            _run_with_progress(job, 24 * 3600.0)
+            _run_with_progress(job, 24 * 3600.0, total)
             if out is not None:
                 console.print(f"wrote {job.spool.write(out, job.last_line)} lines to {out}")
             else:
@@ -325,24 +343,26 @@ def submit(
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _prepare_state(folder: Path, file: Path, digest: str, skip_invalid: bool) -> None:
+def _prepare_state(folder: Path, file: Path, digest: str, skip_invalid: bool) -> int | None:
     """The state folder of a submit: kept if it is of the same work (resumed), else made
     afresh after the file is checked (a state of other work, the same file with other
-    options or another file at the same path, is dropped: its jobs stay in the service)."""
+    options or another file at the same path, is dropped: its jobs stay in the service).
+    Returns how many jobs the file makes, if known."""
     from promptbatch.bulk import file_digest
 
     if (folder / "scanned").exists():
         mark = folder / "digest"  # absent: a state kept before options counted
         kept = mark.read_text().strip() if mark.exists() else file_digest(file)
         if kept == digest:
-            return
+            return _scanned(folder)
         console.print(f"{folder} holds an unfinished submit of other work (another file or "
                       "other options): starting this one afresh", soft_wrap=True)
-    _scan_or_refuse(file, skip_invalid)
+    total = _scan_or_refuse(file, skip_invalid)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     (folder / "digest").write_text(digest + "\n")
-    (folder / "scanned").touch()
+    _mark_scanned(folder, total)
+    return total
 
 
 def _work_digest(file: Path, *, provider: str | None) -> str:

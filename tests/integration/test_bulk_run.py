@@ -53,6 +53,7 @@ def test_a_run_killed_at_sixty_percent_resumes_without_submitting_a_line_twice(
                            text=True, timeout=240, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stderr
+    assert f"{LINES}/{LINES}" in again.stderr and "/?" not in again.stderr  # the count kept
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert [r["line"] for r in rows] == list(range(1, LINES + 1))
     assert [r["id"] for r in rows] == [f"q{i}" for i in range(LINES)]

@@ -66,6 +66,7 @@ def test_the_same_file_with_another_provider_makes_new_jobs_with_their_own_resul
                                   env=env, capture_output=True, text=True, timeout=120,
                                   check=False)
             assert done.returncode == 0, done.stderr[-3000:]
+            assert f"{LINES}/{LINES}" in done.stderr and "/?" not in done.stderr  # counted
             return _rows(out)
 
         echo = submit("echo")
