@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from config.logging import setup_logging
 from config.settings import Settings
@@ -29,7 +28,7 @@ from promptbatch.cli.common import (
     report_invalid,
     settings_or_exit,
 )
-from promptbatch.summary import Summary
+from promptbatch.summary import Summary, summary_table
 
 
 def run(
@@ -87,7 +86,7 @@ def run(
         shutil.rmtree(run_dir, ignore_errors=True)
     finally:
         runs.release()
-    _print_summary(summary)
+    Console().print(summary_table(summary))
 
 
 def _run_on_stack(file: Path, run_dir: Path, base: Settings, digest: str, *,
@@ -243,35 +242,6 @@ def _install_sigterm() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def _print_summary(s: Summary) -> None:
-    table = Table(title="promptbatch run", show_header=False)
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    table.add_row("jobs", str(s.jobs))
-    table.add_row("batches", str(s.batches))
-    table.add_row("mean batch size", f"{s.mean_batch_size:.1f}")
-    table.add_row("mean similarity inside batches",
-                  "-" if s.mean_similarity is None else f"{s.mean_similarity:.3f}")
-    table.add_row("jobs/s", f"{s.jobs_per_s:.1f}")
-    table.add_row("wall time", f"{s.wall_s:.2f} s")
-    table.add_row("succeeded / failed / expired / cancelled",
-                  f"{s.succeeded} / {s.failed} / {s.expired} / {s.cancelled}")
-    if s.with_deadline:
-        table.add_row("deadline misses (expired or late)",
-                      f"{s.missed_deadline} of {s.with_deadline}")
-    if s.prompt_tokens:
-        table.add_row("prompt tokens cached",
-                      f"{s.cached_tokens} of {s.prompt_tokens} "
-                      f"({100.0 * s.cached_tokens / s.prompt_tokens:.0f}%)")
-    if s.from_cache:
-        table.add_row("answered without a provider call of their own",
-                      ", ".join(f"{kind} {n}" for kind, n in s.from_cache.items()))
-    for c in s.classes:
-        table.add_row(f"latency {c.name} ({c.jobs} jobs) p50 / p99",
-                      f"{c.p50_ms or 0:.0f} / {c.p99_ms or 0:.0f} ms")
-    Console().print(table)
-
-
 def submit(
     file: Annotated[Path, typer.Argument(help="JSONL file, one prompt per line.")],
     url: Annotated[str | None, typer.Option(help="Base URL of a promptbatch API; without "
@@ -401,7 +371,7 @@ def _backend(url: str | None, api_key: str | None) -> tuple[Any, Any]:
 
 def _submit_only(job: Any) -> None:
     """Submit every line not yet submitted; print every line's job id in order."""
-    from promptbatch.bulk import Ledger
+    from promptbatch.spool import Ledger
 
     with console.status("submitting..."):
         while job.submit_next():

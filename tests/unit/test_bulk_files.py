@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from promptbatch.bulk import Ledger, Spool, scan
+from promptbatch.bulk import scan
+from promptbatch.spool import Ledger, Spool
 
 
 def test_a_bad_line_near_the_end_is_found_by_the_first_pass(tmp_path: Path) -> None:
