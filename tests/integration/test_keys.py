@@ -112,9 +112,13 @@ def test_keys_list_shows_every_prefix_state_and_tenant_whole(settings: Settings,
     """At 80 columns (a terminal) the table fits and cuts nothing a user reads or types
     back; through a pipe each key is one line, for grep."""
     tenant = "acme-research-team"
-    first = cli(settings, "add", tenant, "--expires-in", "30").stdout.strip()
-    second = cli(settings, "add", "default", "--admin").stdout.strip()
-    assert cli(settings, "revoke", first[:11]).returncode == 0
+    first, second = "pb-Qw3rTy7uIoPaSdFgHjKlZxCvBnM1", "pb-Zx9cVbNm2LkJhGfDsA4qWeRtYuI0"
+    store = JobStore(settings.database_url)
+    accounts = Accounts(store)
+    accounts.add_key(first, tenant, expires_at=time.time() + 30 * 86400)
+    accounts.add_key(second, "default", admin=True)
+    accounts.revoke(first[:11])
+    store.close()
     env = settings_env(settings, **({"COLUMNS": columns} if columns else {}))
     if columns is None:
         env.pop("COLUMNS", None)
