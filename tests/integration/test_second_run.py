@@ -4,9 +4,9 @@ server dies says so in one line (real processes)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +45,21 @@ def _submitted(tmp_path: Path) -> bool:
     return any(p.stat().st_size for p in (tmp_path / "var" / "run").glob("*/output/submitted.tsv"))
 
 
+def _kill_family(proc: subprocess.Popen[str]) -> None:
+    """After a failure: the run and every process of its stack, whatever state they are
+    in (a test leaves nothing running)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.kill()
+    proc.wait()
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(family, timeout=30)
+
+
 def _again(tmp_path: Path, src: Path, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "promptbatch", "run", str(src), "--out",
                            str(out), "--workers", "1"], cwd=tmp_path, env=_env(tmp_path),
@@ -75,8 +90,7 @@ def test_a_second_run_refuses_naming_the_first_which_finishes_untouched(
         _, stderr = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
-            first.send_signal(signal.SIGINT)
-            first.wait(60)
+            _kill_family(first)
     assert first.returncode == 0, stderr[-3000:]
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == [f"q{i}" for i in range(20)]
@@ -104,8 +118,7 @@ def test_a_run_whose_server_dies_says_so_in_one_line(tmp_path: Path) -> None:
         _, stderr = run.communicate(timeout=120)
     finally:
         if run.poll() is None:
-            run.kill()
-            run.wait()
+            _kill_family(run)
     assert run.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "lost the local stack's Redis server" in " ".join(stderr.split())
