@@ -14,24 +14,24 @@ id, appended once a chunk is accepted) and the spool. Started again on the same 
 after an interruption, it skips the lines submitted (without parsing them), waits for
 their jobs still pending, and submits the rest; every line has an idempotency key derived
 from the file's digest and its number, so a chunk cut short is matched to the jobs it
-created, never submitted twice.
+created, never submitted twice. The digest covers the options that change a job too
+(``work_digest``): the same file with another ``--provider`` is a new run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import struct
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from jobs.errors import InvalidJob, JobNotFound
 from jobs.models import JobRequest, JobResult
 from promptbatch.jsonl import InputLine, parse_line, read_lines
+from promptbatch.spool import Ledger, Spool
 from promptbatch.summary import Summary, SummaryBuilder
 
 #: Lines submitted per call (one SQL insert and one atomic Redis step each).
@@ -45,7 +45,6 @@ SWEEP_S = 1.0
 SQL_SWEEP_S = 30.0
 #: A result's answer fields besides its text, as output lines carry them.
 ANSWER_FIELDS = ("tool_calls", "refusal", "finish_reason", "logprobs", "parsed")
-_SLOT = struct.Struct("<QI")  # offset, length of a line's row in the spool
 
 
 @dataclass
@@ -59,13 +58,25 @@ class Scan:
 
 
 def file_digest(path: Path) -> str:
-    """A short digest of the file's bytes (its lines' idempotency keys' prefix, and the
-    name of its run folder)."""
+    """A short digest of the file's bytes."""
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:20]
+
+
+def work_digest(path: Path, options: Mapping[str, Any]) -> str:
+    """A short digest of a bulk run's work: the file's bytes and every option that changes
+    its jobs (a default provider, ...; None: not given). It is the prefix of its lines'
+    idempotency keys and names its state, so the same file with other options is another
+    run, never matched to the first one's jobs. Without options, the file's digest."""
+    given = {k: v for k, v in options.items() if v is not None}
+    digest = file_digest(path)
+    if not given:
+        return digest
+    text = json.dumps({"file": digest, "options": given}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def scan(path: Path, provider: str | None = None) -> Scan:
@@ -87,96 +98,6 @@ def scan(path: Path, provider: str | None = None) -> Scan:
         if len(out.errors) < REPORTED:
             out.errors.append(exc)
     return out
-
-
-class Spool:
-    """Output rows in the order they come, and where each line's row is: ``put`` appends
-    the row and writes its slot (offset, length) at ``line * 12`` of the index; ``write``
-    copies the rows to the output in line order."""
-
-    def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.rows: BinaryIO = (folder / "spool.jsonl").open("a+b")
-        self.index: BinaryIO = (folder / "spool.index").open("a+b")
-        self.index.close()
-        self.index = (folder / "spool.index").open("r+b")
-        self.rows.seek(0, os.SEEK_END)
-        #: The rows' size when opened: a slot pointing past it was written by a run that
-        #: died before its rows reached the file, and does not count.
-        self._kept = self.rows.tell()
-
-    def put(self, line: int, row: dict[str, Any]) -> None:
-        data = (json.dumps(row, ensure_ascii=False) + "\n").encode()
-        offset = self.rows.tell()
-        self.rows.write(data)
-        self.index.seek(line * _SLOT.size)
-        self.index.write(_SLOT.pack(offset, len(data)))
-
-    def has(self, line: int) -> bool:
-        self.index.seek(line * _SLOT.size)
-        raw = self.index.read(_SLOT.size)
-        if len(raw) < _SLOT.size:
-            return False
-        offset, length = _SLOT.unpack(raw)
-        return bool(length > 0 and offset + length <= self._kept)
-
-    def flush(self) -> None:
-        self.rows.flush()
-        self.index.flush()
-
-    def write(self, out: Path, last_line: int) -> int:
-        """Write every spooled row to ``out`` in line order (through a temporary file, so
-        ``out`` is whole or absent); return how many."""
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        with tmp.open("wb") as fh:
-            written = self.copy_to(fh, last_line)
-        tmp.replace(out)
-        return written
-
-    def copy_to(self, fh: BinaryIO, last_line: int) -> int:
-        """Copy every spooled row up to ``last_line`` to ``fh`` in line order."""
-        self.flush()
-        written = 0
-        self.index.seek(0)
-        with open(self.rows.name, "rb") as rows:
-            for _ in range(last_line + 1):
-                raw = self.index.read(_SLOT.size)
-                if len(raw) < _SLOT.size:
-                    break
-                offset, length = _SLOT.unpack(raw)
-                if length:
-                    rows.seek(offset)
-                    fh.write(rows.read(length))
-                    written += 1
-        fh.flush()
-        return written
-
-    def close(self) -> None:
-        self.rows.close()
-        self.index.close()
-
-
-class Ledger:
-    """``submitted.tsv``: each accepted line's number and job id, appended per chunk."""
-
-    def __init__(self, folder: Path) -> None:
-        self.path = folder / "submitted.tsv"
-
-    def read(self) -> Iterator[tuple[int, str, int, str | None]]:
-        """``(line, job id, class, the line's own id)`` of every line recorded."""
-        if not self.path.exists():
-            return
-        with self.path.open(encoding="utf-8") as fh:
-            for raw in fh:
-                if not raw.endswith("\n"):
-                    return  # a record cut short by a crash: its chunk is submitted again
-                number, job_id, cls, custom = raw[:-1].split("\t", 3)
-                yield int(number), job_id, int(cls), json.loads(custom)
-
-    def append(self, rows: list[tuple[int, str, int, str | None]]) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write("".join(f"{n}\t{j}\t{c}\t{json.dumps(o)}\n" for n, j, c, o in rows))
 
 
 def output_row(number: int, custom_id: str | None, job_id: str | None,
@@ -312,6 +233,9 @@ class BulkRun:
         #: The last line of the file read (for writing the output).
         self.last_line = 0
         self._source: Iterator[tuple[int, str]] | None = None
+        #: Where an interrupted run had got to, and its lines still pending then.
+        self._resumed_to = 0
+        self._resumed_pending: set[int] = set()
 
     def resume(self) -> int:
         """Take up what an interrupted run left: the lines submitted, and the jobs of
@@ -324,6 +248,8 @@ class BulkRun:
                 self.pending[job_id] = (number, cls, custom)
         self.progress.submitted = done
         self.progress.finished = done - len(self.pending)
+        self._resumed_to = self.last_submitted
+        self._resumed_pending = {number for number, _, _ in self.pending.values()}
         return done
 
     def run(self, on_progress: Callable[[Progress], None],
@@ -361,9 +287,13 @@ class BulkRun:
         return self._submit_chunk(self._source)
 
     def _lines(self) -> Iterator[tuple[int, str]]:
+        """The lines still to submit: those past where an interrupted run had got to, and
+        those before it that it neither submitted nor spooled for good (an invalid line
+        whose row it lost)."""
         for number, text in read_lines(self.path):
             self.last_line = number
-            if number > self.last_submitted:
+            if number > self._resumed_to or not (number in self._resumed_pending
+                                                 or self.spool.has(number)):
                 yield number, text
 
     def _submit_chunk(self, lines: Iterator[tuple[int, str]]) -> bool:
@@ -374,8 +304,8 @@ class BulkRun:
             try:
                 parsed.append(parse_line(number, text, self.provider))
             except InvalidJob as exc:
-                if not self.skip_invalid:
-                    raise
+                if not self.skip_invalid and number > self._resumed_to:
+                    raise  # (before it: a line the interrupted run skipped)
                 self.spool.put(number, output_row(number, None, None, None, str(exc)))
             if len(parsed) >= self.chunk:
                 break
@@ -395,7 +325,7 @@ class BulkRun:
         self.ledger.append(rows)
         for ln, job_id in zip(parsed, ids, strict=True):
             self.pending[job_id] = (ln.number, int(ln.request.priority), ln.custom_id)
-        self.last_submitted = parsed[-1].number
+        self.last_submitted = max(self.last_submitted, parsed[-1].number)
         self.progress.submitted += len(parsed)
         return True
 

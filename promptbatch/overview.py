@@ -48,6 +48,11 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _count(n: int, one: str, many: str = "") -> str:
+    """``1 slot``, ``2 slots`` (``many``: a plural not made with an s)."""
+    return f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
+
+
 def render(data: dict[str, Any]) -> Group:
     """The overview as a table and a few lines."""
     table = Table(title="promptbatch (last minute: in, done, missed)", title_justify="left",
@@ -64,10 +69,10 @@ def render(data: dict[str, Any]) -> Group:
     cooling = ", ".join(data["cooling"]) or "none"
     lines: list[Table | Text] = [
         Text(f"throughput {data['throughput']:.1f} jobs/s over the last minute; "
-             f"{data['inflight']} batches in flight (one takes about "
+             f"{_count(data['inflight'], 'batch', 'batches')} in flight (one takes about "
              f"{_duration(data['batch_seconds'])})"),
-        Text(f"workers {data['workers']} with {data['slots']} slots; the work needs "
-             f"{data['desired_slots']} slots ({data['scale_reason']})",
+        Text(f"workers {data['workers']} with {_count(data['slots'], 'slot')}; the work "
+             f"needs {_count(data['desired_slots'], 'slot')} ({data['scale_reason']})",
              style="yellow" if data["desired_slots"] > data["slots"] else ""),
         Text(f"deployments cooling down: {cooling}", style="red" if data["cooling"] else ""),
     ]

@@ -39,7 +39,7 @@ class UpLock:
             return {}
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            return _read_holder(fd)
+            return read_holder(fd)
         finally:
             os.close(fd)
 
@@ -47,15 +47,20 @@ class UpLock:
         """Write the process groups of the stack's children (for ``reclaim``)."""
         if self.fd is None:
             return
-        data = _read_holder(self.fd)
+        data = read_holder(self.fd)
         data["groups"] = pids
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, json.dumps(data).encode(), 0)
 
     def reclaim(self, timeout: float = 30.0) -> list[int]:
         """Kill the processes an interrupted command left holding the folder (their
-        process groups, as recorded) and wait for the lock to be free; return them."""
-        groups = [int(g) for g in self.holder().get("groups", [])]
+        process groups, as recorded) and wait for the lock to be free; return them.
+        ``StackError`` naming the command if it still runs: its processes are its own."""
+        holder = self.holder()
+        pid = holder.get("pid")
+        if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+            raise StackError(_already_running(self.path.parent, holder))
+        groups = [int(g) for g in holder.get("groups", [])]
         for pid in groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
@@ -73,19 +78,22 @@ class UpLock:
         raise StackError(f"processes of an interrupted run still hold {self.path.parent}: "
                          f"`fuser {self.path}` lists them")
 
-    def acquire(self, api_url: str = "") -> UpLock:
-        """Take the lock (``StackError`` naming the holder if another ``up`` has it) and
-        write who holds it."""
+    def acquire(self, api_url: str = "", file: str = "") -> UpLock:
+        """Take the lock (``StackError`` naming the holder if another command has it) and
+        write who holds it (its pid, its API, the file it runs)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(fd)
+            holder = read_holder(fd)
             os.close(fd)
             raise StackError(_already_running(self.path.parent, holder)) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "api": api_url}).encode(), 0)
+        about: dict[str, Any] = {"pid": os.getpid(), "api": api_url}
+        if file:
+            about["file"] = file
+        os.pwrite(fd, json.dumps(about).encode(), 0)
         self.fd = fd
         return self
 
@@ -95,7 +103,7 @@ class UpLock:
             self.fd = None
 
 
-def _read_holder(fd: int) -> dict[str, Any]:
+def read_holder(fd: int) -> dict[str, Any]:
     try:
         data = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):
@@ -104,15 +112,28 @@ def _read_holder(fd: int) -> dict[str, Any]:
 
 
 def _already_running(home: Path, holder: dict[str, Any]) -> str:
+    """Why a folder is busy: the command holding it (pid, API or file), or the processes
+    an earlier one left."""
     pid = holder.get("pid")
     alive = isinstance(pid, int) and _alive(pid)
     where = f", API on {holder['api']}" if holder.get("api") else ""
+    if holder.get("file"):
+        where += f", file {holder['file']}"
+    if alive and holder.get("file"):  # a run's folder (data_dir/run/<run>)
+        return running_run(home.parent.parent, pid, holder["file"])
     if alive:
         return (f"promptbatch is already running on {home.parent} (pid {pid}{where}): "
                 "use it, stop it first (Ctrl-C in its terminal), or start another with "
                 "PROMPTBATCH_DATA_DIR set to another folder")
     return (f"processes of an earlier promptbatch (pid {pid}, gone) still run on "
             f"{home.parent}{where}: stop them first (`fuser {home / 'up.lock'}` lists them)")
+
+
+def running_run(data_dir: Path, pid: Any, file: Any) -> str:
+    """The refusal of a second ``run`` while one runs on ``data_dir``."""
+    return (f"a promptbatch run is already going on {data_dir} (pid {pid}, file {file}): "
+            "wait for it to end, stop it (Ctrl-C in its terminal), or start this one with "
+            "PROMPTBATCH_DATA_DIR set to another folder")
 
 
 def _alive(pid: int) -> bool:
@@ -150,12 +171,14 @@ def restore_unacked(redis_url: str) -> int:
 class LocalStack:
     """Starts and stops everything ``promptbatch run`` needs.
 
-    ``env`` holds ``PROMPTBATCH_*`` overrides passed to every child process.
+    ``env`` holds ``PROMPTBATCH_*`` overrides passed to every child process; ``file``, the
+    file the stack runs (written in the folder's lock, for a second command's refusal).
     """
 
     def __init__(self, run_dir: Path, *, workers: int = 2, env: dict[str, str] | None = None,
-                 redis_url: str | None = None) -> None:
+                 redis_url: str | None = None, file: str = "") -> None:
         self.run_dir = run_dir
+        self.file = file
         self.workers = workers
         self.env = dict(env or {})
         self.server: EmbeddedRedis | None = None
@@ -175,14 +198,16 @@ class LocalStack:
     def start(self, ready_timeout: float = 60.0) -> LocalStack:
         """Start the server (unless a URL was given), the scheduler and the workers, all
         holding the folder's lock (processes an interrupted run left on it are stopped
-        first: they are this folder's, and two servers must never share its data)."""
+        first: they are this folder's, and two servers must never share its data; a
+        command still running on it is named in a ``StackError``, and nothing of it is
+        touched)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = UpLock(self.run_dir)
         try:
-            lock.acquire()
+            lock.acquire(file=self.file)
         except StackError:
             lock.reclaim()
-            lock.acquire()
+            lock.acquire(file=self.file)
         self.lock = lock
         assert lock.fd is not None
         self.keep_fds = (lock.fd,)

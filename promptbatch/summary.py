@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from rich.table import Table
+
 from config.settings import PRIORITY_NAMES
 from jobs.answers import INVALID_OUTPUT
 from jobs.models import JobResult, JobState
@@ -183,3 +185,35 @@ def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: f
     for r, p in zip(results, priorities, strict=True):
         builder.add(r, p)
     return builder.build(wall_s)
+
+
+def summary_table(s: Summary) -> Table:
+    """The summary as the table `promptbatch run` prints."""
+    table = Table(title="promptbatch run", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("jobs", str(s.jobs))
+    table.add_row("batches", str(s.batches))
+    table.add_row("mean batch size", f"{s.mean_batch_size:.1f}")
+    table.add_row("mean similarity inside batches",
+                  "-" if s.mean_similarity is None else f"{s.mean_similarity:.3f}")
+    table.add_row("jobs/s", f"{s.jobs_per_s:.1f}")
+    table.add_row("wall time", f"{s.wall_s:.2f} s")
+    table.add_row("succeeded / failed / expired / cancelled",
+                  f"{s.succeeded} / {s.failed} / {s.expired} / {s.cancelled}")
+    if s.with_deadline:
+        table.add_row("deadline misses (expired or late)",
+                      f"{s.missed_deadline} of {s.with_deadline}")
+    if s.prompt_tokens:
+        table.add_row("prompt tokens cached",
+                      f"{s.cached_tokens} of {s.prompt_tokens} "
+                      f"({100.0 * s.cached_tokens / s.prompt_tokens:.0f}%)")
+    if s.from_cache:
+        table.add_row("answered without a provider call of their own",
+                      ", ".join(f"{kind} {n}" for kind, n in s.from_cache.items()))
+    if (checked := s.schema_row()) is not None:
+        table.add_row(*checked)
+    for c in s.classes:
+        table.add_row(f"latency {c.name} ({c.jobs} jobs) p50 / p99",
+                      f"{c.p50_ms or 0:.0f} / {c.p99_ms or 0:.0f} ms")
+    return table

@@ -15,6 +15,7 @@ is stored). Ctrl-C stops it warm (no new batch, running ones finish within
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 import time
@@ -49,10 +50,19 @@ class UpState:
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2), encoding="utf-8")
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        write_private(path, json.dumps(self.__dict__, indent=2))
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (mode 600 from its creation on: it holds
+    passwords), whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o600)  # whatever the umask
+    tmp.replace(path)
 
 
 @dataclass
@@ -106,7 +116,7 @@ class Service(LocalStack):
         if self.settings.redis_sentinels:  # the team's own Redis, found through Sentinel
             self.redis_url = self.settings.redis_url
         else:
-            port = st.redis_port if st.redis_port and _port_free(st.redis_port) else free_port()
+            port = st.redis_port if st.redis_port and port_free(st.redis_port) else free_port()
             st.redis_port = port
             self.server = EmbeddedRedis(self.home / "valkey", port=port,
                                         password=st.redis_password,
@@ -127,7 +137,7 @@ class Service(LocalStack):
         st.save(self.state_path)
         self._write_env()
         for role in ("scheduler", "worker"):
-            if not _port_free(self.metrics_ports.get(role, 0)):
+            if not port_free(self.metrics_ports.get(role, 0)):
                 raise StackError(
                     f"the {role}'s metrics port {self.metrics_ports.get(role)} is in use: "
                     f"choose another with --{role}-metrics-port")
@@ -153,14 +163,12 @@ class Service(LocalStack):
         return key
 
     def _write_env(self) -> None:
-        path = self.home / "up.env"
-        path.write_text(f"export PROMPTBATCH_REDIS_URL='{self.redis_url}'\n"
-                        f"export PROMPTBATCH_DATABASE_URL='{self.settings.database_url}'\n"
-                        f"export PROMPTBATCH_DATA_DIR='{self.settings.data_dir}'\n"
-                        f"export PROMPTBATCH_API_KEY='{self.state.api_key}'\n"
-                        f"export PROMPTBATCH_URL='http://127.0.0.1:{self.port}'\n",
-                        encoding="utf-8")
-        path.chmod(0o600)
+        write_private(self.home / "up.env",
+                      f"export PROMPTBATCH_REDIS_URL='{self.redis_url}'\n"
+                      f"export PROMPTBATCH_DATABASE_URL='{self.settings.database_url}'\n"
+                      f"export PROMPTBATCH_DATA_DIR='{self.settings.data_dir}'\n"
+                      f"export PROMPTBATCH_API_KEY='{self.state.api_key}'\n"
+                      f"export PROMPTBATCH_URL='http://127.0.0.1:{self.port}'\n")
 
     def _wait_for_api(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -203,10 +211,15 @@ class Service(LocalStack):
             time.sleep(every)  # checking on the children, not waiting for a result
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether a server can listen on ``port`` of 127.0.0.1 now. The trial binds as the
+    servers do, with ``SO_REUSEADDR``: a connection of a stopped server left in TIME_WAIT
+    (a scrape of its /metrics, for a minute after) does not hold the port; a listener
+    does."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

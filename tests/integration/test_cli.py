@@ -59,6 +59,9 @@ def test_run_writes_one_result_per_line_in_input_order_and_a_summary(tmp_path: P
     assert good[3]["text"] == "echo: Name a colour for item 3"
     for field in ("usage", "batch_id", "batch_size", "queued_ms", "latency_ms", "error"):
         assert field in good[0]
+    # The file was counted first: the bars read out of the 40 jobs it makes, never "/?".
+    progress = " ".join(done.stderr.split())
+    assert "submitted" in progress and "40/40" in progress and "/?" not in progress
     summary = done.stdout
     for label in ("jobs", "batches", "mean batch size", "mean similarity", "jobs/s",
                   "latency critical", "latency bulk", "failed"):

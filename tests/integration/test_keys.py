@@ -4,6 +4,7 @@ every API process within a second."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -218,3 +219,33 @@ def test_a_whole_key_sent_to_the_revoking_url_stays_out_of_the_access_log(
     text = logged()
     assert f"DELETE /v1/admin/keys/{key[:11]}... HTTP/1.1\" 422" in text, text[-2000:]
     assert key[11:] not in text
+
+
+@pytest.mark.parametrize("columns", ["80", None], ids=["terminal-80", "pipe"])
+def test_keys_list_shows_every_prefix_state_and_tenant_whole(settings: Settings,
+                                                              columns: str | None) -> None:
+    """At 80 columns (a terminal) the table fits and cuts nothing a user reads or types
+    back; through a pipe each key is one line, for grep."""
+    tenant = "acme-research-team"
+    first, second = "pb-Qw3rTy7uIoPaSdFgHjKlZxCvBnM1", "pb-Zx9cVbNm2LkJhGfDsA4qWeRtYuI0"
+    store = JobStore(settings.database_url)
+    accounts = Accounts(store)
+    accounts.add_key(first, tenant, expires_at=time.time() + 30 * 86400)
+    accounts.add_key(second, "default", admin=True)
+    accounts.revoke(first[:11])
+    store.close()
+    env = settings_env(settings, **({"COLUMNS": columns} if columns else {}))
+    if columns is None:
+        env.pop("COLUMNS", None)
+    done = subprocess.run([sys.executable, "-m", "promptbatch", "keys", "list"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "…" not in done.stdout, done.stdout
+    if columns:
+        assert max(len(line) for line in lines) <= 80, done.stdout
+    row = {key: next(line for line in lines if key[:11] in line) for key in (first, second)}
+    assert "revoked" in row[first] and tenant in row[first], done.stdout
+    assert "active" in row[second] and "default" in row[second], done.stdout
+    if columns is None:  # nothing wrapped: the created date and time on the key's line
+        assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", row[first]), done.stdout

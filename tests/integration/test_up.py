@@ -21,16 +21,18 @@ from tests.helpers import poll
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def start_up(tmp_path: Path, api_port: int, flower_port: int,
-             name: str) -> tuple[subprocess.Popen[bytes], Path]:
+def start_up(tmp_path: Path, api_port: int, flower_port: int, name: str, *args: str,
+             **extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTBATCH_")}
     env["PROMPTBATCH_DATA_DIR"] = str(tmp_path / "data")
     env["PROMPTBATCH_UP_SCHEDULER_METRICS_PORT"] = str(free_port())
     env["PROMPTBATCH_UP_WORKER_METRICS_PORT"] = str(free_port())
+    env.update(extra)
     out = tmp_path / f"{name}.out"
     with out.open("wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "promptbatch", "up", "--workers", "1",
-                                 "--port", str(api_port), "--flower-port", str(flower_port)],
+                                 "--port", str(api_port), "--flower-port", str(flower_port),
+                                 *args],
                                 cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT)
     poll(lambda: "Other terminals" in out.read_text(errors="replace"), timeout=120,
          what="promptbatch up to print its endpoints", proc=proc)
@@ -99,3 +101,29 @@ def test_up_serves_a_job_sent_with_curl_shows_it_in_flower_and_keeps_it(tmp_path
         assert res["state"] == "SUCCEEDED", res
     finally:
         stop(proc)
+
+
+@pytest.mark.timeout(300)
+def test_up_prints_no_password_and_keeps_them_in_a_file_only_its_user_reads(
+        tmp_path: Path, pg_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    secret = f"pw-{os.urandom(8).hex()}"  # the server trusts loopback: any password works
+    database = make_url(pg_url).set(password=secret).render_as_string(hide_password=False)
+    proc, out = start_up(tmp_path, free_port(), free_port(), "up", "--no-flower",
+                         PROMPTBATCH_DATABASE_URL=database)
+    try:
+        printed = out.read_text()
+        home = tmp_path / "data" / "up"
+        redis_password = json.loads((home / "up.json").read_text())["redis_password"]
+        assert secret not in printed and redis_password not in printed, printed
+        assert f"PROMPTBATCH_DATABASE_URL={make_url(database).render_as_string()}" in printed
+        assert "mode 600" in printed
+        exported = dict(re.findall(r"export (\w+)='([^']*)'", (home / "up.env").read_text()))
+        assert exported["PROMPTBATCH_DATABASE_URL"] == database  # for `source`, whole
+        assert redis_password in exported["PROMPTBATCH_REDIS_URL"]
+        for private in ("up.env", "up.json"):
+            assert (home / private).stat().st_mode & 0o777 == 0o600, private
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0

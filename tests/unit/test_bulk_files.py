@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from promptbatch.bulk import Ledger, Spool, scan
+import pytest
+
+from promptbatch.bulk import scan
+from promptbatch.spool import Ledger, Spool
 
 
 def test_a_bad_line_near_the_end_is_found_by_the_first_pass(tmp_path: Path) -> None:
@@ -50,3 +53,63 @@ def test_the_ledger_skips_a_record_cut_short(tmp_path: Path) -> None:
     with ledger.path.open("a", encoding="utf-8") as fh:
         fh.write("3\tjob-3\t2")  # the process died mid-write
     assert list(ledger.read()) == [(1, "job-1", 2, "q1"), (2, "job-2", 4, None)]
+
+
+def _write_then_die(folder: Path, first: int, last: int, kill_after: int) -> None:
+    """A process (forked) spools lines ``first..last`` and is SIGKILLed after
+    ``kill_after`` of them: no flush, no close, as a crash leaves the files."""
+    import os
+    import signal
+    import warnings
+
+    with warnings.catch_warnings():  # (a forked child of a threaded process: it only
+        warnings.simplefilter("ignore", DeprecationWarning)  # writes files, then dies)
+        pid = os.fork()
+    if pid == 0:  # the child: never returns into the test
+        try:
+            spool = Spool(folder)
+            for n, line in enumerate(range(first, last + 1), start=1):
+                spool.put(line, {"line": line, "text": "x" * (line % 7 * 40)})
+                if n == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+def _copied(spool: Spool, last: int) -> list[int]:
+    """The lines the spool copies out: every one a whole JSON row."""
+    import io
+
+    buffer = io.BytesIO()
+    spool.copy_to(buffer, last)
+    return [json.loads(row)["line"] for row in buffer.getvalue().decode().splitlines()]
+
+
+@pytest.mark.parametrize("kill_after", [1, 9, 30, 61, 150])
+def test_a_spool_killed_at_any_point_copies_exactly_the_rows_it_says_it_has(
+        tmp_path: Path, kill_after: int) -> None:
+    """SIGKILLed while putting lines 1..200 (rows buffered, slots written at once), then
+    again while putting the lines it did not have and some new ones; after each crash,
+    ``has`` and ``copy_to`` agree and every row copied is whole; completed, the output
+    has each line once, in order."""
+    folder = tmp_path / "run"
+    _write_then_die(folder, 1, 200, kill_after)
+    spool = Spool(folder)
+    have = [n for n in range(1, 201) if spool.has(n)]
+    assert _copied(spool, 200) == have
+    missing = [n for n in range(1, 201) if not spool.has(n)]
+    spool.close()
+    # The resumed process spools new lines over the bytes the lost rows had claimed, and
+    # dies too (the lost lines are not spooled again yet).
+    _write_then_die(folder, 201, 400, kill_after)
+    spool = Spool(folder)
+    have = [n for n in range(1, 401) if spool.has(n)]
+    assert _copied(spool, 400) == have
+    assert not set(missing) & set(have), "a slot of a lost row points into later rows"
+    for n in range(1, 401):
+        if not spool.has(n):
+            spool.put(n, {"line": n})
+    assert _copied(spool, 400) == list(range(1, 401))
+    spool.close()
