@@ -103,6 +103,10 @@ def _parse_priority(value: object) -> object:
 
 PriorityField = Annotated[Priority, BeforeValidator(_parse_priority)]
 
+#: How a job reaches its provider: ``auto`` (the scheduler decides), ``fast`` (a live call),
+#: ``provider_batch`` (the provider's own batch endpoint, at its discount).
+Lane = Literal["auto", "fast", "provider_batch"]
+
 #: How a job uses the result cache: ``auto`` (only a deterministic request: temperature 0
 #: or a seed), ``off``, ``exact`` (any request, the user accepts a stored answer),
 #: ``semantic`` (also a similar enough earlier prompt; see ``jobs.cachekey``).
@@ -214,6 +218,11 @@ class JobRequest(BaseModel):
         "{'type': 'function', 'function': {'name': ...}}.")
     parallel_tool_calls: bool | None = Field(
         default=None, description="Whether the model may call several tools in one answer.")
+    lane: Lane = Field(
+        default="auto", description="How the job reaches its provider: 'auto' (the scheduler "
+        "decides: bulk work that can wait goes through the provider's half-price batch "
+        "endpoint where the deployment has one), 'fast' (a live call), 'provider_batch' "
+        "(the provider's batch endpoint).")
 
     @field_validator("prompt")
     @classmethod
@@ -305,6 +314,7 @@ class JobSpec(BaseModel):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    lane: Lane = "auto"
     #: A digest of the request as submitted, for a job with an idempotency key: a repeat
     #: of the key must carry the same request.
     request_hash: str | None = None
@@ -343,7 +353,16 @@ class Usage(BaseModel):
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Prompt tokens read from the provider's prompt cache (part of ``prompt_tokens``).
     cached_tokens: int = 0
+    #: Prompt tokens written to the provider's prompt cache (part of ``prompt_tokens``;
+    #: Anthropic bills them apart).
+    cache_write_tokens: int = 0
+    #: What the job cost, in US dollars, by the deployment's price (None: no price known).
+    cost_usd: float | None = None
+    #: What the job did not pay, in US dollars: by the cache or coalescing (its own call's
+    #: cost), prompt-cache reads and the batch discount (None: no price known).
+    saved_usd: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -396,6 +415,9 @@ class JobResult(BaseModel):
     cache_source: str | None = Field(default=None, description="The job whose answer it is.")
     cache_similarity: float | None = Field(
         default=None, description="Cosine similarity to the source's prompt (semantic hits).")
+    lane: Literal["fast", "provider_batch"] | None = Field(
+        default=None, description="How the answer came: a live call ('fast') or the "
+        "provider's batch endpoint ('provider_batch', at its batch discount).")
 
     @property
     def missed_deadline(self) -> bool:
