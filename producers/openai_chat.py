@@ -27,9 +27,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from jobs.errors import InvalidJob
 from jobs.models import JobResult, JobState
+from jobs.streams import Cursor
 from producers.auth import CallerDep
 from producers.models import resolve_model
-from producers.streaming import aio, follow, wait_bound
+from producers.streaming import aio, follow, settled_in, stored_result, wait_bound
 from producers.web import ApiError, client_of, read_json
 
 router = APIRouter()
@@ -167,10 +168,16 @@ async def _wait(request: Request, job_id: str) -> JobResult:
     deadline = loop.time() + request.app.state.settings.api_max_wait_s
     delay = 0.002
     checked = loop.time()
+    in_store: float | None = None  # when the store was last asked
     while True:
         res = (await run_in_threadpool(client.queue.results, [job_id]))[0]
         if res is not None:
             return res
+        if Cursor.store_due(in_store, loop.time()):  # a result that left Redis
+            in_store = loop.time()
+            res = await stored_result(client, job_id)
+            if res is not None:
+                return res
         if loop.time() - checked > 0.25:
             checked = loop.time()
             if await request.is_disconnected():
@@ -216,7 +223,8 @@ async def _chunks(request: Request, job_id: str, model: str, chat: bool,
     sent = 0
     try:
         yield chunk("", role=True)
-        async for event in follow(aio(request), job_id, until=until):
+        async for event in follow(aio(request), job_id, until=until,
+                                  settled=settled_in(client_of(request), job_id)):
             if event.kind == "chunk":
                 sent += len(event.text)
                 yield chunk(event.text)
@@ -227,7 +235,7 @@ async def _chunks(request: Request, job_id: str, model: str, chat: bool,
             if event.kind != "end":
                 yield _stopped(job_id, event.kind)
                 return
-            res = (await run_in_threadpool(client_of(request).queue.results, [job_id]))[0]
+            res = await stored_result(client_of(request), job_id)
             if res is None or res.state is not JobState.SUCCEEDED:
                 state = res.state.value if res else event.text
                 yield _error_event(job_id, state.lower(), (res.error if res else None) or state)
