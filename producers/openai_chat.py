@@ -31,7 +31,7 @@ from jobs.streams import Cursor
 from producers.auth import CallerDep
 from producers.models import resolve_model
 from producers.streaming import aio, follow, settled_in, stored_result, wait_bound
-from producers.web import ApiError, client_of, read_json
+from producers.web import ApiError, bounded, client_of, read_json
 
 router = APIRouter()
 
@@ -43,8 +43,11 @@ _IGNORED = {"user", "logit_bias", "n", "stream_options", "parallel_tool_calls",
 #: Our own job fields a body may carry beside OpenAI's.
 _OURS = ("priority", "timeout_s", "deadline", "idempotency_key", "cache", "metadata",
          "client_id")
-_HEADERS = {"x-priority": "priority", "x-timeout-s": "timeout_s", "x-deadline": "deadline",
-            "idempotency-key": "idempotency_key", "x-cache": "cache"}
+#: Headers that set a job field (as OpenAI callers' SDKs send extra headers).
+_HEADERS = {"X-Priority": "priority", "X-Timeout-S": "timeout_s", "X-Deadline": "deadline",
+            "Idempotency-Key": "idempotency_key", "X-Cache": "cache"}
+#: The longest timeout a header may ask for (a job's ``timeout_s`` bound: a year).
+_TIMEOUT_MAX_S = 365 * 24 * 3600.0
 
 
 def _refusals(body: dict[str, Any], chat: bool) -> list[tuple[str, str]]:
@@ -64,8 +67,11 @@ def _refusals(body: dict[str, Any], chat: bool) -> list[tuple[str, str]]:
     return errors
 
 
-def _job(body: Any, request: Request, *, chat: bool) -> dict[str, Any]:
-    """The ``/v1/jobs`` request of an OpenAI call (errors name the OpenAI field)."""
+def _job(body: Any, request: Request, *, chat: bool,
+         ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``/v1/jobs`` request of an OpenAI call, and the name the caller gave each field
+    of it that it did not name as the job does (an OpenAI field, a header), so that
+    errors name what the caller wrote."""
     if not isinstance(body, dict):
         raise InvalidJob([("(body)", "must be a JSON object")])
     errors = _refusals(body, chat)
@@ -75,28 +81,37 @@ def _job(body: Any, request: Request, *, chat: bool) -> dict[str, Any]:
                             else {"prompt": body["prompt"]})
     item.update(resolve_model(request.app.state.settings, body["model"]))
     params = {k: body[k] for k in _PARAMS if body.get(k) is not None}
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if limit is not None:
-        params["max_tokens"] = limit
+    names = {f"params.{k}": k for k in params}
+    for name in ("max_completion_tokens", "max_tokens"):
+        if body.get(name) is not None:
+            params["max_tokens"] = body[name]
+            names["params.max_tokens"] = name
+            break
     item["params"] = params
     if body.get("stream"):
         item["stream"] = True
     for header, field in _HEADERS.items():
         value = request.headers.get(header)
         if value is not None and field not in body:
-            item[field] = float(value) if field == "timeout_s" and _number(value) else value
+            item[field] = (bounded(value, header, 0, _TIMEOUT_MAX_S, " seconds")
+                           if field == "timeout_s" else value)
+            names[field] = header
     for field in _OURS:
         if field in body:
             item[field] = body[field]
-    return item
+    return item, names
 
 
-def _number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _as_written(exc: InvalidJob, names: dict[str, str]) -> ApiError:
+    """A refused OpenAI call's error, each field named as the caller wrote it."""
+    errors = []
+    for field, message in exc.errors:
+        head, _, rest = field.partition(".")
+        name = names.get(field) or (f"{names[head]}.{rest}" if head in names and rest
+                                    else field)
+        errors.append({"field": name, "message": message})
+    return ApiError(422, "invalid_request_error",
+                    "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors)
 
 
 def _usage(res: JobResult) -> dict[str, Any]:
@@ -111,7 +126,7 @@ def _usage(res: JobResult) -> dict[str, Any]:
 
 async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
     body = await read_json(request, request.app.state.settings.api_max_request_bytes)
-    item = _job(body, request, chat=chat)
+    item, names = _job(body, request, chat=chat)
     item["tenant"] = caller.tenant
     client = client_of(request)
     try:
@@ -120,7 +135,7 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
         if exc.errors and exc.errors[0][0] in ("provider", "model"):
             raise ApiError(404, "model_not_found", f"model {body.get('model')!r}: "
                            f"{exc.errors[0][1]}") from exc
-        raise
+        raise _as_written(exc, names) from exc
     headers = {"x-promptbatch-job-id": job_id}
     if body.get("stream"):
         options = body.get("stream_options") or {}
