@@ -203,11 +203,23 @@ async def many_results(request: Request, caller: CallerDep) -> dict[str, Any]:
 
 
 @router.delete("/v1/jobs/{job_id}", tags=["jobs"])
-async def cancel(job_id: str, request: Request, caller: CallerDep) -> JSONResponse:
-    """Cancel a job that has not started (409 with its state if too late)."""
-    state = await run_in_threadpool(client_of(request).cancel, job_id, caller.scope)
-    body = {"id": job_id, "state": state.value}
-    return JSONResponse(body, status_code=200 if state is JobState.CANCELLED else 409)
+async def cancel(job_id: str, request: Request, caller: CallerDep,
+                 tenant: TenantQuery = None) -> JSONResponse:
+    """Cancel a job that has not started (by its id, or by your ``client_id``); 409 in
+    the error shape, with the job's ``id`` and ``state``, if it is too late."""
+    client = client_of(request)
+    stored = await run_in_threadpool(client.store.find, job_id, caller.scope_to(tenant))
+    if stored is None:
+        raise JobNotFound(job_id)
+    real_id = stored.spec.id
+    state = await run_in_threadpool(client.cancel, real_id, stored.spec.tenant)
+    if state is JobState.CANCELLED:
+        return JSONResponse({"id": real_id, "state": state.value})
+    why = ("it has started; only a job that has not started can be cancelled"
+           if not state.final else f"it has already ended {state.value}")
+    return JSONResponse({"error": {
+        "type": "conflict", "message": f"job {real_id} cannot be cancelled: {why}",
+        "id": real_id, "state": state.value}}, status_code=409)
 
 
 @router.delete("/v1/cache", tags=["cache"])

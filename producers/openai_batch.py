@@ -198,8 +198,9 @@ class BatchService:
                               idempotency_key=f"{batch_id}:{custom_id}",
                               metadata={"batch_id": batch_id, "custom_id": custom_id})
                 request = parse_request(fields, line=number)
-                spec = resolve(request, job_id=new_id(), now=now,
-                               settings=self.settings, tenant=tenant, line=number)
+                spec = self.client.submitter.vetted(resolve(
+                    request, job_id=new_id(), now=now, settings=self.settings,
+                    tenant=tenant, line=number), number)
                 specs.append(spec.model_copy(update={"deadline": deadline}))
                 rows.append([number, custom_id, None, None])
                 seen.add(str(custom_id))

@@ -90,10 +90,15 @@ def bounded(value: Any, field: str, low: float, high: float, unit: str = "") -> 
     ok = (not isinstance(value, bool) and isinstance(value, int | float)
           and low <= value <= high)  # NaN is never within bounds
     if not ok:
-        message = f"must be a number from {low:g} to {high:g}{unit}"
-        raise ApiError(422, "invalid_request_error", f"{field} {message}",
+        message = f"must be a number from {_written(low)} to {_written(high)}{unit}"
+        raise ApiError(422, "invalid_request_error", f"{field}: {message}",
                        [{"field": field, "message": message}])
     return float(value)
+
+
+def _written(number: float) -> str:
+    """A bound as a person writes it (86400, not 8.64e+04)."""
+    return str(int(number)) if float(number).is_integer() else str(number)
 
 
 def settings_of(request: Request) -> Settings:

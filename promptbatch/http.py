@@ -189,7 +189,10 @@ class _Plans:
     @staticmethod
     def cancel(job_id: str) -> _Plan[str]:
         resp = yield _Request("DELETE", f"/v1/jobs/{job_id}")
-        return str(resp.json()["state"])
+        body = resp.json()
+        if resp.status_code == 409 and isinstance(body.get("error"), dict):
+            body = body["error"]  # too late: the error carries the job's state
+        return str(body["state"])
 
     @staticmethod
     def page(state: str | None, limit: int, cursor: str | None,

@@ -16,6 +16,9 @@ The model, with its settings (``PROMPTBATCH_SIMULATED_*``):
 * At most ``concurrency`` calls run at once in one worker process; the modelled server
   and its cache live in each worker process.
 * Every modelled duration is multiplied by ``time_scale`` and really slept.
+* A job submitted with ``stream`` gets its answer in pieces as it is decoded: one piece
+  per decode step of its group (the answer's text cut into ``max_tokens`` pieces), after
+  the call's overhead and prefill; the call lasts as long as without streaming.
 
 Answers have ``max_tokens`` tokens (32 when unset, at most 256). Usage is reported as
 OpenAI does: ``prompt_tokens``, ``completion_tokens``,
@@ -109,19 +112,31 @@ def answer_tokens(req: ProviderRequest) -> int:
     return min(req.params.max_tokens or DEFAULT_ANSWER_TOKENS, MAX_ANSWER_TOKENS)
 
 
+def answer_text(req: ProviderRequest) -> str:
+    """The modelled server's answer."""
+    return f"[{req.model}] answer to: {req.text[:60]}"
+
+
+def pieces(text: str, n: int) -> list[str]:
+    """``text`` cut into ``n`` pieces of near-equal length, in order (some empty when the
+    text is shorter than ``n``)."""
+    return [text[len(text) * i // n:len(text) * (i + 1) // n] for i in range(n)]
+
+
 class SimulatedProvider:
     """The cost model above, as a provider."""
 
     name = "simulated"
     probe_first = False
-    streams = False
-    sink: Sink | None = None  # it does not stream
+    streams = True
 
     def __init__(self, model: CostModel | None = None) -> None:
         self.model = model or CostModel()
         self.cache = PrefixCache(self.model.cache_tokens)
         self._slots = threading.BoundedSemaphore(self.model.concurrency)
         self._lock = threading.Lock()
+        #: Where streaming jobs' pieces go (set by the worker).
+        self.sink: Sink | None = None
 
     def cost(self, requests: Sequence[ProviderRequest]) -> tuple[float, list[Usage]]:
         """Modelled seconds of one call, and the usage of each request (fills the cache)."""
@@ -136,19 +151,49 @@ class SimulatedProvider:
                 seconds += (prompt_tokens - cached) * m.prefill_s_per_token
                 usages.append(Usage(prompt_tokens=prompt_tokens,
                                     completion_tokens=answer_tokens(req), cached_tokens=cached))
-        for start in range(0, len(requests), m.decode_group):
-            group = requests[start:start + m.decode_group]
-            seconds += max(answer_tokens(r) for r in group) * m.decode_s_per_step
-        return seconds, usages
+        return seconds + self.decode_s(requests), usages
+
+    def groups(self, requests: Sequence[ProviderRequest]) -> list[Sequence[ProviderRequest]]:
+        """The decode groups of a call, in the order they decode."""
+        size = self.model.decode_group
+        return [requests[start:start + size] for start in range(0, len(requests), size)]
+
+    def decode_s(self, requests: Sequence[ProviderRequest]) -> float:
+        """Modelled seconds of a call's decode: each group, one after another, as many
+        steps as its longest answer."""
+        return sum(max(answer_tokens(r) for r in group) * self.model.decode_s_per_step
+                   for group in self.groups(requests))
 
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
         with self._slots:
             seconds, usages = self.cost(requests)
-            if self.model.time_scale > 0:
+            if self.sink is not None and any(r.stream for r in requests):
+                self._stream(requests, seconds, self.sink)
+            elif self.model.time_scale > 0:
                 time.sleep(seconds * self.model.time_scale)
-        return [ProviderReply(job_id=r.job_id, usage=u,
-                              text=f"[{r.model}] answer to: {r.text[:60]}")
+        return [ProviderReply(job_id=r.job_id, usage=u, text=answer_text(r))
                 for r, u in zip(requests, usages, strict=True)]
+
+    def _stream(self, requests: Sequence[ProviderRequest], seconds: float,
+                sink: Sink) -> None:
+        """Sleep through the call as modelled, writing each streaming job's pieces as
+        its group decodes them."""
+        scale = self.model.time_scale
+        step_s = self.model.decode_s_per_step * scale
+        if scale > 0:  # the call's overhead and prefill
+            time.sleep(max(0.0, seconds - self.decode_s(requests)) * scale)
+        for req in requests:
+            if req.stream:
+                sink.begin(req.job_id)
+        for group in self.groups(requests):
+            parts = {r.job_id: pieces(answer_text(r), answer_tokens(r))
+                     for r in group if r.stream}
+            for step in range(max(answer_tokens(r) for r in group)):
+                if step_s > 0:
+                    time.sleep(step_s)
+                for job_id, texts in parts.items():
+                    if step < len(texts):
+                        sink.chunk(job_id, texts[step])
 
     def close(self) -> None:
         return None
