@@ -25,8 +25,9 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from jobs.errors import InvalidJob
+from jobs.errors import InvalidJob, JobNotFound
 from jobs.models import JobResult, JobState
+from jobs.store import StoredJob
 from jobs.streams import Cursor
 from producers.auth import CallerDep
 from producers.models import resolve_model
@@ -140,13 +141,15 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
     if body.get("stream"):
         options = body.get("stream_options") or {}
         stored = await run_in_threadpool(client.store.get, job_id)
-        until = wait_bound(stored.spec.deadline if stored else None, time.time(),
+        if stored is None:
+            raise JobNotFound(job_id)  # removed since: a purge ran between
+        until = wait_bound(stored.spec.deadline, time.time(),
                            request.app.state.settings.api_stream_max_s)
         return StreamingResponse(
-            _chunks(request, job_id, str(body.get("model")), chat,
+            _chunks(request, stored, str(body.get("model")), chat,
                     bool(isinstance(options, dict) and options.get("include_usage")), until),
             media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
-    res = await _wait(request, job_id)
+    res = await _wait(request, job_id, keyed="idempotency_key" in item)
     if res.state is not JobState.SUCCEEDED:
         status, kind = {JobState.EXPIRED: (504, "deadline_exceeded"),
                         JobState.CANCELLED: (409, "cancelled")}.get(
@@ -174,16 +177,18 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
                         headers=headers)
 
 
-async def _wait(request: Request, job_id: str) -> JobResult:
+async def _wait(request: Request, job_id: str, *, keyed: bool) -> JobResult:
     """Wait for the job's final result (it ends by its deadline, or by the longest wait
     the API allows: then 504 with the job's id, which keeps running). A caller that goes
-    away before the job started cancels it (``api_cancel_on_disconnect``)."""
+    away before the job started cancels it (``api_cancel_on_disconnect``). A result that
+    left Redis is read from the store: at once when the call carried an idempotency key
+    (it may be a repeat of a call long done), else every ``STORE_CHECK_S``."""
     client = client_of(request)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + request.app.state.settings.api_max_wait_s
     delay = 0.002
     checked = loop.time()
-    in_store: float | None = None  # when the store was last asked
+    in_store = None if keyed else loop.time()  # when the store was last asked
     while True:
         res = (await run_in_threadpool(client.queue.results, [job_id]))[0]
         if res is not None:
@@ -214,9 +219,10 @@ def _gone(request: Request, job_id: str) -> None:
         asyncio.get_running_loop().run_in_executor(None, client.cancel, job_id)
 
 
-async def _chunks(request: Request, job_id: str, model: str, chat: bool,
+async def _chunks(request: Request, stored: StoredJob, model: str, chat: bool,
                   include_usage: bool, until: float) -> AsyncIterator[str]:
     """OpenAI's stream of chunks, from the job's stream, then ``[DONE]``."""
+    job_id = stored.spec.id
     created = int(time.time())
     kind = "chat.completion.chunk" if chat else "text_completion"
     base = {"id": ("chatcmpl-" if chat else "cmpl-") + job_id, "object": kind,
@@ -239,7 +245,7 @@ async def _chunks(request: Request, job_id: str, model: str, chat: bool,
     try:
         yield chunk("", role=True)
         async for event in follow(aio(request), job_id, until=until,
-                                  settled=settled_in(client_of(request), job_id)):
+                                  settled=settled_in(client_of(request), stored)):
             if event.kind == "chunk":
                 sent += len(event.text)
                 yield chunk(event.text)

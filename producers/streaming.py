@@ -22,6 +22,7 @@ from config import keys
 from jobs.errors import JobNotFound
 from jobs.models import JobResult
 from jobs.queue import aconnect
+from jobs.store import StoredJob
 from jobs.streams import READ_COUNT, Cursor, Event, entry_id, older
 from producers.auth import CallerDep, TenantQuery
 from producers.client import Client
@@ -106,10 +107,19 @@ async def _resume(r: aioredis.Redis, name: str, after: str) -> tuple[Cursor, Eve
     return Cursor(after, Cursor.attempt_of(at[0][1] if at else None)), None
 
 
-def settled_in(client: Client, job_id: str) -> Callable[[], Awaitable[str | None]]:
-    """The store's answer to ``follow``: the job's state once its result is stored."""
+def settled_in(client: Client, stored: StoredJob) -> Callable[[], Awaitable[str | None]]:
+    """The store's answer to ``follow``: the job's state once its result is stored. The
+    first answer is ``stored``'s (just read by the caller: no query on a stream's way to
+    its first chunk); later ones ask the store."""
+    asked = False
+
     async def state() -> str | None:
-        raw = (await run_in_threadpool(client.store.outcomes, [job_id])).get(job_id)
+        nonlocal asked
+        if not asked:
+            asked = True
+            return stored.state.value if stored.state.final else None
+        raw = (await run_in_threadpool(client.store.outcomes, [stored.spec.id])).get(
+            stored.spec.id)
         return JobResult.model_validate_json(raw).state.value if raw else None
     return state
 
@@ -164,7 +174,7 @@ async def stream_job(job_id: str, request: Request, caller: CallerDep,
 
     async def events() -> AsyncIterator[str]:
         async for event in follow(aio(request), real_id, after, until=until,
-                                  settled=settled_in(client_of(request), real_id)):
+                                  settled=settled_in(client_of(request), stored)):
             yield sse(event)
 
     return StreamingResponse(events(), media_type="text/event-stream",
