@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from config.settings import Settings
 from jobs import gcpause, streams
 from jobs.errors import (
@@ -125,7 +127,10 @@ class Client:
         until = None if timeout is None else time.time() + timeout
 
         def settled() -> str | None:
-            raw = self.store.outcomes([job_id]).get(job_id)
+            try:
+                raw = self.store.outcomes([job_id]).get(job_id)
+            except SQLAlchemyError:  # the store is down: Redis may still end the stream
+                return None
             return JobResult.model_validate_json(raw).state.value if raw else None
 
         yield from streams.follow(self.r, job_id, after, until=until, settled=settled)

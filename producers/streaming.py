@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import SQLAlchemyError
 
 from config import keys
 from jobs.errors import JobNotFound
@@ -118,8 +119,11 @@ def settled_in(client: Client, stored: StoredJob) -> Callable[[], Awaitable[str 
         if not asked:
             asked = True
             return stored.state.value if stored.state.final else None
-        raw = (await run_in_threadpool(client.store.outcomes, [stored.spec.id])).get(
-            stored.spec.id)
+        try:
+            raw = (await run_in_threadpool(client.store.outcomes, [stored.spec.id])).get(
+                stored.spec.id)
+        except (SQLAlchemyError, TimeoutError):  # the store is down: Redis may still end it
+            return None
         return JobResult.model_validate_json(raw).state.value if raw else None
     return state
 
