@@ -219,7 +219,9 @@ async def cancel(job_id: str, request: Request, caller: CallerDep,
            if not state.final else f"it has already ended {state.value}")
     return JSONResponse({"error": {
         "type": "conflict", "message": f"job {real_id} cannot be cancelled: {why}",
-        "id": real_id, "state": state.value}}, status_code=409)
+        "id": real_id, "state": state.value},
+        "id": real_id, "state": state.value},  # as before, for HTTP SDKs that read them
+        status_code=409)
 
 
 @router.delete("/v1/cache", tags=["cache"])

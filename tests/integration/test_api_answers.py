@@ -57,6 +57,7 @@ def test_a_cancel_that_comes_too_late_is_a_409_in_the_error_shape(
     error = resp.json()["error"]
     assert error["type"] == "conflict" and error["state"] == "SUCCEEDED" and error["id"] == job
     assert "already ended SUCCEEDED" in error["message"]
+    assert resp.json()["state"] == "SUCCEEDED"  # where HTTP SDKs before this one read it
     with HttpClient(api.url, KEY_A) as pb:  # the SDK reads the state from it
         assert pb.cancel(job) == "SUCCEEDED"
 
