@@ -107,9 +107,11 @@ def _as_written(exc: InvalidJob, names: dict[str, str]) -> ApiError:
     """A refused OpenAI call's error, each field named as the caller wrote it."""
     errors = []
     for field, message in exc.errors:
-        head, _, rest = field.partition(".")
-        name = names.get(field) or (f"{names[head]}.{rest}" if head in names and rest
-                                    else field)
+        name = field  # a field under a renamed one keeps its own path: stop.0
+        for ours, theirs in names.items():
+            if field == ours or field.startswith(f"{ours}."):
+                name = theirs + field[len(ours):]
+                break
         errors.append({"field": name, "message": message})
     return ApiError(422, "invalid_request_error",
                     "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors)

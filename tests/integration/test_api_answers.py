@@ -67,6 +67,7 @@ def test_a_cancel_that_comes_too_late_is_a_409_in_the_error_shape(
     ("/v1/chat/completions", {"max_tokens": 0}, {}, "max_tokens"),
     ("/v1/chat/completions", {"max_completion_tokens": 2_000_000}, {}, "max_completion_tokens"),
     ("/v1/chat/completions", {"temperature": 7}, {}, "temperature"),
+    ("/v1/chat/completions", {"stop": ["ok", ""]}, {}, "stop.1"),
     ("/v1/chat/completions", {}, {"X-Priority": "urgent"}, "X-Priority"),
     ("/v1/chat/completions", {}, {"X-Timeout-S": "-3"}, "X-Timeout-S"),
     ("/v1/chat/completions", {}, {"X-Deadline": "tomorrow"}, "X-Deadline"),
