@@ -92,12 +92,14 @@ def _parse_priority(value: object) -> object:
         name = value.strip().lower()
         if name in PRIORITY_NAMES:
             return Priority(PRIORITY_NAMES.index(name))
-        raise ValueError(f"unknown priority {value!r}; use one of {', '.join(PRIORITY_NAMES)} "
+        shown = repr(value) if len(value) <= 40 else f"{value[:40]!r}..."
+        raise ValueError(f"unknown priority {shown}; use one of {', '.join(PRIORITY_NAMES)} "
                          "or 0-4 (0 highest)")
     if isinstance(value, int):
         if 0 <= value < len(PRIORITY_NAMES):
             return Priority(value)
-        raise ValueError(f"priority {value} is out of range; use 0 (critical) to 4 (bulk)")
+        shown = str(value) if -1000 < value < 1000 else "a number"
+        raise ValueError(f"priority {shown} is out of range; use 0 (critical) to 4 (bulk)")
     raise ValueError("must be a class name (critical, high, normal, low, bulk) or an integer 0-4")
 
 
@@ -127,7 +129,7 @@ class GenerationParams(BaseModel):
     stop: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
         default=None, max_length=4
     )
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     #: Return the log probabilities of the answer's tokens (providers that serve them).
@@ -159,6 +161,8 @@ def _scalar(value: Any) -> MetadataValue:
     if value is None or isinstance(value, str | bool | int):
         if isinstance(value, str) and len(value) > 4096:
             raise ValueError("a metadata string may have at most 4096 characters")
+        if isinstance(value, int) and not -(2**63) <= value < 2**63:
+            raise ValueError("a metadata integer must fit in 64 bits")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):

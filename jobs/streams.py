@@ -13,8 +13,11 @@ event ids, so a reader resumes after the last one it saw (``Last-Event-ID``).
 What a reader can rely on (``follow``, and the API's asynchronous reader): it ends with
 an ``end`` event carrying the job's real final state within about ``BLOCK_MS`` of the
 result being stored, whether or not the stream has an ``end`` entry, or exists at all (a
-job answered from the cache, or not submitted with ``stream``); with a time bound, it
-ends with a ``timeout`` event when the bound passes first (the job keeps running).
+job answered from the cache, or not submitted with ``stream``); a job whose result has
+left Redis (results live ``result_ttl_s``, jobs longer in SQL) ends its reader at once
+with the state the store holds, when the reader is given the store's answer
+(``settled``); with a time bound, it ends with a ``timeout`` event when the bound passes
+first (the job keeps running).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +43,21 @@ BLOCK_MS = 500
 READ_COUNT = 500
 #: A stream entry id (and so an SSE event id): milliseconds, a dash, a sequence number.
 ENTRY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+#: The largest part of an entry id Redis takes (each is an unsigned 64-bit number).
+ENTRY_PART_MAX = 2**64 - 1
+#: Seconds between two reads of the store's state by a reader whose job has no result in
+#: Redis (the first read is at once): a job final only in the store ends its reader.
+STORE_CHECK_S = 10.0
+
+
+def entry_id(text: str) -> str | None:
+    """``text`` as a stream entry id Redis takes, or None when it is not one."""
+    text = text.strip()
+    if not ENTRY_ID.match(text):
+        return None
+    if any(int(part) > ENTRY_PART_MAX for part in text.split("-")):
+        return None
+    return text
 
 
 @dataclass(frozen=True)
@@ -127,8 +145,12 @@ class Cursor:
 
     def ending(self, meta: str) -> Event:
         """The ``end`` event of a job whose result is stored (its Celery meta)."""
+        return self.ended_as(final_state(meta))
+
+    def ended_as(self, state: str) -> Event:
+        """The ``end`` event of a job that ended ``state``."""
         self.ended = True
-        return Event(self.after, "end", final_state(meta))
+        return Event(self.after, "end", state)
 
     @staticmethod
     def block_ms(until: float | None, now: float) -> int:
@@ -142,6 +164,12 @@ class Cursor:
         """Whether a reader gives up: its bound has passed and the stream went quiet (a
         job still producing text keeps its reader past the bound)."""
         return until is not None and now >= until and not got
+
+    @staticmethod
+    def store_due(checked: float | None, now: float) -> bool:
+        """Whether a reader whose job has no result in Redis asks the store again (at
+        once the first time, then every ``STORE_CHECK_S``)."""
+        return checked is None or now - checked >= STORE_CHECK_S
 
     @staticmethod
     def attempt_of(fields: dict[str, Any] | None) -> str | None:
@@ -203,34 +231,46 @@ def _resume(r: redis.Redis, job_id: str, after: str) -> tuple[Cursor, list[Event
 
 
 def follow(r: redis.Redis, job_id: str, after: str = "0-0", *,
-           until: float | None = None) -> Iterator[Event]:
+           until: float | None = None,
+           settled: Callable[[], str | None] | None = None) -> Iterator[Event]:
     """Every event from ``after`` on, until the ``end`` event (for a job whose stream has
     no ``end`` entry, or no stream at all, an ``end`` with its final state read from its
     result), or a ``timeout`` event once ``until`` (Unix time) has passed and the stream
-    is quiet."""
+    is quiet. ``settled``: the job's final state in the store ('' or None while it has
+    none), asked while Redis holds no result (``Cursor.store_due``): a job whose result
+    left Redis ends with it."""
     cursor, first = _resume(r, job_id, after)
     yield from first
     name = keys.job_stream(job_id)
     final: str | None = None  # the result, once stored: then drain what is left, and end
+    state = ""  # the final state the store holds, when Redis has no result
     got = True
+    checked: float | None = None
     while True:
         now = time.time()
         if final is None and Cursor.timed_out(until, now, got):
             yield Event(cursor.after, "timeout")
             return
-        block = None if final is not None else Cursor.block_ms(until, now)
+        # The first read does not wait: a job long finished ends without a pause.
+        block = None if final is not None or checked is None else Cursor.block_ms(until, now)
         reply: Any = r.xread({name: cursor.after}, count=READ_COUNT, block=block)
-        got = False
-        for _, entries in reply or []:
-            got = got or bool(entries)
-            yield from cursor.take(entries)
+        entries = [entry for _, batch in reply or [] for entry in batch]
+        got = bool(entries)
+        yield from cursor.take(entries)
         if cursor.ended:
             return
         if got:
             continue
         if final is not None:
-            yield cursor.ending(final)
+            yield cursor.ending(final) if not state else cursor.ended_as(state)
             return
         raw: Any = r.get(keys.celery_result(job_id))
         if raw is not None:  # every chunk was written before the result: read the rest
             final = str(raw)
+        elif Cursor.store_due(checked, now):
+            checked = now
+            state = (settled() if settled is not None else None) or ""
+            if state:  # final in the store, so every chunk is in the stream: drain, end
+                final = ""
+        if checked is None:
+            checked = now

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -29,6 +30,7 @@ from jobs.store import JobStore
 from producers.accounts import Accounts
 from producers.client import Client
 from producers.jobs_routes import router
+from producers.models import uncallable
 from producers.openai_batch import BatchError, BatchService
 from producers.openapi_doc import install_openapi
 from producers.web import install_errors
@@ -46,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         hide_keys_in_access_log()
         store = JobStore.for_settings(settings, timeout_s=settings.api_dependency_timeout_s)
         client = Client(settings, store=store, fail_fast=True)
+        client.submitter.vet = partial(uncallable, settings)  # only what it can call
         app.state.settings = settings
         app.state.client = client
         app.state.accounts = Accounts(store)

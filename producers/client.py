@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from config.settings import Settings
 from jobs import gcpause, streams
 from jobs.errors import (
@@ -123,10 +125,18 @@ class Client:
         state, within half a second of the result being stored, whatever ended the job).
         ``after``: an event id to resume after. With ``timeout`` (seconds), a last
         ``timeout`` event instead once that long has passed and the stream is quiet (the
-        job keeps running). ``jobs.streams.text_of`` joins the chunks of the last
-        attempt."""
+        job keeps running). A job whose result has left Redis ends at once with the state
+        the store holds. ``jobs.streams.text_of`` joins the chunks of the last attempt."""
         until = None if timeout is None else time.time() + timeout
-        yield from streams.follow(self.r, job_id, after, until=until)
+
+        def settled() -> str | None:
+            try:
+                raw = self.store.outcomes([job_id]).get(job_id)
+            except SQLAlchemyError:  # the store is down: Redis may still end the stream
+                return None
+            return JobResult.model_validate_json(raw).state.value if raw else None
+
+        yield from streams.follow(self.r, job_id, after, until=until, settled=settled)
 
     def result(self, job_id: str, timeout: float | None = None) -> JobResult:
         """Wait for a job's final result; ``ResultTimeout`` after ``timeout`` seconds."""

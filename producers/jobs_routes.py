@@ -15,7 +15,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from jobs import gcpause
+from jobs import gcpause, jsonbody
 from jobs.errors import (
     InvalidJob,
     JobNotFound,
@@ -24,7 +24,7 @@ from jobs.models import JobResult, JobState
 from jobs.store import StoredJob
 from producers.auth import Caller, CallerDep, TenantQuery
 from producers.client import Client
-from producers.web import ApiError, client_of, read_json, settings_of
+from producers.web import ApiError, bounded, client_of, read_json, settings_of
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,25 @@ def _cursor(stored: StoredJob) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+#: The longest cursor this API gives out, with room to spare (a time and a job id).
+_CURSOR_MAX = 1024
+#: The longest a caller may ask ``wait`` for (the API waits at most ``api_max_wait_s``).
+WAIT_MAX_S = 86_400.0
+
+
 def _parse_cursor(cursor: str) -> tuple[float, str]:
+    """A cursor's (created_at, id): only a time and an id of the sizes this API gives out
+    are taken, so no number decoded from it can overflow."""
     try:
+        if len(cursor) > _CURSOR_MAX:
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, job_id = json.loads(raw)
-        return float(created), str(job_id)
+        created, job_id = jsonbody.parse(raw, 2)
+        if (isinstance(created, bool) or not isinstance(created, int | float)
+                or not 0 <= created <= 1e11 or not isinstance(job_id, str)
+                or len(job_id) > 255):
+            raise ValueError("not a time and an id")
+        return float(created), job_id
     except (ValueError, TypeError) as exc:
         raise ApiError(422, "invalid_request_error", "cursor is not one this API gave out",
                        [{"field": "cursor", "message": "unknown cursor"}]) from exc
@@ -127,7 +141,7 @@ async def get_job(job_id: str, request: Request, caller: CallerDep,
 
 @router.get("/v1/jobs/{job_id}/result", tags=["jobs"])
 async def get_result(job_id: str, request: Request, caller: CallerDep,
-                     wait: Annotated[float, Query(ge=0)] = 0.0,
+                     wait: Annotated[float, Query(ge=0, le=WAIT_MAX_S)] = 0.0,
                      tenant: TenantQuery = None) -> JSONResponse:
     """The job's result, waiting up to ``wait`` seconds for it (202 if still pending)."""
     client = client_of(request)
@@ -165,15 +179,12 @@ async def many_results(request: Request, caller: CallerDep) -> dict[str, Any]:
     if len(ids) > settings.api_max_jobs_per_request:
         raise ApiError(413, "request_too_large",
                        f"at most {settings.api_max_jobs_per_request} ids per request")
-    wait = body.get("wait", 0)
-    if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
-        raise ApiError(422, "invalid_request_error", "'wait' must be a number of seconds",
-                       [{"field": "wait", "message": "a number of seconds, 0 or more"}])
+    wait = bounded(body.get("wait", 0), "wait", 0, WAIT_MAX_S, " seconds")
     client = client_of(request)
     mine = await run_in_threadpool(client.store.owned, ids, caller.scope)
     wanted = [i for i in dict.fromkeys(ids) if i in mine]
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + min(float(wait), settings.api_max_wait_s)
+    deadline = loop.time() + min(wait, settings.api_max_wait_s)
     delay = 0.005
     checked_sql = False
     while True:
@@ -192,11 +203,25 @@ async def many_results(request: Request, caller: CallerDep) -> dict[str, Any]:
 
 
 @router.delete("/v1/jobs/{job_id}", tags=["jobs"])
-async def cancel(job_id: str, request: Request, caller: CallerDep) -> JSONResponse:
-    """Cancel a job that has not started (409 with its state if too late)."""
-    state = await run_in_threadpool(client_of(request).cancel, job_id, caller.scope)
-    body = {"id": job_id, "state": state.value}
-    return JSONResponse(body, status_code=200 if state is JobState.CANCELLED else 409)
+async def cancel(job_id: str, request: Request, caller: CallerDep,
+                 tenant: TenantQuery = None) -> JSONResponse:
+    """Cancel a job that has not started (by its id, or by your ``client_id``); 409 in
+    the error shape, with the job's ``id`` and ``state``, if it is too late."""
+    client = client_of(request)
+    stored = await run_in_threadpool(client.store.find, job_id, caller.scope_to(tenant))
+    if stored is None:
+        raise JobNotFound(job_id)
+    real_id = stored.spec.id
+    state = await run_in_threadpool(client.cancel, real_id, stored.spec.tenant)
+    if state is JobState.CANCELLED:
+        return JSONResponse({"id": real_id, "state": state.value})
+    why = ("it has started; only a job that has not started can be cancelled"
+           if not state.final else f"it has already ended {state.value}")
+    return JSONResponse({"error": {
+        "type": "conflict", "message": f"job {real_id} cannot be cancelled: {why}",
+        "id": real_id, "state": state.value},
+        "id": real_id, "state": state.value},  # as before, for HTTP SDKs that read them
+        status_code=409)
 
 
 @router.delete("/v1/cache", tags=["cache"])
@@ -265,4 +290,6 @@ def _submit(client: Client, items: list[Any], caller: Caller, header_key: str | 
     except InvalidJob as exc:
         if many and exc.line is not None:
             raise InvalidJob([(f"jobs.{exc.line - 1}.{f}", m) for f, m in exc.errors]) from exc
+        if exc.line is not None:  # one job: no line to name
+            raise InvalidJob(exc.errors) from exc
         raise

@@ -203,8 +203,9 @@ class BatchService:
                               metadata={"batch_id": batch_id, "custom_id": custom_id})
                 try:
                     request = parse_request(fields, line=number)
-                    spec = resolve(request, job_id=new_id(), now=now,
-                                   settings=self.settings, tenant=tenant, line=number)
+                    spec = self.client.submitter.vetted(resolve(
+                        request, job_id=new_id(), now=now, settings=self.settings,
+                        tenant=tenant, line=number), number)
                 except InvalidJob as exc:
                     raise openai_errors(exc, line["body"], "body.") from exc
                 specs.append(spec.model_copy(update={"deadline": deadline}))

@@ -25,44 +25,60 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from jobs.errors import InvalidJob
+from jobs.errors import InvalidJob, JobNotFound
 from jobs.models import JobResult, JobState
+from jobs.store import StoredJob
+from jobs.streams import Cursor
 from producers import openai_answer as answer
 from producers.auth import CallerDep
 from producers.models import resolve_model
 from producers.openai_request import job_fields, openai_errors
-from producers.streaming import aio, follow, wait_bound
-from producers.web import ApiError, client_of, read_json
+from producers.streaming import aio, follow, settled_in, stored_result, wait_bound
+from producers.web import ApiError, bounded, client_of, read_json
 
 router = APIRouter()
 
-_HEADERS = {"x-priority": "priority", "x-timeout-s": "timeout_s", "x-deadline": "deadline",
-            "idempotency-key": "idempotency_key", "x-cache": "cache"}
+#: Headers that set a job field (as OpenAI callers' SDKs send extra headers).
+_HEADERS = {"X-Priority": "priority", "X-Timeout-S": "timeout_s", "X-Deadline": "deadline",
+            "Idempotency-Key": "idempotency_key", "X-Cache": "cache"}
+#: The longest timeout a header may ask for (a job's ``timeout_s`` bound: a year).
+_TIMEOUT_MAX_S = 365 * 24 * 3600.0
 
 
-def _job(body: Any, request: Request, *, chat: bool) -> dict[str, Any]:
+def _job(body: Any, request: Request, *, chat: bool,
+         ) -> tuple[dict[str, Any], dict[str, str]]:
     """The ``/v1/jobs`` request of an OpenAI call (``producers.openai_request``; errors
-    name the OpenAI field), with its model resolved and its headers applied."""
+    name the OpenAI field), with its model resolved and its headers applied; and the
+    header that gave each field it set, so that errors name what the caller wrote."""
     item = job_fields(body, chat=chat)
     item.update(resolve_model(request.app.state.settings, body["model"]))
+    names: dict[str, str] = {}
     for header, field in _HEADERS.items():
         value = request.headers.get(header)
         if value is not None and field not in body:
-            item[field] = float(value) if field == "timeout_s" and _number(value) else value
-    return item
+            item[field] = (bounded(value, header, 0, _TIMEOUT_MAX_S, " seconds")
+                           if field == "timeout_s" else value)
+            names[field] = header
+    return item, names
 
 
-def _number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _as_written(exc: InvalidJob, names: dict[str, str]) -> ApiError:
+    """A refused OpenAI call's error, each field named as the caller wrote it."""
+    errors = []
+    for field, message in exc.errors:
+        name = field  # a field under a renamed one keeps its own path: stop.0
+        for ours, theirs in names.items():
+            if field == ours or field.startswith(f"{ours}."):
+                name = theirs + field[len(ours):]
+                break
+        errors.append({"field": name, "message": message})
+    return ApiError(422, "invalid_request_error",
+                    "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors)
 
 
 async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
     body = await read_json(request, request.app.state.settings.api_max_request_bytes)
-    item = _job(body, request, chat=chat)
+    item, names = _job(body, request, chat=chat)
     item["tenant"] = caller.tenant
     client = client_of(request)
     try:
@@ -71,18 +87,20 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
         if exc.errors and exc.errors[0][0] in ("provider", "model"):
             raise ApiError(404, "model_not_found", f"model {body.get('model')!r}: "
                            f"{exc.errors[0][1]}") from exc
-        raise openai_errors(InvalidJob(exc.errors), body) from exc
+        raise _as_written(openai_errors(InvalidJob(exc.errors), body), names) from exc
     headers = {"x-promptbatch-job-id": job_id}
     if body.get("stream"):
         options = body.get("stream_options") or {}
         stored = await run_in_threadpool(client.store.get, job_id)
-        until = wait_bound(stored.spec.deadline if stored else None, time.time(),
+        if stored is None:
+            raise JobNotFound(job_id)  # removed since: a purge ran between
+        until = wait_bound(stored.spec.deadline, time.time(),
                            request.app.state.settings.api_stream_max_s)
         return StreamingResponse(
-            _chunks(request, job_id, str(body.get("model")), chat,
+            _chunks(request, stored, str(body.get("model")), chat,
                     bool(isinstance(options, dict) and options.get("include_usage")), until),
             media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
-    res = await _wait(request, job_id)
+    res = await _wait(request, job_id, keyed="idempotency_key" in item)
     if res.state is not JobState.SUCCEEDED:
         status, kind = {JobState.EXPIRED: (504, "deadline_exceeded"),
                         JobState.CANCELLED: (409, "cancelled")}.get(
@@ -106,19 +124,27 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
                         headers=headers)
 
 
-async def _wait(request: Request, job_id: str) -> JobResult:
+async def _wait(request: Request, job_id: str, *, keyed: bool) -> JobResult:
     """Wait for the job's final result (it ends by its deadline, or by the longest wait
     the API allows: then 504 with the job's id, which keeps running). A caller that goes
-    away before the job started cancels it (``api_cancel_on_disconnect``)."""
+    away before the job started cancels it (``api_cancel_on_disconnect``). A result that
+    left Redis is read from the store: at once when the call carried an idempotency key
+    (it may be a repeat of a call long done), else every ``STORE_CHECK_S``."""
     client = client_of(request)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + request.app.state.settings.api_max_wait_s
     delay = 0.002
     checked = loop.time()
+    in_store = None if keyed else loop.time()  # when the store was last asked
     while True:
         res = (await run_in_threadpool(client.queue.results, [job_id]))[0]
         if res is not None:
             return res
+        if Cursor.store_due(in_store, loop.time()):  # a result that left Redis
+            in_store = loop.time()
+            res = await stored_result(client, job_id)
+            if res is not None:
+                return res
         if loop.time() - checked > 0.25:
             checked = loop.time()
             if await request.is_disconnected():
@@ -140,10 +166,11 @@ def _gone(request: Request, job_id: str) -> None:
         asyncio.get_running_loop().run_in_executor(None, client.cancel, job_id)
 
 
-async def _chunks(request: Request, job_id: str, model: str, chat: bool,
+async def _chunks(request: Request, stored: StoredJob, model: str, chat: bool,
                   include_usage: bool, until: float) -> AsyncIterator[str]:
     """OpenAI's stream of chunks, from the job's stream, then ``[DONE]`` (the chat
     chunks: ``producers.openai_answer``)."""
+    job_id = stored.spec.id
     kind = answer.ChunkStream if chat else answer.TextChunkStream
     stream = kind(job_id, model, int(time.time()))
 
@@ -154,7 +181,8 @@ async def _chunks(request: Request, job_id: str, model: str, chat: bool,
     sent = 0
     try:
         yield data(stream.start())
-        async for event in follow(aio(request), job_id, until=until):
+        async for event in follow(aio(request), job_id, until=until,
+                                  settled=settled_in(client_of(request), stored)):
             if event.kind == "chunk":
                 sent += len(event.text)
                 yield data(stream.content(event.text))
@@ -165,7 +193,7 @@ async def _chunks(request: Request, job_id: str, model: str, chat: bool,
             if event.kind != "end":
                 yield _stopped(job_id, event.kind)
                 return
-            res = (await run_in_threadpool(client_of(request).queue.results, [job_id]))[0]
+            res = await stored_result(client_of(request), job_id)
             if res is None or res.state is not JobState.SUCCEEDED:
                 state = res.state.value if res else event.text
                 yield _error_event(job_id, state.lower(), (res.error if res else None) or state)

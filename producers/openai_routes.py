@@ -35,7 +35,7 @@ async def create_file(request: Request, caller: CallerDep) -> dict[str, Any]:
     tenant = caller.tenant
     limit = request.app.state.settings.api_max_file_bytes
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
     form = await request.form()
     upload = form.get("file")

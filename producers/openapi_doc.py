@@ -55,7 +55,9 @@ _SPECIFIC = {("/v1/jobs", "post"): {"413": "The body or the number of jobs is ov
                                     "429": "The tenant's pending quota is full."},
              ("/v1/jobs/{job_id}", "get"): {"404": "No such job (or another tenant's)."},
              ("/v1/jobs/{job_id}/result", "get"): {"404": "No such job."},
-             ("/v1/jobs/{job_id}", "delete"): {"404": "No such job."}}
+             ("/v1/jobs/{job_id}", "delete"): {
+                 "404": "No such job.",
+                 "409": "Too late: the job started or ended (the error has its `state`)."}}
 
 
 def _schemas() -> dict[str, Any]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -29,6 +29,7 @@ from config.settings import Settings
 from jobs import cache
 from jobs.errors import (
     IdempotencyConflict,
+    InvalidJob,
     ServiceUnavailable,
     SubmitUnconfirmed,
     TenantQuotaExceeded,
@@ -54,6 +55,9 @@ class Submitter:
         self.queue = queue
         self.store = store
         self._bound = False
+        #: What else refuses a resolved job, by field (the HTTP API refuses jobs for a
+        #: deployment it cannot call); None: nothing.
+        self.vet: Callable[[JobSpec], list[tuple[str, str]]] | None = None
 
     def submit_requests(self, items: Iterable[JobRequest | Mapping[str, Any]],
                         tenant: str | None = None) -> list[tuple[str, JobState]]:
@@ -65,9 +69,18 @@ class Submitter:
         for pos, item in enumerate(items, start=1):
             request = parse_request(item, line=pos)
             # A microsecond apart: jobs of one call keep their input order in listings.
-            specs.append(resolve(request, job_id=new_id(), now=now + pos * 1e-6,
-                                 settings=self.settings, tenant=tenant, line=pos))
+            spec = resolve(request, job_id=new_id(), now=now + pos * 1e-6,
+                           settings=self.settings, tenant=tenant, line=pos)
+            self.vetted(spec, pos)
+            specs.append(spec)
         return self.submit_specs_states(specs) if specs else []
+
+    def vetted(self, spec: JobSpec, line: int | None = None) -> JobSpec:
+        """``spec``, unless ``vet`` refuses it (``InvalidJob`` naming the field and line)."""
+        errors = self.vet(spec) if self.vet is not None else []
+        if errors:
+            raise InvalidJob(errors, line=line)
+        return spec
 
     def check(self) -> None:
         """Check, once, that the store's schema is current and that it is the store the

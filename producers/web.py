@@ -56,9 +56,10 @@ def error_response(status: int, kind: str, message: str,
 async def read_json(request: Request, limit: int) -> Any:
     """The request's JSON body: 413 over ``limit`` bytes (a declared length is refused
     before anything is read), 400 if it is not UTF-8 JSON or nests deeper than
-    ``api_max_json_depth``, 422 for NaN or Infinity."""
+    ``api_max_json_depth``, 422 for NaN, Infinity or a number out of range (naming its
+    field)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -69,12 +70,35 @@ async def read_json(request: Request, limit: int) -> Any:
     try:
         return jsonbody.parse(b"".join(chunks), settings_of(request).api_max_json_depth)
     except jsonbody.JsonRefused as exc:
-        if exc.kind == "constant":
-            raise ApiError(422, "invalid_request_error", exc.message,
+        if exc.kind in ("constant", "number"):
+            raise ApiError(422, "invalid_request_error", f"{exc.field}: {exc.message}",
                            [{"field": exc.field, "message": exc.message}]) from None
         raise ApiError(400, "invalid_body", f"the body is {exc.message}"
                        if exc.kind == "invalid" else exc.message,
                        [{"field": "(body)", "message": exc.message}]) from None
+
+
+def bounded(value: Any, field: str, low: float, high: float, unit: str = "") -> float:
+    """A number read from a request (a JSON number, or a header's or a query's text),
+    within ``low`` to ``high``: a 422 naming ``field`` otherwise. Nothing converts it
+    before its bounds are checked, so no size of number raises."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if len(value) <= 64 else None
+        except ValueError:
+            value = None
+    ok = (not isinstance(value, bool) and isinstance(value, int | float)
+          and low <= value <= high)  # NaN is never within bounds
+    if not ok:
+        message = f"must be a number from {_written(low)} to {_written(high)}{unit}"
+        raise ApiError(422, "invalid_request_error", f"{field}: {message}",
+                       [{"field": field, "message": message}])
+    return float(value)
+
+
+def _written(number: float) -> str:
+    """A bound as a person writes it (86400, not 8.64e+04)."""
+    return str(int(number)) if float(number).is_integer() else str(number)
 
 
 def settings_of(request: Request) -> Settings:
@@ -86,6 +110,15 @@ def client_of(request: Request) -> Client:
     """The app's client (Redis and SQL)."""
     return request.app.state.client  # type: ignore[no-any-return]
 
+
+#: Plain words for the parser's errors of query parameters and headers, by pydantic's type.
+_PLAIN_MESSAGES = {
+    "int_parsing": "must be a whole number",
+    "int_parsing_size": "a number too large",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+}
 
 #: Errors answered with a status and a type, their message as it is.
 _PLAIN: dict[type[Exception], tuple[int, str]] = {
@@ -111,7 +144,8 @@ def install_errors(app: FastAPI) -> None:
     async def bad_parameters(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{"field": ".".join(str(p) for p in e["loc"] if p not in ("query", "path",
                                                                           "header", "body")),
-                   "message": str(e["msg"])} for e in exc.errors()]
+                   "message": _PLAIN_MESSAGES.get(e["type"], str(e["msg"]))}
+                  for e in exc.errors()]
         return error_response(422, "invalid_request_error",
                       "; ".join(f"{e['field']}: {e['message']}" for e in errors), errors)
 

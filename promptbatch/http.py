@@ -16,9 +16,10 @@ Every operation is written once, as a plan of HTTP requests (``_Plan``: a genera
 yields each request and is sent its response), and run by the synchronous or the
 asynchronous driver. 429, 502, 503 and 504 and dropped connections are tried again,
 honouring ``Retry-After``, at most ``max_retries`` times, for requests that are safe to
-repeat (reads, and submits, which always carry an idempotency key); other errors raise
-``ApiError`` with the API's error body. A stream resumes after a dropped connection from
-the last event it delivered (``Last-Event-ID``), so no chunk is lost or repeated.
+repeat (reads, and submits, whose jobs always carry an idempotency key); other errors
+raise ``ApiError`` with the API's error body. A stream resumes after a dropped connection
+from the last event it delivered (``Last-Event-ID``), so no chunk is lost or repeated;
+``max_retries`` bounds the drops in a row without an event.
 """
 
 from __future__ import annotations
@@ -171,9 +172,8 @@ class _Plans:
         return str(resp.json()["id"])
 
     @staticmethod
-    def submit_chunk(jobs: list[dict[str, Any]], key: str) -> _Plan[list[str]]:
-        resp = yield _Request("POST", "/v1/jobs", json={"jobs": jobs},
-                              headers={"Idempotency-Key": key})
+    def submit_chunk(jobs: list[dict[str, Any]]) -> _Plan[list[str]]:
+        resp = yield _Request("POST", "/v1/jobs", json={"jobs": jobs})
         return [str(i) for i in resp.json()["ids"]]
 
     @staticmethod
@@ -204,7 +204,10 @@ class _Plans:
     @staticmethod
     def cancel(job_id: str) -> _Plan[str]:
         resp = yield _Request("DELETE", f"/v1/jobs/{job_id}")
-        return str(resp.json()["state"])
+        body = resp.json()
+        if resp.status_code == 409 and isinstance(body.get("error"), dict):
+            body = body["error"]  # too late: the error carries the job's state
+        return str(body["state"])
 
     @staticmethod
     def page(state: str | None, limit: int, cursor: str | None,
@@ -288,15 +291,20 @@ class _Base:
         raise _error(resp)
 
     def _stream_pause(self, job_id: str, resp: httpx.Response | None,
-                      error: httpx.TransportError | None, attempt: int) -> float:
+                      error: httpx.TransportError | None, attempt: int,
+                      after: str | None) -> float:
         """A stream refused (``resp``, read) or dropped (``error``; or closed before its
-        end): the seconds to wait before resuming it, or ``ApiError``."""
+        end) ``attempt + 1`` times in a row without an event: the seconds to wait before
+        resuming it, or ``ApiError`` once that is more than ``max_retries``."""
         if resp is not None:
             if resp.status_code in RETRYABLE and attempt < self.max_retries:
                 return _retry_after(resp, attempt)
             raise _error(resp)
-        if error is not None and attempt >= self.max_retries:
-            raise ApiError(0, None, f"the stream of {job_id} dropped: {error}") from error
+        if attempt >= self.max_retries:
+            how = f"dropped ({error})" if error is not None else "closed before its end"
+            resume = f"; resume with last_event_id={after!r}" if after else ""
+            raise ApiError(0, None, f"the stream of {job_id} {how} {attempt + 1} times in a "
+                           f"row without an event{resume}") from error
         return _retry_after(None, attempt)
 
 
@@ -355,13 +363,14 @@ class Client(_Base):
 
     def submit_many(self, items: Iterable[JobRequest | Mapping[str, Any]], *,
                     idempotency_key: str | None = None, chunk: int = CHUNK) -> list[str]:
-        """Submit many jobs in chunks; their ids in input order. Each chunk carries the
-        idempotency key ``{idempotency_key}:{n}``: a chunk sent again (a retry, or the same
-        call made again with the same key after an interruption) is accepted once."""
+        """Submit many jobs, ``chunk`` per request; their ids in input order. Each job
+        that has no idempotency key of its own gets one from its position in the whole
+        call (``item_key``), whatever the chunk size: a chunk sent again (a retry), or the
+        same call made again with the same key after an interruption, is accepted once."""
         base = idempotency_key or uuid.uuid4().hex
         ids: list[str] = []
-        for n, part in enumerate(_chunks(items, chunk)):
-            ids += self._run(_Plans.submit_chunk(part, f"{base}:{n}"))
+        for part in _chunks(items, chunk, base):
+            ids += self._run(_Plans.submit_chunk(part))
         return ids
 
     def get(self, job_id: str) -> JobView:
@@ -397,7 +406,10 @@ class Client(_Base):
 
     def stream(self, job_id: str, last_event_id: str | None = None) -> Iterator[Event]:
         """The job's stream of events, until ``end`` (or ``timeout``/``lost``); resumed
-        after a dropped connection from the last event delivered."""
+        after a dropped connection from the last event delivered. Drops are counted in a
+        row: a connection that delivered an event starts the count again, and after
+        ``max_retries`` more without one (dropped, or closed before the stream's end) it
+        raises ``ApiError``."""
         after = last_event_id
         attempt = 0
         while True:
@@ -405,6 +417,7 @@ class Client(_Base):
             parser = _SSE()
             refused: httpx.Response | None = None
             error: httpx.TransportError | None = None
+            start = after
             try:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers,
                                       timeout=httpx.Timeout(self.timeout, read=None)) as resp:
@@ -422,7 +435,8 @@ class Client(_Base):
                                 return
             except httpx.TransportError as exc:
                 error = exc
-            time.sleep(self._stream_pause(job_id, refused, error, attempt))
+            attempt = 0 if after != start else attempt  # it moved on: a new count
+            time.sleep(self._stream_pause(job_id, refused, error, attempt, after))
             attempt += 1
 
     def cancel(self, job_id: str) -> str:
@@ -495,8 +509,8 @@ class AsyncClient(_Base):
         """``Client.submit_many``."""
         base = idempotency_key or uuid.uuid4().hex
         ids: list[str] = []
-        for n, part in enumerate(_chunks(items, chunk)):
-            ids += await self._run(_Plans.submit_chunk(part, f"{base}:{n}"))
+        for part in _chunks(items, chunk, base):
+            ids += await self._run(_Plans.submit_chunk(part))
         return ids
 
     async def get(self, job_id: str) -> JobView:
@@ -535,6 +549,7 @@ class AsyncClient(_Base):
             parser = _SSE()
             refused: httpx.Response | None = None
             error: httpx.TransportError | None = None
+            start = after
             try:
                 async with self.http.stream("GET", f"/v1/jobs/{job_id}/stream",
                                             headers=headers,
@@ -554,7 +569,8 @@ class AsyncClient(_Base):
                                 return
             except httpx.TransportError as exc:
                 error = exc
-            await asyncio.sleep(self._stream_pause(job_id, refused, error, attempt))
+            attempt = 0 if after != start else attempt  # it moved on: a new count
+            await asyncio.sleep(self._stream_pause(job_id, refused, error, attempt, after))
             attempt += 1
 
     async def cancel(self, job_id: str) -> str:
@@ -573,11 +589,25 @@ class AsyncClient(_Base):
                 return
 
 
-def _chunks(items: Iterable[JobRequest | Mapping[str, Any]],
-            size: int) -> Iterator[list[dict[str, Any]]]:
+def item_key(base: str, position: int) -> str:
+    """The idempotency key ``submit_many`` gives the job at ``position`` (0-based) of a
+    call made with key ``base``: ``{base}:{position // CHUNK}:{position % CHUNK}``, the
+    key the API gave each job when this SDK sent chunks of ``CHUNK`` under the key
+    ``{base}:{n}`` (so a call interrupted under that scheme resumes without a copy)."""
+    return f"{base}:{position // CHUNK}:{position % CHUNK}"
+
+
+def _chunks(items: Iterable[JobRequest | Mapping[str, Any]], size: int,
+            base: str) -> Iterator[list[dict[str, Any]]]:
+    """The jobs in lists of ``size``, each keyed by its position in the whole call."""
+    if size < 1:
+        raise ValueError(f"chunk must be 1 or more, not {size}")
     part: list[dict[str, Any]] = []
-    for item in items:
-        part.append(_jsonable(item))
+    for position, item in enumerate(items):
+        job = _jsonable(item)
+        if not job.get("idempotency_key"):
+            job["idempotency_key"] = item_key(base, position)
+        part.append(job)
         if len(part) >= size:
             yield part
             part = []

@@ -214,3 +214,116 @@ def test_a_stream_cut_mid_way_resumes_without_losing_or_repeating_a_chunk(
             assert text == direct.result(job, timeout=30).text
     finally:
         proxy.close()
+
+
+def test_submit_many_is_repeatable_whatever_the_chunk_size(settings: Settings) -> None:
+    api = Api(settings, max_pending_per_tenant=10_000).start()  # no worker: jobs wait
+    items = [{"prompt": f"nightly {i}"} for i in range(14)]
+    try:
+        with Client(api.url, KEY_A) as pb:
+            ids = pb.submit_many(items, idempotency_key="nightly", chunk=7)
+            assert pb.submit_many(items, idempotency_key="nightly") == ids  # default chunk
+            assert pb.submit_many(items, idempotency_key="nightly", chunk=5) == ids
+
+        async def again() -> list[str]:
+            async with AsyncClient(api.url, KEY_A) as pb:
+                return await pb.submit_many(items, idempotency_key="nightly", chunk=3)
+
+        assert asyncio.run(again()) == ids
+        # The same call as this SDK sent it before (one chunk under "nightly:0", the API
+        # keying each job ":{i}"): the jobs stored by the new scheme, not new ones.
+        old = api.a.post("/v1/jobs", json={"jobs": items},
+                         headers={"Idempotency-Key": "nightly:0"})
+        assert old.status_code == 201 and old.json()["ids"] == ids, old.text
+        assert len(set(ids)) == 14
+    finally:
+        api.stop()
+    store = JobStore(settings.database_url)
+    assert sum(store.count_by_state().values()) == 14
+    store.close()
+
+
+class Dropping(BaseHTTPRequestHandler):
+    """Serves a job's stream of ``chunks`` chunk events and an end, one event per
+    connection, each connection cut after its event (``drop``: mid-body; else closed
+    cleanly); with ``chunks`` 0 and no end (``silent``), no event at all."""
+
+    chunks: ClassVar[int] = 8
+    silent: ClassVar[bool] = False
+    connections: ClassVar[list[str | None]] = []
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        return None
+
+    def do_GET(self) -> None:
+        after = self.headers.get("last-event-id")
+        Dropping.connections.append(after)
+        n = int(after.split("-")[0]) if after else 0
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        if Dropping.silent:  # a clean close without an event
+            self.send_header("Content-Length", "0")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        kind, data = (("chunk", {"text": f"w{n + 1} "}) if n < Dropping.chunks
+                      else ("end", {"state": "SUCCEEDED"}))
+        event = f"id: {n + 1}-0\nevent: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+        self.wfile.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+        self.wfile.flush()
+        self.close_connection = True  # no last chunk: the body is cut mid-way
+
+
+@pytest.fixture
+def dropping() -> Iterator[str]:
+    Dropping.chunks, Dropping.silent, Dropping.connections = 8, False, []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Dropping)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def _read_stream(url: str, flavour: str, max_retries: int) -> list[Any]:
+    if flavour == "sync":
+        with Client(url, "k", max_retries=max_retries) as pb:
+            return list(pb.stream("job-1"))
+
+    async def read() -> list[Any]:
+        async with AsyncClient(url, "k", max_retries=max_retries) as pb:
+            return [e async for e in pb.stream("job-1")]
+
+    return asyncio.run(read())
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_stream_that_drops_after_every_event_still_reaches_its_end(
+        dropping: str, flavour: str) -> None:
+    events = _read_stream(dropping, flavour, max_retries=2)  # 8 drops, each after progress
+    assert [e.kind for e in events] == ["chunk"] * 8 + ["end"]
+    assert "".join(e.text for e in events[:-1]) == "".join(f"w{i} " for i in range(1, 9))
+    assert Dropping.connections == [None] + [f"{i}-0" for i in range(1, 9)]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_stream_that_closes_without_an_event_gives_up_after_max_retries(
+        dropping: str, flavour: str) -> None:
+    Dropping.silent = True
+    outcome: list[BaseException | list[Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append(_read_stream(dropping, flavour, max_retries=2))
+        except BaseException as exc:  # the outcome under test
+            outcome.append(exc)
+
+    reader = threading.Thread(target=run, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert outcome, f"still retrying after {len(Dropping.connections)} connections"
+    assert isinstance(outcome[0], ApiError), outcome[0]
+    assert "closed before its end 3 times in a row" in str(outcome[0])
+    assert len(Dropping.connections) == 3  # the first try and two more

@@ -212,3 +212,88 @@ def _status(url: str) -> int:
         return httpx.get(url, timeout=5).status_code
     except httpx.HTTPError:
         return 0
+
+
+# --- a job whose result left Redis ----------------------------------------------------------
+
+def _final_only_in_sql(settings: Settings, r: redis.Redis, spec: JobSpec,
+                       state: JobState = JobState.SUCCEEDED) -> None:
+    """``spec`` ran to ``state`` with its stream, then its result and its stream expired
+    from Redis (``result_ttl_s``, 7 days) while SQL keeps the job (30 days)."""
+    store = JobStore(settings.database_url)
+    queue = RedisQueue(r)
+    if store.get(spec.id) is None:
+        store.insert([spec])
+        queue.stage([spec], ttl_s=600, max_pending=0, publish=True)
+    r.xadd(keys.job_stream(spec.id), {"attempt": "a1"})
+    r.xadd(keys.job_stream(spec.id), {"t": "the answer", "a": "a1"})
+    record_results(store, queue, [JobResult(
+        id=spec.id, state=state, text="the answer" if state is JobState.SUCCEEDED else None,
+        error=None if state is JobState.SUCCEEDED else "it ended")],
+        [spec.tenant], result_ttl_s=600)
+    r.delete(keys.celery_result(spec.id), keys.job_stream(spec.id))
+    store.close()
+
+
+@pytest.mark.parametrize("state", [JobState.SUCCEEDED, JobState.CANCELLED])
+def test_the_python_clients_stream_of_a_job_known_only_to_sql_ends_at_once(
+        settings: Settings, r: redis.Redis, state: JobState) -> None:
+    spec = _spec()
+    _final_only_in_sql(settings, r, spec, state)
+    with Client(settings) as client:
+        started = time.monotonic()
+        events = list(client.stream(spec.id, timeout=10))
+        took = time.monotonic() - started
+    assert [(e.kind, e.text) for e in events] == [("end", state.value)]
+    assert took < 2.0, f"the stream ended after {took:.1f} s"
+
+
+def test_every_api_stream_of_a_job_known_only_to_sql_ends_at_once(
+        settings: Settings, r: redis.Redis) -> None:
+    from promptbatch.http import Client as HttpClient
+    from tests.integration.test_api import KEY_A, Api
+
+    api = Api(settings, api_stream_max_s=20.0, api_max_wait_s=20.0).start()
+    try:
+        spec = _spec().model_copy(update={"tenant": "tenant-a"})
+        _final_only_in_sql(settings, r, spec, JobState.CANCELLED)
+        started = time.monotonic()
+        body = api.a.get(f"/v1/jobs/{spec.id}/stream", timeout=15).text
+        assert "event: end" in body and '"state": "CANCELLED"' in body, body
+        with HttpClient(api.url, KEY_A, timeout=15) as pb:
+            events = list(pb.stream(spec.id))
+        assert [(e.kind, e.text) for e in events] == [("end", "CANCELLED")]
+        took = time.monotonic() - started
+        assert took < 4.0, f"the two streams took {took:.1f} s"
+    finally:
+        api.stop()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_chat_call_repeated_after_its_result_left_redis_answers_at_once(
+        settings: Settings, r: redis.Redis, stream: bool) -> None:
+    from tests.integration.test_api import Api
+
+    api = Api(settings, api_stream_max_s=1.0, api_max_wait_s=1.0).start()
+    try:
+        call = {"model": "echo-1", "stream": stream,
+                "messages": [{"role": "user", "content": "what is the answer?"}]}
+        headers = {"Idempotency-Key": "question-7"}
+        # No scheduler: the first call's job waits, and the call ends at the API's bound.
+        first = api.a.post("/v1/chat/completions", json=call, headers=headers, timeout=15)
+        assert first.status_code == (200 if stream else 504), first.text
+        store = JobStore(settings.database_url)
+        [stored] = store.list_jobs("tenant-a")
+        store.close()
+        spec, job_id = stored.spec, stored.spec.id
+        _final_only_in_sql(settings, r, spec)  # it ran, days ago; Redis forgot it
+        # The same call again (the caller's retry): the job's answer, not the bound's 504.
+        again = api.a.post("/v1/chat/completions", json=call, headers=headers, timeout=30)
+        assert again.status_code == 200, again.text
+        assert again.headers["x-promptbatch-job-id"] == job_id
+        if stream:
+            assert '"content": "the answer"' in again.text and "[DONE]" in again.text, again.text
+        else:
+            assert again.json()["choices"][0]["message"]["content"] == "the answer"
+    finally:
+        api.stop()

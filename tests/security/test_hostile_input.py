@@ -4,6 +4,7 @@ server on loopback, real Redis and SQLite)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import socket
@@ -143,9 +144,109 @@ def test_no_request_of_a_fuzzed_set_answers_500(api: Api) -> None:
               b'{"jobs": [[]]}', b'{"prompt": {"a": 1}}', b'{"messages": "x"}',
               b'{"messages": [{"role": "user", "content": ' + DEEP + b"}]}",
               b'{"prompt": "x", "priority": []}', b'{"prompt": "x", "deadline": "yesterday"}',
-              b"\xff\xfe", b'{"model": ' + DEEP + b"}"]
-    for path in ("/v1/jobs", "/v1/chat/completions", "/v1/completions", "/v1/batches"):
+              b"\xff\xfe", b'{"model": ' + DEEP + b"}",
+              # numbers of any size, in every place a body holds one
+              b"1" + b"0" * 400, b'{"wait": 1e400, "ids": ["a"]}',
+              b'{"ids": ["a"], "wait": ' + b"9" * 5000 + b"}",
+              b'{"prompt": "x", "params": {"seed": 1' + b"0" * 400 + b"}}",
+              b'{"prompt": "x", "metadata": {"a": -1' + b"0" * 400 + b"}}",
+              b'{"prompt": "x", "timeout_s": 1e400}', b'{"prompt": "x", "priority": 1e400}',
+              b'{"model": "echo-1", "prompt": "x", "max_tokens": 1' + b"0" * 400 + b"}",
+              b'{"model": "echo-1", "messages": [{"role": "user", "content": "x"}], '
+              b'"n": 1' + b"0" * 400 + b"}",
+              b'{"input_file_id": "f", "endpoint": "/v1/chat/completions", '
+              b'"completion_window": "1' + b"0" * 400 + b'h"}']
+    for path in ("/v1/jobs", "/v1/chat/completions", "/v1/completions", "/v1/batches",
+                 "/v1/jobs/results"):
         for body in bodies:
             resp = api.a.post(path, content=body, headers={"Content-Type": "application/json"})
             assert 400 <= resp.status_code < 500, (path, body[:40], resp.status_code, resp.text)
             _error_shape(resp)
+
+
+# --- numbers of any size ------------------------------------------------------------------
+
+BIG = "1" + "0" * 400  # 10**400: past a 64-bit integer and a double
+HUGE = "9" * 5000  # past the standard library's 4,300 digits
+CHAT = '{"model": "echo-1", "messages": [{"role": "user", "content": "x"}]'
+
+
+def _cursor(value: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+def _in(template: str, number: str) -> dict[str, object]:
+    """A request body: ``template`` with ``@`` replaced by the number's digits."""
+    return {"content": template.replace("@", number)}
+
+
+NUMBERS: list[tuple[str, str, dict[str, object], str]] = [
+    ("GET", "/v1/jobs", {"params": {"cursor": _cursor([10**400, "x"])}}, "cursor"),
+    ("GET", "/v1/jobs", {"params": {"cursor": _cursor([1e300, "x"])}}, "cursor"),
+    ("GET", "/v1/jobs", {"params": {"cursor": _cursor(["x" * 5000, 10**30])}}, "cursor"),
+    ("GET", "/v1/jobs", {"params": {"limit": HUGE}}, "limit"),
+    ("GET", "/v1/jobs/any/result", {"params": {"wait": BIG}}, "wait"),
+    ("GET", "/v1/jobs/any/result", {"params": {"wait": "nan"}}, "wait"),
+    ("POST", "/v1/jobs/results", _in('{"ids": ["a"], "wait": @}', BIG), "wait"),
+    ("POST", "/v1/jobs/results", _in('{"ids": ["a"], "wait": @}', "1e400"), "wait"),
+    ("POST", "/v1/jobs/results", _in('{"ids": ["a"], "wait": @}', "1e30"), "wait"),
+    ("POST", "/v1/jobs", _in('{"prompt": "x", "params": {"seed": @}}', BIG), "params.seed"),
+    ("POST", "/v1/jobs", _in('{"prompt": "x", "params": {"seed": @}}', "1e30"), "params.seed"),
+    ("POST", "/v1/jobs", _in('{"prompt": "x", "params": {"seed": @}}', HUGE), "params.seed"),
+    ("POST", "/v1/jobs", _in('{"prompt": "x", "metadata": {"n": @}}', BIG), "metadata.n"),
+    ("POST", "/v1/jobs", _in('{"prompt": "x", "metadata": {"n": @}}', str(2**64 - 1)),
+     "metadata.n"),
+    ("POST", "/v1/jobs", _in('{"prompt": "x", "timeout_s": @}', "-1e400"), "timeout_s"),
+    ("POST", "/v1/jobs", _in('{"jobs": [{"prompt": "x", "priority": @}]}', BIG),
+     "jobs.0.priority"),
+    ("POST", "/v1/chat/completions", _in(CHAT + ', "max_tokens": @}', BIG), "max_tokens"),
+    ("POST", "/v1/chat/completions", _in(CHAT + ', "seed": @}', HUGE), "seed"),
+    ("POST", "/v1/chat/completions", {"content": CHAT + "}", "headers": {"X-Timeout-S": BIG}},
+     "X-Timeout-S"),
+    ("POST", "/v1/chat/completions", {"content": CHAT + "}", "headers": {"X-Timeout-S": "nan"}},
+     "X-Timeout-S"),
+    ("POST", "/v1/completions", _in('{"model": "echo-1", "prompt": "x", "max_tokens": @}', BIG),
+     "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "request_args", "field"), NUMBERS,
+                         ids=[f"{n}-{p}-{f}" for n, (_, p, _, f) in enumerate(NUMBERS)])
+def test_a_number_of_any_size_is_a_4xx_naming_its_field(
+        api: Api, r: redis.Redis, method: str, path: str, request_args: dict[str, object],
+        field: str) -> None:
+    args = dict(request_args)
+    headers = {"Content-Type": "application/json", **args.pop("headers", {})}  # type: ignore[dict-item]
+    resp = api.a.request(method, path, headers=headers, **args)  # type: ignore[arg-type]
+    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text)
+    error = _error_shape(resp)
+    assert field in [e["field"] for e in error["errors"]], resp.text  # type: ignore[attr-defined]
+    assert not str(error["message"]).startswith("line "), error["message"]
+    assert "4300" not in resp.text and len(resp.text) < 1000  # no parser's words, no echo
+    assert r.xlen(keys.INTAKE) == 0
+    assert api.a.get("/healthz").status_code == 200  # the connection still serves
+
+
+def test_a_last_event_id_redis_cannot_take_is_a_400(api: Api) -> None:
+    job = api.a.post("/v1/jobs", json={"prompt": "hi", "stream": True}).json()["id"]
+    resp = api.a.get(f"/v1/jobs/{job}/stream",
+                     headers={"Last-Event-ID": "99999999999999999999-0"})  # > 2**64
+    assert resp.status_code == 400, resp.text
+    assert _error_shape(resp)["errors"] == [{"field": "Last-Event-ID",  # type: ignore[comparison-overlap]
+                                             "message": "not an event id"}]
+
+
+def test_a_batch_line_with_a_number_out_of_range_names_it(api: Api) -> None:
+    line = ('{"custom_id": "big", "method": "POST", "url": "/v1/chat/completions", '
+            '"body": {"model": "echo-1", "seed": @, "messages": '
+            '[{"role": "user", "content": "x"}]}}'.replace("@", BIG))
+    upload = api.a.post("/v1/files", data={"purpose": "batch"},
+                        files={"file": ("in.jsonl", line.encode() + b"\n")})
+    batch = api.a.post("/v1/batches", json={"input_file_id": upload.json()["id"],
+                                            "endpoint": "/v1/chat/completions",
+                                            "completion_window": "24h"})
+    assert batch.status_code == 200, batch.text
+    assert batch.json()["request_counts"] == {"total": 1, "completed": 0, "failed": 1}
+    errors = api.a.get(f"/v1/files/{batch.json()['error_file_id']}/content").text
+    message = json.loads(errors.splitlines()[0])["error"]["message"]
+    assert message.startswith("line 1:") and "body.seed" in message, message

@@ -16,6 +16,9 @@ The model, with its settings (``PROMPTBATCH_SIMULATED_*``):
 * At most ``concurrency`` calls run at once in one worker process; the modelled server
   and its cache live in each worker process.
 * Every modelled duration is multiplied by ``time_scale`` and really slept.
+* A job submitted with ``stream`` gets its answer's text in pieces as it is decoded: one
+  piece per decode step of its group, after the call's overhead and prefill; the call
+  lasts as long as without streaming (tool calls come whole with the result).
 * A share ``invalid_rate`` of the answers in JSON (below) is cut in half, as a model
   without constrained decoding may answer: drawn from a digest of the request's text, so
   the same request is cut again and one asked again (a longer conversation) draws anew.
@@ -127,6 +130,12 @@ def answer_tokens(req: ProviderRequest, said: Answer | None = None) -> int:
     return min(req.params.max_tokens or DEFAULT_ANSWER_TOKENS, MAX_ANSWER_TOKENS)
 
 
+def pieces(text: str, n: int) -> list[str]:
+    """``text`` cut into ``n`` pieces of near-equal length, in order (some empty when the
+    text is shorter than ``n``)."""
+    return [text[len(text) * i // n:len(text) * (i + 1) // n] for i in range(n)]
+
+
 def prompt_tokens(req: ProviderRequest) -> int:
     """How many tokens the prompt counts for (see the module docstring)."""
     shape = canonical(list(req.tools)) if req.tools else ""
@@ -141,14 +150,15 @@ class SimulatedProvider:
 
     name = "simulated"
     probe_first = False
-    streams = False
-    sink: Sink | None = None  # it does not stream
+    streams = True
 
     def __init__(self, model: CostModel | None = None) -> None:
         self.model = model or CostModel()
         self.cache = PrefixCache(self.model.cache_tokens)
         self._slots = threading.BoundedSemaphore(self.model.concurrency)
         self._lock = threading.Lock()
+        #: Where streaming jobs' pieces go (set by the worker).
+        self.sink: Sink | None = None
 
     def cost(self, requests: Sequence[ProviderRequest],
              answers: Sequence[Answer] | None = None) -> tuple[float, list[Usage]]:
@@ -166,21 +176,54 @@ class SimulatedProvider:
                 seconds += (tokens - cached) * m.prefill_s_per_token
                 usages.append(Usage(prompt_tokens=tokens, completion_tokens=answer_tokens(
                     req, ans), cached_tokens=cached))
-        for start in range(0, len(requests), m.decode_group):
-            group = usages[start:start + m.decode_group]
-            seconds += max(u.completion_tokens for u in group) * m.decode_s_per_step
-        return seconds, usages
+        return seconds + self.decode_s(usages), usages
+
+    def groups(self, n: int) -> list[range]:
+        """The decode groups of a call of ``n`` requests (their positions), in the order
+        they decode."""
+        size = self.model.decode_group
+        return [range(start, min(n, start + size)) for start in range(0, n, size)]
+
+    def decode_s(self, usages: Sequence[Usage]) -> float:
+        """Modelled seconds of a call's decode: each group, one after another, as many
+        steps as its longest answer."""
+        return sum(max(usages[i].completion_tokens for i in group)
+                   for group in self.groups(len(usages))) * self.model.decode_s_per_step
 
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
         answers = [self._maybe_cut(r, answer(r, f"[{r.model}] answer to: {r.text[:60]}"))
                    for r in requests]
         with self._slots:
             seconds, usages = self.cost(requests, answers)
-            if self.model.time_scale > 0:
+            if self.sink is not None and any(r.stream for r in requests):
+                self._stream(requests, answers, usages, seconds, self.sink)
+            elif self.model.time_scale > 0:
                 time.sleep(seconds * self.model.time_scale)
         return [ProviderReply(job_id=r.job_id, usage=u, text=a.text, tool_calls=a.tool_calls,
                               finish_reason=a.finish_reason, logprobs=a.logprobs)
                 for r, u, a in zip(requests, usages, answers, strict=True)]
+
+    def _stream(self, requests: Sequence[ProviderRequest], answers: Sequence[Answer],
+                usages: Sequence[Usage], seconds: float, sink: Sink) -> None:
+        """Sleep through the call as modelled, writing each streaming job's text in pieces
+        as its group decodes them."""
+        scale = self.model.time_scale
+        step_s = self.model.decode_s_per_step * scale
+        if scale > 0:  # the call's overhead and prefill
+            time.sleep(max(0.0, seconds - self.decode_s(usages)) * scale)
+        for req in requests:
+            if req.stream:
+                sink.begin(req.job_id)
+        for group in self.groups(len(requests)):
+            parts = {requests[i].job_id: pieces(answers[i].text or "",
+                                                usages[i].completion_tokens)
+                     for i in group if requests[i].stream}
+            for step in range(max(usages[i].completion_tokens for i in group)):
+                if step_s > 0:
+                    time.sleep(step_s)
+                for job_id, texts in parts.items():
+                    if step < len(texts) and texts[step]:
+                        sink.chunk(job_id, texts[step])
 
     def _maybe_cut(self, req: ProviderRequest, said: Answer) -> Answer:
         """The answer, or its JSON cut in half (``invalid_rate``)."""
