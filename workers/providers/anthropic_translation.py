@@ -14,9 +14,11 @@ Requests:
 - ``tools`` become Anthropic's (``name``, ``description``, ``input_schema``);
   ``tool_choice`` ``auto``/``none``/``required``/a named function becomes ``{type: auto |
   none | any | tool}``; ``parallel_tool_calls: false`` becomes
-  ``disable_parallel_tool_use``. A conversation that carries tool calls but no ``tools``
-  declares the tools it names, with an open schema, and ``tool_choice: none`` (Anthropic
-  refuses tool blocks in a request without tools).
+  ``disable_parallel_tool_use``; a function's ``strict`` is left out (Anthropic serves
+  strict tool use on recent models only; the worker validates arguments). A
+  conversation that carries tool calls but no ``tools`` declares the tools it names,
+  with an open schema, and ``tool_choice: none`` (Anthropic refuses tool blocks in a
+  request without tools).
 - A JSON ``response_format`` becomes a forced tool (``answer_shape``): its
   ``input_schema`` is the schema (``json_object``: an open object) and its input comes
   back as the content, as JSON. Why a tool and not Anthropic's ``output_config.format``:

@@ -2,11 +2,12 @@
 
 OpenAI's shapes are the job's own, so a request passes through: messages as
 ``Message.payload()`` (content parts, assistant ``tool_calls``, ``tool`` messages),
-``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``logprobs`` and
-``top_logprobs``. An answer comes back as the message the server gave: ``content`` (null
-beside tool calls), ``tool_calls``, ``refusal`` (a success: the model declined, as OpenAI's
-SDK shows it on ``message.refusal``), ``finish_reason`` and ``choice.logprobs``. An answer
-with none of content, tool calls or refusal is an error, as is a malformed one.
+``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls`` (the last two only
+beside ``tools``: OpenAI refuses them alone), ``logprobs`` and ``top_logprobs``. An
+answer comes back as the message the server gave: ``content`` (null beside tool calls),
+``tool_calls``, ``refusal`` (a success: the model declined, as OpenAI's SDK shows it on
+``message.refusal``), ``finish_reason`` and ``choice.logprobs``. An answer with none of
+content, tool calls or refusal is an error, as is a malformed one.
 
 ``ChatStream`` folds a streamed answer's chunks into the same reply: content deltas,
 tool call deltas by ``index`` (id and name once, arguments in fragments), refusal
@@ -64,12 +65,12 @@ def to_openai(req: ProviderRequest, cache_key: str | None = None) -> dict[str, A
     body: dict[str, Any] = {"model": req.model, "messages": messages, **params(req)}
     if req.response_format is not None:
         body["response_format"] = json.loads(canonical(req.response_format))
-    if req.tools is not None:
+    if req.tools is not None:  # tool_choice, parallel_tool_calls: only beside tools
         body["tools"] = json.loads(canonical(list(req.tools)))
-    if req.tool_choice is not None:
-        body["tool_choice"] = json.loads(canonical(req.tool_choice))
-    if req.parallel_tool_calls is not None:
-        body["parallel_tool_calls"] = req.parallel_tool_calls
+        if req.tool_choice is not None:
+            body["tool_choice"] = json.loads(canonical(req.tool_choice))
+        if req.parallel_tool_calls is not None:
+            body["parallel_tool_calls"] = req.parallel_tool_calls
     if cache_key:
         body["prompt_cache_key"] = cache_key
     return body
