@@ -188,6 +188,9 @@ ANSWERS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
      {"error": "content is a list"}),
 ]
 
+#: Answers of other OpenAI-compatible servers, outside OpenAI's own types.
+OTHER_SERVERS = {"arguments given as an object, and no id", "an unknown finish reason"}
+
 
 @pytest.mark.parametrize(("data", "want"), [(d, w) for _, d, w in ANSWERS],
                          ids=[n for n, _, _ in ANSWERS])
@@ -207,11 +210,13 @@ def test_an_answer_comes_back_as_the_message_the_server_gave(data: dict[str, Any
 
 
 def chunk(delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"id": "chatcmpl-1", "object": "chat.completion.chunk",
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+            "model": "gpt-test",
             "choices": [{"index": 0, "delta": delta, "finish_reason": reason, **extra}]}
 
 
-USAGE_CHUNK = {"id": "chatcmpl-1", "choices": [], "usage": USAGE}
+USAGE_CHUNK = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+               "model": "gpt-test", "choices": [], "usage": USAGE}
 # Two parallel calls, their arguments in fragments, as OpenAI's streaming guide shows.
 TOOL_STREAM = [
     chunk({"role": "assistant", "content": None, "tool_calls": [
@@ -270,3 +275,33 @@ def test_a_streamed_refusal_is_kept_and_an_empty_stream_is_an_error() -> None:
                                            ("eos", "stop"), (None, None), (3, None)])
 def test_finish_reasons_in_openais_terms(raw: Any, want: str | None) -> None:
     assert finish_reason(raw) == want
+
+
+def _consume(value: Any) -> Any:
+    """A validated value with its lazily validated iterables walked (pydantic checks an
+    ``Iterable`` field's items only as they are read)."""
+    if isinstance(value, dict):
+        return {k: _consume(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) or hasattr(value, "__next__"):
+        return [_consume(v) for v in value]
+    return value
+
+
+def test_the_tables_are_in_the_openai_sdks_own_types() -> None:
+    """Every request body the translation makes is a ``CompletionCreateParams`` of the
+    official SDK, every answer of the tables a ``ChatCompletion``, every chunk a
+    ``ChatCompletionChunk``: the tables speak OpenAI's API, not a guess of it."""
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.chat.completion_create_params import (
+        CompletionCreateParamsNonStreaming,
+    )
+
+    params = TypeAdapter(CompletionCreateParamsNonStreaming)
+    for _, req, _ in REQUESTS:
+        body = to_openai(req, "pb-key")
+        assert _consume(params.validate_python(body)) == body
+    for name, data, want in ANSWERS:
+        if not want.get("error") and name not in OTHER_SERVERS:
+            ChatCompletion.model_validate(data)
+    for c in TOOL_STREAM:
+        ChatCompletionChunk.model_validate(c)
