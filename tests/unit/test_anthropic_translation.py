@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from tests.unit.test_openai_translation import CALL, IMAGE, PERSON, WEATHER, request
+from workers.providers.anthropic_stream import MessageStream
 from workers.providers.anthropic_translation import (
-    MessageStream,
     TranslationError,
     answer_shape,
     from_anthropic,
@@ -292,6 +292,18 @@ def test_a_streamed_json_answer_reaches_the_job_stream_as_the_content() -> None:
         ({"type": "tool_use", "id": "t", "name": "names", "input": {}},
          [frag("{\"value\": [\"A"), frag("nn\"]}")])], "tool_use"))
     assert sent == "[\"Ann\"]" == wrapped.text
+
+
+def test_text_beside_a_tool_call_of_a_json_request_reaches_the_stream_at_the_end() -> None:
+    req = request(prompt="x", tools=[WEATHER], response_format=PERSON)
+    evs = events([({"type": "text", "text": ""}, [text("Let me "), text("look.")]),
+                  ({"type": "tool_use", "id": "t", "name": "get_weather", "input": {}},
+                   [frag("{}")])], "tool_use")
+    s = MessageStream(shape=answer_shape(req))
+    forwarded = [s.add(e, d) for e, d in evs]
+    assert [f for f in forwarded if f] == ["Let me look."] and forwarded[-1] == "Let me look."
+    reply = s.reply("j1")
+    assert reply.text == "Let me look." and reply.finish_reason == "tool_calls"
 
 
 def test_a_stream_whose_tool_input_is_not_json_is_an_error() -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 from config.settings import Settings
 from jobs.streams import Sink
+from workers.providers.anthropic_stream import MessageStream
 from workers.providers.anthropic_translation import (
-    MessageStream,
     TranslationError,
     answer_shape,
     from_anthropic,
