@@ -71,7 +71,8 @@ class AnswerShape:
 
     #: The tool's name.
     name: str
-    #: Whether the schema (not an object) is wrapped as the ``value`` of an object.
+    #: Whether the schema (not an object) is wrapped as the ``value`` of an object (its
+    #: ``$schema`` and ``$defs`` stay at the root, where references find them).
     wrapped: bool = False
 
     def content(self, tool_input: Any, partial_json: str | None = None) -> str:
@@ -109,7 +110,8 @@ def _answer_tool(req: ProviderRequest, shape: AnswerShape) -> dict[str, Any]:
     if schema is None:
         schema = {**_OPEN_OBJECT, "additionalProperties": True}
     elif shape.wrapped:
-        defs: dict[str, Any] = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
+        defs: dict[str, Any] = {k: schema[k] for k in ("$schema", "$defs", "definitions")
+                                if k in schema}
         inner = {k: v for k, v in schema.items() if k not in defs}
         schema = {**_OPEN_OBJECT, "properties": {"value": inner}, "required": ["value"],
                   **defs}
