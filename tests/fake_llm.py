@@ -12,7 +12,9 @@ content-filter finish without text), ``context`` (a context-length 400), ``inval
 answers a model gives, such as JSON that does not validate). A chat request with
 ``stream: true`` is answered with server-sent events: the answer word by word,
 ``token_delay_s`` apart, the usage last when ``stream_options.include_usage`` is set,
-then ``[DONE]``.
+then ``[DONE]``. Answers in kind (``tool_call``, ``json``, ``refusal``, logprobs when
+asked) are ``tests.fake_answers``'s; a Messages request that Anthropic's API would refuse
+(``fake_answers.anthropic_problems``) gets its 400.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests import fake_answers
 
 
 @dataclass
@@ -53,6 +57,9 @@ class FakeLLM:
     token_delay_s: float = 0.05
     #: The streamed answer's words (default: "re: " and the prompt's start).
     stream_words: int = 12
+    #: The arguments of a scripted tool call, and the value of a scripted JSON answer.
+    tool_input: dict[str, Any] = field(default_factory=lambda: {"location": "Paris"})
+    json_answer: Any = field(default_factory=lambda: {"name": "Goethe"})
     seen: list[Seen] = field(default_factory=list)
     scripts: dict[str, list[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -88,7 +95,9 @@ def _answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
                           "prompt_tokens_details": {"cached_tokens": 5 * len(prompts)}}}
     content = body["messages"][-1]["content"]
     return {"choices": [{"index": 0, "message": {"role": "assistant",
-                                                 "content": f"re: {content[:40]}"}}],
+                                                 "content": f"re: {str(content)[:40]}"},
+                         "finish_reason": "stop",
+                         "logprobs": fake_answers.LOGPROBS if body.get("logprobs") else None}],
             "usage": {"prompt_tokens": 12, "completion_tokens": 4,
                       "prompt_tokens_details": {"cached_tokens": 8}}}
 
@@ -198,6 +207,39 @@ def _stream_anthropic(self: BaseHTTPRequestHandler, state: FakeLLM,
     self.close_connection = True
 
 
+def _sse(handler: Any, events: Any, *, named: bool) -> None:
+    """Send server-sent events: (name, data) pairs when ``named`` (Anthropic), else data
+    objects followed by ``[DONE]`` (OpenAI)."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", "text/event-stream")
+    handler.send_header("Connection", "close")
+    handler.end_headers()
+    for item in events:
+        if named:
+            event, data = item
+            handler.wfile.write(f"event: {event}\ndata: {json.dumps({'type': event, **data})}"
+                                "\n\n".encode())
+        else:
+            handler.wfile.write(f"data: {json.dumps(item)}\n\n".encode())
+        handler.wfile.flush()
+    if not named:
+        handler.wfile.write(b"data: [DONE]\n\n")
+    handler.close_connection = True
+
+
+def _in_kind(handler: Any, state: FakeLLM, body: dict[str, Any], kind: str) -> None:
+    """A scripted tool call, JSON answer or refusal, in the API's own shape."""
+    args = (kind, body, state.tool_input, state.json_answer)
+    anthropic = handler.path.endswith("/v1/messages")
+    if body.get("stream"):
+        _sse(handler, fake_answers.anthropic_events(*args) if anthropic
+             else fake_answers.openai_chunks(*args), named=anthropic)
+    else:
+        answer = (fake_answers.anthropic_answer(*args) if anthropic
+                  else fake_answers.openai_answer(*args))
+        handler._send(200, json.dumps(answer).encode())
+
+
 def _ok(handler: Any, state: FakeLLM, body: dict[str, Any]) -> None:
     """A good answer: streamed when asked, else whole."""
     if body.get("stream") and handler.path.endswith("/v1/messages"):
@@ -206,6 +248,34 @@ def _ok(handler: Any, state: FakeLLM, body: dict[str, Any]) -> None:
         _stream(handler, state, body)
     else:
         handler._send(200, json.dumps(_answer(handler.path, body)).encode())
+
+
+def _refused(handler: Any, body: dict[str, Any]) -> bool:
+    """Answer 400 for a Messages request Anthropic's API would refuse."""
+    problems = (fake_answers.anthropic_problems(body)
+                if handler.path.endswith("/v1/messages") else [])
+    if problems:
+        handler._send(400, json.dumps({"type": "error", "error": {
+            "type": "invalid_request_error", "message": "; ".join(problems)}}).encode())
+    return bool(problems)
+
+
+def _act(handler: Any, state: FakeLLM, action: str, body: dict[str, Any]) -> None:
+    """Answer a request by its scripted action."""
+    if _refused(handler, body):
+        return
+    if action in fake_answers.KINDS:
+        _in_kind(handler, state, body, action)
+    elif action == "ok":
+        _ok(handler, state, body)
+    elif action in _CANNED or action.startswith("say:"):
+        handler._send(*_canned(action, handler.path, body))
+    elif action in ("stall", "reset"):
+        _drop(handler, stall=action == "stall")
+    else:
+        code, _, header = action.partition(":")
+        headers = dict([header.split("=", 1)]) if header else {}
+        handler._send(int(code), json.dumps({"error": {"message": action}}).encode(), headers)
 
 
 def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
@@ -246,17 +316,7 @@ def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
             seen.end = time.monotonic()
 
         def _act(self, action: str, body: dict[str, Any]) -> None:
-            if action == "ok":
-                _ok(self, state, body)
-            elif action in _CANNED or action.startswith("say:"):
-                self._send(*_canned(action, self.path, body))
-            elif action in ("stall", "reset"):
-                _drop(self, stall=action == "stall")
-            else:
-                code, _, header = action.partition(":")
-                headers = dict([header.split("=", 1)]) if header else {}
-                self._send(int(code), json.dumps({"error": {"message": action}}).encode(),
-                           headers)
+            _act(self, state, action, body)
 
     return Handler
 

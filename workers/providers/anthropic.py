@@ -7,6 +7,8 @@ cache, the others read it at a tenth of the price. Requests go out first-then-pa
 so that the first member's cache write lands before the others read. A job sent alone
 is marked the same way when the scheduler says other pending jobs share its long
 prefix (``pending_prefix_chars``): the jobs after it then read the cache it wrote.
+The translation both ways (messages, images, tools, tool calls and results, JSON response
+formats, stop reasons) is ``anthropic_translation``'s.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from config.settings import Settings
-from jobs.models import Usage
 from jobs.streams import Sink
+from workers.providers.anthropic_stream import MessageStream
+from workers.providers.anthropic_translation import (
+    TranslationError,
+    answer_shape,
+    from_anthropic,
+    to_anthropic,
+)
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.providers.http import (
     Gate,
@@ -34,14 +42,23 @@ CONTEXT_MARKERS = ("prompt is too long", "context length", "context window",
 EPHEMERAL = {"type": "ephemeral"}
 
 
-def _split(req: ProviderRequest) -> tuple[str, list[dict[str, str]]]:
-    """System text and the user/assistant turns of a request."""
-    if req.messages is None:
-        return "", [{"role": "user", "content": req.prompt or ""}]
-    system = "\n\n".join(m.text for m in req.messages if m.role in ("system", "developer"))
-    turns = [{"role": "assistant" if m.role == "assistant" else "user", "content": m.text}
-             for m in req.messages if m.role not in ("system", "developer")]
-    return system, turns or [{"role": "user", "content": ""}]
+def lead_text(turn: dict[str, Any]) -> str:
+    """The text a turn starts with ('' when it starts with another block)."""
+    content = turn["content"]
+    if isinstance(content, str):
+        return content
+    first = content[0] if content else {}
+    return str(first.get("text", "")) if first.get("type") == "text" else ""
+
+
+def mark_lead(turn: dict[str, Any], lead: str) -> dict[str, Any]:
+    """The turn with its first ``len(lead)`` characters as a block marked for caching."""
+    content = turn["content"]
+    rest = content[1:] if isinstance(content, list) else []
+    text = lead_text(turn)
+    return {"role": turn["role"], "content": [
+        {"type": "text", "text": lead, "cache_control": EPHEMERAL},
+        {"type": "text", "text": text[len(lead):]}, *rest]}
 
 
 class AnthropicProvider:
@@ -62,49 +79,43 @@ class AnthropicProvider:
         #: Where streaming jobs' chunks go (set by the worker).
         self.sink: Sink | None = None
 
-    def payloads(self, requests: Sequence[ProviderRequest]) -> list[dict[str, Any]]:
-        """The request bodies of a batch, its shared prefix marked for caching."""
-        parts = [_split(r) for r in requests]
+    def payloads(self, requests: Sequence[ProviderRequest],
+                 ) -> list[dict[str, Any] | TranslationError]:
+        """The request bodies of a batch, its shared prefix marked for caching (the error
+        for a request that cannot be said in Anthropic's terms)."""
+        bodies: list[dict[str, Any] | TranslationError] = []
+        for r in requests:
+            try:
+                bodies.append(to_anthropic(r, self.settings.anthropic_default_max_tokens))
+            except TranslationError as exc:
+                bodies.append(exc)
+        good = [(r, b) for r, b in zip(requests, bodies, strict=True) if isinstance(b, dict)]
+        if not good:
+            return bodies
         min_chars = self.settings.anthropic_min_cache_tokens * 4
-        cache_system, lead = self._cached_prefix(requests, parts, min_chars)
-        firsts = [t[0]["content"] for _, t in parts]
+        cache_system, lead = self._cached_prefix([r for r, _ in good],
+                                                 [b for _, b in good], min_chars)
+        firsts = [lead_text(b["messages"][0]) for _, b in good]
         cache_lead = len(lead) >= min_chars and all(len(f) > len(lead) for f in firsts)
-        out = []
-        for req, (system, turns) in zip(requests, parts, strict=True):
-            body: dict[str, Any] = {
-                "model": req.model,
-                "max_tokens": req.params.max_tokens or self.settings.anthropic_default_max_tokens,
-            }
-            if system:
-                body["system"] = ([{"type": "text", "text": system, "cache_control": EPHEMERAL}]
-                                  if cache_system else system)
-            messages: list[dict[str, Any]] = list(turns)
+        for _, body in good:
+            if cache_system and body.get("system"):
+                body["system"] = [{"type": "text", "text": body["system"],
+                                   "cache_control": EPHEMERAL}]
             if cache_lead:
-                messages[0] = {"role": messages[0]["role"], "content": [
-                    {"type": "text", "text": lead, "cache_control": EPHEMERAL},
-                    {"type": "text", "text": messages[0]["content"][len(lead):]}]}
-            body["messages"] = messages
-            p = req.params
-            if p.temperature is not None:
-                body["temperature"] = min(p.temperature, 1.0)
-            if p.top_p is not None:
-                body["top_p"] = p.top_p
-            if p.stop:
-                body["stop_sequences"] = p.stop
-            out.append(body)
-        return out
+                body["messages"][0] = mark_lead(body["messages"][0], lead)
+        return bodies
 
     @staticmethod
-    def _cached_prefix(requests: Sequence[ProviderRequest],
-                       parts: list[tuple[str, list[dict[str, str]]]],
+    def _cached_prefix(requests: Sequence[ProviderRequest], bodies: list[dict[str, Any]],
                        min_chars: int) -> tuple[bool, str]:
         """Whether to mark the system prompt, and the leading user text to mark ('')."""
-        systems = {s for s, _ in parts}
+        systems = {str(b.get("system", "")) for b in bodies}
         system = next(iter(systems))
         if len(requests) > 1:
             if len(systems) == 1 and len(system) >= min_chars:
                 return True, ""
-            return False, shared_prefix([t[0]["content"] for _, t in parts], 1_000_000)
+            return False, shared_prefix([lead_text(b["messages"][0]) for b in bodies],
+                                        1_000_000)
         # Alone: mark what other pending jobs share with it (the scheduler's hint).
         shared = requests[0].pending_prefix_chars
         if shared < min_chars:
@@ -113,7 +124,7 @@ class AnthropicProvider:
             # The job's text starts "system: <system>\n": mark the system prompt when all
             # of it is shared.
             return len(system) >= min_chars and shared >= len("system: ") + len(system), ""
-        first = parts[0][1][0]["content"]
+        first = lead_text(bodies[0]["messages"][0])
         return False, first[:shared] if requests[0].prompt is not None else ""
 
     def complete(self, requests: Sequence[ProviderRequest]) -> list[ProviderReply]:
@@ -122,7 +133,10 @@ class AnthropicProvider:
                            self.settings.provider_concurrency,
                            lambda r: self._one(r, bodies[r.job_id]))
 
-    def _one(self, req: ProviderRequest, body: dict[str, Any]) -> ProviderReply:
+    def _one(self, req: ProviderRequest,
+             body: dict[str, Any] | TranslationError) -> ProviderReply:
+        if isinstance(body, TranslationError):
+            return ProviderReply(job_id=req.job_id, error=f"not sent: {body}")
         if req.stream and self.sink is not None:
             return self._one_stream(req, body)
         resp = post(self.client, self.gate, f"{self.base_url}/v1/messages", body,
@@ -133,64 +147,27 @@ class AnthropicProvider:
             data = resp.json()
         except ValueError as exc:
             return not_json(req.job_id, resp, exc)
-        try:
-            text = "".join(block["text"] for block in data["content"]
-                           if block.get("type") == "text")
-            if not text:
-                reason = data.get("stop_reason")
-                return ProviderReply(job_id=req.job_id, error=f"empty answer (stop_reason "
-                                     f"{reason!r}): {resp.raw}")
-            u = data.get("usage") or {}
-            read = int(u.get("cache_read_input_tokens") or 0)
-            written = int(u.get("cache_creation_input_tokens") or 0)
-            usage = Usage(prompt_tokens=int(u.get("input_tokens") or 0) + read + written,
-                          completion_tokens=int(u.get("output_tokens") or 0),
-                          cached_tokens=read)
-            return ProviderReply(job_id=req.job_id, text=text, usage=usage)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc!r}): "
-                                 f"{resp.raw}")
+        return from_anthropic(req.job_id, data, answer_shape(req), resp.raw)
 
     def _one_stream(self, req: ProviderRequest, body: dict[str, Any]) -> ProviderReply:
-        """One streamed request (Anthropic's events): each text delta goes to the sink as
-        it arrives; usage from ``message_start`` and ``message_delta``."""
+        """One streamed request (Anthropic's events): each text delta (or, for a JSON
+        response format, each fragment of the answer) goes to the sink as it arrives; the
+        reply is the message the events built."""
         sink = self.sink
         assert sink is not None
-        parts: list[str] = []
-        usage: dict[str, int] = {}
-        started: list[bool] = []
+        stream = MessageStream(shape=answer_shape(req))
 
         def on_data(event: str, data: Any) -> None:
-            kind = data.get("type") or event
-            if not started:
-                started.append(True)
+            if not stream.events:
                 sink.begin(req.job_id)
-            if kind == "message_start":
-                for k, v in ((data.get("message") or {}).get("usage") or {}).items():
-                    usage[k] = int(v or 0)
-            elif kind == "content_block_delta":
-                delta = data.get("delta") or {}
-                if delta.get("type") == "text_delta" and delta.get("text"):
-                    parts.append(delta["text"])
-                    sink.chunk(req.job_id, delta["text"])
-            elif kind == "message_delta":
-                for k, v in (data.get("usage") or {}).items():
-                    usage[k] = int(v or 0)
-            elif kind == "error":
-                raise ValueError(f"the stream reported an error: {data.get('error')}")
+            added = stream.add(event, data)
+            if added:
+                sink.chunk(req.job_id, added)
 
         failed = post_stream(self.client, self.gate, f"{self.base_url}/v1/messages",
                              {**body, "stream": True}, self._headers, self.settings,
                              req.job_id, CONTEXT_MARKERS, on_data)
-        if failed is not None:
-            return failed
-        if not parts:
-            return ProviderReply(job_id=req.job_id, error="empty answer (no text streamed)")
-        read = usage.get("cache_read_input_tokens", 0)
-        written = usage.get("cache_creation_input_tokens", 0)
-        return ProviderReply(job_id=req.job_id, text="".join(parts), usage=Usage(
-            prompt_tokens=usage.get("input_tokens", 0) + read + written,
-            completion_tokens=usage.get("output_tokens", 0), cached_tokens=read))
+        return failed if failed is not None else stream.reply(req.job_id)
 
     def close(self) -> None:
         self.client.close()

@@ -7,7 +7,9 @@ same slot), ``warm_then_parallel`` for servers with one shared prefix cache (vLL
 SGLang, OpenAI: the first member warms it, the rest go out together), or ``auto``, which
 asks the server (llama.cpp answers ``/props``). With ``openai_endpoint = completions``,
 a batch's plain prompts go to ``/v1/completions`` as one list; the response's total
-usage is then shared out over the jobs in proportion to their prompt length.
+usage is then shared out over the jobs in proportion to their prompt length. A batch
+with any job that needs chat (messages, a JSON response format, tools, logprobs) goes to
+``/v1/chat/completions``. The translation both ways is ``openai_translation``'s.
 """
 
 from __future__ import annotations
@@ -33,13 +35,21 @@ from workers.providers.http import (
     post_stream,
     run_ordered,
 )
+from workers.providers.openai_translation import (
+    COMPLETION_PARAMS,
+    ChatStream,
+    finish_reason,
+    from_openai,
+    needs_chat,
+    params,
+    parse_usage,
+    to_openai,
+)
 
 log = logging.getLogger(__name__)
 
 CONTEXT_MARKERS = ("context_length_exceeded", "maximum context length", "context length",
                    "context window", "exceeds the available context", "too many tokens")
-_PARAMS = ("temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty",
-           "frequency_penalty")
 
 
 class OpenAIProvider:
@@ -85,22 +95,14 @@ class OpenAIProvider:
         texts = [r.text for r in requests]
         key = (cache_key(texts, requests[0].pending_prefix_chars)
                if self.settings.openai_prompt_cache_key and requests else None)
-        if self.settings.openai_endpoint == "completions" and all(
-                r.prompt is not None for r in requests):
+        if self.settings.openai_endpoint == "completions" and not any(
+                needs_chat(r) for r in requests):
             return self._completions(requests, key)
         return run_ordered(requests, self.strategy, self.settings.provider_concurrency,
                            lambda r: self._chat(r, key))
 
-    def _params(self, req: ProviderRequest) -> dict[str, Any]:
-        p = req.params.model_dump(exclude_none=True)
-        return {k: p[k] for k in _PARAMS if k in p}
-
     def _chat(self, req: ProviderRequest, key: str | None) -> ProviderReply:
-        messages = ([m.payload() for m in req.messages]
-                    if req.messages is not None else [{"role": "user", "content": req.prompt}])
-        payload: dict[str, Any] = {"model": req.model, "messages": messages, **self._params(req)}
-        if key:
-            payload["prompt_cache_key"] = key
+        payload = to_openai(req, key)
         if req.stream and self.sink is not None:
             return self._chat_stream(req, payload)
         resp = post(self.client, self.gate, f"{self.base_url}/chat/completions", payload,
@@ -111,60 +113,35 @@ class OpenAIProvider:
             data = resp.json()
         except ValueError as exc:
             return not_json(req.job_id, resp, exc)
-        try:
-            choices = data["choices"]
-            if not choices:
-                return ProviderReply(job_id=req.job_id, error=f"no answer (empty choices): "
-                                     f"{resp.raw}")
-            text = choices[0]["message"]["content"]
-            if not isinstance(text, str) or not text:
-                reason = choices[0].get("finish_reason")
-                why = "the content filter withheld it" if reason == "content_filter" else (
-                    f"finish_reason {reason!r}" if reason else "no content")
-                return ProviderReply(job_id=req.job_id, error=f"empty answer ({why}): "
-                                     f"{resp.raw}")
-            return ProviderReply(job_id=req.job_id, text=text, usage=parse_usage(data))
-        except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc!r}): "
-                                 f"{resp.raw}")
+        return from_openai(req.job_id, data, resp.raw)
 
     def _chat_stream(self, req: ProviderRequest, payload: dict[str, Any]) -> ProviderReply:
-        """One streamed chat request: each delta goes to the sink as it arrives; the reply
-        is their concatenation, with the usage of the last chunk."""
+        """One streamed chat request: each content delta goes to the sink as it arrives;
+        the reply folds every chunk (content, tool call deltas, refusal, finish reason,
+        the usage of the last chunk)."""
         sink = self.sink
         assert sink is not None
-        parts: list[str] = []
-        usage: list[Usage] = []
+        stream = ChatStream()
 
         def on_data(_: str, chunk: Any) -> None:
-            if not parts and not usage:
+            if not stream.chunks:
                 sink.begin(req.job_id)
-            found = parse_usage(chunk)
-            if found is not None:
-                usage.append(found)
-            for choice in chunk.get("choices") or ():
-                delta = (choice.get("delta") or {}).get("content")
-                if delta:
-                    parts.append(delta)
-                    sink.chunk(req.job_id, delta)
+            added = stream.add(chunk)
+            if added:
+                sink.chunk(req.job_id, added)
 
         failed = post_stream(self.client, self.gate, f"{self.base_url}/chat/completions",
                              {**payload, "stream": True,
                               "stream_options": {"include_usage": True}},
                              self._headers, self.settings, req.job_id, CONTEXT_MARKERS,
                              on_data)
-        if failed is not None:
-            return failed
-        if not parts:
-            return ProviderReply(job_id=req.job_id, error="empty answer (no content streamed)")
-        return ProviderReply(job_id=req.job_id, text="".join(parts),
-                             usage=usage[-1] if usage else None)
+        return failed if failed is not None else stream.reply(req.job_id)
 
     def _completions(self, requests: Sequence[ProviderRequest],
                      key: str | None) -> list[ProviderReply]:
         first = requests[0]
         payload: dict[str, Any] = {"model": first.model, "prompt": [r.prompt for r in requests],
-                                   **self._params(first)}
+                                   **params(first, COMPLETION_PARAMS)}
         if key:
             payload["prompt_cache_key"] = key
         resp = post(self.client, self.gate, f"{self.base_url}/completions", payload,
@@ -181,6 +158,8 @@ class OpenAIProvider:
             return [not_json(r.job_id, resp, exc) for r in requests]
         try:
             texts = {int(c["index"]): c["text"] for c in data["choices"]}
+            reasons = {int(c["index"]): finish_reason(c.get("finish_reason"))
+                       for c in data["choices"]}
             total = parse_usage(data)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             return [ProviderReply(job_id=r.job_id, error=f"malformed response ({exc!r}): "
@@ -199,19 +178,10 @@ class OpenAIProvider:
                 prompt_tokens=round(total.prompt_tokens * share),
                 completion_tokens=round(total.completion_tokens / len(requests)),
                 cached_tokens=round(total.cached_tokens * share))
-            out.append(ProviderReply(job_id=req.job_id, text=text, usage=usage))
+            out.append(ProviderReply(job_id=req.job_id, text=text, usage=usage,
+                                     finish_reason=reasons.get(i)))
         return out
 
     def close(self) -> None:
         self.client.close()
 
-
-def parse_usage(data: dict[str, Any]) -> Usage | None:
-    """OpenAI's ``usage``, with ``prompt_tokens_details.cached_tokens`` (None if absent)."""
-    usage = data.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    details = usage.get("prompt_tokens_details") or {}
-    return Usage(prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                 completion_tokens=int(usage.get("completion_tokens") or 0),
-                 cached_tokens=int(details.get("cached_tokens") or 0))
