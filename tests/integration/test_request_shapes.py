@@ -253,6 +253,7 @@ def test_a_tool_conversation_with_parts_reaches_an_openai_compatible_upstream_in
         assert raw.http_response.status_code == 200
         [seen] = fake.requests_for("marker-77")
         assert seen.body["messages"] == sent(messages)
+        assert seen.body["tools"] == [TOOL]  # the provider passed them on
         spec = stored(settings, raw.headers["x-promptbatch-job-id"])
         assert dumped(spec.tools) == [TOOL]
 
