@@ -71,6 +71,18 @@ def test_the_promtool_unit_tests_pass(rule_test: Path) -> None:
     assert "SUCCESS" in done.stdout
 
 
+def test_every_unit_test_file_fixes_the_order_of_every_group() -> None:
+    """Without ``group_eval_order`` promtool evaluates the groups of one step in an order
+    that changes from run to run, so an alert would see this minute's recorded values in
+    one run and the last minute's in the next."""
+    groups = [g["name"] for name in ("recording.yml", "alerts.yml")
+              for g in _yaml(RULES / name)["groups"]]
+    for path in RULE_TESTS:
+        order = _yaml(path).get("group_eval_order", [])
+        assert sorted(order) == sorted(groups), path.name
+        assert order[:2] == ["promptbatch-recording", "promptbatch-baselines"], path.name
+
+
 def _alert_cases() -> tuple[set[str], set[str]]:
     """Alerts some test expects to fire, and alerts some test expects to stay quiet."""
     fired: set[str] = set()

@@ -151,6 +151,24 @@ def test_the_grafana_dashboard_queries_only_metrics_we_export() -> None:
     assert exported - used <= {"promptbatch_scheduler_active"}
 
 
+def test_the_dashboard_shows_anomalies_and_marks_them_and_deadline_misses() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "deploy/grafana/promptbatch.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells = [(p["gridPos"]["x"] + dx, p["gridPos"]["y"] + dy) for p in panels
+             for dx in range(p["gridPos"]["w"]) for dy in range(p["gridPos"]["h"])]
+    assert len(set(cells)) == len(cells), "panels overlap"
+    exprs = " ".join(t["expr"] for p in panels for t in p.get("targets", []))
+    assert "promptbatch_anomaly_active" in exprs and "promptbatch_anomalies_raised_total" in exprs
+    marks = {a["name"]: a for a in dashboard["annotations"]["list"]}
+    assert "promptbatch_anomalies_raised_total" in marks["Anomalies raised"]["expr"]
+    assert "promptbatch_deadline_misses_total" in marks["Deadline misses"]["expr"]
+    for mark in marks.values():
+        assert mark["enable"] and mark["datasource"]["uid"] == "${datasource}"
+
+
 def _rules(name: str) -> list[dict[str, Any]]:
     groups = yaml.safe_load((ROOT / "deploy/prometheus" / name).read_text())["groups"]
     return [rule for group in groups for rule in group["rules"]]
