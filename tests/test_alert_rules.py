@@ -64,6 +64,23 @@ def test_promtool_accepts_the_rules_and_the_configuration_that_loads_them() -> N
     assert "2 rule files found" in done.stdout
 
 
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    """The Grafana panels' and annotations' queries, with Grafana's interval variables
+    filled in, parse (as the expressions of recording rules promtool checks)."""
+    import json
+
+    dashboard = json.loads((RULES.parent / "grafana" / "promptbatch.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+    rules = [{"record": f"dashboard:query_{i}", "expr": e.replace("$__rate_interval", "1m")}
+             for i, e in enumerate(exprs)]
+    path = tmp_path / "dashboard.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    done = _run("check", "rules", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(rules)} rules found" in done.stdout
+
+
 @pytest.mark.parametrize("rule_test", RULE_TESTS, ids=lambda p: p.stem)
 def test_the_promtool_unit_tests_pass(rule_test: Path) -> None:
     done = _run("test", "rules", str(rule_test.relative_to(RULES)))
