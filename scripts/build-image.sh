@@ -180,7 +180,7 @@ podman tag "$ref" "$TAG"
 # Older builds go, but for the two newest before this one (an image a container still
 # uses stays: rmi without --force refuses it).
 podman images --sort created --format '{{.Repository}}:{{.Tag}}' \
-    --filter 'reference=localhost/promptbatch:inputs-*' \
-  | grep -vx "$ref" | tail -n +3 | xargs -r podman rmi >/dev/null 2>&1 || true
+  | grep '^localhost/promptbatch:inputs-' | grep -vx "$ref" | tail -n +3 \
+  | xargs -r podman rmi >/dev/null 2>&1 || true
 say "$(podman image inspect --format '{{.Size}}' "$ref" | awk '{printf "%.0f MB", $1 / 1e6}') ($TAG)"
 echo "$ref"
