@@ -65,13 +65,12 @@ def _command_words(command: list[str]) -> list[str]:
 
 def _cli_envvars() -> set[str]:
     """Every environment variable an option of the command line reads."""
-    import click
     import typer.main
 
     from promptbatch.cli import app
 
     found: set[str] = set()
-    todo: list[click.Command] = [typer.main.get_command(app)]
+    todo: list[Any] = [typer.main.get_command(app)]
     while todo:
         command = todo.pop()
         todo += list(getattr(command, "commands", {}).values())
@@ -152,7 +151,7 @@ def test_compose_passes_only_settings_the_project_reads_with_valid_values() -> N
                 values[settings[key]] = str(value)
             else:
                 assert key in cli, f"{name}: {key} is neither a setting nor read by a command"
-        Settings(_env_file=None, **values)  # type: ignore[call-arg]  # each value is valid
+        Settings.model_validate(values)  # each value is valid
 
 
 def _created_secret_files() -> set[str]:
@@ -188,7 +187,7 @@ def test_the_sentinel_profile_matches_the_address_the_header_gives() -> None:
         assert monitor.group(2) == "redis" and monitor.group(3) == "6379"
         assert int(monitor.group(4)) == len(address.sentinels) // 2 + 1  # a quorum
     assert "--replicaof redis 6379" in services["redis-replica"]["command"][2]
-    Settings(_env_file=None, redis_url=address.url())  # type: ignore[call-arg]
+    Settings.model_validate({"redis_url": address.url()})
     assert "COMPOSE_PROFILES=sentinel docker compose up -d" in _header()
 
 
@@ -205,7 +204,7 @@ def test_the_rabbitmq_profile_matches_the_broker_url_the_header_gives() -> None:
     assert parsed.hostname == "rabbitmq" and parsed.port == 5672
     assert parsed.username == rabbit["environment"]["RABBITMQ_DEFAULT_USER"]
     assert "rabbitmq_password" in rabbit["secrets"] and "healthcheck" in rabbit
-    settings = Settings(_env_file=None, broker_url=parsed.geturl())  # type: ignore[call-arg]
+    settings = Settings.model_validate({"broker_url": parsed.geturl()})
     assert settings.amqp
     assert "COMPOSE_PROFILES=rabbitmq docker compose up -d" in _header()
     for name, svc in _promptbatch_services().items():  # every role reads the broker URL

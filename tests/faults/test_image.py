@@ -96,7 +96,8 @@ class Containers:
             argv += ["-e", f"{key}={value}"]
         return argv
 
-    def once(self, name: str, *command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    def once(self, name: str, *command: str,
+             env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         """Run ``command`` to its end (a one-shot step such as migrate)."""
         return self.podman(*self._argv(name, env, {}), "--rm", self.image, *command,
                            timeout=180)
