@@ -23,6 +23,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -211,14 +212,21 @@ def test_21_the_image_runs_every_role_and_a_worker_container_shuts_down_warm(
                      "PROMPTBATCH_ECHO_TEST_HOOKS": "1",
                      "PROMPTBATCH_ECHO_CALL_LOG": "/calls/calls.jsonl"})
         base = f"http://127.0.0.1:{api_port}"
-        poll(lambda: _answers(f"{base}/readyz") == 200, timeout=120, what="the API")
-        poll(lambda: r.hlen(keys.WORKERS) == 2, timeout=120, what="both workers")
-        poll(lambda: r.get(keys.SCHEDULER_LEASE), timeout=60, what="the scheduler's lease")
-        for name in (api, scheduler, flower, *workers.values()):
-            poll(lambda n=name: box.healthy(n), timeout=90, interval=1,  # type: ignore[misc]
+        poll(lambda: _answers(f"{base}/readyz") == 200, timeout=120, interval=0.25,
+             what="the API")
+        poll(lambda: r.hlen(keys.WORKERS) == 2, timeout=120, interval=0.25,
+             what="both workers")
+        poll(lambda: r.get(keys.SCHEDULER_LEASE), timeout=60, interval=0.25,
+             what="the scheduler's lease")
+
+        def healthy(name: str) -> None:
+            poll(lambda: box.healthy(name), timeout=90, interval=1,
                  what=f"{name}'s health check")
             health = box.state(name).get("Health") or box.state(name).get("Healthcheck")
             assert health and health["Status"] == "healthy", (name, health)
+
+        with ThreadPoolExecutor(5) as pool:  # each check starts a Python: all at once
+            list(pool.map(healthy, (api, scheduler, flower, *workers.values())))
         # The check can fail: a worker's check where no worker runs says so.
         assert box.podman("exec", scheduler, "promptbatch", "health", "worker").returncode == 1
         flower_url = f"http://127.0.0.1:{flower_port}/"
