@@ -24,6 +24,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,107 @@ def _unix(rfc3339: str) -> float:
     return datetime.fromisoformat(whole + "+00:00").timestamp() + float("0." + (fraction or "0"))
 
 
+@dataclass
+class Roles:
+    """The running containers' names, and the ports of the API and Flower."""
+
+    api: str
+    scheduler: str
+    flower: str
+    workers: dict[str, str]
+    api_port: int
+    flower_port: int
+
+
+def _start_roles(box: Containers, secret_env: dict[str, str],
+                 call_logs: dict[str, Path]) -> Roles:
+    """The API, a scheduler, Flower and two workers, as compose.yaml starts them (on
+    loopback ports of their own: they share the host's network)."""
+    tuning = {"PROMPTBATCH_VISIBILITY_TIMEOUT_S": "30", "PROMPTBATCH_TASK_TIME_LIMIT_S": "20"}
+    api_port, flower_port = free_port(), free_port()
+    api = box.start("api", "promptbatch", "api", "--host", "127.0.0.1", "--port",
+                    str(api_port), "--workers", "2",
+                    env={**secret_env, "PROMPTBATCH_ROLE": "api",
+                         "PROMPTBATCH_PORT": str(api_port)})
+    scheduler = box.start("scheduler", "promptbatch", "scheduler", "--metrics-port",
+                          str(free_port()),
+                          env={**secret_env, **tuning, "PROMPTBATCH_ROLE": "scheduler"})
+    flower = box.start("flower", "promptbatch", "flower", "--address", "127.0.0.1",
+                       "--port", str(flower_port),
+                       env={**secret_env, "PROMPTBATCH_ROLE": "flower",
+                            "PROMPTBATCH_PORT": str(flower_port),
+                            "PROMPTBATCH_FLOWER_BASIC_AUTH_FILE": "/run/secrets/flower_auth"})
+    workers: dict[str, str] = {}
+    for name, folder in call_logs.items():
+        folder.mkdir(mode=0o777)
+        folder.chmod(0o777)  # the image's user appends to the call log in it
+        workers[name] = box.start(
+            name, "promptbatch", "worker", "-c", "2", "--name", name, "--metrics-port",
+            str(free_port()), mounts={folder: "/calls"},
+            env={**secret_env, **tuning, "PROMPTBATCH_ROLE": "worker",
+                 "PROMPTBATCH_ECHO_TEST_HOOKS": "1",
+                 "PROMPTBATCH_ECHO_CALL_LOG": "/calls/calls.jsonl"})
+    return Roles(api, scheduler, flower, workers, api_port, flower_port)
+
+
+def _wait_until_healthy(box: Containers, roles: Roles, r: redis.Redis) -> None:
+    """Every role up, and every container's own HEALTHCHECK reporting healthy."""
+    poll(lambda: _answers(f"http://127.0.0.1:{roles.api_port}/readyz") == 200, timeout=120,
+         interval=0.25, what="the API")
+    poll(lambda: r.hlen(keys.WORKERS) == 2, timeout=120, interval=0.25, what="both workers")
+    poll(lambda: r.get(keys.SCHEDULER_LEASE), timeout=60, interval=0.25,
+         what="the scheduler's lease")
+
+    def healthy(name: str) -> None:
+        poll(lambda: box.healthy(name), timeout=90, interval=1, what=f"{name}'s health check")
+        health = box.state(name).get("Health") or box.state(name).get("Healthcheck")
+        assert health and health["Status"] == "healthy", (name, health)
+
+    with ThreadPoolExecutor(5) as pool:  # each check starts a Python: all at once
+        list(pool.map(healthy, (roles.api, roles.scheduler, roles.flower,
+                                *roles.workers.values())))
+    # The check can fail: a worker's check where no worker runs says so.
+    assert box.podman("exec", roles.scheduler, "promptbatch", "health", "worker"
+                      ).returncode == 1
+    flower_url = f"http://127.0.0.1:{roles.flower_port}/"
+    assert _answers(flower_url) == 401 and _answers(flower_url, ("ops", "image-flower")) == 200
+
+
+def _sigterm_a_worker_in_a_slow_batch(box: Containers, roles: Roles, store: JobStore,
+                                      call_logs: dict[str, Path],
+                                      slow: set[str]) -> tuple[str, list[str], float]:
+    """SIGTERM the worker container that runs a batch of slow jobs; once it exited 0,
+    that batch has finished in it. Returns the worker, its batch and the seconds from
+    the signal to the exit."""
+    def running_slow() -> tuple[str, list[str]] | None:
+        for name, folder in call_logs.items():
+            for batch in _batches(folder / "calls.jsonl"):
+                if slow & set(batch):
+                    return name, batch
+        return None
+
+    found = poll(running_slow, timeout=120, interval=0.05, what="a slow batch to start")
+    assert found is not None
+    leaving, batch = found
+    container = roles.workers[leaving]
+    assert not all(s.state.final for s in store.get_many(batch).values()), \
+        "the batch ended before the signal"
+    signalled = time.time()
+    killed = box.podman("kill", "--signal", "TERM", container)
+    assert killed.returncode == 0, killed.stderr
+    poll(lambda: box.state(container)["Status"] == "exited", timeout=180, interval=0.5,
+         what=f"{leaving} to exit after its SIGTERM")
+    state = box.state(container)
+    assert state["ExitCode"] == 0, box.logs(container)[-3000:]
+    assert "warm shutdown (SIGTERM)" in box.logs(container)
+    ended = store.get_many(batch)  # finished in it, before it exited
+    assert {s.state.value for s in ended.values()} == {"SUCCEEDED"}
+    exited_at = _unix(state["FinishedAt"])
+    assert all(s.result is not None and s.result.finished_at <= exited_at
+               for s in ended.values())
+    return leaving, batch, exited_at - signalled
+
+
 @pytest.mark.timeout(1800)
 def test_21_the_image_runs_every_role_and_a_worker_container_shuts_down_warm(
         tmp_path: Path) -> None:
@@ -178,97 +280,26 @@ def test_21_the_image_runs_every_role_and_a_worker_container_shuts_down_warm(
         "flower_auth": "ops:image-flower"})
     secret_env = {f"PROMPTBATCH_{n.upper()}_FILE": f"/run/secrets/{n}"
                   for n in ("redis_url", "database_url", "api_keys", "broker_url")}
-    tuning = {"PROMPTBATCH_VISIBILITY_TIMEOUT_S": "30", "PROMPTBATCH_TASK_TIME_LIMIT_S": "20"}
     box = Containers(image, tmp_path / "secrets")
     r = redis.Redis.from_url(server.url, decode_responses=True)
     store = JobStore(database_url)
-    api_port = free_port()
     call_logs = {"worker-1": tmp_path / "calls-1", "worker-2": tmp_path / "calls-2"}
     try:
         migrated = box.once("migrate", "promptbatch", "migrate", env=secret_env)
         assert migrated.returncode == 0, migrated.stdout + migrated.stderr
         assert "schema empty ->" in migrated.stdout, migrated.stdout
-        api = box.start("api", "promptbatch", "api", "--host", "127.0.0.1", "--port",
-                        str(api_port), "--workers", "2",
-                        env={**secret_env, "PROMPTBATCH_ROLE": "api",
-                             "PROMPTBATCH_PORT": str(api_port)})
-        scheduler = box.start("scheduler", "promptbatch", "scheduler", "--metrics-port",
-                              str(free_port()),
-                              env={**secret_env, **tuning, "PROMPTBATCH_ROLE": "scheduler"})
-        flower_port = free_port()
-        flower = box.start("flower", "promptbatch", "flower", "--address", "127.0.0.1",
-                           "--port", str(flower_port),
-                           env={**secret_env, "PROMPTBATCH_ROLE": "flower",
-                                "PROMPTBATCH_PORT": str(flower_port),
-                                "PROMPTBATCH_FLOWER_BASIC_AUTH_FILE": "/run/secrets/flower_auth"})
-        workers: dict[str, str] = {}
-        for name, folder in call_logs.items():
-            folder.mkdir(mode=0o777)
-            folder.chmod(0o777)  # the image's user appends to the call log in it
-            workers[name] = box.start(
-                name, "promptbatch", "worker", "-c", "2", "--name", name, "--metrics-port",
-                str(free_port()), mounts={folder: "/calls"},
-                env={**secret_env, **tuning, "PROMPTBATCH_ROLE": "worker",
-                     "PROMPTBATCH_ECHO_TEST_HOOKS": "1",
-                     "PROMPTBATCH_ECHO_CALL_LOG": "/calls/calls.jsonl"})
-        base = f"http://127.0.0.1:{api_port}"
-        poll(lambda: _answers(f"{base}/readyz") == 200, timeout=120, interval=0.25,
-             what="the API")
-        poll(lambda: r.hlen(keys.WORKERS) == 2, timeout=120, interval=0.25,
-             what="both workers")
-        poll(lambda: r.get(keys.SCHEDULER_LEASE), timeout=60, interval=0.25,
-             what="the scheduler's lease")
-
-        def healthy(name: str) -> None:
-            poll(lambda: box.healthy(name), timeout=90, interval=1,
-                 what=f"{name}'s health check")
-            health = box.state(name).get("Health") or box.state(name).get("Healthcheck")
-            assert health and health["Status"] == "healthy", (name, health)
-
-        with ThreadPoolExecutor(5) as pool:  # each check starts a Python: all at once
-            list(pool.map(healthy, (api, scheduler, flower, *workers.values())))
-        # The check can fail: a worker's check where no worker runs says so.
-        assert box.podman("exec", scheduler, "promptbatch", "health", "worker").returncode == 1
-        flower_url = f"http://127.0.0.1:{flower_port}/"
-        assert _answers(flower_url) == 401 and _answers(flower_url, ("ops", "image-flower")) == 200
-        _assert_lean_and_unprivileged(box, api)
+        roles = _start_roles(box, secret_env, call_logs)
+        _wait_until_healthy(box, roles, r)
+        _assert_lean_and_unprivileged(box, roles.api)
 
         started = time.monotonic()
-        ids = _submit(base)
-        # A batch of slow jobs running in a worker: that worker's container gets a SIGTERM.
-        slow = set(ids[:SLOW])
-
-        def running_slow() -> tuple[str, list[str]] | None:
-            for name, folder in call_logs.items():
-                for batch in _batches(folder / "calls.jsonl"):
-                    if slow & set(batch):
-                        return name, batch
-            return None
-
-        found = poll(running_slow, timeout=120, interval=0.05, what="a slow batch to start")
-        assert found is not None
-        leaving, batch = found
-        states = store.get_many(batch)
-        assert not all(s.state.final for s in states.values()), "the batch ended too soon"
-        signalled = time.time()
-        killed = box.podman("kill", "--signal", "TERM", workers[leaving])
-        assert killed.returncode == 0, killed.stderr
-        poll(lambda: box.state(workers[leaving])["Status"] == "exited", timeout=180,
-             interval=0.5, what=f"{leaving} to exit after its SIGTERM")
-        state = box.state(workers[leaving])
-        assert state["ExitCode"] == 0, box.logs(workers[leaving])[-3000:]
-        assert "warm shutdown (SIGTERM)" in box.logs(workers[leaving])
-        # Its running batch finished in it, before it exited, and ran nowhere else.
-        ended = store.get_many(batch)
-        assert {s.state.value for s in ended.values()} == {"SUCCEEDED"}
-        exited_at = _unix(state["FinishedAt"])
-        assert all(s.result is not None and s.result.finished_at <= exited_at
-                   for s in ended.values())
-
+        ids = _submit(f"http://127.0.0.1:{roles.api_port}")
+        leaving, batch, stopping = _sigterm_a_worker_in_a_slow_batch(
+            box, roles, store, call_logs, set(ids[:SLOW]))
         poll(lambda: store.count_by_state() == {"SUCCEEDED": JOBS}, timeout=300, interval=1,
              what="every job to succeed, once, in PostgreSQL")
         ran = time.monotonic() - started
-        results = [k for k in r.scan_iter(match=keys.celery_result("*"), count=1000)]
+        results = list(r.scan_iter(match=keys.celery_result("*"), count=1000))
         assert len(results) == JOBS
         assert all(r.mget([keys.celery_result(i) for i in ids]))
         calls = _calls({n: f / "calls.jsonl" for n, f in call_logs.items()})
@@ -278,10 +309,9 @@ def test_21_the_image_runs_every_role_and_a_worker_container_shuts_down_warm(
         assert all(calls[leaving][j] == 1 for j in batch)
         print(f"\n{JOBS} jobs through the image's containers: worker-1 called "
               f"{len(calls['worker-1'])}, worker-2 {len(calls['worker-2'])}; {leaving} "
-              f"finished its batch of {len(batch)} and exited 0 "
-              f"{exited_at - signalled:.1f} s after the SIGTERM; image "
-              f"ready in {built:.1f} s, containers healthy in {started - began - built:.1f} s, "
-              f"jobs done in {ran:.1f} s")
+              f"finished its batch of {len(batch)} and exited 0 {stopping:.1f} s after the "
+              f"SIGTERM; image ready in {built:.1f} s, containers healthy in "
+              f"{started - began - built:.1f} s, jobs done in {ran:.1f} s")
     except BaseException:
         print(box.tail())
         raise
