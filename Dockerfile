@@ -22,7 +22,7 @@ RUN apt-get update \
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/promptbatch
 WORKDIR /src
-# The dependencies first: this layer is reused while pyproject.toml does not change. A
+# The dependencies first (a layer Docker reuses while pyproject.toml does not change). A
 # build secret pip_cert, if given, is the CA bundle pip trusts (a proxy's own CA).
 COPY pyproject.toml ./
 RUN --mount=type=secret,id=pip_cert,required=false \

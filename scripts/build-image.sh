@@ -138,10 +138,13 @@ EOF
   say "bringing the base up to date (bookworm-updates, bookworm-security)"
   local ctr
   ctr="$(buildah from --pull=never --isolation chroot "$LOCAL_BASE-bootstrap")"
+  # shellcheck disable=SC2064
+  trap "buildah rm '$ctr' >/dev/null 2>&1" EXIT
   buildah run --isolation chroot "$ctr" -- sh -c \
     'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get upgrade -y -qq >/dev/null && apt-get clean && rm -rf /var/lib/apt/lists/*' >&2
   buildah config --label "org.promptbatch.base-recipe=$RECIPE" "$ctr"
   buildah commit --quiet --squash --rm "$ctr" "$LOCAL_BASE" >/dev/null
+  trap - EXIT
   podman rmi "$LOCAL_BASE-bootstrap" >/dev/null
 }
 
