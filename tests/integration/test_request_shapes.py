@@ -236,20 +236,27 @@ def test_the_openai_sdk_sends_every_shape_and_gets_no_422(
 
 @pytest.mark.slow
 def test_a_tool_conversation_with_parts_reaches_an_openai_compatible_upstream_intact(
-        api: Api, settings: Settings, procs: Procs) -> None:
+        settings: Settings, procs: Procs) -> None:
     from tests.fake_llm import FakeServer
 
     with FakeServer() as fake:
         env = {"PROMPTBATCH_OPENAI_BASE_URL": f"{fake.url}/v1"}
         procs.scheduler(**env)
         procs.worker(1, **env)
-        sdk = openai.OpenAI(base_url=f"{api.url}/v1", api_key=KEY_A, max_retries=0)
-        messages = [*CONVERSATION, {"role": "assistant", "content": "It is 4 degrees."},
-                    {"role": "user", "content": [
-                        {"type": "text", "text": "And on this photo? marker-77"},
-                        {"type": "image_url", "image_url": {"url": PIXEL, "detail": "high"}}]}]
-        raw = sdk.chat.completions.with_raw_response.create(
-            model="openai|gpt-test", messages=messages, tools=[TOOL], temperature=0)
+        # The API knows the deployment as the workers do (a base URL that needs no key).
+        api = Api(settings, api_max_body_bytes=40 * MiB, api_max_request_bytes=8 * MiB,
+                  openai_base_url=f"{fake.url}/v1").start()
+        try:
+            sdk = openai.OpenAI(base_url=f"{api.url}/v1", api_key=KEY_A, max_retries=0)
+            messages = [*CONVERSATION, {"role": "assistant", "content": "It is 4 degrees."},
+                        {"role": "user", "content": [
+                            {"type": "text", "text": "And on this photo? marker-77"},
+                            {"type": "image_url",
+                             "image_url": {"url": PIXEL, "detail": "high"}}]}]
+            raw = sdk.chat.completions.with_raw_response.create(
+                model="openai|gpt-test", messages=messages, tools=[TOOL], temperature=0)
+        finally:
+            api.stop()
         assert raw.http_response.status_code == 200
         [seen] = fake.requests_for("marker-77")
         assert seen.body["messages"] == sent(messages)

@@ -107,11 +107,12 @@ def _outstanding(r: redis.Redis) -> int | None:
 
 def test_a_batch_that_ends_without_a_timing_leaves_its_replica_at_once(
         settings: Settings, procs: Procs, r: redis.Redis) -> None:
-    # Each call outlasts the task's soft time limit (1 s): the batch ends by raising, its
-    # jobs fail, and no call's timing comes back; the scheduler must still stop counting
-    # its work on the replica (it used to wait for the visibility timeout, 360 s).
-    with FakeServer(FakeLLM(delay_s=3.0)) as one, FakeServer(FakeLLM(delay_s=3.0)) as two:
-        env = env_for(one, two, PROMPTBATCH_TASK_TIME_LIMIT_S="6")
+    # Each call outlasts the task's soft time limit (4 s, long enough for a loaded machine
+    # to make the call): the batch ends by raising, its jobs fail, and no call's timing
+    # comes back; the scheduler must still stop counting its work on the replica (it used
+    # to wait for the visibility timeout, 360 s).
+    with FakeServer(FakeLLM(delay_s=12.0)) as one, FakeServer(FakeLLM(delay_s=12.0)) as two:
+        env = env_for(one, two, PROMPTBATCH_TASK_TIME_LIMIT_S="9")
         procs.scheduler(**env)
         procs.worker(2, **env)
         with Client(settings) as client:
