@@ -30,6 +30,10 @@ def bindir() -> Path | None:
     return folder if (folder / "rabbitmq-server").exists() else None
 
 
+class _PortTaken(RuntimeError):
+    """Raised when the broker's port was taken between choosing it and binding it."""
+
+
 class RabbitServer:
     """A throwaway broker: ``start()``, ``vhost()`` (a fresh virtual host and its URL),
     ``restart()``, ``stop()``."""
@@ -40,13 +44,18 @@ class RabbitServer:
             raise RuntimeError("no RabbitMQ: apt-get install rabbitmq-server")
         self.bin = found
         self.base = Path(tempfile.mkdtemp(prefix="pb-rabbit-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        (self.base / "log").mkdir()
+        (self.base / "enabled_plugins").write_text("[].\n")
+        self._place()
+
+    def _place(self) -> None:
+        """Ports and a node of its own (again after a port was taken meanwhile)."""
         self.port = free_port()
         self.dist_port = free_port()
         self.node = f"pb{uuid.uuid4().hex[:8]}@localhost"
-        self.proc: subprocess.Popen[bytes] | None = None
+        shutil.rmtree(self.base / "mnesia", ignore_errors=True)
         (self.base / "mnesia").mkdir()
-        (self.base / "log").mkdir()
-        (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "rabbitmq.conf").write_text(
             f"listeners.tcp.default = 127.0.0.1:{self.port}\nloopback_users = none\n"
             "consumer_timeout = 1800000\n")
@@ -62,6 +71,16 @@ class RabbitServer:
                 "RABBITMQ_PID_FILE": str(b / "rabbit.pid")}
 
     def start(self, timeout: float = 90.0) -> RabbitServer:
+        # A port found free can be taken by another process before the broker binds it
+        # (other tests' connections use the same ephemeral range): then new ports.
+        for _ in range(3):
+            try:
+                return self._start(timeout)
+            except _PortTaken:
+                self._place()
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> RabbitServer:
         log = (self.base / "server.out").open("ab")
         self.proc = subprocess.Popen([str(self.bin / "rabbitmq-server")], env=self.env(),
                                      stdin=subprocess.DEVNULL, stdout=log,
@@ -71,6 +90,8 @@ class RabbitServer:
         while not self._answers():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 tail = (self.base / "server.out").read_text(errors="replace")[-2000:]
+                if "eaddrinuse" in tail and self.proc.poll() is not None:
+                    raise _PortTaken(tail)
                 self.stop()
                 raise RuntimeError(f"RabbitMQ did not start: {tail}")
             time.sleep(0.1)
