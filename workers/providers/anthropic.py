@@ -145,7 +145,7 @@ class AnthropicProvider:
             written = int(u.get("cache_creation_input_tokens") or 0)
             usage = Usage(prompt_tokens=int(u.get("input_tokens") or 0) + read + written,
                           completion_tokens=int(u.get("output_tokens") or 0),
-                          cached_tokens=read)
+                          cached_tokens=read, cache_write_tokens=written)
             return ProviderReply(job_id=req.job_id, text=text, usage=usage)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc!r}): "
@@ -190,7 +190,8 @@ class AnthropicProvider:
         written = usage.get("cache_creation_input_tokens", 0)
         return ProviderReply(job_id=req.job_id, text="".join(parts), usage=Usage(
             prompt_tokens=usage.get("input_tokens", 0) + read + written,
-            completion_tokens=usage.get("output_tokens", 0), cached_tokens=read))
+            completion_tokens=usage.get("output_tokens", 0), cached_tokens=read,
+            cache_write_tokens=written))
 
     def close(self) -> None:
         self.client.close()
