@@ -118,12 +118,14 @@ class BatchService:
     # --- batches ------------------------------------------------------------------------
 
     def create_batch(self, tenant: str, input_file_id: str, endpoint: str,
-                     completion_window: str, metadata: dict[str, str] | None) -> dict[str, Any]:
+                     completion_window: str, metadata: dict[str, str] | None,
+                     api_key: str | None = None) -> dict[str, Any]:
         """Validate and submit the input file's lines, ``CHUNK`` at a time (each chunk
         all or nothing; the file is read line by line, never parsed whole). The batch is
         recorded first (``validating``): should a chunk be refused (Redis or the store
         down, the tenant over its quota), the jobs accepted so far are cancelled, the
-        batch ends ``failed`` with the reason, and the error goes up."""
+        batch ends ``failed`` with the reason, and the error goes up. ``api_key``: the
+        submitting key's prefix (its budget applies to every chunk)."""
         if endpoint not in ENDPOINTS:
             raise BatchError(422, "endpoint", f"endpoint must be one of {', '.join(ENDPOINTS)}")
         window = _WINDOW.match(completion_window or "")
@@ -153,7 +155,8 @@ class BatchService:
                                             deadline):
                 if chunk:
                     self.client.submitter.check_quota(chunk)
-                    ids = iter(self.client.submitter.submit_specs(chunk))
+                    ids = iter(job_id for job_id, _ in self.client.submitter
+                               .submit_specs_states(chunk, api_key=api_key))
                     rows = [[n, cid, next(ids), None] if err is None else [n, cid, None, err]
                             for n, cid, _, err in rows]
                 for row in rows:
