@@ -220,6 +220,12 @@ class Accounts:
         self.add_key(new_key, tenant, admin)
         return int(done.rowcount)
 
+    def has_prefix(self, prefix: str) -> bool:
+        """Whether a stored key has exactly this prefix (a key's budget is named by it)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(ApiKeyRow.key_sha256).where(
+                ApiKeyRow.prefix == prefix).limit(1)).first() is not None
+
     def count_keys(self, tenant: str | None = None) -> int:
         """API keys stored (of ``tenant``)."""
         stmt = select(func.count()).select_from(ApiKeyRow)

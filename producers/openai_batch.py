@@ -30,7 +30,7 @@ from jobs.validation import parse_request, resolve
 from producers.accounts import Accounts
 from producers.client import Client
 from producers.models import resolve_model
-from producers.openai_answer import completion
+from producers.openai_answer import BatchUsage, completion
 from producers.openai_request import job_fields, openai_errors
 
 ENDPOINTS = ("/v1/chat/completions",)
@@ -296,6 +296,7 @@ class BatchService:
         now = int(time.time())
         out, err = io.BytesIO(), io.BytesIO()
         listing = self._listing(tenant, record)
+        spent = BatchUsage(self.client.submitter.prices)
         while True:
             rows: list[list[Any]] = list(itertools.islice(listing, CHUNK))
             if not rows:
@@ -310,6 +311,8 @@ class BatchService:
                     continue
                 text = raw.get(job_id)
                 result = JobResult.model_validate_json(text) if text else None
+                if result is not None:
+                    spent.add(result)
                 if result is not None and result.state is JobState.SUCCEEDED:
                     out.write(json.dumps(output_line(custom_id, result)).encode() + b"\n")
                 else:
@@ -326,6 +329,7 @@ class BatchService:
                                              "batch_output", f"{record['id']}_{kind}.jsonl",
                                              buf.getvalue())
                 record[kind] = row["id"]
+        record["usage"] = spent.view()
         if record["status"] == "cancelling":
             record["status"], record["cancelled_at"] = "cancelled", now
         elif states[JobState.EXPIRED]:
