@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 #: The fraction of the price paid through a provider's batch endpoint (OpenAI's Batch
 #: API and Anthropic's Message Batches: half price); other providers: none known.
 BATCH_DISCOUNTS: dict[str, float] = {"openai": 0.5, "anthropic": 0.5}
+#: The HTTP providers' own APIs (a book made without base URLs prices them as these).
+OFFICIAL_URLS = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
 #: The real model whose price ``simulated`` is given (``provider``, ``model``).
 SIMULATED_PRICED_AS = ("openai", "gpt-4o-mini")
 #: ``simulated`` answers 32 tokens when a job sets no max_tokens.
@@ -165,7 +167,7 @@ class PriceBook:
                  base_urls: Mapping[str, str] | None = None,
                  library: Library = library_price) -> None:
         self.overrides = dict(overrides or {})
-        self.base_urls = dict(base_urls or {})
+        self.base_urls = dict(OFFICIAL_URLS if base_urls is None else base_urls)
         self.library = library
         self._found: dict[str, Price | None] = {}
         self._warned: set[str] = set()
