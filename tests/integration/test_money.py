@@ -68,13 +68,15 @@ def test_a_result_is_priced_and_its_spend_counted_once_whoever_writes_it_again(
         costs = [r.usage.cost_usd for r in results if r.usage]
         assert len(costs) == 6 and all(c is not None and c > 0 for c in costs)
         total = sum(c for c in costs if c is not None)
-        assert sql_spend(client) == (pytest.approx(total), 6)
+        assert sql_spend(client)[0] == pytest.approx(total)
+        assert sql_spend(client)[1] == 6
         assert counted(client)[0] == pytest.approx(total)
         # The same results again (a late worker, the reconciler): nothing is counted twice.
         won = record_results(client.store, client.queue, results, ["default"] * 6,
                              result_ttl_s=60, prices=client.submitter.prices)
         assert won == set()
-        assert sql_spend(client) == (pytest.approx(total), 6)
+        assert sql_spend(client)[0] == pytest.approx(total)
+        assert sql_spend(client)[1] == 6
         assert counted(client)[0] == pytest.approx(total)
         stored = client.store.get(ids[0])
         assert stored is not None and stored.result is not None
@@ -85,8 +87,8 @@ def test_a_result_is_priced_and_its_spend_counted_once_whoever_writes_it_again(
 def test_an_exact_cache_hit_costs_nothing_and_saves_what_its_own_call_would_have(
         sim: Settings) -> None:
     with Client(sim) as client:
-        job = {"prompt": "What is the capital of France? " * 10, "params": {"temperature": 0,
-                                                                           "max_tokens": 20}}
+        job: dict[str, Any] = {"prompt": "What is the capital of France? " * 10,
+                               "params": {"temperature": 0, "max_tokens": 20}}
         first = client.submit(**job)
         run_all(client, sim, [first])
         source = client.result(first, timeout=10)
@@ -104,7 +106,8 @@ def test_an_exact_cache_hit_costs_nothing_and_saves_what_its_own_call_would_have
         assert [(r[0], r[1]) for r in rows] == [("exact_cache", 1)]
         assert rows[0][2] == pytest.approx(source.usage.cost_usd)
         assert counted(client)[1]["exact_cache"] == pytest.approx(source.usage.cost_usd)
-        assert sql_spend(client) == (pytest.approx(source.usage.cost_usd), 2)
+        assert sql_spend(client)[0] == pytest.approx(source.usage.cost_usd)
+        assert sql_spend(client)[1] == 2
 
 
 def test_a_budget_refuses_a_submit_that_would_pass_it_and_settles_the_real_cost(
@@ -191,7 +194,8 @@ def test_the_active_schedulers_metrics_carry_spend_savings_and_budgets(sim: Sett
 
 def test_a_coalesced_follower_costs_nothing_and_saves_the_leaders_call(sim: Settings) -> None:
     with Client(sim) as client:
-        job = {"prompt": "Identical request " * 20, "params": {"temperature": 0}}
+        job: dict[str, Any] = {"prompt": "Identical request " * 20,
+                               "params": {"temperature": 0}}
         leader = client.submit(**job)
         follower = client.submit(**job)  # follows the leader (pending, identical)
         run_all(client, sim, [leader])
