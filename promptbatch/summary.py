@@ -227,7 +227,8 @@ def money_rows(s: Summary) -> list[tuple[str, str]]:
     what was saved, by reason (none when nothing had a price)."""
     if s.cost_usd == 0 and not s.saved_usd and not s.unpriced:
         return []
-    unpriced = f" ({s.unpriced} jobs without a price)" if s.unpriced else ""
+    unpriced = (f" ({s.unpriced} job{'' if s.unpriced == 1 else 's'} without a price)"
+                if s.unpriced else "")
     rows = [("cost", _usd(s.cost_usd) + unpriced)]
     saved = sum(s.saved_usd.values())
     if saved:
