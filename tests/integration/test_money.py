@@ -3,6 +3,9 @@ PostgreSQL), the simulated provider run by a worker's batch runner in this proce
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -22,7 +25,7 @@ from jobs.stats import read_money
 from jobs.tables import SAVINGS, SPEND, JobRow
 from producers.client import Client
 from scheduler.metrics import SchedulerMetrics
-from tests.conftest import BOTH_STORES
+from tests.conftest import BOTH_STORES, settings_env
 from workers.batch import BatchRunner
 from workers.providers import create_provider
 
@@ -205,3 +208,41 @@ def test_a_coalesced_follower_costs_nothing_and_saves_the_leaders_call(sim: Sett
         assert res.usage.cost_usd == 0.0
         assert res.usage.saved_usd == pytest.approx(lead.usage.cost_usd)
         assert counted(client)[1]["coalesced"] == pytest.approx(lead.usage.cost_usd)
+
+
+def _cli(settings: Settings, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "promptbatch", *argv],
+                          env=settings_env(settings), capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+@pytest.mark.slow
+def test_the_money_commands_set_budgets_and_show_spend(sim: Settings) -> None:
+    with Client(sim) as client:
+        ids = client.submit_many({"prompt": f"job {i} " * 30, "cache": "off", "tenant": "acme"}
+                                 for i in range(2))
+        run_all(client, sim, ids)
+        spent = sql_spend(client)[0]
+    done = _cli(sim, "tenants", "budget", "acme", "500", "--period", "month")
+    assert done.returncode == 0, done.stderr
+    assert "tenant acme: budget $500.00 a month (UTC)" in done.stdout
+    added = _cli(sim, "keys", "add", "acme", "--budget", "20", "--budget-period", "day")
+    assert added.returncode == 0, added.stderr
+    prefix = added.stdout.strip()[:11]
+    assert f"key {prefix}: budget $20.00 a day (UTC)" in added.stderr
+    shown = _cli(sim, "spend", "--by", "deployment", "--json")
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert [(r["group"], r["jobs"]) for r in data["data"]] == [("simulated|sim-1", 2)]
+    assert data["data"][0]["cost_usd"] == pytest.approx(spent, abs=1e-6)
+    assert {(b["scope"], b["name"]) for b in data["budgets"]} == {("tenant", "acme"),
+                                                                 ("key", prefix)}
+    [tenant] = [b for b in data["budgets"] if b["scope"] == "tenant"]
+    assert tenant["spent_usd"] == pytest.approx(spent, abs=1e-6)  # what was spent already
+    table = _cli(sim, "spend", "--tenant", "acme")
+    assert table.returncode == 0 and ledger.day_of(time.time()) in table.stdout
+    assert _cli(sim, "keys", "budget", "pb-NoSuchKey", "5").returncode == 2
+    wrong = _cli(sim, "spend", "--since", "last week")
+    assert wrong.returncode == 2 and "YYYY-MM-DD" in wrong.stderr
+    removed = _cli(sim, "tenants", "budget", "acme", "--remove")
+    assert removed.returncode == 0 and "budget removed" in removed.stdout
