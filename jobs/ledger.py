@@ -98,7 +98,8 @@ def record(conn: Connection, owners: Mapping[str, Owner], entries: Mapping[str, 
         key = (e.day, owner.tenant, owner.api_key or "", e.provider, e.model)
         row = spend[key]
         row[0] += 1
-        row[1] += e.charge.cost is None and e.charge.saved == {} and e.prompt_tokens > 0
+        if e.charge.cost is None and (e.prompt_tokens or e.completion_tokens):
+            row[1] += 1  # a call without a price
         for i, n in enumerate((e.prompt_tokens, e.cached_tokens, e.cache_write_tokens,
                                e.completion_tokens), start=2):
             row[i] += n
@@ -115,7 +116,9 @@ def record(conn: Connection, owners: Mapping[str, Owner], entries: Mapping[str, 
                        for k, v in spend.items()])
     _add(conn, SAVINGS, [{**dict(zip((*names, "reason"), k, strict=True)), "jobs": int(v[0]),
                           "saved_usd": v[1]} for k, v in saved.items()])
-    for (scope, name), (held, cost) in sorted(settle.items()):
+    # The tenants' budgets, then the keys' (the order a submit reserves them in).
+    for (scope, name), (held, cost) in sorted(settle.items(),
+                                              key=lambda kv: (kv[0][0] != "tenant", kv[0])):
         budgets.settle(conn, scope, name, held, cost, now)
 
 

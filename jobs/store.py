@@ -165,14 +165,17 @@ class JobStore:
             rows = _rows(fresh, final, dumped, spec_json)
             try:
                 with self.engine.begin() as conn:
-                    if holds or api_key is not None:
-                        _reserve(conn, rows, api_key, holds or {})
-                    self._insert_rows(conn, rows)
+                    # Locks in the order every writer takes them (spend rows, then the
+                    # tenants' budgets, then the keys'), so none waits for another in a
+                    # circle on PostgreSQL.
                     if final:
                         ledger.record(conn, {r["id"]: ledger.Owner(r["tenant"], api_key, None,
                                                                    None)
                                              for r in rows if r["id"] in final},
                                       entries or {})
+                    if holds or api_key is not None:
+                        _reserve(conn, rows, api_key, holds or {})
+                    self._insert_rows(conn, rows)
                 return mapping
             except IntegrityError:
                 # A concurrent submit took one of the keys: nothing of this call was
@@ -215,9 +218,19 @@ class JobStore:
         return found
 
     def delete(self, job_ids: Iterable[str]) -> None:
-        """Remove jobs that were never enqueued (undo of a failed submit)."""
+        """Remove jobs that were never enqueued (undo of a failed submit), releasing what
+        they reserved against budgets."""
         ids = list(job_ids)
         with self.engine.begin() as conn:
+            held: dict[str, ledger.Owner] = {}
+            for chunk in _chunks(ids, 500):
+                for job_id, tenant, key, amount, where in conn.execute(
+                        select(JobRow.id, JobRow.tenant, JobRow.api_key, JobRow.reserved_usd,
+                               JobRow.reserved_in)
+                        .where(JobRow.id.in_(chunk), JobRow.reserved_usd.is_not(None))):
+                    held[job_id] = ledger.Owner(tenant, key, amount, where)
+            if held:
+                ledger.record(conn, held, {})
             for chunk in _chunks(ids, 500):
                 conn.execute(JOBS.delete().where(JobRow.id.in_(chunk)))
 
@@ -415,13 +428,17 @@ def _reserve(conn: Connection, rows: list[dict[str, Any]], api_key: str | None,
         row.update(api_key=api_key, reserved_usd=None, reserved_in=None)
         if holds.get(row["id"], 0.0) > 0 and row["state"] == JobState.QUEUED.value:
             by_tenant.setdefault(row["tenant"], []).append(row)
-    for tenant, mine in sorted(by_tenant.items()):
+    flags: dict[str, str] = {}
+    for tenant, mine in sorted(by_tenant.items()):  # the tenants' budgets, then the key's
         amount = sum(holds[r["id"]] for r in mine)
-        flags = "t" if budgets.reserve(conn, "tenant", tenant, amount, now) else ""
-        if api_key is not None and budgets.reserve(conn, "key", api_key, amount, now):
-            flags += "k"
+        flags[tenant] = "t" if budgets.reserve(conn, "tenant", tenant, amount, now) else ""
+    total = sum(holds[r["id"]] for mine in by_tenant.values() for r in mine)
+    if api_key is not None and total and budgets.reserve(conn, "key", api_key, total, now):
+        flags = {t: f + "k" for t, f in flags.items()}
+    for tenant, mine in by_tenant.items():
         for r in mine:
-            r.update(reserved_usd=holds[r["id"]] if flags else None, reserved_in=flags or None)
+            held = flags[tenant]
+            r.update(reserved_usd=holds[r["id"]] if held else None, reserved_in=held or None)
 
 
 def _row(spec: JobSpec, spec_json: str | None = None,

@@ -246,3 +246,15 @@ def test_the_money_commands_set_budgets_and_show_spend(sim: Settings) -> None:
     assert wrong.returncode == 2 and "YYYY-MM-DD" in wrong.stderr
     removed = _cli(sim, "tenants", "budget", "acme", "--remove")
     assert removed.returncode == 0 and "budget removed" in removed.stdout
+
+
+def test_a_submit_undone_releases_what_it_reserved(sim: Settings) -> None:
+    with Client(sim) as client:
+        budgets.set_budget(client.store.engine, "tenant", "default", 1.0, "none")
+        spec = _spec(client, {"prompt": "undo me " * 20, "cache": "off"})
+        client.store.insert([spec], holds={spec.id: 0.25}, api_key="pb-NoBudgetKy")
+        [b] = budgets.get_budgets(client.store.engine)
+        assert b.reserved_usd == pytest.approx(0.25)
+        client.store.delete([spec.id])  # what a submit whose Redis step failed does
+        [b] = budgets.get_budgets(client.store.engine)
+        assert b.reserved_usd == pytest.approx(0.0, abs=1e-12) and b.spent_usd == 0.0
