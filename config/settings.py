@@ -68,6 +68,24 @@ class ReplicaEntry(BaseModel):
     cache_tokens: int | None = Field(default=None, ge=0)
 
 
+class PriceEntry(BaseModel):
+    """A deployment's price, US dollars per million tokens (``prices``). A field left out
+    comes from the price library's price of the deployment, if it has one; else cached
+    input and cache writes cost as input, and the batch discount is the provider's
+    (0.5 for openai and anthropic, else 1: no discount)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cached_input: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    cache_write: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    output: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    #: The fraction of the price paid through the provider's batch endpoint.
+    batch_discount: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    #: Output tokens a job without max_tokens is taken to cost, for budgets.
+    default_output_tokens: int | None = Field(default=None, ge=1)
+
+
 class Settings(BaseSettings):
     """promptbatch's configuration. Every field can be set as ``PROMPTBATCH_<NAME>``, or
     read from a file named by ``PROMPTBATCH_<NAME>_FILE`` (Docker secrets)."""
@@ -496,6 +514,16 @@ class Settings(BaseSettings):
         "{'openai|gpt-4o': ['anthropic|claude-sonnet-4-5']}; used while a deployment cools "
         "down.",
     )
+    prices: dict[str, PriceEntry] = Field(
+        default_factory=dict,
+        description="Prices per 'provider|model' in US dollars per million tokens, over the "
+        "price library's (genai-prices): {'openai|gpt-4o': {'input': 2.5, 'cached_input': "
+        "1.25, 'cache_write': 2.5, 'output': 10, 'batch_discount': 0.5}}. A deployment "
+        "with no price here nor in the library has cost null (one warning at start).")
+    budget_output_tokens: int = Field(
+        default=1024, ge=1,
+        description="Output tokens a job without max_tokens is taken to cost when a budget "
+        "reserves its estimate (a deployment's own default_output_tokens, in prices, wins).")
     provider_health_window_s: float = Field(
         default=60.0, gt=0,
         description="A deployment that answered within this many seconds is healthy; one "
@@ -626,6 +654,10 @@ class Settings(BaseSettings):
                 if entry != "*" and not entry.split("|", 1)[0]:
                     raise ValueError(f"tenant_providers[{tenant!r}]: {entry!r} is not "
                                      "'provider', 'provider|model' or '*'")
+        for name in self.prices:
+            provider, _, model = name.partition("|")
+            if not provider or not model:
+                raise ValueError(f"prices: {name!r} is not 'provider|model'")
         for provider in self.provider_replicas:
             if provider not in REPLICATED_PROVIDERS:
                 raise ValueError(f"provider_replicas: {provider!r} has no replicas; only "

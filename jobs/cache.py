@@ -25,7 +25,9 @@ import orjson
 
 from config.settings import Settings
 from jobs import cachekey
+from jobs.costs import hit_usage
 from jobs.models import JobResult, JobSpec, JobState, Usage
+from jobs.prices import PriceBook
 from jobs.queue import RedisQueue
 
 #: Records results: (results, tenants, classes) -> ids stored.
@@ -66,23 +68,17 @@ def parse_entry(raw: str) -> Entry:
 
 
 def hit_result(spec: JobSpec, entry: Entry, now: float, similarity: float | None = None,
-               ) -> JobResult:
-    """The result of a job answered from the cache (a semantic hit has a similarity)."""
+               prices: PriceBook | None = None) -> JobResult:
+    """The result of a job answered from the cache (a semantic hit has a similarity): it
+    cost 0 and saved what its own call would have cost (``jobs.costs.hit_usage``)."""
+    price = prices.price(spec.provider, spec.model) if prices is not None else None
     return JobResult(id=spec.id, state=JobState.SUCCEEDED, text=entry.text,
-                     usage=_no_new_tokens(entry.usage), provider=spec.provider,
+                     usage=hit_usage(entry.usage, price), provider=spec.provider,
                      model=spec.model, created_at=spec.created_at, deadline=spec.deadline,
                      started_at=now, finished_at=now,
                      cache="exact" if similarity is None else "semantic",
                      cache_source=entry.source, cache_similarity=similarity, attempts=0,
                      **entry.answer)
-
-
-def _no_new_tokens(usage: Usage | None) -> Usage | None:
-    """A cached answer cost the provider nothing: its prompt tokens count as cached."""
-    if usage is None:
-        return None
-    return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                 cached_tokens=usage.prompt_tokens)
 
 
 def lookup(queue: RedisQueue, specs: Sequence[JobSpec], settings: Settings,
@@ -129,7 +125,7 @@ def put(queue: RedisQueue, settings: Settings, results: Sequence[JobResult],
 
 
 def settle(queue: RedisQueue, results: Sequence[JobResult], stored: Sequence[bool | str],
-           record: Recorder) -> None:
+           record: Recorder, prices: PriceBook | None = None) -> None:
     """``results`` were stored (``stored``: what ``RedisQueue.finish`` answered for
     each); the ones identical requests waited for (a cache key there) are final: their
     followers end with the leader's answer, or, if it did not succeed, run on their own."""
@@ -145,6 +141,8 @@ def settle(queue: RedisQueue, results: Sequence[JobResult], stored: Sequence[boo
             continue
         loaded = queue.load(followers)
         now = time.time()
+        price = (prices.price(res.provider or "", res.model or "")
+                 if prices is not None and res.provider else None)
         out: list[JobResult] = []
         tenants: list[str] = []
         classes: list[int] = []
@@ -152,7 +150,7 @@ def settle(queue: RedisQueue, results: Sequence[JobResult], stored: Sequence[boo
             if spec is None or state != "FOLLOWING":
                 continue  # cancelled meanwhile, or gone
             out.append(JobResult(id=spec.id, state=JobState.SUCCEEDED, text=res.text,
-                                 usage=_no_new_tokens(res.usage), provider=res.provider,
+                                 usage=hit_usage(res.usage, price), provider=res.provider,
                                  model=res.model, created_at=spec.created_at,
                                  deadline=spec.deadline, started_at=res.started_at,
                                  finished_at=now, cache="coalesced", cache_source=leader,

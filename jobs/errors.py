@@ -126,3 +126,37 @@ class JobExpired(PromptBatchError):
 
 class JobCancelled(PromptBatchError):
     """The outcome of a job cancelled before it ran."""
+
+
+class BudgetExceeded(PromptBatchError):
+    """Raised when a submit's estimated cost, with what its tenant's or key's budget has
+    already spent and reserved in the period, would pass that budget (HTTP 402). Nothing
+    of the submit is accepted."""
+
+    def __init__(self, scope: str, name: str, limit_usd: float, period: str,
+                 spent_usd: float, reserved_usd: float, needed_usd: float,
+                 resets_at: float | None) -> None:
+        import time
+
+        self.scope = scope
+        self.name = name
+        self.limit_usd = limit_usd
+        self.period = period
+        self.spent_usd = spent_usd
+        self.reserved_usd = reserved_usd
+        self.needed_usd = needed_usd
+        self.resets_at = resets_at
+        per = {"day": " a day", "month": " a month"}.get(period, "")
+        when = {"day": " today", "month": " this month"}.get(period, "")
+        who = f"tenant {name!r}" if scope == "tenant" else f"API key {name}"
+        if resets_at is None:
+            resets = ("it does not reset: an operator can raise it (`promptbatch tenants "
+                      "budget` or `promptbatch keys budget`)")
+        else:
+            resets = ("it resets at "
+                      + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(resets_at)))
+        super().__init__(
+            f"the budget of {who} is ${limit_usd:.2f}{per}: ${spent_usd:.4f} spent{when} "
+            f"and ${reserved_usd:.4f} reserved by jobs not yet finished; this submit may "
+            f"cost up to ${needed_usd:.4f}, which would pass it. Nothing was submitted; "
+            f"{resets}")

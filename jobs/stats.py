@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import redis
@@ -32,6 +33,45 @@ def label(tenant: str, provider: str | None, model: str | None) -> str:
     """The ``tenant|provider|model`` part of a counter's field ('|' inside a value is
     written '/', so the field splits back unambiguously)."""
     return "|".join((v or "").replace("|", "/") for v in (tenant, provider, model))
+
+
+def money_fields(tenant: str, provider: str | None, model: str | None, cost: float | None,
+                 saved: Mapping[str, float]) -> str:
+    """What a job spent and saved, as the lines ``finish_many`` adds to the stats hash:
+    ``$|tenant|provider|model`` and ``v|reason|tenant``, each with US dollars ('' for
+    nothing; amounts of 0 are left out)."""
+    lines = []
+    if cost:
+        lines.append(f"$|{label(tenant, provider, model)}\t{cost!r}")
+    t = (tenant or "").replace("|", "/")
+    lines += [f"v|{reason}|{t}\t{usd!r}" for reason, usd in saved.items() if usd]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Money:
+    """Money counted in the stats hash: spent (``reason`` '') per tenant and deployment,
+    or saved per tenant and reason."""
+
+    tenant: str
+    provider: str
+    model: str
+    reason: str
+    usd: float
+
+
+def read_money(r: redis.Redis) -> tuple[list[Money], list[Money]]:
+    """What was spent and saved, from ``pb:stats`` (since it began)."""
+    raw: dict[str, str] = r.hgetall(keys.STATS)  # type: ignore[assignment]
+    spent: list[Money] = []
+    saved: list[Money] = []
+    for name, value in raw.items():
+        parts = str(name).split("|")
+        if parts[0] == "$" and len(parts) == 4:
+            spent.append(Money(parts[1], parts[2], parts[3], "", float(value)))
+        elif parts[0] == "v" and len(parts) == 3:
+            saved.append(Money(parts[2], "", "", parts[1], float(value)))
+    return spent, saved
 
 
 def bucket_of(now: float) -> int:

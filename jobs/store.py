@@ -23,6 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from config.settings import Settings
+from jobs import budgets, ledger
 from jobs.errors import AmbiguousJob
 from jobs.idempotency import first_of_each_key, holders
 from jobs.models import FINAL_STATES, JobResult, JobSpec, JobState
@@ -51,7 +52,7 @@ def _finalize_many(results: Sequence[JobResult], mark: str,
     sql = (f"UPDATE jobs SET state = CASE id {when} END, result = CASE id {when} END, "
            f"finished_at = CASE id {when} END, batch_id = CASE id {keep} END "
            f"WHERE id IN ({', '.join(mark for _ in results)}) AND state NOT IN ({final}) "
-           "RETURNING id")
+           "RETURNING id, tenant, api_key, reserved_usd, reserved_in")
     params: list[Any] = []
     texts = [(dumped.get(r.id) if dumped else None) or r.model_dump_json() for r in results]
     for column in ([r.state.value for r in results], texts,
@@ -132,11 +133,19 @@ class JobStore:
     def insert(self, specs: Sequence[JobSpec],
                final: Mapping[str, JobResult] | None = None,
                dumped: Mapping[str, str] | None = None,
-               spec_json: Mapping[str, str] | None = None) -> dict[str, str]:
+               spec_json: Mapping[str, str] | None = None, *,
+               api_key: str | None = None, holds: Mapping[str, float] | None = None,
+               entries: Mapping[str, ledger.Entry] | None = None) -> dict[str, str]:
         """Insert new jobs as QUEUED (or, for those in ``final``, already ended with that
         result: answered from the cache; ``dumped``: their JSON, when the caller has it);
         return ``{id: stored id}``. ``spec_json``: the specs' JSON by id, when the caller
         has it (it goes to Redis too).
+
+        Money, in the same transaction: ``api_key`` (the submitting key's prefix) is
+        recorded on every job; ``holds`` (estimated costs by job id) are reserved against
+        the budgets of the jobs' tenants and of the key (``BudgetExceeded``, and nothing
+        written, when one would pass); ``entries`` (``jobs.ledger``) are the spend and
+        savings of the jobs in ``final``.
 
         All or nothing: the new rows go in one transaction, or none does. A job whose
         (tenant, idempotency key) is already stored, or taken by an earlier job of the same
@@ -156,6 +165,16 @@ class JobStore:
             rows = _rows(fresh, final, dumped, spec_json)
             try:
                 with self.engine.begin() as conn:
+                    # Locks in the order every writer takes them (spend rows, then the
+                    # tenants' budgets, then the keys'), so none waits for another in a
+                    # circle on PostgreSQL.
+                    if final:
+                        ledger.record(conn, {r["id"]: ledger.Owner(r["tenant"], api_key, None,
+                                                                   None)
+                                             for r in rows if r["id"] in final},
+                                      entries or {})
+                    if holds or api_key is not None:
+                        _reserve(conn, rows, api_key, holds or {})
                     self._insert_rows(conn, rows)
                 return mapping
             except IntegrityError:
@@ -199,16 +218,31 @@ class JobStore:
         return found
 
     def delete(self, job_ids: Iterable[str]) -> None:
-        """Remove jobs that were never enqueued (undo of a failed submit)."""
+        """Remove jobs that were never enqueued (undo of a failed submit), releasing what
+        they reserved against budgets."""
         ids = list(job_ids)
         with self.engine.begin() as conn:
+            held: dict[str, ledger.Owner] = {}
+            for chunk in _chunks(ids, 500):
+                for job_id, tenant, key, amount, where in conn.execute(
+                        select(JobRow.id, JobRow.tenant, JobRow.api_key, JobRow.reserved_usd,
+                               JobRow.reserved_in)
+                        .where(JobRow.id.in_(chunk), JobRow.reserved_usd.is_not(None))):
+                    held[job_id] = ledger.Owner(tenant, key, amount, where)
+            if held:
+                ledger.record(conn, held, {})
             for chunk in _chunks(ids, 500):
                 conn.execute(JOBS.delete().where(JobRow.id.in_(chunk)))
 
     def finalize(self, results: Sequence[JobResult],
-                 dumped: Mapping[str, str] | None = None) -> list[str]:
+                 dumped: Mapping[str, str] | None = None,
+                 entries: Mapping[str, ledger.Entry] | None = None) -> list[str]:
         """Store final results; return the ids whose result was stored by this call
         (``dumped``: the results' JSON by id, when the caller has it already).
+
+        In the same transaction, for the jobs this call made final only: their spend and
+        savings (``entries``, ``jobs.ledger``) and their budgets settled (reservations
+        released, real cost added), so money is counted once, with the first result.
 
         A job that already has a final state keeps it (the first result wins). One
         conditional UPDATE per ``FINALIZE_CHUNK`` results (CASE by id, RETURNING the ids it
@@ -220,9 +254,14 @@ class JobStore:
         ordered = [latest[k] for k in sorted(latest)]
         mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         with self.engine.begin() as conn:
+            owners: dict[str, ledger.Owner] = {}
             for chunk in _chunks(ordered, FINALIZE_CHUNK):
                 sql, params = _finalize_many(chunk, mark, dumped)
-                won += [row[0] for row in conn.exec_driver_sql(sql, params)]
+                for job_id, tenant, key, held, held_in in conn.exec_driver_sql(sql, params):
+                    won.append(job_id)
+                    owners[job_id] = ledger.Owner(tenant, key, held, held_in)
+            if owners and (entries or any(o.reserved_usd for o in owners.values())):
+                ledger.record(conn, owners, entries or {})
         return won
 
     def set_state(self, job_ids: Sequence[str], state: JobState,
@@ -376,6 +415,30 @@ def _rows(fresh: Sequence[JobSpec], final: Mapping[str, JobResult] | None,
                 row.update(state=res.state.value, result=text or res.model_dump_json(),
                            finished_at=res.finished_at, batch_id=res.batch_id)
     return rows
+
+
+def _reserve(conn: Connection, rows: list[dict[str, Any]], api_key: str | None,
+             holds: Mapping[str, float]) -> None:
+    """Record the submitting key on the new rows and reserve the estimated cost of the
+    ones not final against their tenant's budget and the key's (in the insert's
+    transaction: a refusal, ``BudgetExceeded``, writes nothing)."""
+    now = time.time()
+    by_tenant: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        row.update(api_key=api_key, reserved_usd=None, reserved_in=None)
+        if holds.get(row["id"], 0.0) > 0 and row["state"] == JobState.QUEUED.value:
+            by_tenant.setdefault(row["tenant"], []).append(row)
+    flags: dict[str, str] = {}
+    for tenant, mine in sorted(by_tenant.items()):  # the tenants' budgets, then the key's
+        amount = sum(holds[r["id"]] for r in mine)
+        flags[tenant] = "t" if budgets.reserve(conn, "tenant", tenant, amount, now) else ""
+    total = sum(holds[r["id"]] for mine in by_tenant.values() for r in mine)
+    if api_key is not None and total and budgets.reserve(conn, "key", api_key, total, now):
+        flags = {t: f + "k" for t, f in flags.items()}
+    for tenant, mine in by_tenant.items():
+        for r in mine:
+            held = flags[tenant]
+            r.update(reserved_usd=holds[r["id"]] if held else None, reserved_in=held or None)
 
 
 def _row(spec: JobSpec, spec_json: str | None = None,

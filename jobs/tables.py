@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Engine,
     Float,
     Index,
@@ -58,6 +59,12 @@ class JobRow(Base):
     stored_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     #: The digest of the request an idempotency key was first used with.
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: The API key that submitted the job (its shown prefix; None: not through the API).
+    api_key: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    #: The estimated cost reserved against budgets at submit, and which: ``t`` the
+    #: tenant's, ``k`` the key's (released when the job ends).
+    reserved_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reserved_in: Mapped[str | None] = mapped_column(String(4), nullable=True)
 
 
 class StoreMetaRow(Base):
@@ -69,7 +76,70 @@ class StoreMetaRow(Base):
     value: Mapped[str] = mapped_column(String(255))
 
 
+class SpendRow(Base):
+    """What one tenant's key spent on one deployment in one day (UTC), summed over the
+    jobs that ended that day; written with each job's final result."""
+
+    __tablename__ = "spend"
+    __table_args__ = (Index("ix_spend_tenant_day", "tenant", "day"),)
+
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The submitting key's prefix ('' for jobs not submitted through the API).
+    api_key: Mapped[str] = mapped_column(String(16), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    jobs: Mapped[int] = mapped_column(Integer, default=0)
+    #: Jobs with a provider call but no price (their cost is unknown, not 0).
+    unpriced: Mapped[int] = mapped_column(Integer, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_usd: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class SavingsRow(Base):
+    """What one tenant's key did not pay on one deployment in one day, by reason."""
+
+    __tablename__ = "savings"
+    __table_args__ = (Index("ix_savings_tenant_day", "tenant", "day"),)
+
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key: Mapped[str] = mapped_column(String(16), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    #: exact_cache, coalesced, semantic_cache, prefix_cache, batch_discount.
+    reason: Mapped[str] = mapped_column(String(16), primary_key=True)
+    jobs: Mapped[int] = mapped_column(Integer, default=0)
+    saved_usd: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class BudgetRow(Base):
+    """A tenant's or a key's budget, with what was spent in its current period and what
+    the jobs still running reserved."""
+
+    __tablename__ = "budgets"
+
+    #: ``tenant`` or ``key``.
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)
+    #: The tenant, or the key's prefix.
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    limit_usd: Mapped[float] = mapped_column(Float)
+    #: ``day``, ``month`` (UTC) or ``none`` (never resets).
+    period: Mapped[str] = mapped_column(String(8))
+    #: The period ``spent_usd`` is of (``2026-12-06``, ``2026-12``, ``none``).
+    period_key: Mapped[str] = mapped_column(String(10))
+    spent_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    reserved_usd: Mapped[float] = mapped_column(Float, default=0.0)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
 JOBS: Table = JobRow.__table__  # type: ignore[assignment]
+SPEND: Table = SpendRow.__table__  # type: ignore[assignment]
+SAVINGS: Table = SavingsRow.__table__  # type: ignore[assignment]
+BUDGETS: Table = BudgetRow.__table__  # type: ignore[assignment]
 
 
 #: Results written per UPDATE statement.

@@ -125,10 +125,16 @@ class Accounts:
     def tenant_of(self, key: str, now: float | None = None) -> tuple[str, bool] | None:
         """``(tenant, admin)`` of a key, or None for an unknown, revoked or expired key
         (read from SQL on every call: a revocation holds at once in every process)."""
+        found = self.holder_of(key, now)
+        return None if found is None else (found[0], found[1])
+
+    def holder_of(self, key: str, now: float | None = None,
+                  ) -> tuple[str, bool, str | None] | None:
+        """``(tenant, admin, prefix)`` of a key (see ``tenant_of``)."""
         now = time.time() if now is None else now
         digest = key_hash(key)
         with self.engine.connect() as conn:
-            row = conn.execute(select(ApiKeyRow.tenant, ApiKeyRow.admin).where(
+            row = conn.execute(select(ApiKeyRow.tenant, ApiKeyRow.admin, ApiKeyRow.prefix).where(
                 ApiKeyRow.key_sha256 == digest, ApiKeyRow.revoked_at.is_(None),
                 or_(ApiKeyRow.expires_at.is_(None), ApiKeyRow.expires_at > now))).first()
         if row is None:
@@ -138,7 +144,7 @@ class Accounts:
             with self.engine.begin() as conn:
                 conn.execute(update(ApiKeyRow).where(ApiKeyRow.key_sha256 == digest)
                              .values(last_used_at=now))
-        return str(row[0]), bool(row[1])
+        return str(row[0]), bool(row[1]), None if row[2] is None else str(row[2])
 
     def add_key(self, key: str, tenant: str, admin: bool = False,
                 expires_at: float | None = None) -> None:
@@ -213,6 +219,12 @@ class Accounts:
                 .values(expires_at=until))
         self.add_key(new_key, tenant, admin)
         return int(done.rowcount)
+
+    def has_prefix(self, prefix: str) -> bool:
+        """Whether a stored key has exactly this prefix (a key's budget is named by it)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(ApiKeyRow.key_sha256).where(
+                ApiKeyRow.prefix == prefix).limit(1)).first() is not None
 
     def count_keys(self, tenant: str | None = None) -> int:
         """API keys stored (of ``tenant``)."""

@@ -26,7 +26,9 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from config.settings import Settings
+from jobs.prices import warn_at_start
 from jobs.store import JobStore
+from jobs.validation import PROVIDER_DEFAULT_MODELS
 from producers.accounts import Accounts
 from producers.client import Client
 from producers.jobs_routes import router
@@ -53,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.client = client
         app.state.accounts = Accounts(store)
         app.state.batches = BatchService(settings, client, app.state.accounts)
+        warn_at_start(client.submitter.prices, settings, PROVIDER_DEFAULT_MODELS)
         yield
         client.close()
         if getattr(app.state, "aioredis", None) is not None:
@@ -60,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     from producers.keys_routes import router as keys_router
     from producers.models import router as models_router
+    from producers.money_routes import router as money_router
     from producers.openai_routes import batch_error
     from producers.openai_routes import router as batch_router
 
@@ -80,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream_router)
     app.include_router(models_router)
     app.include_router(keys_router)
+    app.include_router(money_router)
     if settings.api_metrics:
         from producers.metrics import MetricsMiddleware, metrics_endpoint
 

@@ -11,6 +11,7 @@ read any tenant's jobs.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ class Caller:
 
     tenant: str
     admin: bool = False
+    #: The key's shown prefix (a stored key's ``pb-...``; a key from the settings:
+    #: ``env-`` and the start of its SHA-256): what its jobs and spend are recorded under.
+    key: str | None = None
 
     @property
     def scope(self) -> str | None:
@@ -91,17 +95,22 @@ async def caller_of(
     settings: Settings = request.app.state.settings
     tenant = _match(key, settings.api_admin_keys)
     if tenant is not None:
-        return Caller(tenant, admin=True)
+        return Caller(tenant, admin=True, key=settings_key_id(key))
     tenant = _match(key, settings.api_keys)
     if tenant is not None:
-        return Caller(tenant)
+        return Caller(tenant, key=settings_key_id(key))
     accounts = request.app.state.accounts
-    found = await run_in_threadpool(accounts.tenant_of, key)
+    found = await run_in_threadpool(accounts.holder_of, key)
     if found is None:
         why = await run_in_threadpool(accounts.refusal, key)
         raise Unauthorized(why or "unknown API key: check the key you send, or ask the "
                            "operator of this service for one")
-    return Caller(found[0], admin=found[1])
+    return Caller(found[0], admin=found[1], key=found[2])
+
+
+def settings_key_id(key: str) -> str:
+    """What a key from the settings is recorded as (never the key or a part of it)."""
+    return "env-" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def _missing(authorization: str | None) -> str:

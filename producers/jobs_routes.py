@@ -286,7 +286,7 @@ def _submit(client: Client, items: list[Any], caller: Caller, header_key: str | 
         requests.append(item)
     try:
         with gcpause.paused():
-            return client.submitter.submit_requests(requests)
+            return client.submitter.submit_requests(requests, api_key=caller.key)
     except InvalidJob as exc:
         if many and exc.line is not None:
             raise InvalidJob([(f"jobs.{exc.line - 1}.{f}", m) for f, m in exc.errors]) from exc

@@ -21,21 +21,28 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from jobs import costs
 from jobs.models import JobResult
+from jobs.prices import PriceBook
 
 #: Fragments tool call arguments are streamed in: JSON punctuation, strings, the rest.
 _FRAGMENTS = re.compile(r'"(?:[^"\\]|\\.)*"?|[{}\[\]:,]|[^{}\[\]:,"]+')
 
 
 def usage(res: JobResult) -> dict[str, Any]:
-    """OpenAI's ``usage`` of a result (zeros when the provider gave none)."""
+    """OpenAI's ``usage`` of a result (zeros when the provider gave none), with two fields
+    of ours that the SDK keeps as extra attributes: ``cost_usd`` (what the job cost, null
+    when no price is known) and ``saved_usd`` (what it did not pay: the cache, coalescing,
+    prompt-cache reads, the batch discount)."""
     u = res.usage
     if u is None:
         return {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0,
-                "prompt_tokens_details": {"cached_tokens": 0}}
+                "prompt_tokens_details": {"cached_tokens": 0}, "cost_usd": None,
+                "saved_usd": None}
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "total_tokens": u.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+            "cost_usd": u.cost_usd, "saved_usd": u.saved_usd}
 
 
 def finish_reason(res: JobResult) -> str:
@@ -139,3 +146,40 @@ class TextChunkStream(ChunkStream):
         if content and res.text:
             yield self.content(res.text)
         yield self.chunk({}, finish=finish_reason(res))
+
+
+class BatchUsage:
+    """A batch's usage as OpenAI's batch object carries it (``input_tokens`` with
+    ``cached_tokens``, ``output_tokens``, ``total_tokens``), with what it cost and saved:
+    ``cost_usd`` (null when no job had a price), ``saved_usd`` and ``saved_by_reason``
+    (extra fields the SDK keeps as attributes of ``batch.usage``)."""
+
+    def __init__(self, prices: PriceBook | None) -> None:
+        self.prices = prices
+        self.input = self.cached = self.output = 0
+        self.cost: float | None = None
+        self.saved: dict[str, float] = {}
+
+    def add(self, result: JobResult) -> None:
+        u = result.usage
+        if u is None:
+            return
+        if result.cache is None:  # tokens of calls made
+            self.input += u.prompt_tokens
+            self.cached += u.cached_tokens
+            self.output += u.completion_tokens
+        got = costs.charge(result, self.prices)
+        if got.cost is not None:
+            self.cost = (self.cost or 0.0) + got.cost
+        for reason, usd in got.saved.items():
+            self.saved[reason] = self.saved.get(reason, 0.0) + usd
+
+    def view(self) -> dict[str, Any]:
+        return {"input_tokens": self.input, "input_tokens_details": {
+                    "cached_tokens": self.cached},
+                "output_tokens": self.output,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.input + self.output,
+                "cost_usd": None if self.cost is None else round(self.cost, 6),
+                "saved_usd": round(sum(self.saved.values()), 6),
+                "saved_by_reason": {k: round(v, 6) for k, v in sorted(self.saved.items())}}

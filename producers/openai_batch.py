@@ -30,7 +30,7 @@ from jobs.validation import parse_request, resolve
 from producers.accounts import Accounts
 from producers.client import Client
 from producers.models import resolve_model
-from producers.openai_answer import completion
+from producers.openai_answer import BatchUsage, completion
 from producers.openai_request import job_fields, openai_errors
 
 ENDPOINTS = ("/v1/chat/completions",)
@@ -118,12 +118,14 @@ class BatchService:
     # --- batches ------------------------------------------------------------------------
 
     def create_batch(self, tenant: str, input_file_id: str, endpoint: str,
-                     completion_window: str, metadata: dict[str, str] | None) -> dict[str, Any]:
+                     completion_window: str, metadata: dict[str, str] | None,
+                     api_key: str | None = None) -> dict[str, Any]:
         """Validate and submit the input file's lines, ``CHUNK`` at a time (each chunk
         all or nothing; the file is read line by line, never parsed whole). The batch is
         recorded first (``validating``): should a chunk be refused (Redis or the store
         down, the tenant over its quota), the jobs accepted so far are cancelled, the
-        batch ends ``failed`` with the reason, and the error goes up."""
+        batch ends ``failed`` with the reason, and the error goes up. ``api_key``: the
+        submitting key's prefix (its budget applies to every chunk)."""
         if endpoint not in ENDPOINTS:
             raise BatchError(422, "endpoint", f"endpoint must be one of {', '.join(ENDPOINTS)}")
         window = _WINDOW.match(completion_window or "")
@@ -153,7 +155,8 @@ class BatchService:
                                             deadline):
                 if chunk:
                     self.client.submitter.check_quota(chunk)
-                    ids = iter(self.client.submitter.submit_specs(chunk))
+                    ids = iter(job_id for job_id, _ in self.client.submitter
+                               .submit_specs_states(chunk, api_key=api_key))
                     rows = [[n, cid, next(ids), None] if err is None else [n, cid, None, err]
                             for n, cid, _, err in rows]
                 for row in rows:
@@ -294,6 +297,7 @@ class BatchService:
         now = int(time.time())
         out, err = io.BytesIO(), io.BytesIO()
         listing = self._listing(tenant, record)
+        spent = BatchUsage(self.client.submitter.prices)
         while True:
             rows: list[list[Any]] = list(itertools.islice(listing, CHUNK))
             if not rows:
@@ -308,6 +312,8 @@ class BatchService:
                     continue
                 text = raw.get(job_id)
                 result = JobResult.model_validate_json(text) if text else None
+                if result is not None:
+                    spent.add(result)
                 if result is not None and result.state is JobState.SUCCEEDED:
                     out.write(json.dumps(output_line(custom_id, result)).encode() + b"\n")
                 else:
@@ -324,6 +330,7 @@ class BatchService:
                                              "batch_output", f"{record['id']}_{kind}.jsonl",
                                              buf.getvalue())
                 record[kind] = row["id"]
+        record["usage"] = spent.view()
         if record["status"] == "cancelling":
             record["status"], record["cancelled_at"] = "cancelled", now
         elif states[JobState.EXPIRED]:

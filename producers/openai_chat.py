@@ -16,6 +16,7 @@ would otherwise send the call again as a new job).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -82,7 +83,8 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
     item["tenant"] = caller.tenant
     client = client_of(request)
     try:
-        [(job_id, _)] = await run_in_threadpool(client.submitter.submit_requests, [item])
+        [(job_id, _)] = await run_in_threadpool(
+            functools.partial(client.submitter.submit_requests, [item], api_key=caller.key))
     except InvalidJob as exc:
         if exc.errors and exc.errors[0][0] in ("provider", "model"):
             raise ApiError(404, "model_not_found", f"model {body.get('model')!r}: "

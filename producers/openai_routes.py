@@ -91,7 +91,8 @@ async def create_batch(request: Request, caller: CallerDep) -> dict[str, Any]:
         raise BatchError(422, "metadata", "metadata must be an object")
     record = await run_in_threadpool(
         service(request).create_batch, tenant, body["input_file_id"],
-        str(body.get("endpoint", "")), str(body.get("completion_window", "")), metadata)
+        str(body.get("endpoint", "")), str(body.get("completion_window", "")), metadata,
+        caller.key)
     return public(record)
 
 @router.get("/v1/batches/{batch_id}", tags=["openai"])

@@ -26,8 +26,9 @@ from typing import Any
 import redis
 
 from config.settings import Settings
-from jobs import cache
+from jobs import cache, costs, ledger
 from jobs.errors import (
+    BudgetExceeded,
     IdempotencyConflict,
     InvalidJob,
     ServiceUnavailable,
@@ -37,6 +38,7 @@ from jobs.errors import (
 from jobs.ids import new_id
 from jobs.models import JobRequest, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
+from jobs.prices import PriceBook
 from jobs.queue import RedisQueue
 from jobs.store import JobStore, OperationalError
 from jobs.validation import parse_request, resolve
@@ -50,20 +52,24 @@ PUBLISH_CHUNK = 10_000
 class Submitter:
     """Stores and enqueues resolved jobs (``submit_specs``), all or nothing."""
 
-    def __init__(self, settings: Settings, queue: RedisQueue, store: JobStore) -> None:
+    def __init__(self, settings: Settings, queue: RedisQueue, store: JobStore,
+                 prices: PriceBook | None = None) -> None:
         self.settings = settings
         self.queue = queue
         self.store = store
+        self.prices = prices if prices is not None else PriceBook.for_settings(settings)
         self._bound = False
         #: What else refuses a resolved job, by field (the HTTP API refuses jobs for a
         #: deployment it cannot call); None: nothing.
         self.vet: Callable[[JobSpec], list[tuple[str, str]]] | None = None
 
     def submit_requests(self, items: Iterable[JobRequest | Mapping[str, Any]],
-                        tenant: str | None = None) -> list[tuple[str, JobState]]:
+                        tenant: str | None = None, *,
+                        api_key: str | None = None) -> list[tuple[str, JobState]]:
         """Validate every request (``InvalidJob`` names the field and the 1-based
         position; nothing is written), resolve them into jobs, and submit them: each
-        job's id and state (SUCCEEDED for the ones the cache answered)."""
+        job's id and state (SUCCEEDED for the ones the cache answered). ``api_key``: the
+        prefix of the API key that submits them (its budget applies)."""
         specs: list[JobSpec] = []
         now = time.time()
         for pos, item in enumerate(items, start=1):
@@ -73,7 +79,7 @@ class Submitter:
                            settings=self.settings, tenant=tenant, line=pos)
             self.vetted(spec, pos)
             specs.append(spec)
-        return self.submit_specs_states(specs) if specs else []
+        return self.submit_specs_states(specs, api_key=api_key) if specs else []
 
     def vetted(self, spec: JobSpec, line: int | None = None) -> JobSpec:
         """``spec``, unless ``vet`` refuses it (``InvalidJob`` naming the field and line)."""
@@ -103,20 +109,27 @@ class Submitter:
         idempotent repeat maps to the id stored first)."""
         return [job_id for job_id, _ in self.submit_specs_states(specs)]
 
-    def submit_specs_states(self, specs: Sequence[JobSpec]) -> list[tuple[str, JobState]]:
+    def submit_specs_states(self, specs: Sequence[JobSpec], *,
+                            api_key: str | None = None) -> list[tuple[str, JobState]]:
         """``submit_specs``, with each job's state: SUCCEEDED for the ones the cache
-        answered, QUEUED for the others (and for idempotent repeats)."""
+        answered, QUEUED for the others (and for idempotent repeats). The estimated cost
+        of the others is reserved against their tenants' budgets and ``api_key``'s, in
+        the transaction that stores them (``BudgetExceeded``: nothing is submitted)."""
         self.check()
         hits, keyed = self._lookup(specs)
-        answered = {s.id: cache.hit_result(s, hits[s.id], time.time())
+        answered = {s.id: cache.hit_result(s, hits[s.id], time.time(), prices=self.prices)
                     for s in specs if s.id in hits}
         self.check_quota([s for s in specs if s.id not in hits])
         dumped = {job_id: res.model_dump_json() for job_id, res in answered.items()}
         spec_json = {s.id: s.model_dump_json() for s in specs}  # for SQL and Redis
+        entries = ledger.entries_of((r, costs.charge(r, self.prices))
+                                    for r in answered.values())
         try:  # a job the cache answered is stored already ended
             stored = self.store.insert(specs, final=answered, dumped=dumped,
-                                       spec_json=spec_json)
-        except IdempotencyConflict:
+                                       spec_json=spec_json, api_key=api_key,
+                                       holds=self._holds(s for s in specs if s.id not in hits),
+                                       entries=entries)
+        except (IdempotencyConflict, BudgetExceeded):
             raise
         except Exception as exc:  # SQLAlchemy errors of any kind: the store is unusable
             raise ServiceUnavailable(f"the job store refused the jobs: {exc}") from exc
@@ -129,6 +142,17 @@ class Submitter:
             self._enqueue(rest, keyed, spec_json)
         return [(stored[s.id], JobState.SUCCEEDED if stored[s.id] in answered
                  else JobState.QUEUED) for s in specs]
+
+    def _holds(self, specs: Iterable[JobSpec]) -> dict[str, float]:
+        """Each job's estimated cost, to reserve against budgets (jobs without a price,
+        or free, reserve nothing)."""
+        out = {}
+        default = self.settings.budget_output_tokens
+        for s in specs:
+            est = costs.estimate_cost(s, self.prices.price(s.provider, s.model), default)
+            if est:
+                out[s.id] = est
+        return out
 
     def _lookup(self, specs: Sequence[JobSpec]) -> tuple[dict[str, cache.Entry], dict[str, str]]:
         """The cache's answers by job id, and the keys of the cacheable jobs that missed
@@ -148,7 +172,7 @@ class Submitter:
             record_results(self.store, self.queue, [answered[s.id] for s in done],
                            [s.tenant for s in done], result_ttl_s=self.settings.result_ttl_s,
                            classes=[int(s.priority) for s in done], dumped=dumped,
-                           in_sql=True, submitted=True, hit="exact")
+                           in_sql=True, submitted=True, hit="exact", prices=self.prices)
 
     def _enqueue(self, fresh: list[JobSpec], keyed: dict[str, str] | None = None,
                  spec_json: dict[str, str] | None = None) -> None:

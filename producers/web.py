@@ -16,6 +16,7 @@ from config.settings import Settings
 from jobs import jsonbody
 from jobs.errors import (
     AmbiguousJob,
+    BudgetExceeded,
     InvalidJob,
     JobNotFound,
     PromptBatchError,
@@ -181,6 +182,15 @@ def install_errors(app: FastAPI) -> None:
                           "ids": exc.job_ids}}
         return JSONResponse(body, status_code=503,
                             headers={"Retry-After": UNAVAILABLE_RETRY_AFTER_S})
+
+    @app.exception_handler(BudgetExceeded)
+    async def over_budget(_: Request, exc: BudgetExceeded) -> JSONResponse:
+        budget = {"scope": exc.scope, "name": exc.name, "limit_usd": exc.limit_usd,
+                  "period": exc.period, "spent_usd": round(exc.spent_usd, 6),
+                  "reserved_usd": round(exc.reserved_usd, 6),
+                  "needed_usd": round(exc.needed_usd, 6), "resets_at": exc.resets_at}
+        return JSONResponse({"error": {"type": "budget_exceeded", "message": str(exc),
+                                       "budget": budget, "errors": []}}, status_code=402)
 
     @app.exception_handler(PromptBatchError)
     async def other(_: Request, exc: PromptBatchError) -> JSONResponse:

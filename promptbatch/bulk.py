@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from jobs.errors import InvalidJob, JobNotFound
 from jobs.models import JobRequest, JobResult
+from jobs.prices import PriceBook
 from promptbatch.jsonl import InputLine, parse_line, read_lines
 from promptbatch.spool import Ledger, Spool
 from promptbatch.summary import Summary, SummaryBuilder
@@ -215,7 +216,7 @@ class BulkRun:
 
     def __init__(self, backend: Backend, path: Path, folder: Path, digest: str, *,
                  window: int = WINDOW, chunk: int = CHUNK, skip_invalid: bool = False,
-                 provider: str | None = None) -> None:
+                 provider: str | None = None, prices: PriceBook | None = None) -> None:
         self.backend = backend
         self.path = path
         self.digest = digest
@@ -225,7 +226,7 @@ class BulkRun:
         self.provider = provider
         self.spool = Spool(folder)
         self.ledger = Ledger(folder)
-        self.summary = SummaryBuilder()
+        self.summary = SummaryBuilder(prices)
         self.progress = Progress()
         #: job id -> (line, class, its own id) of the jobs pending.
         self.pending: dict[str, tuple[int, int, str | None]] = {}

@@ -53,6 +53,20 @@ def _count(n: int, one: str, many: str = "") -> str:
     return f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
 
 
+def usd(amount: float) -> str:
+    """US dollars as a person reads them: cents from a dollar up, else four digits."""
+    return f"${amount:,.2f}" if abs(amount) >= 1 else f"${amount:.4f}"
+
+
+def spend_line(money: dict[str, Any]) -> str:
+    """Today's spend: the total, what was saved, and the three dearest tenants."""
+    top = ", ".join(f"{t['tenant']} {usd(t['spent_usd'])}" for t in money["tenants"][:3])
+    more = len(money["tenants"]) - 3
+    return (f"spent today ({money['day']} UTC) {usd(money['spent_usd'])}, saved "
+            f"{usd(money['saved_usd'])}" + (f": {top}" if top else "")
+            + (f" and {more} more" if more > 0 else ""))
+
+
 def render(data: dict[str, Any]) -> Group:
     """The overview as a table and a few lines."""
     table = Table(title="promptbatch (last minute: in, done, missed)", title_justify="left",
@@ -76,6 +90,9 @@ def render(data: dict[str, Any]) -> Group:
              style="yellow" if data["desired_slots"] > data["slots"] else ""),
         Text(f"deployments cooling down: {cooling}", style="red" if data["cooling"] else ""),
     ]
+    money = data.get("spend_today")
+    if money is not None:
+        lines.append(Text(spend_line(money)))
     replicas = data.get("replicas") or []
     if replicas:
         table_r = Table(title="replicas (cache-aware routing)", title_justify="left",

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from rich.table import Table
 
 from config.settings import PRIORITY_NAMES
+from jobs import costs
 from jobs.answers import INVALID_OUTPUT
 from jobs.models import JobResult, JobState
+from jobs.prices import PriceBook
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -60,6 +62,11 @@ class Summary:
     valid_first: int = 0
     repaired: int = 0
     invalid: int = 0
+    #: What the run cost (US dollars, by the deployments' prices), the jobs whose
+    #: deployment has no price (their cost is unknown), and what was saved, by reason.
+    cost_usd: float = 0.0
+    unpriced: int = 0
+    saved_usd: dict[str, float] = field(default_factory=dict)
 
     @property
     def checked(self) -> int:
@@ -118,9 +125,16 @@ class Quantiles:
 class SummaryBuilder:
     """A run's summary built result by result, in memory bounded by the number of
     classes, not of jobs (``summarize`` for a list). Batches are counted without
-    remembering their ids: each result of a batch of k contributes 1/k."""
+    remembering their ids: each result of a batch of k contributes 1/k. ``prices``:
+    what splits a call's savings into prefix-cache reads and the batch discount
+    (without it, a call's savings count as ``prefix_cache``, or ``batch_lane`` for one
+    that went through a provider's batch endpoint)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prices: PriceBook | None = None) -> None:
+        self.prices = prices
+        self.cost = 0.0
+        self.unpriced = 0
+        self.saved: defaultdict[str, float] = defaultdict(float)
         self.jobs = 0
         self.batch_share = 0.0
         self.similarity_share = 0.0
@@ -147,6 +161,7 @@ class SummaryBuilder:
         if r.usage is not None:
             self.prompt_tokens += r.usage.prompt_tokens
             self.cached_tokens += r.usage.cached_tokens
+            self._money(r)
         if r.latency_ms is not None and 0 <= priority < len(self.latency):
             self.latency[priority].add(r.latency_ms)
         if r.deadline is not None:
@@ -158,6 +173,20 @@ class SummaryBuilder:
             self.checked["invalid"] += 1
         elif r.state is JobState.SUCCEEDED and r.schema_retries is not None:
             self.checked["repaired" if r.schema_retries else "valid_first"] += 1
+
+    def _money(self, r: JobResult) -> None:
+        u = r.usage
+        assert u is not None
+        if u.cost_usd is None and r.cache is None:
+            self.unpriced += 1
+            return
+        self.cost += u.cost_usd or 0.0
+        if self.prices is not None:
+            for reason, usd in costs.charge(r, self.prices).saved.items():
+                self.saved[reason] += usd
+        elif u.saved_usd:
+            self.saved[costs.HIT_REASONS.get(r.cache or "") or (
+                "batch_lane" if r.lane == "provider_batch" else "prefix_cache")] += u.saved_usd
 
     def build(self, wall_s: float) -> Summary:
         batches = round(self.batch_share)
@@ -176,15 +205,37 @@ class SummaryBuilder:
             missed_deadline=self.missed_deadline,
             from_cache=dict(sorted(self.from_cache.items())),
             valid_first=self.checked["valid_first"], repaired=self.checked["repaired"],
-            invalid=self.checked["invalid"])
+            invalid=self.checked["invalid"], cost_usd=self.cost, unpriced=self.unpriced,
+            saved_usd={k: v for k, v in sorted(self.saved.items()) if v})
 
 
-def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: float) -> Summary:
+def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: float,
+              prices: PriceBook | None = None) -> Summary:
     """Summarise results; ``priorities[i]`` is the class of ``results[i]``."""
-    builder = SummaryBuilder()
+    builder = SummaryBuilder(prices)
     for r, p in zip(results, priorities, strict=True):
         builder.add(r, p)
     return builder.build(wall_s)
+
+
+def _usd(amount: float) -> str:
+    return f"${amount:,.2f}" if abs(amount) >= 1 else f"${amount:.4f}"
+
+
+def money_rows(s: Summary) -> list[tuple[str, str]]:
+    """The summary's lines about money: the cost (and the jobs without a price), and
+    what was saved, by reason (none when nothing had a price)."""
+    if s.cost_usd == 0 and not s.saved_usd and not s.unpriced:
+        return []
+    unpriced = (f" ({s.unpriced} job{'' if s.unpriced == 1 else 's'} without a price)"
+                if s.unpriced else "")
+    rows = [("cost", _usd(s.cost_usd) + unpriced)]
+    saved = sum(s.saved_usd.values())
+    if saved:
+        share = 100.0 * saved / (saved + s.cost_usd) if saved + s.cost_usd else 0.0
+        rows.append(("saved", f"{_usd(saved)} ({share:.0f}% of what it would have cost): "
+                     + ", ".join(f"{k} {_usd(v)}" for k, v in s.saved_usd.items())))
+    return rows
 
 
 def summary_table(s: Summary) -> Table:
@@ -211,6 +262,8 @@ def summary_table(s: Summary) -> Table:
     if s.from_cache:
         table.add_row("answered without a provider call of their own",
                       ", ".join(f"{kind} {n}" for kind, n in s.from_cache.items()))
+    for row in money_rows(s):
+        table.add_row(*row)
     if (checked := s.schema_row()) is not None:
         table.add_row(*checked)
     for c in s.classes:

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 
 from jobs.stats import Count
 from jobs.telemetry import PLAN_BUCKETS, SIMILARITY_BUCKETS, SIZE_BUCKETS, SLACK_BUCKETS
+from scheduler.money import MoneyView
 
 
 class ClusterView(Collector):
@@ -143,6 +144,8 @@ class SchedulerMetrics:
                                        buckets=SIMILARITY_BUCKETS, registry=reg)
         self.cluster = ClusterView(tenant_label)
         reg.register(self.cluster)
+        self.money = MoneyView()
+        reg.register(self.money)
         labels = ["deployment", "replica"]
         self.replica_outstanding = Gauge(
             "promptbatch_replica_outstanding_batches", "Batches sent to a replica and not "

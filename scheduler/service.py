@@ -50,11 +50,13 @@ from config.settings import PRIORITY_NAMES, Settings
 from jobs import cache, gcpause
 from jobs.models import IntakeEntry, JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
+from jobs.prices import PriceBook, warn_at_start
 from jobs.queue import Reading, RedisQueue, connect
 from jobs.readiness import wait_until_ready
 from jobs.retention import Retention
 from jobs.stats import class_name, read_recent, read_totals
 from jobs.store import JobStore
+from jobs.validation import PROVIDER_DEFAULT_MODELS
 from scheduler.backlog import Backlog
 from scheduler.embedders import Embedder, create_embedder
 from scheduler.metrics import SchedulerMetrics
@@ -128,6 +130,9 @@ class Scheduler:
         self._server = ""
         #: Deployments with replicas: where each batch goes (``scheduler.routing``).
         self.routing = Routing(settings)
+        #: Prices of the answers the semantic cache gives (what they saved).
+        self.prices = PriceBook.for_settings(settings)
+        warn_at_start(self.prices, settings, PROVIDER_DEFAULT_MODELS)
 
     def _new_pool(self) -> Pool:
         horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
@@ -264,6 +269,7 @@ class Scheduler:
         self.active = False
         self.metrics.active.set(0)
         self.metrics.cluster.update(None, [])
+        self.metrics.money.standby()
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
         self.last_sid = "0-0"
@@ -385,10 +391,12 @@ class Scheduler:
         now = time.time()
         answered = [s for s in specs if s.id in found.hits]
         results = [cache.hit_result(s, found.hits[s.id].entry, now,
-                                    round(found.hits[s.id].similarity, 4)) for s in answered]
+                                    round(found.hits[s.id].similarity, 4), prices=self.prices)
+                   for s in answered]
         record_results(self.store, self.queue, results, [s.tenant for s in answered],
                        result_ttl_s=self.settings.result_ttl_s,
-                       classes=[int(s.priority) for s in answered], hit="semantic")
+                       classes=[int(s.priority) for s in answered], hit="semantic",
+                       prices=self.prices)
         return [s for s in specs if s.id not in found.hits]
 
     def _on_events(self, events: Sequence[tuple[str, dict[str, str]]]) -> None:
@@ -520,6 +528,8 @@ class Scheduler:
         self.routing.cooling = set(overview["cooling"])
         self.routing.forget_before(at - self.settings.visibility_timeout_s)
         overview["replicas"] = self.routing.snapshot()
+        self.metrics.money.refresh(self.r, self.store.engine, at)
+        overview["spend_today"] = self.metrics.money.today()
         self.r.set(keys.OVERVIEW, json.dumps(overview), ex=OVERVIEW_TTL_S)
         self.metrics.pool_jobs.set(len(self.pool))
         self.metrics.backlog_jobs.set(len(self.backlog))

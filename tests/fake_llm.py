@@ -87,7 +87,7 @@ def _answer(path: str, body: dict[str, Any]) -> dict[str, Any]:
                 "content": [{"type": "text", "text": "anthropic says hi"}],
                 "usage": {"input_tokens": 10, "output_tokens": 3,
                           "cache_read_input_tokens": 100 if cached else 0,
-                          "cache_creation_input_tokens": 0}}
+                          "cache_creation_input_tokens": 24 if cached else 0}}
     if path.endswith("/completions") and "prompt" in body:
         prompts = body["prompt"]
         return {"choices": [{"index": i, "text": f"completion {i}"} for i in range(len(prompts))],

@@ -21,9 +21,10 @@ import redis
 from sqlalchemy.exc import SQLAlchemyError
 
 from config.settings import Settings
-from jobs import cache
+from jobs import cache, costs
 from jobs.models import JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
+from jobs.prices import PriceBook
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
 from workers import metrics
@@ -61,12 +62,16 @@ class BatchRunner:
     #: Sends one isolated job of a poison batch: (poison batch id, new batch id, job id,
     #: class).
     resend: Callable[[str, str, str, int], None] | None = None
+    #: The deployments' prices (default: the settings').
+    prices: PriceBook | None = None
     #: Infrastructure errors waited out (for logs and tests).
     blips: int = 0
     _until: float = field(default=0.0, repr=False)
     _no_replica_until: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
+        if self.prices is None:
+            self.prices = PriceBook.for_settings(self.settings)
         if self.caller is None:
             self.caller = ProviderCaller(self.settings, self.provider_for,
                                  RateLimiter(self.queue.r, self.settings),
@@ -304,6 +309,7 @@ class BatchRunner:
         waits out a Redis or SQL outage, so the first write is never repeated in vain."""
         if not results:
             return
+        results = [costs.priced(r, self.prices)[0] for r in results]  # before the JSON
         dumped = {r.id: r.model_dump_json() for r in results}  # for SQL and for Redis
         by_id = {s.id: s for s in specs}
         put = ((lambda mine: cache.put(self.queue, self.settings, mine, by_id))
@@ -311,7 +317,8 @@ class BatchRunner:
         won = record_results(self.store, self.queue, results, [by_id[r.id].tenant for r in results],
                              result_ttl_s=self.settings.result_ttl_s,
                              classes=[int(by_id[r.id].priority) for r in results],
-                             dumped=dumped, before_publish=put, steady=self.steady)
+                             dumped=dumped, before_publish=put, steady=self.steady,
+                             prices=self.prices)
         lost = [r.id for r in results if r.id not in won]
         if lost:  # final in SQL already: a worker died between its two writes?
             self.steady("copy", lambda: self._copy_stored(lost, by_id))

@@ -29,10 +29,12 @@ from config import keys
 from config.celery import PROCESS_BATCH, batch_repr, build_celery
 from config.settings import Settings
 from jobs import gcpause
+from jobs.prices import PriceBook, warn_at_start
 from jobs.queue import RedisQueue, connect
 from jobs.stats import class_name
 from jobs.store import JobStore
 from jobs.streams import Sink
+from jobs.validation import PROVIDER_DEFAULT_MODELS
 from workers.batch import BatchRunner
 from workers.providers import Provider, create_provider
 
@@ -72,6 +74,9 @@ class _ProcessResources:
         self.pid = -1
         self._runner: BatchRunner | None = None
         self._providers: dict[str, Provider] = {}
+        #: Made before the fork (the worker's start warns about unpriced deployments
+        #: once; its pool processes inherit what it looked up and warned about).
+        self.prices = PriceBook.for_settings(settings)
 
     def runner(self) -> BatchRunner:
         if self._runner is None or self.pid != os.getpid():
@@ -80,7 +85,7 @@ class _ProcessResources:
             # Both connect lazily: a store or Redis that is down does not stop the start.
             self._runner = BatchRunner(self.settings, RedisQueue(connect(self.url)),
                                        JobStore.for_settings(self.settings), self.provider,
-                                       resend=self.resend)
+                                       resend=self.resend, prices=self.prices)
         return self._runner
 
     def provider(self, name: str) -> Provider:
@@ -132,6 +137,7 @@ def _connect_signals(app: Celery, settings: Settings, resources: _ProcessResourc
     def on_init(sender: Any, **_: Any) -> None:
         if sender.app is app:  # before the pool processes fork: they inherit it
             gcpause.tune_for_service()
+            warn_at_start(resources.prices, settings, PROVIDER_DEFAULT_MODELS)
 
     def on_process_init(**_: Any) -> None:  # a pool process, after the fork
         try:

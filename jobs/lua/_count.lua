@@ -6,6 +6,9 @@
 --   m|class|label          finished after its deadline (missed)
 --   c|kind|class|label     answered without a provider call of its own (kind: exact,
 --                          semantic, coalesced)
+--   $|tenant|provider|model  US dollars spent (HINCRBYFLOAT; the deployment that answered)
+--   v|reason|tenant          US dollars saved, by reason (exact_cache, coalesced,
+--                            semantic_cache, prefix_cache, batch_discount)
 -- and in the recent bucket (pb:recent:{bucket}, 10 s): s|class, f|state|class, m|class.
 --
 -- Scripts count into Lua tables and write each field once (one HINCRBY per field, each
@@ -33,4 +36,15 @@ end
 
 local function add_counts(key, t)
   for field, n in pairs(t) do redis.call('HINCRBY', key, field, n) end
+end
+
+-- money: fields and amounts as 'field\tamount' lines (built by jobs/steps/results.py)
+local function count_money(t, money)
+  for field, amount in string.gmatch(money, '([^\t\n]+)\t([^\n]+)') do
+    t[field] = (t[field] or 0) + tonumber(amount)
+  end
+end
+
+local function add_floats(key, t)
+  for field, x in pairs(t) do redis.call('HINCRBYFLOAT', key, field, tostring(x)) end
 end

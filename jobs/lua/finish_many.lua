@@ -5,20 +5,21 @@
 --       pending (its tenant's set), stream (its output stream)
 -- ARGV  result_ttl, job_ttl, bucket_ttl, stored_minid (the oldest entry id the stream of
 --       stored ids keeps: a time in ms), stream_len (a job stream's length),
---       then per job (8 each): id, meta (the Celery meta JSON), state (the final state),
+--       then per job (9 each): id, meta (the Celery meta JSON), state (the final state),
 --       class ('' to read it from the job), label (tenant|provider|model; the one the
 --       job was counted under as submitted wins), missed ('1' when it missed its
 --       deadline), submitted ('1' for a job answered at its submit: it has no job hash,
 --       and is counted as submitted here), hit (the cache that answered it: exact,
---       semantic, coalesced; '' for none)
+--       semantic, coalesced; '' for none), money (what it spent and saved: 'field\tUSD'
+--       lines of the stats hash's $ and v fields; '' for none)
 -- Moves any state -> the final state given (SUCCEEDED, FAILED, EXPIRED, CANCELLED)
 -- Guarantees first write wins: a job's result is stored once; only then is it published
 --       for Celery's result consumer, dropped from intake and its tenant's pending set,
 --       its output stream ended (an `end` entry with the state, when the job has a
 --       stream), and counted as finished (f|state|class|label, and, when it missed its
 --       deadline, m|class|label; a cache hit, c|kind|class|label; see _count) under
---       the labels it was counted under as submitted: a result is counted where it is
---       stored, once. The ids stored go to the stream of stored ids in one entry.
+--       the labels it was counted under as submitted, and its money ($ and v fields): a
+--       result is counted where it is stored, once. The ids stored go to the stream of stored ids in one entry.
 -- Returns per job 0 (a result was there), else 1, or the cache key it leads (identical
 --       requests wait for it).
 --@include _count
@@ -28,13 +29,13 @@ local result_ttl, job_ttl, bucket_ttl, stored_minid, stream_len =
 
 local out = {}
 local done = {}
-local totals, recent, pending = {}, {}, {}
+local totals, recent, pending, money = {}, {}, {}, {}
 for i = 1, (#KEYS - 4) / 4 do
   local job, result, tk, stream = KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]
-  local a = 5 + (i - 1) * 8
-  local id, meta, state, class, label, missed, submitted, hit =
+  local a = 5 + (i - 1) * 9
+  local id, meta, state, class, label, missed, submitted, hit, spent =
     ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6],
-    ARGV[a + 7], ARGV[a + 8]
+    ARGV[a + 7], ARGV[a + 8], ARGV[a + 9]
   if redis.call('SET', result, meta, 'NX', 'EX', result_ttl) then
     done[#done + 1] = id
     redis.call('PUBLISH', result, meta)
@@ -59,6 +60,7 @@ for i = 1, (#KEYS - 4) / 4 do
     count_finished(totals, recent, state, class, label)
     if missed == '1' then count_missed(totals, recent, class, label) end
     if hit ~= '' then count_hit(totals, hit, class, label) end
+    if spent ~= '' then count_money(money, spent) end
     out[i] = v[3] or 1
   else
     out[i] = 0
@@ -70,6 +72,7 @@ for tk, members in pairs(pending) do  -- one SREM per tenant (each is a write to
   end
 end
 add_counts(stats, totals)
+add_floats(stats, money)
 add_counts(recent_key, recent)
 redis.call('EXPIRE', recent_key, bucket_ttl)
 if #done > 0 then

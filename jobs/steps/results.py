@@ -26,7 +26,7 @@ class Results(Steps):
     def finish(self, results: Sequence[JobResult], tenants: Sequence[str], *,
                result_ttl_s: int, classes: Sequence[int] | None = None,
                dumped: Mapping[str, str] | None = None, submitted: bool = False,
-               hit: str = "") -> list[bool | str]:
+               hit: str = "", money: Mapping[str, str] | None = None) -> list[bool | str]:
         """Store final results (first wins), ``FINISH_CHUNK`` per Lua step
         (``jobs/lua/finish_many.lua``): the result backend, the job's state, its stream's
         end, the stream of stored ids and the counters, under each job's class
@@ -34,8 +34,9 @@ class Results(Steps):
         result was there, else True, or the cache key the job leads (identical requests
         wait for it). ``submitted``: jobs answered at their submit (no job hash; counted
         as submitted here); ``hit``: the cache that answered them. ``dumped``: the
-        results' JSON by id, when the caller has it already. Callers go through
-        ``jobs.outcomes.record_results``."""
+        results' JSON by id, when the caller has it already. ``money``: by id, what a job
+        spent and saved (``jobs.stats.money_fields``), counted with its result. Callers go
+        through ``jobs.outcomes.record_results``."""
         out: list[bool | str] = []
         recent = keys.recent(stats.bucket_of(time.time()))
         cls_of = [str(c) for c in classes] if classes is not None else [""] * len(results)
@@ -54,7 +55,8 @@ class Results(Steps):
                 args += [res.id, celery_meta(res, dumped.get(res.id) if dumped else None),
                          res.state.value, cls,
                          stats.label(tenant, res.provider, res.model),
-                         "1" if res.missed_deadline else "0", "1" if submitted else "0", hit]
+                         "1" if res.missed_deadline else "0", "1" if submitted else "0", hit,
+                         money.get(res.id, "") if money else ""]
             out += [x if isinstance(x, str) else bool(x)
                     for x in self._finish_many(keys=job_keys, args=args)]
         return out

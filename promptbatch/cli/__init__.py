@@ -4,7 +4,7 @@
 - ``services``: the long-lived processes (``up``, ``scheduler``, ``worker``, ``api``,
   ``flower``);
 - ``admin``: the operator's commands on the stores (``migrate``, ``keys``, ``purge``,
-  ``cache``, ``health``);
+  ``cache``, ``health``) and on money (``spend``, ``tenants budget``, ``keys budget``);
 - ``watching``: what the service is doing (``status``).
 
 Commands are registered here, in the order ``promptbatch --help`` lists them; a new command
@@ -31,7 +31,9 @@ app.command()(bulk.submit)
 app.command()(services.api)
 app.command()(admin.purge)
 app.command()(watching.status)
+app.command()(admin.spend)
 app.add_typer(admin.keys_app, name="keys")
+app.add_typer(admin.tenants_app, name="tenants")
 app.add_typer(admin.cache_app, name="cache")
 
 

@@ -57,6 +57,10 @@ ExpiresIn = Annotated[float | None, typer.Option(
     "--expires-in", min=0, help="Days until the key stops working (default: never).")]
 
 
+Period = Annotated[str, typer.Option(
+    "--period", help="day or month (UTC), or none: the budget never resets.")]
+
+
 @keys_app.command("add")
 def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
              key: Annotated[str | None, typer.Option(help="The key (default: a new random "
@@ -64,14 +68,47 @@ def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
              admin: Annotated[bool, typer.Option(help="An admin key: it may submit for any "
                                                  "tenant and read every tenant's jobs.")]
              = False,
-             expires_in: ExpiresIn = None) -> None:
+             expires_in: ExpiresIn = None,
+             budget: Annotated[float | None, typer.Option(
+                 min=0, help="Most US dollars the key's jobs may cost per --budget-period "
+                 "(default: no budget of its own).")] = None,
+             budget_period: Annotated[str, typer.Option(
+                 help="day or month (UTC), or none (never resets).")] = "month") -> None:
     """Add an API key for TENANT to the SQL store (only its SHA-256 is stored)."""
     import secrets
 
+    from jobs import budgets
+    from producers.accounts import PREFIX_CHARS
+
+    if budget_period not in budgets.PERIODS:
+        raise refuse(PromptBatchError(f"--budget-period must be day, month or none, not "
+                                      f"{budget_period!r}"))
     new = key or f"pb-{secrets.token_urlsafe(24)}"
     until = None if expires_in is None else time.time() + expires_in * 86400
-    _accounts().add_key(new, tenant, admin=admin, expires_at=until)
+    accounts = _accounts()
+    accounts.add_key(new, tenant, admin=admin, expires_at=until)
+    if budget is not None:
+        b = budgets.set_budget(accounts.engine, "key", new[:PREFIX_CHARS], budget,
+                               budget_period)
+        console.print(f"key {b.name}: {_budget_words(b)}", soft_wrap=True)
     print(new)
+
+
+@keys_app.command("budget")
+def keys_budget(prefix: Annotated[str, typer.Argument(help="The key's prefix, as `keys list` "
+                                                      "shows it.")],
+                usd: Annotated[float | None, typer.Argument(
+                    min=0, help="Most US dollars per period (leave out with --remove).",
+                    show_default=False)] = None,
+                period: Period = "month",
+                remove: Annotated[bool, typer.Option(help="Remove the key's budget.")]
+                = False) -> None:
+    """Set (or --remove) the budget of one API key."""
+    accounts = _accounts()
+    if not accounts.has_prefix(prefix):
+        raise refuse(PromptBatchError(f"no stored key has the prefix {prefix!r} (`promptbatch "
+                                      "keys list` shows them)"))
+    _set_budget(accounts.engine, "key", prefix, usd, period, remove)
 
 
 def _when(at: float | None) -> str:
@@ -235,3 +272,92 @@ def health(
         raise typer.Exit(1) from exc
     finally:
         r.close()
+
+
+def _budget_words(b: Any) -> str:
+    from promptbatch.overview import usd
+
+    per = {"day": " a day (UTC)", "month": " a month (UTC)"}.get(b.period, ", never reset")
+    return (f"budget {usd(b.limit_usd)}{per}; {usd(b.spent_usd)} spent and "
+            f"{usd(b.reserved_usd)} reserved in this period")
+
+
+def _set_budget(engine: Any, scope: str, name: str, amount: float | None, period: str,
+                remove: bool) -> None:
+    from jobs import budgets
+
+    if remove:
+        gone = budgets.remove_budget(engine, scope, name)
+        print(f"{scope} {name}: " + ("budget removed" if gone else "had no budget"))
+        return
+    if amount is None:
+        raise refuse(PromptBatchError("give the budget in US dollars (or --remove)"))
+    try:
+        b = budgets.set_budget(engine, scope, name, amount, period)
+    except ValueError as exc:
+        raise refuse(exc) from None
+    print(f"{scope} {b.name}: {_budget_words(b)}")
+
+
+tenants_app = typer.Typer(help="Tenants: their budgets.", rich_markup_mode="markdown")
+
+
+@tenants_app.command("budget")
+def tenants_budget(tenant: Annotated[str, typer.Argument(help="The tenant.")],
+                   usd: Annotated[float | None, typer.Argument(
+                       min=0, help="Most US dollars its jobs may cost per period (leave "
+                       "out with --remove).", show_default=False)] = None,
+                   period: Period = "month",
+                   remove: Annotated[bool, typer.Option(help="Remove its budget.")] = False,
+                   ) -> None:
+    """Set (or --remove) a tenant's budget: a submit whose estimated cost would pass it
+    is refused (HTTP 402); jobs already accepted always run."""
+    _set_budget(_accounts().engine, "tenant", tenant, usd, period, remove)
+
+
+def spend(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
+          since: Annotated[str | None, typer.Option(
+              help="From this day (UTC, YYYY-MM-DD; default: every day).")] = None,
+          by: Annotated[str, typer.Option(help="Group by day, deployment, key or tenant.")]
+          = "day",
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+          ) -> None:
+    """What was spent and saved, per day, deployment, key or tenant (from the SQL store's
+    daily rows), and the budgets."""
+    import re
+
+    from rich.table import Table
+
+    from jobs import budgets, ledger
+    from promptbatch.overview import usd
+
+    if since is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", since):
+        raise refuse(PromptBatchError(f"--since must be a day as YYYY-MM-DD, not {since!r}"))
+    engine = _accounts().engine
+    try:
+        rows = ledger.totals(engine, by=by, tenant=tenant, since=since)
+    except ValueError as exc:
+        raise refuse(exc) from None
+    found = [b for b in budgets.get_budgets(engine)
+             if tenant is None or b.scope == "key" or b.name == tenant]
+    if as_json:
+        from producers.money_routes import budget_view, total_view
+
+        print(json.dumps({"data": [total_view(t) for t in rows],
+                          "budgets": [budget_view(b) for b in found]}, indent=1))
+        return
+    table = Table(box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    for name in (by, "jobs", "cost", "saved", "saved by"):
+        table.add_column(name, justify="left" if name in (by, "saved by") else "right")
+    for t in rows:
+        reasons = ", ".join(f"{k} {usd(v)}" for k, v in sorted(t.saved_usd.items()) if v)
+        unpriced = f" ({t.unpriced} unpriced)" if t.unpriced else ""
+        table.add_row(t.group, f"{t.jobs}{unpriced}", usd(t.cost_usd), usd(t.saved_total),
+                      reasons or "-")
+    table.add_row("total", str(sum(t.jobs for t in rows)),
+                  usd(sum(t.cost_usd for t in rows)), usd(sum(t.saved_total for t in rows)),
+                  "", style="bold")
+    out = Console()
+    out.print(table)
+    for b in found:
+        out.print(f"{b.scope} {b.name}: {_budget_words(b)}", soft_wrap=True)

@@ -124,7 +124,8 @@ def _run_on_stack(file: Path, run_dir: Path, base: Settings, digest: str, *,
         with Client(settings) as client:
             job = BulkRun(LocalBackend(client, forget=not base.redis_url), file,
                           run_dir / "output", digest, window=window,
-                          skip_invalid=skip_invalid, provider=provider)
+                          skip_invalid=skip_invalid, provider=provider,
+                          prices=client.submitter.prices)
             before = job.resume()
             if before:
                 console.print(f"resuming: {before} lines were submitted before, "

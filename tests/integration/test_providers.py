@@ -225,6 +225,9 @@ def test_anthropic_marks_a_shared_system_prompt_and_retries_529(settings: Settin
         assert seen.body["system"][0]["cache_control"] == {"type": "ephemeral"}
         assert seen.headers["x-api-key"] == SECRET
     assert results[1].usage is not None and results[1].usage.cached_tokens == 100
+    # Cache writes, which Anthropic bills apart, are counted apart (and in prompt_tokens).
+    assert results[1].usage.cache_write_tokens == 24
+    assert results[1].usage.prompt_tokens == 10 + 100 + 24
 
 
 def test_rate_limit_waits_for_budget_shared_in_redis(settings: Settings, r: redis.Redis) -> None:

@@ -19,8 +19,8 @@ CALL = re.compile(r"redis\.call\(\s*'(?P<cmd>[A-Z]+)'")
 KEY_ARGS: dict[str, tuple[int, ...] | str] = {
     **dict.fromkeys(["GET", "SET", "GETDEL", "INCR", "INCRBY", "DECRBY", "EXPIRE",
                      "PEXPIRE", "PERSIST", "TTL", "PTTL", "TYPE",
-                     "HGET", "HSET", "HSETNX", "HDEL", "HEXISTS", "HINCRBY", "HMGET",
-                     "HGETALL", "HVALS", "HKEYS", "HLEN",
+                     "HGET", "HSET", "HSETNX", "HDEL", "HEXISTS", "HINCRBY", "HINCRBYFLOAT",
+                     "HMGET", "HGETALL", "HVALS", "HKEYS", "HLEN",
                      "SADD", "SREM", "SCARD", "SISMEMBER", "SMEMBERS",
                      "ZADD", "ZREM", "ZCARD", "ZSCORE", "ZRANGE", "ZRANGEBYSCORE",
                      "ZREMRANGEBYSCORE", "LPUSH", "RPUSH", "LPOP", "RPOP", "LRANGE", "LLEN",
@@ -32,7 +32,7 @@ KEY_ARGS: dict[str, tuple[int, ...] | str] = {
     "TIME": (),
 }
 #: Helpers (``--@include``d files) whose first parameter is a key.
-KEY_HELPERS = ("intake_add", "count_delivery", "add_counts", "take_queued")
+KEY_HELPERS = ("intake_add", "count_delivery", "add_counts", "add_floats", "take_queued")
 HELPER_CALL = re.compile(r"(?<![\w.])(?P<fn>" + "|".join(KEY_HELPERS) + r")\(")
 #: ``local function NAME(first, ...``: a helper's definition and its first parameter.
 HELPER_DEF = re.compile(r"\bfunction\s+(?P<fn>\w+)\s*\(\s*(?P<first>\w+)")

@@ -35,3 +35,14 @@ def test_counts_read_in_the_singular_and_the_plural(counts: dict[str, int],
     shown = _shown(**counts)
     for words in expected:
         assert words in shown, shown
+
+
+def test_todays_spend_names_the_dearest_tenants() -> None:
+    from promptbatch.overview import spend_line
+
+    money = {"day": "2026-12-06", "spent_usd": 12.5, "saved_usd": 0.031,
+             "tenants": [{"tenant": t, "spent_usd": v, "saved_usd": 0.0}
+                         for t, v in (("acme", 10.0), ("zeta", 2.0), ("beta", 0.4),
+                                      ("tiny", 0.1))]}
+    assert spend_line(money) == ("spent today (2026-12-06 UTC) $12.50, saved $0.0310: "
+                                 "acme $10.00, zeta $2.00, beta $0.4000 and 1 more")

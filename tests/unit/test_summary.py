@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from jobs.models import JobResult, JobState, Usage
 from promptbatch.summary import percentile, summarize
 
@@ -88,3 +90,32 @@ def test_checked_answers_are_counted_valid_at_first_repaired_or_failed() -> None
     assert s.schema_row() == ("answers checked: valid at first answer / repaired / failed",
                               "1 / 1 / 1")
     assert summarize(results[3:4], [2], wall_s=1.0).schema_row() is None
+
+
+def test_the_summary_shows_what_the_run_cost_and_saved_by_reason() -> None:
+    from jobs.costs import call_charge, hit_usage, priced
+    from jobs.prices import PriceBook, library_price
+    from promptbatch.summary import money_rows
+
+    book = PriceBook()
+    price = library_price("openai", "gpt-4o-mini")
+    assert price is not None
+    call = Usage(prompt_tokens=2000, cached_tokens=1500, completion_tokens=100)
+    fast, _ = priced(JobResult(id="a", state=JobState.SUCCEEDED, provider="openai",
+                               model="gpt-4o-mini", usage=call), book)
+    lane, _ = priced(JobResult(id="b", state=JobState.SUCCEEDED, provider="openai",
+                               model="gpt-4o-mini", usage=call, lane="provider_batch"), book)
+    hit = JobResult(id="c", state=JobState.SUCCEEDED, provider="openai", model="gpt-4o-mini",
+                    cache="exact", usage=hit_usage(call, price))
+    unpriced = JobResult(id="d", state=JobState.SUCCEEDED, provider="openai",
+                         model="no-such-model", usage=Usage(prompt_tokens=5))
+    s = summarize([fast, lane, hit, unpriced], [2, 4, 2, 2], wall_s=1.0, prices=book)
+    full = call_charge(call, price)
+    assert full.cost is not None
+    assert s.cost_usd == pytest.approx(full.cost * 1.5) and s.unpriced == 1
+    assert s.saved_usd["exact_cache"] == pytest.approx(full.cost)
+    assert s.saved_usd["batch_discount"] == pytest.approx(full.cost * 0.5)
+    assert s.saved_usd["prefix_cache"] == pytest.approx(full.saved["prefix_cache"] * 1.5)
+    rows = dict(money_rows(s))
+    assert rows["cost"].endswith("(1 job without a price)")
+    assert rows["saved"].split(":")[1].strip().startswith("batch_discount $")

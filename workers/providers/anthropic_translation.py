@@ -270,12 +270,13 @@ def to_anthropic(req: ProviderRequest, default_max_tokens: int) -> dict[str, Any
 
 def parse_usage(u: Any) -> Usage:
     """Anthropic's usage: every prompt token (cache reads and writes included), the cache
-    reads as cached."""
+    reads as cached, the cache writes apart (billed at their own price)."""
     u = u if isinstance(u, dict) else {}
     read = int(u.get("cache_read_input_tokens") or 0)
     written = int(u.get("cache_creation_input_tokens") or 0)
     return Usage(prompt_tokens=int(u.get("input_tokens") or 0) + read + written,
-                 completion_tokens=int(u.get("output_tokens") or 0), cached_tokens=read)
+                 completion_tokens=int(u.get("output_tokens") or 0), cached_tokens=read,
+                 cache_write_tokens=written)
 
 
 def _finish(stop: Any, calls: list[ToolCall], answered: bool) -> FinishReason | None:
