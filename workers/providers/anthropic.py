@@ -44,6 +44,39 @@ def _split(req: ProviderRequest) -> tuple[str, list[dict[str, str]]]:
     return system, turns or [{"role": "user", "content": ""}]
 
 
+def answer_shape(req: ProviderRequest) -> object | None:
+    """How a request's answer is read back from Anthropic's message: as it is (its text
+    blocks); None for every request here."""
+    return None
+
+
+def parse_usage(u: Any) -> Usage:
+    """Anthropic's ``usage``: input counts uncached, cache reads and cache writes apart;
+    ``prompt_tokens`` is their sum."""
+    u = u if isinstance(u, dict) else {}
+    read = int(u.get("cache_read_input_tokens") or 0)
+    written = int(u.get("cache_creation_input_tokens") or 0)
+    return Usage(prompt_tokens=int(u.get("input_tokens") or 0) + read + written,
+                 completion_tokens=int(u.get("output_tokens") or 0), cached_tokens=read,
+                 cache_write_tokens=written)
+
+
+def from_anthropic(job_id: str, data: Any, shape: object | None = None,
+                   raw: str = "") -> ProviderReply:
+    """The reply for a Messages API answer's JSON (``raw``: its body, kept with an error):
+    pure, shared by the live call and a line of Message Batches' results."""
+    try:
+        text = "".join(block["text"] for block in data["content"]
+                       if block.get("type") == "text")
+        if not text:
+            reason = data.get("stop_reason")
+            return ProviderReply(job_id=job_id, error=f"empty answer (stop_reason "
+                                 f"{reason!r}): {raw}")
+        return ProviderReply(job_id=job_id, text=text, usage=parse_usage(data.get("usage")))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return ProviderReply(job_id=job_id, error=f"malformed response ({exc!r}): {raw}")
+
+
 class AnthropicProvider:
     """The Anthropic Messages API."""
 
@@ -133,23 +166,7 @@ class AnthropicProvider:
             data = resp.json()
         except ValueError as exc:
             return not_json(req.job_id, resp, exc)
-        try:
-            text = "".join(block["text"] for block in data["content"]
-                           if block.get("type") == "text")
-            if not text:
-                reason = data.get("stop_reason")
-                return ProviderReply(job_id=req.job_id, error=f"empty answer (stop_reason "
-                                     f"{reason!r}): {resp.raw}")
-            u = data.get("usage") or {}
-            read = int(u.get("cache_read_input_tokens") or 0)
-            written = int(u.get("cache_creation_input_tokens") or 0)
-            usage = Usage(prompt_tokens=int(u.get("input_tokens") or 0) + read + written,
-                          completion_tokens=int(u.get("output_tokens") or 0),
-                          cached_tokens=read)
-            return ProviderReply(job_id=req.job_id, text=text, usage=usage)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc!r}): "
-                                 f"{resp.raw}")
+        return from_anthropic(req.job_id, data, answer_shape(req), resp.raw)
 
     def _one_stream(self, req: ProviderRequest, body: dict[str, Any]) -> ProviderReply:
         """One streamed request (Anthropic's events): each text delta goes to the sink as

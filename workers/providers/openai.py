@@ -91,16 +91,8 @@ class OpenAIProvider:
         return run_ordered(requests, self.strategy, self.settings.provider_concurrency,
                            lambda r: self._chat(r, key))
 
-    def _params(self, req: ProviderRequest) -> dict[str, Any]:
-        p = req.params.model_dump(exclude_none=True)
-        return {k: p[k] for k in _PARAMS if k in p}
-
     def _chat(self, req: ProviderRequest, key: str | None) -> ProviderReply:
-        messages = ([m.payload() for m in req.messages]
-                    if req.messages is not None else [{"role": "user", "content": req.prompt}])
-        payload: dict[str, Any] = {"model": req.model, "messages": messages, **self._params(req)}
-        if key:
-            payload["prompt_cache_key"] = key
+        payload = to_openai(req, key)
         if req.stream and self.sink is not None:
             return self._chat_stream(req, payload)
         resp = post(self.client, self.gate, f"{self.base_url}/chat/completions", payload,
@@ -111,22 +103,7 @@ class OpenAIProvider:
             data = resp.json()
         except ValueError as exc:
             return not_json(req.job_id, resp, exc)
-        try:
-            choices = data["choices"]
-            if not choices:
-                return ProviderReply(job_id=req.job_id, error=f"no answer (empty choices): "
-                                     f"{resp.raw}")
-            text = choices[0]["message"]["content"]
-            if not isinstance(text, str) or not text:
-                reason = choices[0].get("finish_reason")
-                why = "the content filter withheld it" if reason == "content_filter" else (
-                    f"finish_reason {reason!r}" if reason else "no content")
-                return ProviderReply(job_id=req.job_id, error=f"empty answer ({why}): "
-                                     f"{resp.raw}")
-            return ProviderReply(job_id=req.job_id, text=text, usage=parse_usage(data))
-        except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            return ProviderReply(job_id=req.job_id, error=f"malformed response ({exc!r}): "
-                                 f"{resp.raw}")
+        return from_openai(req.job_id, data, resp.raw)
 
     def _chat_stream(self, req: ProviderRequest, payload: dict[str, Any]) -> ProviderReply:
         """One streamed chat request: each delta goes to the sink as it arrives; the reply
@@ -164,7 +141,7 @@ class OpenAIProvider:
                      key: str | None) -> list[ProviderReply]:
         first = requests[0]
         payload: dict[str, Any] = {"model": first.model, "prompt": [r.prompt for r in requests],
-                                   **self._params(first)}
+                                   **params(first)}
         if key:
             payload["prompt_cache_key"] = key
         resp = post(self.client, self.gate, f"{self.base_url}/completions", payload,
@@ -204,6 +181,41 @@ class OpenAIProvider:
 
     def close(self) -> None:
         self.client.close()
+
+
+def params(req: ProviderRequest) -> dict[str, Any]:
+    """The request's generation parameters that are set."""
+    p = req.params.model_dump(exclude_none=True)
+    return {k: p[k] for k in _PARAMS if k in p}
+
+
+def to_openai(req: ProviderRequest, cache_key: str | None = None) -> dict[str, Any]:
+    """The ``/v1/chat/completions`` body of a request (without ``stream``): pure, shared by
+    the live call and a line of the Batch API."""
+    messages = ([m.payload() for m in req.messages]
+                if req.messages is not None else [{"role": "user", "content": req.prompt}])
+    body: dict[str, Any] = {"model": req.model, "messages": messages, **params(req)}
+    if cache_key:
+        body["prompt_cache_key"] = cache_key
+    return body
+
+
+def from_openai(job_id: str, data: Any, raw: str = "") -> ProviderReply:
+    """The reply for a ``/v1/chat/completions`` answer's JSON (``raw``: its body, kept with
+    an error): pure, shared by the live call and a line of the Batch API's output."""
+    try:
+        choices = data["choices"]
+        if not choices:
+            return ProviderReply(job_id=job_id, error=f"no answer (empty choices): {raw}")
+        text = choices[0]["message"]["content"]
+        if not isinstance(text, str) or not text:
+            reason = choices[0].get("finish_reason")
+            why = "the content filter withheld it" if reason == "content_filter" else (
+                f"finish_reason {reason!r}" if reason else "no content")
+            return ProviderReply(job_id=job_id, error=f"empty answer ({why}): {raw}")
+        return ProviderReply(job_id=job_id, text=text, usage=parse_usage(data))
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        return ProviderReply(job_id=job_id, error=f"malformed response ({exc!r}): {raw}")
 
 
 def parse_usage(data: dict[str, Any]) -> Usage | None:
