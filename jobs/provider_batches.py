@@ -21,9 +21,11 @@ they go back to the fast path (``return_jobs``: ``QUEUED``, their spec's lane "f
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -70,8 +72,8 @@ class ProviderBatchRow(Base):
     polls: Mapped[int] = mapped_column(Integer, default=0)
     provider_batch_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     input_file_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    #: The upload attempt under way: its token and when it started (the window in which
-    #: the provider may have created the batch, should it die before recording it).
+    #: The upload attempt under way (its token; None when none is) and when the last one
+    #: began (an attempt that began may have created the batch before it died).
     attempt_token: Mapped[str | None] = mapped_column(String(36), nullable=True)
     attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     submitted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -178,15 +180,35 @@ class ProviderBatches:
 
     def begin_attempt(self, batch_id: str, token: str, now: float,
                       stale_s: float) -> ProviderBatch | None:
-        """Take the upload of a ``creating`` batch: the record as taken, or None while
-        another attempt (younger than ``stale_s``) has it, or once it is created."""
+        """Take the upload of a ``creating`` batch: the record as it was before (its
+        ``attempt_at`` says whether an earlier attempt began), or None while another
+        attempt (younger than ``stale_s``) has it, or once it is created."""
+        before = self.get(batch_id)
         with self.engine.begin() as conn:
             done = conn.execute(update(ProviderBatchRow).where(
                 ProviderBatchRow.id == batch_id, ProviderBatchRow.state == "creating",
-                (ProviderBatchRow.attempt_at.is_(None))
+                (ProviderBatchRow.attempt_token.is_(None))
                 | (ProviderBatchRow.attempt_at < now - stale_s))
                 .values(attempt_token=token, attempt_at=now)).rowcount
-        return self.get(batch_id) if done else None
+        return before if done else None
+
+    def sending(self, batch_id: str, token: str, jobs: int) -> None:
+        """How many requests this attempt sends (what an earlier attempt's batch is
+        recognised by, should this one die before recording it)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(ProviderBatchRow).where(
+                ProviderBatchRow.id == batch_id, ProviderBatchRow.attempt_token == token)
+                .values(jobs=jobs))
+
+    def attempt_over(self, batch_id: str, token: str, next_at: float,
+                     error: str | None = None) -> None:
+        """The attempt failed for a transient reason: the next one may begin at
+        ``next_at`` (its ``attempt_at`` stays: the next attempt first looks for a batch
+        this one may have created)."""
+        with self.engine.begin() as conn:
+            conn.execute(update(ProviderBatchRow).where(
+                ProviderBatchRow.id == batch_id, ProviderBatchRow.attempt_token == token)
+                .values(attempt_token=None, next_at=next_at, error=error))
 
     def uploaded(self, batch_id: str, token: str, input_file_id: str) -> None:
         """The input file an attempt uploaded (used again by the next attempt)."""
@@ -269,3 +291,17 @@ class ProviderBatches:
                 if done:
                     moved.append(spec.id)
         return moved
+
+
+def test_fault(fault_file: Path | None, point: str) -> None:
+    """The test hook ``batch_api_test_fault``: when the file names ``point``, remove it and
+    end this process at once (a crash at that point of a provider batch's life)."""
+    if fault_file is None:
+        return
+    try:
+        named = fault_file.read_text(encoding="utf-8").strip()
+    except OSError:
+        return
+    if named == point:
+        fault_file.unlink(missing_ok=True)
+        os._exit(86)

@@ -57,6 +57,7 @@ from jobs.stats import class_name, read_recent, read_totals
 from jobs.store import JobStore
 from scheduler.backlog import Backlog
 from scheduler.embedders import Embedder, create_embedder
+from scheduler.lane_desk import LaneDesk
 from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
 from scheduler.pool import PendingJob, Pool, estimate_job_tokens, prefix_signature
@@ -128,6 +129,9 @@ class Scheduler:
         self._server = ""
         #: Deployments with replicas: where each batch goes (``scheduler.routing``).
         self.routing = Routing(settings)
+        #: The half-price lane: jobs for providers' batch endpoints (``scheduler.lane_desk``).
+        self.lane = LaneDesk(settings, self.queue, self.store, self.celery, self.token,
+                             self._renew)
 
     def _new_pool(self) -> Pool:
         horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
@@ -266,6 +270,7 @@ class Scheduler:
         self.metrics.cluster.update(None, [])
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
+        self.lane.reset()
         self.last_sid = "0-0"
         self._caught_up = False
 
@@ -290,6 +295,7 @@ class Scheduler:
             self._renew()
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
+        self.lane.reset()
         self.last_sid = "0-0"
         self._caught_up = False
         self.reconciler.resume()
@@ -303,7 +309,7 @@ class Scheduler:
     def tick(self) -> None:
         """Read, admit, plan, send. Blocks at most ``scheduler_tick_ms`` waiting for news,
         and not at all while intake or the backlog has more to take in."""
-        room = self.settings.max_pool_jobs - len(self.pool)
+        room = self.settings.max_pool_jobs - len(self.pool) - len(self.lane)
         busy = not self._caught_up or (room > 0 and len(self.backlog) > 0)
         block = None if busy else int(self.settings.scheduler_tick_ms)
         count = self.settings.scheduler_read_count
@@ -322,6 +328,7 @@ class Scheduler:
             self.last_event = events[-1][0]
         now = time.time()
         self._take_in(now)
+        self._lane_tick(now)
         if now - self._last_promote >= PROMOTE_EVERY_S:
             self.pool.promote(now)
             self._last_promote = now
@@ -347,7 +354,7 @@ class Scheduler:
         if late:
             self._expire_jobs([(e.job_id, e.tenant) for e in late], now,
                               "deadline passed before the job could be scheduled")
-        room = self.settings.max_pool_jobs - len(self.pool)
+        room = self.settings.max_pool_jobs - len(self.pool) - len(self.lane)
         if room > 0 and len(self.backlog):
             self._admit(self.backlog.take(min(room, self.settings.scheduler_read_count), now))
 
@@ -361,6 +368,7 @@ class Scheduler:
                                 if spec is not None and state == JobState.QUEUED]
         if self.settings.cache_enabled and self.settings.cache_semantic_tenants:
             specs = self._semantic_hits(specs)
+        specs = self.lane.admit(specs, time.time())  # the rest wait for a provider batch
         if not specs:
             return
         texts = [s.text for s in specs]
@@ -395,6 +403,8 @@ class Scheduler:
         cancelled = [f["cancel"] for _, f in events if "cancel" in f]
         if cancelled:
             self.pool.remove(cancelled)
+            self.lane.remove(cancelled)
+            self.lane.on_cancelled(cancelled)
         for _, f in events:
             if "done" not in f:
                 continue
@@ -405,6 +415,15 @@ class Scheduler:
                 self.service.observe(f["deployment"], int(f["size"]), seconds)
             self.routing.done(f["done"], seconds,
                               int(f["replica"]) if "replica" in f else None)
+
+    def _lane_tick(self, now: float) -> None:
+        """Send the provider batches due, and the tasks of the open ones due
+        (``scheduler.lane_desk``)."""
+        full = (len(self.backlog) > 0
+                and len(self.pool) + len(self.lane) >= self.settings.max_pool_jobs)
+        if len(self.lane):
+            self.sent_jobs += self.lane.tick(now, full)
+        self.lane.sweep(now)
 
     def _capacity(self, reading: Reading, now: float) -> Capacity:
         inflight = reading.inflight
@@ -520,6 +539,7 @@ class Scheduler:
         self.routing.cooling = set(overview["cooling"])
         self.routing.forget_before(at - self.settings.visibility_timeout_s)
         overview["replicas"] = self.routing.snapshot()
+        overview["lanes"] = self.lane.overview(at)
         self.r.set(keys.OVERVIEW, json.dumps(overview), ex=OVERVIEW_TTL_S)
         self.metrics.pool_jobs.set(len(self.pool))
         self.metrics.backlog_jobs.set(len(self.backlog))
