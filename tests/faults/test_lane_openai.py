@@ -125,7 +125,8 @@ def test_bulk_work_goes_through_an_openai_batch_api_and_status_shows_it(
         # No upstream worker yet: the provider batch stays open, and status shows it.
         seen = poll(lambda: (o := read_overview(r, time.time())) and o.get("lanes")
                     and o["lanes"]["open"] == 1
-                    and o["lanes"]["batches"][0]["provider_status"] and o, timeout=60, interval=0.2, what="status to show the provider batch")
+                    and o["lanes"]["batches"][0]["provider_status"] and o,
+                    timeout=60, interval=0.2, what="status to show the provider batch")
         lanes = seen["lanes"]
         assert lanes["jobs"] == 12 and lanes["batches"][0]["state"] == "submitted"
         assert lanes["batches"][0]["provider_status"] in ("in_progress", "validating")
