@@ -11,8 +11,8 @@ point neither uploads it twice nor loses it. Its states:
 * ``submitted``: the provider holds it (``provider_batch_id``); it is polled, with
   backoff, one request per batch.
 * ``ended``: the provider says it ended; its results are being recorded.
-* ``closed``: every job has its outcome (recorded, or sent back to the fast path); kept
-  for ``retention_days``.
+* ``closed``: every job has its outcome (recorded, or sent back to the fast path); the
+  record stays (one small row per provider batch).
 
 Jobs leave ``AT_PROVIDER`` when their result is recorded (the one result path) or when
 they go back to the fast path (``return_jobs``: ``QUEUED``, their spec's lane "fast").

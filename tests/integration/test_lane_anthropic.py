@@ -198,6 +198,8 @@ def test_cancelling_every_job_of_a_provider_batch_cancels_it_at_the_provider(
     batch_id = lane.send(ids)
     lane.runner.submit(batch_id)
     lane.client.cancel(ids[0])
+    events = [f.get("cancel") for _, f in lane.client.r.xrange(keys.EVENTS)]
+    assert ids[0] in events, "the scheduler is told, to look at the provider batch at once"
     lane.runner.poll(batch_id)
     assert fake.calls("POST", "/v1/messages/batches/") == 0, "jobs are left: not cancelled"
     assert lane.client.cancel_many(ids[1:]) == dict.fromkeys(ids[1:], JobState.CANCELLED)
