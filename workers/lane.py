@@ -194,6 +194,12 @@ class LaneRunner:
                 return {"batch_id": batch_id, "status": found.status}
             summary = self._collect(rec, client, found)
         except BatchAPIError as exc:
+            if exc.status == 404:  # the provider no longer has it (deleted there)
+                log.error("provider batch %s: %s; its jobs take the fast path", batch_id, exc)
+                self._unfinished(rec, self.lanes.waiting(batch_id),
+                                 f"the provider lost the batch ({exc})", time.time())
+                self._close(batch_id, f"lost at the provider: {exc}")
+                return {"batch_id": batch_id, "lost": str(exc)}
             log.warning("provider batch %s: %s; polling again later", batch_id, exc)
             return {"batch_id": batch_id, "retry": str(exc)}
         self._close(batch_id, found.failure)

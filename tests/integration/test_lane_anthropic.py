@@ -248,3 +248,16 @@ def test_jobs_claimed_for_a_batch_the_store_never_recorded_are_put_back(
     assert {s for _, s in lane.queue.load(ids)} == {"QUEUED"}
     entries = [json.loads(json.dumps(e))["id"] for _, e in lane.client.r.xrange(keys.INTAKE)]
     assert sorted(entries) == sorted(ids)
+
+
+def test_a_batch_the_provider_no_longer_has_sends_its_jobs_to_the_fast_path(
+        lane: Lane, fake: FakeBatches) -> None:
+    fake.hold = True
+    ids = lane.submit([{"prompt": f"lost {i}"} for i in range(2)])
+    batch_id = lane.send(ids)
+    lane.runner.submit(batch_id)
+    fake.batches.clear()  # deleted at the provider
+    assert "lost" in lane.runner.poll(batch_id)
+    assert {s.lane for s, _ in lane.queue.load(ids) if s is not None} == {"fast"}
+    assert {st for _, st in lane.queue.load(ids)} == {"QUEUED"}
+    assert lane.lanes.get(batch_id).state == "closed"  # type: ignore[union-attr]
