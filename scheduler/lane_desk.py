@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 SWEEP_EVERY_S = 1.0
 #: Open provider batches the overview lists (all are counted).
 SHOWN = 20
+#: Jobs claimed per Lua step (a provider batch may hold 100,000).
+CLAIM_CHUNK = 1000
 
 
 def next_due(rec: ProviderBatch, now: float, settings: Settings) -> float:
@@ -114,10 +116,15 @@ class LaneDesk:
 
     def _send(self, batch: LaneBatch) -> int:
         batch_id = str(uuid.uuid4())
-        claimed = self.queue.lane_claim(self.token, batch_id,
-                                        [(j.id, j.tenant) for j in batch.jobs], time.time())
-        if claimed is None:
-            raise LeaseLost
+        claimed: list[str] = []
+        for start in range(0, len(batch.jobs), CLAIM_CHUNK):  # no long Lua step
+            part = batch.jobs[start:start + CLAIM_CHUNK]
+            got = self.queue.lane_claim(self.token, batch_id, [(j.id, j.tenant) for j in part],
+                                        time.time())
+            if got is None:  # what was claimed waits for the reconciler (never recorded)
+                raise LeaseLost
+            claimed += got
+            self.renew()
         self.pending.remove([j.id for j in batch.jobs])
         if not claimed:
             return 0

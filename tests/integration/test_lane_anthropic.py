@@ -261,3 +261,17 @@ def test_a_batch_the_provider_no_longer_has_sends_its_jobs_to_the_fast_path(
     assert {s.lane for s, _ in lane.queue.load(ids) if s is not None} == {"fast"}
     assert {st for _, st in lane.queue.load(ids)} == {"QUEUED"}
     assert lane.lanes.get(batch_id).state == "closed"  # type: ignore[union-attr]
+
+
+def test_a_provider_batch_is_claimed_a_chunk_at_a_time_and_recorded_whole(
+        lane: Lane, fake: FakeBatches, monkeypatch: pytest.MonkeyPatch) -> None:
+    import scheduler.lane_desk
+
+    monkeypatch.setattr(scheduler.lane_desk, "CLAIM_CHUNK", 2)
+    ids = lane.submit([{"prompt": f"chunk {i}"} for i in range(5)])
+    batch_id = lane.send(ids)
+    assert lane.lanes.get(batch_id).jobs == 5  # type: ignore[union-attr]
+    assert lane.runner.submit(batch_id)["jobs"] == 5
+    lane.runner.poll(batch_id)
+    assert {r.state for r in lane.results(ids).values()} == {JobState.SUCCEEDED}
+    assert fake.created == 1
