@@ -20,6 +20,10 @@ from config.settings import PRIORITY_NAMES, Settings
 
 #: Name of the batch task, used by the scheduler's ``send_task``.
 PROCESS_BATCH = "promptbatch.process_batch"
+#: Tasks of the half-price lane (a provider's own batch endpoint), sent by the scheduler:
+#: upload a recorded provider batch; poll one (and record its results once it ended).
+LANE_SUBMIT = "promptbatch.lane_submit"
+LANE_POLL = "promptbatch.lane_poll"
 #: Job ids a batch task's description names before "+N more".
 REPR_IDS = 3
 

@@ -21,6 +21,10 @@ OUTBOX = f"{PREFIX}outbox"
 #: Sorted set ``{class}:{batch id}`` -> time claimed, of batches claimed and not yet
 #: finished by a worker (see ``inflight_member``).
 INFLIGHT = f"{PREFIX}inflight"
+#: Sorted set provider batch id -> time claimed: the open provider batches of the
+#: half-price lane (a provider's own batch endpoint), from their claim to their end. Their
+#: jobs are AT_PROVIDER with the batch's id; the job store holds each one's record.
+LANES = f"{PREFIX}lanes"
 #: Hash worker hostname -> JSON {concurrency, queues, ts}, refreshed by worker heartbeats.
 WORKERS = f"{PREFIX}workers"
 #: The scheduler lease (value: the holder's token; the steps that change what the

@@ -26,6 +26,10 @@ from config.redisaddr import SentinelAddress, is_sentinel, parse_sentinels
 #: Providers that may have replicas (HTTP providers with a base URL).
 REPLICATED_PROVIDERS = ("openai", "anthropic")
 
+#: Providers with a batch endpoint at a discount (``batch_api``): OpenAI's Batch API,
+#: Anthropic's Message Batches.
+BATCH_API_PROVIDERS = ("openai", "anthropic")
+
 #: URL schemes of a RabbitMQ broker (``broker_url``).
 AMQP_SCHEMES = ("amqp://", "amqps://", "pyamqp://")
 
@@ -534,6 +538,49 @@ class Settings(BaseSettings):
     cooldown_s: float = Field(default=60.0, gt=0,
                               description="How long a failing deployment is avoided.")
 
+    # --- The providers' batch endpoints (the half-price lane) ---------------------------
+    batch_api: dict[str, bool] = Field(
+        default_factory=dict,
+        description="Deployments whose provider's batch endpoint (OpenAI's Batch API, "
+        "Anthropic's Message Batches) promptbatch may use, at the provider's batch discount "
+        "(JSON): 'provider|model' or 'provider' -> true/false, the more precise entry "
+        "winning. Example: '{\"openai|gpt-4o-mini\": true}'. Bulk jobs that can wait go "
+        "there by themselves (README: Cost, budgets and the batch lane).")
+    batch_api_enabled: bool = Field(
+        default=True,
+        description="The half-price lane as a whole: false sends every job on the fast path "
+        "(provider batches already open are still followed to their end).")
+    batch_api_margin_s: float = Field(
+        default=3600.0, ge=0,
+        description="A bulk job goes to a provider batch on its own only when its deadline "
+        "(or none) leaves the provider's completion window (24 h) plus this margin, plus the "
+        "time it may wait for others to join its batch.")
+    batch_api_wait_s: float | None = Field(
+        default=None, ge=0,
+        description="Longest a job waits in the scheduler for others to join its provider "
+        "batch (a batch leaves earlier once it reaches the provider's limits). Default: the "
+        "bulk class's max_wait_ms.")
+    batch_api_max_requests: int | None = Field(
+        default=None, ge=1,
+        description="Most requests in one provider batch, below the provider's own limit "
+        "(OpenAI 50,000 requests or 200 MB a file, Anthropic 100,000 requests or 256 MB).")
+    batch_api_poll_min_s: float = Field(
+        default=10.0, gt=0,
+        description="First wait before a provider batch's status is asked; the wait doubles "
+        "at each poll up to batch_api_poll_max_s (one request per open provider batch).")
+    batch_api_poll_max_s: float = Field(
+        default=300.0, gt=0, description="Longest wait between two polls of a provider batch.")
+    batch_api_submit_retry_s: float = Field(
+        default=600.0, gt=0,
+        description="A provider batch whose upload has not been confirmed after this long "
+        "(its worker was lost) is taken up again; the provider is asked first whether it "
+        "has it already, so it is never created twice.")
+    batch_api_test_fault: Path | None = Field(
+        default=None,
+        description="Only for tests: a file naming a point of a provider batch's upload "
+        "('after_create', 'after_record') where the process that reaches it exits at once; "
+        "the file is removed first, so it happens once.")
+
     api_cancel_on_disconnect: bool = Field(
         default=True, description="A caller of the OpenAI-compatible endpoints that goes "
         "away before its job started cancels the job.")
@@ -654,10 +701,6 @@ class Settings(BaseSettings):
                 if entry != "*" and not entry.split("|", 1)[0]:
                     raise ValueError(f"tenant_providers[{tenant!r}]: {entry!r} is not "
                                      "'provider', 'provider|model' or '*'")
-        for name in self.prices:
-            provider, _, model = name.partition("|")
-            if not provider or not model:
-                raise ValueError(f"prices: {name!r} is not 'provider|model'")
         for provider in self.provider_replicas:
             if provider not in REPLICATED_PROVIDERS:
                 raise ValueError(f"provider_replicas: {provider!r} has no replicas; only "
@@ -669,6 +712,30 @@ class Settings(BaseSettings):
         if any(w < 0 for w in self.max_wait_ms):
             raise ValueError(f"max_wait_ms must be >= 0 for every class, got {self.max_wait_ms}")
         return self
+
+    @model_validator(mode="after")
+    def _check_money(self) -> Settings:
+        for name in self.prices:
+            provider, _, model = name.partition("|")
+            if not provider or not model:
+                raise ValueError(f"prices: {name!r} is not 'provider|model'")
+        for entry in self.batch_api:
+            if entry.split("|", 1)[0] not in BATCH_API_PROVIDERS:
+                raise ValueError(f"batch_api: {entry!r} names a provider without a batch "
+                                 f"endpoint; only {', '.join(BATCH_API_PROVIDERS)} have one "
+                                 "(as 'provider' or 'provider|model')")
+        if self.batch_api_poll_max_s < self.batch_api_poll_min_s:
+            raise ValueError(f"batch_api_poll_max_s ({self.batch_api_poll_max_s}) must be at "
+                             f"least batch_api_poll_min_s ({self.batch_api_poll_min_s})")
+        return self
+
+    def batch_api_on(self, provider: str, model: str) -> bool:
+        """Whether ``provider|model`` may use its provider's batch endpoint (the more
+        precise entry of ``batch_api`` wins; off when ``batch_api_enabled`` is false)."""
+        if not self.batch_api_enabled or provider not in BATCH_API_PROVIDERS:
+            return False
+        found = self.batch_api.get(f"{provider}|{model}")
+        return bool(self.batch_api.get(provider, False) if found is None else found)
 
     def replicas(self, provider: str) -> list[tuple[str, float, int]]:
         """The replicas of ``provider`` as ``(url, weight, cache tokens)``, or an empty

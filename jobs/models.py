@@ -68,6 +68,9 @@ class JobState(StrEnum):
     QUEUED = "QUEUED"  #: accepted and waiting in the scheduler's pool
     SCHEDULED = "SCHEDULED"  #: placed in a batch that was sent to the workers
     RUNNING = "RUNNING"  #: a worker is calling the provider
+    #: in a provider's batch endpoint (the half-price lane), waiting for its result (up to
+    #: the provider's completion window)
+    AT_PROVIDER = "AT_PROVIDER"
     SUCCEEDED = "SUCCEEDED"  #: the provider answered; the result holds the text
     FAILED = "FAILED"  #: the provider refused or kept failing; the result holds the reason
     EXPIRED = "EXPIRED"  #: the deadline passed before the job could run

@@ -16,6 +16,7 @@ module                 class           steps
 ``steps/runs.py``      ``Runs``        start a run, mark running, split, end the run
 ``steps/results.py``   ``Results``     finish (first wins), the done stream, read results
 ``steps/cache.py``     ``CacheSteps``  cache entries, coalescing, hits, purges
+``steps/lane.py``      ``LaneSteps``   claim for a provider batch, back to the fast path
 ``streams.py``         ``Sink``        a job's output stream, and its readers
 =====================  ==============  ==================================================
 """
@@ -34,6 +35,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 from config.redisaddr import SentinelAddress, is_sentinel
 from jobs.steps.cache import CacheSteps
 from jobs.steps.dispatch import Dispatch, Reading
+from jobs.steps.lane import LaneSteps
 from jobs.steps.meta import celery_meta, result_from_meta
 from jobs.steps.results import FINAL_JOB_TTL_S, FINISH_CHUNK, Results
 from jobs.steps.runs import Runs
@@ -129,5 +131,5 @@ def _sentinel(address: SentinelAddress, socket_timeout: float,
                     sentinel_kwargs=_sentinel_kwargs(address, socket_timeout, connect_timeout))
 
 
-class RedisQueue(CacheSteps, Submit, Dispatch, Runs, Results):
+class RedisQueue(CacheSteps, Submit, Dispatch, Runs, Results, LaneSteps):
     """The Redis side of a job's life: every role's steps on one client."""

@@ -15,6 +15,7 @@ from config.settings import Settings
 from jobs.capabilities import unserved
 from jobs.chat import as_response_format
 from jobs.errors import InvalidJob
+from jobs.lanes import refusal as lane_refusal
 from jobs.models import JobRequest, JobSpec
 
 #: Providers a job may name, with the model used when the job names none.
@@ -90,6 +91,9 @@ def resolve(
             errors.append(("model", f"tenant {tenant!r} may not use model {model!r} of "
                            f"provider {provider!r} (tenant_providers)"))
         errors += unserved(provider, request.params, request.messages)
+        refused = lane_refusal(provider, model, request.lane, request.stream, settings)
+        if refused is not None:
+            errors.append(refused)
     text_len = len(request.prompt) if request.prompt is not None else sum(
         len(m.text) for m in request.messages or ())
     if text_len > settings.max_prompt_chars:
@@ -120,6 +124,7 @@ def resolve(
         metadata=request.metadata, cache=request.cache, stream=request.stream,
         response_format=request.response_format, tools=request.tools,
         tool_choice=request.tool_choice, parallel_tool_calls=request.parallel_tool_calls,
+        lane=request.lane,
         request_hash=request_digest(request, tenant) if request.idempotency_key else None,
     )
 

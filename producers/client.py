@@ -28,10 +28,11 @@ from jobs.store import JobStore
 from producers.submitting import Submitter
 
 #: Redis states a cancel ends CANCELLED: not started (staged by a submit under way, in
-#: intake, waiting for an identical job, in a batch not yet started), a submit's
-#: withdrawn job (it never runs), cancelled already, or unknown to Redis.
-_CANCELLABLE = frozenset({"STAGED", "QUEUED", "FOLLOWING", "SCHEDULED", "WITHDRAWN",
-                          "CANCELLED", ""})
+#: intake, waiting for an identical job, in a batch not yet started, waiting at a
+#: provider's batch endpoint), a submit's withdrawn job (it never runs), cancelled
+#: already, or unknown to Redis.
+_CANCELLABLE = frozenset({"STAGED", "QUEUED", "FOLLOWING", "SCHEDULED", "AT_PROVIDER",
+                          "WITHDRAWN", "CANCELLED", ""})
 
 
 def _sweep_every(pending: int) -> float:

@@ -67,6 +67,31 @@ def spend_line(money: dict[str, Any]) -> str:
             + (f" and {more} more" if more > 0 else ""))
 
 
+def _lane(lanes: dict[str, Any] | None) -> Table | Text | None:
+    """The half-price lane: jobs waiting to join a provider batch, and the provider
+    batches open (their age, jobs, and the provider's status and counts)."""
+    if not lanes or not (lanes["open"] or lanes["waiting"]):
+        return None
+    head = (f"provider batches (half-price lane): {lanes['open']} open with "
+            f"{_count(lanes['jobs'], 'job')}; {_count(lanes['waiting'], 'job')} waiting to "
+            f"join one" + (f" (oldest {_duration(lanes['waiting_oldest_s'])})"
+                           if lanes["waiting"] else ""))
+    if not lanes["batches"]:
+        return Text(head)
+    table = Table(title=head, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("batch", "deployment", "state", "age", "jobs", "provider", "polls"):
+        table.add_column(name, justify="right" if name in ("age", "jobs", "polls")
+                         else "left", no_wrap=True)
+    for row in lanes["batches"]:
+        counts = row.get("counts") or {}
+        status = row.get("provider_status") or "-"
+        if counts:
+            status += " " + " ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v)
+        table.add_row(row["id"][:8], row["deployment"], row["state"], _duration(row["age_s"]),
+                      str(row["jobs"]), status, str(row["polls"]))
+    return table
+
+
 def render(data: dict[str, Any]) -> Group:
     """The overview as a table and a few lines."""
     table = Table(title="promptbatch (last minute: in, done, missed)", title_justify="left",
@@ -109,6 +134,9 @@ def render(data: dict[str, Any]) -> Group:
                             f"{hits}/{hits + misses}" if hits + misses else "-",
                             Text("cooling", style="red") if row["cooling"] else Text("ok"))
         lines.insert(0, table_r)
+    lane = _lane(data.get("lanes"))
+    if lane is not None:
+        lines.insert(0, lane)
     if data.get("catching_up"):
         lines.append(Text("the scheduler is still reading intake: pending counts will grow",
                           style="yellow"))

@@ -22,6 +22,28 @@ from jobs.telemetry import PLAN_BUCKETS, SIMILARITY_BUCKETS, SIZE_BUCKETS, SLACK
 from scheduler.money import MoneyView
 
 
+def _lane_metrics(lanes: dict[str, Any] | None) -> Iterator[Metric]:
+    """The half-price lane: provider batches open, their jobs and the oldest's age, per
+    deployment, and the jobs waiting in the scheduler to join one."""
+    if lanes is None:
+        return
+    opened = GaugeMetricFamily("promptbatch_provider_batches_open", "Provider batches (a "
+                               "provider's batch endpoint) not yet closed.",
+                               labels=["provider", "model"])
+    jobs = GaugeMetricFamily("promptbatch_provider_batch_jobs", "Jobs of the open provider "
+                             "batches.", labels=["provider", "model"])
+    age = GaugeMetricFamily("promptbatch_provider_batch_oldest_age_seconds", "Age of the "
+                            "oldest open provider batch.", labels=["provider", "model"])
+    for dep, row in lanes["deployments"].items():
+        provider, _, model = dep.partition("|")
+        opened.add_metric([provider, model], row["open"])
+        jobs.add_metric([provider, model], row["jobs"])
+        age.add_metric([provider, model], row["oldest_s"])
+    yield from (opened, jobs, age)
+    yield GaugeMetricFamily("promptbatch_provider_batch_waiting_jobs", "Jobs waiting in the "
+                            "scheduler to join a provider batch.", value=lanes["waiting"])
+
+
 class ClusterView(Collector):
     """Yields the latest overview the active scheduler computed (nothing while standing
     by). ``update`` is called from the scheduler loop; ``collect`` from the HTTP thread."""
@@ -75,6 +97,7 @@ class ClusterView(Collector):
             provider, _, model = name.partition("|")
             cooling.add_metric([provider, model], 1)
         yield cooling
+        yield from _lane_metrics(overview.get("lanes"))
         yield from self._counters(totals)
 
     def _counters(self, totals: list[Count]) -> Iterator[Metric]:

@@ -11,7 +11,11 @@ position is kept in Redis (``pb:reconcile``): a scheduler that takes over contin
   payload expired) is enqueued again, with its original id, priority and deadline;
 * a job that Redis holds as SCHEDULED or RUNNING in a batch that is no longer in flight
   (its task was lost: dropped while Redis was down for longer than the task could wait)
-  goes back into intake, to run in a new batch (the old one can no longer run it);
+  goes back into intake, to run in a new batch (the old one can no longer run it); so
+  does a job Redis holds AT_PROVIDER whose provider batch the store never recorded;
+* a job waiting at a provider (``AT_PROVIDER`` in the store: the half-price lane) is
+  left alone, however long it waits: its provider batch's record brings its result
+  (``workers.lane``);
 * a submit cut short by a Redis failure is completed: a job still STAGED is published
   into intake; a job its producer withdrew (WITHDRAWN) but could not remove from SQL
   ends CANCELLED;
@@ -283,7 +287,10 @@ def _sort(rows: list[tuple[str, str, float]], queue: RedisQueue, now: float) -> 
             page.tenants.append(tenant)
         elif state is None:
             page.lost.append(job_id)
-        elif state in (JobState.SCHEDULED, JobState.RUNNING) and batch:
+        elif state in (JobState.SCHEDULED, JobState.RUNNING, JobState.AT_PROVIDER) and batch:
+            # AT_PROVIDER here: the store never recorded its provider batch (the scheduler
+            # died between claim and record; a job the store records at a provider is not
+            # scanned): no worker runs it, so it goes back into intake.
             page.sent[job_id] = batch
         elif state == "STAGED":
             page.staged.append(job_id)

@@ -59,6 +59,7 @@ from jobs.store import JobStore
 from jobs.validation import PROVIDER_DEFAULT_MODELS
 from scheduler.backlog import Backlog
 from scheduler.embedders import Embedder, create_embedder
+from scheduler.lane_desk import LaneDesk
 from scheduler.metrics import SchedulerMetrics
 from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
 from scheduler.pool import PendingJob, Pool, estimate_job_tokens, prefix_signature
@@ -133,6 +134,9 @@ class Scheduler:
         #: Prices of the answers the semantic cache gives (what they saved).
         self.prices = PriceBook.for_settings(settings)
         warn_at_start(self.prices, settings, PROVIDER_DEFAULT_MODELS)
+        #: The half-price lane: jobs for providers' batch endpoints (``scheduler.lane_desk``).
+        self.lane = LaneDesk(settings, self.queue, self.store, self.celery, self.token,
+                             self._renew)
 
     def _new_pool(self) -> Pool:
         horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
@@ -272,6 +276,7 @@ class Scheduler:
         self.metrics.money.standby()
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
+        self.lane.reset()
         self.last_sid = "0-0"
         self._caught_up = False
 
@@ -296,6 +301,7 @@ class Scheduler:
             self._renew()
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
+        self.lane.reset()
         self.last_sid = "0-0"
         self._caught_up = False
         self.reconciler.resume()
@@ -309,7 +315,7 @@ class Scheduler:
     def tick(self) -> None:
         """Read, admit, plan, send. Blocks at most ``scheduler_tick_ms`` waiting for news,
         and not at all while intake or the backlog has more to take in."""
-        room = self.settings.max_pool_jobs - len(self.pool)
+        room = self.settings.max_pool_jobs - len(self.pool) - len(self.lane)
         busy = not self._caught_up or (room > 0 and len(self.backlog) > 0)
         block = None if busy else int(self.settings.scheduler_tick_ms)
         count = self.settings.scheduler_read_count
@@ -328,6 +334,7 @@ class Scheduler:
             self.last_event = events[-1][0]
         now = time.time()
         self._take_in(now)
+        self._lane_tick(now)
         if now - self._last_promote >= PROMOTE_EVERY_S:
             self.pool.promote(now)
             self._last_promote = now
@@ -353,7 +360,7 @@ class Scheduler:
         if late:
             self._expire_jobs([(e.job_id, e.tenant) for e in late], now,
                               "deadline passed before the job could be scheduled")
-        room = self.settings.max_pool_jobs - len(self.pool)
+        room = self.settings.max_pool_jobs - len(self.pool) - len(self.lane)
         if room > 0 and len(self.backlog):
             self._admit(self.backlog.take(min(room, self.settings.scheduler_read_count), now))
 
@@ -367,6 +374,7 @@ class Scheduler:
                                 if spec is not None and state == JobState.QUEUED]
         if self.settings.cache_enabled and self.settings.cache_semantic_tenants:
             specs = self._semantic_hits(specs)
+        specs = self.lane.admit(specs, time.time())  # the rest wait for a provider batch
         if not specs:
             return
         texts = [s.text for s in specs]
@@ -403,6 +411,8 @@ class Scheduler:
         cancelled = [f["cancel"] for _, f in events if "cancel" in f]
         if cancelled:
             self.pool.remove(cancelled)
+            self.lane.remove(cancelled)
+            self.lane.on_cancelled(cancelled)
         for _, f in events:
             if "done" not in f:
                 continue
@@ -413,6 +423,15 @@ class Scheduler:
                 self.service.observe(f["deployment"], int(f["size"]), seconds)
             self.routing.done(f["done"], seconds,
                               int(f["replica"]) if "replica" in f else None)
+
+    def _lane_tick(self, now: float) -> None:
+        """Send the provider batches due, and the tasks of the open ones due
+        (``scheduler.lane_desk``)."""
+        full = (len(self.backlog) > 0
+                and len(self.pool) + len(self.lane) >= self.settings.max_pool_jobs)
+        if len(self.lane):
+            self.sent_jobs += self.lane.tick(now, full)
+        self.lane.sweep(now)
 
     def _capacity(self, reading: Reading, now: float) -> Capacity:
         inflight = reading.inflight
@@ -530,6 +549,7 @@ class Scheduler:
         overview["replicas"] = self.routing.snapshot()
         self.metrics.money.refresh(self.r, self.store.engine, at)
         overview["spend_today"] = self.metrics.money.today()
+        overview["lanes"] = self.lane.overview(at)
         self.r.set(keys.OVERVIEW, json.dumps(overview), ex=OVERVIEW_TTL_S)
         self.metrics.pool_jobs.set(len(self.pool))
         self.metrics.backlog_jobs.set(len(self.backlog))

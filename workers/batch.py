@@ -338,4 +338,5 @@ def _result(spec: JobSpec, outcome: Outcome, started: float, finished: float,
                      logprobs=reply.logprobs, parsed=reply.parsed,
                      error_code=reply.error_code, schema_retries=outcome.schema_retries,
                      attempts=outcome.attempts, created_at=spec.created_at,
-                     deadline=spec.deadline, started_at=started, finished_at=finished, **base)
+                     deadline=spec.deadline, started_at=started, finished_at=finished,
+                     lane="fast", **base)

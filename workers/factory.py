@@ -26,7 +26,7 @@ from celery.signals import (
 from sqlalchemy.exc import SQLAlchemyError
 
 from config import keys
-from config.celery import PROCESS_BATCH, batch_repr, build_celery
+from config.celery import LANE_POLL, LANE_SUBMIT, PROCESS_BATCH, batch_repr, build_celery
 from config.settings import Settings
 from jobs import gcpause
 from jobs.prices import PriceBook, warn_at_start
@@ -36,7 +36,9 @@ from jobs.store import JobStore
 from jobs.streams import Sink
 from jobs.validation import PROVIDER_DEFAULT_MODELS
 from workers.batch import BatchRunner
+from workers.lane import LaneRunner, batch_client
 from workers.providers import Provider, create_provider
+from workers.providers.batch_api import BatchClient
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,12 @@ class _ProcessResources:
         self.resend = resend
         self.pid = -1
         self._runner: BatchRunner | None = None
+        self._lane: LaneRunner | None = None
         self._providers: dict[str, Provider] = {}
         #: Made before the fork (the worker's start warns about unpriced deployments
         #: once; its pool processes inherit what it looked up and warned about).
         self.prices = PriceBook.for_settings(settings)
+        self._batch_clients: dict[str, BatchClient] = {}
 
     def runner(self) -> BatchRunner:
         if self._runner is None or self.pid != os.getpid():
@@ -87,6 +91,20 @@ class _ProcessResources:
                                        JobStore.for_settings(self.settings), self.provider,
                                        resend=self.resend, prices=self.prices)
         return self._runner
+
+    def lane(self) -> LaneRunner:
+        """The runner of the provider batches' tasks (the batch runner's connections)."""
+        runner = self.runner()
+        if self._lane is None or self._lane.queue is not runner.queue:
+            self._batch_clients = {}
+            self._lane = LaneRunner(self.settings, runner.queue, runner.store,
+                                    self.batch_client)
+        return self._lane
+
+    def batch_client(self, name: str) -> BatchClient:
+        if name not in self._batch_clients:
+            self._batch_clients[name] = batch_client(name, self.settings)
+        return self._batch_clients[name]
 
     def provider(self, name: str) -> Provider:
         if name not in self._providers:
@@ -175,6 +193,26 @@ def _go_cold(grace: float) -> None:
     os.kill(os.getpid(), signal.SIGQUIT)
 
 
+def _lane_tasks(app: Celery, settings: Settings, resources: _ProcessResources) -> None:
+    """The half-price lane's tasks (``workers.lane``). A task that fails (a provider, Redis
+    or the store down) is not retried here: the scheduler sends it again when the
+    provider batch is next due."""
+    limit = max(settings.task_time_limit_s, int(settings.batch_api_submit_retry_s) - 30)
+    options: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True,
+                               "ignore_result": True, "time_limit": limit,
+                               "soft_time_limit": max(1, limit - 5)}
+
+    @app.task(name=LANE_SUBMIT, **options)
+    def lane_submit(batch_id: str) -> dict[str, Any]:
+        """Create a recorded provider batch at its provider, once."""
+        return resources.lane().submit(batch_id)
+
+    @app.task(name=LANE_POLL, **options)
+    def lane_poll(batch_id: str) -> dict[str, Any]:
+        """Poll a provider batch; record its results once it ended."""
+        return resources.lane().poll(batch_id)
+
+
 def create_app(settings: Settings | None = None, redis_url: str | None = None) -> Celery:
     """The workers' Celery app: configuration from ``settings``, task ``process_batch``."""
     settings = settings or Settings()
@@ -227,6 +265,7 @@ def create_app(settings: Settings | None = None, redis_url: str | None = None) -
             raise JobsFailed(summary)
         return summary
 
+    _lane_tasks(app, settings, resources)
     _connect_signals(app, settings, resources, heartbeat)
     app.promptbatch_settings = settings  # type: ignore[attr-defined]
     return app

@@ -40,6 +40,8 @@ class Steps:
         self._cancel = client.register_script(lua.source("cancel"))
         self._lease = client.register_script(lua.source("lease"))
         self._release = client.register_script(lua.source("release"))
+        self._lane_claim = client.register_script(lua.source("lane_claim"))
+        self._lane_return = client.register_script(lua.source("lane_return"))
 
     def _at_once(self, pipe: Any) -> list[Any]:
         """Run ``pipe`` (a non-transactional pipeline) in one round trip and return its

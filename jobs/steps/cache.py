@@ -14,8 +14,8 @@ from jobs.models import JobSpec
 from jobs.steps.submit import Submit
 
 #: Redis states of a leader that will still hand its followers their answer: staged by
-#: its submit, waiting, sent, or running.
-_LEADING_STATES = frozenset({"STAGED", "QUEUED", "SCHEDULED", "RUNNING"})
+#: its submit, waiting, sent, running, or waiting at a provider's batch endpoint.
+_LEADING_STATES = frozenset({"STAGED", "QUEUED", "SCHEDULED", "RUNNING", "AT_PROVIDER"})
 
 
 class CacheSteps(Submit):

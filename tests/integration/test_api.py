@@ -98,6 +98,8 @@ PAST = "2020-01-01T00:00:00Z"
     ({"prompt": "x", "tenant": "tenant-b"}, 422, "tenant"),
     ({"jobs": [{"prompt": "fine"}, {"prompt": ""}]}, 422, "jobs.1.prompt"),
     ({"jobs": []}, 422, "jobs"),
+    ({"prompt": "x", "lane": "provider_batch"}, 422, "lane"),  # echo has no batch endpoint
+    ({"prompt": "x", "lane": "sideways"}, 422, "lane"),
 ])
 def test_bad_input_is_refused_naming_the_field_and_nothing_is_enqueued(
         api: Api, r: redis.Redis, body: dict[str, Any], status: int, field: str) -> None:

@@ -46,3 +46,34 @@ def test_todays_spend_names_the_dearest_tenants() -> None:
                                       ("tiny", 0.1))]}
     assert spend_line(money) == ("spent today (2026-12-06 UTC) $12.50, saved $0.0310: "
                                  "acme $10.00, zeta $2.00, beta $0.4000 and 1 more")
+
+
+LANES = {"waiting": 3, "waiting_oldest_s": 12.0, "open": 1, "jobs": 40,
+         "deployments": {"openai|gpt-4o-mini": {"open": 1, "jobs": 40, "oldest_s": 5400.0}},
+         "batches": [{"id": "5f1c2d3e-aaaa", "deployment": "openai|gpt-4o-mini",
+                      "state": "submitted", "jobs": 40, "age_s": 5400.0,
+                      "provider_batch_id": "batch_abc", "provider_status": "in_progress",
+                      "polls": 7, "counts": {"total": 40, "completed": 12, "failed": 0}}]}
+
+
+def test_status_shows_the_open_provider_batches_their_age_and_jobs() -> None:
+    shown = _shown(inflight=0, workers=1, slots=2, desired_slots=1, lanes=LANES)
+    for words in ("provider batches (half-price lane): 1 open with 40 jobs; 3 jobs waiting "
+                  "to join one (oldest 12.0 s)", "5f1c2d3e openai|gpt-4o-mini submitted",
+                  "90.0 min 40 in_progress completed 12 total 40 7"):
+        assert words in shown, shown
+    quiet = _shown(inflight=0, workers=1, slots=2, desired_slots=1,
+                   lanes={**LANES, "open": 0, "jobs": 0, "waiting": 0, "batches": []})
+    assert "provider batches" not in quiet
+
+
+def test_the_metrics_show_the_open_provider_batches_per_deployment() -> None:
+    from scheduler.metrics import _lane_metrics
+
+    samples = {(m.name, tuple(sorted(s.labels.items()))): s.value
+               for m in _lane_metrics(LANES) for s in m.samples}
+    labels = (("model", "gpt-4o-mini"), ("provider", "openai"))
+    assert samples[("promptbatch_provider_batches_open", labels)] == 1
+    assert samples[("promptbatch_provider_batch_jobs", labels)] == 40
+    assert samples[("promptbatch_provider_batch_oldest_age_seconds", labels)] == 5400.0
+    assert samples[("promptbatch_provider_batch_waiting_jobs", ())] == 3

@@ -25,6 +25,8 @@ from workers.providers.anthropic_translation import (
     from_anthropic,
     to_anthropic,
 )
+
+__all__ = ["AnthropicProvider", "answer_shape", "from_anthropic"]
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.providers.http import (
     Gate,
