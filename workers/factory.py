@@ -98,7 +98,7 @@ class _ProcessResources:
         if self._lane is None or self._lane.queue is not runner.queue:
             self._batch_clients = {}
             self._lane = LaneRunner(self.settings, runner.queue, runner.store,
-                                    self.batch_client)
+                                    self.batch_client, prices=self.prices)
         return self._lane
 
     def batch_client(self, name: str) -> BatchClient:

@@ -37,6 +37,7 @@ from jobs import cache
 from jobs.answers import check_answer, needs_check
 from jobs.models import JobResult, JobSpec, JobState
 from jobs.outcomes import record_results
+from jobs.prices import PriceBook
 from jobs.provider_batches import ProviderBatch, ProviderBatches, test_fault
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
@@ -71,10 +72,15 @@ class LaneRunner:
     queue: RedisQueue
     store: JobStore
     client_for: Callable[[str], BatchClient]
+    #: Prices of the answers (each at its batch discount: the results say
+    #: ``lane: "provider_batch"``).
+    prices: PriceBook | None = None
     lanes: ProviderBatches = field(init=False)
 
     def __post_init__(self) -> None:
         self.lanes = ProviderBatches(self.store)
+        if self.prices is None:
+            self.prices = PriceBook.for_settings(self.settings)
 
     # --- uploading --------------------------------------------------------------------
 
@@ -315,7 +321,7 @@ class LaneRunner:
                              [by_id[r.id].tenant for r in results],
                              result_ttl_s=self.settings.result_ttl_s,
                              classes=[int(by_id[r.id].priority) for r in results],
-                             before_publish=put)
+                             before_publish=put, prices=self.prices)
         mine = [r for r in results if r.id in won]
         metrics.observe_results(mine, [int(by_id[r.id].priority) for r in mine])
 
