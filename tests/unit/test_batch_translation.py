@@ -162,7 +162,7 @@ def test_a_line_of_message_batch_results(result: dict[str, Any], again: bool,
 def test_a_message_batch_answer_is_the_live_answer_with_its_cache_tokens() -> None:
     got = anthropic_line({"custom_id": "j", "result": {"type": "succeeded",
                                                        "message": MESSAGE}})
-    live: ProviderReply = from_anthropic("j", MESSAGE)
+    live: ProviderReply = from_anthropic("j", MESSAGE, None)
     assert got.reply is not None and got.reply.usage == live.usage
     usage = got.reply.usage
     assert usage is not None
