@@ -99,6 +99,17 @@ def test_addresses_and_durations_are_what_pydantic_reads() -> None:
     Network.model_validate(value)  # a timedelta's "duration" is not checked by jsonschema
 
 
+def test_an_object_with_no_properties_is_empty_but_an_open_one_is_filled() -> None:
+    """A tool without arguments (LangChain's ``@tool def now()``, ``properties: {}``) is
+    called with ``{}``, as a model would (a function called with the arguments as keywords
+    refuses any); a free-form object (a map, ``json_object``) gets an entry."""
+    assert instance({"type": "object", "properties": {}}, PROMPT) == {}
+    assert len(instance({"type": "object", "properties": {}, "minProperties": 1}, PROMPT)) == 1
+    assert len(instance({"type": "object"}, PROMPT)) == 1
+    assert len(instance({"type": "object", "additionalProperties": {"type": "integer"}},
+                        PROMPT)) == 1
+
+
 def test_text_is_drawn_from_the_prompts_words() -> None:
     value = instance({"type": "object", "properties": {"name": {"type": "string"}}}, PROMPT)
     assert all(word in PROMPT for word in value["name"].split())

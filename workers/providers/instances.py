@@ -120,9 +120,13 @@ class _Gen:
                 out[name] = self.value(sub, f"{path}.{name}", depth + 1)
         extra = schema.get("additionalProperties", True)
         least = int(schema.get("minProperties") or 0)
-        if extra is not False and (not props or len(out) < least):
+        # A free-form object (no ``properties`` at all: a map, ``json_object``) gets an
+        # entry; ``properties: {}`` is an object without fields (a tool without
+        # arguments), left empty unless ``minProperties`` asks for more.
+        free = found is None and depth < MAX_DEPTH
+        if extra is not False and (free or len(out) < least):
             sub = extra if isinstance(extra, dict) else {}
-            for i in range(max(1 if not props and depth < MAX_DEPTH else 0, least - len(out))):
+            for i in range(max(1 if free else 0, least - len(out))):
                 key = self.pick_words(f"{path}#key{i}", 1)[0].lower()
                 while key in out:
                     key += "_"
