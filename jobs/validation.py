@@ -31,6 +31,12 @@ PROVIDER_DEFAULT_MODELS: dict[str, str] = {
 _UNION_TAGS = frozenset({"str", "list", "int", "float", "bool", "none", "dict"})
 
 
+#: Plain words for pydantic's parser messages, by error type: a whole number past 64 bits
+#: comes from the JSON reader as a float (``jobs.jsonbody``), which pydantic calls "Unable
+#: to parse input string as an integer, exceeded maximum size".
+_PLAIN = {"int_parsing_size": "a number too large (a whole number must fit in 64 bits)"}
+
+
 def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
     """``(field, message)`` pairs of a pydantic error, the field as a dotted path."""
     out: list[tuple[str, str]] = []
@@ -38,7 +44,7 @@ def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
         # Without the tags pydantic puts in a location for a union's branch.
         loc = ".".join(str(part) for part in err["loc"]
                        if part not in _UNION_TAGS and "[" not in str(part)) or "(body)"
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = _PLAIN.get(err["type"]) or err["msg"].removeprefix("Value error, ")
         out.append((loc, msg))
     return out
 

@@ -106,10 +106,14 @@ class ChunkStream:
 
     def rest(self, res: JobResult, *, content: bool) -> Iterator[dict[str, Any]]:
         """What follows the streamed content once the job is final: its content (when
-        none was streamed, ``content``), refusal, tool call deltas, then the chunk with
-        the finish reason."""
+        none was streamed, ``content``) with its logprobs (after streamed content, which
+        comes as text alone, the logprobs of all of it in a chunk of empty content: a
+        client joins the chunks' logprobs, as OpenAI sends them per chunk), refusal, tool
+        call deltas, then the chunk with the finish reason."""
         if content and res.text:
             yield self.content(res.text, res.logprobs)
+        elif not content and res.logprobs:
+            yield self.content("", res.logprobs)
         if res.refusal:
             yield self.chunk({"refusal": res.refusal})
         for i, call in enumerate(tool_calls(res) or ()):

@@ -181,10 +181,13 @@ async def _chunks(request: Request, stored: StoredJob, model: str, chat: bool,
 
     done = False
     sent = 0
+    held = _held(stored)
     try:
         yield data(stream.start())
         async for event in follow(aio(request), job_id, until=until,
                                   settled=settled_in(client_of(request), stored)):
+            if event.kind == "chunk" and held:
+                continue  # sent whole once valid (``_held``)
             if event.kind == "chunk":
                 sent += len(event.text)
                 yield data(stream.content(event.text))
@@ -210,6 +213,17 @@ async def _chunks(request: Request, stored: StoredJob, model: str, chat: bool,
     finally:
         if not done:
             _gone(request, job_id)
+
+
+def _held(stored: StoredJob) -> bool:
+    """Whether the job's streamed text is held back and its content sent whole at the end:
+    an answer the worker checks (a JSON response format, or a tool call asked for) may be
+    asked again after its first text streamed (``workers.promise``), and OpenAI's stream
+    cannot take text back (the SDK's ``stream()`` helper parses JSON content as it comes,
+    so text that is not the final JSON breaks it)."""
+    spec = stored.spec
+    forced = bool(spec.tools) and spec.tool_choice not in (None, "auto", "none")
+    return forced or (spec.response_format is not None and spec.response_format.wants_json)
 
 
 def _stopped(job_id: str, kind: str) -> str:

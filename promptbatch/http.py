@@ -106,6 +106,8 @@ class _Request:
     params: dict[str, Any] | None = None
     headers: dict[str, str] | None = None
     timeout: float | None = None
+    #: Error statuses the plan reads itself instead of raising ``ApiError``.
+    answers: frozenset[int] = frozenset()
 
 
 _Plan = Generator[_Request, httpx.Response, T]
@@ -173,8 +175,20 @@ class _Plans:
 
     @staticmethod
     def submit_chunk(jobs: list[dict[str, Any]]) -> _Plan[list[str]]:
-        resp = yield _Request("POST", "/v1/jobs", json={"jobs": jobs})
-        return [str(i) for i in resp.json()["ids"]]
+        """One ``POST /v1/jobs`` of the chunk; a chunk over the API's body limit (413, as
+        a few jobs with images can be) is sent again in halves, in order (every job
+        carries its idempotency key, so a part accepted before is accepted once)."""
+        parts, ids = [jobs], []
+        while parts:
+            part = parts.pop(0)
+            resp = yield _Request("POST", "/v1/jobs", json={"jobs": part},
+                                  answers=frozenset({413}) if len(part) > 1 else frozenset())
+            if resp.status_code == 413:
+                half = len(part) // 2
+                parts[:0] = [part[:half], part[half:]]
+                continue
+            ids += [str(i) for i in resp.json()["ids"]]
+        return ids
 
     @staticmethod
     def get(job_id: str) -> _Plan[JobView]:
@@ -281,7 +295,7 @@ class _Base:
         the response is the answer, else the seconds to wait before the next try. Raises
         ``ApiError`` when there is to be none (every request here is safe to repeat:
         reads, cancels, and submits that carry an idempotency key)."""
-        if resp is not None and (resp.status_code < 400 or (
+        if resp is not None and (resp.status_code < 400 or resp.status_code in req.answers or (
                 resp.status_code == 409 and req.method == "DELETE")):  # a late cancel: its state
             return None
         if attempt < self.max_retries and (resp is None or resp.status_code in RETRYABLE):

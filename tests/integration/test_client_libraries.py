@@ -201,6 +201,24 @@ def test_logprobs_come_when_asked(sdk: openai.OpenAI) -> None:
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in logprobs.content)
 
 
+def test_logprobs_come_in_a_stream_too(sdk: openai.OpenAI, stack: Api) -> None:
+    messages = [{"role": "user", "content": "Hello over a stream"}]
+    chunks = list(sdk.chat.completions.create(model=MODEL, logprobs=True, top_logprobs=2,
+                                              stream=True, messages=messages))  # type: ignore[arg-type]
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.content or ()]
+    assert content and "".join(t.token for t in tokens) == content
+    assert all(len(t.top_logprobs) == 2 for t in tokens)
+    assert [t.model_dump() for t in tokens] == stored(stack, chunks[0].id)["logprobs"]["content"]
+    with sdk.chat.completions.stream(model=MODEL, logprobs=True, top_logprobs=2,
+                                     messages=messages) as stream:  # type: ignore[arg-type]
+        final = stream.get_final_completion()
+    logprobs = final.choices[0].logprobs
+    assert logprobs is not None and logprobs.content
+    assert "".join(t.token for t in logprobs.content) == final.choices[0].message.content
+
+
 def test_a_streamed_tool_call_comes_as_openai_streams_it(sdk: openai.OpenAI) -> None:
     chunks = list(sdk.chat.completions.create(
         model=MODEL, tools=[WEATHER_TOOL], tool_choice="required",

@@ -327,3 +327,32 @@ def test_a_stream_that_closes_without_an_event_gives_up_after_max_retries(
     assert isinstance(outcome[0], ApiError), outcome[0]
     assert "closed before its end 3 times in a row" in str(outcome[0])
     assert len(Dropping.connections) == 3  # the first try and two more
+
+
+def test_a_chunk_over_the_apis_body_limit_is_sent_in_parts(settings: Settings) -> None:
+    """Jobs that fit the API's body limit one by one but not together (say, with images)
+    are accepted, in order and once, whatever the chunk size; a job over the limit alone
+    is refused with the API's 413."""
+    api = Api(settings, max_pending_per_tenant=10_000).start()  # 64 KiB bodies; no worker
+    big = "x" * 12_000  # five of them fit a body, not ten
+    items = [{"prompt": f"{i} {big}"} for i in range(10)]
+    try:
+        with Client(api.url, KEY_A) as pb:
+            ids = pb.submit_many(items, idempotency_key="photos")
+            assert pb.submit_many(items, idempotency_key="photos", chunk=3) == ids
+            with pytest.raises(ApiError) as refused:
+                pb.submit_many([{"prompt": "y" * 70_000}])
+            assert refused.value.status == 413
+
+        async def main() -> list[str]:
+            async with AsyncClient(api.url, KEY_A) as pb:
+                return await pb.submit_many(items, idempotency_key="photos")
+
+        assert asyncio.run(main()) == ids
+        texts = [api.a.get(f"/v1/jobs/{i}").json()["idempotency_key"] for i in ids]
+        assert texts == [f"photos:0:{n}" for n in range(10)]  # in input order
+    finally:
+        api.stop()
+    store = JobStore(settings.database_url)
+    assert sum(store.count_by_state().values()) == 10  # each job stored once
+    store.close()

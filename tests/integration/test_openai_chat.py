@@ -262,3 +262,43 @@ def test_an_openai_compatible_provider_streams_through_promptbatch(
         with Client(settings) as client:
             res = client.result(job_id, timeout=10)
         assert res.text == text and res.usage is not None and res.usage.cached_tokens == 8
+
+
+def test_a_streamed_json_answer_asked_again_reaches_the_sdk_whole_and_valid(
+        settings: Settings, procs: Procs) -> None:
+    """A streamed call with a JSON Schema whose first answer does not validate: the worker
+    asks again and the job ends SUCCEEDED; the SDK's stream gets the valid answer (OpenAI's
+    stream cannot take back text, so nothing of the first answer may reach it)."""
+    from pydantic import BaseModel
+
+    from tests.fake_llm import FakeServer
+
+    class Author(BaseModel):
+        name: str
+
+    with FakeServer() as fake:
+        fake.token_delay_s = 0.01
+        fake.script("Who wrote Faust?", ["ok", "json"])  # prose first, then the JSON
+        env = {"PROMPTBATCH_OPENAI_BASE_URL": f"{fake.url}/v1"}
+        procs.scheduler(**env)
+        procs.worker(1, **env)
+        port = free_port()
+        proc = procs.spawn("api", "--port", str(port),
+                           PROMPTBATCH_API_KEYS=json.dumps({"key-a": "acme"}), **env)
+        base = f"http://127.0.0.1:{port}"
+        poll(lambda: _status(f"{base}/readyz") == 200, timeout=60, interval=0.1,
+             what="the API", proc=proc)
+        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key="key-a", max_retries=0)
+        with sdk.chat.completions.stream(
+                model="openai|gpt-test", response_format=Author,
+                messages=[{"role": "user", "content": "Who wrote Faust?"}]) as stream:
+            streamed = "".join(e.delta for e in stream if e.type == "content.delta")
+            final = stream.get_final_completion()
+        assert len(fake.requests_for("Who wrote Faust?")) == 2  # asked again once
+        assert final.choices[0].message.parsed == Author(name="Goethe")
+        assert json.loads(streamed) == {"name": "Goethe"}
+        job_id = final.id.removeprefix("chatcmpl-")
+        with Client(settings) as client:
+            res = client.result(job_id, timeout=10)
+        assert res.state is JobState.SUCCEEDED and res.schema_retries == 1
+        assert res.parsed == {"name": "Goethe"} and res.text == streamed

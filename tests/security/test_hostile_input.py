@@ -227,6 +227,27 @@ def test_a_number_of_any_size_is_a_4xx_naming_its_field(
     assert api.a.get("/healthz").status_code == 200  # the connection still serves
 
 
+PAST_64_BITS = str(10**26)  # within a double: the JSON reader gives it as 1e26
+
+
+@pytest.mark.parametrize(("path", "template", "field"), [
+    ("/v1/jobs", '{"prompt": "x", "params": {"max_tokens": @}}', "params.max_tokens"),
+    ("/v1/jobs", '{"prompt": "x", "params": {"seed": @}}', "params.seed"),
+    ("/v1/jobs", '{"prompt": "x", "params": {"logprobs": true, "top_logprobs": @}}',
+     "params.top_logprobs"),
+    ("/v1/chat/completions", CHAT + ', "max_completion_tokens": @}', "max_completion_tokens"),
+    ("/v1/chat/completions", CHAT + ', "seed": @}', "seed"),
+])
+def test_a_whole_number_past_64_bits_is_named_in_plain_words(
+        api: Api, path: str, template: str, field: str) -> None:
+    resp = api.a.post(path, content=template.replace("@", PAST_64_BITS),
+                      headers={"Content-Type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    errors: list[dict[str, str]] = resp.json()["error"]["errors"]
+    assert [e["field"] for e in errors] == [field], resp.text
+    assert "Unable to parse" not in resp.text and "too large" in errors[0]["message"], resp.text
+
+
 def test_a_last_event_id_redis_cannot_take_is_a_400(api: Api) -> None:
     job = api.a.post("/v1/jobs", json={"prompt": "hi", "stream": True}).json()["id"]
     resp = api.a.get(f"/v1/jobs/{job}/stream",

@@ -6,13 +6,21 @@ from __future__ import annotations
 
 import datetime
 import enum
+import ipaddress
 import uuid
 from typing import Any, Literal
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pydantic import AnyUrl, BaseModel, Field
+from pydantic import (
+    AnyUrl,
+    BaseModel,
+    Field,
+    IPvAnyAddress,
+    IPvAnyInterface,
+    IPvAnyNetwork,
+)
 
 from jobs.answers import validate
 from workers.providers.instances import instance
@@ -63,6 +71,43 @@ def test_pydantic_schemas_get_instances_the_model_accepts(model: type[BaseModel]
     model.model_validate(value)
     assert instance(schema, PROMPT) == value  # deterministic
     assert instance(schema, "Grace Hopper of Arlington") != value  # drawn from the prompt
+
+
+class Network(BaseModel):
+    v6: ipaddress.IPv6Address
+    any_ip: IPvAnyAddress
+    every: datetime.timedelta
+    net4: ipaddress.IPv4Network
+    net6: ipaddress.IPv6Network
+    if4: ipaddress.IPv4Interface
+    if6: ipaddress.IPv6Interface
+    any_net: IPvAnyNetwork
+    any_if: IPvAnyInterface
+
+
+@pytest.mark.parametrize("fmt", ["ipv6", "duration", "idn-email", "idn-hostname",
+                                 "json-pointer", "relative-json-pointer", "regex"])
+def test_every_format_the_checker_knows_gets_a_value_of_it(fmt: str) -> None:
+    schema = {"type": "object", "properties": {"v": {"type": "string", "format": fmt}},
+              "required": ["v"]}
+    value = instance(schema, PROMPT)
+    assert validate(value, schema, "content") is None, value
+
+
+def test_addresses_and_durations_are_what_pydantic_reads() -> None:
+    value = instance(Network.model_json_schema(), PROMPT)
+    Network.model_validate(value)  # a timedelta's "duration" is not checked by jsonschema
+
+
+def test_an_object_with_no_properties_is_empty_but_an_open_one_is_filled() -> None:
+    """A tool without arguments (LangChain's ``@tool def now()``, ``properties: {}``) is
+    called with ``{}``, as a model would (a function called with the arguments as keywords
+    refuses any); a free-form object (a map, ``json_object``) gets an entry."""
+    assert instance({"type": "object", "properties": {}}, PROMPT) == {}
+    assert len(instance({"type": "object", "properties": {}, "minProperties": 1}, PROMPT)) == 1
+    assert len(instance({"type": "object"}, PROMPT)) == 1
+    assert len(instance({"type": "object", "additionalProperties": {"type": "integer"}},
+                        PROMPT)) == 1
 
 
 def test_text_is_drawn_from_the_prompts_words() -> None:

@@ -7,7 +7,9 @@ It knows the keywords pydantic, instructor and LangChain write: ``type`` (one or
 ``anyOf`` / ``oneOf`` / ``allOf``, ``$ref`` into ``$defs`` (or ``definitions``),
 OpenAPI's ``nullable``, ``minimum`` / ``maximum`` (and their exclusive forms),
 ``multipleOf``, ``minLength`` / ``maxLength``, and ``format`` ``date``, ``date-time``,
-``time``, ``email``, ``uri``, ``uuid``, ``ipv4``, ``hostname``. Every property is
+``time``, ``duration``, ``email``, ``idn-email``, ``uri``, ``uuid``, ``ipv4``, ``ipv6``,
+``hostname``, ``idn-hostname``, ``json-pointer``, ``relative-json-pointer`` and
+pydantic's address, network and interface formats (``ipvanyaddress``, ...). Every property is
 filled (an optional one with its non-null branch), so an extraction gets whole records.
 
 The same schema and prompt give the same instance; another prompt gives other words and
@@ -118,9 +120,13 @@ class _Gen:
                 out[name] = self.value(sub, f"{path}.{name}", depth + 1)
         extra = schema.get("additionalProperties", True)
         least = int(schema.get("minProperties") or 0)
-        if extra is not False and (not props or len(out) < least):
+        # A free-form object (no ``properties`` at all: a map, ``json_object``) gets an
+        # entry; ``properties: {}`` is an object without fields (a tool without
+        # arguments), left empty unless ``minProperties`` asks for more.
+        free = found is None and depth < MAX_DEPTH
+        if extra is not False and (free or len(out) < least):
             sub = extra if isinstance(extra, dict) else {}
-            for i in range(max(1 if not props and depth < MAX_DEPTH else 0, least - len(out))):
+            for i in range(max(1 if free else 0, least - len(out))):
                 key = self.pick_words(f"{path}#key{i}", 1)[0].lower()
                 while key in out:
                     key += "_"
@@ -189,7 +195,21 @@ class _Gen:
             "url": f"https://example.com/{word}",
             "uuid": str(uuid.UUID(int=self.number(path + "#uuid", 2 ** 62))),
             "ipv4": f"192.0.2.{n % 254 + 1}",
+            "ipv6": f"2001:db8::{n % 65535 + 1:x}",
             "hostname": f"{word}.example.com",
+            "idn-email": f"{word}@example.com",
+            "idn-hostname": f"{word}.example.com",
+            "duration": f"P{n % 30 + 1}DT{n % 24}H",
+            "json-pointer": f"/{word}/{n % 10}",
+            "relative-json-pointer": f"{n % 3}/{word}",
+            # pydantic's own: IPvAnyAddress, and the network and interface types
+            "ipvanyaddress": f"192.0.2.{n % 254 + 1}",
+            "ipv4network": "192.0.2.0/24",
+            "ipv6network": "2001:db8::/32",
+            "ipvanynetwork": "192.0.2.0/24",
+            "ipv4interface": f"192.0.2.{n % 254 + 1}/24",
+            "ipv6interface": f"2001:db8::{n % 65535 + 1:x}/64",
+            "ipvanyinterface": f"192.0.2.{n % 254 + 1}/24",
         }.get(str(fmt))
         least = int(schema.get("minLength") or 0)
         most = schema.get("maxLength")
