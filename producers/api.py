@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if getattr(app.state, "aioredis", None) is not None:
             await app.state.aioredis.aclose()
 
+    from producers.admin_routes import router as admin_router
     from producers.keys_routes import router as keys_router
     from producers.models import router as models_router
     from producers.openai_routes import batch_error
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream_router)
     app.include_router(models_router)
     app.include_router(keys_router)
+    app.include_router(admin_router)
     if settings.api_metrics:
         from producers.metrics import MetricsMiddleware, metrics_endpoint
 

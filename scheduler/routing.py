@@ -118,6 +118,11 @@ class Router:
         self.policy = policy
         self._where: dict[str, int] = {}
         self._turn = 0
+        #: Replicas slowed down (``latency_high``, ``throughput_low``: the anomalies' ids),
+        #: which get only a probe: every ``probe_every``-th batch when they have none.
+        self.slowed: dict[int, set[str]] = {}
+        self.probe_every = 10
+        self._routed = 0
 
     def choose(self, family: int | None, prefix_tokens: int, estimate_s: float,
                unavailable: Iterable[int] = ()) -> Choice:
@@ -127,6 +132,21 @@ class Router:
         down = set(unavailable)
         candidates = [i for i in range(len(self.replicas)) if i not in down] or list(
             range(len(self.replicas)))
+        slowed = [i for i in candidates if self.slowed.get(i)]
+        if slowed and len(slowed) < len(candidates):
+            # A slowed replica is not ejected: it gets a probe now and then (one batch at
+            # a time), so that its recovery is seen; else only what every other cannot
+            # take (it is tried last).
+            self._routed += 1
+            resting = [i for i in slowed if not self.replicas[i].outstanding]
+            if resting and self._routed % self.probe_every == 0:
+                probe = resting[0]
+                rest = sorted((i for i in range(len(self.replicas)) if i != probe),
+                              key=lambda i: (i in down or i in slowed,
+                                             self.replicas[i].load(), i))
+                return Choice((probe, *rest), False)
+            candidates = [i for i in candidates if i not in slowed]
+            down |= set(slowed)
         loads = {i: self.replicas[i].load() for i in candidates}
         least = min(candidates, key=lambda i: (loads[i], -self._free(i), i))
         chosen, affinity = least, False
@@ -203,8 +223,8 @@ class Router:
                  "latency_ratio": round(r.ratio, 3), "sent": r.sent,
                  "affinity_hits": r.hits, "affinity_misses": r.misses,
                  "families": sum(1 for k in r.families if k >= 0),
-                 "cached_tokens": r.held_tokens}
-                for r in self.replicas]
+                 "cached_tokens": r.held_tokens, "slowed": bool(self.slowed.get(i))}
+                for i, r in enumerate(self.replicas)]
 
 
 def model_family(model: str, family: int | None) -> int | None:
@@ -246,6 +266,9 @@ class Routing:
                 Router([ReplicaSpec(url, weight, cache) for url, weight, cache in replicas],
                        self.rules, self.settings.routing_policy),
                 [url for url, _, _ in replicas])
+            found = self.routers[provider]
+            if found is not None:
+                found[0].probe_every = max(1, round(1 / self.settings.anomaly_probe_share))
         return self.routers[provider]
 
     def route(self, batch_id: str, jobs: Sequence[PendingJob], shared_prefix_chars: int,
@@ -273,6 +296,25 @@ class Routing:
         for found in self.routers.values():  # one per provider: few
             if found is not None:
                 found[0].done(batch_id, seconds, replica)
+
+    def slow(self, provider: str, replica: str, why: str, on: bool = True) -> bool:
+        """Mark the replica ``replica`` (its address without the scheme) of ``provider``
+        slowed for ``why`` (an anomaly's id), or (``on`` false) no longer for it: while
+        any reason holds, it gets only a probe share of new batches
+        (``anomaly_probe_share``). Whether the provider has that replica."""
+        found = self._router(provider)
+        if found is None:
+            return False
+        router, urls = found
+        for i, url in enumerate(urls):
+            if url.split("://", 1)[-1] == replica:
+                reasons = router.slowed.setdefault(i, set())
+                if on:
+                    reasons.add(why)
+                else:
+                    reasons.discard(why)
+                return True
+        return False
 
     def forget_before(self, cutoff: float) -> None:
         for found in self.routers.values():

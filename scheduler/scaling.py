@@ -11,9 +11,11 @@ providers' rate limits can absorb, and no more than there are batches to run.
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from config.settings import PRIORITY_NAMES
 
@@ -104,3 +106,91 @@ def rate_cap(per_job_s: Mapping[str, float],
             return None
         total += rpm / 60.0 * seconds
     return max(1, math.ceil(total))
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineRisk:
+    """One class's pending deadlines against the current worker slots.
+
+    ``pressure``: the largest, over its pending jobs with a deadline, of the time until
+    the job is projected to finish (``projected_s``) over the time left before its
+    deadline (``slack_s``): above 1, that job misses its deadline unless more slots come.
+    ``need``: the slots that would meet every one of them.
+    """
+
+    cls: int
+    pressure: float
+    projected_s: float
+    slack_s: float
+    need: int
+
+
+def deadline_risks(work_s: Sequence[float],
+                   deadlines: Sequence[Sequence[tuple[float, float]]], *, slots: int,
+                   batch_s: float, inflight: int) -> list[DeadlineRisk | None]:
+    """Per class (critical first), its ``DeadlineRisk`` (None: no deadline pending).
+
+    ``work_s[c]``: slot-seconds of all pending work of class ``c``; ``deadlines[c]``:
+    ``(slack seconds, slot-seconds)`` of each of its pending jobs with a deadline, by
+    slack. Classes run in priority order and a class's jobs earliest deadline first, so
+    a job finishes, in a fluid approximation, once the batches in flight, the work of
+    the classes above and the jobs before it in its class are done on ``slots`` slots,
+    plus one batch's time (``batch_s``) of its own. It needs enough slots to do that work
+    before its deadline, less its own batch's time.
+    """
+    batch_s = max(batch_s, 1e-3)
+    above = inflight * batch_s
+    out: list[DeadlineRisk | None] = []
+    for cls, jobs in enumerate(deadlines):
+        if not jobs:
+            out.append(None)
+            above += work_s[cls] if cls < len(work_s) else 0.0
+            continue
+        done = above
+        worst = (0.0, 0.0, 0.0)
+        need = 0
+        for slack, work in jobs:
+            done += work
+            finish = done / max(slots, 1) + batch_s
+            pressure = finish / max(slack, 1e-3)
+            if pressure > worst[0]:
+                worst = (pressure, finish, slack)
+            need = max(need, math.ceil(done / max(slack - batch_s, batch_s) - 1e-9))
+        out.append(DeadlineRisk(cls, *worst, need))
+        above += work_s[cls] if cls < len(work_s) else 0.0
+    return out
+
+
+def class_deadlines(groups: Iterable[tuple[int, Iterable[tuple[float, Any]], float]],
+                    now: float, classes: int, limit: int = 4096,
+                    ) -> list[list[tuple[float, float]]]:
+    """Per class, ``(slack, slot-seconds)`` of its pending jobs with a deadline, by slack,
+    from ``(class, (deadline, ...) pairs by deadline, slot-seconds per job)`` of each
+    group. Over ``limit`` jobs in a class, every k-th job stands for k (its work times k),
+    which keeps the cumulative work exact at the jobs kept."""
+    per: list[list[Iterable[tuple[float, float]]]] = [[] for _ in range(classes)]
+    counts = [0] * classes
+    for cls, by_deadline, per_job in groups:
+        pairs = list(by_deadline)
+        if pairs and 0 <= cls < classes:
+            counts[cls] += len(pairs)
+            per[cls].append([(d - now, per_job) for d, *_ in pairs])
+    out: list[list[tuple[float, float]]] = []
+    for cls in range(classes):
+        merged = heapq.merge(*per[cls])
+        k = max(1, -(-counts[cls] // limit))
+        if k == 1:
+            out.append(list(merged))
+            continue
+        kept: list[tuple[float, float]] = []
+        carried = last = 0.0
+        for i, (slack, work) in enumerate(merged):
+            carried += work
+            last = slack
+            if i % k == k - 1:
+                kept.append((slack, carried))
+                carried = 0.0
+        if carried:
+            kept.append((last, carried))
+        out.append(kept)
+    return out

@@ -30,7 +30,8 @@ is retried here or nowhere:
   them every job of the batch ends FAILED.
 * A deployment (``provider|model``) that fails ``cooldown_failures`` times in a row cools
   down for ``cooldown_s`` (shared in Redis), and its jobs go to the next of
-  ``Settings.fallbacks`` meanwhile.
+  ``Settings.fallbacks`` meanwhile; so do they, but for a probe share, while the
+  scheduler finds its errors well above their baseline (``errors_high``, ``keys.avoid``).
 * Shared rate limits are taken before each call (``workers.ratelimit``).
 """
 
@@ -104,6 +105,16 @@ class Health:
         except redis.RedisError:
             return False
 
+    def avoided(self, deployment: str) -> bool:
+        """Whether the scheduler found the deployment's errors well above its baseline
+        (``errors_high``): its batches then go to a fallback first (``keys.avoid``)."""
+        if self.client is None:
+            return False
+        try:
+            return bool(self.client.exists(keys.avoid(deployment)))
+        except redis.RedisError:
+            return False
+
     def recently_ok(self, deployment: str) -> bool:
         """Whether the deployment answered within ``provider_health_window_s``."""
         if self.client is None:
@@ -165,6 +176,11 @@ class ProviderCaller:
         self._failed: set[int] = set()
         #: The replica (index) that last answered, for the batch's timing event.
         self.replica: int | None = None
+        #: The deployment that last answered, and per deployment and replica (-1: none)
+        #: the requests of this call and how many failed transiently (for the scheduler's
+        #: baselines).
+        self.answered: str | None = None
+        self.calls: dict[tuple[str, int], list[int]] = {}
 
     def call(self, requests: Sequence[ProviderRequest], provider: str,
              tenants: dict[str, str] | None = None,
@@ -175,6 +191,7 @@ class ProviderCaller:
         order in which to try the provider's replicas (the scheduler's choice first)."""
         primary = f"{provider}|{requests[0].model}" if requests else provider
         self._order, self._failed, self.replica = list(replicas or []), set(), None
+        self.answered, self.calls = None, {}
         attempts = {r.job_id: 0 for r in requests}
         self._strikes = {r.job_id: 0 for r in requests}
         self._last = {r.job_id: "" for r in requests}
@@ -219,6 +236,12 @@ class ProviderCaller:
         if not self._budget(deployment, sent, tenants, chunks, final, attempts, chunk.held):
             return
         replies = self._complete(name, sent, target)
+        failed = sum(1 for r in replies if r.transient)
+        tally = self.calls.setdefault((deployment, -1 if replica is None else replica), [0, 0])
+        tally[0] += len(replies)
+        tally[1] += failed
+        if not failed:
+            self.answered = deployment
         again = self._settle(chunk.requests, replies, attempts, final, deployment, chunk,
                              health)
         if replica is not None:
@@ -259,13 +282,26 @@ class ProviderCaller:
         return None
 
     def _pick(self, primary: str) -> str:
-        """The primary deployment, or the first alternative not cooling down."""
-        for candidate in [primary, *self.settings.fallbacks.get(primary, [])]:
-            if not self._cooling(candidate):
-                if candidate != primary:
-                    metrics.FALLBACKS.labels(primary, candidate).inc()
-                return candidate
-        return primary
+        """The primary deployment, or the first alternative not cooling down. One the
+        scheduler avoids (``errors_high``) comes after the others, but for a probe share
+        of the calls (``anomaly_probe_share``), so that its recovery is seen."""
+        fallbacks = self.settings.fallbacks.get(primary, [])
+        later: list[str] = []
+        for candidate in [primary, *fallbacks]:
+            if self._cooling(candidate):
+                continue
+            if (fallbacks and self.health.avoided(candidate)
+                    and self.rng.random() >= self.settings.anomaly_probe_share):
+                later.append(candidate)
+                continue
+            return self._chosen(primary, candidate)
+        return self._chosen(primary, later[0]) if later else primary
+
+    @staticmethod
+    def _chosen(primary: str, candidate: str) -> str:
+        if candidate != primary:
+            metrics.FALLBACKS.labels(primary, candidate).inc()
+        return candidate
 
     def _cooling(self, deployment: str) -> bool:
         """Whether the deployment cools down: every one of its replicas, if it has them."""
