@@ -179,3 +179,44 @@ def test_a_replica_cooling_for_one_model_is_skipped_for_that_model_only() -> Non
     rt.done("a", None)
     assert route(rt, "b", "model-b") == 0
     assert [row["cooling"] for row in rt.snapshot()] == [True, False]
+
+
+def test_a_slowed_replica_gets_only_a_probe_share_and_its_weight_back_when_it_clears(
+) -> None:
+    r = router(n=2)
+    r.slowed[1] = {"latency_high|...|B"}
+    r.probe_every = 10
+    went: list[int] = []
+    for i in range(200):
+        choice = send(r, f"b{i}", family=i % 4)
+        went.append(choice.replica)
+        if choice.replica == 1:
+            assert choice.order == (1, 0) and not choice.affinity
+        else:
+            assert choice.order == (0, 1)  # the slowed one is tried last
+        r.done(f"b{i}")  # each batch finishes before the next: the probe finds it idle
+    share = went.count(1) / len(went)
+    assert 0.05 <= share <= 0.12, share  # the probe share, never ejected
+    # A probe waits while the slowed replica still has one batch out.
+    r.slowed[1] = {"x"}
+    r.sent("stuck", Choice((1, 0), False), None, 0, 1.0, now=0.0)
+    assert all(send(r, f"c{i}", family=None).replica == 0 for i in range(30))
+    r.done("stuck")
+    del r.slowed[1]  # cleared: both share the load again
+    back = [send(r, f"d{i}", family=None).replica for i in range(10)]
+    assert back.count(1) >= 4
+
+
+def test_routing_slows_a_replica_by_its_address_until_every_reason_clears() -> None:
+    routing = Routing(Settings(openai_base_url="http://a:1/v1,http://b:2/v1",
+                               _env_file=None))  # type: ignore[call-arg]
+    assert routing.slow("openai", "b:2/v1", "latency_high|x")
+    assert routing.slow("openai", "b:2/v1", "throughput_low|x")
+    assert not routing.slow("openai", "c:3/v1", "latency_high|x")  # no such replica
+    assert not routing.slow("anthropic", "b:2/v1", "latency_high|x")  # no replicas
+    rows = {row["replica"]: row for row in routing.snapshot()}
+    assert rows["http://b:2/v1"]["slowed"] and not rows["http://a:1/v1"]["slowed"]
+    assert routing.slow("openai", "b:2/v1", "latency_high|x", on=False)
+    assert {row["replica"]: row["slowed"] for row in routing.snapshot()}["http://b:2/v1"]
+    assert routing.slow("openai", "b:2/v1", "throughput_low|x", on=False)
+    assert not any(row["slowed"] for row in routing.snapshot())
