@@ -105,8 +105,8 @@ def render(data: dict[str, Any]) -> Group:
 
 def _anomalies(data: dict[str, Any]) -> list[Table | Text]:
     """The anomalies section: the active ones, then the last few that cleared."""
-    active = [Anomaly(**a) for a in data.get("anomalies") or []]
-    recent = [Anomaly(**a) for a in data.get("recent_anomalies") or []]
+    active = [Anomaly.load(json.dumps(a)) for a in data.get("anomalies") or []]
+    recent = [Anomaly.load(json.dumps(a)) for a in data.get("recent_anomalies") or []]
     if not active and not recent:
         return [Text("anomalies: none (signals inside their learned baselines)")]
     table = Table(title="anomalies (against learned baselines)", title_justify="left",

@@ -180,11 +180,14 @@ class Anomaly:
                 f"{format_value(self.expected, self.unit)}")
 
     def dump(self) -> str:
-        return json.dumps(asdict(self))
+        """JSON, with its ``id``."""
+        return json.dumps({"id": self.id, **asdict(self)})
 
     @classmethod
     def load(cls, raw: str | bytes) -> Anomaly:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        data.pop("id", None)
+        return cls(**data)
 
 
 def format_value(value: float | None, unit: str) -> str:
