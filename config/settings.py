@@ -639,11 +639,15 @@ class Settings(BaseSettings):
         default=0.25, ge=0,
         description="deadline_risk's action: desired worker slots become at least the slots "
         "that meet every pending deadline of the class, plus this fraction.")
+    anomaly_probe_s: float = Field(
+        default=5.0, gt=0,
+        description="A replica with latency_high or throughput_low gets a batch (a probe, "
+        "so that its recovery is seen) when it has none and none was sent to it for this "
+        "many seconds; otherwise only what no other replica can take.")
     anomaly_probe_share: float = Field(
         default=0.1, gt=0, le=1,
-        description="The share of new batches a replica with latency_high or "
-        "throughput_low, or a deployment with errors_high and a fallback, still gets while "
-        "the anomaly lasts, so that its recovery is seen (a replica: one batch at a time).")
+        description="The share of calls a deployment with errors_high still gets while its "
+        "fallback takes the rest, so that its recovery is seen.")
     anomaly_recent_max: int = Field(
         default=200, ge=1,
         description="Cleared anomalies kept in Redis for status and the API (also dropped "

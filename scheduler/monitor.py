@@ -3,8 +3,9 @@
 anomalies in Redis, logs each raise and clear, and acts:
 
 * ``latency_high`` or ``throughput_low`` on a replica: the replica gets only a probe
-  share of new batches (``anomaly_probe_share``, one at a time) until it clears
-  (``Routing.slow``); it is not ejected (errors eject, as the cool-down does).
+  batch now and then (one when it has none and none went to it for ``anomaly_probe_s``)
+  and what no other replica can take, until it clears (``Routing.slow``); it is not
+  ejected (errors eject, as the cool-down does).
 * ``errors_high`` on a deployment that has fallbacks (``Settings.fallbacks``): the
   scheduler sets ``keys.avoid`` (a short TTL, renewed each second while it lasts), which
   the workers' retry layer reads as it reads a cool-down: new calls go to the fallback,
@@ -208,9 +209,9 @@ class Monitor:
         what = ""
         if a.kind in (Kind.LATENCY_HIGH, Kind.THROUGHPUT_LOW) and a.replica:
             if self.routing.slow(a.provider, a.replica, a.id, on):
-                share = self.settings.anomaly_probe_share
-                what = (f"routing: replica {a.replica} of {a.provider} gets a probe share "
-                        f"({share:.0%}) of new batches" if on else
+                every = self.settings.anomaly_probe_s
+                what = (f"routing: replica {a.replica} of {a.provider} gets only a probe "
+                        f"batch every {every:g} s" if on else
                         f"routing: replica {a.replica} of {a.provider} back to its weight")
         elif self._avoids(a):
             fallbacks = ", ".join(self.settings.fallbacks[f"{a.provider}|{a.model}"])

@@ -18,6 +18,7 @@ that is cooling down or fails, so the scheduler need not know health to the seco
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -119,27 +120,28 @@ class Router:
         self._where: dict[str, int] = {}
         self._turn = 0
         #: Replicas slowed down (``latency_high``, ``throughput_low``: the anomalies' ids),
-        #: which get only a probe: every ``probe_every``-th batch when they have none.
+        #: which get only a probe: a batch when they have none and none was sent to them
+        #: for ``probe_s`` seconds.
         self.slowed: dict[int, set[str]] = {}
-        self.probe_every = 10
-        self._routed = 0
+        self.probe_s = 5.0
+        self._last_sent: dict[int, float] = {}
 
     def choose(self, family: int | None, prefix_tokens: int, estimate_s: float,
-               unavailable: Iterable[int] = ()) -> Choice:
+               unavailable: Iterable[int] = (), now: float | None = None) -> Choice:
         """The replica for a batch of ``family`` with ``prefix_tokens`` shared and
         ``estimate_s`` of work; ``unavailable`` replicas (cooling down) only if every
-        one is."""
+        one is; a slowed replica only as a probe (at ``now``)."""
         down = set(unavailable)
         candidates = [i for i in range(len(self.replicas)) if i not in down] or list(
             range(len(self.replicas)))
         slowed = [i for i in candidates if self.slowed.get(i)]
         if slowed and len(slowed) < len(candidates):
             # A slowed replica is not ejected: it gets a probe now and then (one batch at
-            # a time), so that its recovery is seen; else only what every other cannot
-            # take (it is tried last).
-            self._routed += 1
-            resting = [i for i in slowed if not self.replicas[i].outstanding]
-            if resting and self._routed % self.probe_every == 0:
+            # a time), so that its recovery is seen; else it is only tried last. A probe
+            # holds a worker slot for as long as the replica is slow: by time, not share.
+            resting = [i for i in slowed if not self.replicas[i].outstanding and now is not None
+                       and now - self._last_sent.get(i, -math.inf) >= self.probe_s]
+            if resting:
                 probe = resting[0]
                 rest = sorted((i for i in range(len(self.replicas)) if i != probe),
                               key=lambda i: (i in down or i in slowed,
@@ -190,6 +192,7 @@ class Router:
             r.misses += 1
         r.remember(family, prefix_tokens, other_tokens)
         self._where[batch_id] = choice.replica
+        self._last_sent[choice.replica] = now
 
     def done(self, batch_id: str, seconds: float | None = None,
              replica: int | None = None) -> None:
@@ -268,7 +271,7 @@ class Routing:
                 [url for url, _, _ in replicas])
             found = self.routers[provider]
             if found is not None:
-                found[0].probe_every = max(1, round(1 / self.settings.anomaly_probe_share))
+                found[0].probe_s = self.settings.anomaly_probe_s
         return self.routers[provider]
 
     def route(self, batch_id: str, jobs: Sequence[PendingJob], shared_prefix_chars: int,
@@ -285,7 +288,7 @@ class Routing:
         prefix = shared_prefix_chars // CHARS_PER_TOKEN
         other = max(0, sum(j.tokens for j in jobs) - len(jobs) * prefix)
         down = [i for i, url in enumerate(urls) if keys.replica(dep, url) in self.cooling]
-        choice = router.choose(family, prefix, estimate_s, down)
+        choice = router.choose(family, prefix, estimate_s, down, now)
         router.sent(batch_id, choice, family, prefix, estimate_s, now, other)
         return list(choice.order)
 
@@ -300,8 +303,8 @@ class Routing:
     def slow(self, provider: str, replica: str, why: str, on: bool = True) -> bool:
         """Mark the replica ``replica`` (its address without the scheme) of ``provider``
         slowed for ``why`` (an anomaly's id), or (``on`` false) no longer for it: while
-        any reason holds, it gets only a probe share of new batches
-        (``anomaly_probe_share``). Whether the provider has that replica."""
+        any reason holds, it gets only a probe batch now and then (``anomaly_probe_s``).
+        Whether the provider has that replica."""
         found = self._router(provider)
         if found is None:
             return False

@@ -236,23 +236,39 @@ class ProviderCaller:
         if not self._budget(deployment, sent, tenants, chunks, final, attempts, chunk.held):
             return
         replies = self._complete(name, sent, target)
-        failed = sum(1 for r in replies if r.transient)
-        tally = self.calls.setdefault((deployment, -1 if replica is None else replica), [0, 0])
-        tally[0] += len(replies)
-        tally[1] += failed
-        if not failed:
-            self.answered = deployment
+        failed = self._tally(deployment, replica, replies)
         again = self._settle(chunk.requests, replies, attempts, final, deployment, chunk,
                              health)
         if replica is not None:
-            if any(r.transient for r in replies):
+            if failed:
                 self._failed.add(replica)
                 if self._next_replica(deployment, name) is not None:
                     for c in again:  # another replica is there: no backoff
                         c.not_before = min(c.not_before, self.clock())
             else:
                 self.replica = replica
+        elif failed and again and self._moved(primary, deployment):
+            for c in again:  # the scheduler moved its calls to a fallback: no backoff
+                c.not_before = min(c.not_before, self.clock())
         chunks += again
+
+    def _tally(self, deployment: str, replica: int | None,
+               replies: Sequence[ProviderReply]) -> int:
+        """Count the call's requests and transient failures (``calls``); the failures."""
+        failed = sum(1 for r in replies if r.transient)
+        tally = self.calls.setdefault((deployment, -1 if replica is None else replica), [0, 0])
+        tally[0] += len(replies)
+        tally[1] += failed
+        if not failed:
+            self.answered = deployment
+        return failed
+
+    def _moved(self, primary: str, deployment: str) -> bool:
+        """Whether ``deployment`` (failing) is one the scheduler avoids (``errors_high``)
+        with another of ``primary``'s alternatives ready to take its calls."""
+        options = [primary, *self.settings.fallbacks.get(primary, [])]
+        return (len(options) > 1 and self.health.avoided(deployment)
+                and any(not self._cooling(o) for o in options if o != deployment))
 
     def _target(self, name: str, deployment: str) -> tuple[Provider, int | None, str]:
         """The provider to call for ``deployment``, the replica (index) it is, and the name

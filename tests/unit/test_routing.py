@@ -181,26 +181,27 @@ def test_a_replica_cooling_for_one_model_is_skipped_for_that_model_only() -> Non
     assert [row["cooling"] for row in rt.snapshot()] == [True, False]
 
 
-def test_a_slowed_replica_gets_only_a_probe_share_and_its_weight_back_when_it_clears(
+def test_a_slowed_replica_gets_only_a_probe_now_and_then_and_its_share_back_when_it_clears(
 ) -> None:
     r = router(n=2)
     r.slowed[1] = {"latency_high|...|B"}
-    r.probe_every = 10
-    went: list[int] = []
-    for i in range(200):
-        choice = send(r, f"b{i}", family=i % 4)
-        went.append(choice.replica)
+    r.probe_s = 5.0
+    went: list[tuple[float, int]] = []
+    for i in range(200):  # a batch every 0.1 s, each done before the next
+        now = i * 0.1
+        choice = r.choose(i % 4, 1000, 1.0, now=now)
+        r.sent(f"b{i}", choice, i % 4, 1000, 1.0, now=now)
+        went.append((now, choice.replica))
         if choice.replica == 1:
             assert choice.order == (1, 0) and not choice.affinity
         else:
             assert choice.order == (0, 1)  # the slowed one is tried last
-        r.done(f"b{i}")  # each batch finishes before the next: the probe finds it idle
-    share = went.count(1) / len(went)
-    assert 0.05 <= share <= 0.12, share  # the probe share, never ejected
-    # A probe waits while the slowed replica still has one batch out.
-    r.slowed[1] = {"x"}
-    r.sent("stuck", Choice((1, 0), False), None, 0, 1.0, now=0.0)
-    assert all(send(r, f"c{i}", family=None).replica == 0 for i in range(30))
+        r.done(f"b{i}")
+    probes = [t for t, replica in went if replica == 1]
+    assert probes == [0.0, 5.0, 10.0, 15.0]  # one every probe_s: never ejected
+    # A probe waits while the slowed replica still has a batch out.
+    r.sent("stuck", Choice((1, 0), False), None, 0, 1.0, now=20.0)
+    assert all(r.choose(None, 0, 1.0, now=30.0 + i).replica == 0 for i in range(10))
     r.done("stuck")
     del r.slowed[1]  # cleared: both share the load again
     back = [send(r, f"d{i}", family=None).replica for i in range(10)]

@@ -1,0 +1,392 @@
+"""Anomaly detection and its actions, replayed on simulated replicas with seeds.
+
+    make bench-anomaly
+    .venv/bin/python bench/anomaly.py [--seeds 3] [--steady-hours 1]
+
+A discrete-event simulation in virtual time. Jobs arrive (Poisson, seeded); ``--slots``
+worker slots each run one batch at a time, formed as the scheduler would when a slot is
+free (up to 8 jobs, earliest deadline first, at once: work-conserving). A batch's time is
+the ``simulated`` provider's shape (40 ms + 12 ms a job), with +-30% jitter and one call
+in 50 five times slower. The scheduler's own code decides and acts: ``Routing`` routes
+each batch over two replicas, ``scheduler.monitor.Monitor`` (on an embedded Valkey)
+learns the baselines, raises and clears anomalies from each batch's end event, sets the
+``avoid`` key and the slowed replicas, and raises the desired slots; the workers' retry
+layer (``ProviderCaller._pick``) reads ``avoid``. Scenarios (each from the same seed with
+the actions on and off, ``anomaly_actions_off``):
+
+* **slow replica**: replica B five times slower from 120 s to 300 s, jobs at 90% of the
+  healthy capacity, deadlines 30 s after arrival;
+* **errors 30%**: the deployment's requests fail at 30% from 120 s to 300 s (retried with
+  backoff up to four calls a job), with a fallback deployment;
+* **cache collapse**: the prefix cache serves 10% of prompt tokens instead of 75%, from
+  120 s to 300 s;
+* **deadline backlog**: 2 slots; at 60 s a burst of 600 jobs due 40 s to 100 s later,
+  which 2 slots cannot meet; an autoscaler sets the slots to the desired figure every
+  15 s, new slots joining 10 s later;
+* **steady**: ``--steady-hours`` of the noisy traffic alone on two replicas, per seed:
+  every anomaly raised is a false alarm.
+
+Reported per detector kind: time to detect (from the fault's start), time to clear (from
+its end), false alarms per hour of steady traffic; per scenario with the actions on and
+off: jobs/s during the fault (jobs finished in time) and deadline misses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import redis
+
+from bench.common import table
+from config.settings import Settings
+from promptbatch.embedded import EmbeddedRedis
+from scheduler.monitor import Monitor
+from scheduler.pool import PendingJob, prefix_signature
+from scheduler.routing import Routing
+from scheduler.scaling import ClassDemand, deadline_risks, desired_slots
+from workers.retry import Health, ProviderCaller
+
+DEP, SPARE = "openai|sim-1", "openai|sim-spare"
+REPLICAS = "http://10.0.0.1:8000/v1,http://10.0.0.2:8000/v1"
+BATCH = 8
+FAULT = (120.0, 300.0)
+
+
+def batch_seconds(size: int, rng: random.Random) -> float:
+    """One call of ``size`` jobs, with the noise of a real server."""
+    slow = 5.0 if rng.random() < 0.02 else 1.0
+    return (0.04 + 0.012 * size) * rng.uniform(0.7, 1.3) * slow
+
+
+#: Seconds of one slot per job at a full batch (the capacity model).
+JOB_S = (0.04 + 0.012 * BATCH) / BATCH
+
+
+@dataclass
+class Job:
+    arrived: float
+    deadline: float | None
+
+
+@dataclass
+class Run:
+    """What one run measured."""
+
+    raised: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    cleared: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+    done_in_fault: int = 0
+    misses: int = 0
+    first_miss: float | None = None
+    finished: int = 0
+
+
+@dataclass
+class Scenario:
+    name: str
+    until: float
+    rate: float  # jobs per second arriving
+    deadline_s: float | None = 30.0
+    slots: int = 4
+    replicas: bool = True
+    replica_factor: Callable[[float, int], float] = lambda t, i: 1.0
+    error_share: Callable[[float, str], float] = lambda t, d: 0.0
+    cached: Callable[[float], float] = lambda t: 0.75
+    burst: tuple[float, int, float, float] | None = None  # at, jobs, due from, due to
+    autoscale: bool = False
+    fault: tuple[float, float] = FAULT
+
+
+class Sim:
+    """One run of a scenario (see the module)."""
+
+    def __init__(self, sc: Scenario, r: redis.Redis, seed: int, actions: bool) -> None:
+        self.sc = sc
+        self.rng = random.Random(seed)
+        extra: dict[str, Any] = {"anomaly_actions_off": [] if actions else [
+            "latency_high", "throughput_low", "errors_high", "deadline_risk"]}
+        if sc.replicas:
+            extra["openai_base_url"] = REPLICAS
+        self.settings = Settings(_env_file=None, fallbacks={DEP: [SPARE]},  # type: ignore[call-arg]
+                                 provider_retry_base_s=0.5, **extra)
+        r.flushall()
+        self.r = r
+        self.routing = Routing(self.settings)
+        self.monitor = Monitor(r, self.settings, self.routing)
+        self.monitor.load(0.0)
+        self.caller = ProviderCaller(self.settings, lambda name: SimpleNamespace(),
+                                     health=Health(r, self.settings),
+                                     rng=random.Random(seed + 1))
+        self.pending: list[tuple[float, int, Job]] = []
+        self.events: list[tuple[float, int, str, Any]] = []
+        self.seq = 0
+        self.slots = sc.slots
+        self.busy = 0
+        self.run = Run()
+        self.arrivals: list[float] = []
+
+    def push(self, at: float, kind: str, data: Any = None) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (at, self.seq, kind, data))
+
+    def add(self, job: Job) -> None:
+        self.seq += 1
+        key = job.deadline if job.deadline is not None else job.arrived + 1e6
+        heapq.heappush(self.pending, (key, self.seq, job))
+
+    def go(self) -> Run:
+        sc = self.sc
+        self.push(self.rng.expovariate(sc.rate), "arrive")
+        self.push(1.0, "tick")
+        if sc.burst:
+            self.push(sc.burst[0], "burst")
+        while self.events:
+            t, _, kind, data = heapq.heappop(self.events)
+            if t > sc.until:
+                break
+            getattr(self, f"_{kind}")(t, data)
+            self._dispatch(t)
+        return self.run
+
+    # --- events -------------------------------------------------------------------------
+
+    def _arrive(self, t: float, _: Any) -> None:
+        self.add(Job(t, t + self.sc.deadline_s if self.sc.deadline_s else None))
+        self.arrivals.append(t)
+        self.push(t + self.rng.expovariate(self.sc.rate), "arrive")
+
+    def _burst(self, t: float, _: Any) -> None:
+        assert self.sc.burst is not None
+        _, n, lo, hi = self.sc.burst
+        for i in range(n):
+            self.add(Job(t, t + lo + (hi - lo) * i / n))
+
+    def _join(self, t: float, n: int) -> None:
+        self.slots += n
+
+    def _tick(self, t: float, _: Any) -> None:
+        self._expire(t)
+        if self.sc.burst or self.sc.autoscale:
+            desired = self._desired(t)
+            if self.sc.autoscale and int(t) % 15 == 0 and desired > self.slots:
+                self.push(t + 10.0, "join", desired - self.slots)
+        for change in self.monitor.step(t):
+            a = json.loads(change.anomaly.dump())
+            (self.run.raised if change.raised else self.run.cleared).append((t, a))
+        self.push(t + 1.0, "tick")
+
+    def _done(self, t: float, data: tuple[list[Job], dict[str, str], str, int]) -> None:
+        jobs, fields, batch_id, ok = data
+        self.busy -= 1
+        lo, hi = self.sc.fault
+        for job in jobs[:ok]:
+            late = job.deadline is not None and t > job.deadline
+            self._count(t, late)
+            if not late and lo <= t < hi:
+                self.run.done_in_fault += 1
+        for _ in jobs[ok:]:  # failed jobs: not done in time
+            self._count(t, True)
+        self.monitor.on_event(fields, t)
+        if self.sc.replicas:
+            self.routing.done(batch_id, float(fields["seconds"]),
+                              int(fields["replica"]) if "replica" in fields else None)
+
+    def _count(self, t: float, missed: bool) -> None:
+        self.run.finished += 1
+        if missed:
+            self.run.misses += 1
+            if self.run.first_miss is None:
+                self.run.first_miss = t
+
+    # --- what the scheduler and the workers do ------------------------------------------
+
+    def _expire(self, t: float) -> None:
+        while self.pending and self.pending[0][2].deadline is not None \
+                and self.pending[0][2].deadline < t:
+            heapq.heappop(self.pending)
+            self._count(t, True)
+
+    def _dispatch(self, t: float) -> None:
+        while self.busy < self.slots and self.pending:
+            jobs = [heapq.heappop(self.pending)[2] for _ in range(min(BATCH, len(self.pending)))]
+            self.busy += 1
+            self.seq += 1
+            batch_id = f"b{self.seq}"
+            replica = None
+            if self.sc.replicas:
+                pend = [PendingJob(id=f"{batch_id}-{i}", key=f"{DEP}|x", priority=2,
+                                   tenant="t", created_at=j.arrived, deadline=j.deadline,
+                                   tokens=100, prefix=prefix_signature("template " * 40))
+                        for i, j in enumerate(jobs)]
+                order = self.routing.route(batch_id, pend, 256, 0.04 + 0.012 * len(jobs),
+                                           DEP, t)
+                replica = order[0] if order else None
+            seconds, fields, ok = self._call(t, jobs, replica)
+            fields.update({"done": batch_id, "deployment": DEP, "size": str(len(jobs)),
+                           "seconds": str(round(seconds, 6))})
+            self.push(t + seconds, "done", (jobs, fields, batch_id, ok))
+
+    def _call(self, t: float, jobs: list[Job], replica: int | None,
+              ) -> tuple[float, dict[str, str], int]:
+        """The batch's calls (with retries); its time, its end event's fields, and how
+        many jobs succeeded."""
+        sc, rng = self.sc, self.rng
+        left, attempts, seconds = len(jobs), 0, 0.0
+        calls: dict[str, list[int]] = {}
+        answered = DEP
+        while left and attempts < 4:
+            attempts += 1
+            dep = self.caller._pick(DEP)
+            factor = sc.replica_factor(t + seconds, replica or 0) if dep == DEP else 1.0
+            seconds += batch_seconds(left, rng) * factor
+            failed = sum(1 for _ in range(left) if rng.random() < sc.error_share(t, dep))
+            tally = calls.setdefault(dep, [0, 0])
+            tally[0] += left
+            tally[1] += failed
+            if failed < left:
+                answered = dep
+            left = failed
+            if left:
+                seconds += min(30.0, 0.5 * 2 ** (attempts - 1)) * rng.uniform(1.0, 1.25)
+        ok = len(jobs) - left
+        cached = sc.cached(t) * rng.uniform(0.9, 1.0)
+        fields = {"completion_tokens": str(32 * ok), "prompt_tokens": str(400 * ok),
+                  "cached_tokens": str(int(400 * ok * cached)),
+                  "calls": json.dumps([[d, replica if (replica is not None and d == DEP)
+                                        else -1, n, e] for d, (n, e) in calls.items()])}
+        if answered != DEP:
+            fields["ran_on"] = answered
+        elif replica is not None:
+            fields["replica"] = str(replica)
+        return seconds, fields, ok
+
+    def _desired(self, t: float) -> int:
+        """The scheduler's scaling signal, with deadline_risk's action."""
+        jobs = sorted(j for j in self.pending)
+        deadlines = [(j.deadline - t, JOB_S) for _, _, j in jobs if j.deadline is not None]
+        work = len(jobs) * JOB_S
+        recent = [a for a in self.arrivals[-2000:] if a >= t - 60]
+        demands = [ClassDemand(), ClassDemand(),
+                   ClassDemand(pending=len(jobs), work_s=work, batches=-(-len(jobs) // BATCH),
+                               inflight=self.busy,
+                               slack_s=deadlines[0][0] if deadlines else None,
+                               arriving_s=len(recent) / 60 * JOB_S),
+                   ClassDemand(), ClassDemand()]
+        batch_s = JOB_S * BATCH
+        scale = desired_slots(demands, horizon_s=300.0, batch_s=batch_s)
+        risks = deadline_risks([d.work_s for d in demands], [[], [], deadlines, [], []],
+                               slots=self.slots, batch_s=batch_s, inflight=self.busy)
+        self.monitor.on_deadlines(risks, t)
+        return self.monitor.desired(scale.desired, scale.reason, risks, None)[0]
+
+
+def capacity(slots: int) -> float:
+    """Jobs per second ``slots`` slots run at full batches."""
+    return slots / JOB_S
+
+
+def scenarios() -> list[Scenario]:
+    lo, hi = FAULT
+    busy = 0.9 * capacity(4)
+    return [
+        Scenario("slow replica", 420.0, busy,
+                 replica_factor=lambda t, i: 5.0 if i == 1 and lo <= t < hi else 1.0),
+        Scenario("errors 30%", 420.0, 0.7 * capacity(4), replicas=False,
+                 error_share=lambda t, d: 0.3 if d == DEP and lo <= t < hi else 0.005),
+        Scenario("cache collapse", 420.0, 0.7 * capacity(4),
+                 cached=lambda t: 0.1 if lo <= t < hi else 0.75),
+        Scenario("deadline backlog", 300.0, 0.5 * capacity(2), slots=2, replicas=False,
+                 deadline_s=60.0, burst=(60.0, 600, 40.0, 100.0), autoscale=True,
+                 fault=(60.0, 160.0)),
+    ]
+
+
+KINDS = {"slow replica": ("latency_high", "throughput_low"), "errors 30%": ("errors_high",),
+         "cache collapse": ("cache_hit_low",), "deadline backlog": ("deadline_risk",)}
+
+
+def first(events: list[tuple[float, dict[str, Any]]], kind: str, after: float) -> float | None:
+    found = [t for t, a in events if a["kind"] == kind and t >= after]
+    return min(found) - after if found else None
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f} s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steady-hours", type=float, default=1.0)
+    args = ap.parse_args()
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp, \
+            EmbeddedRedis(Path(tmp) / "redis", appendonly=False) as server:
+        r = redis.Redis.from_url(server.url, decode_responses=True)
+        detect_rows: list[list[object]] = []
+        action_rows: list[list[object]] = []
+        for sc in scenarios():
+            per: dict[bool, list[Run]] = {True: [], False: []}
+            for seed in range(args.seeds):
+                for actions in (True, False):
+                    per[actions].append(Sim(sc, r, seed, actions).go())
+            lo, hi = sc.fault
+            for kind in KINDS[sc.name]:
+                det = [first(x.raised, kind, lo) for x in per[True]]
+                clr = [first(x.cleared, kind, hi) for x in per[True]]
+                detect_rows.append([kind, sc.name, _range(det), _range(clr)])
+            for actions in (True, False):
+                runs = per[actions]
+                rate = statistics.mean(x.done_in_fault / (hi - lo) for x in runs)
+                misses = statistics.mean(x.misses for x in runs)
+                action_rows.append([sc.name, "on" if actions else "off", round(rate, 1),
+                                    round(misses, 1)])
+            on = statistics.mean(x.done_in_fault for x in per[True])
+            off = statistics.mean(x.done_in_fault for x in per[False])
+            action_rows[-2].append(f"{on / off:.2f}x" if off else "-")
+            action_rows[-1].append("1.00x")
+        steady = Scenario("steady", 3600.0 * args.steady_hours, 0.8 * capacity(4))
+        alarms: dict[str, int] = {}
+        for seed in range(args.seeds):
+            for _, a in Sim(steady, r, 100 + seed, True).go().raised:
+                alarms[a["kind"]] = alarms.get(a["kind"], 0) + 1
+        hours = args.steady_hours * args.seeds
+        for row in detect_rows:
+            row.append(f"{alarms.get(str(row[0]), 0) / hours:.2f}")
+        table(f"detection ({args.seeds} seeds; steady: {hours:g} h of noisy traffic)",
+              ["kind", "scenario", "time to detect", "time to clear",
+               "false alarms / h (steady)"], detect_rows)
+        table("the actions on and off (mean over seeds; jobs/s: finished in time during "
+              "the fault)", ["scenario", "actions", "jobs/s", "deadline misses", "on / off"],
+              action_rows)
+        r.close()
+    total = sum(alarms.values())
+    print(f"false alarms in {hours:g} h of steady traffic: {total} "
+          f"({', '.join(f'{k} {v}' for k, v in alarms.items()) or 'none'}); "
+          f"took {time.monotonic() - started:.0f} s")
+
+
+def _range(values: list[float | None]) -> str:
+    seen = [v for v in values if v is not None]
+    if not seen:
+        return "not raised" if values else "-"
+    missing = len(values) - len(seen)
+    text = fmt(min(seen)) if min(seen) == max(seen) else f"{fmt(min(seen))}-{fmt(max(seen))}"
+    return text + (f" ({missing} never)" if missing else "")
+
+
+if __name__ == "__main__":
+    main()
