@@ -2,15 +2,18 @@
 far the last observations are from it. Pure: observations and the time come in, readings
 go out; no Redis, no clock.
 
-A **baseline** is taught a block of observations at a time (``Tuning.window`` of them):
-the block's median moves the baseline's ``level`` and the block's robust sigma (1.4826 x
+A **baseline** is taught a block of observations at a time: a block closes once it holds
+at least ``Tuning.window`` observations and spans ``Tuning.block_s`` seconds (so the pace
+of learning is set by time, not by traffic: a busy deployment sends many observations a
+second). The block's median moves the baseline's ``level`` and its robust sigma (1.4826 x
 its median absolute deviation) moves its ``spread``, both by an EWMA. A single outlier
 moves a block's median little and its MAD not at all. A block whose median lies beyond
 the band (or any block while the signal's anomaly is active) teaches with the slow
-``alpha_out`` instead of ``alpha_in``: a lasting change becomes the new normal slowly,
-over many blocks, instead of hiding the anomaly it is. The first blocks are averaged
-(``1/blocks`` while that is larger than ``alpha_in``), and nothing is judged before
-``min_samples`` observations.
+``alpha_out`` instead of ``alpha_in``: a lasting change becomes the new normal slowly
+(with the defaults, 10 s blocks and 0.01, it takes about ten minutes for a fivefold
+change to come within the 2x band), instead of hiding the anomaly it is. The first
+blocks are averaged (``1/blocks`` while that is larger than ``alpha_in``), and nothing is
+judged before ``min_samples`` observations.
 
 Two kinds of signal (``Rule.pooled``):
 
@@ -87,6 +90,7 @@ class Tuning:
     """How fast baselines learn and how long a reading must last."""
 
     window: int = 8
+    block_s: float = 10.0
     window_s: float = 30.0
     min_samples: int = 24
     sustain_s: float = 10.0
@@ -179,7 +183,8 @@ class LevelTrack(Track):
     def __init__(self, rule: Rule, tuning: Tuning) -> None:
         self.rule = rule
         self.by_class: dict[int, Baseline] = {}
-        self._blocks: dict[int, list[float]] = {}
+        #: Per size class: the block under way (its start, its values).
+        self._blocks: dict[int, tuple[float, list[float]]] = {}
         #: (time, value, expected value, z-score) of the latest judged observations.
         self.recent: deque[tuple[float, float, float, float]] = deque(maxlen=tuning.window)
 
@@ -198,14 +203,14 @@ class LevelTrack(Track):
         self.last_seen = now
         base.samples += 1
         base.at = now
-        block = self._blocks.setdefault(cls, [])
+        began, block = self._blocks.setdefault(cls, (now, []))
         block.append(x)
-        if len(block) >= tuning.window:
+        if len(block) >= tuning.window and now - began >= tuning.block_s:
             centre, sigma = median_sigma(block)
             beyond = mature and self._beyond(centre - base.level,
                                              max(base.spread, MIN_SPREAD), tuning)
             base.teach(centre, sigma, held or beyond, tuning)
-            block.clear()
+            del self._blocks[cls]
 
     def _beyond(self, dx: float, spread: float, tuning: Tuning) -> bool:
         sign = 1.0 if self.rule.high else -1.0
@@ -246,6 +251,7 @@ class ShareTrack(Track):
         self._num = 0.0
         self._den = 0.0
         self._n = 0
+        self._began: float | None = None
 
     def observe(self, now: float, num: float, den: float, tuning: Tuning,
                 held: bool = False) -> None:
@@ -260,12 +266,15 @@ class ShareTrack(Track):
         self._num += num
         self._den += den
         self._n += 1
-        if self._n >= tuning.window:
+        if self._began is None:
+            self._began = now
+        if self._n >= tuning.window and now - self._began >= tuning.block_s:
             share = self._num / self._den
             beyond = mature and self._judge(share, self.base.level)[0]
             self.base.teach(share, 0.0, held or beyond, tuning)
             self._num = self._den = 0.0
             self._n = 0
+            self._began = None
 
     def _judge(self, actual: float, expected: float) -> tuple[bool, bool, bool]:
         """(beyond the band, inside the clear band, critical)."""
@@ -311,6 +320,7 @@ class DeadlineTrack(Track):
         #: (time, pressure, projected seconds, slack seconds) of the latest observation.
         self.latest: tuple[float, float, float, float] | None = None
         self._block: list[float] = []
+        self._began = 0.0
 
     def observe(self, now: float, pressure: float, projected_s: float, slack_s: float,
                 tuning: Tuning, held: bool = False) -> None:
@@ -318,8 +328,10 @@ class DeadlineTrack(Track):
         self.last_seen = now
         self.base.samples += 1
         self.base.at = now
+        if not self._block:
+            self._began = now
         self._block.append(pressure)
-        if len(self._block) >= tuning.window:
+        if len(self._block) >= tuning.window and now - self._began >= tuning.block_s:
             centre, sigma = median_sigma(self._block)
             self.base.teach(centre, sigma, held or centre >= 1.0, tuning)
             self._block.clear()

@@ -11,8 +11,8 @@ anomalies in Redis, logs each raise and clear, and acts:
   the workers' retry layer reads as it reads a cool-down: new calls go to the fallback,
   but for the probe share, before the cool-down would (it needs failures in a row).
 * ``deadline_risk`` on a class: the desired worker slots become at least the slots that
-  meet every pending deadline of the class, plus ``anomaly_deadline_headroom``, until it
-  clears (``desired``).
+  meet every pending deadline of the class and keep up with arrivals, plus
+  ``anomaly_deadline_headroom``, and do not fall while it lasts (``desired``).
 
 Each action can be turned off per kind (``anomaly_actions_off``), and each is logged with
 the anomaly that caused it.
@@ -62,6 +62,8 @@ class Monitor:
         self._last_save = 0.0
         self._hits: dict[str, tuple[int, int]] | None = None
         self._urls: dict[str, list[str]] = {}
+        #: Per class at risk: the most slots its deadline_risk asked for so far.
+        self._held: dict[str, int] = {}
 
     # --- becoming active ----------------------------------------------------------------
 
@@ -230,23 +232,30 @@ class Monitor:
             log.warning("anomaly action: %s (anomaly %s)", what, a.id)
 
     def desired(self, desired: int, reason: str, risks: Sequence[DeadlineRisk | None],
-                cap: int | None) -> tuple[int, str]:
-        """The scaling signal with ``deadline_risk``'s action: at least the slots that
-        meet every pending deadline of each class at risk, plus the headroom (within
-        the rate limits' ``cap``)."""
+                cap: int | None, keep_up: float = 0.0) -> tuple[int, str]:
+        """The scaling signal with ``deadline_risk``'s action: while a class is at risk,
+        at least the slots that meet every one of its pending deadlines and keep up with
+        the arrivals (``keep_up`` slots), plus the headroom, and never less than the
+        figure this asked for since the risk was raised (a backlog that drains unevenly
+        must not scale the workers down while deadlines are still at risk); within the
+        rate limits' ``cap``."""
         if Kind.DEADLINE_RISK in self.off or not self.enabled:
             return desired, reason
         at_risk = {a.model for a in self.watch.of_kind(Kind.DEADLINE_RISK)}
+        self._held = {k: v for k, v in self._held.items() if k in at_risk}
         for cls, risk in enumerate(risks):
             name = PRIORITY_NAMES[cls] if cls < len(PRIORITY_NAMES) else str(cls)
-            if risk is None or name not in at_risk:
+            if name not in at_risk:
                 continue
-            need = math.ceil(risk.need * (1 + self.settings.anomaly_deadline_headroom) - 1e-9)
+            need = 0 if risk is None else math.ceil(
+                (risk.need + keep_up) * (1 + self.settings.anomaly_deadline_headroom) - 1e-9)
+            need = max(need, self._held.get(name, 0))
             if cap is not None:
                 need = min(need, cap)
+            self._held[name] = max(need, self._held.get(name, 0))
             if need > desired:
-                desired, reason = need, (f"deadline risk in {name}: {risk.need} slots meet "
-                                         f"its deadlines, plus headroom")
+                desired, reason = need, (f"deadline risk in {name}: the slots that meet its "
+                                         "deadlines, plus headroom")
         return desired, reason
 
     # --- what status shows --------------------------------------------------------------

@@ -127,18 +127,21 @@ class DeadlineRisk:
 
 def deadline_risks(work_s: Sequence[float],
                    deadlines: Sequence[Sequence[tuple[float, float]]], *, slots: int,
-                   batch_s: float, inflight: int) -> list[DeadlineRisk | None]:
+                   batch_s: float, inflight: int, keep_up: float = 0.0,
+                   ) -> list[DeadlineRisk | None]:
     """Per class (critical first), its ``DeadlineRisk`` (None: no deadline pending).
 
     ``work_s[c]``: slot-seconds of all pending work of class ``c``; ``deadlines[c]``:
     ``(slack seconds, slot-seconds)`` of each of its pending jobs with a deadline, by
     slack. Classes run in priority order and a class's jobs earliest deadline first, so
     a job finishes, in a fluid approximation, once the batches in flight, the work of
-    the classes above and the jobs before it in its class are done on ``slots`` slots,
-    plus one batch's time (``batch_s``) of its own. It needs enough slots to do that work
-    before its deadline, less its own batch's time.
+    the classes above and the jobs before it in its class are done on the ``slots`` slots
+    that the arriving work (``keep_up`` slots) leaves, plus one batch's time (``batch_s``)
+    of its own. It needs enough slots to do that work before its deadline, less its own
+    batch's time (``need``: besides those the arrivals keep busy).
     """
     batch_s = max(batch_s, 1e-3)
+    free = max(slots - keep_up, 0.1)
     above = inflight * batch_s
     out: list[DeadlineRisk | None] = []
     for cls, jobs in enumerate(deadlines):
@@ -151,7 +154,7 @@ def deadline_risks(work_s: Sequence[float],
         need = 0
         for slack, work in jobs:
             done += work
-            finish = done / max(slots, 1) + batch_s
+            finish = done / free + batch_s
             pressure = finish / max(slack, 1e-3)
             if pressure > worst[0]:
                 worst = (pressure, finish, slack)

@@ -627,9 +627,10 @@ class Scheduler:
         # Deadline pressure per class (``deadline_risk``), and its action on the signal.
         risks = deadline_risks([d.work_s for d in demands],
                                class_deadlines(with_deadlines, now, n_cls), slots=slots,
-                               batch_s=batch_s, inflight=sum(inflight))
+                               batch_s=batch_s, inflight=sum(inflight), keep_up=scale.keep_up)
         self.monitor.on_deadlines(risks, now)
-        desired, reason = self.monitor.desired(scale.desired, scale.reason, risks, cap)
+        desired, reason = self.monitor.desired(scale.desired, scale.reason, risks, cap,
+                                               scale.keep_up)
         return {"at": now, "scheduler": self.token, "classes": rows, "workers": workers,
                 "slots": slots, "inflight": sum(inflight),
                 "desired_slots": desired, "scale_reason": reason,
