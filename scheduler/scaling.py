@@ -11,11 +11,13 @@ providers' rate limits can absorb, and no more than there are batches to run.
 
 from __future__ import annotations
 
-import heapq
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
 
 from config.settings import PRIORITY_NAMES
 
@@ -125,75 +127,60 @@ class DeadlineRisk:
     need: int
 
 
-def deadline_risks(work_s: Sequence[float],
-                   deadlines: Sequence[Sequence[tuple[float, float]]], *, slots: int,
+def deadline_risks(work_s: Sequence[float], deadlines: Sequence[ArrayLike], *, slots: int,
                    batch_s: float, inflight: int, keep_up: float = 0.0,
                    ) -> list[DeadlineRisk | None]:
     """Per class (critical first), its ``DeadlineRisk`` (None: no deadline pending).
 
     ``work_s[c]``: slot-seconds of all pending work of class ``c``; ``deadlines[c]``:
     ``(slack seconds, slot-seconds)`` of each of its pending jobs with a deadline, by
-    slack. Classes run in priority order and a class's jobs earliest deadline first, so
-    a job finishes, in a fluid approximation, once the batches in flight, the work of
-    the classes above and the jobs before it in its class are done on the ``slots`` slots
-    that the arriving work (``keep_up`` slots) leaves, plus one batch's time (``batch_s``)
-    of its own. It needs enough slots to do that work before its deadline, less its own
-    batch's time (``need``: besides those the arrivals keep busy).
+    slack (rows of an array, or pairs). Classes run in priority order and a class's jobs
+    earliest deadline first, so a job finishes, in a fluid approximation, once the
+    batches in flight, the work of the classes above and the jobs before it in its class
+    are done on the ``slots`` slots that the arriving work (``keep_up`` slots) leaves,
+    plus one batch's time (``batch_s``) of its own. It needs enough slots to do that work
+    before its deadline, less its own batch's time (``need``: besides those the arrivals
+    keep busy).
     """
     batch_s = max(batch_s, 1e-3)
     free = max(slots - keep_up, 0.1)
     above = inflight * batch_s
     out: list[DeadlineRisk | None] = []
     for cls, jobs in enumerate(deadlines):
-        if not jobs:
-            out.append(None)
-            above += work_s[cls] if cls < len(work_s) else 0.0
-            continue
-        done = above
-        worst = (0.0, 0.0, 0.0)
-        need = 0
-        for slack, work in jobs:
-            done += work
+        rows = np.asarray(jobs, dtype=np.float64).reshape(-1, 2)
+        if len(rows):
+            slack, work = rows[:, 0], rows[:, 1]
+            done = above + np.cumsum(work)
             finish = done / free + batch_s
-            pressure = finish / max(slack, 1e-3)
-            if pressure > worst[0]:
-                worst = (pressure, finish, slack)
-            need = max(need, math.ceil(done / max(slack - batch_s, batch_s) - 1e-9))
-        out.append(DeadlineRisk(cls, *worst, need))
+            pressure = finish / np.maximum(slack, 1e-3)
+            worst = int(np.argmax(pressure))
+            need = int(np.max(np.ceil(done / np.maximum(slack - batch_s, batch_s) - 1e-9)))
+            out.append(DeadlineRisk(cls, float(pressure[worst]), float(finish[worst]),
+                                    float(slack[worst]), need))
+        else:
+            out.append(None)
         above += work_s[cls] if cls < len(work_s) else 0.0
     return out
 
 
-def class_deadlines(groups: Iterable[tuple[int, Iterable[tuple[float, Any]], float]],
-                    now: float, classes: int, limit: int = 4096,
-                    ) -> list[list[tuple[float, float]]]:
-    """Per class, ``(slack, slot-seconds)`` of its pending jobs with a deadline, by slack,
-    from ``(class, (deadline, ...) pairs by deadline, slot-seconds per job)`` of each
-    group. Over ``limit`` jobs in a class, every k-th job stands for k (its work times k),
-    which keeps the cumulative work exact at the jobs kept."""
-    per: list[list[Iterable[tuple[float, float]]]] = [[] for _ in range(classes)]
-    counts = [0] * classes
+def class_deadlines(groups: Iterable[tuple[int, Collection[tuple[float, Any]], float]],
+                    now: float, classes: int) -> list[np.ndarray]:
+    """Per class, an array of ``(slack, slot-seconds)`` rows of its pending jobs with a
+    deadline, by slack, from ``(class, (deadline, ...) pairs, slot-seconds per job)`` of
+    each group (20,000 jobs: a few milliseconds)."""
+    parts: list[list[np.ndarray]] = [[] for _ in range(classes)]
     for cls, by_deadline, per_job in groups:
-        pairs = list(by_deadline)
-        if pairs and 0 <= cls < classes:
-            counts[cls] += len(pairs)
-            per[cls].append([(d - now, per_job) for d, *_ in pairs])
-    out: list[list[tuple[float, float]]] = []
+        n = len(by_deadline)
+        if n and 0 <= cls < classes:
+            rows = np.empty((n, 2))
+            rows[:, 0] = np.fromiter((p[0] for p in by_deadline), np.float64, count=n) - now
+            rows[:, 1] = per_job
+            parts[cls].append(rows)
+    out: list[np.ndarray] = []
     for cls in range(classes):
-        merged = heapq.merge(*per[cls])
-        k = max(1, -(-counts[cls] // limit))
-        if k == 1:
-            out.append(list(merged))
+        if not parts[cls]:
+            out.append(np.empty((0, 2)))
             continue
-        kept: list[tuple[float, float]] = []
-        carried = last = 0.0
-        for i, (slack, work) in enumerate(merged):
-            carried += work
-            last = slack
-            if i % k == k - 1:
-                kept.append((slack, carried))
-                carried = 0.0
-        if carried:
-            kept.append((last, carried))
-        out.append(kept)
+        rows = np.concatenate(parts[cls])
+        out.append(rows[np.argsort(rows[:, 0], kind="stable")])
     return out

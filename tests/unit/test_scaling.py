@@ -153,12 +153,15 @@ def test_the_work_of_higher_classes_and_in_flight_batches_comes_first() -> None:
     assert behind.projected_s == pytest.approx((3 * 1.0 + 60.0 + 1.0) / 1 + 1.0)
 
 
-def test_class_deadlines_merge_groups_by_slack_and_keep_the_work_when_sampling() -> None:
+def test_class_deadlines_merge_the_groups_of_a_class_by_slack() -> None:
     groups = [(1, [(100.0 + i, 0) for i in range(0, 3000, 2)], 0.1),
-              (1, [(100.0 + i, 0) for i in range(1, 3000, 2)], 0.3)]
-    (c0, c1) = class_deadlines(groups, now=100.0, classes=2, limit=500)
-    assert c0 == []
-    assert [s for s, _ in c1] == sorted(s for s, _ in c1)
-    assert len(c1) <= 501
-    assert sum(w for _, w in c1) == pytest.approx(1500 * 0.1 + 1500 * 0.3)
-    assert c1[-1][0] == pytest.approx(2999.0)
+              (1, [(100.0 + i, 0) for i in range(1, 3000, 2)], 0.3),
+              (3, [(150.0, 0)], 1.0)]
+    c0, c1, c2, c3 = class_deadlines(groups, now=100.0, classes=4)
+    assert len(c0) == len(c2) == 0 and c3.tolist() == [[50.0, 1.0]]
+    assert c1[:, 0].tolist() == [float(i) for i in range(3000)]
+    assert c1[:4, 1].tolist() == [0.1, 0.3, 0.1, 0.3]
+    assert c1[:, 1].sum() == pytest.approx(1500 * 0.1 + 1500 * 0.3)
+    risks = deadline_risks([0.0, 600.0, 0.0, 1.0], [c0, c1, c2, c3], slots=4, batch_s=1.0,
+                           inflight=0)
+    assert risks[0] is None and risks[1] is not None and risks[3] is not None
