@@ -401,7 +401,8 @@ def main() -> None:
                            x.first_miss - lo - d for x, d in zip(per[True], det, strict=True)]
                 else:
                     clr = [first(x.cleared, kind, hi) for x in per[True]]
-                detect_rows.append([kind, sc.name, _range(det), _range(clr)])
+                detect_rows.append([kind, sc.name, _range(det), _range(
+                    clr, "no miss" if kind == "deadline_risk" else "not cleared")])
             for actions in (True, False):
                 runs = per[actions]
                 rate = statistics.mean(x.done_in_fault / (hi - lo) for x in runs)
@@ -435,13 +436,14 @@ def main() -> None:
           f"took {time.monotonic() - started:.0f} s")
 
 
-def _range(values: list[float | None]) -> str:
+def _range(values: list[float | None], none: str = "not raised") -> str:
+    """The range of the values over the seeds; ``none`` for a seed without one."""
     seen = [v for v in values if v is not None]
     if not seen:
-        return "not raised" if values else "-"
+        return none if values else "-"
     missing = len(values) - len(seen)
     text = fmt(min(seen)) if min(seen) == max(seen) else f"{fmt(min(seen))}-{fmt(max(seen))}"
-    return text + (f" ({missing} never)" if missing else "")
+    return text + (f" ({missing}: {none})" if missing else "")
 
 
 if __name__ == "__main__":

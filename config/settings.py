@@ -640,10 +640,11 @@ class Settings(BaseSettings):
         description="deadline_risk's action: desired worker slots become at least the slots "
         "that meet every pending deadline of the class, plus this fraction.")
     anomaly_probe_s: float = Field(
-        default=5.0, gt=0,
+        default=3.0, gt=0,
         description="A replica with latency_high or throughput_low gets a batch (a probe, "
         "so that its recovery is seen) when it has none and none was sent to it for this "
-        "many seconds; otherwise only what no other replica can take.")
+        "many seconds (and four times its own batch time); otherwise only what no other "
+        "replica can take.")
     anomaly_probe_share: float = Field(
         default=0.1, gt=0, le=1,
         description="The share of calls a deployment with errors_high still gets while its "

@@ -30,6 +30,9 @@ from scheduler.pool import PendingJob, family_of
 
 #: Characters per token, as the scheduler estimates them.
 CHARS_PER_TOKEN = 4
+#: A slowed replica's probes are at least this many times its own (learned) batch time
+#: apart, so that they hold at most a fifth of a worker slot however slow it is.
+PROBE_GAP = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +143,8 @@ class Router:
             # a time), so that its recovery is seen; else it is only tried last. A probe
             # holds a worker slot for as long as the replica is slow: by time, not share.
             resting = [i for i in slowed if not self.replicas[i].outstanding and now is not None
-                       and now - self._last_sent.get(i, -math.inf) >= self.probe_s]
+                       and now - self._last_sent.get(i, -math.inf) >= max(
+                           self.probe_s, PROBE_GAP * estimate_s * self.replicas[i].ratio)]
             if resting:
                 probe = resting[0]
                 rest = sorted((i for i in range(len(self.replicas)) if i != probe),

@@ -206,6 +206,14 @@ def test_a_slowed_replica_gets_only_a_probe_now_and_then_and_its_share_back_when
     del r.slowed[1]  # cleared: both share the load again
     back = [send(r, f"d{i}", family=None).replica for i in range(10)]
     assert back.count(1) >= 4
+    # However slow it is, a probe holds at most a fifth of a slot: four batch times apart.
+    r = router(n=2)
+    r.slowed[1] = {"x"}
+    r.replicas[1].ratio = 10.0
+    r.sent("p", Choice((1, 0), False), None, 0, 1.0, now=20.0)
+    r.done("p")
+    assert r.choose(None, 0, 1.0, now=45.0).replica == 0  # 25 s < 4 x 1 s x 10
+    assert r.choose(None, 0, 1.0, now=60.0).replica == 1
 
 
 def test_routing_slows_a_replica_by_its_address_until_every_reason_clears() -> None:
