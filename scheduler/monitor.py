@@ -79,7 +79,10 @@ class Monitor:
         pipe.hgetall(keys.ANOMALIES)
         pipe.hgetall(keys.ANOMALIES_RAISED)
         stored, active, raised = pipe.execute()
-        taken = self.watch.load_baselines(stored)
+        stale = self._stale(stored, now)
+        if stale:  # a deployment or replica long gone: kept no longer than retention
+            self.r.hdel(keys.BASELINES, *stale)
+        taken = self.watch.load_baselines({k: v for k, v in stored.items() if k not in stale})
         found = []
         for raw in active.values():
             with contextlib.suppress(ValueError, TypeError):
@@ -96,6 +99,20 @@ class Monitor:
         if taken or found:
             log.info("anomaly detection: %d baselines and %d active anomalies taken over",
                      taken, len(found))
+
+    def _stale(self, stored: dict[str, str], now: float) -> list[str]:
+        """Baselines last taught more than ``retention_days`` ago (none with 0)."""
+        if self.settings.retention_days <= 0:
+            return []
+        cutoff = now - self.settings.retention_days * 86400
+        stale = []
+        for name, raw in stored.items():
+            try:
+                if float(json.loads(raw).get("at", 0.0)) < cutoff:
+                    stale.append(name)
+            except (ValueError, TypeError, AttributeError):
+                stale.append(name)
+        return stale
 
     # --- observations -------------------------------------------------------------------
 
@@ -212,8 +229,9 @@ class Monitor:
         if a.kind in (Kind.LATENCY_HIGH, Kind.THROUGHPUT_LOW) and a.replica:
             if self.routing.slow(a.provider, a.replica, a.id, on):
                 every = self.settings.anomaly_probe_s
-                what = (f"routing: replica {a.replica} of {a.provider} gets only a probe "
-                        f"batch every {every:g} s" if on else
+                what = (f"routing: replica {a.replica} of {a.provider} gets only probe "
+                        f"batches (one at most every {every:g} s) and what no other replica "
+                        "can take" if on else
                         f"routing: replica {a.replica} of {a.provider} back to its weight")
         elif self._avoids(a):
             fallbacks = ", ".join(self.settings.fallbacks[f"{a.provider}|{a.model}"])

@@ -132,7 +132,7 @@ def test_a_replica_five_times_slower_is_raised_steered_around_and_cleared(
             assert detected_s <= 30, detected_s
             assert anomaly["provider"] == "openai" and anomaly["model"] == "gpt-test"
             assert anomaly["actual"] > 3 * anomaly["expected"]
-            assert any("probe batch" in a for a in anomaly["actions"])
+            assert any("probe batches" in a for a in anomaly["actions"])
             assert all(a["replica"] == slow_name for a in active(r).values())
             # While it lasts, the slow replica gets under 20% of the batches.
             count_from = len(one.seen) + len(two.seen), len(two.seen)

@@ -111,9 +111,14 @@ def test_a_new_scheduler_takes_over_baselines_and_anomalies_with_their_actions(
     slowed = only(first, lambda a: True)
     t = feed(first, t, t + 11.0, slow_b=True)  # past SAVE_EVERY_S: baselines written
     assert r.hlen(keys.BASELINES) > 0
+    r.hset(keys.BASELINES, "latency_per_token|openai|gone||3", json.dumps(
+        {"level": 0.0, "spread": 0.1, "samples": 99, "blocks": 9, "at": t - 31 * 86400}))
     routing = Routing(s)
     second = Monitor(r, s, routing)
     second.load(t)
+    # A baseline not taught for longer than retention_days is dropped; the rest are taken.
+    assert not r.hexists(keys.BASELINES, "latency_per_token|openai|gone||3")
+    assert r.hlen(keys.BASELINES) > 0
     assert {a["id"] for a in second.snapshot()} == set(slowed)
     assert [row["slowed"] for row in routing.snapshot()] == [False, True]
     # It judges at once from the stored baselines, and clears when B recovers.
@@ -159,7 +164,7 @@ def test_the_admin_route_and_the_status_section_show_the_anomalies(
     text = console.export_text()
     assert "anomalies (against learned baselines)" in text
     assert "latency_high" in text and "openai|gpt-x@10.0.0.5:8000/v1" in text
-    assert "probe batch every 5 s" in text
+    assert "probe batches (one at most every 3 s)" in text
 
 
 def test_deadline_risk_raises_the_desired_slots_until_it_clears_unless_turned_off(
