@@ -120,7 +120,8 @@ def _anomalies(data: dict[str, Any]) -> list[Table | Text]:
         table.add_row(Text(f"{a.severity}", style="red" if a.severity == "critical"
                            else "yellow"), a.kind, a.where,
                       "projected vs slack" if deadline else a.signal,
-                      format_value(a.expected, a.unit), format_value(a.actual, a.unit),
+                      ("slack " if deadline else "") + format_value(a.expected, a.unit),
+                      ("takes " if deadline else "") + format_value(a.actual, a.unit),
                       _duration(max(0.0, at - a.raised_at)),
                       "; ".join(a.actions) or "-")
     for a in recent:

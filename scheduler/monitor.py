@@ -241,8 +241,10 @@ class Monitor:
                 with contextlib.suppress(redis.RedisError):
                     self.r.delete(keys.avoid(f"{a.provider}|{a.model}"))
         elif a.kind == Kind.DEADLINE_RISK:
-            what = (f"scaling: desired worker slots cover every pending deadline of class "
-                    f"{a.model} (+{self.settings.anomaly_deadline_headroom:.0%})" if on else
+            what = (f"scaling: desired worker slots at least those that meet every pending "
+                    f"deadline of class {a.model} and keep up with arrivals, "
+                    f"+{self.settings.anomaly_deadline_headroom:.0%}, held while it lasts"
+                    if on else
                     f"scaling: desired worker slots as the backlog asks (class {a.model})")
         if what:
             if on and what not in a.actions:
