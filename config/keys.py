@@ -67,6 +67,18 @@ CACHE_PARTITIONS = f"{PREFIX}cache:parts"
 #: every vector of the semantic index, oldest first (the bound evicts from the front; a
 #: scheduler that takes over reloads from it).
 CACHE_VECTOR_ORDER = f"{PREFIX}cache:vorder"
+#: Hash of the learned baselines, ``signal|provider|model|replica|size class`` -> JSON
+#: ``{level, spread, samples, blocks, at}`` (``scheduler.baselines``): written by the active
+#: scheduler every few seconds, read by the one that takes over.
+BASELINES = f"{PREFIX}baselines"
+#: Hash of the anomalies active now, id (``kind|signal|provider|model|replica``) -> JSON.
+ANOMALIES = f"{PREFIX}anomalies"
+#: Sorted set of cleared anomalies (JSON) by the time they cleared: the recent ones, at
+#: most ``anomaly_recent_max``, none older than ``retention_days``.
+ANOMALIES_RECENT = f"{PREFIX}anomalies:recent"
+#: Hash ``kind|provider|model|replica`` -> anomalies raised since the first scheduler (the
+#: counter ``promptbatch_anomalies_raised_total``, kept across schedulers).
+ANOMALIES_RAISED = f"{PREFIX}anomalies:raised"
 
 #: Celery's result backend key prefix (celery.backends.base.KeyValueStoreBackend).
 CELERY_RESULT_PREFIX = "celery-task-meta-"
@@ -136,6 +148,13 @@ def cooldown(deployment: str) -> str:
 def healthy(deployment: str) -> str:
     """Set, with a TTL, while a deployment (``provider|model``) has answered recently."""
     return f"{PREFIX}healthy:{deployment}"
+
+
+def avoid(deployment: str) -> str:
+    """Set, with a short TTL the active scheduler renews, while a deployment
+    (``provider|model``) has ``errors_high``: workers send its batches to a fallback
+    (``Settings.fallbacks``) but for a probe share."""
+    return f"{PREFIX}avoid:{deployment}"
 
 
 def failures(deployment: str) -> str:

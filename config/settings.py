@@ -38,6 +38,10 @@ PRIORITY_NAMES: tuple[str, ...] = ("critical", "high", "normal", "low", "bulk")
 
 OpenAIPrefixStrategy = Literal["auto", "sequential", "warm_then_parallel", "parallel"]
 
+#: The kinds of anomaly the scheduler raises (``scheduler.anomalies``).
+AnomalyKind = Literal["latency_high", "throughput_low", "errors_high", "cache_hit_low",
+                      "deadline_risk"]
+
 
 def default_data_dir() -> Path:
     """``$XDG_DATA_HOME/promptbatch``, else ``~/.local/share/promptbatch``: one absolute
@@ -661,6 +665,83 @@ class Settings(BaseSettings):
         default=300.0, gt=0,
         description="promptbatch_desired_worker_slots asks for enough slots to drain the "
         "backlog within this many seconds (and to meet every pending deadline).")
+
+    # --- Watching: learned baselines, anomalies and what they change -------------------
+    anomaly_detection: bool = Field(
+        default=True,
+        description="The active scheduler learns baselines per deployment and replica "
+        "(latency per output token, time to first token, tokens/s, error ratio, cache hit "
+        "ratios, deadline pressure per class) and raises anomalies against them (README: "
+        "Watching it). Off: nothing is learned, raised or acted on.")
+    anomaly_actions_off: list[AnomalyKind] = Field(
+        default_factory=list,
+        description="Kinds of anomaly that are raised and shown but change nothing (JSON "
+        "list): latency_high and throughput_low (a replica's routing weight), errors_high "
+        "(fallbacks taken early), deadline_risk (the scaling signal); cache_hit_low has no "
+        "action. Example: '[\"errors_high\"]'.")
+    anomaly_window: int = Field(
+        default=8, ge=3, le=256,
+        description="Observations (batches) a judgment looks at: the median of the last this "
+        "many (within anomaly_window_s) against the baseline; also the block of "
+        "observations whose median and MAD teach the baseline.")
+    anomaly_window_s: float = Field(
+        default=30.0, gt=0,
+        description="Observations older than this many seconds are not judged.")
+    anomaly_min_samples: int = Field(
+        default=24, ge=3,
+        description="Observations a baseline needs (per signal, target and batch-size "
+        "class) before anything is judged against it.")
+    anomaly_sustain_s: float = Field(
+        default=10.0, ge=0,
+        description="A value must stay beyond its band this long to be raised as an anomaly.")
+    anomaly_clear_s: float = Field(
+        default=20.0, ge=0,
+        description="An anomaly clears once its value stayed back inside the (narrower) "
+        "clear band this long.")
+    anomaly_stale_s: float = Field(
+        default=300.0, gt=0,
+        description="An anomaly whose target sends nothing more for this long clears (no "
+        "evidence either way).")
+    anomaly_latency_ratio: float = Field(
+        default=2.0, gt=1,
+        description="latency_high: latency per output token (or time to first token) at "
+        "least this many times its baseline, and 3 robust sigmas above it.")
+    anomaly_throughput_ratio: float = Field(
+        default=0.5, gt=0, lt=1,
+        description="throughput_low: tokens per second at most this fraction of the "
+        "baseline, and 3 robust sigmas below it.")
+    anomaly_error_ratio: float = Field(
+        default=0.1, gt=0, le=1,
+        description="errors_high: the share of requests failing transiently (5xx, 429, "
+        "timeouts, resets, cut-off bodies) is at least this, and this much above the "
+        "baseline's share.")
+    anomaly_cache_ratio: float = Field(
+        default=0.7, gt=0, lt=1,
+        description="cache_hit_low: the prompt tokens served from the provider's prefix "
+        "cache (or the jobs answered from the exact cache) fall to this fraction of the "
+        "baseline (judged when the baseline is at least 0.1).")
+    anomaly_deadline_sustain_s: float = Field(
+        default=3.0, ge=0,
+        description="deadline_risk: the pending work of a class must be projected past one "
+        "of its deadlines (at the current worker slots) this long before it is raised.")
+    anomaly_deadline_headroom: float = Field(
+        default=0.25, ge=0,
+        description="deadline_risk's action: desired worker slots become at least the slots "
+        "that meet every pending deadline of the class, plus this fraction.")
+    anomaly_probe_s: float = Field(
+        default=3.0, gt=0,
+        description="A replica with latency_high or throughput_low gets a batch (a probe, "
+        "so that its recovery is seen) when it has none and none was sent to it for this "
+        "many seconds (and four times its own batch time); otherwise only what no other "
+        "replica can take.")
+    anomaly_probe_share: float = Field(
+        default=0.1, gt=0, le=1,
+        description="The share of calls a deployment with errors_high still gets while its "
+        "fallback takes the rest, so that its recovery is seen.")
+    anomaly_recent_max: int = Field(
+        default=200, ge=1,
+        description="Cleared anomalies kept in Redis for status and the API (also dropped "
+        "after retention_days).")
 
     @classmethod
     def settings_customise_sources(

@@ -77,19 +77,34 @@ class Sink:
         self.ttl_s = ttl_s
         #: The attempt under way of each job this sink writes for.
         self._attempts: dict[str, str] = {}
+        #: When each job's attempt began, and how long its first text took (monotonic).
+        self._began: dict[str, float] = {}
+        self._first: dict[str, float] = {}
 
     def begin(self, job_id: str) -> None:
         """A provider attempt starts: readers discard the text of earlier attempts."""
         attempt = uuid.uuid4().hex[:8]
         self._attempts[job_id] = attempt
+        self._began[job_id] = time.monotonic()
+        self._first.pop(job_id, None)
         if len(self._attempts) > 10_000:  # forget the oldest: those jobs are long done
             for old in list(self._attempts)[:5_000]:
                 del self._attempts[old]
+                self._began.pop(old, None)
+                self._first.pop(old, None)
         self._add(job_id, {"attempt": attempt})
 
     def chunk(self, job_id: str, text: str) -> None:
         if text:
+            if job_id not in self._first and job_id in self._began:
+                self._first[job_id] = time.monotonic() - self._began[job_id]
             self._add(job_id, {"t": text, "a": self._attempts.get(job_id, "")})
+
+    def first_token_s(self, job_id: str) -> float | None:
+        """Seconds from the start of the job's last attempt to its first text (its time
+        to first token), once; None if it streamed nothing."""
+        self._began.pop(job_id, None)
+        return self._first.pop(job_id, None)
 
     def _add(self, job_id: str, fields: dict[str, str]) -> None:
         try:

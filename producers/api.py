@@ -61,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if getattr(app.state, "aioredis", None) is not None:
             await app.state.aioredis.aclose()
 
+    from producers.admin_routes import router as admin_router
     from producers.keys_routes import router as keys_router
     from producers.models import router as models_router
     from producers.money_routes import router as money_router
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models_router)
     app.include_router(keys_router)
     app.include_router(money_router)
+    app.include_router(admin_router)
     if settings.api_metrics:
         from producers.metrics import MetricsMiddleware, metrics_endpoint
 

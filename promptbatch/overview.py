@@ -14,9 +14,12 @@ from rich.text import Text
 
 from config import keys
 from jobs.stats import read_recent
+from scheduler.anomalies import Anomaly, format_value
 
 #: The window of "last minute" figures, in seconds.
 WINDOW_S = 60
+#: Cleared anomalies shown.
+RECENT_SHOWN = 5
 
 
 def read_overview(r: redis.Redis, now: float) -> dict[str, Any] | None:
@@ -33,6 +36,10 @@ def read_overview(r: redis.Redis, now: float) -> dict[str, Any] | None:
         row["missed_last_min"] = recent.missed.get(row["class"], 0)
     data["throughput"] = round(recent.throughput, 3)
     data["age_s"] = round(max(0.0, now - float(data["at"])), 3)
+    data.setdefault("anomalies", [])
+    cleared: list[str] = r.zrevrange(keys.ANOMALIES_RECENT, 0,  # type: ignore[assignment]
+                                     RECENT_SHOWN - 1)
+    data["recent_anomalies"] = [json.loads(raw) for raw in cleared]
     return data
 
 
@@ -137,9 +144,40 @@ def render(data: dict[str, Any]) -> Group:
     lane = _lane(data.get("lanes"))
     if lane is not None:
         lines.insert(0, lane)
+    lines += _anomalies(data)
     if data.get("catching_up"):
         lines.append(Text("the scheduler is still reading intake: pending counts will grow",
                           style="yellow"))
     lines.append(Text(f"as of {_duration(data['age_s'])} ago, from scheduler "
                       f"{data['scheduler']}", style="dim"))
     return Group(table, *lines)
+
+
+def _anomalies(data: dict[str, Any]) -> list[Table | Text]:
+    """The anomalies section: the active ones, then the last few that cleared."""
+    active = [Anomaly.load(json.dumps(a)) for a in data.get("anomalies") or []]
+    recent = [Anomaly.load(json.dumps(a)) for a in data.get("recent_anomalies") or []]
+    if not active and not recent:
+        return [Text("anomalies: none (signals inside their learned baselines)")]
+    table = Table(title="anomalies (against learned baselines)", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("state", "kind", "where", "signal", "baseline", "now", "since", "action"):
+        table.add_column(name, justify="right" if name in ("baseline", "now", "since")
+                         else "left", no_wrap=name != "action")
+    at = float(data["at"])
+    for a in active:
+        deadline = a.kind == "deadline_risk"
+        table.add_row(Text(f"{a.severity}", style="red" if a.severity == "critical"
+                           else "yellow"), a.kind, a.where,
+                      "projected vs slack" if deadline else a.signal,
+                      ("slack " if deadline else "") + format_value(a.expected, a.unit),
+                      ("takes " if deadline else "") + format_value(a.actual, a.unit),
+                      _duration(max(0.0, at - a.raised_at)),
+                      "; ".join(a.actions) or "-")
+    for a in recent:
+        took = (a.cleared_at or a.raised_at) - a.raised_at
+        table.add_row(Text("cleared", style="dim"), a.kind, a.where, a.signal,
+                      format_value(a.expected, a.unit), format_value(a.actual, a.unit),
+                      f"{_duration(max(0.0, at - (a.cleared_at or at)))} ago",
+                      f"lasted {_duration(took)}; {a.cleared_why}", style="dim")
+    return [table]

@@ -129,6 +129,46 @@ class ClusterView(Collector):
             yield family
 
 
+class AnomalyView(Collector):
+    """The anomalies, from the active scheduler only (``scheduler.monitor``):
+    ``promptbatch_anomaly_active`` (1 while active, 0 once cleared, for every
+    ``kind, provider, model, replica`` ever raised) and
+    ``promptbatch_anomalies_raised_total`` (kept in Redis, so it survives a change of
+    scheduler)."""
+
+    LABELS = ("kind", "provider", "model", "replica")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._raised: dict[tuple[str, str, str, str], int] | None = None
+        self._active: set[tuple[str, str, str, str]] = set()
+
+    def update(self, raised: dict[tuple[str, str, str, str], int] | None,
+               active: set[tuple[str, str, str, str]]) -> None:
+        """The counts raised and the labels active now (None: standing by)."""
+        with self._lock:
+            self._raised = None if raised is None else dict(raised)
+            self._active = set(active)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            raised, active = self._raised, self._active
+        if raised is None:
+            return
+        gauge = GaugeMetricFamily(
+            "promptbatch_anomaly_active", "1 while an anomaly of this kind is active on this "
+            "deployment (replica empty), replica, or class (deadline_risk: provider empty, "
+            "model the class), else 0.", labels=list(self.LABELS))
+        counter = CounterMetricFamily(
+            "promptbatch_anomalies_raised", "Anomalies raised (since the first scheduler).",
+            labels=list(self.LABELS))
+        for labels in sorted(set(raised) | active):
+            gauge.add_metric(list(labels), 1 if labels in active else 0)
+            counter.add_metric(list(labels), raised.get(labels, 0))
+        yield gauge
+        yield counter
+
+
 class SchedulerMetrics:
     """One scheduler's metrics, in a registry of its own (a process may run several in
     tests)."""
@@ -169,6 +209,8 @@ class SchedulerMetrics:
         reg.register(self.cluster)
         self.money = MoneyView()
         reg.register(self.money)
+        self.anomalies = AnomalyView()
+        reg.register(self.anomalies)
         labels = ["deployment", "replica"]
         self.replica_outstanding = Gauge(
             "promptbatch_replica_outstanding_batches", "Batches sent to a replica and not "

@@ -18,6 +18,7 @@ that is cooling down or fails, so the scheduler need not know health to the seco
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from scheduler.pool import PendingJob, family_of
 
 #: Characters per token, as the scheduler estimates them.
 CHARS_PER_TOKEN = 4
+#: A slowed replica's probes are at least this many times its own (learned) batch time
+#: apart, so that they hold at most a fifth of a worker slot however slow it is.
+PROBE_GAP = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,15 +122,37 @@ class Router:
         self.policy = policy
         self._where: dict[str, int] = {}
         self._turn = 0
+        #: Replicas slowed down (``latency_high``, ``throughput_low``: the anomalies' ids),
+        #: which get only a probe: a batch when they have none and none was sent to them
+        #: for ``probe_s`` seconds.
+        self.slowed: dict[int, set[str]] = {}
+        self.probe_s = 5.0
+        self._last_sent: dict[int, float] = {}
 
     def choose(self, family: int | None, prefix_tokens: int, estimate_s: float,
-               unavailable: Iterable[int] = ()) -> Choice:
+               unavailable: Iterable[int] = (), now: float | None = None) -> Choice:
         """The replica for a batch of ``family`` with ``prefix_tokens`` shared and
         ``estimate_s`` of work; ``unavailable`` replicas (cooling down) only if every
-        one is."""
+        one is; a slowed replica only as a probe (at ``now``)."""
         down = set(unavailable)
         candidates = [i for i in range(len(self.replicas)) if i not in down] or list(
             range(len(self.replicas)))
+        slowed = [i for i in candidates if self.slowed.get(i)]
+        if slowed and len(slowed) < len(candidates):
+            # A slowed replica is not ejected: it gets a probe now and then (one batch at
+            # a time), so that its recovery is seen; else it is only tried last. A probe
+            # holds a worker slot for as long as the replica is slow: by time, not share.
+            resting = [i for i in slowed if not self.replicas[i].outstanding and now is not None
+                       and now - self._last_sent.get(i, -math.inf) >= max(
+                           self.probe_s, PROBE_GAP * estimate_s * self.replicas[i].ratio)]
+            if resting:
+                probe = resting[0]
+                rest = sorted((i for i in range(len(self.replicas)) if i != probe),
+                              key=lambda i: (i in down or i in slowed,
+                                             self.replicas[i].load(), i))
+                return Choice((probe, *rest), False)
+            candidates = [i for i in candidates if i not in slowed]
+            down |= set(slowed)
         loads = {i: self.replicas[i].load() for i in candidates}
         least = min(candidates, key=lambda i: (loads[i], -self._free(i), i))
         chosen, affinity = least, False
@@ -170,6 +196,7 @@ class Router:
             r.misses += 1
         r.remember(family, prefix_tokens, other_tokens)
         self._where[batch_id] = choice.replica
+        self._last_sent[choice.replica] = now
 
     def done(self, batch_id: str, seconds: float | None = None,
              replica: int | None = None) -> None:
@@ -203,8 +230,8 @@ class Router:
                  "latency_ratio": round(r.ratio, 3), "sent": r.sent,
                  "affinity_hits": r.hits, "affinity_misses": r.misses,
                  "families": sum(1 for k in r.families if k >= 0),
-                 "cached_tokens": r.held_tokens}
-                for r in self.replicas]
+                 "cached_tokens": r.held_tokens, "slowed": bool(self.slowed.get(i))}
+                for i, r in enumerate(self.replicas)]
 
 
 def model_family(model: str, family: int | None) -> int | None:
@@ -246,6 +273,9 @@ class Routing:
                 Router([ReplicaSpec(url, weight, cache) for url, weight, cache in replicas],
                        self.rules, self.settings.routing_policy),
                 [url for url, _, _ in replicas])
+            found = self.routers[provider]
+            if found is not None:
+                found[0].probe_s = self.settings.anomaly_probe_s
         return self.routers[provider]
 
     def route(self, batch_id: str, jobs: Sequence[PendingJob], shared_prefix_chars: int,
@@ -262,7 +292,7 @@ class Routing:
         prefix = shared_prefix_chars // CHARS_PER_TOKEN
         other = max(0, sum(j.tokens for j in jobs) - len(jobs) * prefix)
         down = [i for i, url in enumerate(urls) if keys.replica(dep, url) in self.cooling]
-        choice = router.choose(family, prefix, estimate_s, down)
+        choice = router.choose(family, prefix, estimate_s, down, now)
         router.sent(batch_id, choice, family, prefix, estimate_s, now, other)
         return list(choice.order)
 
@@ -273,6 +303,25 @@ class Routing:
         for found in self.routers.values():  # one per provider: few
             if found is not None:
                 found[0].done(batch_id, seconds, replica)
+
+    def slow(self, provider: str, replica: str, why: str, on: bool = True) -> bool:
+        """Mark the replica ``replica`` (its address without the scheme) of ``provider``
+        slowed for ``why`` (an anomaly's id), or (``on`` false) no longer for it: while
+        any reason holds, it gets only a probe batch now and then (``anomaly_probe_s``).
+        Whether the provider has that replica."""
+        found = self._router(provider)
+        if found is None:
+            return False
+        router, urls = found
+        for i, url in enumerate(urls):
+            if url.split("://", 1)[-1] == replica:
+                reasons = router.slowed.setdefault(i, set())
+                if on:
+                    reasons.add(why)
+                else:
+                    reasons.discard(why)
+                return True
+        return False
 
     def forget_before(self, cutoff: float) -> None:
         for found in self.routers.values():

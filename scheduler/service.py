@@ -61,11 +61,18 @@ from scheduler.backlog import Backlog
 from scheduler.embedders import Embedder, create_embedder
 from scheduler.lane_desk import LaneDesk
 from scheduler.metrics import SchedulerMetrics
+from scheduler.monitor import Monitor
 from scheduler.policy import SHARED_FROM, Capacity, PlannedBatch, plan
 from scheduler.pool import PendingJob, Pool, estimate_job_tokens, prefix_signature
 from scheduler.reconcile import LeaseLost, Reconciler
 from scheduler.routing import Routing
-from scheduler.scaling import ClassDemand, desired_slots, rate_cap
+from scheduler.scaling import (
+    ClassDemand,
+    class_deadlines,
+    deadline_risks,
+    desired_slots,
+    rate_cap,
+)
 from scheduler.semantic import SemanticCache
 from scheduler.service_time import ServiceModel, deployment
 
@@ -137,6 +144,8 @@ class Scheduler:
         #: The half-price lane: jobs for providers' batch endpoints (``scheduler.lane_desk``).
         self.lane = LaneDesk(settings, self.queue, self.store, self.celery, self.token,
                              self._renew)
+        #: Baselines and anomalies, and what they change (``scheduler.monitor``).
+        self.monitor = Monitor(self.r, settings, self.routing, self.metrics.anomalies)
 
     def _new_pool(self) -> Pool:
         horizons = tuple(max(self.settings.max_wait_s(c), 0.001) * 10 + c * 60.0
@@ -274,6 +283,7 @@ class Scheduler:
         self.metrics.active.set(0)
         self.metrics.cluster.update(None, [])
         self.metrics.money.standby()
+        self.monitor.step_down()
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=self.settings.aging_s)
         self.lane.reset()
@@ -305,6 +315,7 @@ class Scheduler:
         self.last_sid = "0-0"
         self._caught_up = False
         self.reconciler.resume()
+        self.monitor.load(time.time())
         if self.settings.cache_enabled and self.settings.cache_semantic_tenants:
             log.info("semantic cache: %d vectors loaded", self.semantic.load(self._renew))
         log.info("recovered: re-sent %d batches from the outbox; reading %d intake entries",
@@ -421,6 +432,7 @@ class Scheduler:
             seconds = float(f["seconds"]) if "seconds" in f else None
             if seconds is not None and "deployment" in f:
                 self.service.observe(f["deployment"], int(f["size"]), seconds)
+                self.monitor.on_event(f, time.time())
             self.routing.done(f["done"], seconds,
                               int(f["replica"]) if "replica" in f else None)
 
@@ -546,6 +558,10 @@ class Scheduler:
         # The router learns which replicas cool down from the overview's read of them.
         self.routing.cooling = set(overview["cooling"])
         self.routing.forget_before(at - self.settings.visibility_timeout_s)
+        totals = read_totals(self.r)
+        self.monitor.on_totals(totals, at)
+        self.monitor.step(at)
+        overview["anomalies"] = self.monitor.snapshot()
         overview["replicas"] = self.routing.snapshot()
         self.metrics.money.refresh(self.r, self.store.engine, at)
         overview["spend_today"] = self.metrics.money.today()
@@ -553,7 +569,7 @@ class Scheduler:
         self.r.set(keys.OVERVIEW, json.dumps(overview), ex=OVERVIEW_TTL_S)
         self.metrics.pool_jobs.set(len(self.pool))
         self.metrics.backlog_jobs.set(len(self.backlog))
-        self.metrics.cluster.update(overview, read_totals(self.r))
+        self.metrics.cluster.update(overview, totals)
         self.metrics.replicas(overview["replicas"])
 
     def overview(self, now: float) -> dict[str, Any]:
@@ -587,6 +603,7 @@ class Scheduler:
         work = [0.0] * n_cls
         batches = [0] * n_cls
         per_job: dict[str, tuple[float, int]] = {}
+        with_deadlines: list[tuple[int, Any, float]] = []
         max_size = self.settings.max_batch_size
         for group in list(self.pool.groups.values()):
             n = len(group)
@@ -604,6 +621,8 @@ class Scheduler:
             nb = -(-n // size)
             work[c] += nb * seconds
             batches[c] += nb
+            if group.by_deadline:
+                with_deadlines.append((c, group.by_deadline, seconds / size))
             dep = deployment(group.key)
             total, count = per_job.get(dep, (0.0, 0))
             per_job[dep] = (total + nb * seconds, count + n)
@@ -635,9 +654,16 @@ class Scheduler:
         cap = rate_cap({d: t / n for d, (t, n) in per_job.items()}, self.settings.rate_limits)
         scale = desired_slots(demands, horizon_s=self.settings.scale_horizon_s,
                               batch_s=batch_s, cap=cap)
+        # Deadline pressure per class (``deadline_risk``), and its action on the signal.
+        risks = deadline_risks([d.work_s for d in demands],
+                               class_deadlines(with_deadlines, now, n_cls), slots=slots,
+                               batch_s=batch_s, inflight=sum(inflight), keep_up=scale.keep_up)
+        self.monitor.on_deadlines(risks, now)
+        desired, reason = self.monitor.desired(scale.desired, scale.reason, risks, cap,
+                                               scale.keep_up)
         return {"at": now, "scheduler": self.token, "classes": rows, "workers": workers,
                 "slots": slots, "inflight": sum(inflight),
-                "desired_slots": scale.desired, "scale_reason": scale.reason,
+                "desired_slots": desired, "scale_reason": reason,
                 "batch_seconds": round(batch_s, 4), "cooling": cooling,
                 "catching_up": not self._caught_up, "sent_batches": self.sent_batches,
                 "sent_jobs": self.sent_jobs}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
 import struct
 import threading
@@ -64,16 +65,41 @@ class FakeLLM:
     scripts: dict[str, list[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
+    #: Noise on ``delay_s``: each request waits ``delay_s`` times a factor drawn from
+    #: ``1 +- jitter``, and ``slow_share`` of them ``slow_factor`` times longer still.
+    jitter: float = 0.0
+    slow_share: float = 0.0
+    slow_factor: float = 5.0
+    #: Requests (of ``error_model``, or of every model when it is None) answered with a
+    #: 500 at this rate, unless a script says otherwise.
+    error_rate: float = 0.0
+    error_model: str | None = None
+    rng: random.Random = field(default_factory=lambda: random.Random(1))
+
+    def delay(self) -> float:
+        """This request's wait."""
+        with self.lock:
+            factor = 1.0 + self.rng.uniform(-self.jitter, self.jitter)
+            if self.slow_share and self.rng.random() < self.slow_share:
+                factor *= self.slow_factor
+        return self.delay_s * factor
+
+    def fails(self, body: dict[str, Any]) -> bool:
+        """Whether this request gets an injected 500 (``error_rate``)."""
+        if not self.error_rate or self.error_model not in (None, body.get("model")):
+            return False
+        with self.lock:
+            return self.rng.random() < self.error_rate
 
     def script(self, marker: str, actions: list[str]) -> None:
         self.scripts[marker] = list(actions)
 
-    def next_action(self, text: str) -> str:
+    def next_action(self, text: str, body: dict[str, Any] | None = None) -> str:
         with self.lock:
             for marker, actions in self.scripts.items():
                 if marker in text:
                     return actions.pop(0) if len(actions) > 1 else actions[0]
-        return "ok"
+        return "500" if body is not None and self.fails(body) else "ok"
 
     def requests_for(self, marker: str) -> list[Seen]:
         return [s for s in self.seen if marker in s.text]
@@ -308,10 +334,10 @@ def _handler(state: FakeLLM) -> type[BaseHTTPRequestHandler]:
             seen = Seen(self.path, body, dict(self.headers), time.monotonic())
             with state.lock:
                 state.seen.append(seen)
-            action = state.next_action(json.dumps(body))
+            action = state.next_action(json.dumps(body), body)
             seen.action = action
             if state.delay_s:
-                time.sleep(state.delay_s)
+                time.sleep(state.delay())
             self._act(action, body)
             seen.end = time.monotonic()
 

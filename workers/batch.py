@@ -10,7 +10,9 @@ against the batch. Only a delivery that follows a lost worker counts toward pois
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import statistics
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 #: What a worker tells the scheduler of a batch's end (``pb:events`` fields): ``done`` (the
 #: batch id) with, after a provider call, its ``deployment``, ``size``, ``seconds`` and
-#: ``replica``; else ``ended`` (why no call's timing is given).
+#: ``replica``, and what its baselines learn (``BatchRunner._observed``); else ``ended``
+#: (why no call's timing is given).
 Event = dict[str, str | int | float]
 
 #: Errors of Redis or the SQL store: retried in place, never held against the batch.
@@ -262,6 +265,7 @@ class BatchRunner:
                      "size": len(runnable), "seconds": round(finished - started, 6)}
             if self.caller is not None and self.caller.replica is not None:
                 event["replica"] = self.caller.replica  # the one that answered
+            event.update(self._observed(runnable, results))
         # What Flower shows as the task's result (and the worker logs): counts, not ids.
         usage = [r.usage for r in results if r.usage is not None]
         summary = {"class": metrics.class_name(str(cls)), "size": len(job_ids),
@@ -273,6 +277,32 @@ class BatchRunner:
                    "cached_tokens": sum(u.cached_tokens for u in usage),
                    "seconds": round(finished - started, 3)}
         return summary, event
+
+    def _observed(self, specs: list[JobSpec], results: list[JobResult]) -> Event:
+        """What the scheduler's baselines learn from the batch, besides its time: the
+        tokens of its answers, where it ran when a fallback answered, its requests per
+        deployment and replica with the transient failures among them (``calls``: JSON
+        ``[[deployment, replica index or -1, requests, failed], ...]``), and the median
+        time to first token of its streamed jobs (``ttft``)."""
+        usage = [r.usage for r in results if r.usage is not None and r.state is JobState.SUCCEEDED]
+        out: Event = {"completion_tokens": sum(u.completion_tokens for u in usage),
+                      "prompt_tokens": sum(u.prompt_tokens for u in usage),
+                      "cached_tokens": sum(u.cached_tokens for u in usage)}
+        caller = self.caller
+        primary = f"{specs[0].provider}|{specs[0].model}"
+        if caller is not None:
+            if caller.answered is not None and caller.answered != primary:
+                out["ran_on"] = caller.answered
+            if caller.calls:
+                out["calls"] = json.dumps([[dep, i, n, failed] for (dep, i), (n, failed)
+                                           in caller.calls.items()])
+        streamed = [s.id for s in specs if s.stream]
+        sink = getattr(self.provider_for(specs[0].provider), "sink", None) if streamed else None
+        if sink is not None:
+            firsts = [t for t in (sink.first_token_s(j) for j in streamed) if t is not None]
+            if firsts:
+                out["ttft"] = round(statistics.median(firsts), 6)
+        return out
 
     def _call(self, specs: list[JobSpec], on_final: Callable[[dict[str, Outcome]], None],
               prefix_hint: int, replicas: Sequence[int] | None = None) -> None:

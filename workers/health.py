@@ -32,6 +32,16 @@ class Health:
         except redis.RedisError:
             return False
 
+    def avoided(self, deployment: str) -> bool:
+        """Whether the scheduler found the deployment's errors well above its baseline
+        (``errors_high``): its batches then go to a fallback first (``keys.avoid``)."""
+        if self.client is None:
+            return False
+        try:
+            return bool(self.client.exists(keys.avoid(deployment)))
+        except redis.RedisError:
+            return False
+
     def recently_ok(self, deployment: str) -> bool:
         """Whether the deployment answered within ``provider_health_window_s``."""
         if self.client is None:

@@ -75,7 +75,8 @@ SPLITS = Counter(
     "whole, or too big for the rate limit).", ["provider", "model"])
 FALLBACKS = Counter(
     "promptbatch_provider_fallbacks", "Calls sent to a fallback while the primary "
-    "deployment cooled down.", ["primary", "fallback"])
+    "deployment cooled down, or had errors well above its baseline (errors_high).",
+    ["primary", "fallback"])
 COOLDOWNS = Counter(
     "promptbatch_provider_cooldowns", "Times a deployment started cooling down.",
     ["provider", "model"])

@@ -30,7 +30,8 @@ is retried here or nowhere:
   them every job of the batch ends FAILED.
 * A deployment (``provider|model``) that fails ``cooldown_failures`` times in a row cools
   down for ``cooldown_s`` (shared in Redis), and its jobs go to the next of
-  ``Settings.fallbacks`` meanwhile.
+  ``Settings.fallbacks`` meanwhile; so do they, but for a probe share, while the
+  scheduler finds its errors well above their baseline (``errors_high``, ``keys.avoid``).
 * Shared rate limits are taken before each call (``workers.ratelimit``).
 * Every final answer is checked against what its job asked for (a JSON response format,
   tools) before it is handed on; one that does not validate is asked again in the next
@@ -122,6 +123,11 @@ class ProviderCaller:
         self.promise = SchemaPromise(settings, clock)
         #: Requests asking again for an answer that did not validate (the next round).
         self._reask: list[ProviderRequest] = []
+        #: The deployment that last answered, and per deployment and replica (-1: none)
+        #: the requests of this call and how many failed transiently (for the scheduler's
+        #: baselines).
+        self.answered: str | None = None
+        self.calls: dict[tuple[str, int], list[int]] = {}
 
     def call(self, requests: Sequence[ProviderRequest], provider: str,
              tenants: dict[str, str] | None = None,
@@ -132,6 +138,7 @@ class ProviderCaller:
         order in which to try the provider's replicas (the scheduler's choice first)."""
         primary = f"{provider}|{requests[0].model}" if requests else provider
         self._order, self._failed, self.replica = list(replicas or []), set(), None
+        self.answered, self.calls = None, {}
         attempts = {r.job_id: 0 for r in requests}
         self._strikes = {r.job_id: 0 for r in requests}
         self._last = {r.job_id: "" for r in requests}
@@ -178,20 +185,48 @@ class ProviderCaller:
         if not self._budget(deployment, sent, tenants, chunks, final, attempts, chunk.held):
             return
         replies = self._complete(name, sent, target)
+        failed = self._tally(deployment, replica, replies)
         again = self._settle(chunk.requests, replies, attempts, final, deployment, chunk,
                              health)
         if self._reask:  # answers that did not validate: asked again in the next round
             again.append(_Chunk(self._reask, self.clock()))
             self._reask = []
+        self._after_call(again, primary, deployment, name, replica, failed)
+        chunks += again
+
+    def _after_call(self, again: list[_Chunk], primary: str, deployment: str, name: str,
+                    replica: int | None, failed: int) -> None:
+        """What a call's failures change for what is tried again: a failed replica is left
+        for the next one at once, as is a deployment the scheduler avoids."""
         if replica is not None:
-            if any(r.transient for r in replies):
+            if failed:
                 self._failed.add(replica)
                 if self._next_replica(deployment, name) is not None:
                     for c in again:  # another replica is there: no backoff
                         c.not_before = min(c.not_before, self.clock())
             else:
                 self.replica = replica
-        chunks += again
+        elif failed and again and self._moved(primary, deployment):
+            for c in again:  # the scheduler moved its calls to a fallback: no backoff
+                c.not_before = min(c.not_before, self.clock())
+
+    def _tally(self, deployment: str, replica: int | None,
+               replies: Sequence[ProviderReply]) -> int:
+        """Count the call's requests and transient failures (``calls``); the failures."""
+        failed = sum(1 for r in replies if r.transient)
+        tally = self.calls.setdefault((deployment, -1 if replica is None else replica), [0, 0])
+        tally[0] += len(replies)
+        tally[1] += failed
+        if not failed:
+            self.answered = deployment
+        return failed
+
+    def _moved(self, primary: str, deployment: str) -> bool:
+        """Whether ``deployment`` (failing) is one the scheduler avoids (``errors_high``)
+        with another of ``primary``'s alternatives ready to take its calls."""
+        options = [primary, *self.settings.fallbacks.get(primary, [])]
+        return (len(options) > 1 and self.health.avoided(deployment)
+                and any(not self._cooling(o) for o in options if o != deployment))
 
     def _target(self, name: str, deployment: str) -> tuple[Provider, int | None, str]:
         """The provider to call for ``deployment``, the replica (index) it is, and the name
@@ -223,17 +258,30 @@ class ProviderCaller:
     def _pick(self, primary: str, requests: Sequence[ProviderRequest] = ()) -> str:
         """The primary deployment, or the first alternative not cooling down that serves
         every request (a fallback never drops a field its provider cannot serve:
-        ``jobs.capabilities``)."""
-        for candidate in [primary, *self.settings.fallbacks.get(primary, [])]:
+        ``jobs.capabilities``). One the scheduler avoids (``errors_high``) comes after the
+        others, but for a probe share of the calls (``anomaly_probe_share``), so that its
+        recovery is seen."""
+        fallbacks = self.settings.fallbacks.get(primary, [])
+        later: list[str] = []
+        for candidate in [primary, *fallbacks]:
             if candidate != primary and not all(
                     serves(candidate.split("|", 1)[0], r.params, r.messages)
                     for r in requests):
                 continue
-            if not self._cooling(candidate):
-                if candidate != primary:
-                    metrics.FALLBACKS.labels(primary, candidate).inc()
-                return candidate
-        return primary
+            if self._cooling(candidate):
+                continue
+            if (fallbacks and self.health.avoided(candidate)
+                    and self.rng.random() >= self.settings.anomaly_probe_share):
+                later.append(candidate)
+                continue
+            return self._chosen(primary, candidate)
+        return self._chosen(primary, later[0]) if later else primary
+
+    @staticmethod
+    def _chosen(primary: str, candidate: str) -> str:
+        if candidate != primary:
+            metrics.FALLBACKS.labels(primary, candidate).inc()
+        return candidate
 
     def _cooling(self, deployment: str) -> bool:
         """Whether the deployment cools down: every one of its replicas, if it has them."""

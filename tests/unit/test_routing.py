@@ -179,3 +179,53 @@ def test_a_replica_cooling_for_one_model_is_skipped_for_that_model_only() -> Non
     rt.done("a", None)
     assert route(rt, "b", "model-b") == 0
     assert [row["cooling"] for row in rt.snapshot()] == [True, False]
+
+
+def test_a_slowed_replica_gets_only_a_probe_now_and_then_and_its_share_back_when_it_clears(
+) -> None:
+    r = router(n=2)
+    r.slowed[1] = {"latency_high|...|B"}
+    r.probe_s = 5.0
+    went: list[tuple[float, int]] = []
+    for i in range(200):  # a batch every 0.1 s, each done before the next
+        now = i * 0.1
+        choice = r.choose(i % 4, 1000, 1.0, now=now)
+        r.sent(f"b{i}", choice, i % 4, 1000, 1.0, now=now)
+        went.append((now, choice.replica))
+        if choice.replica == 1:
+            assert choice.order == (1, 0) and not choice.affinity
+        else:
+            assert choice.order == (0, 1)  # the slowed one is tried last
+        r.done(f"b{i}")
+    probes = [t for t, replica in went if replica == 1]
+    assert probes == [0.0, 5.0, 10.0, 15.0]  # one every probe_s: never ejected
+    # A probe waits while the slowed replica still has a batch out.
+    r.sent("stuck", Choice((1, 0), False), None, 0, 1.0, now=20.0)
+    assert all(r.choose(None, 0, 1.0, now=30.0 + i).replica == 0 for i in range(10))
+    r.done("stuck")
+    del r.slowed[1]  # cleared: both share the load again
+    back = [send(r, f"d{i}", family=None).replica for i in range(10)]
+    assert back.count(1) >= 4
+    # However slow it is, a probe holds at most a fifth of a slot: four batch times apart.
+    r = router(n=2)
+    r.slowed[1] = {"x"}
+    r.replicas[1].ratio = 10.0
+    r.sent("p", Choice((1, 0), False), None, 0, 1.0, now=20.0)
+    r.done("p")
+    assert r.choose(None, 0, 1.0, now=45.0).replica == 0  # 25 s < 4 x 1 s x 10
+    assert r.choose(None, 0, 1.0, now=60.0).replica == 1
+
+
+def test_routing_slows_a_replica_by_its_address_until_every_reason_clears() -> None:
+    routing = Routing(Settings(openai_base_url="http://a:1/v1,http://b:2/v1",
+                               _env_file=None))  # type: ignore[call-arg]
+    assert routing.slow("openai", "b:2/v1", "latency_high|x")
+    assert routing.slow("openai", "b:2/v1", "throughput_low|x")
+    assert not routing.slow("openai", "c:3/v1", "latency_high|x")  # no such replica
+    assert not routing.slow("anthropic", "b:2/v1", "latency_high|x")  # no replicas
+    rows = {row["replica"]: row for row in routing.snapshot()}
+    assert rows["http://b:2/v1"]["slowed"] and not rows["http://a:1/v1"]["slowed"]
+    assert routing.slow("openai", "b:2/v1", "latency_high|x", on=False)
+    assert {row["replica"]: row["slowed"] for row in routing.snapshot()}["http://b:2/v1"]
+    assert routing.slow("openai", "b:2/v1", "throughput_low|x", on=False)
+    assert not any(row["slowed"] for row in routing.snapshot())

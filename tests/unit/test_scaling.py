@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import math
 
-from scheduler.scaling import ClassDemand, desired_slots, rate_cap, rpm_of
+import pytest
+
+from scheduler.scaling import (
+    ClassDemand,
+    class_deadlines,
+    deadline_risks,
+    desired_slots,
+    rate_cap,
+    rpm_of,
+)
 
 BATCH = 32  # jobs per batch
 BATCH_S = 2.0  # seconds per batch
@@ -93,3 +102,66 @@ def test_rate_limits_cap_the_signal() -> None:
     assert rate_cap({"openai|gpt-4o": 0.5, "echo|echo-1": 0.01}, limits) is None
     scale = desired_slots([demand(6400, slack=5.0)], horizon_s=300, batch_s=BATCH_S, cap=cap)
     assert scale.desired == 5 and "rate limits" in scale.reason
+
+
+# --- deadline pressure (deadline_risk) ---------------------------------------------------
+
+
+def simulate_edf(work_s: list[float], jobs: list[tuple[float, float]], slots: int,
+                 batch_s: float) -> list[float]:
+    """Finish times of ``jobs`` (slack, work), earliest deadline first, after ``work_s``
+    of higher classes, on ``slots`` slots sharing the work as a fluid."""
+    done = sum(work_s)
+    out = []
+    for _, work in sorted(jobs):
+        done += work
+        out.append(done / slots + batch_s)
+    return out
+
+
+def test_a_class_whose_deadlines_the_slots_cannot_meet_has_pressure_above_one() -> None:
+    # 200 jobs of 0.5 slot-seconds each, deadlines spread over the next 5 to 45 s, 2
+    # slots: 100 s of work for 2 slots, the last deadline 45 s away.
+    jobs = [(0.2 * i + 5.0, 0.5) for i in range(200)]
+    risks = deadline_risks([0.0, 0.0, 100.0], [[], [], jobs], slots=2, batch_s=1.0,
+                           inflight=0)
+    assert risks[:2] == [None, None]
+    risk = risks[2]
+    assert risk is not None and risk.pressure > 1
+    finish = simulate_edf([], jobs, 2, 1.0)
+    late = [f > s for f, (s, _) in zip(finish, jobs, strict=True)]
+    assert any(late)
+    # ``need`` slots meet every deadline in the same fluid model; one fewer does not.
+    assert all(f <= s for f, (s, _) in zip(simulate_edf([], jobs, risk.need, 1.0), jobs,
+                                           strict=True))
+    assert any(f > s for f, (s, _) in zip(simulate_edf([], jobs, risk.need - 1, 1.0), jobs,
+                                          strict=True))
+
+
+def test_enough_slots_leave_the_pressure_under_one() -> None:
+    jobs = [(60.0 + i, 0.5) for i in range(40)]  # 20 slot-seconds, a minute of slack
+    (risk,) = deadline_risks([20.0], [jobs], slots=4, batch_s=1.0, inflight=2)
+    assert risk is not None and risk.pressure < 0.5 and risk.need <= 1
+
+
+def test_the_work_of_higher_classes_and_in_flight_batches_comes_first() -> None:
+    jobs = [(30.0, 1.0)]
+    alone = deadline_risks([0.0, 1.0], [[], jobs], slots=1, batch_s=1.0, inflight=0)[1]
+    behind = deadline_risks([60.0, 1.0], [[], jobs], slots=1, batch_s=1.0, inflight=3)[1]
+    assert alone is not None and behind is not None
+    assert alone.pressure < 1 < behind.pressure
+    assert behind.projected_s == pytest.approx((3 * 1.0 + 60.0 + 1.0) / 1 + 1.0)
+
+
+def test_class_deadlines_merge_the_groups_of_a_class_by_slack() -> None:
+    groups = [(1, [(100.0 + i, 0) for i in range(0, 3000, 2)], 0.1),
+              (1, [(100.0 + i, 0) for i in range(1, 3000, 2)], 0.3),
+              (3, [(150.0, 0)], 1.0)]
+    c0, c1, c2, c3 = class_deadlines(groups, now=100.0, classes=4)
+    assert len(c0) == len(c2) == 0 and c3.tolist() == [[50.0, 1.0]]
+    assert c1[:, 0].tolist() == [float(i) for i in range(3000)]
+    assert c1[:4, 1].tolist() == [0.1, 0.3, 0.1, 0.3]
+    assert c1[:, 1].sum() == pytest.approx(1500 * 0.1 + 1500 * 0.3)
+    risks = deadline_risks([0.0, 600.0, 0.0, 1.0], [c0, c1, c2, c3], slots=4, batch_s=1.0,
+                           inflight=0)
+    assert risks[0] is None and risks[1] is not None and risks[3] is not None
