@@ -96,7 +96,8 @@ def resolve(
         elif not model_ok:
             errors.append(("model", f"tenant {tenant!r} may not use model {model!r} of "
                            f"provider {provider!r} (tenant_providers)"))
-        errors += unserved(provider, request.params, request.messages)
+        errors += unserved(provider, request.params, request.messages,
+                           settings.max_image_bytes)
         refused = lane_refusal(provider, model, request.lane, request.stream, settings)
         if refused is not None:
             errors.append(refused)

@@ -78,7 +78,8 @@ def _as_written(exc: InvalidJob, names: dict[str, str]) -> ApiError:
 
 
 async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
-    body = await read_json(request, request.app.state.settings.api_max_request_bytes)
+    body = await read_json(request, request.app.state.settings.api_max_request_bytes,
+                           "api_max_request_bytes")
     item, names = _job(body, request, chat=chat)
     item["tenant"] = caller.tenant
     client = client_of(request)

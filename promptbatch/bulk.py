@@ -80,15 +80,17 @@ def work_digest(path: Path, options: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def scan(path: Path, provider: str | None = None) -> Scan:
+def scan(path: Path, provider: str | None = None, max_image_bytes: int | None = None,
+         ) -> Scan:
     """Validate every line of the file, one at a time (constant memory); with
-    ``provider``, the one the lines go to unless they name their own (``parse_line``)."""
+    ``provider``, the one the lines go to unless they name their own, and
+    ``max_image_bytes``, the bound on an inline image (``parse_line``)."""
     out = Scan()
     try:
         for number, text in read_lines(path):
             out.last_line = number
             try:
-                parse_line(number, text, provider)
+                parse_line(number, text, provider, max_image_bytes)
                 out.valid += 1
             except InvalidJob as exc:
                 out.invalid += 1
@@ -216,7 +218,8 @@ class BulkRun:
 
     def __init__(self, backend: Backend, path: Path, folder: Path, digest: str, *,
                  window: int = WINDOW, chunk: int = CHUNK, skip_invalid: bool = False,
-                 provider: str | None = None, prices: PriceBook | None = None) -> None:
+                 provider: str | None = None, prices: PriceBook | None = None,
+                 max_image_bytes: int | None = None) -> None:
         self.backend = backend
         self.path = path
         self.digest = digest
@@ -224,6 +227,8 @@ class BulkRun:
         self.chunk = chunk
         self.skip_invalid = skip_invalid
         self.provider = provider
+        #: The bound on an inline image lines are checked against (None: the service's).
+        self.max_image_bytes = max_image_bytes
         self.spool = Spool(folder)
         self.ledger = Ledger(folder)
         self.summary = SummaryBuilder(prices)
@@ -303,7 +308,8 @@ class BulkRun:
         parsed: list[InputLine] = []
         for number, text in lines:
             try:
-                parsed.append(parse_line(number, text, self.provider))
+                parsed.append(parse_line(number, text, self.provider,
+                                         self.max_image_bytes))
             except InvalidJob as exc:
                 if not self.skip_invalid and number > self._resumed_to:
                     raise  # (before it: a line the interrupted run skipped)
