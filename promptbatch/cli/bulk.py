@@ -296,7 +296,7 @@ def submit(
         job = BulkRun(backend, file, folder, digest,
                       window=window if waiting else 2**62, chunk=chunk,
                       skip_invalid=skip_invalid, provider=provider,
-                      max_image_bytes=images)
+                      max_image_bytes=images, count_earlier=False)  # no summary shown
         job.resume()
         if not waiting:
             _submit_only(job)
