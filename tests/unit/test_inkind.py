@@ -135,6 +135,25 @@ def test_simulated_counts_images_tools_and_schemas_by_its_rule() -> None:
     assert reply.usage.completion_tokens == len(call.name + call.arguments) // 4 + 1
 
 
+def test_echo_and_simulated_count_a_requests_tokens_alike() -> None:
+    """One stated rule for both stub providers: two images of a prompt of a few words are
+    counted by their detail (765 each, auto), tools and a schema by their JSON."""
+    two = request(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Which is bigger?"},
+        {"type": "image_url", "image_url": {"url": PNG}},
+        {"type": "image_url", "image_url": {"url": PNG}}]}])
+    cases = [request(), two, request(tools=[WEATHER, CLOCK]),
+             request(response_format=PERSON), request(prompt="plain text", messages=None)]
+    _, simulated = SimulatedProvider(CostModel(time_scale=0, cache_tokens=0)).cost(cases)
+    echoed = EchoProvider().complete(cases)
+    assert [r.usage.prompt_tokens for r in echoed if r.usage] == \
+        [u.prompt_tokens for u in simulated]
+    assert echoed[1].usage is not None and echoed[1].usage.prompt_tokens >= 2 * 765
+    assert echoed[2].usage is not None and echoed[0].usage is not None
+    assert echoed[2].usage.prompt_tokens - echoed[0].usage.prompt_tokens == pytest.approx(
+        len(json.dumps([WEATHER, CLOCK], separators=(",", ":"))) / 4, abs=2)
+
+
 def test_simulated_cuts_a_stated_share_of_its_json_answers() -> None:
     sim = SimulatedProvider(CostModel(time_scale=0, invalid_rate=0.3))
     reqs = [request(f"j{i}", response_format=PERSON, messages=[

@@ -14,6 +14,12 @@ check what they get):
 * else the provider's plain answer (``finish_reason`` ``stop``, or ``length`` when it was
   cut to ``max_tokens``).
 
+Both count a prompt's tokens by one stated rule (``prompt_tokens``): its text
+(``ProviderRequest.text``, where an image is an ``[image]`` mark) at four characters a
+token, plus each image by its ``detail`` (``jobs.chat.image_tokens``: 85 low, 765 high or
+auto), plus the tool definitions and a ``json_schema`` response format as the JSON text a
+provider reads (four characters a token).
+
 Text in an instance is drawn from the words of the user's messages (the prompt), so
 answers differ per prompt. With ``logprobs`` asked, a plausible OpenAI ``logprobs``
 object: one entry per piece of the content (a word with its leading space, or a JSON
@@ -28,7 +34,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.chat import FinishReason, FunctionCall, ToolCall, check_schema
+from jobs.chat import (
+    CHARS_PER_TOKEN,
+    FinishReason,
+    FunctionCall,
+    ToolCall,
+    canonical,
+    check_schema,
+    image_tokens,
+)
 from workers.providers.base import ProviderRequest
 from workers.providers.instances import instance
 
@@ -55,6 +69,15 @@ class Answer:
         if self.tool_calls:
             return "".join(c.function.name + c.function.arguments for c in self.tool_calls)
         return self.text or ""
+
+
+def prompt_tokens(req: ProviderRequest) -> int:
+    """How many tokens the prompt counts for (the rule in the module docstring)."""
+    shape = canonical(list(req.tools)) if req.tools else ""
+    if req.response_format is not None and req.response_format.json_schema is not None:
+        shape += canonical(req.response_format.json_schema)
+    return ((len(req.text) + len(shape)) // CHARS_PER_TOKEN + 1
+            + image_tokens(req.messages))
 
 
 def user_text(req: ProviderRequest) -> str:
