@@ -1,7 +1,7 @@
 """Structured outputs, tools and content parts through the client libraries people use,
 against a real stack (the API in uvicorn, a scheduler and a worker as processes, a real
 Redis-compatible server and SQLite file) with the ``simulated`` provider: the official
-``openai`` SDK, ``instructor`` (JSON and TOOLS modes) and ``langchain-openai``.
+``openai`` SDK, ``instructor`` (JSON, TOOLS and MD_JSON modes) and ``langchain-openai``.
 
 Each check is what the library's user looks at: the model instance ``.parse()`` or
 ``response_model`` returns, typed tool calls, the content of a Batch output line; and
@@ -299,7 +299,8 @@ def test_a_batch_file_with_response_format_gives_parseable_output_lines(
 
 # --- instructor ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", [instructor.Mode.JSON, instructor.Mode.TOOLS])
+@pytest.mark.parametrize("mode", [instructor.Mode.JSON, instructor.Mode.TOOLS,
+                                  instructor.Mode.MD_JSON])
 def test_instructor_returns_the_response_model(sdk: openai.OpenAI,
                                                mode: instructor.Mode) -> None:
     client = instructor.from_openai(sdk, mode=mode)

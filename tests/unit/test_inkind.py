@@ -154,6 +154,36 @@ def test_echo_and_simulated_count_a_requests_tokens_alike() -> None:
         len(json.dumps([WEATHER, CLOCK], separators=(",", ":"))) / 4, abs=2)
 
 
+#: What instructor's MD_JSON mode sends (instructor 1.17, its OpenAI handler): the schema
+#: in the system message, the ask for a fenced block merged into the user's message.
+MD_SYSTEM = ("As a genius expert, your task is to understand the content and provide\n"
+             "the parsed objects in json that match the following json_schema:\n\n\n"
+             + json.dumps(PERSON["json_schema"]["schema"], indent=2)
+             + "\n\nMake sure to return an instance of the JSON, not the schema itself\n")
+MD_ASK = "Return the correct JSON response within a ```json codeblock. not the JSON_SCHEMA"
+
+
+def test_a_fenced_json_block_answers_instructors_md_json_ask_and_nothing_else() -> None:
+    md = request(messages=[{"role": "system", "content": MD_SYSTEM},
+                           {"role": "user", "content": f"Ada Lovelace, 1815\n\n{MD_ASK}"}])
+    said = answer(md, "plain")
+    assert said.text is not None and said.finish_reason == "stop"
+    assert said.text.startswith("```json\n") and said.text.endswith("\n```")
+    value = json.loads(said.text.removeprefix("```json\n").removesuffix("\n```"))
+    assert checks(request(response_format=PERSON), json.dumps(value), None)
+    assert "JSON_SCHEMA" not in said.text and "codeblock" not in said.text
+    assert answer(md, "plain") == said  # deterministic
+    # Without any of the three conditions, the plain answer as before.
+    no_schema = request(messages=[{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": MD_ASK}])
+    no_ask = request(messages=[{"role": "system", "content": MD_SYSTEM},
+                               {"role": "user", "content": "Ada Lovelace, 1815"}])
+    with_format = request(response_format={"type": "text"}, messages=[
+        {"role": "system", "content": MD_SYSTEM}, {"role": "user", "content": MD_ASK}])
+    for req in (no_schema, no_ask, with_format):
+        assert answer(req, "plain").text == "plain"
+
+
 def test_simulated_cuts_a_stated_share_of_its_json_answers() -> None:
     sim = SimulatedProvider(CostModel(time_scale=0, invalid_rate=0.3))
     reqs = [request(f"j{i}", response_format=PERSON, messages=[

@@ -11,6 +11,9 @@ check what they get):
   ``json_object``: an instance of the JSON Schema the system (or developer) message
   gives, as a model would follow it (instructor's JSON mode writes the schema there),
   else ``{"answer": <the plain answer>}``;
+* with no response format, when the last message is the user's asking for JSON in a
+  ```` ```json ```` fenced block and the system (or developer) message gives a JSON
+  Schema (instructor's MD_JSON mode): that block, holding an instance of the schema;
 * else the provider's plain answer (``finish_reason`` ``stop``, or ``length`` when it was
   cut to ``max_tokens``).
 
@@ -121,9 +124,30 @@ def answer(req: ProviderRequest, plain: str, *, cut: bool = False) -> Answer:
         schema = schema_in_system(req)
         value = instance(schema, words) if schema is not None else {"answer": plain}
         text = json.dumps(value, ensure_ascii=False)
+    elif (schema := _fenced_ask(req)) is not None:
+        value = instance(schema, _FENCE_ASK.sub("", words))
+        text = f"```json\n{json.dumps(value, indent=2, ensure_ascii=False)}\n```"
     else:
         return Answer(plain, None, "length" if cut else "stop", _logprobs(req, plain))
     return Answer(text, None, "stop", _logprobs(req, text), shaped=True)
+
+
+#: A request for JSON in a fenced block, as instructor's MD_JSON mode writes it ("Return
+#: the correct JSON response within a ```json codeblock. not the JSON_SCHEMA"): the
+#: sentence that asks.
+_FENCE_ASK = re.compile(r"[^.\n]*```json[^\n]*", re.IGNORECASE)
+
+
+def _fenced_ask(req: ProviderRequest) -> dict[str, Any] | None:
+    """The schema to answer in a fenced JSON block: when the request has no response
+    format, its last message is the user's asking for a ```json block, and the system
+    (or developer) messages give a JSON Schema (``schema_in_system``); else None."""
+    if req.response_format is not None or not req.messages:
+        return None
+    last = req.messages[-1]
+    if last.role != "user" or not _FENCE_ASK.search(last.text):
+        return None
+    return schema_in_system(req)
 
 
 def schema_in_system(req: ProviderRequest) -> dict[str, Any] | None:
