@@ -171,6 +171,14 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(
         default=400_000, ge=1, description="Longest prompt accepted, in characters."
     )
+    max_image_bytes: int = Field(
+        default=5 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+        description="Largest image given inline (a data: URL), decoded; a bigger one is "
+        "refused with HTTP 422 naming its field (messages.N.content.M.image_url.url). "
+        "Default 5 MiB, Anthropic's bound per image. An image sent by http(s) URL is "
+        "fetched by the provider and has no bound here. A request must also fit its body "
+        "limit (api_max_request_bytes, api_max_body_bytes): base64 makes an image a third "
+        "larger.")
     max_pending_per_tenant: int = Field(
         default=1_000_000,
         ge=1,
@@ -206,9 +214,11 @@ class Settings(BaseSettings):
         description="Largest body of POST /v1/jobs (HTTP 413 above, checked before the body "
         "is read).")
     api_max_request_bytes: int = Field(
-        default=4 * 1024 * 1024, ge=1024,
+        default=8 * 1024 * 1024, ge=1024,
         description="Largest body of a single-job request (chat and text completions, the "
-        "Batch API's JSON requests); HTTP 413 above, checked before the body is read.")
+        "Batch API's JSON requests); HTTP 413 above, checked before the body is read. The "
+        "default carries one inline image at max_image_bytes (5 MiB, 6.7 MiB in base64) "
+        "and its text.")
     api_max_file_bytes: int = Field(
         default=200 * 1024 * 1024, ge=1024,
         description="Largest file upload (POST /v1/files, the Batch API's input files; "

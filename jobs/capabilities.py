@@ -5,8 +5,10 @@ serve is refused at submit, by field, never sent with the field dropped.
 field through to an OpenAI-compatible server. ``anthropic`` follows Anthropic's Messages
 API: it has no log probabilities, no ``seed``, no presence or frequency penalty, and a
 ``temperature`` of at most 1; it takes at most 100 images a request and 5 MiB an inline
-image. Response formats, tools, ``tool_choice`` (``none`` included),
-``parallel_tool_calls``, ``top_p``, ``stop`` and image URLs are served by all four (the
+image. The deployment's own bound on an inline image (the ``max_image_bytes`` setting,
+5 MiB by default) applies to every provider, checked here with the provider's.
+Response formats, tools, ``tool_choice`` (``none`` included), ``parallel_tool_calls``,
+``top_p``, ``stop`` and image URLs are served by all four (the
 Anthropic provider translates them). An image's ``detail`` has no Anthropic equivalent: it
 counts for estimates only.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from jobs.chat import IMAGE_TYPES, ImageURL, Message
+from jobs.chat import IMAGE_TYPES, Message, image_too_large, mib
 from jobs.models import GenerationParams
 
 
@@ -74,16 +76,10 @@ def _params(provider: str, caps: Capabilities,
     return errors
 
 
-def _image_bytes(image: ImageURL) -> int:
-    """Decoded bytes of an inline image (0 for an http(s) URL)."""
-    if not image.url.startswith("data:"):
-        return 0
-    data = image.url.partition(",")[2]
-    return len(data) * 3 // 4 - data[-2:].count("=")
-
-
-def _images(provider: str, caps: Capabilities,
-            messages: Sequence[Message]) -> list[tuple[str, str]]:
+def _images(provider: str, caps: Capabilities, messages: Sequence[Message],
+            limit: int | None) -> list[tuple[str, str]]:
+    """One error per inline image over ``limit`` (the deployment's bound) or over the
+    provider's, and one if there are more images than the provider takes."""
     errors: list[tuple[str, str]] = []
     count = 0
     for i, m in enumerate(messages):
@@ -93,26 +89,31 @@ def _images(provider: str, caps: Capabilities,
             if part.image_url is None:
                 continue
             count += 1
-            size = _image_bytes(part.image_url)
-            if caps.max_image_bytes is not None and size > caps.max_image_bytes:
-                errors.append((f"messages.{i}.content.{j}.image_url.url",
-                               f"the image has {size} bytes; the {provider} provider takes "
-                               f"at most {caps.max_image_bytes // (1024 * 1024)} MiB an "
-                               f"image ({', '.join(IMAGE_TYPES)})"))
+            size = part.image_url.size
+            field = f"messages.{i}.content.{j}.image_url.url"
+            if limit is not None and size > limit:
+                errors.append((field, image_too_large(size, limit)))
+            elif caps.max_image_bytes is not None and size > caps.max_image_bytes:
+                errors.append((field, f"the image has {size} bytes; the {provider} provider "
+                               f"takes at most {mib(caps.max_image_bytes)} MiB an image "
+                               f"({', '.join(IMAGE_TYPES)}): send a smaller image"))
     if caps.max_images is not None and count > caps.max_images:
         errors.append(("messages", f"{count} images; the {provider} provider takes at most "
                        f"{caps.max_images} in one request"))
     return errors
 
 
-def unserved(provider: str, params: GenerationParams,
-             messages: Sequence[Message] | None) -> list[tuple[str, str]]:
+def unserved(provider: str, params: GenerationParams, messages: Sequence[Message] | None,
+             max_image_bytes: int | None = None) -> list[tuple[str, str]]:
     """``(field, message)`` for each thing the request asks that ``provider`` cannot
-    serve (fields named as in ``JobRequest``); empty when it serves it all."""
+    serve (fields named as in ``JobRequest``); empty when it serves it all.
+    ``max_image_bytes``: the deployment's bound on an inline image (the setting), checked
+    with the provider's own."""
     caps = CAPABILITIES.get(provider, EVERYTHING)
-    if caps is EVERYTHING:
+    if caps is EVERYTHING and max_image_bytes is None:
         return []
-    return _params(provider, caps, params) + _images(provider, caps, messages or ())
+    return _params(provider, caps, params) + _images(provider, caps, messages or (),
+                                                     max_image_bytes)
 
 
 def serves(provider: str, params: GenerationParams,

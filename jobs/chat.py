@@ -47,9 +47,6 @@ TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_TEXT_CHARS = 400_000
 #: Longest http(s) image URL, in characters.
 MAX_IMAGE_URL_CHARS = 8_192
-#: Largest image given inline as a ``data:`` URL, decoded (the request's own size limits
-#: apply too: ``api_max_request_bytes``, ``api_max_body_bytes``).
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
 #: Image media types a ``data:`` URL may carry.
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 #: Tokens an image counts for, by its ``detail`` (see the module docstring).
@@ -137,14 +134,21 @@ class ImageURL(_Frozen):
         if m.group("type") not in IMAGE_TYPES:
             raise ValueError(f"image type {m.group('type')!r} is not served; use one of "
                              f"{', '.join(IMAGE_TYPES)}")
-        data = m.group("data")
-        if len(data) * 3 // 4 > MAX_IMAGE_BYTES:
-            raise ValueError(f"the image is over {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
         try:
-            base64.b64decode(data, validate=True)
+            base64.b64decode(m.group("data"), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise ValueError("the data: URL is not valid base64") from exc
         return value
+
+    @property
+    def size(self) -> int:
+        """Decoded bytes of an inline (``data:``) image; 0 for an http(s) URL. Its bound
+        is a setting (``max_image_bytes``), checked where a request is resolved
+        (``jobs.capabilities.unserved``)."""
+        if not self.url.startswith("data:"):
+            return 0
+        data = self.url.partition(",")[2]
+        return len(data) * 3 // 4 - data[-2:].count("=")
 
     @property
     def digest(self) -> str:
@@ -291,6 +295,18 @@ class Message(_Frozen):
     def payload(self) -> dict[str, Any]:
         """The message as OpenAI's API takes it (unset fields left out)."""
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def mib(size: int) -> str:
+    """A size in MiB as a person writes it (5, 0.5)."""
+    return f"{size / (1024 * 1024):g}"
+
+
+def image_too_large(size: int, limit: int) -> str:
+    """Why an inline image of ``size`` bytes is refused under the ``max_image_bytes``
+    setting (``limit``), and what to do."""
+    return (f"the image has {size} bytes, over the limit of {mib(limit)} MiB an inline "
+            "image (max_image_bytes): send a smaller image, or the image by http(s) URL")
 
 
 def image_tokens(messages: list[Message] | tuple[Message, ...] | None) -> int:

@@ -13,14 +13,27 @@ class InvalidJob(PromptBatchError):
     def __init__(self, errors: list[tuple[str, str]], *, line: int | None = None) -> None:
         self.errors = errors
         self.line = line
-        where = f"line {line}: " if line is not None else ""
-        detail = "; ".join(f"{field}: {msg}" for field, msg in errors)
-        super().__init__(f"{where}invalid job: {detail}")
+        super().__init__(_described(errors, line))
 
     @property
     def fields(self) -> list[str]:
         """The names of the fields at fault."""
         return [field for field, _ in self.errors]
+
+    def without_line(self) -> InvalidJob:
+        """The same error (of the same class) naming no line: one job has no line to
+        name."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.line = None
+        clone.args = (_described(self.errors, None),)
+        return clone
+
+
+def _described(errors: list[tuple[str, str]], line: int | None) -> str:
+    where = f"line {line}: " if line is not None else ""
+    detail = "; ".join(f"{field}: {msg}" for field, msg in errors)
+    return f"{where}invalid job: {detail}"
 
 
 class IdempotencyConflict(InvalidJob):

@@ -16,7 +16,7 @@ from jobs.capabilities import unserved
 from jobs.chat import as_response_format
 from jobs.errors import InvalidJob
 from jobs.lanes import refusal as lane_refusal
-from jobs.models import JobRequest, JobSpec
+from jobs.models import GenerationParams, JobRequest, JobSpec
 
 #: Providers a job may name, with the model used when the job names none.
 PROVIDER_DEFAULT_MODELS: dict[str, str] = {
@@ -25,6 +25,32 @@ PROVIDER_DEFAULT_MODELS: dict[str, str] = {
     "openai": "gpt-4o-mini",
     "anthropic": "claude-haiku-4-5",
 }
+
+
+#: OpenAI request fields that stay unserved, on every path (the chat endpoint, Batch
+#: lines, jobs and JSONL lines): why, and what to do. Refused when set to anything but
+#: the value that asks for nothing (``asks_nothing``).
+UNSERVED: dict[str, str] = {
+    "n": "only n=1 is served (send n requests)",
+    "audio": "audio output is not served",
+    "modalities": "only text output is served (modalities: ['text'])",
+    "prediction": "predicted outputs are not served",
+    "web_search_options": "web search is not served",
+    "functions": "not served (deprecated by OpenAI): use tools",
+    "function_call": "not served (deprecated by OpenAI): use tool_choice",
+    "logit_bias": "not served: leave it out",
+    "reasoning_effort": "not served: leave it out",
+    "verbosity": "not served: leave it out",
+}
+#: The values of unserved fields that ask for nothing (accepted, not used).
+_NOTHING: dict[str, tuple[Any, ...]] = {"n": (None, 1), "modalities": (None, ["text"]),
+                                        "logit_bias": (None, {})}
+
+
+def asks_nothing(field: str, value: Any) -> bool:
+    """Whether an unserved field's value asks for nothing (``n`` 1, ``modalities``
+    ``["text"]``...): it is accepted and not used."""
+    return value in _NOTHING.get(field, (None,))
 
 
 #: Branch names pydantic puts in an error's location inside a union (never a field of ours).
@@ -50,17 +76,56 @@ def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
 
 
 def parse_request(data: Any, *, line: int | None = None) -> JobRequest:
-    """Validate a JSON-like mapping as a ``JobRequest``."""
+    """Validate a JSON-like mapping as a ``JobRequest``. OpenAI's unserved fields
+    (``n``, ``audio``...) are refused with what the chat endpoint says of them, at the
+    top or in ``params``; set to what asks for nothing (``n``: 1) they are dropped."""
     if isinstance(data, JobRequest):
         return data
     if not isinstance(data, Mapping):
         raise InvalidJob([("(body)", "a job must be a JSON object")], line=line)
+    data = _without_nothing(data)
     if isinstance(data.get("response_format"), type):  # a pydantic model class
         data = {**data, "response_format": as_response_format(data["response_format"])}
     try:
         return JobRequest.model_validate(data)
     except ValidationError as exc:
-        raise InvalidJob(field_errors(exc), line=line) from exc
+        raise InvalidJob(_served_words(exc), line=line) from exc
+
+
+def _without_nothing(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``data`` without the unserved fields that ask for nothing (``n``: 1), at the top
+    and in ``params``."""
+    params = data.get("params")
+    idle = [k for k in UNSERVED if k in data and asks_nothing(k, data[k])]
+    idle_params = [k for k in UNSERVED if isinstance(params, Mapping) and k in params
+                   and asks_nothing(k, params[k])]
+    if not idle and not idle_params:
+        return data
+    out = {k: v for k, v in data.items() if k not in idle}
+    if idle_params:
+        assert isinstance(params, Mapping)
+        out["params"] = {k: v for k, v in params.items() if k not in idle_params}
+    return out
+
+
+#: Generation parameters (a JSONL line or a job may put them only in ``params``).
+_PARAMS = frozenset(GenerationParams.model_fields)
+
+
+def _served_words(exc: ValidationError) -> list[tuple[str, str]]:
+    """``field_errors``, where an unknown field that is one of OpenAI's unserved ones
+    (``n``, ``params.n``) says so as the chat endpoint does, and a generation parameter
+    at the top says where it goes."""
+    out = []
+    for err, (field, message) in zip(exc.errors(), field_errors(exc), strict=True):
+        name = field.removeprefix("params.")
+        if err["type"] == "extra_forbidden" and name in UNSERVED:
+            message = UNSERVED[name]
+        elif err["type"] == "extra_forbidden" and field in _PARAMS:
+            message = f"a generation parameter: put it in params ({{'params': {{'{field}': " \
+                      "...}})"
+        out.append((field, message))
+    return out
 
 
 def resolve(
@@ -96,7 +161,8 @@ def resolve(
         elif not model_ok:
             errors.append(("model", f"tenant {tenant!r} may not use model {model!r} of "
                            f"provider {provider!r} (tenant_providers)"))
-        errors += unserved(provider, request.params, request.messages)
+        errors += unserved(provider, request.params, request.messages,
+                           settings.max_image_bytes)
         refused = lane_refusal(provider, model, request.lane, request.stream, settings)
         if refused is not None:
             errors.append(refused)

@@ -85,7 +85,12 @@ class Client:
         also be a pydantic model class (a ``json_schema`` format of its schema)."""
         if prompt is not None:
             fields["prompt"] = prompt
-        return self.submit_many([fields])[0]
+        try:
+            return self.submit_many([fields])[0]
+        except InvalidJob as exc:  # one job: no line to name
+            if exc.line is None:
+                raise
+            raise exc.without_line() from None
 
     def submit_many(self, items: Iterable[JobRequest | Mapping[str, Any]], *,
                     tenant: str | None = None) -> list[str]:

@@ -105,7 +105,7 @@ async def submit(request: Request, caller: CallerDep,
     """Submit one job, or ``{"jobs": [...]}`` for many (all or none are accepted).
     Returns the ids at once. With an admin key, a job may name its ``tenant``."""
     settings = settings_of(request)
-    body = await read_json(request, settings.api_max_body_bytes)
+    body = await read_json(request, settings.api_max_body_bytes, "api_max_body_bytes")
     many = isinstance(body, dict) and "jobs" in body and set(body) == {"jobs"}
     items = body["jobs"] if many else [body]
     if not isinstance(items, list) or not items:
@@ -171,7 +171,7 @@ async def many_results(request: Request, caller: CallerDep) -> dict[str, Any]:
     (or after ``wait``, at most ``api_max_wait_s``): ``data`` holds the final ones'
     results, ``pending`` the others, ``unknown`` the ids the caller has no job of."""
     settings = settings_of(request)
-    body = await read_json(request, settings.api_max_body_bytes)
+    body = await read_json(request, settings.api_max_body_bytes, "api_max_body_bytes")
     ids = body.get("ids") if isinstance(body, dict) else None
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or not ids:
         raise ApiError(422, "invalid_request_error", "'ids' must be a non-empty list of job ids",

@@ -4,8 +4,8 @@ A batch is a JSONL file of ``{"custom_id", "method": "POST", "url": endpoint, "b
 lines. Each valid line becomes a ``bulk`` job whose deadline is the completion window;
 an invalid line is reported in the error file and the others run. The batch's status is
 derived from its jobs' states; once all are final, the output file (one line per
-successful request, in input order, keyed by ``custom_id``) and the error file are
-written.
+successful request, in input order, keyed by ``custom_id``) and the error file (one line
+per other request: ``error_line``, the raw answer kept where there was one) are written.
 """
 
 from __future__ import annotations
@@ -317,13 +317,8 @@ class BatchService:
                 if result is not None and result.state is JobState.SUCCEEDED:
                     out.write(json.dumps(output_line(custom_id, result)).encode() + b"\n")
                 else:
-                    state = result.state.value if result else "FAILED"
-                    code = (result.error_code if result else None) or state.lower()
-                    err.write(json.dumps({"id": f"batch_req_{job_id}", "custom_id": custom_id,
-                                          "response": None, "error": {
-                                              "code": code,
-                                              "message": (result.error if result else None)
-                                              or state}}).encode() + b"\n")
+                    err.write(json.dumps(error_line(custom_id, job_id, result)).encode()
+                              + b"\n")
         for kind, buf in (("output_file_id", out), ("error_file_id", err)):
             if buf.tell():
                 row = self.accounts.put_file(f"file-{uuid.uuid4().hex}", tenant,
@@ -365,3 +360,31 @@ def output_line(custom_id: str, result: JobResult) -> dict[str, Any]:
     return {"id": f"batch_req_{result.id}", "custom_id": custom_id,
             "response": {"status_code": 200, "request_id": result.id, "body": body},
             "error": None}
+
+
+#: The status of an error line's response: what ``/v1/chat/completions`` answers for a
+#: job that ended FAILED with an answer (the provider's answer was not usable).
+FAILED_STATUS = 502
+
+
+def error_line(custom_id: str, job_id: str, result: JobResult | None) -> dict[str, Any]:
+    """One line of a batch's error file for a job that did not succeed: ``error`` with
+    its ``code`` (``invalid_output``, ``expired``...) and ``message``. A job that got an
+    answer and ended FAILED for it (an answer that never validated: ``invalid_output``)
+    keeps it, as OpenAI writes a request that got an HTTP error: ``response`` with the
+    status the chat endpoint answers (502), the job's id as ``request_id`` and a ``body``
+    holding the ``error`` (OpenAI's error object) beside the raw answer as a
+    ``chat.completion`` (its message's content and tool calls as the provider wrote
+    them, and the usage paid for)."""
+    state = result.state.value if result else "FAILED"
+    code = (result.error_code if result else None) or state.lower()
+    message = (result.error if result else None) or state
+    line: dict[str, Any] = {"id": f"batch_req_{job_id}", "custom_id": custom_id,
+                            "response": None, "error": {"code": code, "message": message}}
+    if result is not None and (result.text is not None or result.tool_calls):
+        body = completion(result, result.model or "", int(result.finished_at))
+        body["error"] = {"message": message, "type": "provider_error", "param": None,
+                         "code": code}
+        line["response"] = {"status_code": FAILED_STATUS, "request_id": result.id,
+                            "body": body}
+    return line

@@ -78,8 +78,12 @@ def _as_written(exc: InvalidJob, names: dict[str, str]) -> ApiError:
 
 
 async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
-    body = await read_json(request, request.app.state.settings.api_max_request_bytes)
-    item, names = _job(body, request, chat=chat)
+    body = await read_json(request, request.app.state.settings.api_max_request_bytes,
+                           "api_max_request_bytes")
+    try:
+        item, names = _job(body, request, chat=chat)
+    except InvalidJob as exc:  # named as written already (n, audio, messages...)
+        raise _as_written(exc, {}) from exc
     item["tenant"] = caller.tenant
     client = client_of(request)
     try:

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jobs.errors import InvalidJob
+from jobs.validation import UNSERVED, asks_nothing
 
 #: OpenAI fields that become the job's generation parameters, by the same name.
 PARAMS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
@@ -35,25 +36,6 @@ IGNORED = frozenset({"user", "stream_options", "service_tier", "store", "safety_
 #: Our own job fields a chat or completions body may carry beside OpenAI's.
 OURS = ("priority", "timeout_s", "deadline", "idempotency_key", "cache", "metadata",
         "client_id")
-#: OpenAI fields that stay unserved: why, and what to do. Refused when set to anything
-#: but their default (``_DEFAULTS``).
-UNSERVED: dict[str, str] = {
-    "n": "only n=1 is served (send n requests)",
-    "audio": "audio output is not served",
-    "modalities": "only text output is served (modalities: ['text'])",
-    "prediction": "predicted outputs are not served",
-    "web_search_options": "web search is not served",
-    "functions": "not served (deprecated by OpenAI): use tools",
-    "function_call": "not served (deprecated by OpenAI): use tool_choice",
-    "logit_bias": "not served: leave it out",
-    "reasoning_effort": "not served: leave it out",
-    "verbosity": "not served: leave it out",
-}
-#: The values of unserved fields that ask for nothing (accepted, not used).
-_DEFAULTS: dict[str, tuple[Any, ...]] = {"n": (None, 1), "modalities": (None, ["text"]),
-                                          "logit_bias": (None, {})}
-
-
 def _refusals(body: Mapping[str, Any], *, chat: bool, ours: bool,
               batch: bool) -> list[tuple[str, str]]:
     """What the body asks that is not served, or leaves out, by field."""
@@ -63,7 +45,7 @@ def _refusals(body: Mapping[str, Any], *, chat: bool, ours: bool,
     errors: list[tuple[str, str]] = []
     for k, v in body.items():
         if k in UNSERVED:
-            if v not in _DEFAULTS.get(k, (None,)):
+            if not asks_nothing(k, v):
                 errors.append((k, UNSERVED[k]))
         elif k not in known:
             errors.append((k, "unknown field" if chat or k not in SHAPES else

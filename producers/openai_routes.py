@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 
 from producers.auth import CallerDep
 from producers.openai_batch import BatchError, BatchService, public
-from producers.web import ApiError, read_json
+from producers.web import read_json, too_large
 
 router = APIRouter()
 
@@ -36,7 +36,7 @@ async def create_file(request: Request, caller: CallerDep) -> dict[str, Any]:
     limit = request.app.state.settings.api_max_file_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
-        raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
+        raise too_large(limit, "api_max_file_bytes")
     form = await request.form()
     upload = form.get("file")
     purpose = form.get("purpose")
@@ -46,7 +46,7 @@ async def create_file(request: Request, caller: CallerDep) -> dict[str, Any]:
         raise BatchError(422, "purpose", "send 'purpose' (batch)")
     content = await upload.read()
     if len(content) > limit:
-        raise ApiError(413, "request_too_large", "the file is too large")
+        raise too_large(limit, "api_max_file_bytes")
     return await run_in_threadpool(service(request).create_file, tenant, purpose,
                                    upload.filename or "input.jsonl", content)
 
@@ -83,7 +83,8 @@ async def file_content(file_id: str, request: Request, caller: CallerDep) -> Res
 async def create_batch(request: Request, caller: CallerDep) -> dict[str, Any]:
     """Start a batch from an uploaded file; its jobs run at bulk priority."""
     tenant = caller.tenant
-    body = await read_json(request, request.app.state.settings.api_max_request_bytes)
+    body = await read_json(request, request.app.state.settings.api_max_request_bytes,
+                           "api_max_request_bytes")
     if not isinstance(body, dict) or not isinstance(body.get("input_file_id"), str):
         raise BatchError(422, "input_file_id", "input_file_id is required")
     metadata = body.get("metadata")

@@ -54,19 +54,38 @@ def error_response(status: int, kind: str, message: str,
     return JSONResponse({"error": body}, status_code=status)
 
 
-async def read_json(request: Request, limit: int) -> Any:
+#: What to do about a body over each limit, by the setting that holds it.
+_TOO_LARGE_ADVICE = {
+    "api_max_request_bytes": "send images by http(s) URL rather than inline",
+    "api_max_body_bytes": "send fewer jobs per request and images by http(s) URL rather "
+                          "than inline",
+    "api_max_file_bytes": "split the file into several batches",
+}
+
+
+def too_large(limit: int, setting: str) -> ApiError:
+    """The 413 of a body over ``limit`` bytes (the ``setting`` that holds it): what the
+    limit is and what to do."""
+    advice = _TOO_LARGE_ADVICE.get(setting, "send less")
+    message = (f"the body is over {limit} bytes ({setting}): {advice}, or raise "
+               f"PROMPTBATCH_{setting.upper()} on the server")
+    return ApiError(413, "request_too_large", message,
+                    [{"field": "(body)", "message": message}])
+
+
+async def read_json(request: Request, limit: int, setting: str) -> Any:
     """The request's JSON body: 413 over ``limit`` bytes (a declared length is refused
-    before anything is read), 400 if it is not UTF-8 JSON or nests deeper than
-    ``api_max_json_depth``, 422 for NaN, Infinity or a number out of range (naming its
-    field)."""
+    before anything is read; the message names ``setting``, the limit's, and what to
+    do), 400 if it is not UTF-8 JSON or nests deeper than ``api_max_json_depth``, 422
+    for NaN, Infinity or a number out of range (naming its field)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
-        raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
+        raise too_large(limit, setting)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "request_too_large", f"the body is over {limit} bytes")
+            raise too_large(limit, setting)
         chunks.append(chunk)
     try:
         return jsonbody.parse(b"".join(chunks), settings_of(request).api_max_json_depth)

@@ -80,15 +80,17 @@ def work_digest(path: Path, options: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def scan(path: Path, provider: str | None = None) -> Scan:
+def scan(path: Path, provider: str | None = None, max_image_bytes: int | None = None,
+         ) -> Scan:
     """Validate every line of the file, one at a time (constant memory); with
-    ``provider``, the one the lines go to unless they name their own (``parse_line``)."""
+    ``provider``, the one the lines go to unless they name their own, and
+    ``max_image_bytes``, the bound on an inline image (``parse_line``)."""
     out = Scan()
     try:
         for number, text in read_lines(path):
             out.last_line = number
             try:
-                parse_line(number, text, provider)
+                parse_line(number, text, provider, max_image_bytes)
                 out.valid += 1
             except InvalidJob as exc:
                 out.invalid += 1
@@ -154,6 +156,11 @@ class Backend(Protocol):
         """The results of these jobs are spooled: the backend may let them go."""
         ...
 
+    def finished(self, job_ids: list[str]) -> list[JobResult]:
+        """The results of jobs known to be final (a resumed run's earlier ones), those
+        that can still be read."""
+        ...
+
 
 class LocalBackend:
     """Redis and the SQL store directly (``producers.client.Client``). ``forget``: the
@@ -191,6 +198,16 @@ class LocalBackend:
         if self.forget and job_ids:
             self.client.queue.forget(job_ids)
 
+    def finished(self, job_ids: list[str]) -> list[JobResult]:
+        found = [r for r in self._results(job_ids) if r is not None]
+        have = {r.id for r in found}
+        rest = [j for j in job_ids if j not in have]
+        for start in range(0, len(rest), 2000):
+            stored = self.client.store.outcomes(rest[start:start + 2000])
+            found += [JobResult.model_validate_json(raw) for raw in stored.values()
+                      if raw is not None]
+        return found
+
     def _results(self, ids: list[str]) -> list[JobResult | None]:
         out: list[JobResult | None] = []
         for start in range(0, len(ids), 2000):
@@ -216,7 +233,8 @@ class BulkRun:
 
     def __init__(self, backend: Backend, path: Path, folder: Path, digest: str, *,
                  window: int = WINDOW, chunk: int = CHUNK, skip_invalid: bool = False,
-                 provider: str | None = None, prices: PriceBook | None = None) -> None:
+                 provider: str | None = None, prices: PriceBook | None = None,
+                 max_image_bytes: int | None = None, count_earlier: bool = True) -> None:
         self.backend = backend
         self.path = path
         self.digest = digest
@@ -224,6 +242,11 @@ class BulkRun:
         self.chunk = chunk
         self.skip_invalid = skip_invalid
         self.provider = provider
+        #: The bound on an inline image lines are checked against (None: the service's).
+        self.max_image_bytes = max_image_bytes
+        #: Whether a resumed run's summary reads its earlier results again (a caller
+        #: that prints no summary saves the reads).
+        self.count_earlier = count_earlier
         self.spool = Spool(folder)
         self.ledger = Ledger(folder)
         self.summary = SummaryBuilder(prices)
@@ -255,8 +278,10 @@ class BulkRun:
 
     def run(self, on_progress: Callable[[Progress], None],
             stall_timeout: float) -> Summary:
-        """Submit what is left, collect every result; the summary of what this call saw
-        finish (a resumed run's earlier results are in the output, not the summary)."""
+        """Submit what is left, collect every result; the summary of the whole file's
+        results, as the output has them: a resumed run's earlier results are read again
+        (``Summary.resumed``), and its speed is this call's."""
+        self._count_earlier()
         started = time.time()
         exhausted = False
         last_progress = time.monotonic()
@@ -281,6 +306,30 @@ class BulkRun:
         self.spool.flush()
         return self.summary.build(time.time() - started)
 
+    def _count_earlier(self) -> None:
+        """Add to the summary the results an interrupted run spooled: the ledger's jobs
+        whose lines are spooled (read from the ledger and the backend a chunk at a time,
+        never held)."""
+        if not self._resumed_to or not self.count_earlier:
+            return
+        batch: list[tuple[str, int]] = []
+        for number, job_id, cls, _ in self.ledger.read():
+            if job_id not in self.pending and self.spool.has(number):
+                batch.append((job_id, cls))
+            if len(batch) >= CHUNK:
+                self._add_earlier(batch)
+                batch = []
+        self._add_earlier(batch)
+
+    def _add_earlier(self, jobs: list[tuple[str, int]]) -> None:
+        if not jobs:
+            return
+        classes = dict(jobs)
+        found = self.backend.finished(list(classes))
+        for res in found:
+            self.summary.add(res, classes[res.id], earlier=True)
+        self.summary.not_found += len(classes) - len({r.id for r in found})
+
     def submit_next(self) -> bool:
         """Submit the next chunk of lines; False once every line is submitted."""
         if self._source is None:
@@ -303,7 +352,8 @@ class BulkRun:
         parsed: list[InputLine] = []
         for number, text in lines:
             try:
-                parsed.append(parse_line(number, text, self.provider))
+                parsed.append(parse_line(number, text, self.provider,
+                                         self.max_image_bytes))
             except InvalidJob as exc:
                 if not self.skip_invalid and number > self._resumed_to:
                     raise  # (before it: a line the interrupted run skipped)

@@ -39,10 +39,12 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
-def parse_line(number: int, text: str, provider: str | None = None) -> InputLine:
+def parse_line(number: int, text: str, provider: str | None = None,
+               max_image_bytes: int | None = None) -> InputLine:
     """Validate one JSONL line. With ``provider`` (the one its jobs go to unless a line
     names its own), a line is also refused for what that provider cannot serve
-    (``jobs.capabilities``), as a submit would refuse it."""
+    (``jobs.capabilities``), and with ``max_image_bytes`` (the setting) for an inline
+    image over it, as a submit would refuse it."""
     try:
         data = jsonbody.parse(text, MAX_DEPTH)
     except jsonbody.JsonRefused as exc:
@@ -57,13 +59,14 @@ def parse_line(number: int, text: str, provider: str | None = None) -> InputLine
         data.setdefault("client_id", str(custom))
     request = parse_request(data, line=number)
     target = request.provider or provider
-    errors = unserved(target, request.params, request.messages) if target else []
+    errors = unserved(target or "", request.params, request.messages, max_image_bytes) \
+        if target or max_image_bytes is not None else []
     if errors:
         raise InvalidJob(errors, line=number)
     return InputLine(number, None if custom is None else str(custom), request)
 
 
-def load_file(path: Path, provider: str | None = None,
+def load_file(path: Path, provider: str | None = None, max_image_bytes: int | None = None,
               ) -> tuple[list[InputLine], list[InvalidJob]]:
     """Every line of the file, validated (``parse_line``). Errors are collected, not
     raised."""
@@ -72,7 +75,7 @@ def load_file(path: Path, provider: str | None = None,
     try:
         for number, text in read_lines(path):
             try:
-                good.append(parse_line(number, text, provider))
+                good.append(parse_line(number, text, provider, max_image_bytes))
             except InvalidJob as exc:
                 bad.append(exc)
     except InvalidJob as exc:

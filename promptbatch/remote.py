@@ -109,3 +109,10 @@ class RemoteBackend:
 
     def collected(self, job_ids: list[str]) -> None:
         return None
+
+    def finished(self, job_ids: list[str]) -> list[JobResult]:
+        found: list[JobResult] = []
+        for start in range(0, len(job_ids), RESULTS_PER_CALL):
+            data, _ = self.client.results(job_ids[start:start + RESULTS_PER_CALL], wait=0.0)
+            found += [JobResult.model_validate(d) for d in data]
+        return found

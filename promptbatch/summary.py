@@ -67,6 +67,11 @@ class Summary:
     cost_usd: float = 0.0
     unpriced: int = 0
     saved_usd: dict[str, float] = field(default_factory=dict)
+    #: Of ``jobs``, those an interrupted run had finished before this one resumed it
+    #: (counted in every figure but the speed, which is this run's), and the earlier
+    #: jobs whose results could not be read again (in the output, not in the figures).
+    resumed: int = 0
+    not_found: int = 0
 
     @property
     def checked(self) -> int:
@@ -148,9 +153,14 @@ class SummaryBuilder:
         self.missed_deadline = 0
         self.from_cache: Counter[str] = Counter()
         self.checked: Counter[str] = Counter()
+        self.resumed = 0
+        self.not_found = 0
 
-    def add(self, r: JobResult, priority: int) -> None:
+    def add(self, r: JobResult, priority: int, *, earlier: bool = False) -> None:
+        """Count a result; ``earlier``: one an interrupted run finished (not counted in
+        this run's speed)."""
         self.jobs += 1
+        self.resumed += earlier
         if r.batch_id and r.batch_size:
             self.in_batches += 1
             self.batch_share += 1.0 / r.batch_size
@@ -197,7 +207,8 @@ class SummaryBuilder:
             mean_batch_size=self.in_batches / self.batch_share if self.batch_share else 0.0,
             mean_similarity=(self.similarity_share / self.similar_batches
                              if self.similar_batches else None),
-            jobs_per_s=self.jobs / wall_s if wall_s > 0 else 0.0, wall_s=wall_s,
+            jobs_per_s=(self.jobs - self.resumed) / wall_s if wall_s > 0 else 0.0,
+            wall_s=wall_s,
             succeeded=self.states[JobState.SUCCEEDED], failed=self.states[JobState.FAILED],
             expired=self.states[JobState.EXPIRED], cancelled=self.states[JobState.CANCELLED],
             prompt_tokens=self.prompt_tokens, cached_tokens=self.cached_tokens,
@@ -206,7 +217,8 @@ class SummaryBuilder:
             from_cache=dict(sorted(self.from_cache.items())),
             valid_first=self.checked["valid_first"], repaired=self.checked["repaired"],
             invalid=self.checked["invalid"], cost_usd=self.cost, unpriced=self.unpriced,
-            saved_usd={k: v for k, v in sorted(self.saved.items()) if v})
+            saved_usd={k: v for k, v in sorted(self.saved.items()) if v},
+            resumed=self.resumed, not_found=self.not_found)
 
 
 def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: float,
@@ -244,12 +256,18 @@ def summary_table(s: Summary) -> Table:
     table.add_column("what")
     table.add_column("value", justify="right")
     table.add_row("jobs", str(s.jobs))
+    if s.resumed or s.not_found:
+        table.add_row("of them finished before this run resumed", str(s.resumed))
+    if s.not_found:
+        table.add_row("earlier results not found again (in the output, not counted here)",
+                      str(s.not_found))
     table.add_row("batches", str(s.batches))
     table.add_row("mean batch size", f"{s.mean_batch_size:.1f}")
     table.add_row("mean similarity inside batches",
                   "-" if s.mean_similarity is None else f"{s.mean_similarity:.3f}")
-    table.add_row("jobs/s", f"{s.jobs_per_s:.1f}")
-    table.add_row("wall time", f"{s.wall_s:.2f} s")
+    this_run = " (this run)" if s.resumed else ""
+    table.add_row(f"jobs/s{this_run}", f"{s.jobs_per_s:.1f}")
+    table.add_row(f"wall time{this_run}", f"{s.wall_s:.2f} s")
     table.add_row("succeeded / failed / expired / cancelled",
                   f"{s.succeeded} / {s.failed} / {s.expired} / {s.cancelled}")
     if s.with_deadline:

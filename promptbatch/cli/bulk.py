@@ -63,7 +63,8 @@ def run(
     checked = not (run_dir / "scanned").exists()
     total = None
     if checked:  # before anything is written: a refused file leaves nothing behind
-        total = _scan_or_refuse(file, skip_invalid, provider or base.default_provider)
+        total = _scan_or_refuse(file, skip_invalid, provider or base.default_provider,
+                                base.max_image_bytes)
     try:
         runs.take(file)  # one run at a time on a data folder: a second one refuses
     except StackError as exc:
@@ -71,7 +72,9 @@ def run(
     try:
         if not (run_dir / "scanned").exists():  # a new run: earlier runs are forgotten
             if not checked:
-                total = _scan_or_refuse(file, skip_invalid, provider or base.default_provider)
+                total = _scan_or_refuse(file, skip_invalid,
+                                        provider or base.default_provider,
+                                        base.max_image_bytes)
             runs.clear()
             run_dir.mkdir(parents=True, exist_ok=True)
         else:
@@ -125,7 +128,8 @@ def _run_on_stack(file: Path, run_dir: Path, base: Settings, digest: str, *,
             job = BulkRun(LocalBackend(client, forget=not base.redis_url), file,
                           run_dir / "output", digest, window=window,
                           skip_invalid=skip_invalid, provider=provider,
-                          prices=client.submitter.prices)
+                          prices=client.submitter.prices,
+                          max_image_bytes=base.max_image_bytes)
             before = job.resume()
             if before:
                 console.print(f"resuming: {before} lines were submitted before, "
@@ -168,15 +172,17 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0] if text else repr(exc)
 
 
-def _scan_or_refuse(file: Path, skip_invalid: bool, provider: str | None = None) -> int:
+def _scan_or_refuse(file: Path, skip_invalid: bool, provider: str | None = None,
+                    max_image_bytes: int | None = None) -> int:
     """The first pass over a file: every line validated, one at a time (also for what
-    ``provider``, the lines' provider unless they name one, cannot serve); invalid lines
+    ``provider``, the lines' provider unless they name one, cannot serve, and for inline
+    images over ``max_image_bytes``, the setting, when known); invalid lines
     reported (and, without --skip-invalid, nothing submitted). Returns how many lines
     are valid (the jobs the run will submit)."""
     from promptbatch.bulk import scan
 
     with console.status(f"checking {file}..."):
-        found = scan(file, provider)
+        found = scan(file, provider, max_image_bytes)
     if found.invalid:
         report_invalid(found.errors)
         if found.invalid > len(found.errors):
@@ -276,7 +282,10 @@ def submit(
     waiting = wait or out is not None
     digest = _work_digest(file, provider=provider)
     folder = Path(f"{out or file}.promptbatch-state")
-    total = _prepare_state(folder, file, digest, skip_invalid, provider)
+    # Lines are checked against this machine's image bound unless they go to an API,
+    # which checks them against its own.
+    images = None if url else settings_or_exit().max_image_bytes
+    total = _prepare_state(folder, file, digest, skip_invalid, provider, images)
     backend, closing = _backend(url, api_key)
     from redis import RedisError
     from sqlalchemy.exc import SQLAlchemyError
@@ -286,7 +295,8 @@ def submit(
     try:
         job = BulkRun(backend, file, folder, digest,
                       window=window if waiting else 2**62, chunk=chunk,
-                      skip_invalid=skip_invalid, provider=provider)
+                      skip_invalid=skip_invalid, provider=provider,
+                      max_image_bytes=images, count_earlier=False)  # no summary shown
         job.resume()
         if not waiting:
             _submit_only(job)
@@ -316,7 +326,8 @@ def submit(
 
 
 def _prepare_state(folder: Path, file: Path, digest: str, skip_invalid: bool,
-                   provider: str | None = None) -> int | None:
+                   provider: str | None = None,
+                   max_image_bytes: int | None = None) -> int | None:
     """The state folder of a submit: kept if it is of the same work (resumed), else made
     afresh after the file is checked (a state of other work, the same file with other
     options or another file at the same path, is dropped: its jobs stay in the service).
@@ -330,7 +341,7 @@ def _prepare_state(folder: Path, file: Path, digest: str, skip_invalid: bool,
             return _scanned(folder)
         console.print(f"{folder} holds an unfinished submit of other work (another file or "
                       "other options): starting this one afresh", soft_wrap=True)
-    total = _scan_or_refuse(file, skip_invalid, provider)
+    total = _scan_or_refuse(file, skip_invalid, provider, max_image_bytes)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     (folder / "digest").write_text(digest + "\n")

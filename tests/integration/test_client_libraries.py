@@ -1,7 +1,7 @@
 """Structured outputs, tools and content parts through the client libraries people use,
 against a real stack (the API in uvicorn, a scheduler and a worker as processes, a real
 Redis-compatible server and SQLite file) with the ``simulated`` provider: the official
-``openai`` SDK, ``instructor`` (JSON and TOOLS modes) and ``langchain-openai``.
+``openai`` SDK, ``instructor`` (JSON, TOOLS and MD_JSON modes) and ``langchain-openai``.
 
 Each check is what the library's user looks at: the model instance ``.parse()`` or
 ``response_model`` returns, typed tool calls, the content of a Batch output line; and
@@ -23,7 +23,7 @@ import pytest
 from jsonschema import Draft202012Validator
 from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_openai import ChatOpenAI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, constr
 
 from config.settings import Settings
 from jobs.store import JobStore
@@ -54,6 +54,15 @@ class GetWeather(BaseModel):
 
     city: str
     unit: Literal["celsius", "fahrenheit"] = "celsius"
+
+
+class Invoice(BaseModel):
+    """An extraction with the patterns pydantic models carry (codes, dates, ids)."""
+
+    number: str = Field(pattern=r"^[A-Z]{3}-\d{4}$")
+    issued: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}$")
+    contact: str = Field(pattern=r"^[\w.+-]+@[\w-]+\.[\w.-]+$")
+    ref: constr(pattern=r"^[a-z]{2,4}_\d+$", min_length=8, max_length=10)  # type: ignore[valid-type]
 
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -131,6 +140,21 @@ def test_parse_returns_the_model_instance(sdk: openai.OpenAI) -> None:
                                       messages=[{"role": "user", "content": DOC}])
     person = chat.choices[0].message.parsed
     assert isinstance(person, Person) and 1000 <= person.born <= 2100
+
+
+@pytest.mark.parametrize("model", [MODEL, "echo|echo-1"])
+def test_a_schema_with_patterns_is_answered_valid_at_the_first_answer(
+        sdk: openai.OpenAI, stack: Api, model: str) -> None:
+    messages = [{"role": "user", "content": "Invoice from Acme, due in March."}]
+    chat = sdk.chat.completions.parse(model=model, response_format=Invoice,
+                                      messages=messages)  # type: ignore[arg-type]
+    invoice = chat.choices[0].message.parsed
+    assert isinstance(invoice, Invoice) and 8 <= len(invoice.ref) <= 10
+    assert stored(stack, chat.id)["schema_retries"] == 0
+    client = instructor.from_openai(sdk, mode=instructor.Mode.JSON)
+    again = client.chat.completions.create(model=model, response_model=Invoice,
+                                           max_retries=0, messages=messages)  # type: ignore[arg-type]
+    assert isinstance(again, Invoice)
 
 
 def test_json_object_answers_a_json_object(sdk: openai.OpenAI, stack: Api) -> None:
@@ -275,7 +299,8 @@ def test_a_batch_file_with_response_format_gives_parseable_output_lines(
 
 # --- instructor ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", [instructor.Mode.JSON, instructor.Mode.TOOLS])
+@pytest.mark.parametrize("mode", [instructor.Mode.JSON, instructor.Mode.TOOLS,
+                                  instructor.Mode.MD_JSON])
 def test_instructor_returns_the_response_model(sdk: openai.OpenAI,
                                                mode: instructor.Mode) -> None:
     client = instructor.from_openai(sdk, mode=mode)

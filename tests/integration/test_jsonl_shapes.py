@@ -22,6 +22,10 @@ SCHEMA: dict[str, Any] = {"type": "json_schema", "json_schema": {"name": "person
     "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}
 
 
+#: The run's bound on an inline image (``max_image_bytes``), above Anthropic's 5 MiB.
+LIMIT = 8 * 1024 * 1024
+
+
 def big_image(decoded: int) -> str:
     return "data:image/png;base64," + base64.b64encode(b"\0" * decoded).decode()
 
@@ -37,7 +41,7 @@ LINES: list[tuple[dict[str, Any], str, bool]] = [
                    {"role": "tool", "tool_call_id": "nope", "content": "1"}]},
      "messages.1.tool_call_id", False),
     ({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": big_image(20 * 1024 * 1024 + 3)}}]}]},
+        {"type": "image_url", "image_url": {"url": big_image(LIMIT + 3)}}]}]},
      "messages.0.content.0.image_url.url", False),
     ({"prompt": "x", "params": {"logprobs": True}}, "params.logprobs", True),
     ({"messages": [{"role": "user", "content": [
@@ -56,12 +60,12 @@ def test_lines_are_refused_by_line_and_field_for_their_provider(tmp_path: Path) 
     src = write(tmp_path / "in.jsonl", [{"prompt": "fine", "tools": [TOOL]},
                                         *(line for line, _, _ in LINES)])
     for provider in ("echo", "anthropic"):
-        good, bad = load_file(src, provider)
+        good, bad = load_file(src, provider, LIMIT)
         wanted = {n + 2: field for n, (_, field, only) in enumerate(LINES)
                   if provider == "anthropic" or not only}
         assert {e.line: e.fields for e in bad} == {n: [f] for n, f in wanted.items()}
         assert len(good) == len(LINES) + 1 - len(wanted)
-        found = scan(src, provider)
+        found = scan(src, provider, LIMIT)
         assert (found.valid, found.invalid) == (len(good), len(bad))
     # A line that names its own provider is checked against it, whatever the run's.
     own = write(tmp_path / "own.jsonl", [{"prompt": "x", "provider": "anthropic",

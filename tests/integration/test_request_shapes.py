@@ -129,16 +129,6 @@ def test_bad_shapes_on_v1_jobs_are_refused_naming_the_field_and_nothing_is_enque
     assert nothing_enqueued(r, api.settings)
 
 
-@pytest.mark.slow
-def test_an_image_over_the_size_bound_is_refused_naming_the_field(api: Api,
-                                                                   r: redis.Redis) -> None:
-    resp = api.a.post("/v1/jobs", json={"messages": user_with(image(20 * MiB + 1024))})
-    assert resp.status_code == 422, resp.text[:500]
-    assert fields(resp) == ["messages.0.content.1.image_url.url"]
-    assert "20 MiB" in resp.text
-    assert nothing_enqueued(r, api.settings)
-
-
 def test_every_shape_on_v1_jobs_is_accepted_and_kept_intact(api: Api,
                                                             settings: Settings) -> None:
     body = {"messages": CONVERSATION + PARTS, "tools": [TOOL], "tool_choice": "auto",

@@ -24,11 +24,11 @@ def image(size: int) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}}
 
 
-def refused(provider: str, **fields: Any) -> list[str]:
+def refused(provider: str, settings: Settings = SETTINGS, **fields: Any) -> list[str]:
     request = {"messages": [{"role": "user", "content": "hi"}], "provider": provider,
                **fields}
     try:
-        resolve(parse_request(request), job_id="j", now=1.0, settings=SETTINGS)
+        resolve(parse_request(request), job_id="j", now=1.0, settings=settings)
     except InvalidJob as exc:
         return exc.fields
     return []
@@ -46,7 +46,28 @@ EVERYTHING: dict[str, Any] = {
 def test_echo_simulated_and_openai_compatible_serve_every_field(provider: str) -> None:
     assert refused(provider, **EVERYTHING) == []
     big = [{"role": "user", "content": [image(6 * 1024 * 1024)] * 2}]
-    assert refused(provider, messages=big) == []
+    roomy = SETTINGS.model_copy(update={"max_image_bytes": 8 * 1024 * 1024})
+    assert refused(provider, roomy, messages=big) == []
+
+
+@pytest.mark.parametrize("provider", ["echo", "simulated", "openai", "anthropic"])
+def test_the_deployments_image_bound_applies_to_every_provider(provider: str) -> None:
+    at = [{"role": "user", "content": [{"type": "text", "text": "look"},
+                                        image(SETTINGS.max_image_bytes)]}]
+    over = [{"role": "user", "content": [{"type": "text", "text": "look"},
+                                          image(SETTINGS.max_image_bytes + 1)]}]
+    assert refused(provider, messages=at) == []
+    assert refused(provider, messages=over) == ["messages.0.content.1.image_url.url"]
+    small = SETTINGS.model_copy(update={"max_image_bytes": 2048})
+    assert refused(provider, small, messages=[{"role": "user", "content": [
+        image(2048), image(2049), {"type": "image_url", "image_url": {
+            "url": "https://example.com/" + "x" * 4000}}]}]) == [
+        "messages.0.content.1.image_url.url"]
+    # One error an image, naming the deployment's bound where both are passed.
+    errors = unserved(provider, GenerationParams(), [Message.model_validate(over[0])],
+                      max_image_bytes=1024)
+    assert [f for f, _ in errors] == ["messages.0.content.1.image_url.url"]
+    assert "max_image_bytes" in errors[0][1]
 
 
 @pytest.mark.parametrize(("params", "field"), [

@@ -135,6 +135,55 @@ def test_simulated_counts_images_tools_and_schemas_by_its_rule() -> None:
     assert reply.usage.completion_tokens == len(call.name + call.arguments) // 4 + 1
 
 
+def test_echo_and_simulated_count_a_requests_tokens_alike() -> None:
+    """One stated rule for both stub providers: two images of a prompt of a few words are
+    counted by their detail (765 each, auto), tools and a schema by their JSON."""
+    two = request(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Which is bigger?"},
+        {"type": "image_url", "image_url": {"url": PNG}},
+        {"type": "image_url", "image_url": {"url": PNG}}]}])
+    cases = [request(), two, request(tools=[WEATHER, CLOCK]),
+             request(response_format=PERSON), request(prompt="plain text", messages=None)]
+    _, simulated = SimulatedProvider(CostModel(time_scale=0, cache_tokens=0)).cost(cases)
+    echoed = EchoProvider().complete(cases)
+    assert [r.usage.prompt_tokens for r in echoed if r.usage] == \
+        [u.prompt_tokens for u in simulated]
+    assert echoed[1].usage is not None and echoed[1].usage.prompt_tokens >= 2 * 765
+    assert echoed[2].usage is not None and echoed[0].usage is not None
+    assert echoed[2].usage.prompt_tokens - echoed[0].usage.prompt_tokens == pytest.approx(
+        len(json.dumps([WEATHER, CLOCK], separators=(",", ":"))) / 4, abs=2)
+
+
+#: What instructor's MD_JSON mode sends (instructor 1.17, its OpenAI handler): the schema
+#: in the system message, the ask for a fenced block merged into the user's message.
+MD_SYSTEM = ("As a genius expert, your task is to understand the content and provide\n"
+             "the parsed objects in json that match the following json_schema:\n\n\n"
+             + json.dumps(PERSON["json_schema"]["schema"], indent=2)
+             + "\n\nMake sure to return an instance of the JSON, not the schema itself\n")
+MD_ASK = "Return the correct JSON response within a ```json codeblock. not the JSON_SCHEMA"
+
+
+def test_a_fenced_json_block_answers_instructors_md_json_ask_and_nothing_else() -> None:
+    md = request(messages=[{"role": "system", "content": MD_SYSTEM},
+                           {"role": "user", "content": f"Ada Lovelace, 1815\n\n{MD_ASK}"}])
+    said = answer(md, "plain")
+    assert said.text is not None and said.finish_reason == "stop"
+    assert said.text.startswith("```json\n") and said.text.endswith("\n```")
+    value = json.loads(said.text.removeprefix("```json\n").removesuffix("\n```"))
+    assert checks(request(response_format=PERSON), json.dumps(value), None)
+    assert "JSON_SCHEMA" not in said.text and "codeblock" not in said.text
+    assert answer(md, "plain") == said  # deterministic
+    # Without any of the three conditions, the plain answer as before.
+    no_schema = request(messages=[{"role": "system", "content": "Be brief."},
+                                  {"role": "user", "content": MD_ASK}])
+    no_ask = request(messages=[{"role": "system", "content": MD_SYSTEM},
+                               {"role": "user", "content": "Ada Lovelace, 1815"}])
+    with_format = request(response_format={"type": "text"}, messages=[
+        {"role": "system", "content": MD_SYSTEM}, {"role": "user", "content": MD_ASK}])
+    for req in (no_schema, no_ask, with_format):
+        assert answer(req, "plain").text == "plain"
+
+
 def test_simulated_cuts_a_stated_share_of_its_json_answers() -> None:
     sim = SimulatedProvider(CostModel(time_scale=0, invalid_rate=0.3))
     reqs = [request(f"j{i}", response_format=PERSON, messages=[

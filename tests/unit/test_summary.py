@@ -119,3 +119,24 @@ def test_the_summary_shows_what_the_run_cost_and_saved_by_reason() -> None:
     rows = dict(money_rows(s))
     assert rows["cost"].endswith("(1 job without a price)")
     assert rows["saved"].split(":")[1].strip().startswith("batch_discount $")
+
+
+def test_a_resumed_runs_earlier_results_count_in_every_figure_but_the_speed() -> None:
+    from rich.console import Console
+
+    from promptbatch.summary import SummaryBuilder, summary_table
+
+    builder = SummaryBuilder()
+    for i in range(3):
+        builder.add(JobResult(id=f"old{i}", state=JobState.SUCCEEDED, schema_retries=0,
+                              usage=Usage(prompt_tokens=10, cost_usd=0.5)), 2, earlier=True)
+    builder.add(JobResult(id="new", state=JobState.FAILED, error_code="invalid_output",
+                          usage=Usage(prompt_tokens=10, cost_usd=0.5)), 2)
+    s = builder.build(wall_s=2.0)
+    assert (s.jobs, s.resumed, s.succeeded, s.failed) == (4, 3, 3, 1)
+    assert (s.valid_first, s.invalid, s.cost_usd, s.prompt_tokens) == (3, 1, 2.0, 40)
+    assert s.jobs_per_s == 0.5  # one job in this run's two seconds
+    console = Console(width=200, record=True)
+    console.print(summary_table(s))
+    text = console.export_text()
+    assert "of them finished before this run resumed" in text and "jobs/s (this run)" in text

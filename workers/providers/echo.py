@@ -5,6 +5,14 @@ kind when the job asks for JSON or gives tools (``workers.providers.inkind``: JS
 validates against the schema, tool calls whose arguments fit the tool's parameters;
 never cut), with logprobs when asked.
 
+Its usage follows the rule ``simulated`` states (``workers.providers.inkind.prompt_tokens``
+counts for both, so that the two stub providers count a request alike): prompt tokens
+are the prompt's text at four characters a token (plus one), each image by its
+``detail`` (85 low, 765 high or auto: ``jobs.chat.image_tokens``), and the tool
+definitions and a ``json_schema`` response format as their JSON text, four characters a
+token; completion tokens are what it writes (the text, or each tool call's name and
+arguments), four characters a token (plus one).
+
 Test hooks, written in the prompt, obeyed only when the ``echo_test_hooks`` setting is on
 (never by default: they let whoever submits a job stall or kill a worker):
 ``[echo:sleep=SECONDS]`` makes the call last that long (a batch's call lasts the longest
@@ -29,7 +37,7 @@ from pathlib import Path
 from jobs.models import Usage
 from jobs.streams import Sink
 from workers.providers.base import ProviderReply, ProviderRequest
-from workers.providers.inkind import answer
+from workers.providers.inkind import answer, prompt_tokens
 
 _SLEEP = re.compile(r"\[echo:sleep=([0-9.]+)\]")
 _CHUNK_MS = re.compile(r"\[echo:chunk_ms=([0-9.]+)\]")
@@ -83,7 +91,7 @@ class EchoProvider:
             said = answer(req, text, cut=cut)
             if req.stream and self.sink is not None:
                 self._stream(req, said.text or "")
-            usage = Usage(prompt_tokens=_tokens(req.text),
+            usage = Usage(prompt_tokens=prompt_tokens(req),
                           completion_tokens=_tokens(said.emitted))
             replies.append(ProviderReply(
                 job_id=req.job_id, text=said.text, usage=usage, tool_calls=said.tool_calls,

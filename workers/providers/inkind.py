@@ -11,8 +11,17 @@ check what they get):
   ``json_object``: an instance of the JSON Schema the system (or developer) message
   gives, as a model would follow it (instructor's JSON mode writes the schema there),
   else ``{"answer": <the plain answer>}``;
+* with no response format, when the last message is the user's asking for JSON in a
+  ```` ```json ```` fenced block and the system (or developer) message gives a JSON
+  Schema (instructor's MD_JSON mode): that block, holding an instance of the schema;
 * else the provider's plain answer (``finish_reason`` ``stop``, or ``length`` when it was
   cut to ``max_tokens``).
+
+Both count a prompt's tokens by one stated rule (``prompt_tokens``): its text
+(``ProviderRequest.text``, where an image is an ``[image]`` mark) at four characters a
+token, plus each image by its ``detail`` (``jobs.chat.image_tokens``: 85 low, 765 high or
+auto), plus the tool definitions and a ``json_schema`` response format as the JSON text a
+provider reads (four characters a token).
 
 Text in an instance is drawn from the words of the user's messages (the prompt), so
 answers differ per prompt. With ``logprobs`` asked, a plausible OpenAI ``logprobs``
@@ -28,7 +37,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from jobs.chat import FinishReason, FunctionCall, ToolCall, check_schema
+from jobs.chat import (
+    CHARS_PER_TOKEN,
+    FinishReason,
+    FunctionCall,
+    ToolCall,
+    canonical,
+    check_schema,
+    image_tokens,
+)
 from workers.providers.base import ProviderRequest
 from workers.providers.instances import instance
 
@@ -55,6 +72,15 @@ class Answer:
         if self.tool_calls:
             return "".join(c.function.name + c.function.arguments for c in self.tool_calls)
         return self.text or ""
+
+
+def prompt_tokens(req: ProviderRequest) -> int:
+    """How many tokens the prompt counts for (the rule in the module docstring)."""
+    shape = canonical(list(req.tools)) if req.tools else ""
+    if req.response_format is not None and req.response_format.json_schema is not None:
+        shape += canonical(req.response_format.json_schema)
+    return ((len(req.text) + len(shape)) // CHARS_PER_TOKEN + 1
+            + image_tokens(req.messages))
 
 
 def user_text(req: ProviderRequest) -> str:
@@ -98,9 +124,30 @@ def answer(req: ProviderRequest, plain: str, *, cut: bool = False) -> Answer:
         schema = schema_in_system(req)
         value = instance(schema, words) if schema is not None else {"answer": plain}
         text = json.dumps(value, ensure_ascii=False)
+    elif (schema := _fenced_ask(req)) is not None:
+        value = instance(schema, _FENCE_ASK.sub("", words))
+        text = f"```json\n{json.dumps(value, indent=2, ensure_ascii=False)}\n```"
     else:
         return Answer(plain, None, "length" if cut else "stop", _logprobs(req, plain))
     return Answer(text, None, "stop", _logprobs(req, text), shaped=True)
+
+
+#: A request for JSON in a fenced block, as instructor's MD_JSON mode writes it ("Return
+#: the correct JSON response within a ```json codeblock. not the JSON_SCHEMA"): the
+#: sentence that asks.
+_FENCE_ASK = re.compile(r"[^.\n]*```json[^\n]*", re.IGNORECASE)
+
+
+def _fenced_ask(req: ProviderRequest) -> dict[str, Any] | None:
+    """The schema to answer in a fenced JSON block: when the request has no response
+    format, its last message is the user's asking for a ```json block, and the system
+    (or developer) messages give a JSON Schema (``schema_in_system``); else None."""
+    if req.response_format is not None or not req.messages:
+        return None
+    last = req.messages[-1]
+    if last.role != "user" or not _FENCE_ASK.search(last.text):
+        return None
+    return schema_in_system(req)
 
 
 def schema_in_system(req: ProviderRequest) -> dict[str, Any] | None:

@@ -9,14 +9,17 @@ OpenAPI's ``nullable``, ``minimum`` / ``maximum`` (and their exclusive forms),
 ``multipleOf``, ``minLength`` / ``maxLength``, and ``format`` ``date``, ``date-time``,
 ``time``, ``duration``, ``email``, ``idn-email``, ``uri``, ``uuid``, ``ipv4``, ``ipv6``,
 ``hostname``, ``idn-hostname``, ``json-pointer``, ``relative-json-pointer`` and
-pydantic's address, network and interface formats (``ipvanyaddress``, ...). Every property is
-filled (an optional one with its non-null branch), so an extraction gets whole records.
+pydantic's address, network and interface formats (``ipvanyaddress``, ...), and
+``pattern`` (a string the regular expression finds, within ``minLength`` and
+``maxLength`` where the pattern allows: ``workers.providers.patterns``). Every property
+is filled (an optional one with its non-null branch), so an extraction gets whole records.
 
 The same schema and prompt give the same instance; another prompt gives other words and
-numbers. A schema beyond these keywords (a ``pattern``, ``not``, conditionals) may get an
-instance that does not validate: ``instance`` tries a few seeds and returns the first
-that validates, else the last one tried (the worker's check then asks again, and the
-job ends ``invalid_output``). Pure: no I/O, no clock.
+numbers. A schema beyond these keywords (``not``, conditionals, a pattern beyond the
+constructs ``patterns`` knows) may get an instance that does not validate: ``instance``
+tries a few seeds and returns the first that validates, else the last one tried (the
+worker's check then asks again, and the job ends ``invalid_output``). Pure: no I/O, no
+clock.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from jobs.answers import validate
+from workers.providers.patterns import matching
 
 #: Deepest nesting filled; below it optional parts stay out and arrays hold what they
 #: must (recursive models end).
@@ -222,7 +226,21 @@ class _Gen:
         if isinstance(most, int) and len(text) > most:
             text = text[:most].rstrip() if most > 0 else ""
             text = text + "x" * (least - len(text)) if len(text) < least else text
+        pattern = schema.get("pattern")
+        if isinstance(pattern, str) and not _finds(pattern, text):
+            found = matching(pattern, lambda label, n: self.number(f"{path}#{label}", n),
+                             least, most if isinstance(most, int) else None)
+            text = found if found is not None else text
         return text
+
+
+def _finds(pattern: str, text: str) -> bool:
+    """Whether ``pattern`` finds a match in ``text`` (as JSON Schema's ``pattern``
+    checks); False for a pattern Python cannot compile."""
+    try:
+        return re.search(pattern, text) is not None
+    except re.error:
+        return False
 
 
 def _bound(schema: dict[str, Any], inclusive: str, exclusive: str,

@@ -23,15 +23,15 @@ The model, with its settings (``PROMPTBATCH_SIMULATED_*``):
   without constrained decoding may answer: drawn from a digest of the request's text, so
   the same request is cut again and one asked again (a longer conversation) draws anew.
 
-Tokens are counted by one stated rule (``prompt_tokens``, ``completion_tokens``): the
-prompt's text at four characters a token, plus each image by its ``detail``
-(``jobs.chat.image_tokens``: 85 low, 765 high or auto), plus the tool definitions and a
-``json_schema`` response format as text (their JSON, four characters a token). Only the
-text goes through the prefix cache. A plain answer has ``max_tokens`` tokens (32 when
-unset, at most 256); an answer in kind (JSON for a response format, or tool calls:
-``workers.providers.inkind``) has the tokens of what it writes (its JSON, or each
-call's function name and arguments), four characters a token. Usage is reported as
-OpenAI does: ``prompt_tokens``, ``completion_tokens``,
+Tokens are counted by one stated rule, the one ``echo`` counts by too
+(``workers.providers.inkind.prompt_tokens``): the prompt's text at four characters a
+token, plus each image by its ``detail`` (``jobs.chat.image_tokens``: 85 low, 765 high or
+auto), plus the tool definitions and a ``json_schema`` response format as text (their
+JSON, four characters a token). Only the text goes through the prefix cache. A plain
+answer has ``max_tokens`` tokens (32 when unset, at most 256); an answer in kind (JSON
+for a response format, or tool calls: ``workers.providers.inkind``) has the tokens of
+what it writes (its JSON, or each call's function name and arguments), four characters
+a token. Usage is reported as OpenAI does: ``prompt_tokens``, ``completion_tokens``,
 ``prompt_tokens_details.cached_tokens`` (here ``Usage.cached_tokens``).
 """
 
@@ -47,10 +47,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from config.settings import Settings
-from jobs.chat import canonical, image_tokens
 from jobs.models import Usage
 from workers.providers.base import ProviderReply, ProviderRequest
-from workers.providers.inkind import Answer, answer
+from workers.providers.inkind import Answer, answer, prompt_tokens
 
 if TYPE_CHECKING:
     from jobs.streams import Sink
@@ -134,15 +133,6 @@ def pieces(text: str, n: int) -> list[str]:
     """``text`` cut into ``n`` pieces of near-equal length, in order (some empty when the
     text is shorter than ``n``)."""
     return [text[len(text) * i // n:len(text) * (i + 1) // n] for i in range(n)]
-
-
-def prompt_tokens(req: ProviderRequest) -> int:
-    """How many tokens the prompt counts for (see the module docstring)."""
-    shape = canonical(list(req.tools)) if req.tools else ""
-    if req.response_format is not None and req.response_format.json_schema is not None:
-        shape += canonical(req.response_format.json_schema)
-    return ((len(req.text) + len(shape)) // CHARS_PER_TOKEN + 1
-            + image_tokens(req.messages))
 
 
 class SimulatedProvider:
