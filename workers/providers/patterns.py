@@ -159,6 +159,11 @@ def _end_anchored(tree: Any) -> bool:
     return bool(items) and str(items[-1][0]) == "AT" and "END" in str(items[-1][1])
 
 
+#: Sets of choices tried before a pattern is given up on (a length bound may be met by
+#: some choices of an alternation and not others: ``^(q|rs){1,3}$`` in 5 characters).
+ATTEMPTS = 16
+
+
 def matching(pattern: str, draw: Draw, least: int = 0, most: int | None = None,
              ) -> str | None:
     """A string ``re.search(pattern, ...)`` finds, of ``least`` to ``most`` characters,
@@ -176,13 +181,22 @@ def matching(pattern: str, draw: Draw, least: int = 0, most: int | None = None,
         return text is not None and least <= len(text) <= most \
             and compiled.search(text) is not None
 
-    drawn = _write(tree, draw, None)
-    if fits(drawn):
-        return drawn
-    text = _shortest_at_least(tree, draw, least)
-    if text is not None and pad and len(text) < least:
-        text += "x" * (least - len(text))  # after the match: it is still found
-    return text if fits(text) else None
+    for attempt in range(ATTEMPTS):  # other choices when one set of them misses the bounds
+        again = draw if attempt == 0 else _salted(draw, attempt)
+        drawn = _write(tree, again, None)
+        if fits(drawn):
+            return drawn
+        text = _shortest_at_least(tree, again, least)
+        if text is not None and pad and len(text) < least:
+            text += "x" * (least - len(text))  # after the match: it is still found
+        if fits(text):
+            return text
+    return None
+
+
+def _salted(draw: Draw, salt: int) -> Draw:
+    """``draw`` under other labels: another set of choices."""
+    return lambda label, n: draw(f"{label}~{salt}", n)
 
 
 def _write(tree: Any, draw: Draw, budget: int | None) -> str | None:
