@@ -5,30 +5,33 @@
 
 Workload: ``--jobs`` bulk jobs (no deadline, temperature 0, ``max_tokens`` 64) over
 ``--families`` prefix families (a system prompt of about 1,100 tokens each, past OpenAI's
-1,024-token threshold for prompt caching, then a short request of its own), a share
+1,024-token threshold for prompt caching, then a short record of its own), a share
 ``--repeats`` of them exact repeats of an earlier job, in random order, submitted with
 ``submit_many`` per 1,000 jobs as a producer streaming its input would.
 
-The provider: OpenAI's API played by a second promptbatch (its own Valkey, job store,
-HTTP API, scheduler and workers) with ``simulated`` behind it and its result cache off,
-as tests/faults/test_lane_openai.py does: its chat completions are the fast path, its
-Batch API (OpenAI's protocol) the half-price lane. ``simulated`` has no batch endpoint of
-its own, so this is how the lane runs for real. Every run gets a fresh one (a cold
-prefix cache). Our deployment is ``openai|gpt-4o-mini`` at that URL; the price library
-cannot price a loopback URL, so ``PROMPTBATCH_PRICES`` gives it exactly the price the
-price book gives ``simulated`` (OpenAI's gpt-4o-mini, from genai-prices: input, cached
-input, output, and the batch discount of 0.5).
-
-Runs, each on its own Valkey and SQLite store:
+Prices: ``simulated`` is priced as OpenAI's gpt-4o-mini (the price book's default, from
+genai-prices: input, cached input, output, and OpenAI's batch discount of 0.5). Runs,
+each on its own Valkey and SQLite store:
 
 * **one request per prompt**: the fast path with no cache (``PROMPTBATCH_CACHE_ENABLED=
-  false``, no batch lane), one ``process_batch`` task per job in arrival order, claimed
-  through the scheduler's claim path (``bench/llm.py``'s baseline);
+  false``), one ``process_batch`` task per job in arrival order, claimed through the
+  scheduler's claim path (``bench/llm.py``'s baseline), on ``simulated|sim-1``;
 * **promptbatch, fast path only**: the scheduler's batches (similar prompts together),
-  the exact cache at submit and coalescing on, the lane off (``PROMPTBATCH_BATCH_API``
-  unset);
-* **promptbatch**: the same with the half-price lane on for the deployment (bulk jobs
-  without a deadline go there by themselves).
+  the exact cache at submit and coalescing on, no batch lane, on ``simulated|sim-1``;
+* **promptbatch with the lane**: the same with the half-price lane on (bulk jobs without
+  a deadline go there by themselves). ``simulated`` has no batch endpoint, so this run's
+  deployment is ``openai|gpt-4o-mini`` with OpenAI's API played by a second promptbatch
+  (its own Valkey, job store, HTTP API, scheduler and workers) with ``simulated`` behind
+  it and its result cache off, as tests/faults/test_lane_openai.py does: its Batch API
+  speaks OpenAI's protocol. The price library cannot price a loopback URL, so
+  ``PROMPTBATCH_PRICES`` gives that deployment exactly ``simulated``'s price. Token counts
+  come from the same ``simulated`` cost model either way (the same counting rule, a
+  prefix cache of the same size in each worker process).
+
+The first two runs call ``simulated`` in our own workers rather than through the second
+promptbatch: the cost is the same (same tokens, same price) and a live call through two
+stacks on two cores is several times slower (``--fast-via-upstream`` runs them through it
+anyway).
 
 What each run cost and saved is what the system recorded, never this script's own
 arithmetic: the SQL spend and savings rows (``jobs.ledger.totals``), the sum of the
@@ -75,6 +78,7 @@ from promptbatch.embedded import EmbeddedRedis, free_port
 
 MODEL = "gpt-4o-mini"
 DEPLOYMENT = f"openai|{MODEL}"
+SIMULATED = ("simulated", "sim-1")
 KEY = "pb-bench-cost-upstream"
 CHUNK = 1000
 BULK = 4
@@ -117,8 +121,7 @@ def workload(n: int, families: int, repeats: float, seed: int = 11) -> list[dict
             {"role": "user", "content": f"Record {k} of desk {f}: customer #{rng.randrange(10**6)}"
              f" wrote on day {rng.randrange(1, 366)} about order {rng.randrange(10**7)}: the "
              f"parcel arrived {rng.choice(['late', 'damaged', 'incomplete', 'twice'])}."}],
-            "provider": "openai", "model": MODEL, "priority": "bulk",
-            "params": {"temperature": 0, "max_tokens": 64}}
+            "priority": "bulk", "params": {"temperature": 0, "max_tokens": 64}}
         jobs.append(job)
         originals.append(job)
     return jobs
@@ -230,15 +233,21 @@ class Outcome:
         return sum(r.lane == "provider_batch" for r in self.results)
 
 
-def our_env(redis_url: str, db: Path, upstream_url: str, cache: bool, lane: bool,
-            data_dir: Path) -> dict[str, str]:
+def our_env(redis_url: str, db: Path, data_dir: Path, cache: bool, lane: bool,
+            upstream_url: str | None, time_scale: float) -> dict[str, str]:
+    """Our processes' environment: ``upstream_url`` (the second promptbatch) serves
+    ``openai|gpt-4o-mini``, priced as ``simulated`` is; the lane on for it, or not."""
     env = {"PROMPTBATCH_REDIS_URL": redis_url, "PROMPTBATCH_DATABASE_URL": f"sqlite:///{db}",
            "PROMPTBATCH_DATA_DIR": str(data_dir),
-           "PROMPTBATCH_OPENAI_BASE_URL": upstream_url, "PROMPTBATCH_OPENAI_API_KEY": KEY,
-           "PROMPTBATCH_OPENAI_PREFIX_STRATEGY": "parallel",
-           "PROMPTBATCH_PRICES": json.dumps({DEPLOYMENT: price_entry()}),
            "PROMPTBATCH_CACHE_ENABLED": "true" if cache else "false",
-           "PROMPTBATCH_BATCH_API_POLL_MIN_S": "1", "PROMPTBATCH_BATCH_API_POLL_MAX_S": "5"}
+           "PROMPTBATCH_SIMULATED_TIME_SCALE": str(time_scale)}
+    if upstream_url is not None:
+        env.update({"PROMPTBATCH_OPENAI_BASE_URL": upstream_url,
+                    "PROMPTBATCH_OPENAI_API_KEY": KEY,
+                    "PROMPTBATCH_OPENAI_PREFIX_STRATEGY": "parallel",
+                    "PROMPTBATCH_PRICES": json.dumps({DEPLOYMENT: price_entry()}),
+                    "PROMPTBATCH_BATCH_API_POLL_MIN_S": "1",
+                    "PROMPTBATCH_BATCH_API_POLL_MAX_S": "5"})
     if lane:
         env["PROMPTBATCH_BATCH_API"] = json.dumps({DEPLOYMENT: True})
     return _env(env)
@@ -246,10 +255,17 @@ def our_env(redis_url: str, db: Path, upstream_url: str, cache: bool, lane: bool
 
 def run(label: str, cache: bool, lane: bool, batches: bool, jobs: list[dict[str, Any]],
         args: argparse.Namespace, run_dir: Path) -> Outcome:
-    """One run against a fresh provider; what the system recorded of it."""
-    with upstream(run_dir, args.workers, args.time_scale) as url, \
-            EmbeddedRedis(run_dir / "redis") as server:
-        env = our_env(server.url, run_dir / "jobs.db", url, cache, lane, run_dir / "data")
+    """One run (through a fresh second promptbatch for the lane, or with
+    ``--fast-via-upstream``); what the system recorded of it."""
+    via = lane or args.fast_via_upstream
+    provider, model = ("openai", MODEL) if via else SIMULATED
+    jobs = [{**j, "provider": provider, "model": model} for j in jobs]
+    with contextlib.ExitStack() as stack:
+        url = (stack.enter_context(upstream(run_dir, args.workers, args.time_scale))
+               if via else None)
+        server = stack.enter_context(EmbeddedRedis(run_dir / "redis"))
+        env = our_env(server.url, run_dir / "jobs.db", run_dir / "data", cache, lane, url,
+                      args.time_scale)
         s = migrated(settings_of(env))
         kids = Children(run_dir)
         metrics_port = free_port()
@@ -266,7 +282,8 @@ def run(label: str, cache: bool, lane: bool, batches: bool, jobs: list[dict[str,
                 for start in range(0, len(jobs), CHUNK):
                     ids += client.submit_many(jobs[start:start + CHUNK])
                 if not batches:
-                    send_baseline(client, s, ids, 1, deployment=DEPLOYMENT, cls=BULK)
+                    send_baseline(client, s, ids, 1, deployment=f"{provider}|{model}",
+                                  cls=BULK)
                 results = list(client.results(ids, timeout=args.timeout))
                 wall = time.perf_counter() - t0
             if not batches:  # the scheduler exports the counters
@@ -342,15 +359,14 @@ def report(outs: list[Outcome], args: argparse.Namespace) -> None:
                      a["coalesced"], f"{100 * o.cached_share:.0f}%", f"${o.sql_cost:.4f}",
                      f"${1000 * o.sql_cost / n:.4f}", f"{base / o.sql_cost:.2f}x"))
     p = price_entry()
-    print(f"{DEPLOYMENT}: a promptbatch with simulated behind it, priced as simulated is "
-          f"({' '.join(SIMULATED_PRICED_AS)}): ${p['input']} input, ${p['cached_input']} "
-          f"cached input, ${p['output']} output per million tokens; batch discount "
-          f"{p['batch_discount']}")
+    print(f"prices: {'|'.join(SIMULATED)} is priced as {'|'.join(SIMULATED_PRICED_AS)} "
+          f"(${p['input']} input, ${p['cached_input']} cached input, ${p['output']} output "
+          f"per million tokens, batch discount {p['batch_discount']}); {DEPLOYMENT} (the lane's "
+          "deployment: a second promptbatch with simulated behind it) the same")
     table(f"cost: {n:,} bulk jobs over {args.families} prefix families, "
           f"{100 * args.repeats:.0f}% exact repeats",
-          ["run", "s", "own calls", "of them via the lane", "exact cache", "coalesced",
-           "prompt tokens cached", "cost (SQL spend rows)", "per 1,000 jobs",
-           "baseline / this"], rows)
+          ["run", "seconds", "own calls", "via the lane", "exact cache", "coalesced",
+           "tokens cached", "cost (SQL)", "per 1k jobs", "baseline / this"], rows)
     saved_rows = []
     for reason in REASONS:
         values = [o.metric_saved.get(reason, 0.0) for o in outs]
@@ -383,6 +399,9 @@ def main() -> None:
     parser.add_argument("--runs", default="0,1,2",
                         help="which runs, by position (0: the baseline, which the ratios "
                         "need)")
+    parser.add_argument("--fast-via-upstream", action="store_true",
+                        help="run the runs without the lane through the second promptbatch "
+                        "too (openai|gpt-4o-mini), not on simulated in our workers")
     parser.add_argument("--keep", action="store_true", help="keep logs and data")
     args = parser.parse_args()
     jobs = workload(args.jobs, args.families, args.repeats)
