@@ -50,6 +50,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -266,6 +267,8 @@ def run(label: str, cache: bool, lane: bool, batches: bool, jobs: list[dict[str,
         server = stack.enter_context(EmbeddedRedis(run_dir / "redis"))
         env = our_env(server.url, run_dir / "jobs.db", run_dir / "data", cache, lane, url,
                       args.time_scale)
+        if args.lane_wait_s is not None:
+            env["PROMPTBATCH_BATCH_API_WAIT_S"] = str(args.lane_wait_s)
         s = migrated(settings_of(env))
         kids = Children(run_dir)
         metrics_port = free_port()
@@ -383,7 +386,7 @@ def report(outs: list[Outcome], args: argparse.Namespace) -> None:
           "usage.cost_usd and the Prometheus counters agree in every run.")
 
 
-def main() -> None:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20_000)
@@ -394,33 +397,39 @@ def main() -> None:
                         help="worker processes of ours, and of the provider's")
     parser.add_argument("--time-scale", type=float, default=0.01,
                         help="simulated's time scale (its modelled durations times this)")
+    parser.add_argument("--lane-wait-s", type=float, default=None,
+                        help="PROMPTBATCH_BATCH_API_WAIT_S (default: the product's, the bulk "
+                        "class's longest wait, 30 s)")
     parser.add_argument("--timeout", type=float, default=1800,
                         help="seconds a run may wait for its results")
-    parser.add_argument("--runs", default="0,1,2",
-                        help="which runs, by position (0: the baseline, which the ratios "
-                        "need)")
     parser.add_argument("--fast-via-upstream", action="store_true",
                         help="run the runs without the lane through the second promptbatch "
                         "too (openai|gpt-4o-mini), not on simulated in our workers")
     parser.add_argument("--keep", action="store_true", help="keep logs and data")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> list[Outcome]:
+    """Every run, checked (each job succeeded; SQL, results and metrics agree)."""
     jobs = workload(args.jobs, args.families, args.repeats)
-    chosen = [RUNS[int(i)] for i in args.runs.split(",")]
-    tmp = Path(tempfile.mkdtemp(prefix="pb-cost-"))
     outs = []
+    for k, (label, cache, lane, batches) in enumerate(RUNS):
+        out = run(label, cache, lane, batches, jobs, args, tmp / str(k))
+        check(out, args.jobs)
+        print(f"{label}: {out.wall_s:.0f} s, ${out.sql_cost:.4f}", flush=True)
+        outs.append(out)
+    return outs
+
+
+def main() -> None:
+    args = parse()
+    tmp = Path(tempfile.mkdtemp(prefix="pb-cost-"))
     try:
-        for k, (label, cache, lane, batches) in enumerate(chosen):
-            out = run(label, cache, lane, batches, jobs, args, tmp / str(k))
-            check(out, args.jobs)
-            print(f"{label}: {out.wall_s:.0f} s, ${out.sql_cost:.4f}", flush=True)
-            outs.append(out)
-        report(outs, args)
+        report(measure(args, tmp), args)
     finally:
         if args.keep:
             print(f"logs and data in {tmp}")
         else:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
 
