@@ -31,7 +31,10 @@ each on its own Valkey and SQLite store:
 The first two runs call ``simulated`` in our own workers rather than through the second
 promptbatch: the cost is the same (same tokens, same price) and a live call through two
 stacks on two cores is several times slower (``--fast-via-upstream`` runs them through it
-anyway).
+anyway). ``simulated``'s prefix cache (200,000 tokens per worker process) holds every
+family, so one request per prompt reads nearly every prefix from it too;
+``--server-cache-tokens`` makes it smaller, and the order of the requests then decides what
+it holds.
 
 What each run cost and saved is what the system recorded, never this script's own
 arithmetic: the SQL spend and savings rows (``jobs.ledger.totals``), the sum of the
@@ -149,7 +152,8 @@ def settings_of(env: dict[str, str]) -> Settings:
 
 
 @contextlib.contextmanager
-def upstream(run_dir: Path, workers: int, time_scale: float) -> Iterator[str]:
+def upstream(run_dir: Path, workers: int, time_scale: float,
+             cache_tokens: int | None = None) -> Iterator[str]:
     """OpenAI's API, played by a promptbatch with ``simulated`` behind ``gpt-4o-mini``
     and no result cache; yields its base URL (``.../v1``)."""
     folder = run_dir / "upstream"
@@ -164,6 +168,8 @@ def upstream(run_dir: Path, workers: int, time_scale: float) -> Iterator[str]:
                     "PROMPTBATCH_CACHE_ENABLED": "false",
                     "PROMPTBATCH_MAX_WAIT_MS": "[0,0,0,0,20]",
                     "PROMPTBATCH_SIMULATED_TIME_SCALE": str(time_scale)})
+        if cache_tokens is not None:
+            env["PROMPTBATCH_SIMULATED_CACHE_TOKENS"] = str(cache_tokens)
         migrated(settings_of(env))
         kids = Children(folder)
         try:
@@ -262,13 +268,15 @@ def run(label: str, cache: bool, lane: bool, batches: bool, jobs: list[dict[str,
     provider, model = ("openai", MODEL) if via else SIMULATED
     jobs = [{**j, "provider": provider, "model": model} for j in jobs]
     with contextlib.ExitStack() as stack:
-        url = (stack.enter_context(upstream(run_dir, args.workers, args.time_scale))
-               if via else None)
+        url = (stack.enter_context(upstream(run_dir, args.workers, args.time_scale,
+                                            args.server_cache_tokens)) if via else None)
         server = stack.enter_context(EmbeddedRedis(run_dir / "redis"))
         env = our_env(server.url, run_dir / "jobs.db", run_dir / "data", cache, lane, url,
                       args.time_scale)
         if args.lane_wait_s is not None:
             env["PROMPTBATCH_BATCH_API_WAIT_S"] = str(args.lane_wait_s)
+        if args.server_cache_tokens is not None:
+            env["PROMPTBATCH_SIMULATED_CACHE_TOKENS"] = str(args.server_cache_tokens)
         s = migrated(settings_of(env))
         kids = Children(run_dir)
         metrics_port = free_port()
@@ -400,6 +408,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lane-wait-s", type=float, default=None,
                         help="PROMPTBATCH_BATCH_API_WAIT_S (default: the product's, the bulk "
                         "class's longest wait, 30 s)")
+    parser.add_argument("--server-cache-tokens", type=int, default=None,
+                        help="simulated's prefix cache per worker process, in tokens "
+                        "(default: its own, 200,000, which holds every family; smaller, the "
+                        "order of the requests decides what it holds)")
     parser.add_argument("--timeout", type=float, default=1800,
                         help="seconds a run may wait for its results")
     parser.add_argument("--fast-via-upstream", action="store_true",
