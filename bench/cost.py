@@ -307,8 +307,9 @@ def run(label: str, cache: bool, lane: bool, batches: bool, jobs: list[dict[str,
 
 
 def recorded(out: Outcome, s: Settings, metrics_port: int) -> None:
-    """Fill ``out`` from the SQL rows and the scheduler's counters (waited for until they
-    hold what SQL holds)."""
+    """Fill ``out`` from the SQL rows and the scheduler's counters, waited for until they
+    hold what SQL holds (the scheduler reads the counters once a tick: its last read may
+    predate the last results)."""
     store = JobStore(s.database_url)
     try:
         (total,) = ledger.totals(store.engine, by="deployment")
@@ -319,13 +320,23 @@ def recorded(out: Outcome, s: Settings, metrics_port: int) -> None:
     while True:
         with contextlib.suppress(httpx.HTTPError):
             out.metric_cost, out.metric_saved = scrape(metrics_port)
-            if math.isclose(out.metric_cost, out.sql_cost, rel_tol=1e-6, abs_tol=1e-9):
+            if disagreement(out) is None:
                 return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{out.label}: the scheduler's promptbatch_spend_usd_total "
-                               f"({out.metric_cost}) never matched the SQL rows "
-                               f"({out.sql_cost})")
+            raise RuntimeError(f"{out.label}: the scheduler's counters never matched the SQL "
+                               f"rows: {disagreement(out)}")
         time.sleep(0.5)
+
+
+def disagreement(out: Outcome) -> str | None:
+    """Where the counters and the SQL rows of a run differ (None: nowhere)."""
+    pairs = [("spent", out.metric_cost, out.sql_cost)]
+    pairs += [(f"saved by {r}", out.metric_saved.get(r, 0.0), out.sql_saved.get(r, 0.0))
+              for r in REASONS]
+    for name, metric, sql in pairs:
+        if not math.isclose(metric, sql, rel_tol=1e-6, abs_tol=1e-9):
+            return f"{name}: metrics {metric}, SQL {sql}"
+    return None
 
 
 def scrape(port: int) -> tuple[float, dict[str, float]]:
@@ -350,14 +361,11 @@ def check(out: Outcome, n: int) -> None:
     states = Counter(r.state for r in out.results)
     if states != {JobState.SUCCEEDED: n}:
         raise RuntimeError(f"{out.label}: not every job succeeded: {dict(states)}")
-    for name, value in (("results' usage.cost_usd", out.result_cost),
-                        ("promptbatch_spend_usd_total", out.metric_cost)):
-        if not math.isclose(value, out.sql_cost, rel_tol=1e-6, abs_tol=1e-9):
-            raise RuntimeError(f"{out.label}: {name} is {value}, the SQL rows {out.sql_cost}")
-    for reason in REASONS:
-        a, b = out.sql_saved.get(reason, 0.0), out.metric_saved.get(reason, 0.0)
-        if not math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9):
-            raise RuntimeError(f"{out.label}: saved by {reason}: SQL {a}, metrics {b}")
+    if not math.isclose(out.result_cost, out.sql_cost, rel_tol=1e-6, abs_tol=1e-9):
+        raise RuntimeError(f"{out.label}: the results' usage.cost_usd sum to "
+                           f"{out.result_cost}, the SQL rows to {out.sql_cost}")
+    if (why := disagreement(out)) is not None:
+        raise RuntimeError(f"{out.label}: {why}")
 
 
 def report(outs: list[Outcome], args: argparse.Namespace) -> None:
