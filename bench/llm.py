@@ -131,9 +131,11 @@ def run_on(mode: str, jobs: list[dict[str, object]], workers: int, run_dir: Path
     return summarise(mode, results, wall)
 
 
-def send_baseline(client: Client, s: Settings, ids: list[str], size: int) -> None:
-    """Send ``ids`` in batches of ``size`` in arrival order, each claimed first through
-    the scheduler's claim path (holding its lease, as a scheduler does)."""
+def send_baseline(client: Client, s: Settings, ids: list[str], size: int, *,
+                  deployment: str = f"openai|{MODEL_NAME}", cls: int = 2) -> None:
+    """Send ``ids`` (jobs of ``deployment``, class ``cls``) in batches of ``size`` in
+    arrival order, each claimed first through the scheduler's claim path (holding its
+    lease, as a scheduler does)."""
     token = f"bench:{uuid.uuid4().hex[:8]}"
     if not client.queue.acquire_lease(token, 3600):
         raise RuntimeError("a scheduler holds the lease: the baseline cannot claim jobs")
@@ -142,15 +144,15 @@ def send_baseline(client: Client, s: Settings, ids: list[str], size: int) -> Non
     try:
         for start in range(0, len(ids), size):
             batch_id = str(uuid.uuid4())
-            meta = json.dumps({"cls": 2, "deployment": f"openai|{MODEL_NAME}"})
+            meta = json.dumps({"cls": cls, "deployment": deployment})
             claimed = client.queue.claim(token, batch_id, meta,
                                          [(j, tenant) for j in ids[start:start + size]],
-                                         time.time(), 2)
+                                         time.time(), cls)
             if not claimed:
                 raise RuntimeError(f"batch {batch_id}: the claim took no job")
-            app.send_task(PROCESS_BATCH, queue=keys.queue(2), task_id=batch_id, kwargs={
+            app.send_task(PROCESS_BATCH, queue=keys.queue(cls), task_id=batch_id, kwargs={
                 "batch_id": batch_id, "send_id": uuid.uuid4().hex, "job_ids": claimed,
-                "cls": 2})
+                "cls": cls})
     finally:
         client.queue.release_lease(token)
 

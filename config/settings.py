@@ -637,9 +637,10 @@ class Settings(BaseSettings):
         "index holds (dimensions x 4 bytes each, plus its key); the oldest leave first.")
     retention_days: float = Field(
         default=30.0, ge=0, description="Final jobs, their results, idempotency keys, Batch "
-        "API records and files older than this many days are deleted from the job store by "
-        "the active scheduler (in bounded pages between its ticks; `promptbatch purge "
-        "--older-than DAYS` does it at once). 0: keep everything.")
+        "API records and files older than this many days (and provider batch records closed "
+        "that long ago) are deleted from the job store by the active scheduler (in bounded "
+        "pages between its ticks; `promptbatch purge --older-than DAYS` does it at once). 0: "
+        "keep everything.")
     retention_interval_s: float = Field(
         default=300.0, gt=0, description="How often the active scheduler looks for jobs past "
         "retention_days.")

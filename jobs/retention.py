@@ -1,9 +1,11 @@
 """Retention: what the job store keeps, and for how long.
 
 Final jobs (with their results and idempotency keys), Batch API records and files older
-than ``retention_days`` are deleted in bounded pages: up to ``PAGE`` rows of each table
+than ``retention_days``, and the records of provider batches (the half-price lane) closed
+longer ago than that, are deleted in bounded pages: up to ``PAGE`` rows of each table
 per page, oldest first, each an index range (``ix_jobs_finished``, ``ix_batches_created``,
-``ix_files_created``) that goes on after the last row the previous page looked at, so a
+``ix_files_created``, ``ix_provider_batches_created``) that goes on after the last row
+the previous page looked at, so a
 page costs the same in a table of a thousand rows or of a hundred million, and rows kept
 never hold up the rows after them. The active scheduler runs a few pages between its
 ticks (``Retention.step``); ``promptbatch purge --older-than DAYS`` runs a whole pass.
@@ -15,7 +17,8 @@ the last one ends). A batch is open until its record says it is final, or, for a
 nobody has asked about since its window closed, until ``retention_days`` after that (its
 jobs' deadline is the window, so by then every one of them ended that long ago): a
 completion window longer than the retention period delays these rows, never breaks the
-batch. A result leaves Redis on its own (``result_ttl_s``).
+batch. A provider batch not yet closed stays, whatever its age: the scheduler follows it
+from its record. A result leaves Redis on its own (``result_ttl_s``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ _BATCHES = table("batches", column("id"), column("tenant"), column("created_at")
                  column("data"), column("input_file_id"))
 _FILES = table("files", column("id"), column("tenant"), column("purpose"),
                column("filename"), column("created_at"))
+_PROVIDER_BATCHES = table("provider_batches", column("id"), column("state"),
+                          column("created_at"), column("closed_at"))
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Purged:
     jobs: int = 0
     batches: int = 0
     files: int = 0
+    provider_batches: int = 0
     kept: int = 0
     seen: int = 0
 
@@ -65,13 +71,14 @@ class Purged:
         self.jobs += other.jobs
         self.batches += other.batches
         self.files += other.files
+        self.provider_batches += other.provider_batches
         self.kept += other.kept
         self.seen += other.seen
         return self
 
     def __bool__(self) -> bool:
         """Whether anything was deleted."""
-        return bool(self.jobs or self.batches or self.files)
+        return bool(self.jobs or self.batches or self.files or self.provider_batches)
 
 
 @dataclass
@@ -82,6 +89,7 @@ class Cursor:
     jobs: tuple[float, str] | None = None
     batches: tuple[float, str] | None = None
     files: tuple[float, str] | None = None
+    provider_batches: tuple[float, str] | None = None
     #: The pass's rows kept so far.
     kept: int = field(default=0)
 
@@ -195,6 +203,26 @@ def _files_page(conn: Connection, cutoff: float, cursor: Cursor, limit: int, out
         out.files = conn.execute(delete(_FILES).where(_FILES.c.id.in_(gone))).rowcount
 
 
+def _provider_batches_page(conn: Connection, cutoff: float, cursor: Cursor, limit: int,
+                           out: Purged) -> None:
+    """Provider batches created before ``cutoff`` (one range of
+    ``ix_provider_batches_created``): those closed before it go; open ones stay (kept)."""
+    pb = _PROVIDER_BATCHES.c
+    rows = conn.execute(_oldest(select(pb.id, pb.state, pb.closed_at, pb.created_at),
+                                pb.created_at, pb.id, cutoff, cursor.provider_batches,
+                                limit)).all()
+    if not rows:
+        return
+    cursor.provider_batches = (float(rows[-1][3]), str(rows[-1][0]))
+    gone = [str(i) for i, state, closed_at, _ in rows
+            if state == "closed" and closed_at is not None and float(closed_at) < cutoff]
+    out.seen += len(rows)
+    out.kept += sum(state != "closed" for _, state, _, _ in rows)
+    if gone:
+        out.provider_batches = conn.execute(
+            delete(_PROVIDER_BATCHES).where(pb.id.in_(gone))).rowcount
+
+
 def purge_page(store: JobStore, cutoff: float, *, cursor: Cursor | None = None,
                limit: int = PAGE) -> Purged:
     """Look at one page of each table's rows older than ``cutoff`` (Unix time) after
@@ -206,6 +234,7 @@ def purge_page(store: JobStore, cutoff: float, *, cursor: Cursor | None = None,
         _jobs_page(conn, cutoff, cursor, limit, out)
         _batches_page(conn, cutoff, cursor, out)
         _files_page(conn, cutoff, cursor, limit, out)
+        _provider_batches_page(conn, cutoff, cursor, limit, out)
     cursor.kept += out.kept
     return out
 
@@ -254,7 +283,7 @@ class Retention:
             if not page.seen:
                 if self.cursor.kept:
                     log.info("retention: kept %d rows past %g days for Batch API batches "
-                             "still open", self.cursor.kept, self.days)
+                             "and provider batches still open", self.cursor.kept, self.days)
                 self.cursor = Cursor()
                 self.next_at = now + self.interval_s
                 break
@@ -262,6 +291,7 @@ class Retention:
                 break
         self.total += done
         if done:
-            log.info("retention: deleted %d jobs, %d batch records and %d files older than "
-                     "%g days", done.jobs, done.batches, done.files, self.days)
+            log.info("retention: deleted %d jobs, %d batch records, %d files and %d closed "
+                     "provider batches older than %g days", done.jobs, done.batches,
+                     done.files, done.provider_batches, self.days)
         return done

@@ -235,8 +235,8 @@ def _usd(amount: float) -> str:
 
 
 def money_rows(s: Summary) -> list[tuple[str, str]]:
-    """The summary's lines about money: the cost (and the jobs without a price), and
-    what was saved, by reason (none when nothing had a price)."""
+    """The summary's lines about money: the cost (and the jobs without a price), what was
+    saved, and a line per reason (none when nothing had a price)."""
     if s.cost_usd == 0 and not s.saved_usd and not s.unpriced:
         return []
     unpriced = (f" ({s.unpriced} job{'' if s.unpriced == 1 else 's'} without a price)"
@@ -245,8 +245,8 @@ def money_rows(s: Summary) -> list[tuple[str, str]]:
     saved = sum(s.saved_usd.values())
     if saved:
         share = 100.0 * saved / (saved + s.cost_usd) if saved + s.cost_usd else 0.0
-        rows.append(("saved", f"{_usd(saved)} ({share:.0f}% of what it would have cost): "
-                     + ", ".join(f"{k} {_usd(v)}" for k, v in s.saved_usd.items())))
+        rows.append((f"saved ({share:.0f}% of what it would have cost)", _usd(saved)))
+        rows += [(f"  by {reason}", _usd(usd)) for reason, usd in s.saved_usd.items()]
     return rows
 
 

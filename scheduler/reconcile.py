@@ -41,6 +41,7 @@ from config import keys
 from config.settings import Settings
 from jobs.models import JobResult, JobState
 from jobs.outcomes import record_results
+from jobs.prices import PriceBook
 from jobs.queue import RedisQueue
 from jobs.store import JobStore
 
@@ -94,11 +95,13 @@ class Reconciler:
     scheduler lease its writes are fenced by ('' for a tool run without a scheduler)."""
 
     def __init__(self, store: JobStore, queue: RedisQueue, settings: Settings,
-                 token: str = "") -> None:
+                 token: str = "", prices: PriceBook | None = None) -> None:
         self.store = store
         self.queue = queue
         self.settings = settings
         self.token = token
+        #: Prices of the results it records (their savings by reason are counted from them).
+        self.prices = PriceBook.for_settings(settings) if prices is None else prices
         self.current: PassState | None = None
         self.last_finished = 0.0
 
@@ -204,7 +207,8 @@ class Reconciler:
             p.reenqueued += sum(1 for c in codes if c == 1)
         if page.done:
             p.finished += len(record_results(self.store, self.queue, page.done, page.tenants,
-                                             result_ttl_s=self.settings.result_ttl_s))
+                                             result_ttl_s=self.settings.result_ttl_s,
+                                             prices=self.prices))
         if page.sent:
             p.requeued += self._requeue_orphans(page.sent)
         if page.staged:
@@ -255,7 +259,7 @@ class Reconciler:
         if missing:
             p.written_back += len(record_results(
                 self.store, self.queue, [m[0] for m in missing], [m[1] for m in missing],
-                result_ttl_s=self.settings.result_ttl_s, in_sql=True))
+                result_ttl_s=self.settings.result_ttl_s, in_sql=True, prices=self.prices))
 
 
 #: Redis states that end a job CANCELLED in SQL, with the reason.

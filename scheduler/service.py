@@ -113,7 +113,11 @@ class Scheduler:
         self.token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.pool = self._new_pool()
         self.backlog = Backlog(aging_s=settings.aging_s)
-        self.reconciler = Reconciler(self.store, self.queue, settings, self.token)
+        #: Prices of the answers the semantic cache gives (what they saved), and of the
+        #: results the reconciler writes back (their savings by reason).
+        self.prices = PriceBook.for_settings(settings)
+        warn_at_start(self.prices, settings, PROVIDER_DEFAULT_MODELS)
+        self.reconciler = Reconciler(self.store, self.queue, settings, self.token, self.prices)
         self.retention = Retention(self.store, settings.retention_days,
                                    settings.retention_interval_s)
         self.service = ServiceModel()
@@ -138,9 +142,6 @@ class Scheduler:
         self._server = ""
         #: Deployments with replicas: where each batch goes (``scheduler.routing``).
         self.routing = Routing(settings)
-        #: Prices of the answers the semantic cache gives (what they saved).
-        self.prices = PriceBook.for_settings(settings)
-        warn_at_start(self.prices, settings, PROVIDER_DEFAULT_MODELS)
         #: The half-price lane: jobs for providers' batch endpoints (``scheduler.lane_desk``).
         self.lane = LaneDesk(settings, self.queue, self.store, self.celery, self.token,
                              self._renew)

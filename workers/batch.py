@@ -329,7 +329,8 @@ class BatchRunner:
             record_results(self.store, self.queue, [r for r, _ in found],
                            [sp.tenant for _, sp in found],
                            result_ttl_s=self.settings.result_ttl_s,
-                           classes=[int(sp.priority) for _, sp in found], in_sql=True)
+                           classes=[int(sp.priority) for _, sp in found], in_sql=True,
+                           prices=self.prices)
             log.info("copied %d results stored by a worker that died to the result backend",
                      len(found))
 

@@ -183,7 +183,8 @@ def keys_rotate(tenant: Annotated[str, typer.Argument(help="The tenant whose key
 def purge(
     older_than: Annotated[float, typer.Option(
         "--older-than", min=0, help="Delete final jobs (their results and idempotency keys), "
-        "Batch API records and files older than this many days.")],
+        "Batch API records and files older than this many days, and the records of provider "
+        "batches closed longer ago.")],
 ) -> None:
     """Delete what the job store holds past a retention period, in bounded pages (the
     active scheduler does the same with PROMPTBATCH_RETENTION_DAYS, 30 by default)."""
@@ -198,8 +199,8 @@ def purge(
         raise refuse(exc) from None
     finally:
         store.close()
-    print(f"deleted {done.jobs} jobs, {done.batches} batch records and {done.files} files "
-          f"older than {older_than:g} days")
+    print(f"deleted {done.jobs} jobs, {done.batches} batch records, {done.files} files and "
+          f"{done.provider_batches} provider batch records older than {older_than:g} days")
 
 
 cache_app = typer.Typer(help="The result cache.", rich_markup_mode="markdown")

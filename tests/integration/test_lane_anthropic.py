@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from config import keys
 from config.celery import build_celery
-from config.settings import Settings
+from config.settings import PriceEntry, Settings
 from jobs.models import JobResult, JobSpec, JobState
 from jobs.provider_batches import ProviderBatches
 from jobs.queue import RedisQueue, connect
@@ -32,6 +32,11 @@ from workers.providers.batch_api import BatchClient
 pytestmark = pytest.mark.integration
 
 TOKEN = "test-scheduler"
+MODEL = "claude-haiku-4-5"
+#: The deployment's price (US dollars per million tokens): the fake's URL is unknown to the
+#: price library, so the settings give it one, with Anthropic's batch discount.
+PRICE = PriceEntry(input=1.0, cached_input=0.1, cache_write=1.25, output=5.0,
+                   batch_discount=0.5)
 SYSTEM_A = "You are a careful translator of legal documents. " * 8  # a family, cached
 SYSTEM_B = "You summarise support tickets in one line, politely. " * 8
 
@@ -47,6 +52,7 @@ def lane_settings(settings: Settings, fake: FakeBatches) -> Settings:
     return settings.model_copy(update={
         "anthropic_base_url": fake.url, "anthropic_api_key": SecretStr("sk-ant-test"),
         "batch_api": {"anthropic": True}, "anthropic_min_cache_tokens": 50,
+        "prices": {f"anthropic|{MODEL}": PRICE},
         "batch_api_wait_s": 0.0, "batch_api_submit_retry_s": 1.0,
         "batch_api_poll_min_s": 0.05, "batch_api_poll_max_s": 0.2})
 
@@ -72,7 +78,7 @@ class Lane:
         return self.clients[name]
 
     def submit(self, jobs: list[dict[str, Any]]) -> list[str]:
-        defaults = {"provider": "anthropic", "model": "claude-haiku-4-5", "priority": "bulk"}
+        defaults = {"provider": "anthropic", "model": MODEL, "priority": "bulk"}
         return self.client.submit_many([{**defaults, **j} for j in jobs])
 
     def send(self, ids: list[str]) -> str:
@@ -152,6 +158,51 @@ def test_a_provider_batch_answers_through_the_one_result_path_and_its_failed_lin
     assert lane.queue.lane_open() == {}
     assert fake.calls("POST", "/v1/messages/batches") == 1
     assert fake.calls("GET", f"/v1/messages/batches/{upstream.id}") == 2  # a poll, results
+
+
+def test_a_lane_answer_costs_its_fast_price_times_the_batch_discount_once_in_the_ledger(
+        lane: Lane) -> None:
+    from sqlalchemy import select
+
+    from jobs.stats import read_money
+    from jobs.tables import SAVINGS, SPEND
+
+    ids = lane.submit([family(SYSTEM_A, "clause 1"), family(SYSTEM_A, "clause 2"),
+                       {"prompt": "a plain one"}])
+    batch_id = lane.send(ids)
+    lane.runner.submit(batch_id)
+    assert lane.runner.poll(batch_id)["succeeded"] == 3
+    done = lane.results(ids)
+    assert PRICE.input and PRICE.cached_input and PRICE.cache_write and PRICE.output
+    fast: dict[str, float] = {}
+    for i, res in done.items():
+        u = res.usage
+        assert res.state is JobState.SUCCEEDED and res.lane == "provider_batch" and u
+        # The provider's own counts (the fake's: 10 input, 4 output, 100 read from the
+        # cache for a marked family's prefix) at the fast price, then the discount.
+        uncached = u.prompt_tokens - u.cached_tokens - u.cache_write_tokens
+        fast[i] = (uncached * PRICE.input + u.cached_tokens * PRICE.cached_input
+                   + u.cache_write_tokens * PRICE.cache_write
+                   + u.completion_tokens * PRICE.output) / 1e6
+        assert u.cost_usd == pytest.approx(fast[i] * 0.5), "a lane answer costs half"
+        assert u.saved_usd == pytest.approx(fast[i] * 0.5
+                                            + u.cached_tokens * 0.9 / 1e6 * 0.5)
+    assert [done[i].usage.cached_tokens for i in ids] == [100, 100, 0]  # type: ignore[union-attr]
+    with lane.store.engine.connect() as conn:
+        spend = conn.execute(select(SPEND.c.provider, SPEND.c.model, SPEND.c.jobs,
+                                    SPEND.c.cost_usd)).all()
+        saved = {r.reason: (r.jobs, r.saved_usd) for r in conn.execute(
+            select(SAVINGS.c.reason, SAVINGS.c.jobs, SAVINGS.c.saved_usd))}
+    ((provider, model, jobs, cost),) = spend
+    assert (provider, model, jobs) == ("anthropic", MODEL, 3)
+    assert cost == pytest.approx(sum(fast.values()) * 0.5)
+    assert saved["batch_discount"][0] == 3
+    assert saved["batch_discount"][1] == pytest.approx(sum(fast.values()) * 0.5)
+    assert saved["prefix_cache"] == (2, pytest.approx(2 * 100 * 0.9 / 1e6 * 0.5))
+    spent, by_reason = read_money(lane.client.r)  # what the scheduler exports
+    assert sum(m.usd for m in spent) == pytest.approx(cost)
+    assert {m.reason: m.usd for m in by_reason}["batch_discount"] == pytest.approx(
+        saved["batch_discount"][1])
 
 
 def test_an_answer_that_breaks_its_schema_goes_to_the_fast_path(lane: Lane) -> None:

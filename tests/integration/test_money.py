@@ -258,3 +258,56 @@ def test_a_submit_undone_releases_what_it_reserved(sim: Settings) -> None:
         client.store.delete([spec.id])  # what a submit whose Redis step failed does
         [b] = budgets.get_budgets(client.store.engine)
         assert b.reserved_usd == pytest.approx(0.0, abs=1e-12) and b.spent_usd == 0.0
+
+
+class _Died(BaseException):
+    """A worker process killed between its SQL write and its Redis write."""
+
+
+def _stored_in_sql_only(client: Client, settings: Settings, ids: list[str]) -> None:
+    """Run ``ids`` as one batch whose worker dies after the SQL step of its results (their
+    spend and savings rows written) and before the Redis step (the counters)."""
+    queue = client.queue
+
+    class Dying(type(queue)):  # type: ignore[misc]
+        def finish(self, *args: Any, **kwargs: Any) -> Any:
+            raise _Died
+
+    dying = Dying(queue.r)
+    assert queue.acquire_lease("test-scheduler", 30)
+    tenants = {i: s.spec.tenant for i, s in client.store.get_many(ids).items()}
+    assert queue.claim("test-scheduler", "b1", "{}", [(i, tenants[i]) for i in ids],
+                       time.time(), 2) == ids
+    queue.release_lease("test-scheduler")
+    with pytest.raises(_Died):
+        BatchRunner(settings, dying, client.store,
+                    lambda name: create_provider(name, settings)).run("b1", "send-1", ids)
+    assert all(s.state.final for s in client.store.get_many(ids).values())
+    assert counted(client) == (0.0, {})
+
+
+@pytest.mark.parametrize("copier", ["reconciler", "worker"])
+def test_results_copied_from_sql_to_redis_count_their_savings_by_reason(
+        sim: Settings, copier: str) -> None:
+    from scheduler.reconcile import reconcile
+
+    with Client(sim) as client:
+        system = "You are the records clerk of desk 7. " * 40  # a prefix read from the cache
+        ids = client.submit_many({"messages": [{"role": "system", "content": system},
+                                               {"role": "user", "content": f"record {i}"}],
+                                  "params": {"max_tokens": 20}, "cache": "off"}
+                                 for i in range(6))
+        _stored_in_sql_only(client, sim, ids)
+        if copier == "reconciler":  # its pass writes back what the result backend lacks
+            reconcile(client.store, client.queue, sim.model_copy(
+                update={"reconcile_grace_s": 0.0}), time.time())
+        else:  # the batch's next worker finds the results stored and copies them
+            runner = BatchRunner(sim, client.queue, client.store,
+                                 lambda name: create_provider(name, sim))
+            runner._copy_stored(ids, {i: client.spec(i) for i in ids})
+        assert {client.result(i, timeout=10).state for i in ids} == {JobState.SUCCEEDED}
+        (total,) = ledger.totals(client.store.engine, by="deployment")
+        assert total.saved_usd["prefix_cache"] > 0
+        spent, saved = counted(client)
+        assert spent == pytest.approx(total.cost_usd)
+        assert saved == pytest.approx(total.saved_usd), "the counters lost the savings"

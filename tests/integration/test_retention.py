@@ -52,6 +52,7 @@ def _aged_store(settings: Settings, now: float) -> tuple[JobStore, dict[str, lis
         accounts.put_batch(f"batch_{age}_{status}", "acme", {
             "created_at": now - age * DAY, "status": status,
             "expires_at": now + DAY if status == "in_progress" else now - age * DAY})
+    _provider_batches(store, now)
     for age in (40, 10):
         row = accounts.put_file(f"file-{age}", "acme", "batch", "in.jsonl", b"{}\n")
         with store.engine.begin() as conn:
@@ -62,13 +63,36 @@ def _aged_store(settings: Settings, now: float) -> tuple[JobStore, dict[str, lis
     return store, ids
 
 
+def _provider_batches(store: JobStore, now: float) -> None:
+    """Records of provider batches: closed 35 days ago, closed 5 days ago (created 40 days
+    ago), open (created 40 days ago), closed today."""
+    from jobs.provider_batches import ProviderBatches
+
+    lanes = ProviderBatches(store)
+    for name, created, closed in (("closed-long-ago", 40, 35), ("closed-lately", 40, 5),
+                                  ("open", 40, None), ("closed-today", 1, 0)):
+        lanes.record(f"pb-{name}", "openai|gpt-4o-mini", [], now - created * DAY, now)
+        if closed is not None:
+            lanes.close(f"pb-{name}", now - closed * DAY)
+
+
+def _provider_batch_ids(store: JobStore) -> set[str]:
+    from sqlalchemy import text
+
+    with store.engine.connect() as conn:
+        return {str(i) for (i,) in conn.execute(text("SELECT id FROM provider_batches"))}
+
+
 def test_purge_deletes_final_jobs_records_and_files_past_retention_only(
         settings: Settings) -> None:
     now = time.time()
     store, ids = _aged_store(settings, now)
     try:
         done = purge_older_than(store, 30, now)
-        assert (done.jobs, done.batches, done.files) == (3, 1, 1)
+        assert (done.jobs, done.batches, done.files, done.provider_batches) == (3, 1, 1, 1)
+        # A provider batch closed past the period goes; one closed lately or open stays.
+        assert _provider_batch_ids(store) == {"pb-closed-lately", "pb-open",
+                                              "pb-closed-today"}
         left = store.get_many(ids["old"] + ids["recent"] + ids["open"])
         assert set(left) == set(ids["recent"] + ids["open"])  # the unfinished job stays
         accounts = Accounts(store)
@@ -106,8 +130,8 @@ def test_the_purge_command_says_what_it_deleted(settings: Settings) -> None:
     out = subprocess.run([sys.executable, "-m", "promptbatch", "purge", "--older-than", "30"],
                          env=settings_env(settings), capture_output=True, text=True,
                          timeout=60, check=True)
-    assert out.stdout.strip() == ("deleted 3 jobs, 1 batch records and 1 files older than "
-                                  "30 days")
+    assert out.stdout.strip() == ("deleted 3 jobs, 1 batch records, 1 files and 1 provider "
+                                  "batch records older than 30 days")
 
 
 @pytest.mark.slow

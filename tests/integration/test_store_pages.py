@@ -56,8 +56,10 @@ def test_the_reconcilers_results_pages_are_one_index_range(settings: Settings) -
 
 def _aged_rows(store: JobStore, now: float) -> None:
     """Rows of every kind retention decides about, all past a period of 30 days: final
-    jobs of an open Batch API batch and of none, batch records open and final, and files
-    (an open batch's input and listing, another upload)."""
+    jobs of an open Batch API batch and of none, batch records open and final, files
+    (an open batch's input and listing, another upload), and provider batches open and
+    closed."""
+    from jobs.provider_batches import ProviderBatches
     from producers.accounts import Accounts
 
     old = now - 40 * 86400
@@ -81,6 +83,10 @@ def _aged_rows(store: JobStore, now: float) -> None:
     store.insert(specs)
     store.finalize([JobResult(id=s.id, state=JobState.SUCCEEDED, finished_at=old + i)
                     for i, s in enumerate(specs)])
+    lanes = ProviderBatches(store)
+    for name in ("open", "closed"):
+        lanes.record(f"pb-{name}", "openai|gpt-4o-mini", [], old, now)
+    lanes.close("pb-closed", old + 60)
 
 
 def test_every_statement_of_retention_is_one_index_range_or_lookup(
@@ -118,12 +124,13 @@ def test_every_statement_of_retention_is_one_index_range_or_lookup(
         pages.append(purge_page(store, now - 30 * 86400, cursor=cursor, limit=1))
     store.engine.begin = real  # type: ignore[method-assign]
     assert sum(p.jobs for p in pages) == 3 and sum(p.files for p in pages) == 3
-    assert sum(p.batches for p in pages) == 1 and sum(p.kept for p in pages) == 4
+    assert sum(p.batches for p in pages) == 1 and sum(p.provider_batches for p in pages) == 1
+    assert sum(p.kept for p in pages) == 5
     plans = {_sql(stmt): _plan(store, stmt) for stmt in captured}
     kinds = {f"{sql.split()[0]} {m.group(1)}" for sql in plans
              if (m := re.search(r"\bFROM (\w+)", sql))}
     assert {"SELECT jobs", "DELETE jobs", "SELECT batches", "DELETE batches", "SELECT files",
-            "DELETE files"} <= kinds, kinds
+            "DELETE files", "SELECT provider_batches", "DELETE provider_batches"} <= kinds, kinds
     for sql, plan in plans.items():
         assert "SEARCH" in plan and "SCAN" not in plan and "TEMP B-TREE" not in plan, \
             f"{sql}\n-> {plan}"

@@ -116,9 +116,44 @@ def test_the_summary_shows_what_the_run_cost_and_saved_by_reason() -> None:
     assert s.saved_usd["exact_cache"] == pytest.approx(full.cost)
     assert s.saved_usd["batch_discount"] == pytest.approx(full.cost * 0.5)
     assert s.saved_usd["prefix_cache"] == pytest.approx(full.saved["prefix_cache"] * 1.5)
-    rows = dict(money_rows(s))
-    assert rows["cost"].endswith("(1 job without a price)")
-    assert rows["saved"].split(":")[1].strip().startswith("batch_discount $")
+    rows = money_rows(s)
+    assert rows[0] == ("cost", f"${s.cost_usd:.4f} (1 job without a price)")
+    saved = sum(s.saved_usd.values())
+    share = 100 * saved / (saved + s.cost_usd)
+    assert rows[1] == (f"saved ({share:.0f}% of what it would have cost)", f"${saved:.4f}")
+    # A line per reason, each short enough for an 80-column terminal.
+    assert rows[2:] == [(f"  by {k}", f"${v:.4f}") for k, v in sorted(s.saved_usd.items())]
+    assert [k for k, _ in rows[2:]] == ["  by batch_discount", "  by exact_cache",
+                                        "  by prefix_cache"]
+
+
+def test_the_run_summary_with_its_money_fits_an_80_column_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from jobs.costs import hit_usage, priced
+    from jobs.prices import PriceBook
+    from promptbatch.summary import summary_table
+
+    book = PriceBook()
+    price = book.price("simulated", "sim-1")
+    call = Usage(prompt_tokens=180, cached_tokens=160, completion_tokens=96)
+    results = [priced(JobResult(id=f"j{i}", state=JobState.SUCCEEDED, provider="simulated",
+                                model="sim-1", usage=call, batch_id="b", batch_size=20,
+                                batch_similarity=0.9, created_at=0.0, finished_at=1.0 + i,
+                                deadline=100.0), book)[0] for i in range(20)]
+    results.append(JobResult(id="twin", state=JobState.SUCCEEDED, provider="simulated",
+                             model="sim-1", cache="coalesced", usage=hit_usage(call, price),
+                             created_at=0.0, finished_at=2.0))
+    s = summarize(results, [i % 5 for i in range(21)], wall_s=7.25, prices=book)
+    assert s.cost_usd > 0 and set(s.saved_usd) == {"coalesced", "prefix_cache"}
+    table = summary_table(s)
+    out = io.StringIO()
+    Console(file=out, width=80, color_system=None).print(table)
+    lines = out.getvalue().rstrip("\n").split("\n")
+    assert len(lines) == table.row_count + 3, "a row wrapped:\n" + out.getvalue()
+    assert max(len(line) for line in lines) <= 80
 
 
 def test_a_resumed_runs_earlier_results_count_in_every_figure_but_the_speed() -> None:
