@@ -11,6 +11,9 @@ name of ``model_aliases`` (-> ``provider|model``), ``provider|model``, or a mode
 default provider. A job that ends FAILED, EXPIRED or CANCELLED answers with a status the
 official SDK maps to an exception (502, 504, 409) and ``x-should-retry: false`` (the SDK
 would otherwise send the call again as a new job).
+
+A call's job takes the fast path, whatever its priority: its caller waits on the
+connection, and a provider's batch endpoint (the half-price lane) answers within a day.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def _job(body: Any, request: Request, *, chat: bool,
     header that gave each field it set, so that errors name what the caller wrote."""
     item = job_fields(body, chat=chat)
     item.update(resolve_model(request.app.state.settings, body["model"]))
+    item["lane"] = "fast"  # a caller waits on the connection: never a provider batch
     names: dict[str, str] = {}
     for header, field in _HEADERS.items():
         value = request.headers.get(header)
