@@ -10,7 +10,11 @@ fields of the same names as in ``/v1/jobs`` (``priority``, ``timeout_s``, ``dead
 name of ``model_aliases`` (-> ``provider|model``), ``provider|model``, or a model of the
 default provider. A job that ends FAILED, EXPIRED or CANCELLED answers with a status the
 official SDK maps to an exception (502, 504, 409) and ``x-should-retry: false`` (the SDK
-would otherwise send the call again as a new job).
+would otherwise send the call again as a new job), and so does a call whose job outlasts
+the API's longest wait (504, the job keeps running: its result is read by its id).
+
+A call's job takes the fast path, whatever its priority: its caller waits on the
+connection, and a provider's batch endpoint (the half-price lane) answers within a day.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def _job(body: Any, request: Request, *, chat: bool,
     header that gave each field it set, so that errors name what the caller wrote."""
     item = job_fields(body, chat=chat)
     item.update(resolve_model(request.app.state.settings, body["model"]))
+    item["lane"] = "fast"  # a caller waits on the connection: never a provider batch
     names: dict[str, str] = {}
     for header, field in _HEADERS.items():
         value = request.headers.get(header)
@@ -156,10 +161,11 @@ async def _wait(request: Request, job_id: str, *, keyed: bool) -> JobResult:
             if await request.is_disconnected():
                 _gone(request, job_id)
                 raise ApiError(499, "client_closed_request", "the caller went away")
-        if loop.time() >= deadline:
+        if loop.time() >= deadline:  # not to be sent again: that would be a second job
             raise ApiError(504, "timeout", f"job {job_id} did not finish within the API's "
                            "longest wait (PROMPTBATCH_API_MAX_WAIT_S); it keeps running: "
-                           f"GET /v1/jobs/{job_id}/result")
+                           f"GET /v1/jobs/{job_id}/result",
+                           headers={"x-promptbatch-job-id": job_id, "x-should-retry": "false"})
         await asyncio.sleep(delay)
         delay = min(delay * 1.5, 0.05)
 

@@ -34,12 +34,14 @@ class ApiError(Exception):
     """Raised inside a route to answer with a given status and message."""
 
     def __init__(self, status: int, kind: str, message: str,
-                 errors: list[dict[str, Any]] | None = None) -> None:
+                 errors: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.message = message
         self.errors = errors or []
+        self.headers = headers
 
 
 #: Retry-After of a 503 (a Sentinel failover takes a few seconds; a restart about as long).
@@ -47,11 +49,12 @@ UNAVAILABLE_RETRY_AFTER_S = "2"
 
 
 def error_response(status: int, kind: str, message: str,
-           errors: list[dict[str, Any]] | None = None) -> JSONResponse:
+           errors: list[dict[str, Any]] | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict[str, Any] = {"type": kind, "message": message}
     if errors:
         body["errors"] = errors
-    return JSONResponse({"error": body}, status_code=status)
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 #: What to do about a body over each limit, by the setting that holds it.
@@ -158,7 +161,7 @@ def _plain(status: int, kind: str) -> Any:
 def install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def apierror_response(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.kind, exc.message, exc.errors)
+        return error_response(exc.status, exc.kind, exc.message, exc.errors, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameters(_: Request, exc: RequestValidationError) -> JSONResponse:

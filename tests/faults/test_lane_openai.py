@@ -265,3 +265,32 @@ def test_cancelling_every_job_cancels_the_batch_upstream_and_a_batch_cancelled_t
     assert {r.state for r in done.values()} == {JobState.SUCCEEDED}
     assert {r.lane for r in done.values()} == {"fast"}
     assert upstream.accepted() == 4 + 3 + 3  # two batches' requests, then 3 live calls
+
+
+def test_a_bulk_chat_call_is_answered_on_the_fast_path_not_through_a_provider_batch(
+        settings: Settings, procs: Procs, upstream: Upstream) -> None:
+    """A chat call waits on its connection: a provider batch (up to a day) is not for it,
+    whatever its priority. Seen: a call with ``X-Priority: bulk`` went to the lane, the API
+    answered 504 after its longest wait, and the SDK's two retries made two more provider
+    batches at the provider, each paid for."""
+    from openai import OpenAI
+
+    env = lane_env(upstream)
+    upstream.worker()
+    procs.scheduler(**env)
+    procs.worker(1, **env)
+    api = Api(ours(settings, upstream)).start()
+    try:
+        llm = OpenAI(base_url=f"{api.url}/v1", api_key=KEY_A, timeout=60)
+        raw = llm.chat.completions.with_raw_response.create(
+            model=f"openai|{MODEL}", messages=[{"role": "user", "content": "no hurry"}],
+            extra_headers={"X-Priority": "bulk"})
+        job_id = raw.headers["x-promptbatch-job-id"]
+        assert raw.parse().choices[0].message.content
+        with Client(api.settings) as client:
+            result = client.result(job_id, timeout=10)
+    finally:
+        api.stop()
+    assert result.lane == "fast"
+    assert upstream.batches() == [], "a chat call went through a provider batch"
+    assert upstream.accepted() == 1

@@ -302,3 +302,28 @@ def test_a_streamed_json_answer_asked_again_reaches_the_sdk_whole_and_valid(
             res = client.result(job_id, timeout=10)
         assert res.state is JobState.SUCCEEDED and res.schema_retries == 1
         assert res.parsed == {"name": "Goethe"} and res.text == streamed
+
+
+def test_a_call_longer_than_the_apis_longest_wait_is_not_sent_again_by_the_sdk(
+        settings: Settings, procs: Procs) -> None:
+    """The API stops waiting after ``api_max_wait_s`` and answers 504 while the job keeps
+    running: the SDK must not send the call again, as a new job (seen: three jobs, three
+    provider calls, for one call of the SDK with its default two retries)."""
+    port = free_port()
+    proc = procs.spawn("api", "--port", str(port),
+                       PROMPTBATCH_API_KEYS=json.dumps({"key-a": "acme"}),
+                       PROMPTBATCH_API_MAX_WAIT_S="1")
+    poll(lambda: _status(f"http://127.0.0.1:{port}/readyz") == 200, timeout=60,
+         interval=0.1, what="the API", proc=proc)
+    procs.scheduler()
+    procs.worker(1)
+    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="key-a")
+    with pytest.raises(openai.APIStatusError) as raised:
+        sdk.chat.completions.create(model="echo|echo-1", messages=[
+            {"role": "user", "content": "[echo:sleep=3] take your time"}])
+    assert raised.value.status_code == 504
+    job_id = raised.value.response.headers["x-promptbatch-job-id"]
+    assert job_id in raised.value.message  # where its result will be
+    with Client(settings) as client:
+        assert client.result(job_id, timeout=30).state is JobState.SUCCEEDED
+        assert sum(client.store.count_by_state().values()) == 1, "the call was sent again"
