@@ -24,17 +24,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import httpx
-
 from config.settings import Settings
 from workers.providers.anthropic import AnthropicProvider, answer_shape, from_anthropic
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.providers.batch_api import (
     BatchAPIError,
+    HttpBatchClient,
     LineResult,
     Upstream,
     families,
-    request,
     rfc3339,
     stream_lines,
 )
@@ -99,32 +97,17 @@ def _obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-class AnthropicBatch:
+class AnthropicBatch(HttpBatchClient):
     """Message Batches of the Anthropic API."""
 
     provider = "anthropic"
 
     def __init__(self, settings: Settings, *, base_url: str | None = None,
                  api_key: str | None = None) -> None:
-        self.settings = settings
-        first = (base_url or settings.anthropic_base_url).split(",")[0].strip()
-        self.base_url = first.rstrip("/")
         key = api_key if api_key is not None else settings.anthropic_api_key.get_secret_value()
-        self._headers = {"x-api-key": key, "anthropic-version": settings.anthropic_version}
+        super().__init__(settings, base_url or settings.anthropic_base_url,
+                         {"x-api-key": key, "anthropic-version": settings.anthropic_version})
         self.translator = AnthropicProvider(settings, base_url=self.base_url, api_key=key)
-        self.client = httpx.Client(timeout=httpx.Timeout(
-            settings.provider_read_timeout_s, connect=settings.provider_connect_timeout_s,
-            write=max(600.0, settings.provider_total_timeout_s)),
-            transport=httpx.HTTPTransport(retries=0))
-
-    def _call(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
-        resp = request(self.client, method, f"{self.base_url}{path}", what,
-                       headers=self._headers, **kwargs)
-        try:
-            return resp.json()
-        except ValueError as exc:
-            raise BatchAPIError(f"{what}: the answer is not JSON: {resp.text[:300]}",
-                                transient=True) from exc
 
     def create(self, batch_id: str, requests: Sequence[ProviderRequest], *,
                input_file_id: str | None = None,
@@ -173,7 +156,7 @@ class AnthropicBatch:
 
     def close(self) -> None:
         self.translator.close()
-        self.client.close()
+        super().close()
 
 
 __all__ = ["AnthropicBatch", "bodies", "line_result", "upstream"]

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from config.settings import Settings
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.providers.http import retry_after_s
 
@@ -144,14 +145,18 @@ def request(client: httpx.Client, method: str, url: str, what: str,
     transient)."""
     try:
         resp = client.request(method, url, **kwargs)  # type: ignore[arg-type]
-    except httpx.TimeoutException as exc:
-        raise BatchAPIError(f"{what}: timed out ({type(exc).__name__})",
-                            transient=True) from exc
-    except (httpx.TransportError, httpx.DecodingError) as exc:
-        raise BatchAPIError(f"{what}: connection failed ({type(exc).__name__}: {exc})",
-                            transient=True) from exc
+    except (httpx.TimeoutException, httpx.TransportError, httpx.DecodingError) as exc:
+        raise _unreached(what, exc) from exc
     raise_for(resp, what)
     return resp
+
+
+def _unreached(what: str, exc: Exception) -> BatchAPIError:
+    """A timeout or a lost connection, as a transient ``BatchAPIError``."""
+    if isinstance(exc, httpx.TimeoutException):
+        return BatchAPIError(f"{what}: timed out ({type(exc).__name__})", transient=True)
+    return BatchAPIError(f"{what}: connection failed ({type(exc).__name__}: {exc})",
+                         transient=True)
 
 
 def stream_lines(client: httpx.Client, url: str, what: str,
@@ -171,12 +176,34 @@ def stream_lines(client: httpx.Client, url: str, what: str,
                 except ValueError as exc:
                     raise BatchAPIError(f"{what}: a line is not JSON ({exc})",
                                         transient=True) from exc
-    except httpx.TimeoutException as exc:
-        raise BatchAPIError(f"{what}: timed out ({type(exc).__name__})",
-                            transient=True) from exc
-    except (httpx.TransportError, httpx.DecodingError) as exc:
-        raise BatchAPIError(f"{what}: connection failed ({type(exc).__name__}: {exc})",
-                            transient=True) from exc
+    except (httpx.TimeoutException, httpx.TransportError, httpx.DecodingError) as exc:
+        raise _unreached(what, exc) from exc
+
+
+class HttpBatchClient:
+    """What both clients share: one HTTP client (no retries of its own; a long write for
+    an input file), the provider's headers, and ``_call`` for one JSON request."""
+
+    def __init__(self, settings: Settings, base_url: str, headers: dict[str, str]) -> None:
+        self.settings = settings
+        self.base_url = base_url.split(",")[0].strip().rstrip("/")
+        self._headers = headers
+        self.client = httpx.Client(timeout=httpx.Timeout(
+            settings.provider_read_timeout_s, connect=settings.provider_connect_timeout_s,
+            write=max(600.0, settings.provider_total_timeout_s)),
+            transport=httpx.HTTPTransport(retries=0))
+
+    def _call(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
+        resp = request(self.client, method, f"{self.base_url}{path}", what,
+                       headers=self._headers, **kwargs)
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise BatchAPIError(f"{what}: the answer is not JSON: {resp.text[:300]}",
+                                transient=True) from exc
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def transient_status(status: int) -> bool:

@@ -22,16 +22,13 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import httpx
-
 from config.settings import Settings
 from workers.providers.base import ProviderReply, ProviderRequest
 from workers.providers.batch_api import (
-    BatchAPIError,
+    HttpBatchClient,
     LineResult,
     Upstream,
     families,
-    request,
     stream_lines,
     transient_status,
 )
@@ -113,31 +110,16 @@ def _message(body: Any) -> str:
     return ""
 
 
-class OpenAIBatch:
+class OpenAIBatch(HttpBatchClient):
     """The Batch API of one OpenAI-compatible server."""
 
     provider = "openai"
 
     def __init__(self, settings: Settings, *, base_url: str | None = None,
                  api_key: str | None = None) -> None:
-        self.settings = settings
-        first = (base_url or settings.openai_base_url).split(",")[0].strip()
-        self.base_url = first.rstrip("/")
         key = api_key if api_key is not None else settings.openai_api_key.get_secret_value()
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.Client(timeout=httpx.Timeout(
-            settings.provider_read_timeout_s, connect=settings.provider_connect_timeout_s,
-            write=max(600.0, settings.provider_total_timeout_s)),
-            transport=httpx.HTTPTransport(retries=0))
-
-    def _call(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
-        resp = request(self.client, method, f"{self.base_url}{path}", what,
-                       headers=self._headers, **kwargs)
-        try:
-            return resp.json()
-        except ValueError as exc:
-            raise BatchAPIError(f"{what}: the answer is not JSON: {resp.text[:300]}",
-                                transient=True) from exc
+        super().__init__(settings, base_url or settings.openai_base_url,
+                         {"Authorization": f"Bearer {key}"} if key else {})
 
     def create(self, batch_id: str, requests: Sequence[ProviderRequest], *,
                input_file_id: str | None = None,
@@ -188,7 +170,4 @@ class OpenAIBatch:
 
     def cancel(self, provider_id: str) -> None:
         self._call("POST", f"/batches/{provider_id}/cancel", "cancelling the batch")
-
-    def close(self) -> None:
-        self.client.close()
 
