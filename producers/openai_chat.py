@@ -116,10 +116,16 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
         status, kind = {JobState.EXPIRED: (504, "deadline_exceeded"),
                         JobState.CANCELLED: (409, "cancelled")}.get(
                             res.state, (502, "provider_error"))
-        return JSONResponse({"error": {"type": kind, "message": res.error or res.state.value,
-                                       "code": res.error_code or res.state.value.lower(),
-                                       "param": None, "job_id": job_id}},
-                            status_code=status, headers={**headers, "x-should-retry": "false"})
+        error = {"error": {"type": kind, "message": res.error or res.state.value,
+                           "code": res.error_code or res.state.value.lower(),
+                           "param": None, "job_id": job_id}}
+        if chat and (res.text is not None or res.tool_calls):
+            # An answer that never validated (invalid_output): kept beside the error as
+            # the provider wrote it, as a Batch API error line keeps it.
+            error = {**answer.completion(res, str(body.get("model")),
+                                         int(res.created_at or time.time())), **error}
+        return JSONResponse(error, status_code=status,
+                            headers={**headers, "x-should-retry": "false"})
     created = int(res.created_at or time.time())
     model = str(body.get("model"))
     extra = {"promptbatch": {"job_id": job_id, "cache": res.cache,

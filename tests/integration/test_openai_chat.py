@@ -327,3 +327,38 @@ def test_a_call_longer_than_the_apis_longest_wait_is_not_sent_again_by_the_sdk(
     with Client(settings) as client:
         assert client.result(job_id, timeout=30).state is JobState.SUCCEEDED
         assert sum(client.store.count_by_state().values()) == 1, "the call was sent again"
+
+
+def test_an_answer_that_never_validated_comes_back_beside_its_502(
+        settings: Settings, procs: Procs) -> None:
+    """A chat call whose job ends FAILED ``invalid_output`` answers 502 with the error and,
+    beside it, the answer as the provider wrote it (as a Batch API error line keeps it):
+    the caller sees what the model said, not only that it broke the schema."""
+    port = free_port()
+    proc = procs.spawn("api", "--port", str(port),
+                       PROMPTBATCH_API_KEYS=json.dumps({"key-a": "acme"}))
+    poll(lambda: _status(f"http://127.0.0.1:{port}/readyz") == 200, timeout=60,
+         interval=0.1, what="the API", proc=proc)
+    procs.scheduler()
+    procs.worker(1, PROMPTBATCH_SIMULATED_INVALID_RATE="1",
+                 PROMPTBATCH_SIMULATED_TIME_SCALE="0")
+    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="key-a",
+                        max_retries=0)
+    schema: Any = {"name": "person", "schema": {"type": "object", "required": ["name"],
+                                                "properties": {"name": {"type": "string"}}}}
+    with pytest.raises(openai.APIStatusError) as raised:
+        sdk.chat.completions.create(
+            model="simulated|sim-1", response_format={"type": "json_schema",
+                                                      "json_schema": schema},
+            messages=[{"role": "user", "content": "Ada Lovelace, born 1815"}])
+    assert raised.value.status_code == 502
+    assert isinstance(raised.value.body, dict)
+    assert raised.value.body["code"] == "invalid_output"
+    job_id = raised.value.response.headers["x-promptbatch-job-id"]
+    with Client(settings) as client:
+        res = client.result(job_id, timeout=10)
+    assert res.state is JobState.FAILED and res.error_code == "invalid_output" and res.text
+    answered = raised.value.response.json()
+    assert answered["object"] == "chat.completion"
+    assert answered["choices"][0]["message"]["content"] == res.text
+    assert answered["usage"]["prompt_tokens"] > 0
