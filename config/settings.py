@@ -597,7 +597,8 @@ class Settings(BaseSettings):
 
     api_cancel_on_disconnect: bool = Field(
         default=True, description="A caller of the OpenAI-compatible endpoints that goes "
-        "away before its job started cancels the job.")
+        "away before its job started cancels the job (not a call with an idempotency key: "
+        "its retry with the key gets the job's answer).")
     model_aliases: dict[str, str] = Field(
         default_factory=dict, description="Public model names of the OpenAI-compatible "
         "endpoints -> 'provider|model', e.g. {'gpt-4o': 'openai|gpt-4o', 'fast': "

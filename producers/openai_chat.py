@@ -144,7 +144,7 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
 async def _wait(request: Request, job_id: str, *, keyed: bool) -> JobResult:
     """Wait for the job's final result (it ends by its deadline, or by the longest wait
     the API allows: then 504 with the job's id, which keeps running). A caller that goes
-    away before the job started cancels it (``api_cancel_on_disconnect``). A result that
+    away before the job started cancels it (``_gone``). A result that
     left Redis is read from the store: at once when the call carried an idempotency key
     (it may be a repeat of a call long done), else every ``STORE_CHECK_S``."""
     client = client_of(request)
@@ -165,7 +165,7 @@ async def _wait(request: Request, job_id: str, *, keyed: bool) -> JobResult:
         if loop.time() - checked > 0.25:
             checked = loop.time()
             if await request.is_disconnected():
-                _gone(request, job_id)
+                _gone(request, job_id, keyed=keyed)
                 raise ApiError(499, "client_closed_request", "the caller went away")
         if loop.time() >= deadline:  # not to be sent again: that would be a second job
             raise ApiError(504, "timeout", f"job {job_id} did not finish within the API's "
@@ -176,10 +176,12 @@ async def _wait(request: Request, job_id: str, *, keyed: bool) -> JobResult:
         delay = min(delay * 1.5, 0.05)
 
 
-def _gone(request: Request, job_id: str) -> None:
+def _gone(request: Request, job_id: str, *, keyed: bool) -> None:
     """The caller went away: cancel its job if it has not started (in the background:
-    this runs while the request is being torn down)."""
-    if request.app.state.settings.api_cancel_on_disconnect:
+    this runs while the request is being torn down), unless the call carried an
+    idempotency key: its caller will come back for the job (the SDK's retry after a
+    timeout sends the key again), and a cancelled job would answer every retry 409."""
+    if request.app.state.settings.api_cancel_on_disconnect and not keyed:
         client = client_of(request)
         asyncio.get_running_loop().run_in_executor(None, client.cancel, job_id)
 
@@ -228,7 +230,7 @@ async def _chunks(request: Request, stored: StoredJob, model: str, chat: bool,
             return
     finally:
         if not done:
-            _gone(request, job_id)
+            _gone(request, job_id, keyed=stored.spec.idempotency_key is not None)
 
 
 def _held(stored: StoredJob) -> bool:

@@ -9,12 +9,13 @@ from typing import Any
 import redis
 from rich import box
 from rich.console import Group
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
 from config import keys
 from jobs.stats import read_recent
-from scheduler.anomalies import Anomaly, format_value
+from scheduler.anomalies import Anomaly
 
 #: The window of "last minute" figures, in seconds.
 WINDOW_S = 60
@@ -113,7 +114,7 @@ def render(data: dict[str, Any]) -> Group:
                       str(row["submitted_last_min"]), str(row["finished_last_min"]),
                       Text(str(missed), style="red" if missed else ""))
     cooling = ", ".join(data["cooling"]) or "none"
-    lines: list[Table | Text] = [
+    lines: list[Table | Text | Padding] = [
         Text(f"throughput {data['throughput']:.1f} jobs/s over the last minute; "
              f"{_count(data['inflight'], 'batch', 'batches')} in flight (one takes about "
              f"{_duration(data['batch_seconds'])})"),
@@ -153,31 +154,29 @@ def render(data: dict[str, Any]) -> Group:
     return Group(table, *lines)
 
 
-def _anomalies(data: dict[str, Any]) -> list[Table | Text]:
-    """The anomalies section: the active ones, then the last few that cleared."""
+def _anomalies(data: dict[str, Any]) -> list[Text | Padding]:
+    """The anomalies section: the active ones, then the last few that cleared; a line
+    each that wraps (a table of eight columns cut them short in an 80-column terminal,
+    and left the action out)."""
     active = [Anomaly.load(json.dumps(a)) for a in data.get("anomalies") or []]
     recent = [Anomaly.load(json.dumps(a)) for a in data.get("recent_anomalies") or []]
     if not active and not recent:
         return [Text("anomalies: none (signals inside their learned baselines)")]
-    table = Table(title="anomalies (against learned baselines)", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    for name in ("state", "kind", "where", "signal", "baseline", "now", "since", "action"):
-        table.add_column(name, justify="right" if name in ("baseline", "now", "since")
-                         else "left", no_wrap=name != "action")
     at = float(data["at"])
+    lines: list[Text | Padding] = [Text("anomalies (against learned baselines):")]
     for a in active:
-        deadline = a.kind == "deadline_risk"
-        table.add_row(Text(f"{a.severity}", style="red" if a.severity == "critical"
-                           else "yellow"), a.kind, a.where,
-                      "projected vs slack" if deadline else a.signal,
-                      ("slack " if deadline else "") + format_value(a.expected, a.unit),
-                      ("takes " if deadline else "") + format_value(a.actual, a.unit),
-                      _duration(max(0.0, at - a.raised_at)),
-                      "; ".join(a.actions) or "-")
+        actions = "; ".join(a.actions) or "no action"
+        lines.append(_indented(f"{a.describe()}; for {_duration(max(0.0, at - a.raised_at))}"
+                               f"; {actions}",
+                               "red" if a.severity == "critical" else "yellow"))
     for a in recent:
         took = (a.cleared_at or a.raised_at) - a.raised_at
-        table.add_row(Text("cleared", style="dim"), a.kind, a.where, a.signal,
-                      format_value(a.expected, a.unit), format_value(a.actual, a.unit),
-                      f"{_duration(max(0.0, at - (a.cleared_at or at)))} ago",
-                      f"lasted {_duration(took)}; {a.cleared_why}", style="dim")
-    return [table]
+        lines.append(_indented(f"cleared {_duration(max(0.0, at - (a.cleared_at or at)))} "
+                               f"ago: {a.describe()}; lasted {_duration(took)}, "
+                               f"{a.cleared_why}", "dim"))
+    return lines
+
+
+def _indented(line: str, style: str) -> Padding:
+    """A line of the anomalies section, wrapped two columns in."""
+    return Padding(Text(line, style=style), (0, 0, 0, 2))

@@ -145,7 +145,8 @@ def anthropic_problems(body: dict[str, Any]) -> list[str]:
     """What Anthropic's Messages API would refuse in a request (400
     ``invalid_request_error``): roles that do not alternate, tool results that do not come
     first or answer no ``tool_use`` of the turn before, tool blocks without ``tools``, a
-    forced tool that is not declared, empty text blocks, image blocks of another shape."""
+    forced tool that is not declared, empty text blocks, a turn with no content (but the
+    last, an assistant's), image blocks of another shape."""
     problems: list[str] = []
     messages = body.get("messages") or []
     tools = {t.get("name") for t in body.get("tools") or ()}
@@ -157,6 +158,9 @@ def anthropic_problems(body: dict[str, Any]) -> list[str]:
         if i and messages[i - 1]["role"] == m["role"]:
             problems.append(f"messages.{i}: roles must alternate between user and assistant")
         content = m["content"]
+        if not content and not (i == len(messages) - 1 and m["role"] == "assistant"):
+            problems.append(f"messages.{i}: all messages must have non-empty content except "
+                            "for the optional final assistant message")
         blocks = content if isinstance(content, list) else []
         kinds = [b.get("type") for b in blocks]
         results = kinds.count("tool_result")

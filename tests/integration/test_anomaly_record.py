@@ -191,3 +191,39 @@ def test_deadline_risk_raises_the_desired_slots_until_it_clears_unless_turned_of
         assert monitor.desired(1, "x", less, cap=None, keep_up=10.0)[0] == (
             15 if not off else 1)  # (2 + 10) x 1.25
         r.delete(keys.ANOMALIES, keys.ANOMALIES_RAISED)
+
+
+def test_the_status_section_of_anomalies_reads_whole_at_80_columns(
+        settings: Settings, r: redis.Redis) -> None:
+    """``promptbatch status`` in an 80-column terminal: each anomaly's severity, where,
+    figures and action are there whole (the table cut them to 'warni…', 'openai|gpt-…',
+    and left the action out)."""
+    s = configured(settings)
+    monitor = Monitor(r, s, Routing(s))
+    monitor.load(0.0)
+    t = feed(monitor, 0.0, 120.0)
+    t = feed(monitor, t, 160.0, error_share=0.4)
+    t = feed(monitor, t, 220.0)  # errors_high cleared
+    t = feed(monitor, t, 250.0, slow_a=True)  # latency_high on replica A, active
+    shown = monitor.snapshot()
+    assert {a["kind"] for a in shown} >= {"latency_high"}
+    recent = [json.loads(x) for x in r.zrange(keys.ANOMALIES_RECENT, 0, -1)]
+    assert {a["kind"] for a in recent} == {"errors_high"}
+    r.set(keys.OVERVIEW, json.dumps({
+        "at": t, "scheduler": "s", "classes": [], "workers": 1, "slots": 2,
+        "inflight": 0, "desired_slots": 1, "scale_reason": "idle", "batch_seconds": 0.1,
+        "cooling": [], "anomalies": shown, "recent_anomalies": recent}))
+    data = read_overview(r, t)
+    assert data is not None
+    console = Console(record=True, width=80, file=io.StringIO())
+    console.print(render(data))
+    text = console.export_text()
+    section = text[text.index("anomalies (against learned baselines)"):]
+    assert "…" not in section
+    words = " ".join(section.split())
+    for a in shown + recent:
+        where = DEP + (f"@{a['replica']}" if a["replica"] else "")
+        assert f"{a['kind']} ({a['severity']}) on {where}: {a['signal']}" in words
+    assert all(action in words for a in shown for action in a["actions"])
+    assert "probe batches (one at most every 3 s)" in words
+    assert all(a["cleared_why"] in words for a in recent)

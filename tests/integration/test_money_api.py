@@ -127,3 +127,36 @@ def test_the_openai_sdk_reads_cost_in_chat_usage_and_in_the_batch_object(
     line_costs = [o["response"]["body"]["usage"]["cost_usd"] for o in out]
     assert getattr(done.usage, "cost_usd", None) == pytest.approx(sum(line_costs), abs=1e-6)
     assert isinstance(getattr(done.usage, "saved_by_reason", None), dict)
+
+
+def test_the_openai_sdk_gets_a_402_once_that_states_a_small_budget(
+        api: Api, settings: Settings) -> None:
+    """A key's budget of a fifth of a cent a day, through the chat endpoint: the SDK
+    raises at once (no retry: one request sent) and the message states the budget as
+    set (it said '$0.00 a day', a budget that seemed to be nothing)."""
+    from openai import APIStatusError, OpenAI
+
+    from jobs.store import JobStore
+
+    store = JobStore(settings.database_url)
+    Accounts(store).add_key(STORED, "tenant-a")
+    budgets.set_budget(store.engine, "key", STORED[:11], 0.002, "day")
+    sent: list[httpx.Request] = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    llm = OpenAI(base_url=f"{api.url}/v1", api_key=STORED, http_client=http)  # retries on
+    ask = {"model": "simulated|sim-1", "max_tokens": 4000,
+           "messages": [{"role": "user", "content": "Summarise: " + "words " * 50}]}
+    with pytest.raises(APIStatusError) as refused:
+        llm.chat.completions.create(**ask)  # type: ignore[call-overload]
+    assert refused.value.status_code == 402 and len(sent) == 1
+    message = refused.value.body["message"]  # type: ignore[index]  # the SDK's error body
+    assert message.startswith(f"the budget of API key {STORED[:11]} is $0.0020 a day: "
+                              "$0.0000 spent today")
+    budgets.set_budget(store.engine, "key", STORED[:11], 1.0, "day")
+    budgets.set_budget(store.engine, "tenant", "tenant-a", 0.00002, "month")
+    store.close()
+    with pytest.raises(APIStatusError) as tenant:
+        llm.chat.completions.create(**ask)  # type: ignore[call-overload]
+    assert tenant.value.body["message"].startswith(  # type: ignore[index]
+        "the budget of tenant 'tenant-a' is $0.00002 a month")
+    http.close()

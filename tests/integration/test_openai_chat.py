@@ -226,6 +226,28 @@ def test_a_caller_that_goes_away_before_its_job_started_cancels_it(
              timeout=15, interval=0.1, what="the abandoned job to be cancelled")
 
 
+def test_a_caller_with_an_idempotency_key_that_goes_away_gets_its_answer_on_retry(
+        settings: Settings, procs: Procs, api: str) -> None:
+    """The key says the caller will come back for the job: its going away (the SDK's
+    timeout) leaves the job queued, and the retry with the key gets the answer (it was
+    cancelled, and every retry with that key answered 409 'cancelled')."""
+    procs.scheduler()  # no worker yet: the job cannot start
+    ask = {"model": "fast", "messages": [{"role": "user", "content": "worth the wait"}],
+           "extra_headers": {"Idempotency-Key": "order-7"}}
+    impatient = openai.OpenAI(base_url=api, api_key="key-a", max_retries=0, timeout=1.0)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(**ask)  # type: ignore[call-overload]
+    procs.worker(1)  # seconds: the API saw the caller go long before
+    sdk = openai.OpenAI(base_url=api, api_key="key-a", max_retries=0, timeout=30)
+    answer = sdk.chat.completions.create(**ask)  # type: ignore[call-overload]
+    assert answer.choices[0].message.content == "echo: user: worth the wait"
+    with Client(settings) as client:
+        jobs = client.store.list_jobs("acme", limit=10)
+    assert [j.spec.id for j in jobs] == [answer.id.removeprefix("chatcmpl-")]
+    assert settings.echo_call_log is not None
+    assert len(settings.echo_call_log.read_text().splitlines()) == 1  # one provider call
+
+
 def test_an_openai_compatible_provider_streams_through_promptbatch(
         settings: Settings, procs: Procs) -> None:
     from tests.fake_llm import FakeServer

@@ -224,6 +224,30 @@ def test_anthropic_gets_tools_a_named_choice_images_and_tool_results_in_its_term
     assert calls(result) == [("toolu_1", "get_weather", {"location": "Paris"})]
 
 
+def test_empty_turns_of_a_conversation_are_left_out_for_anthropic(
+        settings: Settings, fake: FakeLLM) -> None:
+    """Turns that say nothing (an assistant's '', a user's empty text part), as chat
+    histories hold them: Anthropic refuses a turn without content (400 'all messages must
+    have non-empty content'), so the job failed; it is left out and the job answered."""
+    [result] = run_jobs(llm_settings(settings, fake), [anthropic_job(messages=[
+        {"role": "user", "content": "Hello?"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "Are you there?"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": [{"type": "text", "text": ""}]},
+        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "Good. (empty-turns)"}])])
+    assert result.state is JobState.SUCCEEDED, result.error
+    assert result.text == "anthropic says hi"
+    [seen] = fake.seen
+    assert seen.body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "Hello?"},
+                                     {"type": "text", "text": "Are you there?"}]},
+        {"role": "assistant", "content": "Yes."},
+        {"role": "user", "content": "Good. (empty-turns)"}]
+
+
 def test_anthropic_answers_a_json_schema_through_a_forced_tool(settings: Settings,
                                                                fake: FakeLLM) -> None:
     fake.script("who-wrote", ["json"])

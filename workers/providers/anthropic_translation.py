@@ -4,7 +4,8 @@ Requests:
 
 - ``system`` and ``developer`` messages become the ``system`` text; the other turns
   alternate ``user`` and ``assistant`` (consecutive turns of one role are merged, as
-  Anthropic requires).
+  Anthropic requires); a turn with no content (an assistant's ``""``) is left out, as
+  Anthropic refuses it.
 - Content parts become blocks: ``text``; ``image_url`` becomes an ``image`` block whose
   source is ``base64`` (from a ``data:`` URL) or ``url`` (http(s)); ``detail`` has no
   counterpart.
@@ -200,7 +201,10 @@ def split(req: ProviderRequest) -> tuple[str, list[dict[str, Any]]]:
     system = "\n\n".join(m.text for m in req.messages if m.role in ("system", "developer"))
     turns = [_turn(m, i) for i, m in enumerate(req.messages)
              if m.role not in ("system", "developer")]
-    return system, _merge(turns) or [{"role": "user", "content": ""}]
+    # A turn that says nothing ('' or only empty parts) is left out: Anthropic refuses it
+    # ("all messages must have non-empty content"), and its neighbours then merge.
+    return system, _merge([t for t in turns if t["content"]]) or [{"role": "user",
+                                                                   "content": ""}]
 
 
 # --- tools ------------------------------------------------------------------------------
