@@ -151,6 +151,8 @@ class BudgetExceeded(PromptBatchError):
                  resets_at: float | None) -> None:
         import time
 
+        from jobs.money import usd
+
         self.scope = scope
         self.name = name
         self.limit_usd = limit_usd
@@ -169,7 +171,7 @@ class BudgetExceeded(PromptBatchError):
             resets = ("it resets at "
                       + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(resets_at)))
         super().__init__(
-            f"the budget of {who} is ${limit_usd:.2f}{per}: ${spent_usd:.4f} spent{when} "
-            f"and ${reserved_usd:.4f} reserved by jobs not yet finished; this submit may "
-            f"cost up to ${needed_usd:.4f}, which would pass it. Nothing was submitted; "
+            f"the budget of {who} is {usd(limit_usd, 2)}{per}: {usd(spent_usd, 4)} spent{when} "
+            f"and {usd(reserved_usd, 4)} reserved by jobs not yet finished; this submit may "
+            f"cost up to {usd(needed_usd, 4)}, which would pass it. Nothing was submitted; "
             f"{resets}")

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from config import keys
+from jobs.money import usd
 from jobs.stats import read_recent
 from scheduler.anomalies import Anomaly, format_value
 
@@ -58,11 +59,6 @@ def _duration(seconds: float | None) -> str:
 def _count(n: int, one: str, many: str = "") -> str:
     """``1 slot``, ``2 slots`` (``many``: a plural not made with an s)."""
     return f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
-
-
-def usd(amount: float) -> str:
-    """US dollars as a person reads them: cents from a dollar up, else four digits."""
-    return f"${amount:,.2f}" if abs(amount) >= 1 else f"${amount:.4f}"
 
 
 def spend_line(money: dict[str, Any]) -> str:

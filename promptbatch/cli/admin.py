@@ -276,7 +276,7 @@ def health(
 
 
 def _budget_words(b: Any) -> str:
-    from promptbatch.overview import usd
+    from jobs.money import usd
 
     per = {"day": " a day (UTC)", "month": " a month (UTC)"}.get(b.period, ", never reset")
     return (f"budget {usd(b.limit_usd)}{per}; {usd(b.spent_usd)} spent and "
@@ -330,7 +330,7 @@ def spend(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] 
     from rich.table import Table
 
     from jobs import budgets, ledger
-    from promptbatch.overview import usd
+    from jobs.money import usd
 
     if since is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", since):
         raise refuse(PromptBatchError(f"--since must be a day as YYYY-MM-DD, not {since!r}"))
