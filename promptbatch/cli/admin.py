@@ -95,8 +95,9 @@ def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
 
 
 @keys_app.command("budget")
-def keys_budget(prefix: Annotated[str, typer.Argument(help="The key's prefix, as `keys list` "
-                                                      "shows it.")],
+def keys_budget(key: Annotated[str, typer.Argument(
+                    metavar="KEY_OR_PREFIX", help="The key, or its prefix as `keys list` "
+                    "shows it.")],
                 usd: Annotated[float | None, typer.Argument(
                     min=0, help="Most US dollars per period (leave out with --remove).",
                     show_default=False)] = None,
@@ -105,9 +106,10 @@ def keys_budget(prefix: Annotated[str, typer.Argument(help="The key's prefix, as
                 = False) -> None:
     """Set (or --remove) the budget of one API key."""
     accounts = _accounts()
-    if not accounts.has_prefix(prefix):
-        raise refuse(PromptBatchError(f"no stored key has the prefix {prefix!r} (`promptbatch "
-                                      "keys list` shows them)"))
+    prefix = accounts.prefix_of(key)
+    if prefix is None:
+        raise refuse(PromptBatchError(f"no stored key is {key!r} or has it as its prefix "
+                                      "(`promptbatch keys list` shows them)"))
     _set_budget(accounts.engine, "key", prefix, usd, period, remove)
 
 
