@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-#: Most decimals shown: a millionth of a cent is below anything a provider bills.
-MAX_PLACES = 8
+#: Most decimals shown: millionths of a dollar, the precision of the API's amounts.
+MAX_PLACES = 6
 
 
 def usd(amount: float, places: int | None = None) -> str:

@@ -18,7 +18,9 @@ from jobs.money import usd
     (0.000019, None, "$0.000019"),   # one job on gpt-4o-mini is not $0.0000
     (0.000103, None, "$0.000103"),
     (-0.00002, None, "-$0.00002"),
-    (1e-12, None, "$0.00000000"),    # below a millionth of a cent: zero to 8 places
+    (0.0000163, None, "$0.000016"),  # to the millionth, as the API's amounts
+    (1.96e-05, 4, "$0.000020"),
+    (1e-12, None, "$0.000000"),      # below a millionth: zero, to 6 places
 ])
 def test_usd_shows_the_digits_that_tell_an_amount_apart(
         amount: float, places: int | None, shown: str) -> None:
