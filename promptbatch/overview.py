@@ -150,13 +150,19 @@ def render(data: dict[str, Any]) -> Group:
 
 
 def _anomalies(data: dict[str, Any]) -> list[Table | Text]:
-    """The anomalies section: the active ones, then the last few that cleared."""
+    """The anomalies section: the active ones, then the last few that cleared (or that the
+    active scheduler watches nothing, and which kinds act on nothing)."""
+    if data.get("anomaly_detection") is False:
+        return [Text("anomalies: off (PROMPTBATCH_ANOMALY_DETECTION=false on the active "
+                     "scheduler): nothing is learned, raised or acted on")]
     active = [Anomaly.load(json.dumps(a)) for a in data.get("anomalies") or []]
     recent = [Anomaly.load(json.dumps(a)) for a in data.get("recent_anomalies") or []]
+    off = data.get("anomaly_actions_off") or []
+    off_words = f"; actions off: {', '.join(off)}" if off else ""
     if not active and not recent:
-        return [Text("anomalies: none (signals inside their learned baselines)")]
-    table = Table(title="anomalies (against learned baselines)", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
+        return [Text(f"anomalies: none (signals inside their learned baselines){off_words}")]
+    table = Table(title=f"anomalies (against learned baselines){off_words}",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for name in ("state", "kind", "where", "signal", "baseline", "now", "since", "action"):
         table.add_column(name, justify="right" if name in ("baseline", "now", "since")
                          else "left", no_wrap=name != "action")
