@@ -151,6 +151,8 @@ class BudgetExceeded(PromptBatchError):
                  resets_at: float | None) -> None:
         import time
 
+        from jobs.money import usd
+
         self.scope = scope
         self.name = name
         self.limit_usd = limit_usd
@@ -169,18 +171,8 @@ class BudgetExceeded(PromptBatchError):
             resets = ("it resets at "
                       + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(resets_at)))
         super().__init__(
-            f"the budget of {who} is {usd(limit_usd)}{per}: {usd(spent_usd)} spent{when} "
-            f"and {usd(reserved_usd)} reserved by jobs not yet finished; this submit may "
-            f"cost up to {usd(needed_usd)}, which would pass it. Nothing was submitted; "
+            f"the budget of {who} is {usd(limit_usd, 2)}{per}: {usd(spent_usd, 4)} spent{when} "
+            f"and {usd(reserved_usd, 4)} reserved by jobs not yet finished; this submit may "
+            f"cost up to {usd(needed_usd, 4)}, which would pass it. Nothing was submitted; "
             f"{resets}")
 
-
-def usd(amount: float) -> str:
-    """US dollars as ``promptbatch spend`` prints them (cents from a dollar up, else four
-    digits), and an amount under a hundredth of a cent with the digits that show it
-    (``$0.00002``, not ``$0.0000``: a budget set so must not read as nothing)."""
-    if abs(amount) >= 1:
-        return f"${amount:,.2f}"
-    if amount == 0 or abs(amount) >= 0.0001:
-        return f"${amount:.4f}"
-    return "$" + f"{amount:.10f}".rstrip("0")

@@ -226,6 +226,16 @@ class Accounts:
             return conn.execute(select(ApiKeyRow.key_sha256).where(
                 ApiKeyRow.prefix == prefix).limit(1)).first() is not None
 
+    def prefix_of(self, key_or_prefix: str) -> str | None:
+        """The prefix of the stored key that is ``key_or_prefix`` or has it as its whole
+        prefix (what names a key's budget), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(ApiKeyRow.prefix).where(
+                ApiKeyRow.key_sha256 == key_hash(key_or_prefix))).first()
+        if row is not None:
+            return str(row[0])
+        return key_or_prefix if self.has_prefix(key_or_prefix) else None
+
     def count_keys(self, tenant: str | None = None) -> int:
         """API keys stored (of ``tenant``)."""
         stmt = select(func.count()).select_from(ApiKeyRow)

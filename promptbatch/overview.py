@@ -14,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from config import keys
+from jobs.money import usd
 from jobs.stats import read_recent
 from scheduler.anomalies import Anomaly
 
@@ -59,11 +60,6 @@ def _duration(seconds: float | None) -> str:
 def _count(n: int, one: str, many: str = "") -> str:
     """``1 slot``, ``2 slots`` (``many``: a plural not made with an s)."""
     return f"{n} {one}" if n == 1 else f"{n} {many or one + 's'}"
-
-
-def usd(amount: float) -> str:
-    """US dollars as a person reads them: cents from a dollar up, else four digits."""
-    return f"${amount:,.2f}" if abs(amount) >= 1 else f"${amount:.4f}"
 
 
 def spend_line(money: dict[str, Any]) -> str:
@@ -155,15 +151,21 @@ def render(data: dict[str, Any]) -> Group:
 
 
 def _anomalies(data: dict[str, Any]) -> list[Text | Padding]:
-    """The anomalies section: the active ones, then the last few that cleared; a line
-    each that wraps (a table of eight columns cut them short in an 80-column terminal,
-    and left the action out)."""
+    """The anomalies section: the active ones, then the last few that cleared, a line each
+    that wraps (a table of eight columns cut them short in an 80-column terminal, and left
+    the action out); or that the active scheduler watches nothing, and which kinds act on
+    nothing."""
+    if data.get("anomaly_detection") is False:
+        return [Text("anomalies: off (PROMPTBATCH_ANOMALY_DETECTION=false on the active "
+                     "scheduler): nothing is learned, raised or acted on")]
     active = [Anomaly.load(json.dumps(a)) for a in data.get("anomalies") or []]
     recent = [Anomaly.load(json.dumps(a)) for a in data.get("recent_anomalies") or []]
+    off = data.get("anomaly_actions_off") or []
+    off_words = f"; actions off: {', '.join(off)}" if off else ""
     if not active and not recent:
-        return [Text("anomalies: none (signals inside their learned baselines)")]
+        return [Text(f"anomalies: none (signals inside their learned baselines){off_words}")]
     at = float(data["at"])
-    lines: list[Text | Padding] = [Text("anomalies (against learned baselines):")]
+    lines: list[Text | Padding] = [Text(f"anomalies (against learned baselines){off_words}:")]
     for a in active:
         actions = "; ".join(a.actions) or "no action"
         lines.append(_indented(f"{a.describe()}; for {_duration(max(0.0, at - a.raised_at))}"

@@ -13,6 +13,7 @@ from config.settings import PRIORITY_NAMES
 from jobs import costs
 from jobs.answers import INVALID_OUTPUT
 from jobs.models import JobResult, JobState
+from jobs.money import usd
 from jobs.prices import PriceBook
 
 
@@ -192,8 +193,8 @@ class SummaryBuilder:
             return
         self.cost += u.cost_usd or 0.0
         if self.prices is not None:
-            for reason, usd in costs.charge(r, self.prices).saved.items():
-                self.saved[reason] += usd
+            for reason, amount in costs.charge(r, self.prices).saved.items():
+                self.saved[reason] += amount
         elif u.saved_usd:
             self.saved[costs.HIT_REASONS.get(r.cache or "") or (
                 "batch_lane" if r.lane == "provider_batch" else "prefix_cache")] += u.saved_usd
@@ -230,10 +231,6 @@ def summarize(results: Sequence[JobResult], priorities: Sequence[int], wall_s: f
     return builder.build(wall_s)
 
 
-def _usd(amount: float) -> str:
-    return f"${amount:,.2f}" if abs(amount) >= 1 else f"${amount:.4f}"
-
-
 def money_rows(s: Summary) -> list[tuple[str, str]]:
     """The summary's lines about money: the cost (and the jobs without a price), what was
     saved, and a line per reason (none when nothing had a price)."""
@@ -241,12 +238,12 @@ def money_rows(s: Summary) -> list[tuple[str, str]]:
         return []
     unpriced = (f" ({s.unpriced} job{'' if s.unpriced == 1 else 's'} without a price)"
                 if s.unpriced else "")
-    rows = [("cost", _usd(s.cost_usd) + unpriced)]
+    rows = [("cost", usd(s.cost_usd) + unpriced)]
     saved = sum(s.saved_usd.values())
     if saved:
         share = 100.0 * saved / (saved + s.cost_usd) if saved + s.cost_usd else 0.0
-        rows.append((f"saved ({share:.0f}% of what it would have cost)", _usd(saved)))
-        rows += [(f"  by {reason}", _usd(usd)) for reason, usd in s.saved_usd.items()]
+        rows.append((f"saved ({share:.0f}% of what it would have cost)", usd(saved)))
+        rows += [(f"  by {reason}", usd(amount)) for reason, amount in s.saved_usd.items()]
     return rows
 
 

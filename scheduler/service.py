@@ -563,6 +563,8 @@ class Scheduler:
         self.monitor.on_totals(totals, at)
         self.monitor.step(at)
         overview["anomalies"] = self.monitor.snapshot()
+        overview["anomaly_detection"] = self.monitor.enabled
+        overview["anomaly_actions_off"] = sorted(self.monitor.off)
         overview["replicas"] = self.routing.snapshot()
         self.metrics.money.refresh(self.r, self.store.engine, at)
         overview["spend_today"] = self.metrics.money.today()

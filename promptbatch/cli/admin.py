@@ -95,8 +95,9 @@ def keys_add(tenant: Annotated[str, typer.Argument(help="The key's tenant.")],
 
 
 @keys_app.command("budget")
-def keys_budget(prefix: Annotated[str, typer.Argument(help="The key's prefix, as `keys list` "
-                                                      "shows it.")],
+def keys_budget(key: Annotated[str, typer.Argument(
+                    metavar="KEY_OR_PREFIX", help="The key, or its prefix as `keys list` "
+                    "shows it.")],
                 usd: Annotated[float | None, typer.Argument(
                     min=0, help="Most US dollars per period (leave out with --remove).",
                     show_default=False)] = None,
@@ -105,9 +106,10 @@ def keys_budget(prefix: Annotated[str, typer.Argument(help="The key's prefix, as
                 = False) -> None:
     """Set (or --remove) the budget of one API key."""
     accounts = _accounts()
-    if not accounts.has_prefix(prefix):
-        raise refuse(PromptBatchError(f"no stored key has the prefix {prefix!r} (`promptbatch "
-                                      "keys list` shows them)"))
+    prefix = accounts.prefix_of(key)
+    if prefix is None:
+        raise refuse(PromptBatchError(f"no stored key is {key!r} or has it as its prefix "
+                                      "(`promptbatch keys list` shows them)"))
     _set_budget(accounts.engine, "key", prefix, usd, period, remove)
 
 
@@ -276,7 +278,7 @@ def health(
 
 
 def _budget_words(b: Any) -> str:
-    from promptbatch.overview import usd
+    from jobs.money import usd
 
     per = {"day": " a day (UTC)", "month": " a month (UTC)"}.get(b.period, ", never reset")
     return (f"budget {usd(b.limit_usd)}{per}; {usd(b.spent_usd)} spent and "
@@ -330,7 +332,7 @@ def spend(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] 
     from rich.table import Table
 
     from jobs import budgets, ledger
-    from promptbatch.overview import usd
+    from jobs.money import usd
 
     if since is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", since):
         raise refuse(PromptBatchError(f"--since must be a day as YYYY-MM-DD, not {since!r}"))

@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from config.problems import settings_problem
 from config.settings import Settings
 from jobs.errors import InvalidJob
 
@@ -45,8 +47,8 @@ def settings_or_exit(**overrides: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValueError as exc:
-        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-        console.print(f"[red]invalid settings:[/red] {exc}{cause}", soft_wrap=True)
+        problem = settings_problem(exc, Settings, Settings.model_config.get("env_prefix", ""))
+        console.print(f"[red]invalid settings:[/red] {escape(problem)}", soft_wrap=True)
         raise typer.Exit(2) from exc
 
 

@@ -107,3 +107,18 @@ def test_ctrl_c_stops_everything_the_run_started(tmp_path: Path,
     assert proc.wait(60) == 130
     _, alive = psutil.wait_procs(children, timeout=30)
     assert alive == [], f"still running after Ctrl-C: {[p.cmdline()[:3] for p in alive]}"
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ("errors_high", ["PROMPTBATCH_ANOMALY_ACTIONS_OFF", "not valid JSON", "a JSON list",
+                     '["errors_high"]']),
+    ('["bogus"]', ["PROMPTBATCH_ANOMALY_ACTIONS_OFF", "item 0", "'errors_high'"]),
+])
+def test_a_bad_setting_is_named_by_its_variable_with_what_it_takes(
+        tmp_path: Path, value: str, words: list[str]) -> None:
+    done = run_cli("status", cwd=tmp_path, PROMPTBATCH_ANOMALY_ACTIONS_OFF=value)
+    assert done.returncode == 2, done.stderr
+    err = " ".join(done.stderr.split())
+    for word in words:
+        assert word in err, err
+    assert "Traceback" not in err and "errors.pydantic.dev" not in err, err

@@ -249,3 +249,22 @@ def test_keys_list_shows_every_prefix_state_and_tenant_whole(settings: Settings,
     assert "active" in row[second] and "default" in row[second], done.stdout
     if columns is None:  # nothing wrapped: the created date and time on the key's line
         assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", row[first]), done.stdout
+
+
+def test_the_cli_sets_a_keys_budget_by_the_whole_key_as_keys_add_printed_it(
+        settings: Settings) -> None:
+    from jobs import budgets
+
+    added = cli(settings, "add", "acme")
+    assert added.returncode == 0, added.stderr
+    key = added.stdout.strip()
+    done = cli(settings, "budget", key, "50", "--period", "day")
+    assert done.returncode == 0, done.stderr
+    assert f"key {key[:11]}: budget $50.00 a day (UTC)" in done.stdout
+    assert key not in done.stdout + done.stderr  # the key itself is never printed back
+    store = JobStore(settings.database_url)
+    assert [(b.scope, b.name, b.limit_usd, b.period) for b in budgets.get_budgets(
+        store.engine)] == [("key", key[:11], 50.0, "day")]
+    store.close()
+    wrong = cli(settings, "budget", key + "x", "50")
+    assert wrong.returncode == 2 and "keys list" in wrong.stderr

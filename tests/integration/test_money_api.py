@@ -5,6 +5,7 @@ cost in what the official openai SDK reads (chat usage, the batch object)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +55,29 @@ def test_a_submit_over_a_budget_is_a_402_that_names_it_and_writes_nothing(
     assert nothing_enqueued(r, api.settings)
     assert api.b.post("/v1/jobs", json=job).status_code == 201  # another tenant: no budget
     admin.close()
+
+
+def test_a_402_for_a_small_budget_shows_its_amounts_as_they_are(api: Api) -> None:
+    """Amounts below a cent (a job on a small model costs a few millionths of a dollar) are
+    shown with the digits that tell them apart, never as $0.00 or $0.0000."""
+    admin = httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {ADMIN}"})
+    job = {"prompt": "Summarise: " + "words " * 50, "params": {"max_tokens": 100}}
+    assert admin.put("/v1/admin/budgets/tenant/tenant-a",
+                     json={"limit_usd": 0.0001, "period": "month"}).status_code == 200
+    assert api.a.post("/v1/jobs", json=job).status_code == 201  # reserved, not yet run
+    refused = api.a.post("/v1/jobs", json=job)
+    admin.close()
+    assert refused.status_code == 402, refused.text
+    error = refused.json()["error"]
+    shown = [float(x.replace(",", "")) for x in re.findall(r"\$([0-9.,]+[0-9])", error["message"])]
+    budget = error["budget"]
+    real = [budget["limit_usd"], budget["spent_usd"], budget["reserved_usd"],
+            budget["needed_usd"]]
+    assert budget["reserved_usd"] > 0 and budget["needed_usd"] > 0
+    assert len(shown) == 4, error["message"]
+    for seen, amount in zip(shown, real, strict=True):
+        # to 1%, or to the millionth of a dollar the API's amounts are rounded to
+        assert abs(seen - amount) <= max(0.01 * amount, 5e-7), (seen, amount, error["message"])
 
 
 def test_a_keys_budget_holds_for_that_key_alone(api: Api, settings: Settings) -> None:
@@ -150,7 +174,7 @@ def test_the_openai_sdk_gets_a_402_once_that_states_a_small_budget(
         llm.chat.completions.create(**ask)  # type: ignore[call-overload]
     assert refused.value.status_code == 402 and len(sent) == 1
     message = refused.value.body["message"]  # type: ignore[index]  # the SDK's error body
-    assert message.startswith(f"the budget of API key {STORED[:11]} is $0.0020 a day: "
+    assert message.startswith(f"the budget of API key {STORED[:11]} is $0.002 a day: "
                               "$0.0000 spent today")
     budgets.set_budget(store.engine, "key", STORED[:11], 1.0, "day")
     budgets.set_budget(store.engine, "tenant", "tenant-a", 0.00002, "month")

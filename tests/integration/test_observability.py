@@ -147,6 +147,28 @@ def test_status_without_a_scheduler_says_what_to_start(settings: Settings) -> No
     assert "Traceback" not in out.stderr
 
 
+
+@pytest.mark.parametrize(("env", "said"), [
+    ({"PROMPTBATCH_ANOMALY_DETECTION": "false"},
+     "anomalies: off (PROMPTBATCH_ANOMALY_DETECTION=false on the active scheduler)"),
+    ({"PROMPTBATCH_ANOMALY_ACTIONS_OFF": '["errors_high", "deadline_risk"]'},
+     "actions off: deadline_risk, errors_high"),
+])
+def test_status_says_when_the_scheduler_watches_nothing_or_acts_on_less(
+        settings: Settings, procs: Procs, env: dict[str, str], said: str) -> None:
+    from config import keys
+    from jobs.queue import connect
+
+    procs.scheduler(**env)
+    r = connect(settings.redis_url)
+    poll(lambda: r.get(keys.OVERVIEW), timeout=30, what="an overview")
+    r.close()
+    out = subprocess.run([sys.executable, "-m", "promptbatch", "status"],
+                         env=settings_env(settings), capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert said in " ".join(out.split()), out
+    assert ("learned baselines" in out) is ("ACTIONS_OFF" in next(iter(env))), out
+
 def test_flower_refuses_to_listen_openly_without_a_login(settings: Settings) -> None:
     out = subprocess.run([sys.executable, "-m", "promptbatch", "flower", "--address",
                           "0.0.0.0", "--port", str(free_port())],

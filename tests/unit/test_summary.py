@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.models import JobResult, JobState, Usage
+from jobs.money import usd
 from promptbatch.summary import percentile, summarize
 
 
@@ -117,12 +118,15 @@ def test_the_summary_shows_what_the_run_cost_and_saved_by_reason() -> None:
     assert s.saved_usd["batch_discount"] == pytest.approx(full.cost * 0.5)
     assert s.saved_usd["prefix_cache"] == pytest.approx(full.saved["prefix_cache"] * 1.5)
     rows = money_rows(s)
-    assert rows[0] == ("cost", f"${s.cost_usd:.4f} (1 job without a price)")
+    assert rows[0] == ("cost", f"{usd(s.cost_usd)} (1 job without a price)")
     saved = sum(s.saved_usd.values())
     share = 100 * saved / (saved + s.cost_usd)
-    assert rows[1] == (f"saved ({share:.0f}% of what it would have cost)", f"${saved:.4f}")
-    # A line per reason, each short enough for an 80-column terminal.
-    assert rows[2:] == [(f"  by {k}", f"${v:.4f}") for k, v in sorted(s.saved_usd.items())]
+    assert rows[1] == (f"saved ({share:.0f}% of what it would have cost)", usd(saved))
+    # A line per reason, each short enough for an 80-column terminal; every amount to 1%.
+    assert rows[2:] == [(f"  by {k}", usd(v)) for k, v in sorted(s.saved_usd.items())]
+    for amount, (_, shown) in zip([s.cost_usd, saved, *dict(sorted(s.saved_usd.items()))
+                                   .values()], rows, strict=True):
+        assert float(shown.split()[0].lstrip("$")) == pytest.approx(amount, rel=0.01)
     assert [k for k, _ in rows[2:]] == ["  by batch_discount", "  by exact_cache",
                                         "  by prefix_cache"]
 
