@@ -21,6 +21,8 @@ from promptbatch.cli.common import console, need_redis, refuse, settings_or_exit
 
 def migrate() -> None:
     """Bring the job store's schema up to date (run it once before the services start)."""
+    from sqlalchemy.exc import OperationalError
+
     from jobs.migrate import current_revision
     from jobs.store import JobStore
 
@@ -32,6 +34,12 @@ def migrate() -> None:
         after = current_revision(store.engine)
         print(f"job store {store.where}: schema {before or 'empty'} -> {after}; "
               f"store id {store.store_id()}")
+    except OperationalError as exc:  # the server is not there, or refuses us
+        reason = str(exc.orig or exc).strip().splitlines()[0]
+        raise refuse(RuntimeError(
+            f"cannot reach the job store at {store.where} (PROMPTBATCH_DATABASE_URL): "
+            f"{reason}. Check that its server is up and that the URL, user and password "
+            "are right")) from None
     except Exception as exc:
         raise refuse(exc) from None
     finally:

@@ -122,3 +122,16 @@ def test_a_bad_setting_is_named_by_its_variable_with_what_it_takes(
     for word in words:
         assert word in err, err
     assert "Traceback" not in err and "errors.pydantic.dev" not in err, err
+
+
+def test_migrate_against_a_database_nobody_serves_names_the_setting_and_hides_the_password(
+        tmp_path: Path) -> None:
+    from promptbatch.embedded import free_port
+
+    url = f"postgresql+psycopg://pb:s3cret-pw@127.0.0.1:{free_port()}/jobs"
+    done = run_cli("migrate", cwd=tmp_path, PROMPTBATCH_DATABASE_URL=url)
+    assert done.returncode == 2, done.stderr
+    said = " ".join((done.stdout + done.stderr).split())
+    assert "cannot reach the job store at" in said and "PROMPTBATCH_DATABASE_URL" in said, said
+    assert "127.0.0.1" in said and "s3cret-pw" not in said, said
+    assert "Traceback" not in said and "sqlalche.me" not in said, said
