@@ -112,6 +112,8 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
                     bool(isinstance(options, dict) and options.get("include_usage")), until),
             media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
     res = await _wait(request, job_id, keyed="idempotency_key" in item)
+    created = int(res.created_at or time.time())
+    model = str(body.get("model"))
     if res.state is not JobState.SUCCEEDED:
         status, kind = {JobState.EXPIRED: (504, "deadline_exceeded"),
                         JobState.CANCELLED: (409, "cancelled")}.get(
@@ -122,12 +124,9 @@ async def _call(request: Request, caller: Any, *, chat: bool) -> Response:
         if chat and (res.text is not None or res.tool_calls):
             # An answer that never validated (invalid_output): kept beside the error as
             # the provider wrote it, as a Batch API error line keeps it.
-            error = {**answer.completion(res, str(body.get("model")),
-                                         int(res.created_at or time.time())), **error}
+            error = {**answer.completion(res, model, created), **error}
         return JSONResponse(error, status_code=status,
                             headers={**headers, "x-should-retry": "false"})
-    created = int(res.created_at or time.time())
-    model = str(body.get("model"))
     extra = {"promptbatch": {"job_id": job_id, "cache": res.cache,
                              "batch_size": res.batch_size}}
     if chat:

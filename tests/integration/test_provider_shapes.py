@@ -28,20 +28,12 @@ from producers.client import Client
 from tests import fake_answers
 from tests.fake_llm import FakeLLM, FakeServer
 from tests.integration.test_providers import llm_settings
+from tests.shapes import IMAGE, PERSON, WEATHER
 from workers.batch import BatchRunner
 from workers.providers import Provider, create_provider
 
 pytestmark = pytest.mark.integration
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather at a place",
-    "parameters": {"type": "object", "properties": {"location": {"type": "string"}},
-                   "required": ["location"]}}}
-PERSON = {"type": "json_schema", "json_schema": {
-    "name": "person", "strict": True,
-    "schema": {"type": "object", "properties": {"name": {"type": "string"}},
-               "required": ["name"], "additionalProperties": False}}}
-IMAGE = "data:image/png;base64,iVBORw0KGgo="
 CALL = {"id": "call_abc", "type": "function",
         "function": {"name": "get_weather", "arguments": "{\"location\":\"Oslo\"}"}}
 CONVERSATION = [

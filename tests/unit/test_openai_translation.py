@@ -10,6 +10,7 @@ from pydantic import TypeAdapter
 
 from jobs.chat import ResponseFormat, Tool, ToolChoice
 from jobs.models import GenerationParams, Message, Usage
+from tests.shapes import IMAGE, PERSON, WEATHER
 from workers.providers.base import ProviderRequest
 from workers.providers.openai_translation import (
     ChatStream,
@@ -19,17 +20,8 @@ from workers.providers.openai_translation import (
     to_openai,
 )
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Weather at a place",
-    "parameters": {"type": "object", "properties": {"location": {"type": "string"}},
-                   "required": ["location"]}}}
-PERSON = {"type": "json_schema", "json_schema": {
-    "name": "person", "strict": True,
-    "schema": {"type": "object", "properties": {"name": {"type": "string"}},
-               "required": ["name"], "additionalProperties": False}}}
 CALL = {"id": "call_abc123", "type": "function",
         "function": {"name": "get_weather", "arguments": "{\"location\":\"Paris\"}"}}
-IMAGE = "data:image/png;base64,iVBORw0KGgo="
 
 
 def request(*, prompt: str | None = None, messages: list[dict[str, Any]] | None = None,
