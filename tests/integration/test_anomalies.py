@@ -176,6 +176,11 @@ def test_errors_jumping_to_30_percent_move_new_calls_to_the_fallback_before_a_co
                "PROMPTBATCH_OPENAI_PREFIX_STRATEGY": "parallel",
                "PROMPTBATCH_MAX_BATCH_SIZE": "6",
                "PROMPTBATCH_PROVIDER_RETRY_BASE_S": "0.05",
+               # A cool-down starts after failures in a row (3 by default): at 30% errors,
+               # retries of single jobs fail three times running now and then (seen once in
+               # five runs), which would move the calls too. The test measures the anomaly's
+               # move alone, so a cool-down here takes a run of 10 (0.3**10: never seen).
+               "PROMPTBATCH_COOLDOWN_FAILURES": "10",
                "PROMPTBATCH_FALLBACKS": json.dumps({"openai|gpt-test": ["openai|gpt-spare"]})}
         procs.scheduler(**env)
         procs.worker(2, **env)

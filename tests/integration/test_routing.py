@@ -52,8 +52,13 @@ def env_for(*fakes: FakeLLM, **extra: str) -> dict[str, str]:
 
 def test_each_family_stays_on_one_replica_while_both_carry_load(
         settings: Settings, procs: Procs, r: redis.Redis) -> None:
-    with FakeServer() as one, FakeServer() as two:
-        env = env_for(one, two)
+    # Each call takes 0.3 s, so that a wave's four batches are in flight together even when
+    # a loaded machine routes them over several ticks; and the idle rule (an idle replica
+    # takes a batch from a busy holder: tests/unit/test_routing.py) is off, because a
+    # replica that finished its share early is idle, not carrying load, and would rightly
+    # take a family (seen once in five runs with instant calls).
+    with FakeServer(FakeLLM(delay_s=0.3)) as one, FakeServer(FakeLLM(delay_s=0.3)) as two:
+        env = env_for(one, two, PROMPTBATCH_ROUTING_IDLE_BATCHES="0")
         procs.scheduler(**env)
         procs.worker(2, **env)
         with Client(settings) as client:
