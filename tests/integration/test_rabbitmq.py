@@ -109,10 +109,12 @@ def test_a_broker_restart_under_load_loses_no_batch(
     rprocs.scheduler()
     rprocs.worker(2)
     with Client(settings) as client:
-        # About 20 s of work (13 batches of 1.5 s on 2 processes): the broker still holds
-        # batches when it is restarted, however slowly rabbitmqctl answers.
+        # About 20 s of work (26 batches of 1.5 s on 2 processes): the broker still holds
+        # batches when it is restarted, however slowly rabbitmqctl answers (on a loaded
+        # machine each call starts an Erlang VM for seconds; half this work once ended
+        # before the first answer).
         ids = client.submit_many({"prompt": f"job {i} [echo:sleep=1.5]", "priority": "low"}
-                                 for i in range(400))
+                                 for i in range(800))
         poll(lambda: "RUNNING" in client.queue.states(ids), what="batches to run")
 
         def in_the_broker() -> dict[str, tuple[int, int]] | None:
