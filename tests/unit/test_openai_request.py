@@ -12,16 +12,13 @@ from config.settings import Settings
 from jobs.errors import InvalidJob
 from jobs.validation import parse_request, resolve
 from producers.openai_request import job_fields, openai_errors, openai_field
+from tests.shapes import PERSON as SCHEMA
 
 SETTINGS = Settings(_env_file=None)  # type: ignore[call-arg]
 TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city.",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
-SCHEMA = {"type": "json_schema", "json_schema": {
-    "name": "person", "strict": True,
-    "schema": {"type": "object", "properties": {"name": {"type": "string"}},
-               "required": ["name"], "additionalProperties": False}}}
 PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42"
          "mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
 CONVERSATION = [
